@@ -1,0 +1,159 @@
+"""The client function: a task message in, a reply message out.
+
+The same :class:`ClientApp` serves the in-process simulator (one app for all simulated clients,
+one model instance re-loaded per client) and a deployed client (one app, one client id). Client
+state that must survive between rounds (SCAFFOLD's control variate) lives in a mapping the
+runtime owns, so the simulator can checkpoint it and a deployed client can keep it on disk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass
+
+import torch
+
+from fedguard.algorithms import newton, scaffold
+from fedguard.client import evaluation, training
+from fedguard.client.model import ModelAdapter
+from fedguard.protocol import messages
+
+CONTROL = "control"
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """A client's local data as tensors; ``eval_*`` default to the training data."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    eval_x: torch.Tensor | None = None
+    eval_y: torch.Tensor | None = None
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_y.shape[0])
+
+
+def local_training_from(config: Mapping[str, messages.Scalar]) -> training.LocalTraining:
+    """The local training settings carried in a fit task's config."""
+    max_steps = config.get("max_steps")
+    return training.LocalTraining(
+        optimizer=training.LocalOptimizer(str(config.get("optimizer", "sgd"))),
+        lr=float(config.get("lr", 0.01)),
+        momentum=float(config.get("momentum", 0.0)),
+        weight_decay=float(config.get("weight_decay", 0.0)),
+        epochs=int(config.get("epochs", 1)),
+        batch_size=int(config.get("batch_size", 32)),
+        proximal_mu=float(config.get("proximal_mu", 0.0)),
+        max_steps=None if max_steps is None else int(max_steps),
+    )
+
+
+class ClientApp:
+    """Decode a task, run local training or evaluation on the client's data, encode the reply."""
+
+    def __init__(
+        self,
+        model: ModelAdapter,
+        data: Mapping[int, ClientData],
+        state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
+    ) -> None:
+        self.model = model
+        self.data = data
+        self.state: MutableMapping[int, dict[str, torch.Tensor]] = {} if state is None else state
+
+    def handle(self, client_id: int, payload: bytes) -> bytes:
+        """Answer one request addressed to ``client_id``."""
+        task = messages.decode(payload)
+        if task.client_id != client_id:
+            raise messages.MessageError(
+                f"Task addressed to client {task.client_id} was delivered to client {client_id}."
+            )
+        if client_id not in self.data:
+            raise KeyError(f"No data for client {client_id} on this node.")
+        if isinstance(task, messages.FitTask):
+            return messages.encode(self.fit(task))
+        if isinstance(task, messages.EvaluateTask):
+            return messages.encode(self.evaluate(task))
+        raise messages.MessageError(f"A client cannot answer a {type(task).__name__}.")
+
+    def fit(self, task: messages.FitTask) -> messages.FitReply:
+        data = self.data[task.client_id]
+        cfg = local_training_from(task.config)
+        seed = int(task.config.get("seed", 0))
+        # Layers with their own randomness (dropout) draw from torch's global generator; seeding
+        # it per task makes a resumed run repeat an uninterrupted one exactly.
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
+        global_params = task.parameters
+        self.model.set_flat(global_params)
+        if cfg.optimizer is training.LocalOptimizer.NEWTON:
+            return self._newton(task, data, cfg)
+        correction = None
+        control = None
+        if CONTROL in task.tensors:
+            server_control = task.tensors[CONTROL]
+            control = self.state.get(task.client_id, {}).get(CONTROL)
+            if control is None:
+                control = torch.zeros_like(server_control)
+            correction = scaffold.correction(server_control, control)
+        stats = training.train(
+            self.model,
+            data.train_x,
+            data.train_y,
+            cfg,
+            generator=generator,
+            global_params=global_params if cfg.proximal_mu > 0 else None,
+            correction=correction,
+        )
+        update = self.model.get_flat() - global_params
+        tensors: dict[str, torch.Tensor] = {}
+        if control is not None:
+            new_control = scaffold.client_control_update(
+                task.tensors[CONTROL], control, update, local_steps=stats.steps, lr=cfg.lr
+            )
+            tensors["control_delta"] = new_control - control
+            self.state.setdefault(task.client_id, {})[CONTROL] = new_control
+        return messages.FitReply(
+            round=task.round,
+            client_id=task.client_id,
+            update=update,
+            num_examples=stats.num_examples,
+            metrics={"train_loss": stats.loss, "steps": float(stats.steps)},
+            tensors=tensors,
+        )
+
+    def _newton(
+        self, task: messages.FitTask, data: ClientData, cfg: training.LocalTraining
+    ) -> messages.FitReply:
+        stats = training.newton_statistics(
+            self.model, data.train_x, data.train_y, weight_decay=cfg.weight_decay
+        )
+        local_step = newton.newton_direction(
+            stats.gradient_sum, stats.hessian_sum, stats.num_examples, damping=1e-8
+        )
+        return messages.FitReply(
+            round=task.round,
+            client_id=task.client_id,
+            update=local_step,
+            num_examples=stats.num_examples,
+            metrics={"train_loss": stats.loss, "steps": 1.0},
+            tensors={
+                "gradient_sum": stats.gradient_sum.to(torch.float32),
+                "hessian_sum": stats.hessian_sum.to(torch.float32).reshape(-1),
+            },
+        )
+
+    def evaluate(self, task: messages.EvaluateTask) -> messages.EvaluateReply:
+        data = self.data[task.client_id]
+        x = data.train_x if data.eval_x is None else data.eval_x
+        y = data.train_y if data.eval_y is None else data.eval_y
+        self.model.set_flat(task.parameters)
+        result = evaluation.evaluate(self.model, x, y)
+        return messages.EvaluateReply(
+            round=task.round,
+            client_id=task.client_id,
+            num_examples=result.num_examples,
+            metrics={"loss": result.loss, "accuracy": result.accuracy},
+        )

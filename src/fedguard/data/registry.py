@@ -1,0 +1,105 @@
+"""Data sets by name: the one entry point that configurations and the CLI call.
+
+Built-in names are ``"pneumoniamnist"`` (any single-label MedMNIST v2 2D file via ``path``),
+``"breast_cancer"``, ``"synthetic"`` and ``"fsdd"``. A name of the form ``"package.module:callable"``
+loads a user data set: the callable is imported and called as
+``callable(path=path, seed=seed, test_fraction=test_fraction)`` and must return
+:class:`DatasetSplits`.
+
+Default paths are relative to the current directory (``../shared/data/...``, the layout of the
+project checkout), so users with full downloads pass their own ``path`` and use the same code.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+from fedguard.data import medmnist, synthetic, tabular
+from fedguard.data.dataset import DatasetSplits
+from fedguard.data.errors import DataError
+
+BUILTIN_NAMES = ("pneumoniamnist", "breast_cancer", "synthetic", "fsdd")
+DEFAULT_PATHS = {
+    "pneumoniamnist": Path("../shared/data/medmnist/pneumoniamnist.npz"),
+    "fsdd": Path("../shared/data/fsdd"),
+}
+SYNTHETIC_DEFAULTS = {"num_samples": 10_000, "input_shape": (1, 28, 28), "num_classes": 10}
+
+
+def load_dataset(
+    name: str,
+    *,
+    path: str | None,
+    seed: int,
+    test_fraction: float,
+    synthetic_samples: int | None = None,
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+) -> DatasetSplits:
+    """Load the data set called ``name``.
+
+    ``path`` overrides the default location of file-backed data sets; ``seed`` fixes every random
+    split or draw; ``test_fraction`` is the held-out share for data sets without an official test
+    split (``breast_cancer``) and, for ``synthetic``, the test size as a fraction of
+    ``synthetic_samples`` (at least one sample). ``synthetic_samples``, ``input_shape`` and
+    ``num_classes`` configure ``synthetic`` only and default to 10,000 samples of shape
+    ``(1, 28, 28)`` in 10 classes.
+    """
+    if name == "pneumoniamnist":
+        return medmnist.load_medmnist(_path(name, path))
+    if name == "breast_cancer":
+        return tabular.load_breast_cancer(test_fraction=test_fraction, seed=seed)
+    if name == "synthetic":
+        num_samples = synthetic_samples or SYNTHETIC_DEFAULTS["num_samples"]
+        return synthetic.make_synthetic(
+            num_samples=num_samples,
+            input_shape=tuple(input_shape or SYNTHETIC_DEFAULTS["input_shape"]),
+            num_classes=num_classes or SYNTHETIC_DEFAULTS["num_classes"],
+            seed=seed,
+            test_samples=max(1, round(num_samples * test_fraction)),
+        )
+    if name == "fsdd":
+        return _load_fsdd(_path(name, path), seed)
+    if ":" in name:
+        return _load_custom(name, path=path, seed=seed, test_fraction=test_fraction)
+    raise DataError(
+        f"Unknown data set {name!r}: use one of {', '.join(BUILTIN_NAMES)} "
+        "or 'package.module:callable'."
+    )
+
+
+def _path(name: str, path: str | None) -> Path:
+    """The given ``path``, or the built-in data set's default location."""
+    return DEFAULT_PATHS[name] if path is None else Path(path)
+
+
+def _load_fsdd(path: Path, seed: int) -> DatasetSplits:
+    """The Free Spoken Digit Dataset, through ``fedguard.data.fsdd`` when that module exists."""
+    if importlib.util.find_spec("fedguard.data.fsdd") is None:
+        raise DataError(
+            "The fsdd data set needs the module fedguard.data.fsdd, which is not installed."
+        )
+    fsdd = importlib.import_module("fedguard.data.fsdd")
+    return fsdd.load_fsdd(path=str(path), seed=seed)
+
+
+def _load_custom(name: str, *, path: str | None, seed: int, test_fraction: float) -> DatasetSplits:
+    """Import ``package.module:callable`` and call it; it must return :class:`DatasetSplits`."""
+    module_name, _, attr = name.partition(":")
+    if not module_name or not attr:
+        raise DataError(f"Data set {name!r} must have the form 'package.module:callable'.")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DataError(f"Data set {name!r}: module {module_name!r} cannot be imported.") from exc
+    loader = getattr(module, attr, None)
+    if not callable(loader):
+        raise DataError(f"Data set {name!r}: module {module_name!r} has no callable {attr!r}.")
+    result = loader(path=path, seed=seed, test_fraction=test_fraction)
+    if not isinstance(result, DatasetSplits):
+        raise DataError(
+            f"Data set {name!r} returned {type(result).__name__}, expected DatasetSplits."
+        )
+    return result

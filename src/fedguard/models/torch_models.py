@@ -1,0 +1,67 @@
+"""The built-in PyTorch models, exactly as the project's brief describes them."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def image_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Conv 32 3x3 relu, max-pool 2, Conv 64 3x3 relu, max-pool 2, Dense 64 relu, Dense classes.
+
+    Returns logits (the softmax is in the loss). Made for 28x28 images with any channel count.
+    """
+    channels, height, width = input_shape
+    h, w = ((height - 2) // 2 - 2) // 2, ((width - 2) // 2 - 2) // 2
+    if h < 1 or w < 1:
+        raise ValueError(f"image_cnn needs images of at least 10x10 pixels, got {input_shape}.")
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * h * w, 64),
+        nn.ReLU(),
+        nn.Linear(64, num_classes),
+    )
+
+
+def speech_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Conv 1->32 3x3 pad 1, relu, max-pool 2, fc -> 128, relu, fc -> classes.
+
+    ``input_shape`` is ``(1, mel_bands, frames)`` of the log-mel features.
+    """
+    channels, bands, frames = input_shape
+    return nn.Sequential(
+        nn.Conv2d(channels, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(32 * (bands // 2) * (frames // 2), 128),
+        nn.ReLU(),
+        nn.Linear(128, num_classes),
+    )
+
+
+def logistic_regression(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """Multinomial logistic regression: one linear layer on the flattened features."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+
+
+BUILTIN = {
+    "image_cnn": image_cnn,
+    "speech_cnn": speech_cnn,
+    "logistic_regression": logistic_regression,
+}
+
+
+def check_dtype(module: nn.Module) -> None:
+    """Refuse modules whose parameters are not floating point (nothing to train)."""
+    for name, p in module.named_parameters():
+        if not torch.is_floating_point(p):
+            raise ValueError(f"Parameter {name!r} is {p.dtype}; only float parameters train.")

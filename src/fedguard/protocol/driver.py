@@ -1,0 +1,216 @@
+"""The round driver: sample, send, gather, check, aggregate; written once against a transport.
+
+The driver never learns whether a client is a Python object, a Ray actor or a process behind
+gRPC. Every reply is checked before it can touch the model: a client that raises, times out, or
+sends a malformed, wrongly sized or non-finite update is rejected and logged with its id and the
+reason, and the round goes on while ``min_clients`` replies remain.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedguard.protocol import messages
+from fedguard.protocol.strategy import ServerState, Strategy
+from fedguard.protocol.transport import Delivered, Failed, Transport
+
+log = logging.getLogger("fedguard.round")
+
+
+class RoundFailedError(RuntimeError):
+    """Fewer than ``min_clients`` usable replies arrived; the round cannot be aggregated."""
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """The outcome of one training round."""
+
+    params: torch.Tensor
+    state: ServerState
+    metrics: dict[str, float | int]
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+
+def client_seed(seed: int, round_: int, client_id: int) -> int:
+    """A 31-bit seed for one client in one round, independent of which others were sampled."""
+    return int(np.random.SeedSequence([seed, round_, client_id]).generate_state(1)[0] >> 1)
+
+
+def sample_clients(client_ids: Sequence[int], count: int, *, seed: int, round_: int) -> list[int]:
+    """A seeded uniform sample of ``count`` clients without replacement, in ascending order."""
+    if count > len(client_ids):
+        raise ValueError(f"Cannot sample {count} clients from {len(client_ids)}.")
+    rng = np.random.default_rng([seed, round_, 0x5A])
+    picked = rng.choice(np.asarray(client_ids), size=count, replace=False)
+    return sorted(int(c) for c in picked)
+
+
+class RoundDriver:
+    """Runs fit and evaluation rounds over any :class:`Transport`."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        strategy: Strategy,
+        *,
+        dim: int,
+        clients_per_round: int,
+        min_clients: int,
+        seed: int,
+        deadline_s: float | None = None,
+    ) -> None:
+        if not 1 <= min_clients <= clients_per_round <= len(transport.client_ids):
+            raise ValueError(
+                f"Need 1 <= min_clients ({min_clients}) <= clients_per_round ({clients_per_round}) "
+                f"<= clients ({len(transport.client_ids)})."
+            )
+        self.transport = transport
+        self.strategy = strategy
+        self.dim = dim
+        self.clients_per_round = clients_per_round
+        self.min_clients = min_clients
+        self.seed = seed
+        self.deadline_s = deadline_s
+
+    def fit_round(self, round_: int, params: torch.Tensor, state: ServerState) -> RoundResult:
+        """One round of training; raises :class:`RoundFailedError` with too few good replies."""
+        sampled = sample_clients(
+            self.transport.client_ids, self.clients_per_round, seed=self.seed, round_=round_
+        )
+        config, tensors = self.strategy.fit_instructions(state)
+        requests = {
+            cid: messages.encode(
+                messages.FitTask(
+                    round_,
+                    cid,
+                    params,
+                    {**config, "seed": client_seed(self.seed, round_, cid)},
+                    tensors,
+                )
+            )
+            for cid in sampled
+        }
+        bytes_down = sum(len(p) for p in requests.values())
+        outcomes = self.transport.exchange(requests, deadline_s=self.deadline_s)
+        accepted: list[messages.FitReply] = []
+        problems: list[tuple[int, str]] = []
+        failed = rejected = bytes_up = 0
+        for outcome in outcomes:
+            if isinstance(outcome, Failed):
+                failed += 1
+                problems.append((outcome.client_id, f"{outcome.kind}: {outcome.reason}"))
+                log.warning(
+                    "round %d: client %d failed (%s): %s",
+                    round_,
+                    outcome.client_id,
+                    outcome.kind,
+                    outcome.reason,
+                )
+                continue
+            bytes_up += len(outcome.payload)
+            reply, reason = self._check_fit_reply(outcome, round_)
+            if reply is None:
+                rejected += 1
+                problems.append((outcome.client_id, f"rejected: {reason}"))
+                log.warning("round %d: client %d rejected: %s", round_, outcome.client_id, reason)
+                continue
+            accepted.append(reply)
+        metrics: dict[str, float | int] = {
+            "clients_sampled": len(sampled),
+            "clients_completed": len(accepted),
+            "clients_failed": failed,
+            "clients_rejected": rejected,
+            "bytes_up": bytes_up,
+            "bytes_down": bytes_down,
+        }
+        if len(accepted) < self.min_clients:
+            raise RoundFailedError(
+                f"Round {round_}: only {len(accepted)} usable replies of {len(sampled)} sampled, "
+                f"min_clients is {self.min_clients}. Problems: "
+                + "; ".join(f"client {c}: {r}" for c, r in problems)
+            )
+        new_state, new_params = self.strategy.aggregate(state, params, accepted)
+        if not bool(torch.isfinite(new_params).all()):
+            raise RoundFailedError(f"Round {round_}: the aggregate is not finite.")
+        n = sum(r.num_examples for r in accepted)
+        metrics["train_loss"] = (
+            sum(r.metrics.get("train_loss", 0.0) * r.num_examples for r in accepted) / n
+        )
+        return RoundResult(new_params, new_state, metrics, problems)
+
+    def _check_fit_reply(
+        self, outcome: Delivered, round_: int
+    ) -> tuple[messages.FitReply | None, str]:
+        try:
+            reply = messages.decode(outcome.payload, messages.FitReply)
+        except messages.MessageError as exc:
+            return None, str(exc)
+        assert isinstance(reply, messages.FitReply)
+        if reply.client_id != outcome.client_id or reply.round != round_:
+            return None, (
+                f"reply is for client {reply.client_id} round {reply.round}, "
+                f"expected client {outcome.client_id} round {round_}"
+            )
+        if tuple(reply.update.shape) != (self.dim,):
+            return None, f"update has shape {tuple(reply.update.shape)}, expected ({self.dim},)"
+        if not bool(torch.isfinite(reply.update).all()):
+            return None, "update contains NaN or infinite values"
+        if reply.num_examples <= 0:
+            return None, f"num_examples must be positive, got {reply.num_examples}"
+        for name, length in self.strategy.required_tensors(self.dim).items():
+            t = reply.tensors.get(name)
+            if t is None:
+                return None, f"reply lacks the {name!r} tensor"
+            if tuple(t.shape) != (length,):
+                return None, f"{name!r} has shape {tuple(t.shape)}, expected ({length},)"
+            if not bool(torch.isfinite(t).all()):
+                return None, f"{name!r} contains NaN or infinite values"
+        return reply, ""
+
+    def evaluate_round(self, round_: int, params: torch.Tensor) -> dict[str, float] | None:
+        """Federated evaluation on every client's own data; the example-weighted mean."""
+        requests = {
+            cid: messages.encode(messages.EvaluateTask(round_, cid, params))
+            for cid in self.transport.client_ids
+        }
+        outcomes = self.transport.exchange(requests, deadline_s=self.deadline_s)
+        total, loss, acc = 0, 0.0, 0.0
+        for outcome in outcomes:
+            if isinstance(outcome, Failed):
+                log.warning(
+                    "round %d: evaluation on client %d failed: %s",
+                    round_,
+                    outcome.client_id,
+                    outcome.reason,
+                )
+                continue
+            try:
+                reply = messages.decode(outcome.payload, messages.EvaluateReply)
+            except messages.MessageError as exc:
+                log.warning(
+                    "round %d: evaluation reply of client %d rejected: %s",
+                    round_,
+                    outcome.client_id,
+                    exc,
+                )
+                continue
+            assert isinstance(reply, messages.EvaluateReply)
+            values = (reply.metrics.get("loss"), reply.metrics.get("accuracy"))
+            if reply.num_examples <= 0 or not all(v is not None and np.isfinite(v) for v in values):
+                log.warning(
+                    "round %d: evaluation reply of client %d rejected: bad metrics",
+                    round_,
+                    outcome.client_id,
+                )
+                continue
+            total += reply.num_examples
+            loss += reply.metrics["loss"] * reply.num_examples
+            acc += reply.metrics["accuracy"] * reply.num_examples
+        if total == 0:
+            return None
+        return {"federated_loss": loss / total, "federated_accuracy": acc / total}

@@ -1,0 +1,47 @@
+"""The in-process simulator: every client in this process, one shared model, real encoding.
+
+Requests and replies pass through the same byte encoding as on the wire, so nothing works in
+simulation that would break in deployment. Clients run one after another on one model instance
+re-loaded per client; no per-client process, model copy or data copy is made.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+
+from fedguard.protocol.transport import Delivered, Failed, FailureKind, Outcome, Transport
+
+Handler = Callable[[int, bytes], bytes]
+
+
+class InProcessTransport(Transport):
+    """Runs ``handler(client_id, payload)`` for each request, sequentially."""
+
+    def __init__(self, handler: Handler, client_ids: Sequence[int]) -> None:
+        self._handler = handler
+        self._client_ids = tuple(client_ids)
+
+    @property
+    def client_ids(self) -> Sequence[int]:
+        return self._client_ids
+
+    def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for client_id, payload in requests.items():
+            start = time.perf_counter()
+            try:
+                reply = self._handler(client_id, payload)
+            except Exception as exc:  # a client's failure must never stop the round
+                outcomes.append(
+                    Failed(client_id, FailureKind.ERROR, f"{type(exc).__name__}: {exc}")
+                )
+                continue
+            seconds = time.perf_counter() - start
+            if deadline_s is not None and seconds > deadline_s:
+                outcomes.append(
+                    Failed(client_id, FailureKind.TIMEOUT, f"replied after {seconds:.2f} s")
+                )
+                continue
+            outcomes.append(Delivered(client_id, reply, seconds))
+        return outcomes

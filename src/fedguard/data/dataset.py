@@ -56,3 +56,25 @@ class DatasetSplits:
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample's features (without the batch axis)."""
         return tuple(int(d) for d in self.train.x.shape[1:])
+
+
+@dataclass(frozen=True)
+class FederatedDataset:
+    """Data that is already split by owner: one training set per named client, plus a test set.
+
+    Return this from your own data function when the partition is natural (hospitals, speakers);
+    return :class:`DatasetSplits` instead to let fedguard partition a pooled training set.
+    """
+
+    clients: dict[str, ArrayDataset]
+    test: ArrayDataset
+    num_classes: int
+    val: ArrayDataset | None = None
+    class_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.clients:
+            raise ValueError("A federated data set needs at least one client.")
+        empty = [name for name, d in self.clients.items() if len(d) == 0]
+        if empty:
+            raise ValueError(f"Clients without training data: {', '.join(empty[:5])}.")

@@ -1,8 +1,8 @@
 """Data sets by name: the one entry point that configurations and the CLI call.
 
 Built-in names are ``"pneumoniamnist"`` (any single-label MedMNIST v2 2D file via ``path``),
-``"breast_cancer"``, ``"synthetic"`` and ``"fsdd"``. A name of the form ``"package.module:callable"``
-loads a user data set: the callable is imported and called as
+``"breast_cancer"``, ``"synthetic"`` and ``"fsdd"``. A name of the form
+``"package.module:callable"`` loads a user data set: the callable is imported and called as
 ``callable(path=path, seed=seed, test_fraction=test_fraction)`` and must return
 :class:`DatasetSplits`.
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
+from typing import TypeVar
 
 from fedguard.data import medmnist, synthetic, tabular
 from fedguard.data.dataset import DatasetSplits
@@ -25,7 +26,11 @@ DEFAULT_PATHS = {
     "pneumoniamnist": Path("../shared/data/medmnist/pneumoniamnist.npz"),
     "fsdd": Path("../shared/data/fsdd"),
 }
-SYNTHETIC_DEFAULTS = {"num_samples": 10_000, "input_shape": (1, 28, 28), "num_classes": 10}
+SYNTHETIC_SAMPLES = 10_000
+SYNTHETIC_INPUT_SHAPE = (1, 28, 28)
+SYNTHETIC_CLASSES = 10
+
+T = TypeVar("T")
 
 
 def load_dataset(
@@ -52,11 +57,11 @@ def load_dataset(
     if name == "breast_cancer":
         return tabular.load_breast_cancer(test_fraction=test_fraction, seed=seed)
     if name == "synthetic":
-        num_samples = synthetic_samples or SYNTHETIC_DEFAULTS["num_samples"]
+        num_samples = _or(synthetic_samples, SYNTHETIC_SAMPLES)
         return synthetic.make_synthetic(
             num_samples=num_samples,
-            input_shape=tuple(input_shape or SYNTHETIC_DEFAULTS["input_shape"]),
-            num_classes=num_classes or SYNTHETIC_DEFAULTS["num_classes"],
+            input_shape=tuple(_or(input_shape, SYNTHETIC_INPUT_SHAPE)),
+            num_classes=_or(num_classes, SYNTHETIC_CLASSES),
             seed=seed,
             test_samples=max(1, round(num_samples * test_fraction)),
         )
@@ -68,6 +73,11 @@ def load_dataset(
         f"Unknown data set {name!r}: use one of {', '.join(BUILTIN_NAMES)} "
         "or 'package.module:callable'."
     )
+
+
+def _or(value: T | None, default: T) -> T:
+    """``value``, or ``default`` when ``value`` is None (0 and () stay, to be refused downstream)."""
+    return default if value is None else value
 
 
 def _path(name: str, path: str | None) -> Path:

@@ -1,0 +1,248 @@
+"""Experiment configuration: TOML files validated with pydantic, with one-line errors.
+
+Every key has a type and a range; unknown keys are refused, so a typo never silently falls back to
+a default. Cross-key rules (more clients per round than clients, FedProx without a proximal term)
+are checked here too, before anything runs.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line per problem, naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
+
+
+class ExperimentSection(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(10, ge=1, le=100_000)
+
+
+class DataSection(_Section):
+    dataset: str = "synthetic"
+    path: str | None = None
+    partition: Literal["iid", "dirichlet", "shards", "natural"] = "iid"
+    alpha: float = Field(0.5, gt=0.0)
+    shards_per_client: int = Field(2, ge=1)
+    num_clients: int = Field(10, ge=1, le=1_000_000)
+    test_fraction: Probability = 0.2
+    client_eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    synthetic_samples: int = Field(10_000, ge=1)
+    synthetic_shape: tuple[int, ...] = (1, 28, 28)
+    synthetic_classes: int = Field(10, ge=2)
+
+
+class ModelSection(_Section):
+    name: str = "image_cnn"
+    framework: Literal["torch", "keras"] = "torch"
+
+
+class ClientSection(_Section):
+    optimizer: Literal["sgd", "adam", "lbfgs", "newton"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    proximal_mu: float = Field(0.0, ge=0.0)
+    max_steps: int | None = Field(None, ge=1)
+
+
+class ServerSection(_Section):
+    strategy: Literal[
+        "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold"
+    ] = "fedavg"
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0.0, le=1.0)
+    min_clients: int | None = Field(None, ge=1)
+    server_lr: float = Field(1.0, gt=0.0)
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    tau: float = Field(1e-3, gt=0.0)
+    deadline_s: float | None = Field(None, gt=0.0)
+
+
+class EvaluationSection(_Section):
+    every: int = Field(1, ge=0)
+    federated: bool = False
+    split: Literal["test", "val"] = "test"
+    batch_size: int = Field(1024, ge=1)
+
+
+class CheckpointSection(_Section):
+    keep: int = Field(2, ge=1)
+
+
+class ExperimentConfig(_Section):
+    """The whole experiment; sections mirror the TOML tables."""
+
+    experiment: ExperimentSection = ExperimentSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    client: ClientSection = ClientSection()
+    server: ServerSection = ServerSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        s, c, n = self.server, self.client, self.data.num_clients
+        if s.clients_per_round is not None and s.fraction is not None:
+            raise ValueError(
+                "server.clients_per_round and server.fraction both set: give one of them"
+            )
+        if s.clients_per_round is not None and s.clients_per_round > n:
+            raise ValueError(
+                f"server.clients_per_round={s.clients_per_round} exceeds data.num_clients={n}: "
+                f"allowed 1..{n}"
+            )
+        per_round = self.clients_per_round
+        if s.min_clients is not None and s.min_clients > per_round:
+            raise ValueError(
+                f"server.min_clients={s.min_clients} exceeds the {per_round} clients sampled "
+                f"per round: allowed 1..{per_round}"
+            )
+        if s.strategy == "fedprox" and c.proximal_mu <= 0:
+            raise ValueError(
+                'client.proximal_mu must be > 0 with server.strategy = "fedprox" '
+                "(with mu = 0 FedProx is FedAvg)"
+            )
+        if s.strategy != "fedprox" and c.proximal_mu > 0:
+            raise ValueError(
+                f'client.proximal_mu is only used by server.strategy = "fedprox", '
+                f'not "{s.strategy}"'
+            )
+        if s.strategy == "scaffold" and c.optimizer != "sgd":
+            raise ValueError(
+                'server.strategy = "scaffold" needs client.optimizer = "sgd" (its control '
+                f'variates assume plain SGD steps), got "{c.optimizer}"'
+            )
+        if c.optimizer == "newton" and self.model.framework != "torch":
+            raise ValueError(
+                'client.optimizer = "newton" needs model.framework = "torch"; '
+                'use "lbfgs" for Keras models'
+            )
+        if c.optimizer == "newton" and s.strategy not in ("fedavg", "fedavgm"):
+            raise ValueError(
+                'client.optimizer = "newton" takes the pooled Newton step on the server: '
+                f'server.strategy must be "fedavg" or "fedavgm", got "{s.strategy}"'
+            )
+        return self
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled each round (all of them unless a count or a fraction is given)."""
+        n = self.data.num_clients
+        if self.server.clients_per_round is not None:
+            return self.server.clients_per_round
+        if self.server.fraction is not None:
+            return max(1, round(self.server.fraction * n))
+        return n
+
+    @property
+    def min_clients(self) -> int:
+        return self.server.min_clients if self.server.min_clients is not None else 1
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            return []
+        if not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc) or "config"
+    if error["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc)
+        hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return f"{key}: unknown key{hint}"
+    message = error["msg"]
+    if error["type"] == "value_error":
+        return message.removeprefix("Value error, ")
+    value = error.get("input")
+    shown = "" if isinstance(value, dict) else f", got {value!r}"
+    return f"{key}: {message}{shown}"
+
+
+def validate(data: dict[str, Any]) -> ExperimentConfig:
+    """Validate a configuration mapping; raise :class:`ConfigError` with one line per problem."""
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("\n".join(_describe(e) for e in exc.errors())) from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse ``key.path=value``; the value is read as TOML (``0.1``, ``true``, ``"sgd"``) or text."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: the key is empty")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """A copy of ``data`` with each ``key.path=value`` override set."""
+    out: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a table")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read, override and validate a TOML experiment file."""
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    return validate(apply_overrides(data, overrides or []))
+
+
+def to_toml_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The fully resolved configuration as plain TOML-writable tables (no null values)."""
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if v is not None}
+        if isinstance(value, tuple):
+            return list(value)
+        return value
+
+    return clean(config.model_dump(mode="python"))

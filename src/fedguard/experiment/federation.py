@@ -1,0 +1,167 @@
+"""From a config to a federation: the data split over clients, the central test set, the model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedguard.client.app import ClientData
+from fedguard.data import partition as partitioners
+from fedguard.data import registry
+from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
+from fedguard.experiment.config import ConfigError, ExperimentConfig
+
+DataFn = Callable[..., DatasetSplits | FederatedDataset]
+
+
+@dataclass(frozen=True)
+class Federation:
+    """Per-client tensors, the central evaluation set and what the model must accept."""
+
+    clients: dict[int, ClientData]
+    client_names: list[str]
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+    histogram: list[list[int]]
+    dataset_name: str
+
+
+def _tensor(d: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.ascontiguousarray(d.x, dtype=np.float32))
+    y = torch.from_numpy(np.ascontiguousarray(d.y, dtype=np.int64))
+    return x, y
+
+
+def _client_data(d: ArrayDataset, eval_fraction: float, rng: np.random.Generator) -> ClientData:
+    x, y = _tensor(d)
+    n = len(d)
+    k = int(round(eval_fraction * n))
+    if eval_fraction == 0.0 or k == 0 or k >= n:
+        return ClientData(x, y)
+    order = torch.from_numpy(rng.permutation(n))
+    held, kept = order[:k], order[k:]
+    return ClientData(x[kept], y[kept], x[held], y[held])
+
+
+def load_data(
+    cfg: ExperimentConfig, data_fn: DataFn | None = None
+) -> DatasetSplits | FederatedDataset:
+    """Load the configured data set (or call the user's data function)."""
+    d = cfg.data
+    if data_fn is not None:
+        out = data_fn()
+        if not isinstance(out, DatasetSplits | FederatedDataset):
+            raise ConfigError(
+                f"The data function returned {type(out).__name__}; expected DatasetSplits or "
+                "FederatedDataset."
+            )
+        return out
+    try:
+        return registry.load_dataset(
+            d.dataset,
+            path=d.path,
+            seed=cfg.experiment.seed,
+            test_fraction=d.test_fraction,
+            synthetic_samples=d.synthetic_samples,
+            input_shape=tuple(d.synthetic_shape),
+            num_classes=d.synthetic_classes,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"data.dataset: {exc}") from None
+
+
+def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Federation:
+    """Load, partition and tensorise the data; every sample lands on exactly one client."""
+    loaded = load_data(cfg, data_fn)
+    rng = np.random.default_rng([cfg.experiment.seed, 0xDA7A])
+    if isinstance(loaded, FederatedDataset):
+        names = list(loaded.clients)
+        parts_data = [loaded.clients[n] for n in names]
+        num_classes, class_names, name = loaded.num_classes, list(loaded.class_names), "custom"
+        test, val = loaded.test, loaded.val
+        if cfg.data.num_clients != len(names):
+            raise ConfigError(
+                f"data.num_clients={cfg.data.num_clients} but the data function returned "
+                f"{len(names)} clients: set data.num_clients = {len(names)}"
+            )
+    else:
+        parts_data, names = _partition(cfg, loaded, rng)
+        num_classes, class_names, name = loaded.num_classes, list(loaded.class_names), loaded.name
+        test, val = loaded.test, loaded.val
+    if cfg.evaluation.split == "val":
+        if val is None:
+            raise ConfigError(
+                f'evaluation.split: the data set {name!r} has no validation split; use "test"'
+            )
+        test = val
+    class_names = class_names or [str(c) for c in range(num_classes)]
+    clients = {
+        i: _client_data(part, cfg.data.client_eval_fraction, rng)
+        for i, part in enumerate(parts_data)
+    }
+    histogram = [np.bincount(p.y, minlength=num_classes).astype(int).tolist() for p in parts_data]
+    eval_x, eval_y = _tensor(test)
+    input_shape = tuple(int(s) for s in parts_data[0].x.shape[1:])
+    return Federation(
+        clients, names, eval_x, eval_y, num_classes, input_shape, class_names, histogram, name
+    )
+
+
+def _partition(
+    cfg: ExperimentConfig, splits: DatasetSplits, rng: np.random.Generator
+) -> tuple[list[ArrayDataset], list[str]]:
+    d = cfg.data
+    train = splits.train
+    try:
+        if d.partition == "natural":
+            if train.groups is None:
+                raise ConfigError(
+                    f'data.partition: "natural" needs a data set with owners (speaker, site); '
+                    f"{splits.name!r} has none: use iid, dirichlet or shards"
+                )
+            parts, names = partitioners.natural(train.groups)
+            if len(parts) != d.num_clients:
+                raise ConfigError(
+                    f"data.num_clients={d.num_clients} but the natural partition of "
+                    f"{splits.name!r} has {len(parts)} owners: set data.num_clients = {len(parts)}"
+                )
+        else:
+            parts = partitioners.partition(
+                d.partition,
+                train.y,
+                num_clients=d.num_clients,
+                rng=rng,
+                alpha=d.alpha,
+                shards_per_client=d.shards_per_client,
+            )
+            names = [f"client_{i}" for i in range(len(parts))]
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"data.partition: {exc}") from None
+    return [train.subset(p) for p in parts], names
+
+
+def describe(fed: Federation) -> dict[str, Any]:
+    """The partition summary written to ``partition.json``."""
+    sizes = [sum(row) for row in fed.histogram]
+    return {
+        "dataset": fed.dataset_name,
+        "num_clients": len(fed.clients),
+        "class_names": fed.class_names,
+        "clients": [
+            {"id": i, "name": n, "num_samples": s, "label_counts": row}
+            for i, (n, s, row) in enumerate(
+                zip(fed.client_names, sizes, fed.histogram, strict=True)
+            )
+        ],
+        "total_samples": sum(sizes),
+        "eval_samples": int(fed.eval_y.shape[0]),
+    }

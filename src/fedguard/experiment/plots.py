@@ -1,0 +1,74 @@
+"""PNG plots of a run: metrics per round and the partition's label histogram."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["round"], r[key]) for r in rows if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def metric_plot(
+    rows: list[dict[str, Any]], keys: list[str], ylabel: str, title: str, path: Path
+) -> None:
+    """Line plot of ``keys`` against the round number (missing values are skipped)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+        x, y = _series(rows, key)
+        if x:
+            ax.plot(x, y, marker="o", markersize=3, label=key)
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def partition_plot(histogram: list[list[int]], class_names: list[str], path: Path) -> None:
+    """Stacked bars: how many samples of each class every client holds."""
+    clients = len(histogram)
+    fig, ax = plt.subplots(figsize=(max(6, min(0.25 * clients, 20)), 4))
+    bottom = [0] * clients
+    for c, name in enumerate(class_names):
+        counts = [row[c] for row in histogram]
+        ax.bar(range(clients), counts, bottom=bottom, label=name, width=0.85)
+        bottom = [b + v for b, v in zip(bottom, counts, strict=True)]
+    ax.set_xlabel("client")
+    ax.set_ylabel("samples")
+    ax.set_title("Label distribution per client")
+    if len(class_names) <= 20:
+        ax.legend(fontsize="small", ncol=min(len(class_names), 5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_run_plots(rows: list[dict[str, Any]], plots_dir: Path) -> None:
+    """The standard per-round plots of a run folder."""
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    metric_plot(
+        rows,
+        ["test_accuracy", "federated_accuracy"],
+        "accuracy",
+        "Accuracy per round",
+        plots_dir / "accuracy.png",
+    )
+    metric_plot(
+        rows,
+        ["test_loss", "train_loss", "federated_loss"],
+        "loss",
+        "Loss per round",
+        plots_dir / "loss.png",
+    )

@@ -1,0 +1,390 @@
+"""Running an experiment: rounds with progress, metrics, checkpoints, resume and the summary.
+
+``run`` is the safe entry point behind both the command line and ``fedguard.run``: it validates
+everything before round 1, writes the run folder as it goes, checkpoints after every round,
+resumes after the last finished round, and on Ctrl-C or a failed round stops after saving.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+import fedguard
+from fedguard.client import evaluation
+from fedguard.client.app import ClientApp
+from fedguard.experiment import checkpoint, federation, plots
+from fedguard.experiment import config as config_mod
+from fedguard.experiment.config import ConfigError, ExperimentConfig
+from fedguard.experiment.runfolder import RunFolder
+from fedguard.models import registry as models
+from fedguard.protocol.driver import RoundDriver, RoundFailedError
+from fedguard.protocol.strategy import ServerState, Strategy, StrategyKind
+from fedguard.runtime.inprocess import InProcessTransport
+
+log = logging.getLogger("fedguard")
+
+TIMING_FIELDS = ("seconds",)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the finished rounds are saved and ``--resume`` continues."""
+
+
+def _auc(probabilities: torch.Tensor, y: torch.Tensor) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    labels = y.numpy()
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    p = probabilities.double().numpy()
+    if p.shape[1] == 2:
+        return float(roc_auc_score(labels, p[:, 1]))
+    if len(present) < p.shape[1]:
+        return None
+    p = p / p.sum(axis=1, keepdims=True)
+    return float(roc_auc_score(labels, p, multi_class="ovr"))
+
+
+def central_metrics(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """Accuracy, loss and ROC AUC of the global model on the central evaluation set."""
+    result = evaluation.evaluate(model, x, y, batch_size=batch_size, keep_probabilities=True)
+    assert result.probabilities is not None
+    return {
+        "test_accuracy": result.accuracy,
+        "test_loss": result.loss,
+        "test_auc": _auc(result.probabilities, y),
+    }
+
+
+def _as_config(
+    config: ExperimentConfig | Mapping[str, Any] | str | Path, overrides: list[str]
+) -> ExperimentConfig:
+    if isinstance(config, ExperimentConfig):
+        if not overrides:
+            return config
+        config = config_mod.to_toml_dict(config)
+    if isinstance(config, str | Path):
+        return config_mod.load(config, overrides)
+    return config_mod.validate(config_mod.apply_overrides(dict(config), overrides))
+
+
+def _check_resume_config(saved: Path, cfg: ExperimentConfig) -> None:
+    if not saved.exists():
+        return
+    old = config_mod.load(saved)
+    a = config_mod.to_toml_dict(old)
+    b = config_mod.to_toml_dict(cfg)
+    a["experiment"].pop("rounds", None)
+    b["experiment"].pop("rounds", None)
+    if a != b:
+        diffs = [
+            f"{section}.{key}"
+            for section in sorted(set(a) | set(b))
+            for key in sorted(set(a.get(section, {})) | set(b.get(section, {})))
+            if a.get(section, {}).get(key) != b.get(section, {}).get(key)
+        ]
+        raise ConfigError(
+            f"--resume: the config differs from the run's config.toml at {', '.join(diffs)}; "
+            "resume with the same settings (only experiment.rounds may grow)"
+        )
+
+
+class Experiment:
+    """One configured experiment, set up and ready to run rounds."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        model_fn: Callable[..., Any] | None = None,
+        data_fn: federation.DataFn | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.fed = federation.build_federation(cfg, data_fn)
+        try:
+            self.model = models.build(
+                cfg.model.name,
+                framework=cfg.model.framework,
+                input_shape=self.fed.input_shape,
+                num_classes=self.fed.num_classes,
+                seed=cfg.experiment.seed,
+                builder=model_fn,
+            )
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"model.name: {exc}") from None
+        c = cfg.client
+        client_config = {
+            "optimizer": c.optimizer,
+            "lr": c.lr,
+            "momentum": c.momentum,
+            "weight_decay": c.weight_decay,
+            "epochs": c.epochs,
+            "batch_size": c.batch_size,
+            "proximal_mu": c.proximal_mu,
+            "max_steps": c.max_steps,
+        }
+        s = cfg.server
+        self.strategy = Strategy.create(
+            StrategyKind(s.strategy),
+            client_config=client_config,
+            num_clients=len(self.fed.clients),
+            server_lr=s.server_lr,
+            server_momentum=s.server_momentum,
+            beta1=s.beta1,
+            beta2=s.beta2,
+            tau=s.tau,
+        )
+        self.client_state: dict[int, dict[str, torch.Tensor]] = {}
+        self.app = ClientApp(self.model, self.fed.clients, self.client_state)
+        self.transport = InProcessTransport(self.app.handle, list(self.fed.clients))
+        self.driver = RoundDriver(
+            self.transport,
+            self.strategy,
+            dim=self.model.spec.size,
+            clients_per_round=cfg.clients_per_round,
+            min_clients=cfg.min_clients,
+            seed=cfg.experiment.seed,
+            deadline_s=s.deadline_s,
+        )
+        self.initial_params = self.model.get_flat()
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, Any]:
+        self.model.set_flat(params)
+        return central_metrics(
+            self.model, self.fed.eval_x, self.fed.eval_y, self.cfg.evaluation.batch_size
+        )
+
+    def should_evaluate(self, round_: int) -> bool:
+        every = self.cfg.evaluation.every
+        return round_ == self.cfg.experiment.rounds or (every > 0 and round_ % every == 0)
+
+    def checkpoint_tensors(
+        self, params: torch.Tensor, state: ServerState
+    ) -> dict[str, torch.Tensor]:
+        tensors = {"params": params}
+        tensors.update({f"server.{k}": v for k, v in state.tensors().items()})
+        for cid, named in self.client_state.items():
+            tensors.update({f"client.{cid}.{k}": v for k, v in named.items()})
+        return tensors
+
+    def restore(self, ck: checkpoint.Checkpoint) -> tuple[torch.Tensor, ServerState]:
+        params = ck.tensors["params"]
+        self.model.spec.check_vector(params)
+        server = {
+            k.removeprefix("server."): v for k, v in ck.tensors.items() if k.startswith("server.")
+        }
+        self.client_state.clear()
+        for key, value in ck.tensors.items():
+            if key.startswith("client."):
+                _, cid, name = key.split(".", 2)
+                self.client_state.setdefault(int(cid), {})[name] = value
+        return params, ServerState.from_tensors(server)
+
+
+def _versions() -> dict[str, str]:
+    out = {
+        "fedguard": fedguard.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import keras
+
+        out["keras"] = keras.__version__
+    except ImportError:
+        pass
+    return out
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TextColumn("left"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _attach_log(folder: RunFolder) -> logging.Handler:
+    handler = logging.FileHandler(folder.log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger("fedguard").addHandler(handler)
+    logging.getLogger("fedguard").setLevel(logging.INFO)
+    return handler
+
+
+def run(
+    config: ExperimentConfig | Mapping[str, Any] | str | Path,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    model_fn: Callable[..., Any] | None = None,
+    data_fn: federation.DataFn | None = None,
+    progress: bool = True,
+    console: Console | None = None,
+) -> dict[str, Any]:
+    """Run an experiment end to end and return its summary (also written to ``summary.json``).
+
+    ``config`` is an :class:`ExperimentConfig`, a mapping of TOML tables, or a TOML file path.
+    ``model_fn`` and ``data_fn`` plug in a user's own model builder and data function.
+    """
+    cfg = _as_config(config, overrides or [])
+    folder = RunFolder(out if out is not None else Path("runs") / cfg.experiment.name)
+    console = console or Console(stderr=False, quiet=not progress)
+    finished = checkpoint.latest(folder.checkpoints)
+    if finished is not None and not resume:
+        raise ConfigError(
+            f"--out {folder.root}: this run folder already holds round {finished.round}; "
+            "pass --resume to continue it or choose another folder"
+        )
+    if resume:
+        _check_resume_config(folder.config, cfg)
+    exp = Experiment(cfg, model_fn=model_fn, data_fn=data_fn)
+    folder.create()
+    handler = _attach_log(folder)
+    try:
+        return _run_rounds(exp, folder, finished if resume else None, console, progress)
+    finally:
+        logging.getLogger("fedguard").removeHandler(handler)
+        handler.close()
+
+
+def _run_rounds(
+    exp: Experiment,
+    folder: RunFolder,
+    finished: checkpoint.Checkpoint | None,
+    console: Console,
+    show_progress: bool,
+) -> dict[str, Any]:
+    cfg = exp.cfg
+    folder.write_config(config_mod.to_toml_dict(cfg))
+    partition = federation.describe(exp.fed)
+    folder.write_json(folder.partition, partition)
+    plots.partition_plot(exp.fed.histogram, exp.fed.class_names, folder.plots / "partition.png")
+    if finished is None:
+        params, state, start = exp.initial_params, exp.strategy.init(exp.initial_params), 1
+        rows: list[dict[str, Any]] = []
+        folder.rewrite_metrics(rows)
+    else:
+        params, state = exp.restore(finished)
+        start = finished.round + 1
+        rows = [r for r in folder.read_metrics() if r["round"] <= finished.round]
+        folder.rewrite_metrics(rows)
+        log.info("resuming after round %d", finished.round)
+    total = cfg.experiment.rounds
+    status, error = "completed", None
+    started = time.perf_counter()
+    with _progress(console) as bar:
+        task = bar.add_task("rounds", total=total, completed=start - 1, stats=_stats(rows))
+        try:
+            for round_ in range(start, total + 1):
+                row, params, state = _one_round(exp, round_, params, state)
+                rows.append(row)
+                folder.append_metrics(row)
+                checkpoint.save(
+                    folder.checkpoints,
+                    checkpoint.Checkpoint(
+                        round_,
+                        exp.checkpoint_tensors(params, state),
+                        {"spec": exp.model.spec.to_json()},
+                    ),
+                    keep=cfg.checkpoint.keep,
+                )
+                bar.update(task, advance=1, stats=_stats(rows))
+        except KeyboardInterrupt:
+            status = "interrupted"
+        except RoundFailedError as exc:
+            status, error = "failed", str(exc)
+            log.error("%s", exc)
+    plots.write_run_plots(rows, folder.plots)
+    summary = _summary(exp, rows, status, error, time.perf_counter() - started, folder)
+    folder.write_json(folder.summary, summary)
+    if show_progress:
+        console.print(
+            f"Results in [bold]{folder.root}[/bold] (summary.json, metrics.jsonl, plots/)"
+        )
+    if status == "interrupted":
+        raise RunInterrupted(
+            f"Stopped after round {rows[-1]['round'] if rows else 0}; continue with --resume."
+        )
+    if status == "failed":
+        raise RoundFailedError(
+            f"{error} The finished rounds are saved; fix the cause and --resume."
+        )
+    return summary
+
+
+def _one_round(
+    exp: Experiment, round_: int, params: torch.Tensor, state: ServerState
+) -> tuple[dict[str, Any], torch.Tensor, ServerState]:
+    t0 = time.perf_counter()
+    result = exp.driver.fit_round(round_, params, state)
+    row: dict[str, Any] = {"round": round_}
+    if exp.should_evaluate(round_):
+        row.update(exp.evaluate(result.params))
+    else:
+        row.update({"test_accuracy": None, "test_loss": None, "test_auc": None})
+    row.update(result.metrics)
+    if exp.cfg.evaluation.federated and exp.should_evaluate(round_):
+        fed = exp.driver.evaluate_round(round_, result.params)
+        row.update(fed or {"federated_loss": None, "federated_accuracy": None})
+    row["epsilon"] = None
+    row["seconds"] = time.perf_counter() - t0
+    return row, result.params, result.state
+
+
+def _stats(rows: list[dict[str, Any]]) -> str:
+    evaluated = [r for r in rows if r.get("test_accuracy") is not None]
+    if not evaluated:
+        return "acc  -     loss  -    "
+    r = evaluated[-1]
+    return f"acc {r['test_accuracy']:.4f}  loss {r['test_loss']:.4f}"
+
+
+def _summary(
+    exp: Experiment,
+    rows: list[dict[str, Any]],
+    status: str,
+    error: str | None,
+    seconds: float,
+    folder: RunFolder,
+) -> dict[str, Any]:
+    evaluated = [r for r in rows if r.get("test_accuracy") is not None]
+    final = evaluated[-1] if evaluated else {}
+    return {
+        "name": exp.cfg.experiment.name,
+        "status": status,
+        "error": error,
+        "rounds_completed": rows[-1]["round"] if rows else 0,
+        "rounds_planned": exp.cfg.experiment.rounds,
+        "final_round_evaluated": final.get("round"),
+        "test_accuracy": final.get("test_accuracy"),
+        "test_loss": final.get("test_loss"),
+        "test_auc": final.get("test_auc"),
+        "evaluation_split": exp.cfg.evaluation.split,
+        "epsilon": None,
+        "delta": None,
+        "num_clients": len(exp.fed.clients),
+        "num_parameters": exp.model.spec.size,
+        "seconds": seconds,
+        "clients_failed": sum(int(r.get("clients_failed", 0)) for r in rows),
+        "clients_rejected": sum(int(r.get("clients_rejected", 0)) for r in rows),
+        "run_dir": str(folder.root),
+        "versions": _versions(),
+    }

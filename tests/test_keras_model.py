@@ -66,9 +66,9 @@ def test_builtin_matches_its_torch_twin() -> None:
 def test_training_learns_two_blobs() -> None:
     keras.utils.set_random_seed(0)
     g = torch.Generator().manual_seed(0)
-    y = torch.arange(256) % 2
-    x = torch.randn(256, 1, 28, 28, generator=g) * 0.5
-    x[y == 1, :, :14, :14] += 0.5  # class 1: a brighter top-left quadrant
+    y = torch.arange(128) % 2
+    x = torch.randn(128, 1, 28, 28, generator=g) * 0.5
+    x[y == 1, :, :14, :14] += 1.0  # class 1: a brighter top-left quadrant
     adapter = KerasModel(keras_models.image_cnn((1, 28, 28), 2))
 
     def loss() -> float:
@@ -79,10 +79,10 @@ def test_training_learns_two_blobs() -> None:
 
     before = loss()
     cfg = training.LocalTraining(
-        optimizer=training.LocalOptimizer.ADAM, lr=1e-3, epochs=3, batch_size=32
+        optimizer=training.LocalOptimizer.ADAM, lr=1e-3, epochs=2, batch_size=32
     )
     stats = training.train(adapter, x, y, cfg, generator=g)
-    assert stats.steps == 24 and stats.num_examples == 256
+    assert stats.steps == 8 and stats.num_examples == 128
     with torch.no_grad():
         accuracy = float((adapter.forward(x, training=False).argmax(-1) == y).float().mean())
     assert before > 0.6 and loss() < 0.1

@@ -18,9 +18,16 @@ Handler = Callable[[int, bytes], bytes]
 class InProcessTransport(Transport):
     """Runs ``handler(client_id, payload)`` for each request, sequentially."""
 
-    def __init__(self, handler: Handler, client_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        client_ids: Sequence[int],
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         self._handler = handler
         self._client_ids = tuple(client_ids)
+        self._clock = clock
 
     @property
     def client_ids(self) -> Sequence[int]:
@@ -29,7 +36,7 @@ class InProcessTransport(Transport):
     def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
         outcomes: list[Outcome] = []
         for client_id, payload in requests.items():
-            start = time.perf_counter()
+            start = self._clock()
             try:
                 reply = self._handler(client_id, payload)
             except Exception as exc:  # a client's failure must never stop the round
@@ -37,7 +44,7 @@ class InProcessTransport(Transport):
                     Failed(client_id, FailureKind.ERROR, f"{type(exc).__name__}: {exc}")
                 )
                 continue
-            seconds = time.perf_counter() - start
+            seconds = self._clock() - start
             if deadline_s is not None and seconds > deadline_s:
                 outcomes.append(
                     Failed(client_id, FailureKind.TIMEOUT, f"replied after {seconds:.2f} s")

@@ -1,0 +1,145 @@
+"""Log-mel features of short utterances, and the offline speed/pitch augmentation that feeds them.
+
+Every utterance is first fitted to a fixed duration (centred: zero-padded on both sides, or the
+middle kept), so all feature maps have the same frame count. The features are
+
+    P = |STFT(w)|^2                        (Hann window n_fft samples, hop, center=True, zero pad)
+    M = B P                                (B: n_mels Slaney mel filters over 0 .. sample_rate / 2)
+    D = 10 log10(max(M, amin))             (dB, floor amin = 1e-10)
+    D = max(D, max(D) - top_db)            (per utterance: at most top_db = 80 dB of dynamic range)
+    X = (D - mean(D)) / max(std(D), eps)   (per utterance, over the whole spectrogram)
+
+With the defaults (25 ms window, 10 ms hop, 1 s) at 8 kHz: n_fft = 200, hop = 80, 8,000 samples
+and ``1 + 8000 // 80 = 101`` frames, so one utterance is ``float32`` ``[1, 40, 101]``.
+
+librosa is imported lazily by its own loader: a cached data set never pays its import cost.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import librosa
+import numpy as np
+
+SPEED_RANGE = (0.9, 1.1)
+PITCH_SEMITONES = 2.0
+PITCH_N_FFT = 512  # phase-vocoder window of the pitch shift: 64 ms at 8 kHz
+STD_FLOOR = 1e-6
+BATCH = 256
+
+
+@dataclass(frozen=True)
+class LogMelSettings:
+    """Feature settings; window, hop and duration are in seconds and scale with the sample rate."""
+
+    sample_rate: int = 8000
+    n_mels: int = 40
+    window_s: float = 0.025
+    hop_s: float = 0.010
+    duration_s: float = 1.0
+    amin: float = 1e-10
+    top_db: float = 80.0
+
+    def __post_init__(self) -> None:
+        if self.sample_rate <= 0:
+            raise ValueError(f"The sample rate must be positive, got {self.sample_rate}.")
+        if min(self.window_s, self.hop_s, self.duration_s) <= 0 or self.n_mels <= 0:
+            raise ValueError("n_mels, window_s, hop_s and duration_s must all be positive.")
+
+    @property
+    def n_fft(self) -> int:
+        """Window (and FFT) length in samples: 200 for 25 ms at 8 kHz."""
+        return round(self.window_s * self.sample_rate)
+
+    @property
+    def hop_length(self) -> int:
+        """Hop in samples: 80 for 10 ms at 8 kHz."""
+        return round(self.hop_s * self.sample_rate)
+
+    @property
+    def num_samples(self) -> int:
+        """Fixed utterance length in samples: 8,000 for 1 s at 8 kHz."""
+        return round(self.duration_s * self.sample_rate)
+
+    @property
+    def num_frames(self) -> int:
+        """STFT frames with ``center=True``: ``1 + num_samples // hop_length`` (101 by default)."""
+        return 1 + self.num_samples // self.hop_length
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Shape of one utterance's features: ``(1, n_mels, num_frames)``."""
+        return (1, self.n_mels, self.num_frames)
+
+
+def fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:
+    """A copy of ``wave`` of exactly ``num_samples``: centred, zero-padded or its middle kept."""
+    wave = np.asarray(wave, dtype=np.float32)
+    excess = wave.shape[0] - num_samples
+    if excess >= 0:
+        return wave[excess // 2 : excess // 2 + num_samples].copy()
+    out = np.zeros(num_samples, dtype=np.float32)
+    start = -excess // 2
+    out[start : start + wave.shape[0]] = wave
+    return out
+
+
+def log_mel(waves: np.ndarray, settings: LogMelSettings) -> np.ndarray:
+    """Normalised log-mel features ``[N, 1, n_mels, num_frames]`` of ``waves`` ``[N, num_samples]``.
+
+    Computed in batches of 256 utterances through librosa's multichannel STFT.
+    """
+    waves = np.asarray(waves, dtype=np.float32)
+    if waves.ndim != 2 or waves.shape[1] != settings.num_samples:
+        raise ValueError(
+            f"log_mel expects waves of shape [N, {settings.num_samples}], got {waves.shape}."
+        )
+    out = np.empty((waves.shape[0], *settings.shape), dtype=np.float32)
+    for start in range(0, waves.shape[0], BATCH):
+        power = librosa.feature.melspectrogram(
+            y=waves[start : start + BATCH],
+            sr=settings.sample_rate,
+            n_fft=settings.n_fft,
+            hop_length=settings.hop_length,
+            win_length=settings.n_fft,
+            window="hann",
+            center=True,
+            pad_mode="constant",
+            power=2.0,
+            n_mels=settings.n_mels,
+        )
+        out[start : start + BATCH, 0] = _normalise(_decibels(power, settings))
+    return out
+
+
+def _decibels(power: np.ndarray, settings: LogMelSettings) -> np.ndarray:
+    """``10 log10(max(power, amin))``, clipped to ``top_db`` below each utterance's peak."""
+    db = 10.0 * np.log10(np.maximum(power, settings.amin))
+    peak = db.max(axis=(1, 2), keepdims=True)
+    return np.maximum(db, peak - settings.top_db)
+
+
+def _normalise(db: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance per utterance; a constant spectrogram becomes all zeros."""
+    mean = db.mean(axis=(1, 2), keepdims=True)
+    std = db.std(axis=(1, 2), keepdims=True)
+    return (db - mean) / np.maximum(std, STD_FLOOR)
+
+
+def perturb(wave: np.ndarray, sample_rate: int, rng: np.random.Generator) -> np.ndarray:
+    """One randomly perturbed copy of ``wave``: a speed change, then a pitch shift.
+
+    The speed factor ``s ~ U(0.9, 1.1)`` resamples the wave to ``len / s`` samples (tempo and pitch
+    both change, as in Kaldi's speed perturbation); the pitch shift ``n ~ U(-2, 2)`` semitones keeps
+    the tempo (librosa's phase vocoder and resampling). No random gain: the per-utterance
+    normalisation of :func:`log_mel` would remove it.
+    """
+    speed = rng.uniform(*SPEED_RANGE)
+    semitones = rng.uniform(-PITCH_SEMITONES, PITCH_SEMITONES)
+    wave = np.asarray(wave, dtype=np.float32)
+    fast = librosa.resample(wave, orig_sr=sample_rate, target_sr=round(sample_rate / speed))
+    shifted = librosa.effects.pitch_shift(
+        fast, sr=sample_rate, n_steps=semitones, n_fft=PITCH_N_FFT, hop_length=PITCH_N_FFT // 4
+    )
+    return shifted.astype(np.float32)

@@ -1,0 +1,280 @@
+"""FSDD loader: the real recordings (split, speakers, features, cache) and folders with bad files."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+
+from fedguard.data import audio_features, fsdd, partition, registry
+from fedguard.data.dataset import DatasetSplits
+from fedguard.data.errors import DataError
+
+FSDD = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "fsdd"
+RECORDINGS = FSDD / "recordings"
+SPEAKERS = ["george", "jackson", "lucas", "nicolas", "theo", "yweweler"]
+SHAPE = (1, 40, 101)
+LOGGER = "fedguard.data.fsdd"
+
+needs_fsdd = pytest.mark.skipif(
+    not RECORDINGS.is_dir(), reason=f"real data folder {RECORDINGS} is absent (../shared/data)"
+)
+
+
+@dataclass(frozen=True)
+class FullLoad:
+    data: DatasetSplits
+    cwd: Path  # a directory whose .fedguard-cache/fsdd holds the cache
+    seconds: float
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory: pytest.TempPathFactory) -> FullLoad:
+    """The 3,000 real recordings, featurised once per test session into a temporary cache."""
+    if not RECORDINGS.is_dir():
+        pytest.skip(f"real data folder {RECORDINGS} is absent")
+    cwd = tmp_path_factory.mktemp("fsdd-cwd")
+    started = time.perf_counter()
+    data = fsdd.load_fsdd(path=FSDD, seed=0, cache_dir=cwd / ".fedguard-cache" / "fsdd")
+    return FullLoad(data, cwd, time.perf_counter() - started)
+
+
+@pytest.fixture
+def no_features(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any feature computation fail: a load must then come from the cache."""
+
+    def fail(*args: object, **kwargs: object) -> np.ndarray:
+        raise AssertionError("features were recomputed instead of read from the cache")
+
+    monkeypatch.setattr(audio_features, "log_mel", fail)
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    """20 real recordings (2 speakers x 5 digits x takes 0 and 5) directly in a folder."""
+    if not RECORDINGS.is_dir():
+        pytest.skip(f"real data folder {RECORDINGS} is absent")
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for speaker in ("george", "jackson"):
+        for digit in range(5):
+            for take in (0, 5):
+                name = f"{digit}_{speaker}_{take}.wav"
+                shutil.copy(RECORDINGS / name, folder / name)
+    return folder
+
+
+def _utterance_stats(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return x.mean(axis=(1, 2, 3)), x.std(axis=(1, 2, 3))
+
+
+# --- the real data set --------------------------------------------------------------------------
+
+
+def test_real_split_labels_and_speakers(full: FullLoad) -> None:
+    data = full.data
+    assert data.name == "fsdd"
+    assert (len(data.train), len(data.test)) == (2700, 300)
+    assert data.num_classes == 10
+    assert data.class_names == tuple(str(d) for d in range(10))
+    assert np.bincount(data.train.y).tolist() == [270] * 10
+    assert np.bincount(data.test.y).tolist() == [30] * 10
+    assert data.train.y.dtype == np.int64
+    _, clients = partition.natural(data.train.groups)
+    assert clients == SPEAKERS
+    assert sorted(set(data.test.groups.tolist())) == SPEAKERS
+    info = data.info
+    assert (info["files_total"], info["files_used"], info["augmented_train"]) == (3000, 3000, 0)
+    assert set(info["skipped"].values()) == {0}
+    assert info["speakers"]["george"]["train"] == 450
+    assert info["speakers"]["george"]["test"] == 50
+    assert info["speakers"]["george"]["accent"] == "GRC/Greek"
+    assert info["cache"] == "miss"
+    print(f"FSDD first load (featurise 3,000 files): {full.seconds:.2f} s")
+
+
+def test_real_features_shape_and_normalisation(full: FullLoad) -> None:
+    assert full.data.input_shape == SHAPE == audio_features.LogMelSettings().shape
+    for part in (full.data.train, full.data.test):
+        assert part.x.dtype == np.float32
+        assert np.isfinite(part.x).all()
+        mean, std = _utterance_stats(part.x)
+        np.testing.assert_allclose(mean, 0.0, atol=1e-4)
+        np.testing.assert_allclose(std, 1.0, atol=1e-3)
+
+
+def test_second_load_reads_the_cache(full: FullLoad, no_features: None) -> None:
+    started = time.perf_counter()
+    again = fsdd.load_fsdd(path=FSDD, seed=0, cache_dir=full.cwd / ".fedguard-cache" / "fsdd")
+    seconds = time.perf_counter() - started
+    print(f"FSDD cached load: {seconds:.2f} s (first load {full.seconds:.2f} s)")
+    assert again.info["cache"] == "hit"
+    np.testing.assert_array_equal(again.train.x, full.data.train.x)
+    np.testing.assert_array_equal(again.test.groups, full.data.test.groups)
+    assert seconds < full.seconds
+
+
+def test_registry_loads_fsdd_with_the_default_cache_dir(
+    full: FullLoad, no_features: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(full.cwd)  # the default cache folder is relative to the current directory
+    data = registry.load_dataset("fsdd", path=str(FSDD), seed=0, test_fraction=0.2)
+    assert (len(data.train), len(data.test)) == (2700, 300)
+    assert data.info["cache"] == "hit"
+    assert Path(data.info["cache_file"]).parent == Path(".fedguard-cache/fsdd")
+
+
+# --- folders with bad files ---------------------------------------------------------------------
+
+
+def test_bad_files_are_skipped_named_and_counted(
+    small: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (small / "1_george_7.wav").write_bytes(b"")
+    (small / "2_george_8.wav").write_text("not audio at all")
+    tone = np.sin(np.linspace(0, 400 * np.pi, 16000)).astype(np.float32)
+    soundfile.write(small / "3_george_9.wav", tone, 16000, subtype="PCM_16")
+    shutil.copy(small / "0_george_0.wav", small / "hello.wav")
+    stereo = np.stack([tone[:8000], 0.5 * tone[:8000]], axis=1)
+    soundfile.write(small / "4_jackson_9.wav", stereo, 8000, subtype="PCM_16")
+    (small / "notes.txt").write_text("not a .wav file: ignored")
+    expected = {
+        "1_george_7.wav": "empty",
+        "2_george_8.wav": "unreadable",
+        "3_george_9.wav": "wrong_sample_rate",
+        "hello.wav": "bad_name",
+    }
+    for attempt in ("miss", "hit"):  # a cached load reports the same skips
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=LOGGER):
+            data = fsdd.load_fsdd(path=small, seed=0, cache_dir=tmp_path / "cache")
+        assert data.info["cache"] == attempt
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == len(expected)
+        for name, reason in expected.items():
+            assert any(name in w and f"({reason})" in w for w in warnings), (name, warnings)
+        assert data.info["files_total"] == 25
+        assert data.info["files_used"] == 21
+        assert data.info["skipped"] == {
+            "bad_name": 1,
+            "empty": 1,
+            "unreadable": 1,
+            "wrong_sample_rate": 1,
+        }
+        assert data.info["downmixed"] == 1
+        assert (len(data.train), len(data.test)) == (11, 10)
+        assert data.num_classes == 5
+        assert data.info["speakers"]["jackson"] == {"train": 6, "test": 5}
+
+
+def test_empty_or_missing_folder_raises(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=re.escape(str(empty))):
+        fsdd.load_fsdd(path=empty, seed=0, cache_dir=None)
+    (empty / "readme.txt").write_text("no recordings here")
+    with pytest.raises(DataError, match="no .wav files"):
+        fsdd.load_fsdd(path=empty, seed=0, cache_dir=None)
+    with pytest.raises(DataError, match="does not exist"):
+        fsdd.load_fsdd(path=tmp_path / "missing", seed=0, cache_dir=None)
+
+
+def test_folder_without_usable_files_raises(tmp_path: Path) -> None:
+    (tmp_path / "0_anna_0.wav").write_bytes(b"")
+    (tmp_path / "hello.wav").write_text("x")
+    with pytest.raises(
+        DataError, match=f"{re.escape(str(tmp_path))}.*no usable recordings.*bad_name: 1"
+    ):
+        fsdd.load_fsdd(path=tmp_path, seed=0, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_folder_without_test_takes_raises(small: Path) -> None:
+    for file in small.glob("*_0.wav"):
+        file.unlink()
+    with pytest.raises(DataError, match="no test recordings"):
+        fsdd.load_fsdd(path=small, seed=0, cache_dir=None)
+
+
+# --- the cache ----------------------------------------------------------------------------------
+
+
+def test_cache_follows_the_folder_and_can_be_turned_off(
+    small: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "cache"
+    first = fsdd.load_fsdd(path=small, seed=0, cache_dir=cache)
+    assert first.info["cache"] == "miss" and len(list(cache.glob("*.npz"))) == 1
+    assert fsdd.load_fsdd(path=small, seed=7, cache_dir=cache).info["cache"] == "hit"
+    (small / "0_george_0.wav").unlink()
+    changed = fsdd.load_fsdd(path=small, seed=0, cache_dir=cache)
+    assert changed.info["cache"] == "miss" and len(changed.test) == 9
+    monkeypatch.chdir(tmp_path)
+    off = fsdd.load_fsdd(path=small, seed=0, cache_dir=None)
+    assert off.info["cache"] == "off" and off.info["cache_file"] is None
+    assert not (tmp_path / ".fedguard-cache").exists()
+
+
+def test_corrupt_cache_is_recomputed(
+    small: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = fsdd.load_fsdd(path=small, seed=0, cache_dir=tmp_path / "cache")
+    Path(first.info["cache_file"]).write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger=LOGGER):
+        again = fsdd.load_fsdd(path=small, seed=0, cache_dir=tmp_path / "cache")
+    assert again.info["cache"] == "miss"
+    assert any("unreadable" in r.getMessage() for r in caplog.records)
+    np.testing.assert_array_equal(again.train.x, first.train.x)
+
+
+# --- augmentation -------------------------------------------------------------------------------
+
+
+def test_augmented_copies_are_train_only_seeded_and_cached(small: Path, tmp_path: Path) -> None:
+    plain = fsdd.load_fsdd(path=small, seed=0, cache_dir=tmp_path / "cache")
+    aug = fsdd.load_fsdd(path=small, seed=1, augment_copies=2, cache_dir=tmp_path / "cache")
+    assert aug.info["cache"] == "miss" and aug.info["augmented_train"] == 20
+    assert len(aug.train) == 30
+    np.testing.assert_array_equal(aug.train.x[:10], plain.train.x)
+    np.testing.assert_array_equal(aug.train.y, np.tile(plain.train.y, 3))
+    np.testing.assert_array_equal(aug.train.groups, np.tile(plain.train.groups, 3))
+    np.testing.assert_array_equal(aug.test.x, plain.test.x)
+    assert not np.allclose(aug.train.x[10:20], plain.train.x)
+    mean, std = _utterance_stats(aug.train.x)
+    np.testing.assert_allclose(mean, 0.0, atol=1e-4)
+    np.testing.assert_allclose(std, 1.0, atol=1e-3)
+    same = fsdd.load_fsdd(path=small, seed=1, augment_copies=2, cache_dir=None)
+    np.testing.assert_array_equal(same.train.x, aug.train.x)
+    other = fsdd.load_fsdd(path=small, seed=2, augment_copies=2, cache_dir=None)
+    assert not np.array_equal(other.train.x[10:], aug.train.x[10:])
+    cached = fsdd.load_fsdd(path=small, seed=1, augment_copies=2, cache_dir=tmp_path / "cache")
+    assert cached.info["cache"] == "hit"
+
+
+def test_invalid_options_raise(small: Path) -> None:
+    with pytest.raises(DataError, match="augment_copies"):
+        fsdd.load_fsdd(path=small, seed=0, augment_copies=-1, cache_dir=None)
+    with pytest.raises(DataError, match="sample rate"):
+        fsdd.load_fsdd(path=small, seed=0, sample_rate=0, cache_dir=None)
+
+
+# --- feature helpers ----------------------------------------------------------------------------
+
+
+def test_fit_length_centres_and_crops() -> None:
+    np.testing.assert_array_equal(audio_features.fit_length(np.ones(2), 6), [0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(audio_features.fit_length(np.arange(7.0), 3), [2, 3, 4])
+
+
+def test_log_mel_of_silence_is_zero() -> None:
+    settings = audio_features.LogMelSettings()
+    out = audio_features.log_mel(np.zeros((2, settings.num_samples)), settings)
+    assert out.shape == (2, *SHAPE)
+    assert not out.any()

@@ -9,6 +9,7 @@ Hessian in the logits is ``0.25 * [[1, -1], [-1, 1]]``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,6 +25,15 @@ from fedguard.protocol.strategy import Strategy, StrategyKind
 from fedguard.runtime.inprocess import InProcessTransport
 
 G0 = [0.5, -0.5, 0.5, -0.5]  # loss gradient at w = 0 for x = 1, y = 1
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread: intra-op threads only contend on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _tiny_model(flat: list[float] | None = None) -> TorchModel:
@@ -69,7 +79,10 @@ def test_server_control_update_by_hand() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"local_steps": 0, "lr": 0.1}, "at least one local step"), ({"local_steps": 1, "lr": 0.0}, "positive local learning rate")],
+    [
+        ({"local_steps": 0, "lr": 0.1}, "at least one local step"),
+        ({"local_steps": 1, "lr": 0.0}, "positive local learning rate"),
+    ],
 )
 def test_client_control_update_refuses_degenerate_steps(
     kwargs: dict[str, float], message: str
@@ -100,7 +113,9 @@ def _fit(app: ClientApp, round_: int, server_control: list[float]) -> messages.F
 
 
 def test_scaffold_client_by_hand() -> None:
-    app = ClientApp(_tiny_model(), {0: ClientData(torch.ones(1, 1), torch.ones(1, dtype=torch.long))})
+    app = ClientApp(
+        _tiny_model(), {0: ClientData(torch.ones(1, 1), torch.ones(1, dtype=torch.long))}
+    )
     # Round 1, c = [0.1, 0.2, 0.3, 0.4], c_i = 0: one SGD step with lr = 1 on g + c - c_i
     #   y = 0 - (G0 + c) = [-0.6, 0.3, -0.8, 0.1]
     #   c_i+ = c_i - c - (y - x) / (1 * 1) = -c - y = [0.5, -0.5, 0.5, -0.5] = G0: with one local
@@ -123,8 +138,12 @@ def test_scaffold_server_by_hand() -> None:
     state = strategy.init(params)
     assert state.control.tolist() == [0.0, 0.0]
     replies = [
-        messages.FitReply(1, 0, torch.tensor([1.0, 2.0]), 1, tensors={"control_delta": torch.tensor([1.0, 0.0])}),
-        messages.FitReply(1, 1, torch.tensor([3.0, -2.0]), 3, tensors={"control_delta": torch.tensor([3.0, -2.0])}),
+        messages.FitReply(
+            1, 0, torch.tensor([1.0, 2.0]), 1, tensors={"control_delta": torch.tensor([1.0, 0.0])}
+        ),
+        messages.FitReply(
+            1, 1, torch.tensor([3.0, -2.0]), 3, tensors={"control_delta": torch.tensor([3.0, -2.0])}
+        ),
     ]
     state, params = strategy.aggregate(state, params, replies)
     # model: [1, -1] + (1*[1, 2] + 3*[3, -2]) / 4 = [1, -1] + [2.5, -1] = [3.5, -2]
@@ -142,7 +161,9 @@ def test_scaffold_server_by_hand() -> None:
 def test_newton_direction_by_hand() -> None:
     # n = 2: g = [2, 4] / 2 = [1, 2], H = [[4, 2], [2, 6]] / 2 = [[2, 1], [1, 3]], det H = 5,
     # H^-1 = [[3, -1], [-1, 2]] / 5, step = -H^-1 g = -[3 - 2, -1 + 4] / 5 = [-0.2, -0.6].
-    step = newton.newton_direction(torch.tensor([2.0, 4.0]), torch.tensor([[4.0, 2.0], [2.0, 6.0]]), 2)
+    step = newton.newton_direction(
+        torch.tensor([2.0, 4.0]), torch.tensor([[4.0, 2.0], [2.0, 6.0]]), 2
+    )
     assert step.dtype == torch.float32
     assert step.tolist() == pytest.approx([-0.2, -0.6], abs=1e-7)
 
@@ -157,7 +178,9 @@ def test_newton_direction_with_damping_by_hand() -> None:
 
 def test_newton_direction_symmetrises_the_hessian() -> None:
     # (H + H^T) / 2 of [[4, 1], [3, 6]] is [[4, 2], [2, 6]]: the same step as above.
-    step = newton.newton_direction(torch.tensor([2.0, 4.0]), torch.tensor([[4.0, 1.0], [3.0, 6.0]]), 2)
+    step = newton.newton_direction(
+        torch.tensor([2.0, 4.0]), torch.tensor([[4.0, 1.0], [3.0, 6.0]]), 2
+    )
     assert step.tolist() == pytest.approx([-0.2, -0.6], abs=1e-7)
 
 

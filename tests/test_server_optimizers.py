@@ -9,6 +9,7 @@ square root is exact.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -24,6 +25,15 @@ from fedguard.protocol.strategy import Strategy, StrategyKind
 from fedguard.runtime.inprocess import InProcessTransport
 
 X0 = torch.tensor([1.0, -1.0])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread: intra-op threads only contend on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _config(kind: so.ServerOptimizer, **kwargs: float) -> so.ServerOptimizerConfig:
@@ -50,7 +60,11 @@ def test_initial_state() -> None:
     assert fedavg.m.numel() == 0 and fedavg.v.numel() == 0
     fedavgm = so.init(_config(so.ServerOptimizer.FEDAVGM), params)
     assert fedavgm.m.tolist() == [0.0, 0.0, 0.0] and fedavgm.v.numel() == 0
-    for kind in (so.ServerOptimizer.FEDADAM, so.ServerOptimizer.FEDYOGI, so.ServerOptimizer.FEDADAGRAD):
+    for kind in (
+        so.ServerOptimizer.FEDADAM,
+        so.ServerOptimizer.FEDYOGI,
+        so.ServerOptimizer.FEDADAGRAD,
+    ):
         state = so.init(_config(kind, tau=0.5), params)
         assert state.m.tolist() == [0.0, 0.0, 0.0]
         assert state.v.tolist() == [0.25, 0.25, 0.25]  # tau^2
@@ -236,7 +250,12 @@ def test_fedprox_proximal_step_by_hand() -> None:
         model = _tiny_model()
         cfg = training.LocalTraining(lr=1.0, batch_size=1, proximal_mu=mu)
         stats = training.train(
-            model, x, y, cfg, generator=torch.Generator().manual_seed(0), global_params=torch.zeros(4)
+            model,
+            x,
+            y,
+            cfg,
+            generator=torch.Generator().manual_seed(0),
+            global_params=torch.zeros(4),
         )
         assert stats.steps == 2
         assert model.get_flat().tolist() == pytest.approx(want, abs=1e-6)

@@ -89,7 +89,7 @@ def centralized_optimum(
         grad_norm = float(grad.norm())
         if grad_norm < 1e-12:
             break
-        step = torch.linalg.solve(torch.func.hessian(f)(w), -grad)
+        step = torch.linalg.solve(torch.func.jacrev(torch.func.jacrev(f))(w), -grad)
         t = 1.0
         while f(w + t * step) > value + 1e-4 * t * (grad @ step) and t > 1e-10:
             t *= 0.5

@@ -20,6 +20,6 @@ def weighted_mean(updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     if updates.shape[0] == 0:
         raise ValueError("Cannot aggregate an empty cohort: no client update arrived.")
     w = weights.to(torch.float64)
-    if bool((w < 0).any()) or float(w.sum()) <= 0.0:
-        raise ValueError("Aggregation weights must be non-negative with a positive sum.")
+    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0.0:
+        raise ValueError("Aggregation weights must be finite, non-negative, with a positive sum.")
     return ((w / w.sum()) @ updates.to(torch.float64)).to(torch.float32)

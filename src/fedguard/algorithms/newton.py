@@ -27,5 +27,10 @@ def newton_direction(
     g = gradient_sum.to(torch.float64) / num_examples
     h = hessian_sum.to(torch.float64) / num_examples
     h = 0.5 * (h + h.T) + damping * torch.eye(d, dtype=torch.float64)
-    step = torch.linalg.solve(h, -g)
+    step, info = torch.linalg.solve_ex(h, -g)
+    if int(info) != 0 or not bool(torch.isfinite(step).all()):
+        raise ValueError(
+            "The pooled Hessian is singular: add client.weight_decay > 0 (a ridge term) "
+            "or use a positive damping."
+        )
     return step.to(torch.float32)

@@ -131,6 +131,11 @@ class ExperimentConfig(_Section):
                 'server.strategy = "scaffold" needs client.optimizer = "sgd" (its control '
                 f'variates assume plain SGD steps), got "{c.optimizer}"'
             )
+        if s.strategy == "scaffold" and c.momentum > 0:
+            raise ValueError(
+                "client.momentum must be 0 with server.strategy = \"scaffold\" (option II of its "
+                f"control variate update assumes plain SGD steps), got {c.momentum}"
+            )
         if c.optimizer == "newton" and self.model.framework != "torch":
             raise ValueError(
                 'client.optimizer = "newton" needs model.framework = "torch"; '

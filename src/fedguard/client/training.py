@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.client.model import ModelAdapter
+from fedguard.client.model import ModelAdapter, TorchModel
+from fedguard.data import augment
 
 
 class LocalOptimizer(enum.StrEnum):
@@ -34,6 +35,7 @@ class LocalTraining:
     batch_size: int = 32
     proximal_mu: float = 0.0
     max_steps: int | None = None
+    augment: str = "none"
 
 
 @dataclass(frozen=True)
@@ -104,12 +106,14 @@ def train(
     if cfg.optimizer is LocalOptimizer.LBFGS:
         return _train_lbfgs(model, x, y, cfg, params, global_params, correction)
     optimizer = _make_optimizer(cfg, params)
+    augment_fn = augment.get(cfg.augment)
     extra = cfg.proximal_mu > 0.0 or correction is not None
     total, steps = torch.zeros(()), 0
     for _ in range(cfg.epochs):
         for idx in _batches(n, cfg.batch_size, generator):
             optimizer.zero_grad(set_to_none=False)
-            loss = _nll(model.log_probabilities(x[idx], training=True), y[idx])
+            xb = x[idx] if augment_fn is None else augment_fn(x[idx], generator)
+            loss = _nll(model.log_probabilities(xb, training=True), y[idx])
             loss.backward()
             if extra:
                 _add_gradient_terms(
@@ -204,6 +208,11 @@ def newton_statistics(
         raise ValueError(
             "The Newton solver needs a model whose state is only trainable parameters (no buffers)."
         )
+    if not isinstance(model, TorchModel):
+        raise ValueError(
+            "The Newton solver needs a PyTorch module (Keras layers do not take functional "
+            'parameters): use optimizer = "lbfgs".'
+        )
     module = model.module
     names = {id(p): name for name, p in module.named_parameters()}
     if any(id(s.param) not in names for s in slices):
@@ -227,6 +236,6 @@ def newton_statistics(
         return loss + 0.5 * weight_decay * n * (flat * flat).sum()
 
     grad = torch.func.grad(objective)(flat0)
-    hessian = torch.func.hessian(objective)(flat0)
+    hessian = torch.func.jacrev(torch.func.jacrev(objective))(flat0)
     loss = objective(flat0)
     return NewtonStatistics(grad.detach(), hessian.detach(), float(loss) / n, n)

@@ -59,6 +59,7 @@ class ClientSection(_Section):
     batch_size: int = Field(32, ge=1)
     proximal_mu: float = Field(0.0, ge=0.0)
     max_steps: int | None = Field(None, ge=1)
+    augment: Literal["none", "image", "spectrogram"] = "none"
 
 
 class ServerSection(_Section):

@@ -133,6 +133,7 @@ class Experiment:
             "batch_size": c.batch_size,
             "proximal_mu": c.proximal_mu,
             "max_steps": c.max_steps,
+            "augment": c.augment,
         }
         s = cfg.server
         self.strategy = Strategy.create(

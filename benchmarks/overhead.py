@@ -4,15 +4,16 @@ Both sides train the seed image CNN (``image_cnn``, 1x28x28 input, 10 classes) o
 synthetic client tensors with plain SGD (lr 0.05, no momentum), the same sampled clients, the same
 ``torch.randperm`` batch orders and the same example-weighted average of the client models:
 
-* fedguard: ``Experiment.driver.fit_round`` (sampling, encode every task, the in-process
+* fedguard: ``Experiment.driver.fit_round`` (sampling, encode each task, the in-process
   transport, decode, train, encode the reply, decode and validate it, aggregate);
 * floor: one ``nn.Module`` and one ``torch.optim.SGD``; per sampled client copy the global weights
   in, run the SGD steps, collect the flat parameters; then the weighted average over clients.
 
 Timed rounds are interleaved (fedguard, floor, fedguard, floor, ...) after one warm-up round of
-each, so machine noise hits both sides alike; the JSON holds medians and minima. Peak memory is
-measured for each side in its own child process (``--only fedguard`` / ``--only floor``), which
-builds the same experiment, runs the same rounds and reports its peak resident set size.
+each, so machine noise hits both sides alike; the JSON holds medians and minima. Each workload is
+timed in a fresh child process, so one workload's heap does not shape the next one's. Peak memory
+is measured for each side in its own child process (``--only fedguard`` / ``--only floor``),
+which builds the same experiment, runs the same rounds and reports its peak resident set size.
 
     python benchmarks/overhead.py --workload all --rounds 5
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import gc
 import json
 import os
@@ -145,6 +147,25 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
+def _warm_lazy_imports() -> None:
+    """Load what both sides import lazily on first use (``torch.optim`` pulls in ~70 MiB of
+    ``torch._dynamo``), so that it lands in the common baseline and not in one side's peak."""
+    w = torch.nn.Parameter(torch.zeros(4))
+    optimizer = torch.optim.SGD([w], lr=0.1)
+    torch.nn.functional.nll_loss(
+        torch.log_softmax(w.view(1, 4), -1), torch.zeros(1).long()
+    ).backward()
+    optimizer.step()
+
+
+def _trim_heap() -> None:
+    """Give freed heap memory back to the OS (glibc), so both sides start from the same RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _reset_peak() -> bool:
     """Reset the kernel's peak-RSS mark (Linux >= 4.0) so a later peak excludes the data build."""
     try:
@@ -158,7 +179,9 @@ def measure_memory(workload: str, side: str, rounds: int) -> dict[str, Any]:
     """Run one side alone (in a child process) and return its peak RSS, raw and over baseline."""
     exp = Experiment(make_config(workload, rounds + 1))
     runner = FedguardSide(exp) if side == "fedguard" else FloorSide(exp, workload)
+    _warm_lazy_imports()
     gc.collect()
+    _trim_heap()
     baseline_kib = _status_kib("VmRSS")
     reset = _reset_peak()
     for round_ in range(1, rounds + 2):
@@ -177,7 +200,8 @@ def measure_memory(workload: str, side: str, rounds: int) -> dict[str, Any]:
     }
 
 
-def _child_memory(workload: str, side: str, rounds: int) -> dict[str, Any]:
+def _child(workload: str, rounds: int, only: str) -> dict[str, Any]:
+    """Run this script for one workload in a fresh process and return the JSON it prints."""
     cmd = [
         sys.executable,
         str(Path(__file__).resolve()),
@@ -185,12 +209,14 @@ def _child_memory(workload: str, side: str, rounds: int) -> dict[str, Any]:
         workload,
         "--rounds",
         str(rounds),
+        "--threads",
+        str(torch.get_num_threads()),
         "--only",
-        side,
+        only,
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"memory child {side} {workload} failed:\n{done.stderr}")
+        raise RuntimeError(f"child process ({workload}, {only}) failed with {done.returncode}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -222,6 +248,9 @@ def time_workload(workload: str, rounds: int) -> dict[str, Any]:
         "fedguard_min_s": min(fg_times),
         "floor_min_s": min(floor_times),
         "ratio_of_min": min(fg_times) / min(floor_times),
+        "pair_ratio_median": statistics.median(
+            [a / b for a, b in zip(fg_times, floor_times, strict=True)]
+        ),
         "fedguard_times_s": fg_times,
         "floor_times_s": floor_times,
         "rounds": rounds,
@@ -230,15 +259,26 @@ def time_workload(workload: str, rounds: int) -> dict[str, Any]:
     }
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "platform": platform.platform(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
+        "load_average": list(os.getloadavg()),
     }
 
 
@@ -247,23 +287,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds after the warm-up")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--only", choices=["fedguard", "floor"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for both sides (default: torch's own default, all cores)",
+    )
+    # Child processes: peak memory of one side, or the interleaved timing of one workload.
+    parser.add_argument("--only", choices=["fedguard", "floor", "timing"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     names = list(WORKLOADS) if args.workload == "all" else [args.workload]
-    if args.only is not None:  # child process: peak memory of one side
+    if args.only is not None:
         if len(names) != 1:
             parser.error("--only needs a single --workload")
-        print(json.dumps(measure_memory(names[0], args.only, args.rounds)))
+        if args.only == "timing":
+            print(json.dumps(time_workload(names[0], args.rounds)))
+        else:
+            print(json.dumps(measure_memory(names[0], args.only, args.rounds)))
         return 0
 
     results: dict[str, Any] = {}
     for name in names:
         print(f"{name}: memory (one child process per side)", file=sys.stderr, flush=True)
-        mem = {side: _child_memory(name, side, args.rounds) for side in ("fedguard", "floor")}
-        print(f"{name}: timing", file=sys.stderr, flush=True)
-        row = time_workload(name, args.rounds)
+        mem = {side: _child(name, args.rounds, side) for side in ("fedguard", "floor")}
+        print(f"{name}: timing (one child process, sides interleaved)", file=sys.stderr, flush=True)
+        row = _child(name, args.rounds, "timing")
         fg_mem, floor_mem = mem["fedguard"], mem["floor"]
         row.update(
             {
@@ -280,7 +331,6 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
         results[name] = row
-        gc.collect()
     results["machine"] = machine()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.out.exists() and args.workload != "all":  # keep the other workload's numbers
@@ -294,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = {"W1": 1.10, "W2": 1.20}
     header = (
         f"{'':4} {'fedguard s':>10} {'floor s':>8} {'ratio':>6} {'target':>6} "
-        f"{'fg MiB':>7} {'floor MiB':>9} {'mem x':>6}"
+        f"{'fg MiB':>7} {'floor MiB':>9} {'mem x':>6} {'raw x':>6}"
     )
     print(header)
     for name in names:
@@ -302,10 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:4} {r['fedguard_s_per_round']:10.3f} {r['floor_s_per_round']:8.3f} "
             f"{r['ratio']:6.3f} {targets[name]:6.2f} {r['fedguard_peak_mib']:7.1f} "
-            f"{r['floor_peak_mib']:9.1f} {r['peak_ratio']:6.2f}"
+            f"{r['floor_peak_mib']:9.1f} {r['peak_ratio']:6.2f} {r['peak_raw_ratio']:6.2f}"
         )
     m = results["machine"]
-    print(f"torch {m['torch']}, {m['torch_threads']} threads, {m['cores']} cores -> {args.out}")
+    print(
+        f"MiB: peak RSS over the common baseline (raw x: ratio of raw peaks); torch {m['torch']}, "
+        f"{m['torch_threads']} threads, {m['cores']} cores -> {args.out}"
+    )
     return 0
 
 

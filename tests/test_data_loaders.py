@@ -221,9 +221,32 @@ def test_registry_custom_callable(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert data.name == "here" and float(data.train.x[0, 0]) == 5.0
         with pytest.raises(DataError, match="returned dict, expected DatasetSplits"):
             registry.load_dataset("my_fg_data:bad", path=None, seed=0, test_fraction=0.2)
-        with pytest.raises(DataError, match="has no callable 'missing'"):
+        with pytest.raises(DataError, match="has no callable named 'missing'"):
             registry.load_dataset("my_fg_data:missing", path=None, seed=0, test_fraction=0.2)
-        with pytest.raises(DataError, match="cannot be imported"):
+        with pytest.raises(DataError, match="cannot import 'no_such_fg_module'"):
             registry.load_dataset("no_such_fg_module:load", path=None, seed=0, test_fraction=0.2)
     finally:
         sys.modules.pop("my_fg_data", None)
+
+
+def test_registry_custom_callable_may_return_federated_data_and_take_no_arguments(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "my_fg_sites.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            from fedguard.data.dataset import ArrayDataset, FederatedDataset
+
+            def sites():
+                part = ArrayDataset(np.zeros((4, 2), np.float32), np.array([0, 1, 0, 1]))
+                return FederatedDataset({"a": part, "b": part}, part, num_classes=2)
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        data = registry.load_dataset("my_fg_sites:sites", path=None, seed=0, test_fraction=0.2)
+        assert list(data.clients) == ["a", "b"]
+    finally:
+        sys.modules.pop("my_fg_sites", None)

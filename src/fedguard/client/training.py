@@ -111,7 +111,9 @@ def train(
     total, steps = torch.zeros(()), 0
     for _ in range(cfg.epochs):
         for idx in _batches(n, cfg.batch_size, generator):
-            optimizer.zero_grad(set_to_none=False)
+            # Fresh gradients from backward rather than zero-fill then accumulate: the same
+            # values, two fewer passes over the parameters per step.
+            optimizer.zero_grad(set_to_none=True)
             xb = x[idx] if augment_fn is None else augment_fn(x[idx], generator)
             loss = _nll(model.log_probabilities(xb, training=True), y[idx])
             loss.backward()

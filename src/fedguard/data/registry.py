@@ -3,8 +3,8 @@
 Built-in names are ``"pneumoniamnist"`` (any single-label MedMNIST v2 2D file via ``path``),
 ``"breast_cancer"``, ``"synthetic"`` and ``"fsdd"``. A name of the form
 ``"package.module:callable"`` loads a user data set: the callable is imported and called as
-``callable(path=path, seed=seed, test_fraction=test_fraction)`` and must return
-:class:`DatasetSplits`.
+with whichever of ``path``, ``seed`` and ``test_fraction`` it declares and must return
+:class:`DatasetSplits` or :class:`FederatedDataset`.
 
 Default paths are relative to the current directory (``../shared/data/...``, the layout of the
 project checkout), so users with full downloads pass their own ``path`` and use the same code.
@@ -17,8 +17,9 @@ import importlib.util
 from pathlib import Path
 from typing import TypeVar
 
+from fedguard import plugins
 from fedguard.data import medmnist, synthetic, tabular
-from fedguard.data.dataset import DatasetSplits
+from fedguard.data.dataset import DatasetSplits, FederatedDataset
 from fedguard.data.errors import DataError
 
 BUILTIN_NAMES = ("pneumoniamnist", "breast_cancer", "synthetic", "fsdd")
@@ -42,7 +43,7 @@ def load_dataset(
     synthetic_samples: int | None = None,
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
-) -> DatasetSplits:
+) -> DatasetSplits | FederatedDataset:
     """Load the data set called ``name``.
 
     ``path`` overrides the default location of file-backed data sets; ``seed`` fixes every random
@@ -95,21 +96,22 @@ def _load_fsdd(path: Path, seed: int) -> DatasetSplits:
     return fsdd.load_fsdd(path=str(path), seed=seed)
 
 
-def _load_custom(name: str, *, path: str | None, seed: int, test_fraction: float) -> DatasetSplits:
-    """Import ``package.module:callable`` and call it; it must return :class:`DatasetSplits`."""
-    module_name, _, attr = name.partition(":")
-    if not module_name or not attr:
-        raise DataError(f"Data set {name!r} must have the form 'package.module:callable'.")
+def _load_custom(
+    name: str, *, path: str | None, seed: int, test_fraction: float
+) -> DatasetSplits | FederatedDataset:
+    """Import ``package.module:callable`` and call it with the arguments it declares.
+
+    It may take any of ``path``, ``seed`` and ``test_fraction`` and must return
+    :class:`DatasetSplits` (pooled, partitioned by fedguard) or :class:`FederatedDataset`.
+    """
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise DataError(f"Data set {name!r}: module {module_name!r} cannot be imported.") from exc
-    loader = getattr(module, attr, None)
-    if not callable(loader):
-        raise DataError(f"Data set {name!r}: module {module_name!r} has no callable {attr!r}.")
-    result = loader(path=path, seed=seed, test_fraction=test_fraction)
-    if not isinstance(result, DatasetSplits):
+        loader = plugins.import_callable(name, what="Data set")
+    except plugins.PluginError as exc:
+        raise DataError(str(exc)) from exc
+    result = plugins.call_with_supported(loader, path=path, seed=seed, test_fraction=test_fraction)
+    if not isinstance(result, DatasetSplits | FederatedDataset):
         raise DataError(
-            f"Data set {name!r} returned {type(result).__name__}, expected DatasetSplits."
+            f"Data set {name!r} returned {type(result).__name__}, expected DatasetSplits or "
+            "FederatedDataset."
         )
     return result

@@ -134,7 +134,7 @@ class ExperimentConfig(_Section):
             )
         if s.strategy == "scaffold" and c.momentum > 0:
             raise ValueError(
-                "client.momentum must be 0 with server.strategy = \"scaffold\" (option II of its "
+                'client.momentum must be 0 with server.strategy = "scaffold" (option II of its '
                 f"control variate update assumes plain SGD steps), got {c.momentum}"
             )
         if c.optimizer == "newton" and self.model.framework != "torch":

@@ -2,44 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from fedguard import plugins
 from fedguard.client.model import ModelAdapter, TorchModel
 from fedguard.models import torch_models
 
 
 class ModelError(ValueError):
     """A model name or builder that cannot produce a usable model."""
-
-
-def import_callable(spec: str) -> Callable[..., Any]:
-    """Import ``package.module:callable``."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ModelError(f'{spec!r} is not of the form "package.module:callable".')
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ModelError(f"Cannot import {module_name!r} for {spec!r}: {exc}.") from exc
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ModelError(f"{module_name!r} has no callable named {attr!r}.")
-    return fn
-
-
-def _call_builder(fn: Callable[..., Any], input_shape: tuple[int, ...], num_classes: int) -> Any:
-    params = inspect.signature(fn).parameters
-    kwargs = {
-        k: v
-        for k, v in {"input_shape": input_shape, "num_classes": num_classes}.items()
-        if k in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-    }
-    return fn(**kwargs)
 
 
 def adapt(model: Any, *, input_shape: tuple[int, ...]) -> ModelAdapter:
@@ -75,7 +49,7 @@ def build(
     """Build the model named ``name`` (or by ``builder``) with a seeded initialisation."""
     torch.manual_seed(seed)
     if builder is None and ":" in name:
-        builder = import_callable(name)
+        builder = plugins.import_callable(name, what="model.name")
     if framework == "keras":
         import keras
 
@@ -87,7 +61,9 @@ def build(
             if name not in keras_models.BUILTIN:
                 raise ModelError(_unknown(name, keras_models.BUILTIN))
             builder = keras_models.BUILTIN[name]
-        model = _call_builder(builder, input_shape, num_classes)
+        model = plugins.call_with_supported(
+            builder, input_shape=input_shape, num_classes=num_classes
+        )
         if not _is_keras(model):
             raise ModelError(
                 f'model.framework is "keras" but the builder returned {type(model).__name__}; '
@@ -98,7 +74,7 @@ def build(
         if name not in torch_models.BUILTIN:
             raise ModelError(_unknown(name, torch_models.BUILTIN))
         builder = torch_models.BUILTIN[name]
-    model = _call_builder(builder, input_shape, num_classes)
+    model = plugins.call_with_supported(builder, input_shape=input_shape, num_classes=num_classes)
     if _is_keras(model):
         raise ModelError(
             'model.framework is "torch" but the builder returned a Keras model; '

@@ -43,13 +43,22 @@ def test_out_of_range() -> None:
 @pytest.mark.parametrize(
     ("data", "start"),
     [
-        ({"data": {"num_clients": 5}, "server": {"clients_per_round": 6}}, "server.clients_per_round=6"),
+        (
+            {"data": {"num_clients": 5}, "server": {"clients_per_round": 6}},
+            "server.clients_per_round=6",
+        ),
         ({"server": {"clients_per_round": 4, "fraction": 0.5}}, "server.clients_per_round and"),
         ({"server": {"clients_per_round": 4, "min_clients": 5}}, "server.min_clients=5"),
         ({"server": {"strategy": "fedprox"}}, "client.proximal_mu must be > 0"),
         ({"client": {"proximal_mu": 0.1}}, "client.proximal_mu is only used"),
-        ({"server": {"strategy": "scaffold"}, "client": {"optimizer": "adam"}}, "server.strategy = \"scaffold\""),
-        ({"client": {"optimizer": "newton"}, "model": {"framework": "keras"}}, "client.optimizer = \"newton\""),
+        (
+            {"server": {"strategy": "scaffold"}, "client": {"optimizer": "adam"}},
+            'server.strategy = "scaffold"',
+        ),
+        (
+            {"client": {"optimizer": "newton"}, "model": {"framework": "keras"}},
+            'client.optimizer = "newton"',
+        ),
     ],
 )
 def test_impossible_combinations(data: dict, start: str) -> None:

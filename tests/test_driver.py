@@ -30,8 +30,9 @@ def _sabotage(exp: Experiment, bad: dict[int, str]) -> None:
             raise RuntimeError("disk full")
         reply = messages.decode(honest(client_id, payload))
         if kind == "nan":
-            reply = messages.FitReply(reply.round, client_id, reply.update * float("nan"),
-                                      reply.num_examples)
+            reply = messages.FitReply(
+                reply.round, client_id, reply.update * float("nan"), reply.num_examples
+            )
         elif kind == "short":
             reply = messages.FitReply(reply.round, client_id, reply.update[:-1], reply.num_examples)
         elif kind == "garbage":
@@ -96,7 +97,9 @@ def test_too_few_replies_fail_the_round_with_the_reasons() -> None:
     exp = _experiment()
     _sabotage(exp, {0: "raise", 1: "raise", 2: "nan", 3: "nan"})
     params = exp.initial_params
-    with pytest.raises(RoundFailedError, match="only 2 usable replies of 6 sampled, min_clients is 3"):
+    with pytest.raises(
+        RoundFailedError, match="only 2 usable replies of 6 sampled, min_clients is 3"
+    ):
         exp.driver.fit_round(1, params, exp.strategy.init(params))
 
 
@@ -152,8 +155,9 @@ def test_sampling_is_seeded_and_without_replacement() -> None:
 
 
 def test_messages_round_trip() -> None:
-    reply = messages.FitReply(3, 7, torch.arange(4.0), 12, {"train_loss": 0.5},
-                              {"control_delta": torch.ones(4)})
+    reply = messages.FitReply(
+        3, 7, torch.arange(4.0), 12, {"train_loss": 0.5}, {"control_delta": torch.ones(4)}
+    )
     back = messages.decode(messages.encode(reply), messages.FitReply)
     assert back.round == 3 and back.client_id == 7 and back.num_examples == 12
     assert torch.equal(back.update, reply.update)

@@ -34,8 +34,16 @@ def test_run_folder_contract(tmp_path) -> None:
         assert (folder / "plots" / plot).stat().st_size > 1000
     rows = _rows(folder)
     assert [r["round"] for r in rows] == [1, 2, 3]
-    required = {"test_accuracy", "test_loss", "train_loss", "clients_sampled", "clients_completed",
-                "epsilon", "bytes_up", "bytes_down"}
+    required = {
+        "test_accuracy",
+        "test_loss",
+        "train_loss",
+        "clients_sampled",
+        "clients_completed",
+        "epsilon",
+        "bytes_up",
+        "bytes_down",
+    }
     assert required <= set(rows[0])
     assert all(r["clients_sampled"] == 4 and r["clients_completed"] == 4 for r in rows)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 3
@@ -92,7 +100,9 @@ def test_ctrl_c_saves_finished_rounds_and_resume_continues(tmp_path, monkeypatch
 def test_resume_with_changed_config_is_refused(tmp_path) -> None:
     fedguard.run(tiny_config(), out=tmp_path / "r", progress=False)
     with pytest.raises(runner.ConfigError, match="client.lr"):
-        fedguard.run(tiny_config(client={"lr": 0.5}), out=tmp_path / "r", resume=True, progress=False)
+        fedguard.run(
+            tiny_config(client={"lr": 0.5}), out=tmp_path / "r", resume=True, progress=False
+        )
 
 
 def test_user_model_and_data_functions(tmp_path) -> None:
@@ -111,24 +121,35 @@ def test_user_model_and_data_functions(tmp_path) -> None:
         return FederatedDataset({"a": blob(50, 0.5), "b": blob(80, -0.5)}, blob(100, 0.0), 2)
 
     def my_model(input_shape, num_classes):
-        return torch.nn.Sequential(torch.nn.Linear(input_shape[0], 8), torch.nn.ReLU(),
-                                   torch.nn.Linear(8, num_classes))
+        return torch.nn.Sequential(
+            torch.nn.Linear(input_shape[0], 8), torch.nn.ReLU(), torch.nn.Linear(8, num_classes)
+        )
 
-    cfg = tiny_config(data={"num_clients": 2}, server={"clients_per_round": 2},
-                      experiment={"rounds": 8}, client={"lr": 0.2, "epochs": 2})
-    summary = fedguard.run(cfg, out=tmp_path / "u", model_fn=my_model, data_fn=my_data,
-                           progress=False)
+    cfg = tiny_config(
+        data={"num_clients": 2},
+        server={"clients_per_round": 2},
+        experiment={"rounds": 8},
+        client={"lr": 0.2, "epochs": 2},
+    )
+    summary = fedguard.run(
+        cfg, out=tmp_path / "u", model_fn=my_model, data_fn=my_data, progress=False
+    )
     assert summary["num_parameters"] == 4 * 8 + 8 + 8 * 2 + 2
     assert summary["test_accuracy"] > 0.85
 
 
 def test_keras_model_runs_the_same_pipeline(tmp_path) -> None:
-    cfg = tiny_config(model={"framework": "keras"}, experiment={"rounds": 4},
-                      server={"strategy": "fedadam", "server_lr": 0.05})
+    cfg = tiny_config(
+        model={"framework": "keras"},
+        experiment={"rounds": 4},
+        server={"strategy": "fedadam", "server_lr": 0.05},
+    )
     summary = fedguard.run(cfg, out=tmp_path / "k", progress=False)
-    torch_summary = fedguard.run(tiny_config(experiment={"rounds": 4},
-                                             server={"strategy": "fedadam", "server_lr": 0.05}),
-                                 out=tmp_path / "t", progress=False)
+    torch_summary = fedguard.run(
+        tiny_config(experiment={"rounds": 4}, server={"strategy": "fedadam", "server_lr": 0.05}),
+        out=tmp_path / "t",
+        progress=False,
+    )
     assert summary["num_parameters"] == torch_summary["num_parameters"] == 111
     # the synthetic classes are well separated: both frameworks learn them in four rounds
     assert summary["test_accuracy"] > 0.9 and torch_summary["test_accuracy"] > 0.9

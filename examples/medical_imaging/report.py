@@ -62,7 +62,9 @@ def run_seed(seed: int, split: str, out: Path) -> dict:
             "auc": s["test_auc"],
             "seconds": time.perf_counter() - t0,
         }
-        print(f"seed {seed} federated {framework}: {results[f'federated ({framework})']}", flush=True)
+        print(
+            f"seed {seed} federated {framework}: {results[f'federated ({framework})']}", flush=True
+        )
     exp = Experiment(config_mod.load(CONFIG, overrides))
     epochs_total = exp.cfg.experiment.rounds * exp.cfg.client.epochs
     alone = [
@@ -77,8 +79,11 @@ def run_seed(seed: int, split: str, out: Path) -> dict:
     pooled_y = torch.cat([d.train_y for d in exp.fed.clients.values()])
     central = _isolated(exp, pooled_x, pooled_y, CENTRAL_EPOCHS, seed)
     results["centralized"] = {"accuracy": central["test_accuracy"], "auc": central["test_auc"]}
-    print(f"seed {seed} alone/central: {results['each hospital alone (mean)']['accuracy']:.4f} "
-          f"{central}", flush=True)
+    print(
+        f"seed {seed} alone/central: {results['each hospital alone (mean)']['accuracy']:.4f} "
+        f"{central}",
+        flush=True,
+    )
     return results
 
 

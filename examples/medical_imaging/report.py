@@ -40,6 +40,7 @@ def _isolated(exp: Experiment, x: torch.Tensor, y: torch.Tensor, epochs: int, se
         weight_decay=c.weight_decay,
         epochs=epochs,
         batch_size=c.batch_size,
+        augment=c.augment,
     )
     torch.manual_seed(seed)
     training.train(exp.model, x, y, cfg, generator=torch.Generator().manual_seed(seed))

@@ -174,3 +174,28 @@ def test_federated_evaluation_is_the_example_weighted_mean(tmp_path) -> None:
         total += r.num_examples
         correct += round(r.accuracy * r.num_examples)
     assert abs(rows[-1]["federated_accuracy"] - correct / total) < 1e-9
+
+
+def test_keras_after_torch_in_one_process_uses_the_torch_backend(tmp_path) -> None:
+    """A user's keras.json naming another backend must not break a Keras run after a torch run."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    (home / ".keras").mkdir(parents=True)
+    (home / ".keras" / "keras.json").write_text('{"backend": "tensorflow"}')
+    script = (
+        "import fedguard\n"
+        "cfg = {'experiment': {'rounds': 1}, 'data': {'num_clients': 2, 'synthetic_samples': 60,"
+        " 'synthetic_shape': [4]}, 'model': {'name': 'logistic_regression'}}\n"
+        f"fedguard.run(cfg, out={str(tmp_path / 'a')!r}, progress=False)\n"
+        "cfg['model']['framework'] = 'keras'\n"
+        f"print(fedguard.run(cfg, out={str(tmp_path / 'b')!r}, progress=False)['status'])\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"} | {"HOME": str(home)}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("completed")

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
+
+# fedguard runs Keras 3 on the torch backend, in the same process as PyTorch models; set it before
+# anything imports Keras (an explicit KERAS_BACKEND from the user still wins, and is checked).
+os.environ.setdefault("KERAS_BACKEND", "torch")
 
 __version__ = "0.1.0"
 

@@ -7,6 +7,7 @@ resumes after the last finished round, and on Ctrl-C or a failed round stops aft
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import platform
 import time
@@ -200,10 +201,8 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
     }
     try:
-        import keras
-
-        out["keras"] = keras.__version__
-    except ImportError:
+        out["keras"] = importlib.metadata.version("keras")
+    except importlib.metadata.PackageNotFoundError:
         pass
     return out
 

@@ -60,9 +60,9 @@ def write_run_plots(rows: list[dict[str, Any]], plots_dir: Path) -> None:
     plots_dir.mkdir(parents=True, exist_ok=True)
     metric_plot(
         rows,
-        ["test_accuracy", "federated_accuracy"],
-        "accuracy",
-        "Accuracy per round",
+        ["test_accuracy", "test_auc", "federated_accuracy"],
+        "accuracy / ROC AUC",
+        "Accuracy and ROC AUC per round",
         plots_dir / "accuracy.png",
     )
     metric_plot(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -52,9 +53,11 @@ def run_seed(seed: int, split: str, out: Path) -> dict:
     results: dict[str, dict] = {}
     for framework in ("torch", "keras"):
         t0 = time.perf_counter()
+        folder = out / f"federated_{framework}_seed{seed}"
+        shutil.rmtree(folder, ignore_errors=True)  # the report always starts its runs afresh
         s = fedguard.run(
             CONFIG,
-            out=out / f"federated_{framework}_seed{seed}",
+            out=folder,
             overrides=[*overrides, f'model.framework="{framework}"'],
             progress=False,
         )

@@ -30,7 +30,7 @@ def test_run_folder_contract(tmp_path) -> None:
     folder = tmp_path / "r"
     for name in ("config.toml", "metrics.jsonl", "summary.json", "partition.json"):
         assert (folder / name).exists(), name
-    for plot in ("accuracy.png", "loss.png", "partition.png"):
+    for plot in ("accuracy.png", "loss.png", "partition.png", "confusion_matrix.png"):
         assert (folder / "plots" / plot).stat().st_size > 1000
     rows = _rows(folder)
     assert [r["round"] for r in rows] == [1, 2, 3]
@@ -48,6 +48,10 @@ def test_run_folder_contract(tmp_path) -> None:
     assert all(r["clients_sampled"] == 4 and r["clients_completed"] == 4 for r in rows)
     assert summary["status"] == "completed" and summary["rounds_completed"] == 3
     assert summary["test_accuracy"] == rows[-1]["test_accuracy"]
+    matrix = summary["confusion_matrix"]
+    test_size = json.loads((folder / "partition.json").read_text())["eval_samples"]
+    assert sum(map(sum, matrix)) == test_size
+    assert abs(sum(matrix[i][i] for i in range(3)) / test_size - summary["test_accuracy"]) < 1e-12
     part = json.loads((folder / "partition.json").read_text())
     assert part["total_samples"] == sum(c["num_samples"] for c in part["clients"])
     assert len(part["clients"]) == 6
@@ -118,7 +122,9 @@ def test_user_model_and_data_functions(tmp_path) -> None:
             y = (x[:, 0] + shift > 0).astype(np.int64)
             return ArrayDataset(x, y)
 
-        return FederatedDataset({"a": blob(50, 0.5), "b": blob(80, -0.5)}, blob(100, 0.0), 2)
+        test = blob(100, 0.0)
+        test = ArrayDataset(test.x, test.y, np.array(["north"] * 40 + ["south"] * 60))
+        return FederatedDataset({"a": blob(50, 0.5), "b": blob(80, -0.5)}, test, 2)
 
     def my_model(input_shape, num_classes):
         return torch.nn.Sequential(
@@ -136,6 +142,9 @@ def test_user_model_and_data_functions(tmp_path) -> None:
     )
     assert summary["num_parameters"] == 4 * 8 + 8 + 8 * 2 + 2
     assert summary["test_accuracy"] > 0.85
+    by_group = summary["accuracy_by_group"]
+    assert set(by_group) == {"north", "south"}
+    assert abs(0.4 * by_group["north"] + 0.6 * by_group["south"] - summary["test_accuracy"]) < 1e-9
 
 
 def test_keras_model_runs_the_same_pipeline(tmp_path) -> None:

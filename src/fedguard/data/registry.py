@@ -43,6 +43,7 @@ def load_dataset(
     synthetic_samples: int | None = None,
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
+    augment_copies: int = 0,
 ) -> DatasetSplits | FederatedDataset:
     """Load the data set called ``name``.
 
@@ -51,8 +52,14 @@ def load_dataset(
     split (``breast_cancer``) and, for ``synthetic``, the test size as a fraction of
     ``synthetic_samples`` (at least one sample). ``synthetic_samples``, ``input_shape`` and
     ``num_classes`` configure ``synthetic`` only and default to 10,000 samples of shape
-    ``(1, 28, 28)`` in 10 classes.
+    ``(1, 28, 28)`` in 10 classes. ``augment_copies`` adds speed/pitch-perturbed copies of
+    each training recording (``fsdd`` only).
     """
+    if augment_copies and name != "fsdd":
+        raise DataError(
+            f"augment_copies is an option of the fsdd audio data set, not of {name!r}: "
+            "use client.augment for training-time augmentation."
+        )
     if name == "pneumoniamnist":
         return medmnist.load_medmnist(_path(name, path))
     if name == "breast_cancer":
@@ -67,7 +74,8 @@ def load_dataset(
             test_samples=max(1, round(num_samples * test_fraction)),
         )
     if name == "fsdd":
-        return _load_fsdd(_path(name, path), seed)
+        return _load_fsdd(_path(name, path), seed, augment_copies)
+
     if ":" in name:
         return _load_custom(name, path=path, seed=seed, test_fraction=test_fraction)
     raise DataError(
@@ -86,14 +94,14 @@ def _path(name: str, path: str | None) -> Path:
     return DEFAULT_PATHS[name] if path is None else Path(path)
 
 
-def _load_fsdd(path: Path, seed: int) -> DatasetSplits:
+def _load_fsdd(path: Path, seed: int, augment_copies: int) -> DatasetSplits:
     """The Free Spoken Digit Dataset, through ``fedguard.data.fsdd`` when that module exists."""
     if importlib.util.find_spec("fedguard.data.fsdd") is None:
         raise DataError(
             "The fsdd data set needs the module fedguard.data.fsdd, which is not installed."
         )
     fsdd = importlib.import_module("fedguard.data.fsdd")
-    return fsdd.load_fsdd(path=str(path), seed=seed)
+    return fsdd.load_fsdd(path=str(path), seed=seed, augment_copies=augment_copies)
 
 
 def _load_custom(

@@ -31,6 +31,7 @@ class Federation:
     class_names: list[str]
     histogram: list[list[int]]
     dataset_name: str
+    eval_groups: list[str] | None = None
 
 
 def _tensor(d: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +73,7 @@ def load_data(
             synthetic_samples=d.synthetic_samples,
             input_shape=tuple(d.synthetic_shape),
             num_classes=d.synthetic_classes,
+            augment_copies=d.augment_copies,
         )
     except ValueError as exc:
         raise ConfigError(f"data.dataset: {exc}") from None
@@ -108,9 +110,19 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
     }
     histogram = [np.bincount(p.y, minlength=num_classes).astype(int).tolist() for p in parts_data]
     eval_x, eval_y = _tensor(test)
+    eval_groups = None if test.groups is None else [str(g) for g in test.groups]
     input_shape = tuple(int(s) for s in parts_data[0].x.shape[1:])
     return Federation(
-        clients, names, eval_x, eval_y, num_classes, input_shape, class_names, histogram, name
+        clients,
+        names,
+        eval_x,
+        eval_y,
+        num_classes,
+        input_shape,
+        class_names,
+        histogram,
+        name,
+        eval_groups,
     )
 
 

@@ -72,3 +72,25 @@ def write_run_plots(rows: list[dict[str, Any]], plots_dir: Path) -> None:
         "Loss per round",
         plots_dir / "loss.png",
     )
+
+
+def confusion_plot(matrix: list[list[int]], class_names: list[str], path: Path) -> None:
+    """The confusion matrix of the final model (rows: true class, columns: predicted)."""
+    n = len(matrix)
+    fig, ax = plt.subplots(figsize=(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5)))
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    ax.set_xticks(range(n), class_names)
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title("Confusion matrix (final model)")
+    peak = max((max(row) for row in matrix), default=0)
+    if n <= 20:
+        for i, row in enumerate(matrix):
+            for j, value in enumerate(row):
+                color = "white" if value > peak / 2 else "black"
+                ax.text(j, i, str(value), ha="center", va="center", color=color, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

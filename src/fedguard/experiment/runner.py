@@ -167,6 +167,31 @@ class Experiment:
             self.model, self.fed.eval_x, self.fed.eval_y, self.cfg.evaluation.batch_size
         )
 
+    def final_report(self, params: torch.Tensor) -> dict[str, Any]:
+        """Confusion matrix and, where the test set names its owners, accuracy per owner."""
+        self.model.set_flat(params)
+        result = evaluation.evaluate(
+            self.model,
+            self.fed.eval_x,
+            self.fed.eval_y,
+            batch_size=self.cfg.evaluation.batch_size,
+            keep_probabilities=True,
+        )
+        assert result.probabilities is not None
+        predicted = result.probabilities.argmax(dim=1).numpy()
+        truth = self.fed.eval_y.numpy()
+        k = self.fed.num_classes
+        matrix = np.zeros((k, k), dtype=np.int64)
+        np.add.at(matrix, (truth, predicted), 1)
+        report: dict[str, Any] = {"confusion_matrix": matrix.tolist()}
+        if self.fed.eval_groups is not None:
+            groups = np.asarray(self.fed.eval_groups)
+            report["accuracy_by_group"] = {
+                str(g): float((predicted[groups == g] == truth[groups == g]).mean())
+                for g in sorted(set(self.fed.eval_groups))
+            }
+        return report
+
     def should_evaluate(self, round_: int) -> bool:
         every = self.cfg.evaluation.every
         return round_ == self.cfg.experiment.rounds or (every > 0 and round_ % every == 0)
@@ -314,6 +339,12 @@ def _run_rounds(
             log.error("%s", exc)
     plots.write_run_plots(rows, folder.plots)
     summary = _summary(exp, rows, status, error, time.perf_counter() - started, folder)
+    if rows:
+        report = exp.final_report(params)
+        plots.confusion_plot(
+            report["confusion_matrix"], exp.fed.class_names, folder.plots / "confusion_matrix.png"
+        )
+        summary.update(report)
     folder.write_json(folder.summary, summary)
     if show_progress:
         console.print(

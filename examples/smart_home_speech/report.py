@@ -6,7 +6,10 @@ on five households, tested on every recording of the sixth (a new home's voice).
 final-round test accuracies. The table goes into this folder's README between the RESULTS
 markers, the raw numbers into results.json.
 
-    python examples/smart_home_speech/report.py [--seeds 0 1 2] [--loo-rounds 30]
+Every finished setting is saved to results.json at once and skipped when the script runs again
+(``--fresh`` starts over), so the report can be made in pieces:
+
+    python examples/smart_home_speech/report.py [--seeds 0 1 2] [--loo-seeds 0] [--loo-rounds 30]
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "experiment.toml"
 KERAS_CONFIG = HERE / "experiment_keras.toml"
 CENTRAL_EPOCHS = 15
+ALONE_EPOCHS = 20  # a household fits its own ~900 recordings well before this
+RESULTS = HERE / "results.json"
 
 
 def _run(config: Path, folder: Path, overrides: list[str], **kwargs) -> dict:
@@ -85,38 +90,50 @@ def _alone(exp: Experiment, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
     return evaluation.evaluate(exp.model, exp.fed.eval_x, exp.fed.eval_y).accuracy
 
 
-def run_seed(seed: int, out: Path, loo_rounds: int) -> dict:
+def _save(results: dict[str, dict]) -> None:
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_seed(seed: int, out: Path, loo: bool, loo_rounds: int, results: dict[str, dict]) -> None:
+    """Fill ``results[str(seed)]`` with every setting still missing, saving after each one."""
     seed_opt = [f"experiment.seed={seed}"]
-    res: dict = {}
+    res = results.setdefault(str(seed), {})
     for name, config in (("federated (torch)", CONFIG), ("federated (keras)", KERAS_CONFIG)):
+        if name in res:
+            continue
         s = _run(config, out / f"{config.stem}_seed{seed}", seed_opt)
         res[name] = {
             "accuracy": s["test_accuracy"],
             "by_household": s["accuracy_by_group"],
             "seconds": s["seconds"],
         }
+        _save(results)
         print(f"seed {seed} {name}: {s['test_accuracy']:.4f} in {s['seconds']:.0f} s", flush=True)
-    exp = Experiment(config_mod.load(CONFIG, seed_opt))
-    epochs = exp.cfg.experiment.rounds * exp.cfg.client.epochs
-    alone = {
-        name: _alone(exp, d.train_x, d.train_y, epochs, seed)
-        for name, d in zip(exp.fed.client_names, exp.fed.clients.values(), strict=True)
-    }
-    res["each household alone (mean)"] = {
-        "accuracy": statistics.fmean(alone.values()),
-        "by_household": alone,
-    }
-    pooled_x = torch.cat([d.train_x for d in exp.fed.clients.values()])
-    pooled_y = torch.cat([d.train_y for d in exp.fed.clients.values()])
-    res["centralized"] = {"accuracy": _alone(exp, pooled_x, pooled_y, CENTRAL_EPOCHS, seed)}
-    print(
-        f"seed {seed} alone {res['each household alone (mean)']['accuracy']:.4f} "
-        f"central {res['centralized']['accuracy']:.4f}",
-        flush=True,
-    )
+    alone_row, central_row = "each household alone (mean)", "centralized"
+    if alone_row not in res or central_row not in res:
+        exp = Experiment(config_mod.load(CONFIG, seed_opt))
+        alone = {
+            name: _alone(exp, d.train_x, d.train_y, ALONE_EPOCHS, seed)
+            for name, d in zip(exp.fed.client_names, exp.fed.clients.values(), strict=True)
+        }
+        res[alone_row] = {"accuracy": statistics.fmean(alone.values()), "by_household": alone}
+        pooled_x = torch.cat([d.train_x for d in exp.fed.clients.values()])
+        pooled_y = torch.cat([d.train_y for d in exp.fed.clients.values()])
+        res[central_row] = {"accuracy": _alone(exp, pooled_x, pooled_y, CENTRAL_EPOCHS, seed)}
+        _save(results)
+        print(
+            f"seed {seed} alone {res[alone_row]['accuracy']:.4f} "
+            f"central {res[central_row]['accuracy']:.4f}",
+            flush=True,
+        )
+    loo_row = "leave-one-household-out (mean)"
+    if not loo or loo_row in res:
+        return
     splits = _load(seed)
-    loo = {}
+    left_out = res.setdefault("leave-one-household-out (partial)", {})
     for speaker in sorted(set(splits.train.groups.astype(str))):
+        if speaker in left_out:
+            continue
         data = leave_one_out_data(splits, speaker)
         s = _run(
             CONFIG,
@@ -124,59 +141,75 @@ def run_seed(seed: int, out: Path, loo_rounds: int) -> dict:
             [*seed_opt, "data.num_clients=5", f"experiment.rounds={loo_rounds}"],
             data_fn=lambda data=data: data,
         )
-        loo[speaker] = s["test_accuracy"]
-        print(f"seed {seed} leave out {speaker}: {loo[speaker]:.4f}", flush=True)
-    res["leave-one-household-out (mean)"] = {
-        "accuracy": statistics.fmean(loo.values()),
-        "by_household": loo,
+        left_out[speaker] = s["test_accuracy"]
+        _save(results)
+        print(f"seed {seed} leave out {speaker}: {left_out[speaker]:.4f}", flush=True)
+    res[loo_row] = {
+        "accuracy": statistics.fmean(left_out.values()),
+        "by_household": left_out,
+        "rounds": loo_rounds,
     }
-    return res
+    del res["leave-one-household-out (partial)"]
+    _save(results)
 
 
-def tables(per_seed: dict[int, dict]) -> str:
-    rows = list(next(iter(per_seed.values())))
-    seeds = list(per_seed)
+ROWS = (
+    "federated (torch)",
+    "federated (keras)",
+    "each household alone (mean)",
+    "centralized",
+    "leave-one-household-out (mean)",
+)
+
+
+def tables(per_seed: dict[str, dict]) -> str:
+    """The README's tables from whatever settings have finished, with the seeds behind each."""
     lines = [
         "| setting | test accuracy (median of seeds) | per seed |",
         "|---|---|---|",
     ]
-    for row in rows:
+    for row in ROWS:
+        seeds = [s for s in per_seed if row in per_seed[s]]
+        if not seeds:
+            continue
         accs = [per_seed[s][row]["accuracy"] for s in seeds]
-        lines.append(
-            f"| {row} | {statistics.median(accs):.4f} | {', '.join(f'{a:.4f}' for a in accs)} |"
-        )
-    households = sorted(per_seed[seeds[0]]["federated (torch)"]["by_household"])
+        per = ", ".join(f"{a:.4f} (seed {s})" for s, a in zip(seeds, accs, strict=True))
+        lines.append(f"| {row} | {statistics.median(accs):.4f} | {per} |")
+    households = sorted(
+        {h for res in per_seed.values() for h in res.get(ROWS[0], {}).get("by_household", {})}
+    )
     lines += [
         "",
-        "Per household (median of seeds): federated model on that voice's test takes, the "
-        "household alone on all test takes, and leave-that-household-out on all its recordings.",
+        "Per household (median of seeds): the federated model on that voice's test takes, the "
+        "household alone on all test takes, and leave-that-household-out on all its recordings "
+        "(a new home).",
         "",
         "| household | federated (torch) | alone | left out |",
         "|---|---|---|---|",
     ]
     for h in households:
-        cells = [
-            statistics.median(per_seed[s][row]["by_household"][h] for s in seeds)
-            for row in (
-                "federated (torch)",
-                "each household alone (mean)",
-                "leave-one-household-out (mean)",
-            )
-        ]
-        lines.append(f"| {h} | " + " | ".join(f"{c:.4f}" for c in cells) + " |")
+        cells = []
+        for row in (ROWS[0], ROWS[2], ROWS[4]):
+            values = [r[row]["by_household"][h] for r in per_seed.values() if row in r]
+            cells.append(f"{statistics.median(values):.4f}" if values else "-")
+        lines.append(f"| {h} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--loo-seeds", type=int, nargs="*", default=None, help="default: --seeds")
     parser.add_argument("--loo-rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("runs/speech_report"))
+    parser.add_argument("--fresh", action="store_true", help="forget results.json and start over")
     args = parser.parse_args()
-    per_seed = {seed: run_seed(seed, args.out, args.loo_rounds) for seed in args.seeds}
-    text = tables(per_seed)
+    results = {} if args.fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())
+    loo_seeds = args.seeds if args.loo_seeds is None else args.loo_seeds
+    for seed in args.seeds:
+        run_seed(seed, args.out, seed in loo_seeds, args.loo_rounds, results)
+    text = tables(results)
     print(text)
-    (HERE / "results.json").write_text(json.dumps(per_seed, indent=2) + "\n")
     readme = HERE / "README.md"
     body = readme.read_text()
     block = f"<!-- RESULTS -->\n{text}\n<!-- /RESULTS -->"

@@ -55,6 +55,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PATH = Path("../shared/data/fsdd")
 DEFAULT_CACHE_DIR = Path(".fedguard-cache/fsdd")
 TEST_TAKES = 5
+VALIDATION_TAKES = 10  # takes 5-9 form the validation split when one is asked for
 CACHE_VERSION = 1
 NAME_PATTERN = re.compile(r"(\d+)_(.+)_(\d+)")
 
@@ -96,6 +97,7 @@ def load_fsdd(
     *,
     sample_rate: int = 8000,
     augment_copies: int = 0,
+    validation: bool = False,
     cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
 ) -> DatasetSplits:
     """Load FSDD (or recordings in its layout) from ``path`` with log-mel features.
@@ -104,6 +106,8 @@ def load_fsdd(
     ``augment_copies`` adds that many randomly speed- and pitch-perturbed copies of every training
     utterance (:func:`fedguard.data.audio_features.perturb`; same label and speaker, train only,
     after the originals), drawn from ``seed`` and the file name; ``seed`` affects nothing else.
+    ``validation`` holds out takes 5-9 of every speaker (and their perturbed copies) from training
+    as a validation split, for choosing settings without touching the official test takes.
     ``cache_dir`` holds the feature cache (relative to the current directory by default); ``None``
     computes the features without reading or writing a cache.
     """
@@ -136,7 +140,7 @@ def load_fsdd(
     ):
         log.warning("FSDD: skipped %s (%s): %s", folder / str(name), reason, detail)
     info = {"cache": state, "cache_file": None if cache_file is None else str(cache_file)}
-    return _splits(folder, len(files), features, settings, info)
+    return _splits(folder, len(files), features, settings, info, validation)
 
 
 def _recordings_folder(path: Path) -> Path:
@@ -297,8 +301,9 @@ def _splits(
     features: _Features,
     settings: audio_features.LogMelSettings,
     info: dict[str, object],
+    validation: bool = False,
 ) -> DatasetSplits:
-    """Official split, speaker groups and the data summary in ``info``."""
+    """Official split (plus a validation split if asked), speaker groups and the data summary."""
     f = features
     skipped = {reason.value: 0 for reason in Skip}
     skipped.update(Counter(str(r) for r in f.skipped_reasons))
@@ -314,8 +319,19 @@ def _splits(
                 f"FSDD folder {folder} has no {part} recordings: takes 0-{TEST_TAKES - 1} are "
                 f"the test set, takes {TEST_TAKES} and above the training set."
             )
-    train = ArrayDataset(f.x[~is_test], f.labels[~is_test], f.speakers[~is_test])
+    in_val = (f.takes >= TEST_TAKES) & (f.takes < VALIDATION_TAKES) if validation else None
+    is_train = ~is_test if in_val is None else ~is_test & ~in_val
+    train = ArrayDataset(f.x[is_train], f.labels[is_train], f.speakers[is_train])
     test = ArrayDataset(f.x[is_test], f.labels[is_test], f.speakers[is_test])
+    val = None
+    if in_val is not None:
+        is_val = in_val & ~f.augmented
+        if not is_val.any() or not is_train.any():
+            raise DataError(
+                f"FSDD folder {folder}: a validation split needs takes {TEST_TAKES}-"
+                f"{VALIDATION_TAKES - 1} and takes {VALIDATION_TAKES} and above."
+            )
+        val = ArrayDataset(f.x[is_val], f.labels[is_val], f.speakers[is_val])
     num_classes = int(f.labels.max()) + 1
     info = {
         "source": str(folder),
@@ -339,6 +355,7 @@ def _splits(
         name="fsdd",
         train=train,
         test=test,
+        val=val,
         num_classes=num_classes,
         class_names=tuple(str(c) for c in range(num_classes)),
         info=info,

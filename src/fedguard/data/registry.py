@@ -44,6 +44,7 @@ def load_dataset(
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
     augment_copies: int = 0,
+    validation: bool = False,
 ) -> DatasetSplits | FederatedDataset:
     """Load the data set called ``name``.
 
@@ -53,7 +54,8 @@ def load_dataset(
     ``synthetic_samples`` (at least one sample). ``synthetic_samples``, ``input_shape`` and
     ``num_classes`` configure ``synthetic`` only and default to 10,000 samples of shape
     ``(1, 28, 28)`` in 10 classes. ``augment_copies`` adds speed/pitch-perturbed copies of
-    each training recording (``fsdd`` only).
+    each training recording (``fsdd`` only). ``validation`` asks data sets without an official
+    validation split (``fsdd``) to hold one out of their training data.
     """
     if augment_copies and name != "fsdd":
         raise DataError(
@@ -74,7 +76,7 @@ def load_dataset(
             test_samples=max(1, round(num_samples * test_fraction)),
         )
     if name == "fsdd":
-        return _load_fsdd(_path(name, path), seed, augment_copies)
+        return _load_fsdd(_path(name, path), seed, augment_copies, validation)
 
     if ":" in name:
         return _load_custom(name, path=path, seed=seed, test_fraction=test_fraction)
@@ -94,14 +96,18 @@ def _path(name: str, path: str | None) -> Path:
     return DEFAULT_PATHS[name] if path is None else Path(path)
 
 
-def _load_fsdd(path: Path, seed: int, augment_copies: int) -> DatasetSplits:
+def _load_fsdd(
+    path: Path, seed: int, augment_copies: int, validation: bool = False
+) -> DatasetSplits:
     """The Free Spoken Digit Dataset, through ``fedguard.data.fsdd`` when that module exists."""
     if importlib.util.find_spec("fedguard.data.fsdd") is None:
         raise DataError(
             "The fsdd data set needs the module fedguard.data.fsdd, which is not installed."
         )
     fsdd = importlib.import_module("fedguard.data.fsdd")
-    return fsdd.load_fsdd(path=str(path), seed=seed, augment_copies=augment_copies)
+    return fsdd.load_fsdd(
+        path=str(path), seed=seed, augment_copies=augment_copies, validation=validation
+    )
 
 
 def _load_custom(

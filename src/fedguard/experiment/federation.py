@@ -74,6 +74,7 @@ def load_data(
             input_shape=tuple(d.synthetic_shape),
             num_classes=d.synthetic_classes,
             augment_copies=d.augment_copies,
+            validation=cfg.evaluation.split == "val",
         )
     except ValueError as exc:
         raise ConfigError(f"data.dataset: {exc}") from None

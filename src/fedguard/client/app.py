@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.algorithms import newton, scaffold
-from fedguard.client import evaluation, training
+from fedguard.algorithms import dp_fedavg, newton, scaffold
+from fedguard.client import dp_sgd, evaluation, training
 from fedguard.client.model import ModelAdapter
 from fedguard.protocol import messages
 
@@ -114,16 +114,30 @@ class ClientApp:
             if control is None:
                 control = torch.zeros_like(server_control)
             correction = scaffold.correction(server_control, control)
-        stats = training.train(
-            self.model,
-            data.train_x,
-            data.train_y,
-            cfg,
-            generator=generator,
-            global_params=global_params if cfg.proximal_mu > 0 else None,
-            correction=correction,
-        )
+        if messages.DP_SGD_NOISE in task.config:
+            dp = dp_sgd.DPSGD(
+                max_grad_norm=float(task.config[messages.DP_SGD_CLIP]),
+                noise_multiplier=float(task.config[messages.DP_SGD_NOISE]),
+            )
+            stats = dp_sgd.train(
+                self.model, data.train_x, data.train_y, cfg, dp, generator=generator
+            )
+        else:
+            stats = training.train(
+                self.model,
+                data.train_x,
+                data.train_y,
+                cfg,
+                generator=generator,
+                global_params=global_params if cfg.proximal_mu > 0 else None,
+                correction=correction,
+            )
         update = self.model.get_flat() - global_params
+        metrics = {"train_loss": stats.loss, "steps": float(stats.steps)}
+        if messages.DP_CLIP_NORM in task.config:
+            clipped = dp_fedavg.clip_update(update, float(task.config[messages.DP_CLIP_NORM]))
+            update = clipped.update
+            metrics["dp_unclipped"] = float(clipped.unclipped)
         tensors: dict[str, torch.Tensor] = {}
         if control is not None:
             new_control = scaffold.client_control_update(
@@ -136,7 +150,7 @@ class ClientApp:
             client_id=task.client_id,
             update=update,
             num_examples=stats.num_examples,
-            metrics={"train_loss": stats.loss, "steps": float(stats.steps)},
+            metrics=metrics,
             tensors=tensors,
         )
 

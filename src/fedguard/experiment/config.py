@@ -76,6 +76,7 @@ class ServerSection(_Section):
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
     tau: float = Field(1e-3, gt=0.0)
     deadline_s: float | None = Field(None, gt=0.0)
+    sampling: Literal["fixed", "poisson"] = "fixed"
 
 
 class EvaluationSection(_Section):
@@ -83,6 +84,23 @@ class EvaluationSection(_Section):
     federated: bool = False
     split: Literal["test", "val"] = "test"
     batch_size: int = Field(1024, ge=1)
+
+
+class PrivacySection(_Section):
+    """Differential privacy: off, record level inside each client, or user level at the server."""
+
+    mode: Literal["off", "local", "central"] = "off"
+    noise_multiplier: float | None = Field(None, gt=0.0)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    max_epsilon: float | None = Field(None, gt=0.0)
+    delta: Probability = 1e-5
+    accountant: Literal["rdp", "pld"] = "rdp"
+    max_grad_norm: float = Field(1.0, gt=0.0)  # local: per-sample gradient clip
+    clip_norm: float = Field(1.0, gt=0.0)  # central: update clip (the first one if adaptive)
+    adaptive_clip: bool = False
+    target_quantile: Probability = 0.5
+    clip_learning_rate: float = Field(0.2, gt=0.0)
+    clip_count_stddev: float | None = Field(None, gt=0.0)  # default: clients per round / 20
 
 
 class CheckpointSection(_Section):
@@ -99,6 +117,7 @@ class ExperimentConfig(_Section):
     server: ServerSection = ServerSection()
     evaluation: EvaluationSection = EvaluationSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    privacy: PrivacySection = PrivacySection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -148,7 +167,46 @@ class ExperimentConfig(_Section):
                 'client.optimizer = "newton" takes the pooled Newton step on the server: '
                 f'server.strategy must be "fedavg" or "fedavgm", got "{s.strategy}"'
             )
+        self._privacy_checks()
         return self
+
+    def _privacy_checks(self) -> None:
+        p, c, s = self.privacy, self.client, self.server
+        if p.mode == "off":
+            return
+        if (p.noise_multiplier is None) == (p.target_epsilon is None):
+            raise ValueError(
+                f'privacy.mode = "{p.mode}" needs exactly one of privacy.noise_multiplier (> 0) '
+                "and privacy.target_epsilon"
+            )
+        if p.max_epsilon is not None and p.target_epsilon is not None:
+            if p.target_epsilon > p.max_epsilon:
+                raise ValueError(
+                    f"privacy.target_epsilon={p.target_epsilon} exceeds privacy.max_epsilon="
+                    f"{p.max_epsilon}: the run would stop before its last round"
+                )
+        if p.mode == "local":
+            if c.optimizer not in ("sgd", "adam"):
+                raise ValueError(
+                    f'privacy.mode = "local" (DP-SGD) needs client.optimizer "sgd" or "adam", '
+                    f'got "{c.optimizer}"'
+                )
+            if s.strategy in ("fedprox", "scaffold"):
+                raise ValueError(
+                    f'privacy.mode = "local" does not support server.strategy = "{s.strategy}" '
+                    "(its client term is not privatised); use fedavg, fedavgm or an adaptive one"
+                )
+        if p.mode == "central":
+            if s.strategy == "scaffold" or c.optimizer == "newton":
+                raise ValueError(
+                    'privacy.mode = "central" privatises the model update only: SCAFFOLD control '
+                    "variates and Newton statistics would leak; use another strategy or optimizer"
+                )
+        if p.accountant == "pld" and p.mode == "central" and s.sampling == "fixed":
+            raise ValueError(
+                'privacy.accountant = "pld" cannot account fixed-size client sampling; set '
+                'server.sampling = "poisson" or privacy.accountant = "rdp"'
+            )
 
     @property
     def clients_per_round(self) -> int:

@@ -1,4 +1,4 @@
-"""PNG plots of a run: metrics per round and the partition's label histogram."""
+"""PNG plots of a run: metrics and privacy spent per round, the partition's label histogram."""
 
 from __future__ import annotations
 
@@ -72,6 +72,31 @@ def write_run_plots(rows: list[dict[str, Any]], plots_dir: Path) -> None:
         "Loss per round",
         plots_dir / "loss.png",
     )
+    if any(r.get("epsilon") is not None for r in rows):
+        privacy_plot(rows, plots_dir / "privacy.png")
+
+
+def privacy_plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Epsilon spent (left axis) and test accuracy / AUC (right axis) per round."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x, eps = _series(rows, "epsilon")
+    ax.plot(x, eps, color="tab:red", marker="o", markersize=3, label="epsilon")
+    ax.set_xlabel("round")
+    ax.set_ylabel("epsilon spent", color="tab:red")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    for key in ("test_accuracy", "test_auc"):
+        xs, ys = _series(rows, key)
+        if xs:
+            right.plot(xs, ys, marker="s", markersize=3, label=key)
+    right.set_ylabel("accuracy / ROC AUC")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + right.get_legend_handles_labels()[1]
+    ax.legend(handles, labels, loc="lower right")
+    ax.set_title("Privacy spent and accuracy per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def confusion_plot(matrix: list[list[int]], class_names: list[str], path: Path) -> None:

@@ -23,13 +23,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 import fedguard
 from fedguard.client import evaluation
 from fedguard.client.app import ClientApp
-from fedguard.experiment import checkpoint, federation, plots
+from fedguard.experiment import checkpoint, federation, plots, privacy
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.experiment.runfolder import RunFolder
 from fedguard.models import registry as models
 from fedguard.protocol.driver import RoundDriver, RoundFailedError
-from fedguard.protocol.strategy import ServerState, Strategy, StrategyKind
+from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, StrategyKind
 from fedguard.runtime.inprocess import InProcessTransport
 
 log = logging.getLogger("fedguard")
@@ -136,6 +136,26 @@ class Experiment:
             "max_steps": c.max_steps,
             "augment": c.augment,
         }
+        sizes = {i: d.num_train for i, d in self.fed.clients.items()}
+        self.privacy = privacy.build(cfg, sizes, self.model)
+        central_dp = None
+        if self.privacy is not None:
+            client_config.update(self.privacy.client_config(cfg))
+            if self.privacy.mode == "central":
+                p = cfg.privacy
+                try:
+                    central_dp = CentralDP(
+                        clip_norm=p.clip_norm,
+                        noise_multiplier=self.privacy.noise_multiplier,
+                        expected_clients=float(cfg.clients_per_round),
+                        seed=cfg.experiment.seed,
+                        adaptive=p.adaptive_clip,
+                        target_quantile=p.target_quantile,
+                        clip_learning_rate=p.clip_learning_rate,
+                        count_stddev=p.clip_count_stddev or cfg.clients_per_round / 20.0,
+                    )
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
         s = cfg.server
         self.strategy = Strategy.create(
             StrategyKind(s.strategy),
@@ -146,6 +166,7 @@ class Experiment:
             beta1=s.beta1,
             beta2=s.beta2,
             tau=s.tau,
+            central_dp=central_dp,
         )
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}
         self.app = ClientApp(self.model, self.fed.clients, self.client_state)
@@ -158,6 +179,7 @@ class Experiment:
             min_clients=cfg.min_clients,
             seed=cfg.experiment.seed,
             deadline_s=s.deadline_s,
+            poisson=s.sampling == "poisson",
         )
         self.initial_params = self.model.get_flat()
 
@@ -313,13 +335,24 @@ def _run_rounds(
         folder.rewrite_metrics(rows)
         log.info("resuming after round %d", finished.round)
     total = cfg.experiment.rounds
+    joined = dict.fromkeys(exp.fed.clients, 0)  # rounds each client was asked to train
+    for done in range(1, start):
+        for cid in exp.driver.sample(done):
+            joined[cid] += 1
     status, error = "completed", None
     started = time.perf_counter()
     with _progress(console) as bar:
         task = bar.add_task("rounds", total=total, completed=start - 1, stats=_stats(rows))
         try:
             for round_ in range(start, total + 1):
-                row, params, state = _one_round(exp, round_, params, state)
+                if _budget_spent(exp, round_, joined):
+                    status = "budget_spent"
+                    break
+                row, params, state, sampled = _one_round(exp, round_, params, state)
+                for cid in sampled:
+                    joined[cid] += 1
+                if exp.privacy is not None:
+                    row["epsilon"] = exp.privacy.epsilon(round_, joined)
                 rows.append(row)
                 folder.append_metrics(row)
                 checkpoint.save(
@@ -339,6 +372,11 @@ def _run_rounds(
             log.error("%s", exc)
     plots.write_run_plots(rows, folder.plots)
     summary = _summary(exp, rows, status, error, time.perf_counter() - started, folder)
+    if exp.privacy is not None:
+        done = rows[-1]["round"] if rows else 0
+        summary["epsilon"] = exp.privacy.epsilon(done, joined)
+        summary["delta"] = exp.privacy.delta
+        summary["privacy"] = exp.privacy.mechanism(done, joined)
     if rows:
         report = exp.final_report(params)
         plots.confusion_plot(
@@ -347,6 +385,11 @@ def _run_rounds(
         summary.update(report)
     folder.write_json(folder.summary, summary)
     if show_progress:
+        if status == "budget_spent":
+            console.print(
+                f"Privacy budget spent: stopped after round {summary['rounds_completed']} at "
+                f"epsilon {summary['epsilon']:.3g} (max_epsilon {cfg.privacy.max_epsilon:g})."
+            )
         console.print(
             f"Results in [bold]{folder.root}[/bold] (summary.json, metrics.jsonl, plots/)"
         )
@@ -361,9 +404,31 @@ def _run_rounds(
     return summary
 
 
+def _budget_spent(exp: Experiment, round_: int, joined: Mapping[int, int]) -> bool:
+    """True (and logged) if ``round_`` would take epsilon past ``privacy.max_epsilon``."""
+    plan = exp.privacy
+    if plan is None or plan.max_epsilon is None:
+        return False
+    after = dict(joined)
+    for cid in exp.driver.sample(round_):
+        after[cid] += 1
+    projected = plan.epsilon(round_, after)
+    if projected <= plan.max_epsilon:
+        return False
+    log.warning(
+        "privacy budget: round %d would bring epsilon to %.4g > privacy.max_epsilon = %g; "
+        "stopping after round %d",
+        round_,
+        projected,
+        plan.max_epsilon,
+        round_ - 1,
+    )
+    return True
+
+
 def _one_round(
     exp: Experiment, round_: int, params: torch.Tensor, state: ServerState
-) -> tuple[dict[str, Any], torch.Tensor, ServerState]:
+) -> tuple[dict[str, Any], torch.Tensor, ServerState, list[int]]:
     t0 = time.perf_counter()
     result = exp.driver.fit_round(round_, params, state)
     row: dict[str, Any] = {"round": round_}
@@ -377,7 +442,7 @@ def _one_round(
         row.update(fed or {"federated_loss": None, "federated_accuracy": None})
     row["epsilon"] = None
     row["seconds"] = time.perf_counter() - t0
-    return row, result.params, result.state
+    return row, result.params, result.state, result.sampled
 
 
 def _stats(rows: list[dict[str, Any]]) -> str:

@@ -34,6 +34,7 @@ class RoundResult:
     state: ServerState
     metrics: dict[str, float | int]
     problems: list[tuple[int, str]] = field(default_factory=list)
+    sampled: list[int] = field(default_factory=list)
 
 
 def client_seed(seed: int, round_: int, client_id: int) -> int:
@@ -50,6 +51,13 @@ def _all_finite(t: torch.Tensor) -> bool:
     if t.device.type == "cpu" and t.dtype in (torch.float32, torch.float64):
         return bool(np.isfinite(t.detach().numpy()).all())
     return bool(torch.isfinite(t).all())
+
+
+def poisson_sample(client_ids: Sequence[int], rate: float, *, seed: int, round_: int) -> list[int]:
+    """Each client independently with probability ``rate`` (seeded), in ascending order."""
+    rng = np.random.default_rng([seed, round_, 0x5A4D])
+    ids = sorted(client_ids)
+    return [c for c, u in zip(ids, rng.random(len(ids)), strict=True) if u < rate]
 
 
 def sample_clients(client_ids: Sequence[int], count: int, *, seed: int, round_: int) -> list[int]:
@@ -108,6 +116,7 @@ class RoundDriver:
         min_clients: int,
         seed: int,
         deadline_s: float | None = None,
+        poisson: bool = False,
     ) -> None:
         if not 1 <= min_clients <= clients_per_round <= len(transport.client_ids):
             raise ValueError(
@@ -121,12 +130,20 @@ class RoundDriver:
         self.min_clients = min_clients
         self.seed = seed
         self.deadline_s = deadline_s
+        self.poisson = poisson
+
+    def sample(self, round_: int) -> list[int]:
+        """The clients asked to train in ``round_``: a fixed-size sample, or Poisson with rate
+        ``clients_per_round / clients`` (then ``clients_per_round`` is the expected count)."""
+        ids = self.transport.client_ids
+        if self.poisson:
+            rate = self.clients_per_round / len(ids)
+            return poisson_sample(ids, rate, seed=self.seed, round_=round_)
+        return sample_clients(ids, self.clients_per_round, seed=self.seed, round_=round_)
 
     def fit_round(self, round_: int, params: torch.Tensor, state: ServerState) -> RoundResult:
         """One round of training; raises :class:`RoundFailedError` with too few good replies."""
-        sampled = sample_clients(
-            self.transport.client_ids, self.clients_per_round, seed=self.seed, round_=round_
-        )
+        sampled = self.sample(round_)
         config, tensors = self.strategy.fit_instructions(state)
 
         def task(cid: int) -> bytes:
@@ -173,14 +190,14 @@ class RoundDriver:
                 f"min_clients is {self.min_clients}. Problems: "
                 + "; ".join(f"client {c}: {r}" for c, r in problems)
             )
-        new_state, new_params = self.strategy.aggregate(state, params, accepted)
+        new_state, new_params = self.strategy.aggregate(state, params, accepted, round_=round_)
         if not _all_finite(new_params):
             raise RoundFailedError(f"Round {round_}: the aggregate is not finite.")
         n = sum(r.num_examples for r in accepted)
         metrics["train_loss"] = (
             sum(r.metrics.get("train_loss", 0.0) * r.num_examples for r in accepted) / n
         )
-        return RoundResult(new_params, new_state, metrics, problems)
+        return RoundResult(new_params, new_state, metrics, problems, sampled)
 
     def _check_fit_reply(
         self, outcome: Delivered, round_: int

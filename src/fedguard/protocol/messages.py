@@ -114,3 +114,9 @@ def decode(payload: bytes, expected: type | None = None) -> Message:
         return cls(**kwargs)
     except TypeError as exc:
         raise MessageError(f"{cls.__name__} payload has wrong fields: {exc}") from exc
+
+
+# Config keys of a fit task that switch on differential privacy on the client.
+DP_CLIP_NORM = "dp_clip_norm"  # central DP: clip the update to this L2 norm before it leaves
+DP_SGD_NOISE = "dp_sgd_noise_multiplier"  # local DP: train with DP-SGD at this noise multiplier
+DP_SGD_CLIP = "dp_sgd_max_grad_norm"  # ... clipping each per-sample gradient to this norm

@@ -12,12 +12,14 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 
-from fedguard.algorithms import aggregation, newton, scaffold, server_optimizers
+from fedguard.algorithms import aggregation, dp_fedavg, newton, scaffold, server_optimizers
 from fedguard.protocol import messages
 
 CONTROL = "control"
+CLIP_NORM = messages.DP_CLIP_NORM
 
 
 class StrategyKind(enum.StrEnum):
@@ -47,6 +49,7 @@ class ServerState:
 
     optimizer: server_optimizers.ServerOptimizerState
     control: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    clip_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # central DP: [1]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Named tensors for a checkpoint."""
@@ -54,12 +57,46 @@ class ServerState:
             "optimizer.m": self.optimizer.m,
             "optimizer.v": self.optimizer.v,
             CONTROL: self.control,
+            CLIP_NORM: self.clip_norm,
         }
 
     @classmethod
     def from_tensors(cls, named: Mapping[str, torch.Tensor]) -> ServerState:
         opt = server_optimizers.ServerOptimizerState(named["optimizer.m"], named["optimizer.v"])
-        return cls(opt, named[CONTROL])
+        return cls(opt, named[CONTROL], named.get(CLIP_NORM, torch.zeros(0)))
+
+
+@dataclass(frozen=True)
+class CentralDP:
+    """User-level DP-FedAvg settings: the clip (fixed or adaptive) and the server's noise.
+
+    ``noise_multiplier`` is the mechanism's multiplier that the accountant composes; with adaptive
+    clipping part of it pays for the privatised clip count (see :mod:`dp_fedavg`).
+    ``expected_clients`` is the fixed denominator of the noisy mean.
+    """
+
+    clip_norm: float
+    noise_multiplier: float
+    expected_clients: float
+    seed: int
+    adaptive: bool = False
+    target_quantile: float = 0.5
+    clip_learning_rate: float = 0.2
+    count_stddev: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.update_noise_multiplier  # noqa: B018 (refuses a count noise too small for z)
+
+    @property
+    def update_noise_multiplier(self) -> float:
+        if not self.adaptive:
+            return self.noise_multiplier
+        return dp_fedavg.update_noise_multiplier(self.noise_multiplier, self.count_stddev)
+
+    def generator(self, round_: int) -> torch.Generator:
+        """The noise of one round: seeded, so a resumed run repeats an uninterrupted one."""
+        words = np.random.SeedSequence([self.seed, round_, 0xD9]).generate_state(2)
+        return torch.Generator().manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
 
 
 @dataclass(frozen=True)
@@ -70,6 +107,7 @@ class Strategy:
     server: server_optimizers.ServerOptimizerConfig
     client_config: Mapping[str, messages.Scalar]
     num_clients: int
+    central_dp: CentralDP | None = None
 
     @classmethod
     def create(
@@ -83,6 +121,7 @@ class Strategy:
         beta1: float = 0.9,
         beta2: float = 0.99,
         tau: float = 1e-3,
+        central_dp: CentralDP | None = None,
     ) -> Strategy:
         server = server_optimizers.ServerOptimizerConfig(
             kind=_SERVER_OPTIMIZER[kind],
@@ -95,7 +134,7 @@ class Strategy:
         config = dict(client_config)
         if kind is not StrategyKind.FEDPROX:
             config["proximal_mu"] = 0.0
-        return cls(kind, server, config, num_clients)
+        return cls(kind, server, config, num_clients, central_dp)
 
     @property
     def newton(self) -> bool:
@@ -111,23 +150,37 @@ class Strategy:
 
     def init(self, params: torch.Tensor) -> ServerState:
         control = torch.zeros_like(params) if self.kind is StrategyKind.SCAFFOLD else torch.zeros(0)
-        return ServerState(server_optimizers.init(self.server, params), control)
+        clip = torch.zeros(0)
+        if self.central_dp is not None:
+            clip = torch.tensor([self.central_dp.clip_norm], dtype=torch.float64)
+        return ServerState(server_optimizers.init(self.server, params), control, clip)
 
     def fit_instructions(
         self, state: ServerState
     ) -> tuple[dict[str, messages.Scalar], dict[str, torch.Tensor]]:
         """The config and tensors every sampled client receives this round."""
         tensors = {CONTROL: state.control} if self.kind is StrategyKind.SCAFFOLD else {}
-        return dict(self.client_config), tensors
+        config = dict(self.client_config)
+        if self.central_dp is not None:
+            config[CLIP_NORM] = float(state.clip_norm[0])
+        return config, tensors
 
     def aggregate(
         self,
         state: ServerState,
         params: torch.Tensor,
         replies: Sequence[messages.FitReply],
+        *,
+        round_: int = 0,
     ) -> tuple[ServerState, torch.Tensor]:
         """The next server state and global parameters from the accepted replies."""
         weights = torch.tensor([float(r.num_examples) for r in replies])
+        if self.central_dp is not None:
+            state, delta = self._private_mean(state, replies, round_)
+            opt_state, new_params = server_optimizers.apply(
+                self.server, state.optimizer, params, delta
+            )
+            return replace(state, optimizer=opt_state), new_params
         if self.newton:
             gradient = torch.stack([r.tensors["gradient_sum"] for r in replies]).double().sum(0)
             hessian = torch.stack([r.tensors["hessian_sum"] for r in replies]).double().sum(0)
@@ -142,3 +195,36 @@ class Strategy:
             deltas = torch.stack([r.tensors["control_delta"] for r in replies])
             control = scaffold.server_control_update(control, deltas, num_clients=self.num_clients)
         return replace(state, optimizer=opt_state, control=control), new_params
+
+    def _private_mean(
+        self, state: ServerState, replies: Sequence[messages.FitReply], round_: int
+    ) -> tuple[ServerState, torch.Tensor]:
+        """DP-FedAvg: re-clip every update (a client may lie), noisy sum over a fixed denominator.
+
+        Clients clip already; the server clips again so that the guarantee does not rest on
+        them while it can see the updates (under secure aggregation it rests on the clients).
+        """
+        dp = self.central_dp
+        assert dp is not None
+        clip = float(state.clip_norm[0])
+        clipped = [dp_fedavg.clip_update(r.update, clip) for r in replies]
+        total = torch.stack([c.update for c in clipped]).double().sum(0)
+        generator = dp.generator(round_)
+        delta = dp_fedavg.noisy_mean(
+            total,
+            clip_norm=clip,
+            noise_multiplier=dp.update_noise_multiplier,
+            denominator=dp.expected_clients,
+            generator=generator,
+        )
+        if dp.adaptive:
+            clip, _ = dp_fedavg.next_clip_norm(
+                clip,
+                float(sum(c.unclipped for c in clipped)),
+                target_quantile=dp.target_quantile,
+                denominator=dp.expected_clients,
+                learning_rate=dp.clip_learning_rate,
+                count_stddev=dp.count_stddev,
+                generator=generator,
+            )
+        return replace(state, clip_norm=torch.tensor([clip], dtype=torch.float64)), delta

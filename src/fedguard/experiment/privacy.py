@@ -1,0 +1,205 @@
+"""The privacy plan of a run: checks before round 1, noise calibration, epsilon per round.
+
+Built from the ``[privacy]`` table and the federation (client sizes and count), it says what the
+clients and the server must do and what the accountant composes:
+
+* ``local`` (record-level DP-SGD in each client): client ``i`` with ``n_i`` records takes
+  ``s_i`` steps per round at sampling rate ``q_i = batch_size / n_i``; after the rounds it joined
+  (``r_i``), its epsilon is that of ``r_i * s_i`` Poisson-sampled Gaussian steps. A client's
+  steps count whenever it was asked to train, whether or not its reply was used (it may have
+  left). The run reports the worst client's epsilon.
+* ``central`` (user-level DP-FedAvg): one sampled Gaussian mechanism per round over clients.
+
+With ``target_epsilon`` the noise multiplier is calibrated before round 1 for the configured
+rounds, assuming every client joins every round (exact with full participation, conservative
+otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedguard.algorithms import accounting
+from fedguard.algorithms.accounting import Accountant, SampledGaussian
+from fedguard.client import dp_sgd
+from fedguard.client.model import ModelAdapter
+from fedguard.experiment.config import ConfigError, ExperimentConfig
+from fedguard.protocol import messages
+
+
+@dataclass
+class PrivacyPlan:
+    """What a DP run does and how its epsilon is computed (one per run)."""
+
+    mode: str
+    accountant: Accountant
+    delta: float
+    noise_multiplier: float
+    max_epsilon: float | None
+    calibrated: bool
+    # local: per client sampling rate and steps per round
+    rates: dict[int, float] = field(default_factory=dict)
+    steps_per_round: dict[int, int] = field(default_factory=dict)
+    # central
+    num_clients: int = 0
+    clients_per_round: int = 0
+    poisson: bool = False
+    _cache: dict[tuple[float, int], float] = field(default_factory=dict, repr=False)
+
+    def client_config(self, cfg: ExperimentConfig) -> dict[str, messages.Scalar]:
+        """Extra fit-task settings: DP-SGD for local mode (central clips are set per round)."""
+        if self.mode != "local":
+            return {}
+        return {
+            messages.DP_SGD_NOISE: self.noise_multiplier,
+            messages.DP_SGD_CLIP: cfg.privacy.max_grad_norm,
+        }
+
+    def _central(self, rounds: int) -> SampledGaussian:
+        if self.poisson:
+            return SampledGaussian(
+                self.noise_multiplier, rounds, self.clients_per_round / self.num_clients
+            )
+        return SampledGaussian(
+            self.noise_multiplier,
+            rounds,
+            population=self.num_clients,
+            sample_size=self.clients_per_round,
+        )
+
+    def _local(self, cid: int, rounds_joined: int, noise: float) -> SampledGaussian:
+        return SampledGaussian(noise, rounds_joined * self.steps_per_round[cid], self.rates[cid])
+
+    def epsilon(self, rounds_done: int, joined: Mapping[int, int]) -> float:
+        """Epsilon after ``rounds_done`` rounds in which client ``c`` trained ``joined[c]`` times."""
+        if self.mode == "central":
+            return accounting.epsilon(self._central(rounds_done), self.delta, self.accountant)
+        worst = 0.0
+        for cid, times in joined.items():
+            m = self._local(cid, times, self.noise_multiplier)
+            key = (m.sampling_rate, m.count)
+            if key not in self._cache:
+                self._cache[key] = accounting.epsilon(m, self.delta, self.accountant)
+            worst = max(worst, self._cache[key])
+        return worst
+
+    def mechanism(self, rounds_done: int, joined: Mapping[int, int]) -> dict[str, Any]:
+        """The parameters anyone needs to recompute epsilon with dp-accounting."""
+        common = {
+            "mode": self.mode,
+            "accountant": str(self.accountant),
+            "delta": self.delta,
+            "noise_multiplier": self.noise_multiplier,
+            "noise_calibrated_to_target": self.calibrated,
+        }
+        if self.mode == "central":
+            m = self._central(rounds_done)
+            sampling = (
+                {"sampling": "poisson", "sampling_rate": m.sampling_rate}
+                if self.poisson
+                else {
+                    "sampling": "fixed_size_without_replacement",
+                    "population": m.population,
+                    "sample_size": m.sample_size,
+                    "neighboring_relation": "replace_one",
+                }
+            )
+            return {**common, "mechanism": "dp_fedavg_gaussian", "rounds": rounds_done, **sampling}
+        clients = {
+            str(cid): {
+                "sampling_rate": self.rates[cid],
+                "steps": joined.get(cid, 0) * self.steps_per_round[cid],
+                "rounds_joined": joined.get(cid, 0),
+            }
+            for cid in sorted(self.rates)
+        }
+        return {**common, "mechanism": "dp_sgd_poisson_gaussian", "clients": clients}
+
+
+def build(
+    cfg: ExperimentConfig, client_sizes: Mapping[int, int], model: ModelAdapter
+) -> PrivacyPlan | None:
+    """The run's privacy plan, or None with privacy off; every refusal is a ConfigError."""
+    p = cfg.privacy
+    if p.mode == "off":
+        return None
+    kind = Accountant(p.accountant)
+    if p.mode == "local":
+        try:
+            dp_sgd.check_compatible(model)
+        except ValueError as exc:
+            raise ConfigError(f'privacy.mode = "local": {exc}') from None
+        smallest = min(client_sizes.values())
+        if p.delta >= 1.0 / smallest:
+            raise ConfigError(
+                f"privacy.delta={p.delta:g} must be below 1/n = {1.0 / smallest:.3g}, n = "
+                f"{smallest} records of the smallest client (a delta this large allows "
+                "releasing a record outright)"
+            )
+        c = cfg.client
+        plan = PrivacyPlan(
+            "local",
+            kind,
+            p.delta,
+            p.noise_multiplier or 0.0,
+            p.max_epsilon,
+            p.target_epsilon is not None,
+            rates={i: dp_sgd.sampling_rate(n, c.batch_size) for i, n in client_sizes.items()},
+            steps_per_round={
+                i: _local_steps(n, c.batch_size, c.epochs, c.max_steps)
+                for i, n in client_sizes.items()
+            },
+        )
+    else:
+        n = len(client_sizes)
+        if p.delta >= 1.0 / n:
+            raise ConfigError(
+                f"privacy.delta={p.delta:g} must be below 1/n = {1.0 / n:.3g} for user-level DP "
+                f"over n = {n} clients; use more clients or a smaller delta"
+            )
+        plan = PrivacyPlan(
+            "central",
+            kind,
+            p.delta,
+            p.noise_multiplier or 0.0,
+            p.max_epsilon,
+            p.target_epsilon is not None,
+            num_clients=n,
+            clients_per_round=cfg.clients_per_round,
+            poisson=cfg.server.sampling == "poisson",
+        )
+    if p.target_epsilon is not None:
+        plan.noise_multiplier = _calibrate(plan, cfg.experiment.rounds, p.target_epsilon)
+    return plan
+
+
+def _local_steps(n: int, batch_size: int, epochs: int, max_steps: int | None) -> int:
+    steps = epochs * dp_sgd.steps_per_epoch(n, batch_size)
+    return steps if max_steps is None else min(steps, max_steps)
+
+
+def _calibrate(plan: PrivacyPlan, rounds: int, target: float) -> float:
+    """The noise multiplier that spends ``target`` in ``rounds`` (every client every round)."""
+    every_round = dict.fromkeys(plan.rates, rounds)
+
+    def epsilon_of(z: float) -> float:
+        if plan.mode == "central":
+            return accounting.epsilon(
+                plan._central(rounds).with_noise(z), plan.delta, plan.accountant
+            )
+        return accounting.worst_epsilon(
+            (plan._local(cid, times, z) for cid, times in every_round.items()),
+            plan.delta,
+            plan.accountant,
+        )
+
+    try:
+        z = accounting.calibrate_noise(epsilon_of, target)
+    except accounting.PrivacyError as exc:
+        raise ConfigError(str(exc)) from None
+    if not math.isfinite(z):
+        raise ConfigError(f"privacy.target_epsilon={target}: no finite noise multiplier found")
+    return z

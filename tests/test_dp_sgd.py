@@ -110,6 +110,29 @@ def test_without_noise_or_clipping_a_step_is_an_sgd_step(name: str) -> None:
     assert _no_hooks(model.module)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        training.LocalTraining(lr=0.1, momentum=0.9, weight_decay=0.01, epochs=3, batch_size=64),
+        training.LocalTraining(optimizer=training.LocalOptimizer.ADAM, lr=0.01, epochs=3),
+    ],
+)
+def test_without_noise_or_clipping_the_optimizer_matches_plain_training(
+    cfg: training.LocalTraining,
+) -> None:
+    model, x, y = _model("image_cnn")
+    plain = TorchModel(copy.deepcopy(model.module))
+    dp = dp_sgd.DPSGD(max_grad_norm=math.inf, noise_multiplier=0.0)
+    stats = dp_sgd.train(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(0))
+    plain_stats = training.train(plain, x, y, cfg, generator=torch.Generator().manual_seed(0))
+    assert stats.steps == plain_stats.steps == 3
+    assert stats.loss == pytest.approx(plain_stats.loss, rel=1e-5)
+    # Adam divides by sqrt(v): on coordinates whose gradient is ~1e-8, float rounding of the
+    # gradient moves the step by a small fraction of lr.
+    atol = 1e-4 * cfg.lr if cfg.optimizer is training.LocalOptimizer.SGD else 1e-2 * cfg.lr
+    torch.testing.assert_close(model.get_flat(), plain.get_flat(), rtol=1e-5, atol=atol)
+
+
 @pytest.mark.parametrize("name", HOOKABLE)
 def test_hook_norms_and_clipped_sum_match_torch_func(name: str) -> None:
     model, x, y = _model(name)

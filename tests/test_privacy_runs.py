@@ -136,3 +136,48 @@ def test_misconfiguration_fails_before_round_1(tmp_path, privacy, message) -> No
     with pytest.raises(ConfigError, match=message):
         fedguard.run(tiny_config(privacy=privacy), out=tmp_path / "r", progress=False)
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+LOCAL = {"mode": "local", "noise_multiplier": 1.1, "max_grad_norm": 1.0, "delta": 1e-3}
+
+
+def test_local_dp_sgd_reports_the_worst_clients_epsilon(tmp_path) -> None:
+    summary = fedguard.run(tiny_config(privacy=LOCAL), out=tmp_path / "r", progress=False)
+    clients = summary["privacy"]["clients"]
+    assert summary["privacy"]["mechanism"] == "dp_sgd_poisson_gaussian"
+
+    def direct(q: float, steps: int) -> float:
+        if steps == 0:
+            return 0.0
+        acc = rdp.RdpAccountant()
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(1.1))
+        acc.compose(dp_accounting.SelfComposedDpEvent(event, steps))
+        return acc.get_epsilon(1e-3)
+
+    per_client = [direct(c["sampling_rate"], c["steps"]) for c in clients.values()]
+    assert summary["epsilon"] == pytest.approx(max(per_client))
+    assert sum(c["rounds_joined"] for c in clients.values()) == 3 * 4  # 4 sampled per round
+    for c in clients.values():
+        assert c["steps"] == c["rounds_joined"] * round(1 / c["sampling_rate"])
+    rows = _rows(tmp_path / "r")
+    assert rows[0]["epsilon"] < rows[-1]["epsilon"] == pytest.approx(summary["epsilon"])
+    assert all(0.0 < r["train_loss"] < 5.0 for r in rows)
+
+
+def test_local_dp_refuses_keras_and_batch_norm_before_round_1(tmp_path) -> None:
+    keras_cfg = tiny_config(model={"framework": "keras"}, privacy=LOCAL)
+    with pytest.raises(ConfigError, match="PyTorch"):
+        fedguard.run(keras_cfg, out=tmp_path / "k", progress=False)
+
+    def with_batch_norm(input_shape, num_classes):
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3),
+            torch.nn.BatchNorm2d(4),
+            torch.nn.Flatten(),
+            torch.nn.Linear(4 * 4 * 4, num_classes),
+        )
+
+    with pytest.raises(ConfigError, match="GroupNorm"):
+        fedguard.run(
+            tiny_config(privacy=LOCAL), out=tmp_path / "b", progress=False, model_fn=with_batch_norm
+        )

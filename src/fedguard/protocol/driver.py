@@ -9,6 +9,7 @@ reason, and the round goes on while ``min_clients`` replies remain.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -32,7 +33,7 @@ class RoundResult:
 
     params: torch.Tensor
     state: ServerState
-    metrics: dict[str, float | int]
+    metrics: dict[str, float | int | None]
     problems: list[tuple[int, str]] = field(default_factory=list)
     sampled: list[int] = field(default_factory=list)
 
@@ -176,7 +177,7 @@ class RoundDriver:
                 log.warning("round %d: client %d rejected: %s", round_, outcome.client_id, reason)
                 continue
             accepted.append(reply)
-        metrics: dict[str, float | int] = {
+        metrics: dict[str, float | int | None] = {
             "clients_sampled": len(sampled),
             "clients_completed": len(accepted),
             "clients_failed": failed,
@@ -193,10 +194,14 @@ class RoundDriver:
         new_state, new_params = self.strategy.aggregate(state, params, accepted, round_=round_)
         if not _all_finite(new_params):
             raise RoundFailedError(f"Round {round_}: the aggregate is not finite.")
-        n = sum(r.num_examples for r in accepted)
-        metrics["train_loss"] = (
-            sum(r.metrics.get("train_loss", 0.0) * r.num_examples for r in accepted) / n
-        )
+        # A DP-SGD client whose Poisson batches were all empty has no loss to report (NaN).
+        losses = [
+            (r.metrics["train_loss"], r.num_examples)
+            for r in accepted
+            if math.isfinite(r.metrics.get("train_loss", math.nan))
+        ]
+        n = sum(k for _, k in losses)
+        metrics["train_loss"] = sum(v * k for v, k in losses) / n if n else None
         return RoundResult(new_params, new_state, metrics, problems, sampled)
 
     def _check_fit_reply(

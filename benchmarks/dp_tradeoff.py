@@ -153,7 +153,7 @@ def table(rows: list[dict]) -> str:
         z = [r["noise_multiplier"] for r in rs if r["noise_multiplier"] is not None]
         lines.append(
             f"| {label} | {target if target is not None else '-'} | "
-            f"{f'{statistics.median(eps):.3f}' if eps else 'inf'} | "
+            f"{f'{statistics.median(eps):.3f}' if eps else '- (no DP)'} | "
             f"{f'{statistics.median(z):.3f}' if z else '-'} | "
             f"{statistics.median(r['test_auc'] for r in rs):.4f} | "
             f"{statistics.median(r['test_accuracy'] for r in rs):.4f} | {len(rs)} |"

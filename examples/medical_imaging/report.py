@@ -12,6 +12,7 @@ raw numbers into results.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
@@ -23,6 +24,7 @@ import torch
 
 import fedguard
 from fedguard.client import training
+from fedguard.client.app import local_training_from
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.runner import Experiment, central_metrics
 
@@ -32,17 +34,9 @@ CONFIG = HERE / "experiment.toml"
 
 def _isolated(exp: Experiment, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> dict:
     """Train a fresh copy of the experiment's model on (x, y) alone, evaluate on the test split."""
-    c = exp.cfg.client
     exp.model.set_flat(exp.initial_params)
-    cfg = training.LocalTraining(
-        optimizer=training.LocalOptimizer(c.optimizer),
-        lr=c.lr,
-        momentum=c.momentum,
-        weight_decay=c.weight_decay,
-        epochs=epochs,
-        batch_size=c.batch_size,
-        augment=c.augment,
-    )
+    # the example's local settings, as its clients receive them, for ``epochs`` epochs
+    cfg = dataclasses.replace(local_training_from(exp.strategy.client_config), epochs=epochs)
     torch.manual_seed(seed)
     training.train(exp.model, x, y, cfg, generator=torch.Generator().manual_seed(seed))
     return central_metrics(exp.model, exp.fed.eval_x, exp.fed.eval_y, 1024)

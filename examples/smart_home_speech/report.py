@@ -15,6 +15,7 @@ Every finished setting is saved to results.json at once and skipped when the scr
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import shutil
@@ -26,6 +27,7 @@ import torch
 
 import fedguard
 from fedguard.client import evaluation, training
+from fedguard.client.app import local_training_from
 from fedguard.data import registry
 from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
 from fedguard.experiment import config as config_mod
@@ -76,15 +78,9 @@ def leave_one_out_data(splits: DatasetSplits, held_out: str) -> FederatedDataset
 
 def _alone(exp: Experiment, x: torch.Tensor, y: torch.Tensor, epochs: int, seed: int) -> float:
     """Test accuracy of the CNN trained on (x, y) only, with the example's local settings."""
-    c = exp.cfg.client
     exp.model.set_flat(exp.initial_params)
-    cfg = training.LocalTraining(
-        optimizer=training.LocalOptimizer(c.optimizer),
-        lr=c.lr,
-        epochs=epochs,
-        batch_size=c.batch_size,
-        augment=c.augment,
-    )
+    # the example's local settings, as its clients receive them, for ``epochs`` epochs
+    cfg = dataclasses.replace(local_training_from(exp.strategy.client_config), epochs=epochs)
     torch.manual_seed(seed)
     training.train(exp.model, x, y, cfg, generator=torch.Generator().manual_seed(seed))
     return evaluation.evaluate(exp.model, exp.fed.eval_x, exp.fed.eval_y).accuracy

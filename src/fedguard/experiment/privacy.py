@@ -47,7 +47,7 @@ class PrivacyPlan:
     num_clients: int = 0
     clients_per_round: int = 0
     poisson: bool = False
-    _cache: dict[tuple[float, int], float] = field(default_factory=dict, repr=False)
+    _cache: dict[SampledGaussian, float] = field(default_factory=dict, repr=False)
 
     def client_config(self, cfg: ExperimentConfig) -> dict[str, messages.Scalar]:
         """Extra fit-task settings: DP-SGD for local mode (central clips are set per round)."""
@@ -73,18 +73,21 @@ class PrivacyPlan:
     def _local(self, cid: int, rounds_joined: int, noise: float) -> SampledGaussian:
         return SampledGaussian(noise, rounds_joined * self.steps_per_round[cid], self.rates[cid])
 
+    def _epsilon(self, m: SampledGaussian) -> float:
+        """dp-accounting's epsilon for ``m``, computed once per distinct mechanism: the run asks
+        for the same one again (budget check before a round, metrics after it, the summary)."""
+        if m not in self._cache:
+            self._cache[m] = accounting.epsilon(m, self.delta, self.accountant)
+        return self._cache[m]
+
     def epsilon(self, rounds_done: int, joined: Mapping[int, int]) -> float:
         """Epsilon after ``rounds_done`` rounds in which client ``c`` trained ``joined[c]`` times."""
         if self.mode == "central":
-            return accounting.epsilon(self._central(rounds_done), self.delta, self.accountant)
-        worst = 0.0
-        for cid, times in joined.items():
-            m = self._local(cid, times, self.noise_multiplier)
-            key = (m.sampling_rate, m.count)
-            if key not in self._cache:
-                self._cache[key] = accounting.epsilon(m, self.delta, self.accountant)
-            worst = max(worst, self._cache[key])
-        return worst
+            return self._epsilon(self._central(rounds_done))
+        return max(
+            (self._epsilon(self._local(c, t, self.noise_multiplier)) for c, t in joined.items()),
+            default=0.0,
+        )
 
     def mechanism(self, rounds_done: int, joined: Mapping[int, int]) -> dict[str, Any]:
         """The parameters anyone needs to recompute epsilon with dp-accounting."""

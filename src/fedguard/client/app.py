@@ -4,6 +4,8 @@ The same :class:`ClientApp` serves the in-process simulator (one app for all sim
 one model instance re-loaded per client) and a deployed client (one app, one client id). Client
 state that must survive between rounds (SCAFFOLD's control variate) lives in a mapping the
 runtime owns, so the simulator can checkpoint it and a deployed client can keep it on disk.
+Secure-aggregation requests go to a :class:`~fedguard.protocol.secagg_client.SecAggClient`,
+which keeps each client id's keys and shares in memory for the length of one round only.
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ import torch
 from fedguard.algorithms import dp_fedavg, newton, scaffold
 from fedguard.client import dp_sgd, evaluation, training
 from fedguard.client.model import ModelAdapter
-from fedguard.protocol import messages
+from fedguard.protocol import messages, secagg_client
 
 CONTROL = "control"
+_SECAGG_REQUESTS = (
+    messages.SecAggSetup,
+    messages.SecAggShareRequest,
+    messages.SecAggMaskRequest,
+    messages.SecAggUnmaskRequest,
+)
 
 
 @dataclass(frozen=True)
@@ -74,10 +82,12 @@ class ClientApp:
         model: ModelAdapter,
         data: Mapping[int, ClientData],
         state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
+        secagg: secagg_client.SecAggClient | None = None,
     ) -> None:
         self.model = model
         self.data = data
         self.state: MutableMapping[int, dict[str, torch.Tensor]] = {} if state is None else state
+        self.secagg = secagg_client.SecAggClient(self.fit) if secagg is None else secagg
 
     def handle(self, client_id: int, payload: bytes) -> bytes:
         """Answer one request addressed to ``client_id``."""
@@ -92,6 +102,8 @@ class ClientApp:
             return messages.encode(self.fit(task))
         if isinstance(task, messages.EvaluateTask):
             return messages.encode(self.evaluate(task))
+        if isinstance(task, _SECAGG_REQUESTS):
+            return messages.encode(self.secagg.handle(task))
         raise messages.MessageError(f"A client cannot answer a {type(task).__name__}.")
 
     def fit(self, task: messages.FitTask) -> messages.FitReply:

@@ -13,6 +13,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedguard.protocol import strategy
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message is one line per problem, naming the key."""
@@ -103,6 +105,25 @@ class PrivacySection(_Section):
     clip_count_stddev: float | None = Field(None, gt=0.0)  # default: clients per round / 20
 
 
+class SecureAggregationSection(_Section):
+    """Secure aggregation: the server learns only the sum of the clipped client updates.
+
+    ``mode = "secagg"`` masks over the complete graph (Bonawitz et al. 2017), ``"secagg+"`` over
+    a random graph of ``neighbours`` per client (Bell et al. 2020; default about log2 of the
+    clients per round). ``threshold`` is the number of share holders of a client that must
+    survive (default: more than half). ``max_examples`` caps a client's weight (default: the
+    largest local training set, known in simulation; set it in a deployment).
+    """
+
+    enabled: bool = False
+    mode: Literal["secagg", "secagg+"] = "secagg"
+    bits: int = Field(32, ge=8, le=64)
+    clip_norm: float | None = Field(None, gt=0.0)
+    threshold: int | None = Field(None, ge=1)
+    neighbours: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+
+
 class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
@@ -118,6 +139,7 @@ class ExperimentConfig(_Section):
     evaluation: EvaluationSection = EvaluationSection()
     checkpoint: CheckpointSection = CheckpointSection()
     privacy: PrivacySection = PrivacySection()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -168,7 +190,54 @@ class ExperimentConfig(_Section):
                 f'server.strategy must be "fedavg" or "fedavgm", got "{s.strategy}"'
             )
         self._privacy_checks()
+        self._secure_aggregation_checks()
         return self
+
+    def _secure_aggregation_checks(self) -> None:
+        a, p, s = self.secure_aggregation, self.privacy, self.server
+        if not a.enabled:
+            return
+        refusal = strategy.secure_aggregation_refusal(
+            strategy.StrategyKind(s.strategy), newton=self.client.optimizer == "newton"
+        )
+        if refusal is not None:
+            raise ValueError(f"secure_aggregation.enabled = true cannot run here: {refusal}")
+        if p.mode == "central":
+            if a.clip_norm is not None and a.clip_norm != p.clip_norm:
+                raise ValueError(
+                    f"secure_aggregation.clip_norm={a.clip_norm} differs from privacy.clip_norm="
+                    f"{p.clip_norm}: with central DP the clients clip once, at privacy.clip_norm"
+                )
+            if p.adaptive_clip:
+                raise ValueError(
+                    "privacy.adaptive_clip needs each client's clipped bit, which secure "
+                    "aggregation hides; use a fixed privacy.clip_norm"
+                )
+        elif a.clip_norm is None:
+            raise ValueError(
+                "secure_aggregation.clip_norm is required: updates are clipped to it so that "
+                "their fixed-point sum cannot overflow"
+            )
+        per_round = self.clients_per_round
+        if per_round < 2:
+            raise ValueError(
+                f"secure aggregation needs at least 2 clients per round, got {per_round}"
+            )
+        if a.mode == "secagg" and a.neighbours is not None:
+            raise ValueError(
+                'secure_aggregation.neighbours only applies to mode = "secagg+" '
+                '("secagg" masks over all pairs)'
+            )
+        if a.threshold is not None and a.threshold > per_round:
+            raise ValueError(
+                f"secure_aggregation.threshold={a.threshold} exceeds the {per_round} clients "
+                f"sampled per round: allowed 1..{per_round}"
+            )
+        if a.threshold is not None and a.neighbours is not None and a.threshold > a.neighbours + 1:
+            raise ValueError(
+                f"secure_aggregation.threshold={a.threshold} exceeds the {a.neighbours + 1} share "
+                "holders of a client (its neighbours and itself)"
+            )
 
     def _privacy_checks(self) -> None:
         p, c, s = self.privacy, self.client, self.server

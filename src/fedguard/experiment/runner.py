@@ -28,6 +28,7 @@ from fedguard.experiment import config as config_mod
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.experiment.runfolder import RunFolder
 from fedguard.models import registry as models
+from fedguard.protocol import secagg
 from fedguard.protocol.driver import RoundDriver, RoundFailedError
 from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, StrategyKind
 from fedguard.runtime.inprocess import InProcessTransport
@@ -180,8 +181,35 @@ class Experiment:
             seed=cfg.experiment.seed,
             deadline_s=s.deadline_s,
             poisson=s.sampling == "poisson",
+            secure_aggregation=self._secure_aggregation(sizes, central_dp),
         )
         self.initial_params = self.model.get_flat()
+
+    def _secure_aggregation(
+        self, sizes: Mapping[int, int], central_dp: CentralDP | None
+    ) -> secagg.Settings | None:
+        """The ``[secure_aggregation]`` settings; the fixed-point range is checked here."""
+        a, cfg = self.cfg.secure_aggregation, self.cfg
+        if not a.enabled:
+            return None
+        clip = cfg.privacy.clip_norm if central_dp is not None else a.clip_norm
+        assert clip is not None  # the config refuses secure aggregation without a clip
+        settings = secagg.Settings(
+            mode=secagg.Mode(a.mode),
+            clip_norm=clip,
+            max_weight=a.max_examples or max(sizes.values()),
+            bits=a.bits,
+            weighted=central_dp is None,
+            threshold=a.threshold,
+            neighbours=a.neighbours,
+        )
+        poisson = cfg.server.sampling == "poisson"
+        largest = len(sizes) if poisson else cfg.clients_per_round
+        try:  # the largest cohort a round can have must fit the ring
+            settings.fixed_point(largest)
+        except ValueError as exc:
+            raise ConfigError(f"secure_aggregation.bits: {exc}") from None
+        return settings
 
     def evaluate(self, params: torch.Tensor) -> dict[str, Any]:
         self.model.set_flat(params)
@@ -348,7 +376,13 @@ def _run_rounds(
                 if _budget_spent(exp, round_, joined):
                     status = "budget_spent"
                     break
-                row, params, state, sampled = _one_round(exp, round_, params, state)
+                t0 = time.perf_counter()
+                try:
+                    row, params, state, sampled = _one_round(exp, round_, params, state)
+                except secagg.SecAggAbortedError as exc:
+                    log.warning("%s The model is unchanged; the run goes on.", exc)
+                    row, sampled = _aborted_row(round_, exc), exp.driver.sample(round_)
+                    row["seconds"] = time.perf_counter() - t0
                 for cid in sampled:
                     joined[cid] += 1
                 if exp.privacy is not None:
@@ -443,6 +477,15 @@ def _one_round(
     row["epsilon"] = None
     row["seconds"] = time.perf_counter() - t0
     return row, result.params, result.state, result.sampled
+
+
+def _aborted_row(round_: int, exc: secagg.SecAggAbortedError) -> dict[str, Any]:
+    """The metrics row of a round whose secure aggregation was aborted (no model change)."""
+    row: dict[str, Any] = {"round": round_, "test_accuracy": None, "test_loss": None}
+    row.update({"test_auc": None, "train_loss": None, "epsilon": None, "seconds": None})
+    row.update(exc.metrics)
+    row["secure_aggregation_aborted"] = str(exc)
+    return row
 
 
 def _stats(rows: list[dict[str, Any]]) -> str:

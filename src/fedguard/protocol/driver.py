@@ -4,6 +4,9 @@ The driver never learns whether a client is a Python object, a Ray actor or a pr
 gRPC. Every reply is checked before it can touch the model: a client that raises, times out, or
 sends a malformed, wrongly sized or non-finite update is rejected and logged with its id and the
 reason, and the round goes on while ``min_clients`` replies remain.
+
+With secure aggregation a training round is four exchanges (see :mod:`.secagg`); the driver only
+builds the round's setup and fit instructions, and hands the unmasked sum to the strategy.
 """
 
 from __future__ import annotations
@@ -16,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from fedguard.protocol import messages
-from fedguard.protocol.strategy import ServerState, Strategy
+from fedguard.protocol import messages, secagg, secagg_server
+from fedguard.protocol.strategy import ServerState, Strategy, secure_aggregation_refusal
 from fedguard.protocol.transport import Delivered, Failed, Transport
 
 log = logging.getLogger("fedguard.round")
@@ -41,6 +44,15 @@ class RoundResult:
 def client_seed(seed: int, round_: int, client_id: int) -> int:
     """A 31-bit seed for one client in one round, independent of which others were sampled."""
     return int(np.random.SeedSequence([seed, round_, client_id]).generate_state(1)[0] >> 1)
+
+
+def graph_seed(seed: int, round_: int) -> int:
+    """The public seed of a round's SecAgg+ masking graph, derived from the run's seed.
+
+    Simulation and deployment differ here: a deployed server should publish fresh randomness (or
+    a seed the clients contribute to), so that it cannot pick a graph that suits it.
+    """
+    return int(np.random.SeedSequence([seed, round_, 0x6A5]).generate_state(1)[0] >> 1)
 
 
 def _all_finite(t: torch.Tensor) -> bool:
@@ -118,6 +130,7 @@ class RoundDriver:
         seed: int,
         deadline_s: float | None = None,
         poisson: bool = False,
+        secure_aggregation: secagg.Settings | None = None,
     ) -> None:
         if not 1 <= min_clients <= clients_per_round <= len(transport.client_ids):
             raise ValueError(
@@ -132,6 +145,11 @@ class RoundDriver:
         self.seed = seed
         self.deadline_s = deadline_s
         self.poisson = poisson
+        self.secure_aggregation = secure_aggregation
+        if secure_aggregation is not None:
+            refusal = secure_aggregation_refusal(strategy.kind, newton=strategy.newton)
+            if refusal is not None:
+                raise ValueError(f"Secure aggregation cannot serve this strategy: {refusal}.")
 
     def sample(self, round_: int) -> list[int]:
         """The clients asked to train in ``round_``: a fixed-size sample, or Poisson with rate
@@ -145,6 +163,8 @@ class RoundDriver:
     def fit_round(self, round_: int, params: torch.Tensor, state: ServerState) -> RoundResult:
         """One round of training; raises :class:`RoundFailedError` with too few good replies."""
         sampled = self.sample(round_)
+        if self.secure_aggregation is not None:
+            return self._secure_fit_round(round_, params, state, sampled, self.secure_aggregation)
         config, tensors = self.strategy.fit_instructions(state)
 
         def task(cid: int) -> bytes:
@@ -203,6 +223,56 @@ class RoundDriver:
         n = sum(k for _, k in losses)
         metrics["train_loss"] = sum(v * k for v, k in losses) / n if n else None
         return RoundResult(new_params, new_state, metrics, problems, sampled)
+
+    def _secure_fit_round(
+        self,
+        round_: int,
+        params: torch.Tensor,
+        state: ServerState,
+        sampled: list[int],
+        settings: secagg.Settings,
+    ) -> RoundResult:
+        """A training round under secure aggregation; raises :class:`secagg.SecAggAbortedError`."""
+        if len(sampled) < 2:
+            raise secagg.SecAggAbortedError(
+                f"Round {round_}: secure aggregation needs at least 2 sampled clients, "
+                f"got {len(sampled)}.",
+                {
+                    "clients_sampled": len(sampled),
+                    "clients_completed": 0,
+                    "bytes_up": 0,
+                    "bytes_down": 0,
+                },
+            )
+        config, tensors = self.strategy.fit_instructions(state)
+        try:
+            settings.fixed_point(len(sampled))
+            setup = settings.setup(
+                round_, sampled, graph_seed=graph_seed(self.seed, round_), dim=self.dim
+            )
+        except ValueError as exc:
+            raise secagg.SecAggAbortedError(
+                f"Round {round_}: secure aggregation cannot run with {len(sampled)} clients: {exc}",
+                {"clients_sampled": len(sampled), "clients_completed": 0},
+            ) from None
+
+        def mask_request(cid: int, ciphertexts: messages.ByteMap) -> messages.SecAggMaskRequest:
+            seeded = {**config, "seed": client_seed(self.seed, round_, cid)}
+            return messages.SecAggMaskRequest(round_, cid, params, ciphertexts, seeded, tensors)
+
+        result = secagg_server.secure_sum(
+            self.transport,
+            setup,
+            mask_request,
+            deadline_s=self.deadline_s,
+            min_survivors=self.min_clients,
+        )
+        new_state, new_params = self.strategy.aggregate_sum(
+            state, params, torch.from_numpy(result.total), float(result.weight), round_=round_
+        )
+        if not _all_finite(new_params):
+            raise RoundFailedError(f"Round {round_}: the aggregate is not finite.")
+        return RoundResult(new_params, new_state, result.metrics, result.problems, sampled)
 
     def _check_fit_reply(
         self, outcome: Delivered, round_: int

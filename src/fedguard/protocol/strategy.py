@@ -3,7 +3,9 @@
 A strategy is configured once and then used per round: ``fit_instructions`` says what the
 clients run (the client half: FedProx's proximal term, SCAFFOLD's control variate), ``aggregate``
 turns the accepted replies into the next global model with a pure server optimizer from
-:mod:`fedguard.algorithms.server_optimizers`.
+:mod:`fedguard.algorithms.server_optimizers`. Under secure aggregation the server never sees a
+reply, only the sum of the clipped, weighted updates; ``aggregate_sum`` takes that sum through
+the same server optimizers (and the same central DP noise).
 """
 
 from __future__ import annotations
@@ -30,6 +32,34 @@ class StrategyKind(enum.StrEnum):
     FEDYOGI = "fedyogi"
     FEDADAGRAD = "fedadagrad"
     SCAFFOLD = "scaffold"
+
+
+# What secure aggregation cannot serve: it reveals only the sum of the model updates.
+# SCAFFOLD also needs the sum of the control deltas, which have no norm bound to quantise them
+# by; Newton needs the sums of per-client Hessians (D^2 numbers, unbounded). Robust aggregators
+# (Krum, median, trimmed mean) need individual updates; add their kinds here when they arrive.
+NEEDS_INDIVIDUAL_UPDATES: frozenset[StrategyKind] = frozenset()
+NOT_SUMMABLE_UNDER_SECAGG: dict[StrategyKind, str] = {
+    StrategyKind.SCAFFOLD: (
+        "SCAFFOLD's control deltas have no norm bound, so they cannot be quantised for masking"
+    ),
+}
+
+
+def secure_aggregation_refusal(kind: StrategyKind, *, newton: bool) -> str | None:
+    """Why ``kind`` cannot run under secure aggregation, or None if it can."""
+    if kind in NEEDS_INDIVIDUAL_UPDATES:
+        return (
+            f'server.strategy = "{kind}" needs individual updates, which secure aggregation hides'
+        )
+    if kind in NOT_SUMMABLE_UNDER_SECAGG:
+        return NOT_SUMMABLE_UNDER_SECAGG[kind]
+    if newton:
+        return (
+            "the Newton step needs per-client gradient and Hessian sums, which are not clipped "
+            "updates; use a first-order client optimizer"
+        )
+    return None
 
 
 _SERVER_OPTIMIZER = {
@@ -195,6 +225,48 @@ class Strategy:
             deltas = torch.stack([r.tensors["control_delta"] for r in replies])
             control = scaffold.server_control_update(control, deltas, num_clients=self.num_clients)
         return replace(state, optimizer=opt_state, control=control), new_params
+
+    def aggregate_sum(
+        self,
+        state: ServerState,
+        params: torch.Tensor,
+        total: torch.Tensor,
+        weight: float,
+        *,
+        round_: int = 0,
+    ) -> tuple[ServerState, torch.Tensor]:
+        """The next state and parameters from a securely aggregated sum.
+
+        ``total`` is ``sum_u w_u x_u`` over the surviving clients of their client-clipped updates
+        ``x_u`` (weights ``w_u``: example counts, or 1 with central DP) and ``weight`` is
+        ``sum_u w_u``. Without DP the delta is the weighted mean, as in :meth:`aggregate`. With
+        central DP the server cannot re-clip (it never sees an update), so the guarantee rests on
+        the clients' clip; the sum gets the same noise and fixed denominator as in
+        :meth:`_private_mean`. Adaptive clipping is not available here: it needs each client's
+        clipped bit.
+        """
+        refusal = secure_aggregation_refusal(self.kind, newton=self.newton)
+        if refusal is not None:
+            raise ValueError(f"Secure aggregation cannot serve this strategy: {refusal}.")
+        if self.central_dp is not None:
+            dp = self.central_dp
+            if dp.adaptive:
+                raise ValueError(
+                    "Adaptive clipping needs each client's clipped bit, which secure aggregation hides."
+                )
+            delta = dp_fedavg.noisy_mean(
+                total.double(),
+                clip_norm=float(state.clip_norm[0]),
+                noise_multiplier=dp.update_noise_multiplier,
+                denominator=dp.expected_clients,
+                generator=dp.generator(round_),
+            )
+        else:
+            if not weight > 0:
+                raise ValueError(f"The securely aggregated weight must be positive, got {weight}.")
+            delta = (total.double() / weight).to(torch.float32)
+        opt_state, new_params = server_optimizers.apply(self.server, state.optimizer, params, delta)
+        return replace(state, optimizer=opt_state), new_params
 
     def _private_mean(
         self, state: ServerState, replies: Sequence[messages.FitReply], round_: int

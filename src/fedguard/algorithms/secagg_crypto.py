@@ -1,0 +1,184 @@
+"""The cryptographic primitives of secure aggregation, on the ``cryptography`` package.
+
+Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Learning" (CCS
+2017), section 3, instantiated as in their section 6 and in Bell et al. (CCS 2020):
+
+* key agreement: X25519; the shared secret goes through HKDF-SHA256 with a label, the round and
+  the ordered pair of client ids, giving (a) the AES-256-GCM key of the pair's share bundles
+  (from the ``c`` keys) and (b) the pair's 32-byte mask seed ``s_uv`` (from the ``s`` keys);
+* authenticated encryption: AES-256-GCM with a random 96-bit nonce, the associated data binding
+  round, sender and receiver, so a bundle relayed to another pair or round fails to decrypt;
+* pseudo-random generator: AES-256-CTR keystream (the encryption of zeros under the seed)
+  viewed as unsigned integers, masked to ``b`` bits;
+* identities (optional): Ed25519 signatures over the advertised public keys.
+
+Pure functions; randomness is passed in as ``random_bytes(n)`` (``os.urandom`` in production).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.exceptions import InvalidSignature, InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+RandomBytes = Callable[[int], bytes]
+KEY_BYTES = 32
+NONCE_BYTES = 12
+_RAW = serialization.Encoding.Raw
+_SHARE_KEY_LABEL = b"fedguard/secagg/share-encryption/v1"
+_MASK_SEED_LABEL = b"fedguard/secagg/pairwise-mask/v1"
+_BUNDLE_LABEL = b"fedguard/secagg/share-bundle/v1"
+_KEYS_LABEL = b"fedguard/secagg/advertised-keys/v1"
+
+
+class CryptoError(ValueError):
+    """A ciphertext, signature or key that fails verification."""
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An X25519 key pair with its raw 32-byte public key."""
+
+    private: x25519.X25519PrivateKey
+    public: bytes
+
+
+def key_pair(random_bytes: RandomBytes) -> KeyPair:
+    """A fresh X25519 key pair from 32 random bytes."""
+    private = x25519.X25519PrivateKey.from_private_bytes(random_bytes(KEY_BYTES))
+    return KeyPair(private, private.public_key().public_bytes(_RAW, serialization.PublicFormat.Raw))
+
+
+def private_bytes(pair: KeyPair) -> bytes:
+    """The raw private key (what is secret-shared so the server can recover a dropped client)."""
+    return pair.private.private_bytes(
+        _RAW, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+
+
+def key_pair_from_private(raw: bytes) -> KeyPair:
+    """The key pair of a reconstructed raw private key."""
+    return key_pair(lambda _: raw)
+
+
+def _agree(
+    private: x25519.X25519PrivateKey, peer_public: bytes, label: bytes, info: bytes
+) -> bytes:
+    try:
+        peer = x25519.X25519PublicKey.from_public_bytes(peer_public)
+        shared = private.exchange(peer)
+    except ValueError as exc:  # wrong length or a low-order point
+        raise CryptoError(f"Key agreement with an invalid public key failed: {exc}") from None
+    return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=label + info).derive(shared)
+
+
+def _pair_info(round_: int, a: int, b: int) -> bytes:
+    low, high = sorted((a, b))
+    return struct.pack("<qqq", round_, low, high)
+
+
+def share_key(
+    private: x25519.X25519PrivateKey, peer_public: bytes, round_: int, me: int, peer: int
+) -> bytes:
+    """The AES-256-GCM key that clients ``me`` and ``peer`` share in ``round_``."""
+    return _agree(private, peer_public, _SHARE_KEY_LABEL, _pair_info(round_, me, peer))
+
+
+def mask_seed(
+    private: x25519.X25519PrivateKey, peer_public: bytes, round_: int, me: int, peer: int
+) -> bytes:
+    """The pairwise mask seed ``s_uv`` of clients ``me`` and ``peer`` in ``round_``."""
+    return _agree(private, peer_public, _MASK_SEED_LABEL, _pair_info(round_, me, peer))
+
+
+def _bundle_ad(round_: int, sender: int, receiver: int) -> bytes:
+    return _BUNDLE_LABEL + struct.pack("<qqq", round_, sender, receiver)
+
+
+def encrypt_bundle(
+    key: bytes,
+    plaintext: bytes,
+    *,
+    round_: int,
+    sender: int,
+    receiver: int,
+    random_bytes: RandomBytes,
+) -> bytes:
+    """``nonce || AES-GCM(key, plaintext, ad = (round, sender, receiver))``."""
+    nonce = random_bytes(NONCE_BYTES)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, _bundle_ad(round_, sender, receiver))
+
+
+def decrypt_bundle(
+    key: bytes, ciphertext: bytes, *, round_: int, sender: int, receiver: int
+) -> bytes:
+    """The plaintext of :func:`encrypt_bundle`; raises :class:`CryptoError` if anything differs."""
+    if len(ciphertext) < NONCE_BYTES + 16:
+        raise CryptoError(f"The share bundle from client {sender} is too short to be a ciphertext.")
+    nonce, body = ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:]
+    try:
+        return AESGCM(key).decrypt(nonce, body, _bundle_ad(round_, sender, receiver))
+    except InvalidTag:
+        raise CryptoError(
+            f"The share bundle from client {sender} to client {receiver} in round {round_} "
+            "failed authentication (tampered, or relayed from another pair or round)."
+        ) from None
+
+
+def keys_message(round_: int, client_id: int, c_public: bytes, s_public: bytes) -> bytes:
+    """The bytes a client signs when it advertises its two public keys."""
+    return _KEYS_LABEL + struct.pack("<qq", round_, client_id) + c_public + s_public
+
+
+def sign(identity: ed25519.Ed25519PrivateKey, message: bytes) -> bytes:
+    """An Ed25519 signature."""
+    return identity.sign(message)
+
+
+def verify(
+    identity: ed25519.Ed25519PublicKey, signature: bytes, message: bytes, *, client_id: int
+) -> None:
+    """Raise :class:`CryptoError` unless ``signature`` is ``client_id``'s over ``message``."""
+    try:
+        identity.verify(signature, message)
+    except InvalidSignature:
+        raise CryptoError(
+            f"The advertised keys of client {client_id} carry an invalid signature."
+        ) from None
+
+
+def ring_dtype(bits: int) -> np.dtype:
+    """The unsigned dtype that holds ``Z_{2^bits}`` (uint32 up to 32 bits, else uint64)."""
+    if not 1 <= bits <= 64:
+        raise ValueError(f"The ring must have 1 to 64 bits, got {bits}.")
+    return np.dtype("<u4") if bits <= 32 else np.dtype("<u8")
+
+
+def ring_mask(bits: int) -> np.unsignedinteger:
+    """``2^bits - 1`` in the ring's dtype."""
+    return ring_dtype(bits).type((1 << bits) - 1)
+
+
+def expand_mask(seed: bytes, dim: int, bits: int) -> np.ndarray:
+    """``PRG(seed)``: ``dim`` uniform elements of ``Z_{2^bits}`` (AES-256-CTR keystream).
+
+    The keystream is the CTR encryption of zeros under ``seed`` with a zero nonce (each seed is
+    used for exactly one expansion), read as little-endian words and masked to ``bits``.
+    """
+    if len(seed) != KEY_BYTES:
+        raise ValueError(f"A mask seed has {KEY_BYTES} bytes, got {len(seed)}.")
+    dtype = ring_dtype(bits)
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    stream = encryptor.update(bytes(dim * dtype.itemsize))
+    words = np.frombuffer(stream, dtype=dtype)
+    if bits in (32, 64):
+        return words
+    return words & ring_mask(bits)

@@ -1,0 +1,233 @@
+"""Secure aggregation as a round protocol: what both halves share.
+
+The server learns only the sum of the clients' updates (Bonawitz et al., "Practical Secure
+Aggregation for Privacy-Preserving Machine Learning", CCS 2017), over the complete graph or, in
+SecAgg+, over a sparse random graph (Bell et al., "Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead", CCS 2020). A round is four exchanges over any transport:
+
+0. advertise keys: every sampled client answers the round's public setup with two X25519 public
+   keys, ``c`` (to encrypt shares) and ``s`` (to agree masks), signed where clients have
+   identities;
+1. share keys: every client Shamir-shares its self-mask seed ``b_u`` and its private key
+   ``s_u^SK`` among its share holders (its neighbours and itself), encrypts each holder's bundle
+   under their agreed key, and the server relays the ciphertexts;
+2. masked input: every client trains, encodes its clipped update in ``Z_{2^b}`` and sends
+   ``y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)`` over its neighbours
+   that shared in phase 1;
+3. unmasking: the survivors reveal shares of ``b_v`` for every peer that sent ``y_v`` and of
+   ``s_v^SK`` for every peer that did not, never both for one peer; the server removes the
+   self-masks and the dropped clients' pairwise masks and is left with ``sum_u x_u``.
+
+Client ``u``'s share holders are ``u`` and its neighbours; the Shamir threshold ``t`` applies
+to every neighbourhood. While every neighbourhood keeps ``t`` members through phase 3, any
+dropouts are recovered exactly; otherwise the round is aborted (:class:`SecAggAbortedError`), before
+phase 3 whenever the shortfall is visible then, so that nothing is revealed.
+
+This module holds the pieces that both halves (:mod:`.secagg_client`, :mod:`.secagg_server`)
+need: the phases, the settings, the round setup and the errors. The server in this protocol is
+honest but curious; the consistency check round of the paper's actively secure variant is not
+implemented.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from functools import cached_property
+
+from fedguard.algorithms import secagg_graph, secagg_quantize
+from fedguard.protocol import messages
+
+
+class Phase(enum.IntEnum):
+    """The four exchanges of a secure-aggregation round, in order."""
+
+    ADVERTISE = 0
+    SHARE = 1
+    MASK = 2
+    UNMASK = 3
+
+
+REQUEST_PHASES: dict[str, Phase] = {
+    messages.SecAggSetup.__name__: Phase.ADVERTISE,
+    messages.SecAggShareRequest.__name__: Phase.SHARE,
+    messages.SecAggMaskRequest.__name__: Phase.MASK,
+    messages.SecAggUnmaskRequest.__name__: Phase.UNMASK,
+}
+
+
+class Mode(enum.StrEnum):
+    SECAGG = "secagg"  # complete graph (Bonawitz et al. 2017)
+    SECAGG_PLUS = "secagg+"  # random k-regular graph (Bell et al. 2020)
+
+
+class SecAggError(RuntimeError):
+    """A client refuses a request that breaks the protocol (it reveals nothing then)."""
+
+
+class SecAggAbortedError(RuntimeError):
+    """Too few clients remain to unmask the sum; the round is abandoned, the model unchanged.
+
+    ``metrics`` holds the round's counts and bytes so the run can still report them.
+    """
+
+    def __init__(self, message: str, metrics: dict[str, float | int | None]) -> None:
+        super().__init__(message)
+        self.metrics = metrics
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Secure aggregation as configured for a run (the same every round).
+
+    ``max_weight`` caps a client's integer weight (its example count) so that the fixed-point
+    sum cannot overflow; ``weighted = False`` sums the clipped updates with weight 1 each (as
+    central DP needs). ``threshold`` and ``neighbours`` default per round from the cohort size.
+    """
+
+    mode: Mode
+    clip_norm: float
+    max_weight: int
+    bits: int = 32
+    weighted: bool = True
+    threshold: int | None = None
+    neighbours: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode is Mode.SECAGG and self.neighbours is not None:
+            raise ValueError('Neighbours are only chosen in mode "secagg+", not "secagg".')
+
+    def fixed_point(self, num_clients: int) -> secagg_quantize.FixedPoint:
+        """The encoding for ``num_clients``; raises ValueError if the ring is too small."""
+        return secagg_quantize.fixed_point(
+            bits=self.bits,
+            clip_norm=self.clip_norm,
+            num_clients=num_clients,
+            max_weight=self.max_weight if self.weighted else 1,
+        )
+
+    def setup(self, round_: int, sampled: list[int], *, graph_seed: int, dim: int) -> RoundSetup:
+        """The public setup of one round with ``sampled`` clients."""
+        n = len(sampled)
+        if n < 2:
+            raise ValueError(f"Secure aggregation needs at least 2 sampled clients, got {n}.")
+        if self.mode is Mode.SECAGG:
+            k = n - 1
+        elif self.neighbours is not None:
+            k = secagg_graph.feasible_degree(n, self.neighbours)
+        else:
+            k = secagg_graph.default_degree(n)
+        t = self.threshold if self.threshold is not None else secagg_graph.default_threshold(k + 1)
+        return RoundSetup(
+            round=round_,
+            sampled=tuple(sorted(sampled)),
+            neighbours=k,
+            threshold=t,
+            graph_seed=graph_seed,
+            bits=self.bits,
+            clip_norm=self.clip_norm,
+            max_weight=self.max_weight if self.weighted else 1,
+            weighted=self.weighted,
+            dim=dim,
+        )
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """The public parameters of one round, as the server publishes them in phase 0."""
+
+    round: int
+    sampled: tuple[int, ...]
+    neighbours: int
+    threshold: int
+    graph_seed: int
+    bits: int
+    clip_norm: float
+    max_weight: int
+    weighted: bool
+    dim: int
+
+    def __post_init__(self) -> None:
+        holders = self.neighbours + 1
+        if not 1 <= self.threshold <= holders:
+            raise ValueError(
+                f"The threshold must be between 1 and the {holders} share holders of a "
+                f"client, got {self.threshold}."
+            )
+
+    @cached_property
+    def graph(self) -> dict[int, frozenset[int]]:
+        """Every sampled client's neighbours (the complete graph when ``k = n - 1``)."""
+        return secagg_graph.harary_graph(self.sampled, self.neighbours, self.graph_seed)
+
+    @cached_property
+    def points(self) -> dict[int, int]:
+        """Each client's Shamir x-coordinate: its position among the sampled clients plus one."""
+        return {cid: i + 1 for i, cid in enumerate(self.sampled)}
+
+    def holders(self, client_id: int) -> frozenset[int]:
+        """Who holds shares of ``client_id``'s secrets: its neighbours and itself."""
+        return self.graph[client_id] | {client_id}
+
+    @cached_property
+    def fixed_point(self) -> secagg_quantize.FixedPoint:
+        return secagg_quantize.fixed_point(
+            bits=self.bits,
+            clip_norm=self.clip_norm,
+            num_clients=len(self.sampled),
+            max_weight=self.max_weight,
+        )
+
+    def shortfall(self, secrets_of: set[int], available: set[int]) -> str | None:
+        """Why some client in ``secrets_of`` has fewer than ``t`` holders in ``available``."""
+        for u in sorted(secrets_of):
+            have = len(self.holders(u) & available)
+            if have < self.threshold:
+                return (
+                    f"client {u} has {have} of its share holders left, "
+                    f"the threshold is {self.threshold}"
+                )
+        return None
+
+    def to_message(self, client_id: int) -> messages.SecAggSetup:
+        return messages.SecAggSetup(
+            round=self.round,
+            client_id=client_id,
+            sampled=list(self.sampled),
+            neighbours=self.neighbours,
+            threshold=self.threshold,
+            graph_seed=self.graph_seed,
+            bits=self.bits,
+            clip_norm=self.clip_norm,
+            max_weight=self.max_weight,
+            weighted=self.weighted,
+            dim=self.dim,
+        )
+
+    @classmethod
+    def from_message(cls, m: messages.SecAggSetup) -> RoundSetup:
+        if m.client_id not in m.sampled:
+            raise SecAggError(f"Client {m.client_id} is not among the round's sampled clients.")
+        return cls(
+            round=m.round,
+            sampled=tuple(sorted(int(c) for c in m.sampled)),
+            neighbours=secagg_graph.feasible_degree(len(m.sampled), m.neighbours),
+            threshold=m.threshold,
+            graph_seed=m.graph_seed,
+            bits=m.bits,
+            clip_norm=m.clip_norm,
+            max_weight=m.max_weight,
+            weighted=m.weighted,
+            dim=m.dim,
+        )
+
+
+def bundle_plaintext(b_share: bytes, s_share: bytes) -> bytes:
+    """A share bundle: the holder's share of ``b_u`` then its share of ``s_u^SK``."""
+    return b_share + s_share
+
+
+def split_bundle(plaintext: bytes, share_len: int, sender: int) -> tuple[bytes, bytes]:
+    if len(plaintext) != 2 * share_len:
+        raise SecAggError(f"The share bundle from client {sender} has the wrong length.")
+    return plaintext[:share_len], plaintext[share_len:]

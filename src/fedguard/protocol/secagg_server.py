@@ -1,0 +1,330 @@
+"""The server half of secure aggregation: four exchanges over a transport, then the unmasked sum.
+
+See :mod:`fedguard.protocol.secagg` for the protocol (Bonawitz et al., CCS 2017; Bell et al.,
+CCS 2020). :func:`secure_sum` runs one round: it relays keys and share bundles, collects the
+masked inputs, asks the survivors for shares, reconstructs the self-mask seeds of the survivors
+and the mask keys of the dropouts (batched Shamir interpolation), strips all masks and decodes
+the fixed-point sum. A client that fails, times out or sends a malformed reply in any phase is a
+dropout from then on. The server checks before each phase that every neighbourhood still has
+``t`` members and aborts with :class:`~fedguard.protocol.secagg.SecAggAbortedError` otherwise;
+the check before phase 3 means an aborted round reveals no share.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedguard.algorithms import secagg_crypto, secagg_quantize, secagg_shamir
+from fedguard.protocol import messages
+from fedguard.protocol.secagg import Phase, RoundSetup, SecAggAbortedError
+from fedguard.protocol.secagg_client import SECRET_BYTES
+from fedguard.protocol.transport import Failed, Transport
+
+log = logging.getLogger("fedguard.round")
+
+MaskRequest = Callable[[int, messages.ByteMap], messages.SecAggMaskRequest]
+
+
+@dataclass(frozen=True)
+class SecureSum:
+    """What the server learns: the weighted sum of clipped updates and the total weight."""
+
+    total: np.ndarray  # float64 [D]: sum_u w_u x_u
+    weight: int  # sum_u w_u
+    survivors: list[int]
+    metrics: dict[str, float | int | None]
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+
+@dataclass
+class _Ledger:
+    """Bytes and problems over the phases of one round."""
+
+    round: int
+    sampled: int
+    bytes_up: int = 0
+    bytes_down: int = 0
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+    def drop(self, phase: Phase, client_id: int, reason: str) -> None:
+        self.problems.append((client_id, f"{phase.name.lower()}: {reason}"))
+        log.warning(
+            "round %d: secure aggregation %s: client %d dropped: %s",
+            self.round,
+            phase.name.lower(),
+            client_id,
+            reason,
+        )
+
+    def metrics(self, completed: int) -> dict[str, float | int | None]:
+        return {
+            "clients_sampled": self.sampled,
+            "clients_completed": completed,
+            "clients_failed": self.sampled - completed,
+            "clients_rejected": 0,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "train_loss": None,
+        }
+
+
+def _exchange(
+    transport: Transport,
+    phase: Phase,
+    requests: Mapping[int, messages.SecAggMessage],
+    expected: type,
+    ledger: _Ledger,
+    deadline_s: float | None,
+) -> dict[int, messages.SecAggMessage]:
+    """Send one phase's requests; the decoded replies that came back for the right client."""
+    encoded = {cid: messages.encode(m) for cid, m in requests.items()}
+    ledger.bytes_down += sum(len(p) for p in encoded.values())
+    replies: dict[int, messages.SecAggMessage] = {}
+    for outcome in transport.exchange(encoded, deadline_s=deadline_s):
+        cid = outcome.client_id
+        if isinstance(outcome, Failed):
+            ledger.drop(phase, cid, f"{outcome.kind}: {outcome.reason}")
+            continue
+        ledger.bytes_up += len(outcome.payload)
+        try:
+            reply = messages.decode(outcome.payload, expected)
+        except messages.MessageError as exc:
+            ledger.drop(phase, cid, str(exc))
+            continue
+        if reply.client_id != cid or reply.round != ledger.round:
+            ledger.drop(phase, cid, f"reply is for client {reply.client_id} round {reply.round}")
+            continue
+        replies[cid] = reply
+    return replies
+
+
+def _require(
+    setup: RoundSetup,
+    phase: Phase,
+    secrets_of: set[int],
+    alive: set[int],
+    ledger: _Ledger,
+    min_survivors: int = 1,
+) -> None:
+    reason = setup.shortfall(secrets_of, alive)
+    if reason is None and len(alive) < min_survivors:
+        reason = f"{len(alive)} clients left, min_clients is {min_survivors}"
+    if reason is not None or not alive:
+        raise SecAggAbortedError(
+            f"Round {setup.round}: secure aggregation aborted before phase {phase.name.lower()}: "
+            f"{reason or 'no client left'}; nothing was unmasked.",
+            ledger.metrics(0),
+        )
+
+
+def secure_sum(
+    transport: Transport,
+    setup: RoundSetup,
+    mask_request: MaskRequest,
+    *,
+    deadline_s: float | None = None,
+    min_survivors: int = 1,
+) -> SecureSum:
+    """Run phases 0-3 with ``setup.sampled`` and return the unmasked sum.
+
+    ``mask_request(client_id, ciphertexts)`` builds the phase-2 request (the fit task with the
+    share bundles addressed to that client). Fewer than ``min_survivors`` masked inputs abort
+    the round before unmasking.
+    """
+    ledger = _Ledger(setup.round, len(setup.sampled))
+    everyone = set(setup.sampled)
+    _require(setup, Phase.ADVERTISE, everyone, everyone, ledger)
+    keys = _advertise(transport, setup, ledger, deadline_s)
+    u1 = set(keys)
+    _require(setup, Phase.SHARE, u1, u1, ledger)
+    bundles = _share(transport, setup, keys, ledger, deadline_s)
+    u2 = set(bundles)
+    _require(setup, Phase.MASK, u2, u2, ledger)
+    requests = {
+        u: mask_request(u, {v: bundles[v][u] for v in setup.graph[u] & u2}) for u in sorted(u2)
+    }
+    replies = _exchange(
+        transport, Phase.MASK, requests, messages.SecAggMaskedInput, ledger, deadline_s
+    )
+    masked = {u: r.masked for u, r in replies.items() if _check_masked(setup, u, r, ledger)}
+    u3 = set(masked)
+    _require(setup, Phase.UNMASK, u2, u3, ledger, min_survivors)
+    b_shares, s_shares = _unmask_shares(transport, setup, u2, u3, ledger, deadline_s)
+    ring_sum = _unmasked_sum(setup, keys, masked, u2, b_shares, s_shares, ledger)
+    decoded = secagg_quantize.decode_sum(ring_sum, setup.fixed_point)
+    return SecureSum(
+        decoded.total, decoded.weight, sorted(u3), ledger.metrics(len(u3)), ledger.problems
+    )
+
+
+def _advertise(
+    transport: Transport, setup: RoundSetup, ledger: _Ledger, deadline_s: float | None
+) -> dict[int, messages.SecAggKeys]:
+    requests = {u: setup.to_message(u) for u in setup.sampled}
+    replies = _exchange(
+        transport, Phase.ADVERTISE, requests, messages.SecAggKeys, ledger, deadline_s
+    )
+    keys: dict[int, messages.SecAggKeys] = {}
+    for u, reply in replies.items():
+        assert isinstance(reply, messages.SecAggKeys)
+        if (
+            len(reply.c_public) != secagg_crypto.KEY_BYTES
+            or len(reply.s_public) != secagg_crypto.KEY_BYTES
+        ):
+            ledger.drop(Phase.ADVERTISE, u, "public keys of the wrong length")
+            continue
+        keys[u] = reply
+    return keys
+
+
+def _share(
+    transport: Transport,
+    setup: RoundSetup,
+    keys: Mapping[int, messages.SecAggKeys],
+    ledger: _Ledger,
+    deadline_s: float | None,
+) -> dict[int, messages.ByteMap]:
+    requests = {}
+    for u in sorted(keys):
+        peers = sorted(setup.graph[u] & set(keys))
+        requests[u] = messages.SecAggShareRequest(
+            setup.round,
+            u,
+            {v: keys[v].c_public + keys[v].s_public for v in peers},
+            {v: keys[v].signature for v in peers if keys[v].signature},
+        )
+    replies = _exchange(transport, Phase.SHARE, requests, messages.SecAggShares, ledger, deadline_s)
+    bundles: dict[int, messages.ByteMap] = {}
+    for u, reply in replies.items():
+        assert isinstance(reply, messages.SecAggShares)
+        expected = set(requests[u].public_keys)
+        if set(reply.ciphertexts) != expected:
+            ledger.drop(Phase.SHARE, u, "share bundles not addressed to exactly its neighbours")
+            continue
+        bundles[u] = reply.ciphertexts
+    return bundles
+
+
+def _check_masked(
+    setup: RoundSetup, u: int, reply: messages.SecAggMessage, ledger: _Ledger
+) -> bool:
+    assert isinstance(reply, messages.SecAggMaskedInput)
+    itemsize = setup.fixed_point.dtype.itemsize
+    shape, dtype = tuple(reply.masked.shape), reply.masked.dtype
+    if shape != (setup.dim + 1,) or dtype.itemsize != itemsize or dtype.is_floating_point:
+        ledger.drop(
+            Phase.MASK,
+            u,
+            f"masked input of shape {shape} and dtype {dtype}, expected "
+            f"({setup.dim + 1},) integers of {itemsize} bytes",
+        )
+        return False
+    return True
+
+
+def _unmask_shares(
+    transport: Transport,
+    setup: RoundSetup,
+    u2: set[int],
+    u3: set[int],
+    ledger: _Ledger,
+    deadline_s: float | None,
+) -> tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]]]:
+    """Shares per secret owner: ``{owner: {holder: share}}`` for ``b`` (alive) and ``s`` (dropped)."""
+    alive, dropped = sorted(u3), sorted(u2 - u3)
+    requests = {u: messages.SecAggUnmaskRequest(setup.round, u, alive, dropped) for u in alive}
+    replies = _exchange(
+        transport, Phase.UNMASK, requests, messages.SecAggUnmaskReply, ledger, deadline_s
+    )
+    b_shares: dict[int, dict[int, bytes]] = {}
+    s_shares: dict[int, dict[int, bytes]] = {}
+    for holder, reply in replies.items():
+        assert isinstance(reply, messages.SecAggUnmaskReply)
+        for owner, share in reply.b_shares.items():
+            if owner in u3 and holder in setup.holders(owner):
+                b_shares.setdefault(owner, {})[holder] = share
+        for owner, share in reply.s_shares.items():
+            if owner in u2 - u3 and holder in setup.holders(owner):
+                s_shares.setdefault(owner, {})[holder] = share
+    return b_shares, s_shares
+
+
+def _reconstruct(
+    setup: RoundSetup, shares: Mapping[int, Mapping[int, bytes]], owners: list[int], ledger: _Ledger
+) -> dict[int, bytes]:
+    """Every owner's secret from the first ``t`` holders' shares, batched by holder set."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for owner in owners:
+        held = sorted(shares.get(owner, {}))
+        if len(held) < setup.threshold:
+            raise SecAggAbortedError(
+                f"Round {setup.round}: secure aggregation aborted in unmasking: only {len(held)} "
+                f"shares of client {owner} arrived, the threshold is {setup.threshold}.",
+                ledger.metrics(0),
+            )
+        groups.setdefault(tuple(held[: setup.threshold]), []).append(owner)
+    secrets: dict[int, bytes] = {}
+    for holders, group in groups.items():
+        try:
+            ys = np.stack(
+                [
+                    np.stack(
+                        [
+                            secagg_shamir.share_from_bytes(shares[o][h], SECRET_BYTES)
+                            for h in holders
+                        ]
+                    )
+                    for o in group
+                ]
+            )
+        except ValueError as exc:
+            raise SecAggAbortedError(
+                f"Round {setup.round}: secure aggregation aborted in unmasking: {exc}",
+                ledger.metrics(0),
+            ) from None
+        points = [setup.points[h] for h in holders]
+        secrets.update(zip(group, secagg_shamir.reconstruct(points, ys, SECRET_BYTES), strict=True))
+    return secrets
+
+
+def _unmasked_sum(
+    setup: RoundSetup,
+    keys: Mapping[int, messages.SecAggKeys],
+    masked: Mapping[int, torch.Tensor],
+    u2: set[int],
+    b_shares: Mapping[int, Mapping[int, bytes]],
+    s_shares: Mapping[int, Mapping[int, bytes]],
+    ledger: _Ledger,
+) -> np.ndarray:
+    """``sum_u y_u - sum_u PRG(b_u)`` minus the surviving halves of the dropouts' pair masks."""
+    u3 = sorted(masked)
+    dropped = sorted(u2 - set(u3))
+    b_seeds = _reconstruct(setup, b_shares, u3, ledger)
+    s_keys = _reconstruct(setup, s_shares, dropped, ledger)
+    dtype, length = setup.fixed_point.dtype, setup.dim + 1
+    total = np.zeros(length, dtype=dtype)
+    for u in u3:
+        np.add(total, masked[u].numpy().view(dtype), out=total)
+        np.subtract(total, secagg_crypto.expand_mask(b_seeds[u], length, setup.bits), out=total)
+    for d in dropped:
+        pair = secagg_crypto.key_pair_from_private(s_keys[d])
+        if pair.public != keys[d].s_public:
+            raise SecAggAbortedError(
+                f"Round {setup.round}: secure aggregation aborted in unmasking: the shares of "
+                f"client {d}'s mask key do not match its advertised key.",
+                ledger.metrics(0),
+            )
+        for v in sorted(setup.graph[d] & set(u3)):
+            seed = secagg_crypto.mask_seed(pair.private, keys[v].s_public, setup.round, d, v)
+            stream = secagg_crypto.expand_mask(seed, length, setup.bits)
+            # v added +PRG(s_vd) when d > v and -PRG(s_vd) when d < v; take its term back out
+            if d > v:
+                np.subtract(total, stream, out=total)
+            else:
+                np.add(total, stream, out=total)
+    return total & secagg_crypto.ring_mask(setup.bits)

@@ -1,0 +1,156 @@
+"""Byzantine-robust aggregation: one enum, one config, one ``(init, apply)`` pair over all rules.
+
+A strategy picks a rule by ``RobustAggregator`` and calls ``apply`` each round in place of the plain
+weighted mean. The rules themselves live in three modules, each citing its paper:
+
+* ``robust_coordinate``: coordinate-wise median and trimmed mean (Yin et al. 2018);
+* ``robust_distance``: Krum and Multi-Krum (Blanchard et al. 2017), Bulyan (El Mhamdi et al. 2018);
+* ``robust_iterative``: geometric median (Pillutla et al. 2022), centered clipping (Karimireddy et
+  al. 2021) and norm bounding (Sun et al. 2019).
+
+``f`` is the number of Byzantine clients the rule must tolerate among the ``K`` updates of a round;
+each rule refuses a ``(K, f)`` outside its guarantee with one sentence (``RobustnessError``).
+Centered clipping carries state across rounds: its reference point is the previous aggregate, kept
+in ``RobustState``; the other rules leave the state empty.
+
+Only norm bounding can run under secure aggregation: its clip is applied by each client to its own
+update, and the server needs nothing but the sum. Every other rule compares individual updates.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from fedguard.algorithms import (
+    robust_base,
+    robust_coordinate,
+    robust_distance,
+    robust_iterative,
+)
+
+
+class RobustAggregator(enum.StrEnum):
+    KRUM = "krum"
+    MULTI_KRUM = "multi_krum"
+    MEDIAN = "median"
+    TRIMMED_MEAN = "trimmed_mean"
+    BULYAN = "bulyan"
+    GEOMETRIC_MEDIAN = "geometric_median"
+    CENTERED_CLIPPING = "centered_clipping"
+    NORM_BOUNDING = "norm_bounding"
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    """A robust rule and its hyperparameters; fields a rule does not use are ignored by it."""
+
+    kind: RobustAggregator
+    f: int = 0  # Byzantine clients tolerated per round
+    multi_krum_m: int | None = None  # updates Multi-Krum averages; None: K - f
+    nu: float = 1e-6  # geometric median: Weiszfeld smoothing
+    max_iterations: int = 1000  # geometric median (each iteration is O(K^2))
+    tolerance: float = 1e-6  # geometric median: step / median distance
+    tau: float = 10.0  # centered clipping radius
+    clipping_iterations: int = 1  # centered clipping L
+    norm_bound: float | None = None  # norm bounding M (required for that rule)
+
+    def __post_init__(self) -> None:
+        robust_base.check_f(self.f)
+        if self.multi_krum_m is not None and self.multi_krum_m < 1:
+            raise robust_base.RobustnessError(
+                f"multi_krum_m must be at least 1, got {self.multi_krum_m}."
+            )
+        if not self.nu > 0 or not self.tolerance > 0 or self.max_iterations < 1:
+            raise robust_base.RobustnessError(
+                "The geometric median needs nu > 0, tolerance > 0 and max_iterations >= 1, got "
+                f"{self.nu}, {self.tolerance} and {self.max_iterations}."
+            )
+        if not self.tau > 0 or self.clipping_iterations < 1:
+            raise robust_base.RobustnessError(
+                "Centered clipping needs tau > 0 and clipping_iterations >= 1, got "
+                f"{self.tau} and {self.clipping_iterations}."
+            )
+        if self.kind is RobustAggregator.NORM_BOUNDING and self.norm_bound is None:
+            raise robust_base.RobustnessError("Norm bounding needs a norm_bound; none was given.")
+        if self.norm_bound is not None and not self.norm_bound > 0:
+            raise robust_base.RobustnessError(
+                f"The norm bound must be positive, got {self.norm_bound}."
+            )
+
+
+@dataclass(frozen=True)
+class RobustState:
+    """Centered clipping's reference point ``[D]`` (an empty tensor for the stateless rules)."""
+
+    reference: torch.Tensor
+
+
+def needs_individual_updates(kind: RobustAggregator) -> bool:
+    """Whether the server must see each update (so the rule cannot run under secure aggregation)."""
+    return kind is not RobustAggregator.NORM_BOUNDING
+
+
+def max_byzantine(kind: RobustAggregator, k: int) -> int:
+    """The largest ``f`` the rule accepts with ``K`` updates (negative: not even ``f = 0``)."""
+    if kind in (RobustAggregator.KRUM, RobustAggregator.MULTI_KRUM):
+        return (k - 3) // 2  # K > 2f + 2
+    if kind is RobustAggregator.BULYAN:
+        return (k - 3) // 4  # K >= 4f + 3
+    return (k - 1) // 2  # K > 2f
+
+
+def init(config: RobustConfig, dim: int) -> RobustState:
+    """The state before the first round, for updates of length ``dim``."""
+    if config.kind is RobustAggregator.CENTERED_CLIPPING:
+        return RobustState(torch.zeros(dim, dtype=torch.float32))
+    return RobustState(torch.zeros(0, dtype=torch.float32))
+
+
+def apply(
+    config: RobustConfig, state: RobustState, updates: torch.Tensor, weights: torch.Tensor
+) -> tuple[RobustState, torch.Tensor]:
+    """One round: the new state and the robust aggregate ``[D]`` of ``updates [K, D]``."""
+    robust_base.check_updates(updates)
+    robust_base.normalised_weights(weights, updates.shape[0])
+    if config.kind is RobustAggregator.CENTERED_CLIPPING:
+        out = robust_iterative.centered_clipping(
+            updates,
+            weights,
+            f=config.f,
+            reference=state.reference,
+            tau=config.tau,
+            iterations=config.clipping_iterations,
+        )
+        return RobustState(out), out
+    return state, _stateless(config, updates, weights)
+
+
+def _stateless(config: RobustConfig, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    kind, f = config.kind, config.f
+    if kind is RobustAggregator.KRUM:
+        return robust_distance.krum(updates, f=f)
+    if kind is RobustAggregator.MULTI_KRUM:
+        m = config.multi_krum_m if config.multi_krum_m is not None else updates.shape[0] - f
+        return robust_distance.multi_krum(updates, weights, f=f, m=m)
+    if kind is RobustAggregator.MEDIAN:
+        return robust_coordinate.coordinate_median(updates, f=f)
+    if kind is RobustAggregator.TRIMMED_MEAN:
+        return robust_coordinate.trimmed_mean(updates, f=f)
+    if kind is RobustAggregator.BULYAN:
+        return robust_distance.bulyan(updates, f=f)
+    if kind is RobustAggregator.GEOMETRIC_MEDIAN:
+        return robust_iterative.geometric_median(
+            updates,
+            weights,
+            f=f,
+            nu=config.nu,
+            max_iterations=config.max_iterations,
+            tolerance=config.tolerance,
+        ).aggregate
+    if kind is RobustAggregator.NORM_BOUNDING:
+        assert config.norm_bound is not None  # checked in RobustConfig
+        return robust_iterative.norm_bounding(updates, weights, f=f, bound=config.norm_bound)
+    raise robust_base.RobustnessError(f"Unknown robust aggregator {kind!r}.")

@@ -1,0 +1,98 @@
+"""Simulated Byzantine clients: which clients are malicious and what they send.
+
+The attacks live in ``attacks_model`` (poisoned updates) and ``attacks_data`` (poisoned training
+data), each citing its paper. This module names them (``Attack``), holds their hyperparameters
+(``AttackConfig``), dispatches a model-poisoning attack for one round (``poison_updates``) and
+picks the malicious clients of a federation reproducibly (``choose_malicious``).
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from fedguard.algorithms import attacks_model, robust_base
+
+
+class Attack(enum.StrEnum):
+    SIGN_FLIP = "sign_flip"
+    BOOST = "boost"
+    GAUSSIAN = "gaussian"
+    ALIE = "alie"
+    IPM = "ipm"
+    MIN_MAX = "min_max"
+    MIN_SUM = "min_sum"
+    LABEL_FLIP = "label_flip"
+    BACKDOOR = "backdoor"
+
+
+DATA_POISONING = frozenset({Attack.LABEL_FLIP, Attack.BACKDOOR})
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """An attack and its hyperparameters; fields an attack does not use are ignored by it."""
+
+    kind: Attack
+    scale: float = 1.0  # sign flipping
+    factor: float = 10.0  # boosting
+    std: float = 1.0  # Gaussian
+    z: float | None = None  # ALIE; None: the paper's z from n and m
+    epsilon: float = 0.5  # IPM
+    perturbation: attacks_model.Perturbation = attacks_model.Perturbation.STD  # min-max / min-sum
+    tolerance: float = 1e-5  # min-max / min-sum bisection on gamma
+
+
+def is_data_poisoning(kind: Attack) -> bool:
+    """Whether the attack changes a client's training data rather than its update."""
+    return kind in DATA_POISONING
+
+
+def poison_updates(
+    config: AttackConfig, honest: torch.Tensor, own: torch.Tensor, *, generator: torch.Generator
+) -> torch.Tensor:
+    """The ``[M, D]`` updates the ``M`` malicious clients send, given the round's honest ``[N, D]``.
+
+    For ALIE without an explicit ``z``, ``n = N + M`` clients of which ``m = M`` are malicious.
+    """
+    kind, m = config.kind, own.shape[0]
+    if is_data_poisoning(kind):
+        raise robust_base.RobustnessError(
+            f"{kind.value} poisons training data, not updates: use attacks_data on the client."
+        )
+    if kind is Attack.SIGN_FLIP:
+        return attacks_model.sign_flip(own, scale=config.scale)
+    if kind is Attack.BOOST:
+        return attacks_model.boost(own, factor=config.factor)
+    if kind is Attack.GAUSSIAN:
+        return attacks_model.gaussian(own, std=config.std, generator=generator)
+    if kind is Attack.ALIE:
+        z = config.z if config.z is not None else attacks_model.alie_z(honest.shape[0] + m, m)
+        return attacks_model.alie(honest, num_malicious=m, z=z)
+    if kind is Attack.IPM:
+        return attacks_model.inner_product_manipulation(
+            honest, num_malicious=m, epsilon=config.epsilon
+        )
+    find = attacks_model.min_max if kind is Attack.MIN_MAX else attacks_model.min_sum
+    return find(honest, num_malicious=m, kind=config.perturbation, tolerance=config.tolerance)
+
+
+def choose_malicious(client_ids: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """``round(fraction * n)`` of the ``n`` clients, drawn with ``seed``, sorted.
+
+    The draw depends on the ids as a set (they are sorted first), so the same seed and the same
+    federation always give the same attackers.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise robust_base.RobustnessError(
+            f"The malicious fraction must be in [0, 1], got {fraction}."
+        )
+    ids = sorted(client_ids)
+    if len(set(ids)) != len(ids):
+        raise robust_base.RobustnessError("Client ids must be distinct.")
+    count = round(fraction * len(ids))
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
+    return sorted(ids[i] for i in order[:count].tolist())

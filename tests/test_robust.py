@@ -132,6 +132,12 @@ def test_median_by_hand() -> None:
     )
     four = torch.tensor([[1.0, 0.0], [2.0, 7.0], [3.0, 8.0], [100.0, 9.0]])
     assert robust_coordinate.coordinate_median(four, f=1).tolist() == [2.5, 7.5]
+    ties = torch.tensor([[1.0, 2.0], [2.0, 2.0], [2.0, 2.0], [5.0, 1.0]])
+    assert robust_coordinate.coordinate_median(ties, f=1).tolist() == [2.0, 2.0]
+    g = torch.Generator().manual_seed(13)
+    x = torch.randint(0, 3, (10, 300), generator=g).to(torch.float64)
+    expected = x.sort(dim=0).values[4:6].mean(dim=0)
+    assert torch.equal(robust_coordinate.coordinate_median(x, f=4), expected)
 
 
 def test_trimmed_mean_by_hand_and_with_ties() -> None:

@@ -75,8 +75,13 @@ def mean_around_median(updates: torch.Tensor, *, keep: int) -> torch.Tensor:
 
 
 def _median(updates: torch.Tensor) -> torch.Tensor:
+    k = updates.shape[0]
     lower = torch.median(updates, dim=0).values  # torch returns the lower of the two middles
-    if updates.shape[0] % 2 == 1:
+    if k % 2 == 1:
         return lower
-    upper = -torch.median(-updates, dim=0).values
+    # The upper middle value (rank K/2 + 1): ``lower`` again if it occurs past rank K/2, else
+    # the smallest value above it. Two masked passes instead of a second median.
+    repeated = (updates <= lower).sum(dim=0) > k // 2
+    above = torch.where(updates > lower, updates, float("inf")).amin(dim=0)
+    upper = torch.where(repeated, lower, above)
     return ((lower.to(torch.float64) + upper.to(torch.float64)) / 2.0).to(updates.dtype)

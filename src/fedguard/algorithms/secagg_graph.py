@@ -17,6 +17,7 @@ deployments facing a malicious server should choose ``k`` from their Table 2, no
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 
@@ -47,7 +48,11 @@ def default_threshold(holders: int) -> int:
 
 def harary_graph(client_ids: Sequence[int], k: int, seed: int) -> dict[int, frozenset[int]]:
     """Each client's ``k`` neighbours in ``H(n, k)`` over the seed's random ordering of clients."""
-    ids = sorted(client_ids)
+    return dict(_harary(tuple(sorted(client_ids)), k, seed))
+
+
+@functools.lru_cache(maxsize=16)  # a simulator asks once per simulated client per round
+def _harary(ids: tuple[int, ...], k: int, seed: int) -> tuple[tuple[int, frozenset[int]], ...]:
     n = len(ids)
     k = feasible_degree(n, k)
     order = np.random.default_rng([seed, 0x6A]).permutation(n)
@@ -60,7 +65,7 @@ def harary_graph(client_ids: Sequence[int], k: int, seed: int) -> dict[int, froz
     for index, cid in enumerate(ids):
         at = (position[index] + np.asarray(offsets)) % n
         neighbours[cid] = frozenset(ids[int(j)] for j in order[at])
-    return neighbours
+    return tuple(neighbours.items())
 
 
 def check_symmetric(graph: Mapping[int, frozenset[int]]) -> None:

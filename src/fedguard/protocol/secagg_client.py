@@ -46,6 +46,7 @@ class _Shared:
     c: secagg_crypto.KeyPair
     s: secagg_crypto.KeyPair
     peers: dict[int, tuple[bytes, bytes]]  # neighbour that advertised -> (c_pk, s_pk)
+    share_keys: dict[int, bytes]  # neighbour -> AES-GCM key (agreed once, used both ways)
     b_seed: bytes
     own: tuple[bytes, bytes]  # this client's own shares of b_u and s_u^SK
 
@@ -139,6 +140,7 @@ class SecAggClient:
             self._random,
         )
         ciphertexts: dict[int, bytes] = {}
+        share_keys: dict[int, bytes] = {}
         own = (b"", b"")
         for i, holder in enumerate(holders):
             b_share = secagg_shamir.share_to_bytes(shares[0, i])
@@ -147,6 +149,7 @@ class SecAggClient:
                 own = (b_share, s_share)
                 continue
             key = secagg_crypto.share_key(state.c.private, peers[holder][0], round_, cid, holder)
+            share_keys[holder] = key
             ciphertexts[holder] = secagg_crypto.encrypt_bundle(
                 key,
                 bundle_plaintext(b_share, s_share),
@@ -155,7 +158,7 @@ class SecAggClient:
                 receiver=holder,
                 random_bytes=self._random,
             )
-        self.states[cid] = _Shared(setup, state.c, state.s, peers, b_seed, own)
+        self.states[cid] = _Shared(setup, state.c, state.s, peers, share_keys, b_seed, own)
         return messages.SecAggShares(round_, cid, ciphertexts)
 
     def _check_peers(
@@ -193,11 +196,8 @@ class SecAggClient:
         for sender, ciphertext in request.ciphertexts.items():
             if sender not in state.peers:
                 raise SecAggError(f"Client {cid} got a share bundle from non-peer {sender}.")
-            key = secagg_crypto.share_key(
-                state.c.private, state.peers[sender][0], round_, cid, sender
-            )
             plain = secagg_crypto.decrypt_bundle(
-                key, ciphertext, round_=round_, sender=sender, receiver=cid
+                state.share_keys[sender], ciphertext, round_=round_, sender=sender, receiver=cid
             )
             held[sender] = split_bundle(plain, SHARE_BYTES, sender)
         if len(held) < setup.threshold:

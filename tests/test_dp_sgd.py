@@ -52,6 +52,7 @@ def _strided_convs() -> nn.Module:
 # (builder, input shape of one example, classes), all small enough for a fast test.
 MODELS = {
     "image_cnn": (lambda: torch_models.image_cnn((1, 28, 28), 2), (1, 28, 28), 2),
+    "dp_image_cnn": (lambda: torch_models.dp_image_cnn((1, 28, 28), 2), (1, 28, 28), 2),
     "speech_cnn": (lambda: torch_models.speech_cnn((1, 40, 20), 5), (1, 40, 20), 5),
     "logistic_regression": (lambda: torch_models.logistic_regression((1, 6, 6), 3), (1, 6, 6), 3),
     "tokens_mlp": (_tokens_mlp, (4, 16), 3),
@@ -205,6 +206,13 @@ def test_unfold_equals_torch_unfold(conv: nn.Conv1d | nn.Conv2d) -> None:
         )
     assert torch.equal(dp_sgd._unfold(conv, x), expected)
     assert expected.shape[2] == conv(x).shape[-1] * (conv(x).shape[-2] if x.ndim == 4 else 1)
+
+
+def test_dp_image_cnn_is_small_and_on_the_hook_path() -> None:
+    """GroupNorm without affine weights owns no parameter: per-example gradients need no vmap."""
+    model = TorchModel(torch_models.dp_image_cnn((1, 28, 28), 2))
+    assert model.get_flat().numel() == 16 * 9 + 16 + 32 * 16 * 9 + 32 + 32 * 5 * 5 * 2 + 2
+    assert dp_sgd._hookable_layers(model) is not None  # every weight in a Conv or Linear
 
 
 def test_group_norm_takes_the_fallback_and_trains() -> None:

@@ -89,9 +89,13 @@ class EvaluationSection(_Section):
 
 
 class PrivacySection(_Section):
-    """Differential privacy: off, record level inside each client, or user level at the server."""
+    """Differential privacy: off, record level inside each client, or user level at the server.
 
-    mode: Literal["off", "local", "central"] = "off"
+    ``distributed`` is user-level DP under secure aggregation: each client clips to ``clip_norm``
+    and adds its share of Skellam noise before masking (see ``fedguard.algorithms.distributed_dp``).
+    """
+
+    mode: Literal["off", "local", "central", "distributed"] = "off"
     noise_multiplier: float | None = Field(None, gt=0.0)
     target_epsilon: float | None = Field(None, gt=0.0)
     max_epsilon: float | None = Field(None, gt=0.0)
@@ -112,7 +116,9 @@ class SecureAggregationSection(_Section):
     a random graph of ``neighbours`` per client (Bell et al. 2020; default about log2 of the
     clients per round). ``threshold`` is the number of share holders of a client that must
     survive (default: more than half). ``max_examples`` caps a client's weight (default: the
-    largest local training set, known in simulation; set it in a deployment).
+    largest local training set, known in simulation; set it in a deployment). ``dropout_rate`` is
+    the largest share of a round's clients that may drop while the round still completes (with
+    distributed DP each client's noise share assumes that many may be missing).
     """
 
     enabled: bool = False
@@ -122,6 +128,7 @@ class SecureAggregationSection(_Section):
     threshold: int | None = Field(None, ge=1)
     neighbours: int | None = Field(None, ge=1)
     max_examples: int | None = Field(None, ge=1)
+    dropout_rate: float = Field(0.1, ge=0.0, lt=0.5)
 
 
 class CheckpointSection(_Section):
@@ -202,11 +209,11 @@ class ExperimentConfig(_Section):
         )
         if refusal is not None:
             raise ValueError(f"secure_aggregation.enabled = true cannot run here: {refusal}")
-        if p.mode == "central":
+        if p.mode in ("central", "distributed"):
             if a.clip_norm is not None and a.clip_norm != p.clip_norm:
                 raise ValueError(
                     f"secure_aggregation.clip_norm={a.clip_norm} differs from privacy.clip_norm="
-                    f"{p.clip_norm}: with central DP the clients clip once, at privacy.clip_norm"
+                    f"{p.clip_norm}: with {p.mode} DP the clients clip once, at privacy.clip_norm"
                 )
             if p.adaptive_clip:
                 raise ValueError(
@@ -265,10 +272,21 @@ class ExperimentConfig(_Section):
                     f'privacy.mode = "local" does not support server.strategy = "{s.strategy}" '
                     "(its client term is not privatised); use fedavg, fedavgm or an adaptive one"
                 )
-        if p.mode == "central":
+        if p.mode == "distributed":
+            if not self.secure_aggregation.enabled:
+                raise ValueError(
+                    'privacy.mode = "distributed" needs secure_aggregation.enabled = true: the '
+                    'clients\' noise shares only add up to DP noise inside the masked sum; use "central"'
+                )
+            if p.adaptive_clip or s.sampling == "poisson" or p.accountant == "pld":
+                raise ValueError(
+                    'privacy.mode = "distributed" needs a fixed privacy.clip_norm, server.sampling = '
+                    '"fixed" and privacy.accountant = "rdp" (its Skellam noise is accounted by RDP)'
+                )
+        if p.mode in ("central", "distributed"):
             if s.strategy == "scaffold" or c.optimizer == "newton":
                 raise ValueError(
-                    'privacy.mode = "central" privatises the model update only: SCAFFOLD control '
+                    f'privacy.mode = "{p.mode}" privatises the model update only: SCAFFOLD control '
                     "variates and Newton statistics would leak; use another strategy or optimizer"
                 )
         if p.accountant == "pld" and p.mode == "central" and s.sampling == "fixed":

@@ -9,6 +9,11 @@ clients and the server must do and what the accountant composes:
   steps count whenever it was asked to train, whether or not its reply was used (it may have
   left). The run reports the worst client's epsilon.
 * ``central`` (user-level DP-FedAvg): one sampled Gaussian mechanism per round over clients.
+* ``distributed`` (user-level, under secure aggregation): the clients' Skellam noise shares make
+  one Skellam mechanism per round on the quantised sum (at least ``m`` shares in every released
+  sum, ``m`` = clients per round minus the tolerated dropouts); epsilon composes its RDP bound
+  over the rounds without claiming amplification by sampling (see
+  :func:`fedguard.algorithms.accounting.skellam_epsilon`).
 
 With ``target_epsilon`` the noise multiplier is calibrated before round 1 for the configured
 rounds, assuming every client joins every round (exact with full participation, conservative
@@ -22,12 +27,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedguard.algorithms import accounting
-from fedguard.algorithms.accounting import Accountant, SampledGaussian
+from fedguard.algorithms import accounting, distributed_dp
+from fedguard.algorithms.accounting import Accountant, SampledGaussian, SkellamSum
 from fedguard.client import dp_sgd
 from fedguard.client.model import ModelAdapter
 from fedguard.experiment.config import ConfigError, ExperimentConfig
-from fedguard.protocol import messages
+from fedguard.protocol import messages, secagg
 
 
 @dataclass
@@ -47,10 +52,40 @@ class PrivacyPlan:
     num_clients: int = 0
     clients_per_round: int = 0
     poisson: bool = False
-    _cache: dict[SampledGaussian, float] = field(default_factory=dict, repr=False)
+    # distributed: the ring, the clip and the model size fix the quantisation and sensitivity
+    bits: int = 32
+    clip_norm: float = 1.0
+    dim: int = 0
+    noise_clients: int = 0
+    _cache: dict[SampledGaussian | SkellamSum, float] = field(default_factory=dict, repr=False)
+
+    @property
+    def distributed(self) -> distributed_dp.Skellam | None:
+        """The Skellam mechanism the clients share (distributed mode), else None."""
+        if self.mode != "distributed":
+            return None
+        return distributed_dp.Skellam(self.noise_multiplier, self.noise_clients)
+
+    def _skellam(self, rounds: int, z: float) -> SkellamSum:
+        """``rounds`` Skellam rounds at multiplier ``z``, in the quantisation levels of the
+        fixed-size cohort: ``Delta_2`` from conditional rounding, total ``mu = (z s C)^2 / 2``."""
+        mechanism = distributed_dp.Skellam(z, self.noise_clients)
+        fp = distributed_dp.fixed_point(
+            bits=self.bits,
+            clip_norm=self.clip_norm,
+            num_clients=self.clients_per_round,
+            mechanism=mechanism,
+        )
+        levels = fp.scale * fp.clip_norm
+        l2 = distributed_dp.l2_sensitivity(levels, self.dim, mechanism.beta)
+        mu = self.noise_clients * distributed_dp.client_rate(mechanism, levels)
+        return SkellamSum(l2, distributed_dp.l1_sensitivity(l2, self.dim), mu, rounds)
 
     def client_config(self, cfg: ExperimentConfig) -> dict[str, messages.Scalar]:
-        """Extra fit-task settings: DP-SGD for local mode (central clips are set per round)."""
+        """Extra fit-task settings: DP-SGD for local mode, the noise shares for distributed mode
+        (central clips are set per round)."""
+        if self.distributed is not None:
+            return secagg.distributed_config(self.distributed)
         if self.mode != "local":
             return {}
         return {
@@ -73,17 +108,22 @@ class PrivacyPlan:
     def _local(self, cid: int, rounds_joined: int, noise: float) -> SampledGaussian:
         return SampledGaussian(noise, rounds_joined * self.steps_per_round[cid], self.rates[cid])
 
-    def _epsilon(self, m: SampledGaussian) -> float:
+    def _epsilon(self, m: SampledGaussian | SkellamSum) -> float:
         """dp-accounting's epsilon for ``m``, computed once per distinct mechanism: the run asks
         for the same one again (budget check before a round, metrics after it, the summary)."""
         if m not in self._cache:
-            self._cache[m] = accounting.epsilon(m, self.delta, self.accountant)
+            if isinstance(m, SkellamSum):
+                self._cache[m] = accounting.skellam_epsilon(m, self.delta)
+            else:
+                self._cache[m] = accounting.epsilon(m, self.delta, self.accountant)
         return self._cache[m]
 
     def epsilon(self, rounds_done: int, joined: Mapping[int, int]) -> float:
         """Epsilon after ``rounds_done`` rounds in which client ``c`` trained ``joined[c]`` times."""
         if self.mode == "central":
             return self._epsilon(self._central(rounds_done))
+        if self.mode == "distributed":
+            return self._epsilon(self._skellam(rounds_done, self.noise_multiplier))
         return max(
             (self._epsilon(self._local(c, t, self.noise_multiplier)) for c, t in joined.items()),
             default=0.0,
@@ -111,6 +151,20 @@ class PrivacyPlan:
                 }
             )
             return {**common, "mechanism": "dp_fedavg_gaussian", "rounds": rounds_done, **sampling}
+        if self.mode == "distributed":
+            k = self._skellam(rounds_done, self.noise_multiplier)
+            return {
+                **common,
+                "mechanism": "distributed_skellam",
+                "rounds": rounds_done,
+                "neighboring_relation": "add_or_remove_one",
+                "noise_clients": self.noise_clients,
+                "l2_sensitivity": k.l2_sensitivity,
+                "l1_sensitivity": k.l1_sensitivity,
+                "skellam_mu": k.mu,
+                "rdp_orders": [accounting.SKELLAM_ORDERS[0], accounting.SKELLAM_ORDERS[-1]],
+                "sampling_amplification": False,
+            }
         clients = {
             str(cid): {
                 "sampling_rate": self.rates[cid],
@@ -156,6 +210,32 @@ def build(
                 for i, n in client_sizes.items()
             },
         )
+    elif p.mode == "distributed":
+        n, per_round = len(client_sizes), cfg.clients_per_round
+        if p.delta >= 1.0 / n:
+            raise ConfigError(
+                f"privacy.delta={p.delta:g} must be below 1/n = {1.0 / n:.3g} for user-level DP "
+                f"over n = {n} clients; use more clients or a smaller delta"
+            )
+        a = cfg.secure_aggregation
+        plan = PrivacyPlan(
+            "distributed",
+            kind,
+            p.delta,
+            p.noise_multiplier or 1.0,
+            p.max_epsilon,
+            p.target_epsilon is not None,
+            num_clients=n,
+            clients_per_round=per_round,
+            bits=a.bits,
+            clip_norm=p.clip_norm,
+            dim=model.spec.size,
+            noise_clients=per_round - math.floor(a.dropout_rate * per_round),
+        )
+        try:
+            plan._skellam(0, plan.noise_multiplier)
+        except ValueError as exc:
+            raise ConfigError(f"secure_aggregation.bits: {exc}") from None
     else:
         n = len(client_sizes)
         if p.delta >= 1.0 / n:
@@ -193,6 +273,8 @@ def _calibrate(plan: PrivacyPlan, rounds: int, target: float) -> float:
             return accounting.epsilon(
                 plan._central(rounds).with_noise(z), plan.delta, plan.accountant
             )
+        if plan.mode == "distributed":
+            return accounting.skellam_epsilon(plan._skellam(rounds, z), plan.delta)
         return accounting.worst_epsilon(
             (plan._local(cid, times, z) for cid, times in every_round.items()),
             plan.delta,

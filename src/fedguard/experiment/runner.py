@@ -192,16 +192,19 @@ class Experiment:
         a, cfg = self.cfg.secure_aggregation, self.cfg
         if not a.enabled:
             return None
-        clip = cfg.privacy.clip_norm if central_dp is not None else a.clip_norm
+        distributed = self.privacy.distributed if self.privacy is not None else None
+        user_dp = central_dp is not None or distributed is not None
+        clip = cfg.privacy.clip_norm if user_dp else a.clip_norm
         assert clip is not None  # the config refuses secure aggregation without a clip
         settings = secagg.Settings(
             mode=secagg.Mode(a.mode),
             clip_norm=clip,
             max_weight=a.max_examples or max(sizes.values()),
             bits=a.bits,
-            weighted=central_dp is None,
+            weighted=not user_dp,
             threshold=a.threshold,
             neighbours=a.neighbours,
+            distributed=distributed,
         )
         poisson = cfg.server.sampling == "poisson"
         largest = len(sizes) if poisson else cfg.clients_per_round

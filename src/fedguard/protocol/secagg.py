@@ -23,6 +23,11 @@ to every neighbourhood. While every neighbourhood keeps ``t`` members through ph
 dropouts are recovered exactly; otherwise the round is aborted (:class:`SecAggAbortedError`), before
 phase 3 whenever the shortfall is visible then, so that nothing is revealed.
 
+With distributed DP (:mod:`fedguard.algorithms.distributed_dp`) each client adds its share of
+Skellam noise to its encoded update in phase 2, before masking; the fit config carries the
+mechanism (:func:`distributed_config`), and the server aborts, and every client refuses to
+unmask, a round with fewer masked inputs than the mechanism's noise shares.
+
 This module holds the pieces that both halves (:mod:`.secagg_client`, :mod:`.secagg_server`)
 need: the phases, the settings, the round setup and the errors. The server in this protocol is
 honest but curious; the consistency check round of the paper's actively secure variant is not
@@ -32,10 +37,11 @@ implemented.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
-from fedguard.algorithms import secagg_graph, secagg_quantize
+from fedguard.algorithms import distributed_dp, secagg_graph, secagg_quantize
 from fedguard.protocol import messages
 
 
@@ -61,6 +67,27 @@ class Mode(enum.StrEnum):
     SECAGG_PLUS = "secagg+"  # random k-regular graph (Bell et al. 2020)
 
 
+DDP_NOISE = "ddp_noise_multiplier"  # distributed DP: the Skellam noise multiplier z
+DDP_CLIENTS = "ddp_noise_clients"  # ... shared by this many clients (the fewest a round sums)
+
+
+def distributed_config(mechanism: distributed_dp.Skellam) -> dict[str, messages.Scalar]:
+    """The fit-config entries that tell a client to add its share of ``mechanism``'s noise."""
+    return {DDP_NOISE: mechanism.noise_multiplier, DDP_CLIENTS: mechanism.noise_clients}
+
+
+def distributed_from_config(config: Mapping[str, messages.Scalar]) -> distributed_dp.Skellam | None:
+    """The mechanism that :func:`distributed_config` wrote, or None without distributed DP."""
+    if DDP_NOISE not in config:
+        return None
+    try:
+        return distributed_dp.Skellam(float(config[DDP_NOISE]), int(config[DDP_CLIENTS]))
+    except (KeyError, ValueError) as exc:
+        raise SecAggError(
+            f"The distributed DP settings of the fit task are invalid: {exc}"
+        ) from None
+
+
 class SecAggError(RuntimeError):
     """A client refuses a request that breaks the protocol (it reveals nothing then)."""
 
@@ -83,6 +110,8 @@ class Settings:
     ``max_weight`` caps a client's integer weight (its example count) so that the fixed-point
     sum cannot overflow; ``weighted = False`` sums the clipped updates with weight 1 each (as
     central DP needs). ``threshold`` and ``neighbours`` default per round from the cohort size.
+    ``distributed`` adds distributed DP (unweighted sums only): the clients noise their encoded
+    updates and a round needs at least ``distributed.noise_clients`` masked inputs.
     """
 
     mode: Mode
@@ -92,13 +121,23 @@ class Settings:
     weighted: bool = True
     threshold: int | None = None
     neighbours: int | None = None
+    distributed: distributed_dp.Skellam | None = None
 
     def __post_init__(self) -> None:
         if self.mode is Mode.SECAGG and self.neighbours is not None:
             raise ValueError('Neighbours are only chosen in mode "secagg+", not "secagg".')
+        if self.distributed is not None and self.weighted:
+            raise ValueError("Distributed DP sums unweighted updates; set weighted = False.")
 
     def fixed_point(self, num_clients: int) -> secagg_quantize.FixedPoint:
         """The encoding for ``num_clients``; raises ValueError if the ring is too small."""
+        if self.distributed is not None:
+            return distributed_dp.fixed_point(
+                bits=self.bits,
+                clip_norm=self.clip_norm,
+                num_clients=num_clients,
+                mechanism=self.distributed,
+            )
         return secagg_quantize.fixed_point(
             bits=self.bits,
             clip_norm=self.clip_norm,
@@ -129,6 +168,7 @@ class Settings:
             max_weight=self.max_weight if self.weighted else 1,
             weighted=self.weighted,
             dim=dim,
+            distributed=self.distributed,
         )
 
 
@@ -146,6 +186,7 @@ class RoundSetup:
     max_weight: int
     weighted: bool
     dim: int
+    distributed: distributed_dp.Skellam | None = None  # not on the wire: from the fit config
 
     def __post_init__(self) -> None:
         holders = self.neighbours + 1
@@ -169,8 +210,20 @@ class RoundSetup:
         """Who holds shares of ``client_id``'s secrets: its neighbours and itself."""
         return self.graph[client_id] | {client_id}
 
+    @property
+    def min_inputs(self) -> int:
+        """The fewest masked inputs whose sum may be unmasked (the noise shares with DDP)."""
+        return 1 if self.distributed is None else self.distributed.noise_clients
+
     @cached_property
     def fixed_point(self) -> secagg_quantize.FixedPoint:
+        if self.distributed is not None:
+            return distributed_dp.fixed_point(
+                bits=self.bits,
+                clip_norm=self.clip_norm,
+                num_clients=len(self.sampled),
+                mechanism=self.distributed,
+            )
         return secagg_quantize.fixed_point(
             bits=self.bits,
             clip_norm=self.clip_norm,

@@ -18,15 +18,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedguard.algorithms import secagg_crypto, secagg_quantize, secagg_shamir
+from fedguard.algorithms import distributed_dp, secagg_crypto, secagg_quantize, secagg_shamir
 from fedguard.protocol import messages
-from fedguard.protocol.secagg import RoundSetup, SecAggError, bundle_plaintext, split_bundle
+from fedguard.protocol.secagg import (
+    RoundSetup,
+    SecAggError,
+    bundle_plaintext,
+    distributed_from_config,
+    split_bundle,
+)
 
 Fit = Callable[[messages.FitTask], messages.FitReply]
 SECRET_BYTES = secagg_crypto.KEY_BYTES
@@ -192,6 +198,9 @@ class SecAggClient:
         state = self._state(cid, round_, _Shared)
         assert isinstance(state, _Shared)
         setup = state.setup
+        mechanism = distributed_from_config(request.config)
+        if mechanism is not None:
+            setup = replace(setup, distributed=mechanism)
         held = {cid: state.own}
         for sender, ciphertext in request.ciphertexts.items():
             if sender not in state.peers:
@@ -208,16 +217,18 @@ class SecAggClient:
         reply = self._fit(
             messages.FitTask(round_, cid, request.parameters, request.config, request.tensors)
         )
-        seed = int(request.config.get("seed", 0))
-        weight = reply.num_examples if setup.weighted else 1
-        encoded = secagg_quantize.encode(
-            reply.update.detach().numpy(),
-            weight,
-            setup.fixed_point,
-            np.random.default_rng([seed, 0x5EC]),
-        )
+        update = reply.update.detach().numpy()
+        if mechanism is not None:  # the noise must be secret: seeded from this client's entropy
+            secret = np.random.default_rng(np.frombuffer(self._random(32), dtype="<u4"))
+            encoded = distributed_dp.encode(update, setup.fixed_point, mechanism, secret)
+        else:
+            seed = int(request.config.get("seed", 0))
+            weight = reply.num_examples if setup.weighted else 1
+            encoded = secagg_quantize.encode(
+                update, weight, setup.fixed_point, np.random.default_rng([seed, 0x5EC])
+            )
         masked = self._add_masks(cid, encoded, state, sorted(set(held) - {cid}))
-        self.states[cid] = _Masked(setup, held)
+        self.states[cid] = _Masked(setup, held)  # setup.min_inputs: noise shares needed
         signed = masked.view(np.int32 if masked.dtype.itemsize == 4 else np.int64)
         return messages.SecAggMaskedInput(round_, cid, torch.from_numpy(signed))
 
@@ -263,6 +274,11 @@ class SecAggClient:
             raise SecAggError(
                 f"Client {cid} sees {len(alive & held)} alive share holders, fewer than the "
                 f"threshold {state.setup.threshold}; it refuses to unmask."
+            )
+        if len(alive) < state.setup.min_inputs:
+            raise SecAggError(
+                f"Client {cid} is asked to unmask a sum of {len(alive)} inputs, fewer than the "
+                f"{state.setup.min_inputs} whose noise the privacy guarantee counts on."
             )
         del self.states[cid]
         return messages.SecAggUnmaskReply(

@@ -113,7 +113,7 @@ def _require(
 ) -> None:
     reason = setup.shortfall(secrets_of, alive)
     if reason is None and len(alive) < min_survivors:
-        reason = f"{len(alive)} clients left, min_clients is {min_survivors}"
+        reason = f"{len(alive)} clients left, the round needs {min_survivors}"
     if reason is not None or not alive:
         raise SecAggAbortedError(
             f"Round {setup.round}: secure aggregation aborted before phase {phase.name.lower()}: "
@@ -153,7 +153,7 @@ def secure_sum(
     )
     masked = {u: r.masked for u, r in replies.items() if _check_masked(setup, u, r, ledger)}
     u3 = set(masked)
-    _require(setup, Phase.UNMASK, u2, u3, ledger, min_survivors)
+    _require(setup, Phase.UNMASK, u2, u3, ledger, max(min_survivors, setup.min_inputs))
     b_shares, s_shares = _unmask_shares(transport, setup, u2, u3, ledger, deadline_s)
     ring_sum = _unmasked_sum(setup, keys, masked, u2, b_shares, s_shares, ledger)
     decoded = secagg_quantize.decode_sum(ring_sum, setup.fixed_point)

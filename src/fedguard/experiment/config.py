@@ -1,8 +1,9 @@
 """Experiment configuration: TOML files validated with pydantic, with one-line errors.
 
 Every key has a type and a range; unknown keys are refused, so a typo never silently falls back to
-a default. Cross-key rules (more clients per round than clients, FedProx without a proximal term)
-are checked here too, before anything runs.
+a default. Cross-key rules (more clients per round than clients, FedProx without a proximal term,
+Krum under secure aggregation, more Byzantine clients than a robust rule tolerates) are checked
+here too, before anything runs.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedguard.algorithms import attacks, attacks_model, robust
 from fedguard.protocol import strategy
 
 
@@ -79,6 +81,70 @@ class ServerSection(_Section):
     tau: float = Field(1e-3, gt=0.0)
     deadline_s: float | None = Field(None, gt=0.0)
     sampling: Literal["fixed", "poisson"] = "fixed"
+    # Byzantine robustness: the rule that replaces the weighted mean, and what it must tolerate.
+    aggregator: Literal[
+        "mean",
+        "krum",
+        "multi_krum",
+        "median",
+        "trimmed_mean",
+        "bulyan",
+        "geometric_median",
+        "centered_clipping",
+        "norm_bounding",
+    ] = "mean"
+    byzantine_f: int | None = Field(None, ge=0)  # required with a robust aggregator
+    multi_krum_m: int | None = Field(None, ge=1)  # default: K - f
+    clipping_radius: float = Field(10.0, gt=0.0)  # centered clipping tau
+    clipping_iterations: int = Field(1, ge=1)  # centered clipping L
+    norm_bound: float | None = Field(None, gt=0.0)  # norm bounding M (required for it)
+    weiszfeld_iterations: int = Field(1000, ge=1)  # geometric median
+    weiszfeld_tolerance: float = Field(1e-6, gt=0.0)  # geometric median
+
+
+class AttackSection(_Section):
+    """Simulated Byzantine clients (simulation only): which attack, how many, its parameters.
+
+    ``fraction`` of the clients, drawn with ``seed`` (default: the experiment's seed), are
+    malicious for the whole run. Data poisoning (``label_flip``, ``backdoor``) changes their
+    training data; model poisoning replaces their replies (see ``fedguard.runtime.attack``).
+    """
+
+    kind: Literal[
+        "none",
+        "sign_flip",
+        "boost",
+        "gaussian",
+        "alie",
+        "ipm",
+        "min_max",
+        "min_sum",
+        "label_flip",
+        "backdoor",
+    ] = "none"
+    fraction: float = Field(0.2, ge=0.0, le=1.0)
+    seed: int | None = None
+    scale: float = Field(1.0, gt=0.0)  # sign_flip: -scale * u
+    factor: float = Field(10.0, gt=0.0)  # boost: factor * u
+    std: float = Field(1.0, gt=0.0)  # gaussian
+    z: float | None = Field(None, gt=0.0)  # alie; default: Baruch et al.'s z_max
+    epsilon: float = Field(0.5, gt=0.0)  # ipm: -epsilon * mean(honest)
+    perturbation: Literal["unit_vector", "std", "sign"] = "std"  # min_max / min_sum
+    target_label: int = Field(0, ge=0)  # backdoor
+    trigger_size: int = Field(3, ge=1)  # backdoor: side of the square, in pixels
+    poisoned_fraction: float = Field(0.5, gt=0.0, le=1.0)  # backdoor: share of local images
+
+    def config(self) -> attacks.AttackConfig:
+        """The algorithms' view of a model-poisoning or label-flipping attack."""
+        return attacks.AttackConfig(
+            kind=attacks.Attack(self.kind),
+            scale=self.scale,
+            factor=self.factor,
+            std=self.std,
+            z=self.z,
+            epsilon=self.epsilon,
+            perturbation=attacks_model.Perturbation(self.perturbation),
+        )
 
 
 class EvaluationSection(_Section):
@@ -147,6 +213,7 @@ class ExperimentConfig(_Section):
     checkpoint: CheckpointSection = CheckpointSection()
     privacy: PrivacySection = PrivacySection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
+    attack: AttackSection = AttackSection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -198,14 +265,108 @@ class ExperimentConfig(_Section):
             )
         self._privacy_checks()
         self._secure_aggregation_checks()
+        self._robustness_checks()
         return self
+
+    def _robustness_checks(self) -> None:
+        s, k = self.server, self.clients_per_round
+        if s.aggregator == "mean":
+            used = [
+                n for n in _ROBUST_KEYS if getattr(s, n) != ServerSection.model_fields[n].default
+            ]
+            if used:
+                raise ValueError(
+                    f"server.{used[0]} only applies to a robust server.aggregator; "
+                    'it is "mean" (plain FedAvg)'
+                )
+        else:
+            kind = robust.RobustAggregator(s.aggregator)
+            condition, most = ROBUST_CONDITIONS[kind], robust.max_byzantine(kind, k)
+            if most < 0:
+                raise ValueError(
+                    f'server.aggregator = "{kind}" cannot run with {k} clients per round: it '
+                    f"needs {condition} even for f = 0"
+                )
+            if s.byzantine_f is None:
+                raise ValueError(
+                    f'server.aggregator = "{kind}" needs server.byzantine_f, the number of '
+                    f"Byzantine clients per round it must tolerate (0..{most} with {k} clients "
+                    f"per round, as it needs {condition})"
+                )
+            if s.byzantine_f > most:
+                raise ValueError(
+                    f"server.byzantine_f={s.byzantine_f} is too large for server.aggregator = "
+                    f'"{kind}" with {k} clients per round: it needs {condition}, so f <= {most}'
+                )
+            need = min_updates(kind, s.byzantine_f)
+            if s.min_clients is not None and s.min_clients < need:
+                raise ValueError(
+                    f"server.min_clients={s.min_clients} is below the {need} replies "
+                    f'server.aggregator = "{kind}" needs to tolerate f={s.byzantine_f} '
+                    f"({condition}); raise it or leave it unset"
+                )
+            for name, only in _ROBUST_PARAMETER_OWNER.items():
+                if kind is not only and _changed(s, (name,)):
+                    raise ValueError(
+                        f'server.{name} only applies to server.aggregator = "{only}", not "{kind}"'
+                    )
+            if kind is robust.RobustAggregator.NORM_BOUNDING and s.norm_bound is None:
+                raise ValueError(
+                    'server.aggregator = "norm_bounding" needs server.norm_bound, the largest '
+                    "update norm it lets through"
+                )
+            if s.multi_krum_m is not None and s.multi_krum_m > need - s.byzantine_f:
+                raise ValueError(
+                    f"server.multi_krum_m={s.multi_krum_m} exceeds the {need - s.byzantine_f} "
+                    f"updates Multi-Krum can select from {need} replies with f={s.byzantine_f}"
+                )
+            if self.client.optimizer == "newton":
+                raise ValueError(
+                    'client.optimizer = "newton" pools gradient and Hessian sums on the server; '
+                    'a robust server.aggregator cannot apply to them: use "mean"'
+                )
+            if self.privacy.mode == "central" and robust.needs_individual_updates(kind):
+                raise ValueError(
+                    f'server.aggregator = "{kind}" cannot run with privacy.mode = "central": the '
+                    'DP noise is calibrated for the mean\'s sensitivity; use "norm_bounding" '
+                    'or "mean"'
+                )
+            if self.privacy.mode == "central" and self.privacy.adaptive_clip:
+                raise ValueError(
+                    'privacy.adaptive_clip cannot run with server.aggregator = "norm_bounding": '
+                    "its clip count would not match the bound applied; use a fixed clip_norm"
+                )
+        self._attack_checks()
+
+    def _attack_checks(self) -> None:
+        a = self.attack
+        if a.kind == "none":
+            changed = _changed(a, tuple(n for n in AttackSection.model_fields if n != "kind"))
+            if changed:
+                name = changed[0]
+                raise ValueError(f'attack.{name} is set but attack.kind = "none"')
+            return
+        kind = attacks.Attack(a.kind)
+        if self.secure_aggregation.enabled and not attacks.is_data_poisoning(kind):
+            raise ValueError(
+                f'attack.kind = "{kind}" rewrites fit replies, which secure aggregation masks; '
+                'simulate it without secure aggregation or use "label_flip" or "backdoor"'
+            )
+        if round(a.fraction * self.data.num_clients) == 0:
+            raise ValueError(
+                f"attack.fraction={a.fraction} of {self.data.num_clients} clients makes no client "
+                'malicious; raise it or set attack.kind = "none"'
+            )
 
     def _secure_aggregation_checks(self) -> None:
         a, p, s = self.secure_aggregation, self.privacy, self.server
         if not a.enabled:
             return
+        aggregator = None if s.aggregator == "mean" else robust.RobustAggregator(s.aggregator)
         refusal = strategy.secure_aggregation_refusal(
-            strategy.StrategyKind(s.strategy), newton=self.client.optimizer == "newton"
+            strategy.StrategyKind(s.strategy),
+            newton=self.client.optimizer == "newton",
+            aggregator=aggregator,
         )
         if refusal is not None:
             raise ValueError(f"secure_aggregation.enabled = true cannot run here: {refusal}")
@@ -308,6 +469,66 @@ class ExperimentConfig(_Section):
     @property
     def min_clients(self) -> int:
         return self.server.min_clients if self.server.min_clients is not None else 1
+
+
+_ROBUST_KEYS = (
+    "byzantine_f",
+    "multi_krum_m",
+    "clipping_radius",
+    "clipping_iterations",
+    "norm_bound",
+    "weiszfeld_iterations",
+    "weiszfeld_tolerance",
+)
+_ROBUST_PARAMETER_OWNER = {
+    "multi_krum_m": robust.RobustAggregator.MULTI_KRUM,
+    "clipping_radius": robust.RobustAggregator.CENTERED_CLIPPING,
+    "clipping_iterations": robust.RobustAggregator.CENTERED_CLIPPING,
+    "norm_bound": robust.RobustAggregator.NORM_BOUNDING,
+    "weiszfeld_iterations": robust.RobustAggregator.GEOMETRIC_MEDIAN,
+    "weiszfeld_tolerance": robust.RobustAggregator.GEOMETRIC_MEDIAN,
+}
+# The condition on K updates and f Byzantine ones under which each rule's guarantee holds.
+ROBUST_CONDITIONS = {
+    k: "K > 2f + 2"
+    if k in (robust.RobustAggregator.KRUM, robust.RobustAggregator.MULTI_KRUM)
+    else "K >= 4f + 3"
+    if k is robust.RobustAggregator.BULYAN
+    else "K > 2f"
+    for k in robust.RobustAggregator
+}
+
+
+def _changed(section: _Section, names: tuple[str, ...]) -> list[str]:
+    """The keys among ``names`` whose value differs from the default (as written back on resume,
+    every key is present, so "set" cannot mean "given")."""
+    fields = type(section).model_fields
+    return [n for n in names if getattr(section, n) != fields[n].default]
+
+
+def min_updates(kind: robust.RobustAggregator, f: int) -> int:
+    """The fewest updates ``K`` with which ``kind`` tolerates ``f`` Byzantine ones."""
+    k = 1
+    while robust.max_byzantine(kind, k) < f:
+        k += 1
+    return k
+
+
+def robust_rule(server: ServerSection) -> robust.RobustConfig | None:
+    """The robust aggregation rule of ``[server]``, or None for the plain weighted mean."""
+    if server.aggregator == "mean":
+        return None
+    assert server.byzantine_f is not None  # checked by the config
+    return robust.RobustConfig(
+        kind=robust.RobustAggregator(server.aggregator),
+        f=server.byzantine_f,
+        multi_krum_m=server.multi_krum_m,
+        max_iterations=server.weiszfeld_iterations,
+        tolerance=server.weiszfeld_tolerance,
+        tau=server.clipping_radius,
+        clipping_iterations=server.clipping_iterations,
+        norm_bound=server.norm_bound,
+    )
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
+from fedguard.algorithms import attacks, attacks_data, robust_base
 from fedguard.client.app import ClientData
 from fedguard.data import partition as partitioners
 from fedguard.data import registry
 from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
 from fedguard.experiment.config import ConfigError, ExperimentConfig
+from fedguard.runtime import attack
 
 DataFn = Callable[..., DatasetSplits | FederatedDataset]
 
@@ -125,6 +127,57 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
         name,
         eval_groups,
     )
+
+
+def attack_plan(cfg: ExperimentConfig, fed: Federation) -> attack.Plan | None:
+    """The ``[attack]`` of a simulated run: malicious clients drawn with its seed, its trigger.
+
+    The backdoor's trigger value is the largest training pixel of the whole federation, so that
+    the clients' stamps and the test set's are the same square.
+    """
+    a = cfg.attack
+    if a.kind == "none":
+        return None
+    seed = a.seed if a.seed is not None else cfg.experiment.seed
+    malicious = tuple(attacks.choose_malicious(list(fed.clients), a.fraction, seed))
+    backdoor = None
+    if a.kind == "backdoor":
+        if len(fed.input_shape) != 3:
+            raise ConfigError(
+                'attack.kind = "backdoor" stamps a pixel trigger into [C, H, W] images; '
+                f"{fed.dataset_name!r} has inputs of shape {fed.input_shape}"
+            )
+        if a.target_label >= fed.num_classes:
+            raise ConfigError(
+                f"attack.target_label={a.target_label} is not a class of {fed.dataset_name!r}: "
+                f"allowed 0..{fed.num_classes - 1}"
+            )
+        value = max(float(d.train_x.max()) for d in fed.clients.values())
+        trigger = attacks_data.Trigger(size=a.trigger_size, value=value)
+        try:
+            attacks_data.trigger_mask(fed.input_shape[1], fed.input_shape[2], trigger)
+        except robust_base.RobustnessError as exc:
+            raise ConfigError(f"attack.trigger_size: {exc}") from None
+        backdoor = attack.Backdoor(trigger, a.target_label, a.poisoned_fraction)
+    return attack.Plan(a.config(), malicious, seed, backdoor)
+
+
+def poison_clients(
+    fed: Federation,
+    malicious: Collection[int],
+    poison: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+) -> Federation:
+    """A copy of ``fed`` whose ``malicious`` clients train on ``poison(id, x, y)`` instead.
+
+    Simulation only (data poisoning, :mod:`fedguard.runtime.attack`). The partition summary
+    keeps the labels as they were dealt, before the attack rewrote them.
+    """
+    clients = dict(fed.clients)
+    for cid in malicious:
+        data = clients[cid]
+        x, y = poison(cid, data.train_x, data.train_y)
+        clients[cid] = replace(data, train_x=x, train_y=y)
+    return replace(fed, clients=clients)
 
 
 def _partition(

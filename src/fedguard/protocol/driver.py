@@ -147,7 +147,9 @@ class RoundDriver:
         self.poisson = poisson
         self.secure_aggregation = secure_aggregation
         if secure_aggregation is not None:
-            refusal = secure_aggregation_refusal(strategy.kind, newton=strategy.newton)
+            refusal = secure_aggregation_refusal(
+                strategy.kind, newton=strategy.newton, aggregator=strategy.aggregator
+            )
             if refusal is not None:
                 raise ValueError(f"Secure aggregation cannot serve this strategy: {refusal}.")
 

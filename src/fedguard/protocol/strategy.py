@@ -6,6 +6,11 @@ turns the accepted replies into the next global model with a pure server optimiz
 :mod:`fedguard.algorithms.server_optimizers`. Under secure aggregation the server never sees a
 reply, only the sum of the clipped, weighted updates; ``aggregate_sum`` takes that sum through
 the same server optimizers (and the same central DP noise).
+
+A Byzantine-robust rule (:mod:`fedguard.algorithms.robust`) wraps the aggregation step: where the
+strategy would take the weighted mean of the updates it takes the robust aggregate instead, so
+FedAvgM, FedAdam, FedYogi and FedAdagrad run unchanged on top of it. Centered clipping's reference
+point is server state and is checkpointed with the rest.
 """
 
 from __future__ import annotations
@@ -17,11 +22,19 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from fedguard.algorithms import aggregation, dp_fedavg, newton, scaffold, server_optimizers
+from fedguard.algorithms import (
+    aggregation,
+    dp_fedavg,
+    newton,
+    robust,
+    scaffold,
+    server_optimizers,
+)
 from fedguard.protocol import messages
 
 CONTROL = "control"
 CLIP_NORM = messages.DP_CLIP_NORM
+ROBUST_REFERENCE = "robust.reference"
 
 
 class StrategyKind(enum.StrEnum):
@@ -37,8 +50,11 @@ class StrategyKind(enum.StrEnum):
 # What secure aggregation cannot serve: it reveals only the sum of the model updates.
 # SCAFFOLD also needs the sum of the control deltas, which have no norm bound to quantise them
 # by; Newton needs the sums of per-client Hessians (D^2 numbers, unbounded). Robust aggregators
-# (Krum, median, trimmed mean) need individual updates; add their kinds here when they arrive.
-NEEDS_INDIVIDUAL_UPDATES: frozenset[StrategyKind] = frozenset()
+# (Krum, median, trimmed mean, ...) compare individual updates; only norm bounding, a clip each
+# client can apply to its own update, survives summation.
+NEEDS_INDIVIDUAL_UPDATES: frozenset[robust.RobustAggregator] = frozenset(
+    k for k in robust.RobustAggregator if robust.needs_individual_updates(k)
+)
 NOT_SUMMABLE_UNDER_SECAGG: dict[StrategyKind, str] = {
     StrategyKind.SCAFFOLD: (
         "SCAFFOLD's control deltas have no norm bound, so they cannot be quantised for masking"
@@ -46,11 +62,16 @@ NOT_SUMMABLE_UNDER_SECAGG: dict[StrategyKind, str] = {
 }
 
 
-def secure_aggregation_refusal(kind: StrategyKind, *, newton: bool) -> str | None:
-    """Why ``kind`` cannot run under secure aggregation, or None if it can."""
-    if kind in NEEDS_INDIVIDUAL_UPDATES:
+def secure_aggregation_refusal(
+    kind: StrategyKind, *, newton: bool, aggregator: robust.RobustAggregator | None = None
+) -> str | None:
+    """Why ``kind`` (with the robust ``aggregator``, if any) cannot run under secure aggregation,
+    or None if it can."""
+    if aggregator in NEEDS_INDIVIDUAL_UPDATES:
         return (
-            f'server.strategy = "{kind}" needs individual updates, which secure aggregation hides'
+            f'server.aggregator = "{aggregator}" compares individual updates, which secure '
+            'aggregation hides; use "norm_bounding" (each client clips its own update) or turn '
+            "secure aggregation off"
         )
     if kind in NOT_SUMMABLE_UNDER_SECAGG:
         return NOT_SUMMABLE_UNDER_SECAGG[kind]
@@ -80,6 +101,7 @@ class ServerState:
     optimizer: server_optimizers.ServerOptimizerState
     control: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
     clip_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # central DP: [1]
+    robust_reference: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # CC: [D]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Named tensors for a checkpoint."""
@@ -88,12 +110,20 @@ class ServerState:
             "optimizer.v": self.optimizer.v,
             CONTROL: self.control,
             CLIP_NORM: self.clip_norm,
+            ROBUST_REFERENCE: self.robust_reference,
         }
 
     @classmethod
     def from_tensors(cls, named: Mapping[str, torch.Tensor]) -> ServerState:
+        """The state saved by :meth:`tensors`; checkpoints from before a key existed load with
+        that part empty."""
         opt = server_optimizers.ServerOptimizerState(named["optimizer.m"], named["optimizer.v"])
-        return cls(opt, named[CONTROL], named.get(CLIP_NORM, torch.zeros(0)))
+        return cls(
+            opt,
+            named[CONTROL],
+            named.get(CLIP_NORM, torch.zeros(0)),
+            named.get(ROBUST_REFERENCE, torch.zeros(0)),
+        )
 
 
 @dataclass(frozen=True)
@@ -138,6 +168,25 @@ class Strategy:
     client_config: Mapping[str, messages.Scalar]
     num_clients: int
     central_dp: CentralDP | None = None
+    robust_rule: robust.RobustConfig | None = None  # None: the weighted mean
+
+    def __post_init__(self) -> None:
+        if self.robust_rule is None:
+            return
+        if self.newton:
+            raise ValueError(
+                "The Newton step pools gradient and Hessian sums; a robust aggregator cannot "
+                "apply to it."
+            )
+        if self.central_dp is not None and self.robust_rule.kind in NEEDS_INDIVIDUAL_UPDATES:
+            raise ValueError(
+                f"Central DP noise is calibrated for the mean's sensitivity, not for "
+                f"{self.robust_rule.kind}; use norm bounding or the mean with central DP."
+            )
+
+    @property
+    def aggregator(self) -> robust.RobustAggregator | None:
+        return None if self.robust_rule is None else self.robust_rule.kind
 
     @classmethod
     def create(
@@ -152,6 +201,7 @@ class Strategy:
         beta2: float = 0.99,
         tau: float = 1e-3,
         central_dp: CentralDP | None = None,
+        robust_rule: robust.RobustConfig | None = None,
     ) -> Strategy:
         server = server_optimizers.ServerOptimizerConfig(
             kind=_SERVER_OPTIMIZER[kind],
@@ -164,7 +214,7 @@ class Strategy:
         config = dict(client_config)
         if kind is not StrategyKind.FEDPROX:
             config["proximal_mu"] = 0.0
-        return cls(kind, server, config, num_clients, central_dp)
+        return cls(kind, server, config, num_clients, central_dp, robust_rule)
 
     @property
     def newton(self) -> bool:
@@ -183,7 +233,10 @@ class Strategy:
         clip = torch.zeros(0)
         if self.central_dp is not None:
             clip = torch.tensor([self.central_dp.clip_norm], dtype=torch.float64)
-        return ServerState(server_optimizers.init(self.server, params), control, clip)
+        reference = torch.zeros(0)
+        if self.robust_rule is not None:
+            reference = robust.init(self.robust_rule, params.shape[0]).reference
+        return ServerState(server_optimizers.init(self.server, params), control, clip, reference)
 
     def fit_instructions(
         self, state: ServerState
@@ -218,13 +271,26 @@ class Strategy:
                 gradient, hessian.view(params.shape[0], -1), float(weights.sum()), damping=1e-8
             )
         else:
-            delta = aggregation.weighted_mean(torch.stack([r.update for r in replies]), weights)
+            state, delta = self._mean_or_robust(
+                state, torch.stack([r.update for r in replies]), weights
+            )
         opt_state, new_params = server_optimizers.apply(self.server, state.optimizer, params, delta)
         control = state.control
         if self.kind is StrategyKind.SCAFFOLD:
             deltas = torch.stack([r.tensors["control_delta"] for r in replies])
             control = scaffold.server_control_update(control, deltas, num_clients=self.num_clients)
         return replace(state, optimizer=opt_state, control=control), new_params
+
+    def _mean_or_robust(
+        self, state: ServerState, updates: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[ServerState, torch.Tensor]:
+        """The weighted mean of ``updates [K, D]``, or the configured robust rule's aggregate."""
+        if self.robust_rule is None:
+            return state, aggregation.weighted_mean(updates, weights)
+        robust_state, delta = robust.apply(
+            self.robust_rule, robust.RobustState(state.robust_reference), updates, weights
+        )
+        return replace(state, robust_reference=robust_state.reference), delta
 
     def aggregate_sum(
         self,
@@ -245,7 +311,9 @@ class Strategy:
         :meth:`_private_mean`. Adaptive clipping is not available here: it needs each client's
         clipped bit.
         """
-        refusal = secure_aggregation_refusal(self.kind, newton=self.newton)
+        refusal = secure_aggregation_refusal(
+            self.kind, newton=self.newton, aggregator=self.aggregator
+        )
         if refusal is not None:
             raise ValueError(f"Secure aggregation cannot serve this strategy: {refusal}.")
         if self.central_dp is not None:
@@ -279,7 +347,14 @@ class Strategy:
         dp = self.central_dp
         assert dp is not None
         clip = float(state.clip_norm[0])
-        clipped = [dp_fedavg.clip_update(r.update, clip) for r in replies]
+        bound = clip  # norm bounding with central DP: one clip, at the smaller of the two norms
+        if (
+            self.robust_rule is not None
+            and self.robust_rule.kind is robust.RobustAggregator.NORM_BOUNDING
+        ):
+            assert self.robust_rule.norm_bound is not None  # checked in RobustConfig
+            bound = min(clip, self.robust_rule.norm_bound)
+        clipped = [dp_fedavg.clip_update(r.update, bound) for r in replies]
         total = torch.stack([c.update for c in clipped]).double().sum(0)
         generator = dp.generator(round_)
         delta = dp_fedavg.noisy_mean(

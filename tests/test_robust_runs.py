@@ -1,0 +1,201 @@
+"""Robust aggregation and simulated attacks in whole runs: refusals, defences, resume, the wire."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+
+import fedguard
+from fedguard.algorithms import attacks
+from fedguard.experiment import checkpoint, runner
+from fedguard.experiment.config import ConfigError, validate
+from fedguard.protocol import messages
+from fedguard.protocol.strategy import ServerState
+from fedguard.runtime import attack
+from fedguard.runtime.inprocess import InProcessTransport
+
+
+def _config(**sections: dict) -> dict:
+    """Ten clients, all of them every round: 2 attackers at the default fraction 0.2."""
+    cfg = {
+        "experiment": {"name": "robust", "seed": 1, "rounds": 4},
+        "data": {
+            "dataset": "synthetic",
+            "num_clients": 10,
+            "synthetic_samples": 1000,
+            "synthetic_shape": [1, 6, 6],
+            "synthetic_classes": 3,
+            "partition": "iid",
+        },
+        "model": {"name": "logistic_regression"},
+        "client": {"optimizer": "sgd", "lr": 0.05, "epochs": 1, "batch_size": 32},
+        "server": {"strategy": "fedavg", "clients_per_round": 10},
+        "evaluation": {"every": 0},
+    }
+    for name, values in sections.items():
+        cfg.setdefault(name, {}).update(values)
+    return cfg
+
+
+def _rows(folder) -> list[dict]:
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        (
+            {
+                "server": {"aggregator": "krum", "byzantine_f": 2},
+                "secure_aggregation": {"enabled": True, "clip_norm": 1.0},
+            },
+            'server.aggregator = "krum" compares individual updates, which secure aggregation '
+            "hides",
+        ),
+        (
+            {
+                "server": {"aggregator": "median", "byzantine_f": 2},
+                "privacy": {"mode": "central", "noise_multiplier": 1.0},
+            },
+            "calibrated for the mean's sensitivity",
+        ),
+        (
+            {"server": {"aggregator": "krum", "byzantine_f": 4}},
+            'server.byzantine_f=4 is too large for server.aggregator = "krum" with 10 clients '
+            "per round: it needs K > 2f + 2, so f <= 3",
+        ),
+        (
+            {"server": {"aggregator": "bulyan"}},
+            "needs server.byzantine_f, the number of Byzantine clients per round it must "
+            "tolerate (0..1 with 10 clients per round, as it needs K >= 4f + 3)",
+        ),
+        (
+            {
+                "attack": {"kind": "alie"},
+                "secure_aggregation": {"enabled": True, "clip_norm": 1.0},
+            },
+            "rewrites fit replies, which secure aggregation masks",
+        ),
+        ({"server": {"clipping_radius": 2.0}}, "server.clipping_radius only applies to a robust"),
+    ],
+)
+def test_incompatible_choices_are_refused_with_the_reason(sections, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(_config(**sections))
+
+
+def test_norm_bounding_runs_under_secure_aggregation_and_central_dp() -> None:
+    server = {"aggregator": "norm_bounding", "byzantine_f": 2, "norm_bound": 0.5}
+    validate(_config(server=server, secure_aggregation={"enabled": True, "clip_norm": 1.0}))
+    validate(_config(server=server, privacy={"mode": "central", "noise_multiplier": 1.0}))
+
+
+def test_sign_flipping_wrecks_fedavg_and_robust_rules_hold(tmp_path) -> None:
+    strong = {"kind": "sign_flip", "scale": 10.0}
+    accuracy = {}
+    for rule in ("mean", "krum", "median", "trimmed_mean"):
+        server = {} if rule == "mean" else {"aggregator": rule, "byzantine_f": 2}
+        cfg = _config(server=server, attack=strong)
+        accuracy[rule] = fedguard.run(cfg, out=tmp_path / rule, progress=False)["test_accuracy"]
+    clean = fedguard.run(_config(), out=tmp_path / "clean", progress=False)["test_accuracy"]
+    assert clean >= 0.95
+    assert accuracy["mean"] <= 0.2  # 8 honest u against 2 x (-10 u): the mean walks backwards
+    for rule in ("krum", "median", "trimmed_mean"):
+        assert accuracy[rule] >= clean - 0.03, (rule, accuracy)
+
+
+def test_resume_with_centered_clipping_continues_exactly(tmp_path) -> None:
+    server = {
+        "strategy": "fedadam",
+        "server_lr": 0.05,
+        "aggregator": "centered_clipping",
+        "byzantine_f": 2,
+        "clipping_radius": 0.05,  # small enough that the clip binds every round
+    }
+    attack_section = {"kind": "gaussian", "std": 0.5}
+    full = _config(experiment={"rounds": 4}, server=server, attack=attack_section)
+    fedguard.run(full, out=tmp_path / "full", progress=False)
+    fedguard.run(
+        _config(experiment={"rounds": 2}, server=server, attack=attack_section),
+        out=tmp_path / "part",
+        progress=False,
+    )
+    fedguard.run(full, out=tmp_path / "part", resume=True, progress=False)
+    a = checkpoint.latest(tmp_path / "full" / "checkpoints").tensors
+    b = checkpoint.latest(tmp_path / "part" / "checkpoints").tensors
+    assert torch.equal(a["params"], b["params"])
+    reference = a["server.robust.reference"]
+    assert reference.shape == a["params"].shape and float(reference.norm()) > 0
+    assert torch.equal(reference, b["server.robust.reference"])
+    # A checkpoint written before robust aggregation existed still loads, with no reference.
+    old = {k.removeprefix("server."): v for k, v in a.items() if k.startswith("server.")}
+    del old["robust.reference"]
+    assert ServerState.from_tensors(old).robust_reference.numel() == 0
+
+
+def test_a_nan_attacker_is_rejected_by_the_driver_and_logged(tmp_path, monkeypatch) -> None:
+    def nan_poison(config):
+        return lambda honest, own, generator: torch.full_like(own, float("nan"))
+
+    monkeypatch.setattr(attack, "model_poison", nan_poison)
+    cfg = _config(server={"aggregator": "median", "byzantine_f": 2}, attack={"kind": "boost"})
+    summary = fedguard.run(cfg, out=tmp_path / "r", progress=False)
+    rows = _rows(tmp_path / "r")
+    assert [r["clients_rejected"] for r in rows] == [2, 2, 2, 2]
+    assert [r["clients_completed"] for r in rows] == [8, 8, 8, 8]
+    assert summary["test_accuracy"] >= 0.95
+    malicious = summary["attack"]["malicious"]
+    assert malicious == attacks.choose_malicious(range(10), 0.2, 1) and len(malicious) == 2
+    log = (tmp_path / "r" / "run.log").read_text()
+    for cid in malicious:
+        assert f"client {cid} rejected: update contains NaN or infinite values" in log
+
+
+def test_model_poisoning_replies_are_re_encoded_from_the_honest_round() -> None:
+    honest_updates = {0: [1.0, 2.0], 1: [3.0, 0.0], 2: [5.0, 4.0]}
+
+    def client(cid: int, payload: bytes) -> bytes:
+        task = messages.decode(payload, messages.FitTask)
+        update = torch.tensor(honest_updates[cid])
+        return messages.encode(messages.FitReply(task.round, cid, update, 10, {"train_loss": 1.0}))
+
+    config = attacks.AttackConfig(attacks.Attack.IPM, epsilon=0.5)
+    transport = attack.ModelPoisoning(
+        InProcessTransport(client, [0, 1, 2]), [2], attack.model_poison(config), seed=0
+    )
+    params = torch.zeros(2)
+    requests = {cid: messages.encode(messages.FitTask(7, cid, params, {}, {})) for cid in (0, 1, 2)}
+    replies = [messages.decode(o.payload) for o in transport.exchange(requests, deadline_s=None)]
+    assert [r.client_id for r in replies] == [0, 1, 2]
+    assert replies[0].update.tolist() == [1.0, 2.0]
+    assert replies[2].update.tolist() == [-1.0, -0.5]  # -0.5 * mean of the two honest updates
+    assert (replies[2].round, replies[2].num_examples) == (7, 10)
+
+
+def test_backdoor_success_is_reported_and_high_without_defence(tmp_path) -> None:
+    cfg = _config(
+        experiment={"rounds": 6},
+        attack={"kind": "backdoor", "target_label": 0, "trigger_size": 2, "fraction": 0.3},
+        evaluation={"every": 1},
+    )
+    summary = fedguard.run(cfg, out=tmp_path / "r", progress=False)
+    rows = _rows(tmp_path / "r")
+    assert all(r["backdoor_success"] is not None for r in rows)
+    assert summary["backdoor_success"] == rows[-1]["backdoor_success"] >= 0.8
+    assert summary["test_accuracy"] >= 0.9
+    clean = fedguard.run(_config(), out=tmp_path / "clean", progress=False)
+    assert clean["backdoor_success"] is None and clean["attack"] is None
+
+
+def test_label_flipping_rewrites_only_the_malicious_clients_labels() -> None:
+    cfg = validate(_config(attack={"kind": "label_flip"}))
+    clean = runner.Experiment(validate(_config()))
+    exp = runner.Experiment(cfg)
+    assert exp.attack is not None and len(exp.attack.malicious) == 2
+    for cid, data in exp.fed.clients.items():
+        before = clean.fed.clients[cid].train_y
+        expected = 2 - before if cid in exp.attack.malicious else before
+        assert torch.equal(data.train_y, expected)

@@ -1,4 +1,9 @@
-"""The ``fedguard`` command line: ``run`` an experiment, ``validate`` a config file."""
+"""The ``fedguard`` command line.
+
+``run`` an experiment in simulation, ``validate`` a config file; deploy it over gRPC with
+``server`` and ``client`` (or ``launch`` both on loopback); make development ``certs`` and
+client ``tokens``.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from rich.logging import RichHandler
 EXIT_CONFIG = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
+EXIT_REFUSED = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,7 +42,63 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="check an experiment file without running it")
     val.add_argument("config", type=Path)
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _deploy_parsers(sub)
     return parser
+
+
+def _overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+
+def _deploy_parsers(sub) -> None:
+    server = sub.add_parser("server", help="serve an experiment to clients over gRPC")
+    server.add_argument("config", type=Path, help="experiment TOML file")
+    server.add_argument("--address", default="0.0.0.0:8443", help="HOST:PORT to listen on")
+    server.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
+    server.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    server.add_argument("--client-ca", type=Path, help="CA of client certificates (mutual TLS)")
+    server.add_argument("--tokens", type=Path, help="tokens file made by `fedguard tokens`")
+    server.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
+    server.add_argument("--resume", action="store_true", help="continue after the last round")
+    server.add_argument("--insecure", action="store_true", help="plain text (loopback only)")
+    server.add_argument(
+        "--wait-clients", type=float, default=600.0, help="seconds to wait for all clients"
+    )
+    server.add_argument("--quiet", action="store_true", help="no progress bar")
+    _overrides(server)
+    client = sub.add_parser("client", help="join a server as one client")
+    client.add_argument("config", type=Path, nargs="?", help="experiment file (demo data)")
+    client.add_argument("--server", required=True, help="HOST:PORT of the server")
+    client.add_argument("--client-id", type=int, required=True)
+    client.add_argument("--token-file", type=Path, help="this client's token")
+    client.add_argument("--ca", type=Path, help="CA that signed the server's certificate")
+    client.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
+    client.add_argument("--key", type=Path, help="client private key (mutual TLS)")
+    client.add_argument("--data", type=Path, help=".npz with x, y (and x_eval, y_eval)")
+    client.add_argument("--model", help="model name, with --data")
+    client.add_argument("--framework", default="torch", choices=["torch", "keras"])
+    client.add_argument("--num-classes", type=int, help="number of classes, with --data")
+    client.add_argument("--insecure", action="store_true", help="plain text (loopback only)")
+    client.add_argument(
+        "--give-up-after", type=float, default=600.0, help="seconds of unreachable server"
+    )
+    _overrides(client)
+    launch = sub.add_parser("launch", help="a server and N clients on this machine")
+    launch.add_argument("config", type=Path)
+    launch.add_argument("--clients", type=int, required=True)
+    launch.add_argument("--out", type=Path, default=None)
+    launch.add_argument("--resume", action="store_true")
+    launch.add_argument("--insecure", action="store_true", help="plain text instead of dev TLS")
+    _overrides(launch)
+    certs = sub.add_parser("certs", help="make a development CA and certificates")
+    certs.add_argument("directory", type=Path)
+    certs.add_argument("--clients", type=int, default=0, help="client certificates 0..N-1")
+    certs.add_argument("--host", action="append", default=[], help="extra server host name/IP")
+    certs.add_argument("--tokens", action="store_true", help="also make client tokens")
+    tokens = sub.add_parser("tokens", help="make (or revoke) client tokens")
+    tokens.add_argument("directory", type=Path)
+    tokens.add_argument("--clients", type=int, default=0, help="tokens for clients 0..N-1")
+    tokens.add_argument("--revoke", type=int, action="append", default=[], metavar="ID")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args, console)
+        if args.command in _DEPLOY:
+            return _DEPLOY[args.command](args, console, err)
         from fedguard.experiment import runner
         from fedguard.protocol.driver import RoundFailedError
 
@@ -90,6 +154,151 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
         f"{exp.model.spec.size:,} parameters), strategy {cfg.server.strategy}"
     )
     return 0
+
+
+def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
+    from fedguard.protocol.driver import RoundFailedError
+    from fedguard.runtime import grpc_deploy, grpc_tls
+
+    if (args.tls_cert is None) != (args.tls_key is None):
+        raise _config_error("--tls-cert and --tls-key go together.")
+    tls = None
+    if args.tls_cert is not None:
+        tls = grpc_tls.ServerTls(args.tls_cert, args.tls_key, args.client_ca)
+    elif args.client_ca is not None:
+        raise _config_error("--client-ca needs --tls-cert and --tls-key.")
+    if args.tokens is None and args.client_ca is None:
+        raise _config_error("The server needs client authentication: --tokens or --client-ca.")
+    options = grpc_deploy.ServerOptions(
+        address=args.address,
+        tls=tls,
+        tokens=args.tokens,
+        insecure=args.insecure,
+        wait_for_clients_s=args.wait_clients,
+    )
+    from fedguard.experiment import runner
+
+    try:
+        grpc_deploy.serve(
+            args.config,
+            options,
+            out=args.out,
+            resume=args.resume,
+            overrides=args.overrides,
+            progress=not args.quiet,
+        )
+    except grpc_tls.TlsConfigError as exc:
+        raise _config_error(str(exc)) from None
+    except runner.RunInterrupted as exc:
+        err.print(f"[yellow]{exc}[/yellow]")
+        return EXIT_INTERRUPTED
+    except RoundFailedError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return EXIT_FAILED
+    return 0
+
+
+def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
+    from fedguard.runtime import grpc_client, grpc_deploy, grpc_tls
+
+    if args.token_file is None and args.cert is None:
+        raise _config_error("The client needs a credential: --token-file or --cert/--key.")
+    if args.data is not None:
+        if args.model is None or args.num_classes is None:
+            raise _config_error("--data needs --model and --num-classes.")
+        app = grpc_deploy.data_app(
+            args.data,
+            args.client_id,
+            model=args.model,
+            framework=args.framework,
+            num_classes=args.num_classes,
+        )
+    elif args.config is not None:
+        app = grpc_deploy.demo_app(args.config, args.client_id, args.overrides)
+    else:
+        raise _config_error("The client needs its data: --data FILE.npz, or an experiment file.")
+    token = b"" if args.token_file is None else args.token_file.read_text().strip().encode()
+    tls = None if args.ca is None else grpc_tls.ClientTls(args.ca, args.cert, args.key)
+    settings = grpc_client.ClientSettings(
+        address=args.server,
+        client_id=args.client_id,
+        token=token,
+        tls=tls,
+        insecure=args.insecure,
+        give_up_after_s=args.give_up_after,
+    )
+    try:
+        answered = grpc_deploy.run_client(settings, app)
+    except grpc_tls.TlsConfigError as exc:
+        raise _config_error(str(exc)) from None
+    except grpc_client.ClientRefusedError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return EXIT_REFUSED
+    except grpc_client.ServerGoneError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return EXIT_FAILED
+    console.print(f"client {args.client_id}: the run is finished ({answered} tasks answered)")
+    return 0
+
+
+def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
+    from fedguard.runtime import grpc_launch
+
+    if args.clients < 1:
+        raise _config_error(f"--clients must be at least 1, got {args.clients}.")
+    try:
+        return grpc_launch.launch(
+            args.config,
+            args.clients,
+            out=args.out,
+            insecure=args.insecure,
+            resume=args.resume,
+            overrides=args.overrides,
+        )
+    except KeyboardInterrupt:
+        err.print("[yellow]Stopped; every launched process was stopped too.[/yellow]")
+        return EXIT_INTERRUPTED
+
+
+def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
+    from fedguard.runtime import auth, certs
+
+    pki = certs.make_dev_pki(args.directory, client_ids=range(args.clients), hosts=args.host)
+    console.print(f"CA {pki.ca_cert}, server {pki.server_cert}, {args.clients} client certificates")
+    if args.tokens:
+        auth.make_tokens(args.directory, range(args.clients))
+        console.print(f"tokens in {args.directory / 'tokens.json'} and client-N.token")
+    return 0
+
+
+def _tokens(args: argparse.Namespace, console: Console, err: Console) -> int:
+    from fedguard.runtime import auth
+
+    if args.clients:
+        auth.make_tokens(args.directory, range(args.clients))
+        console.print(f"tokens for clients 0..{args.clients - 1} in {args.directory}")
+    for cid in args.revoke:
+        try:
+            auth.revoke(args.directory / "tokens.json", cid)
+        except ValueError as exc:
+            raise _config_error(str(exc)) from None
+        console.print(f"client {cid} revoked")
+    return 0
+
+
+def _config_error(message: str) -> Exception:
+    from fedguard.experiment.config import ConfigError
+
+    return ConfigError(message)
+
+
+_DEPLOY = {
+    "server": _server,
+    "client": _client,
+    "launch": _launch,
+    "certs": _certs,
+    "tokens": _tokens,
+}
 
 
 if __name__ == "__main__":

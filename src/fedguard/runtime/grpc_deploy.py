@@ -1,0 +1,143 @@
+"""Deployment entry points: run an experiment's server over gRPC, and build a deployed client.
+
+``serve`` is ``fedguard.run`` with the gRPC transport in place of the simulator: the same
+runner, driver, strategy, checkpoints and run folder, so ``--resume`` after a crash works as in
+simulation. A deployed client is ``ClientApp.handle`` bound to one client id and its local data,
+either the client's own ``.npz`` file or, for demos, its partition of the experiment's data set.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedguard.client.app import ClientApp, ClientData
+from fedguard.experiment import config as config_mod
+from fedguard.experiment import federation, runner
+from fedguard.models import registry as models
+from fedguard.runtime import auth, grpc_client, grpc_server, grpc_tls
+
+log = logging.getLogger("fedguard.grpc")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the server listens, whom it admits, and how long it waits for its clients."""
+
+    address: str
+    tls: grpc_tls.ServerTls | None
+    tokens: Path | None
+    insecure: bool = False
+    wait_for_clients_s: float = 600.0
+    poll_s: float = grpc_server.DEFAULT_POLL_S
+
+
+def serve(
+    config: str | Path,
+    options: ServerOptions,
+    *,
+    out: str | Path | None,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Run the experiment with clients connecting over gRPC; returns the run's summary.
+
+    Rounds start once every client of the federation has connected, or after
+    ``wait_for_clients_s`` with whoever is there (absent clients then fail their tasks).
+    """
+    mutual = options.tls is not None and options.tls.client_ca is not None
+    authenticator = auth.Authenticator(options.tokens, mutual_tls=mutual)
+    holder: list[grpc_server.GrpcServerTransport] = []
+
+    def transport_fn(client_ids: list[int]) -> grpc_server.GrpcServerTransport:
+        transport = grpc_server.GrpcServerTransport(
+            client_ids,
+            options.address,
+            authenticator=authenticator,
+            tls=options.tls,
+            insecure=options.insecure,
+            poll_s=options.poll_s,
+        )
+        holder.append(transport)
+        transport.start()
+        if not transport.wait_for_clients(len(client_ids), options.wait_for_clients_s):
+            log.warning(
+                "only %d of %d clients connected within %g s; starting anyway",
+                len(transport.connected()),
+                len(client_ids),
+                options.wait_for_clients_s,
+            )
+        return transport
+
+    try:
+        summary = runner.run(
+            config,
+            out=out,
+            resume=resume,
+            overrides=overrides,
+            progress=progress,
+            transport_fn=transport_fn,
+        )
+        if holder:
+            holder[0].finish()
+        return summary
+    finally:
+        for transport in holder:
+            transport.close()
+
+
+def demo_app(config: str | Path, client_id: int, overrides: Sequence[str] = ()) -> ClientApp:
+    """A client holding its partition of the experiment's data set (for demos and tests)."""
+    cfg = config_mod.load(config, list(overrides))
+    fed = federation.build_federation(cfg)
+    if client_id not in fed.clients:
+        raise config_mod.ConfigError(
+            f"--client-id {client_id}: the experiment has clients 0..{len(fed.clients) - 1}"
+        )
+    model = models.build(
+        cfg.model.name,
+        framework=cfg.model.framework,
+        input_shape=fed.input_shape,
+        num_classes=fed.num_classes,
+        seed=cfg.experiment.seed,
+    )
+    return ClientApp(model, {client_id: fed.clients[client_id]})
+
+
+def data_app(
+    data: Path, client_id: int, *, model: str, framework: str, num_classes: int
+) -> ClientApp:
+    """A client holding its own data: an ``.npz`` with ``x``, ``y`` (and ``x_eval``, ``y_eval``)."""
+    with np.load(data) as arrays:
+        missing = {"x", "y"} - set(arrays.files)
+        if missing:
+            raise config_mod.ConfigError(f"--data {data}: lacks the arrays {sorted(missing)}")
+
+        def tensor(name: str, dtype: type) -> torch.Tensor | None:
+            if name not in arrays.files:
+                return None
+            return torch.from_numpy(np.ascontiguousarray(arrays[name], dtype=dtype))
+
+        x, y = tensor("x", np.float32), tensor("y", np.int64)
+        assert x is not None and y is not None
+        local = ClientData(x, y, tensor("x_eval", np.float32), tensor("y_eval", np.int64))
+    adapter = models.build(
+        model,
+        framework=framework,
+        input_shape=tuple(int(s) for s in x.shape[1:]),
+        num_classes=num_classes,
+        seed=0,  # the server sends the parameters; the local initialisation is never used
+    )
+    return ClientApp(adapter, {client_id: local})
+
+
+def run_client(settings: grpc_client.ClientSettings, app: ClientApp) -> int:
+    """Answer the server's tasks with ``app`` until the run is finished; the tasks answered."""
+    return grpc_client.serve(settings, app.handle)

@@ -1,0 +1,252 @@
+"""Helpers for the multi-process gRPC tests, and unit tests of the pieces they rely on.
+
+Servers and clients run as separate processes forked from a forkserver that has imported torch
+and fedguard once, so a test with six processes does not pay six interpreter start-ups. Every
+process is bounded: helpers wait with timeouts and :func:`stop` kills whatever is left.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import multiprocessing
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+import tomli_w
+
+from conftest import tiny_config
+from fedguard.runtime import auth, certs, grpc_chunks, grpc_launch, grpc_tls
+
+CTX = multiprocessing.get_context("forkserver")
+CTX.set_forkserver_preload(
+    # torch._dynamo is what the first optimizer step imports (about 800 modules)
+    [
+        "torch",
+        "torch._dynamo",
+        "sklearn.metrics",
+        "fedguard.experiment.runner",
+        "fedguard.runtime.grpc_deploy",
+    ]
+)
+
+
+class Behaviour(enum.StrEnum):
+    NORMAL = "normal"
+    HANG_IN_ROUND_2 = "hang_in_round_2"  # writes a marker, then never answers round 2's fit task
+    VANISH_AT_UNMASK = "vanish_at_unmask"  # exits as soon as it is asked to unmask
+
+
+@dataclass(frozen=True)
+class Security:
+    """Dev certificates and tokens for one test federation."""
+
+    directory: Path
+    tls: bool = True
+
+    def server_tls(self) -> grpc_tls.ServerTls | None:
+        d = self.directory
+        return grpc_tls.ServerTls(d / "server.pem", d / "server.key") if self.tls else None
+
+    def client_tls(self) -> grpc_tls.ClientTls | None:
+        return grpc_tls.ClientTls(self.directory / "ca.pem") if self.tls else None
+
+    def token(self, client_id: int) -> bytes:
+        return (self.directory / f"client-{client_id}.token").read_text().strip().encode()
+
+
+def make_security(directory: Path, client_ids: Iterable[int], *, tls: bool = True) -> Security:
+    ids = list(client_ids)
+    auth.make_tokens(directory, ids)
+    if tls:
+        certs.make_dev_pki(directory, client_ids=[])
+    return Security(directory, tls)
+
+
+def write_config(path: Path, **sections: dict) -> Path:
+    path.write_text(tomli_w.dumps(tiny_config(**sections)))
+    return path
+
+
+def _quiet_torch() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def server_main(
+    config: Path, out: Path, address: str, sec: Security, resume: bool, log_path: Path
+) -> None:
+    """A server process: ``fedguard server`` without the command line around it."""
+    import logging
+
+    from fedguard.runtime import grpc_deploy
+
+    _quiet_torch()
+    logging.basicConfig(
+        filename=log_path, level=logging.INFO, force=True, format="%(relativeCreated)d %(message)s"
+    )
+    options = grpc_deploy.ServerOptions(
+        address, sec.server_tls(), sec.directory / "tokens.json", insecure=not sec.tls, poll_s=2.0
+    )
+    grpc_deploy.serve(config, options, out=out, resume=resume)
+
+
+def client_main(
+    config: Path, address: str, client_id: int, sec: Security, behaviour: Behaviour, marker: Path
+) -> None:
+    """A client process: ``fedguard client`` with an optional scripted misbehaviour."""
+    from fedguard.protocol import messages
+    from fedguard.runtime import grpc_client, grpc_deploy
+
+    _quiet_torch()
+    app = grpc_deploy.demo_app(config, client_id)
+
+    def handler(cid: int, payload: bytes) -> bytes:
+        kind = messages.kind_of(payload)
+        if behaviour is Behaviour.VANISH_AT_UNMASK and kind == "SecAggUnmaskRequest":
+            marker.write_text("vanished")
+            os._exit(17)
+        if behaviour is Behaviour.HANG_IN_ROUND_2 and kind == "FitTask":
+            task = messages.decode(payload)
+            if task.round == 2:
+                marker.write_text("hanging")
+                time.sleep(3600)
+        return app.handle(cid, payload)
+
+    settings = grpc_client.ClientSettings(
+        address,
+        client_id,
+        sec.token(client_id),
+        sec.client_tls(),
+        insecure=not sec.tls,
+        backoff_max_s=1.0,
+        give_up_after_s=60.0,
+    )
+    grpc_client.serve(settings, handler)
+
+
+@dataclass
+class Federation:
+    """The processes of one test federation; :meth:`stop` kills them all."""
+
+    config: Path
+    out: Path
+    sec: Security
+    address: str = field(default_factory=lambda: f"127.0.0.1:{grpc_launch.free_port()}")
+    server: multiprocessing.Process | None = None
+    clients: dict[int, multiprocessing.Process] = field(default_factory=dict)
+
+    @property
+    def log(self) -> Path:
+        return self.out.parent / f"{self.out.name}-server.log"
+
+    def start_server(self, *, resume: bool = False) -> None:
+        args = (self.config, self.out, self.address, self.sec, resume, self.log)
+        self.server = CTX.Process(target=server_main, args=args, daemon=True)
+        self.server.start()
+
+    def start_client(self, cid: int, behaviour: Behaviour = Behaviour.NORMAL) -> Path:
+        marker = self.out.parent / f"client-{cid}-{behaviour}.marker"
+        args = (self.config, self.address, cid, self.sec, behaviour, marker)
+        self.clients[cid] = CTX.Process(target=client_main, args=args, daemon=True)
+        self.clients[cid].start()
+        return marker
+
+    def wait_server(self, timeout_s: float) -> int:
+        assert self.server is not None
+        self.server.join(timeout_s)
+        assert self.server.exitcode is not None, f"the server did not finish in {timeout_s} s"
+        return self.server.exitcode
+
+    def wait_clients(self, timeout_s: float) -> dict[int, int | None]:
+        end = time.monotonic() + timeout_s
+        for p in self.clients.values():
+            p.join(max(0.0, end - time.monotonic()))
+        return {cid: p.exitcode for cid, p in self.clients.items()}
+
+    def stop(self) -> None:
+        for p in [self.server, *self.clients.values()]:
+            if p is not None and p.is_alive():
+                p.kill()
+                p.join(5)
+
+    def rows(self) -> list[dict]:
+        path = self.out / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> None:
+    end = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.1)
+
+
+def final_params(run_dir: Path):
+    from fedguard.experiment import checkpoint
+
+    ck = checkpoint.latest(run_dir / "checkpoints")
+    assert ck is not None
+    return ck.round, ck.tensors["params"]
+
+
+# -- unit tests of the pieces -----------------------------------------------------------------
+def test_chunks_round_trip_and_refusals() -> None:
+    payload = os.urandom(2 * grpc_chunks.CHUNK_BYTES + 17)
+    header = grpc_chunks.header_of("t", payload)
+    pieces = list(grpc_chunks.pieces(payload))
+    assert [len(p) for p in pieces] == [grpc_chunks.CHUNK_BYTES, grpc_chunks.CHUNK_BYTES, 17]
+    a = grpc_chunks.Assembler(header, max_bytes=len(payload))
+    for p in pieces:
+        a.add(bytes(p))
+    assert a.finish() == payload
+    with pytest.raises(grpc_chunks.WireError) as big:
+        grpc_chunks.Assembler(header, max_bytes=len(payload) - 1)
+    assert big.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    bad = grpc_chunks.Assembler(grpc_chunks.Header("t", 3, bytes(32)), max_bytes=10)
+    bad.add(b"abc")
+    with pytest.raises(grpc_chunks.WireError) as digest:
+        bad.finish()
+    assert digest.value.code is grpc.StatusCode.DATA_LOSS
+
+
+def test_authenticator_refuses_wrong_revoked_replayed_and_stale(tmp_path) -> None:
+    tokens = auth.make_tokens(tmp_path, [0, 1])
+    now = [1_000.0]
+    a = auth.Authenticator(tmp_path / "tokens.json", clock=lambda: now[0])
+    token0 = tokens[0].read_text().strip().encode()
+    good = auth.fresh_credentials(0, token0, clock=lambda: now[0])
+    a.check(good, None)
+    with pytest.raises(auth.AuthError, match="replayed"):
+        a.check(good, None)
+    with pytest.raises(auth.AuthError, match="wrong token"):
+        a.check(auth.fresh_credentials(0, b"guess", clock=lambda: now[0]), None)
+    with pytest.raises(auth.AuthError, match="unknown"):
+        a.check(auth.fresh_credentials(7, token0, clock=lambda: now[0]), None)
+    stale = auth.fresh_credentials(0, token0, clock=lambda: now[0] - 301.0)
+    with pytest.raises(auth.AuthError, match="window"):
+        a.check(stale, None)
+    auth.revoke(tmp_path / "tokens.json", 0)
+    os.utime(tmp_path / "tokens.json", (now[0] + 5, now[0] + 5))  # a visible change of mtime
+    with pytest.raises(auth.AuthError, match="revoked"):
+        a.check(auth.fresh_credentials(0, token0, clock=lambda: now[0]), None)
+    stored = (tmp_path / "tokens.json").read_text()
+    assert token0.decode() not in stored  # only salted hashes are stored
+
+
+def test_plaintext_only_on_loopback_with_the_flag() -> None:
+    grpc_tls.refuse_plaintext("127.0.0.1:1", insecure=True)
+    grpc_tls.refuse_plaintext("[::1]:1", insecure=True)
+    with pytest.raises(grpc_tls.TlsConfigError, match="loopback"):
+        grpc_tls.refuse_plaintext("0.0.0.0:8443", insecure=True)
+    with pytest.raises(grpc_tls.TlsConfigError, match="--insecure"):
+        grpc_tls.refuse_plaintext("127.0.0.1:8443", insecure=False)

@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fedguard
+from fedguard.algorithms import attacks_data
 from fedguard.client import evaluation
 from fedguard.client.app import ClientApp
 from fedguard.experiment import checkpoint, federation, plots, privacy
@@ -32,6 +33,7 @@ from fedguard.protocol import secagg
 from fedguard.protocol.driver import RoundDriver, RoundFailedError
 from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, StrategyKind
 from fedguard.protocol.transport import Transport
+from fedguard.runtime import attack
 from fedguard.runtime.inprocess import InProcessTransport
 
 log = logging.getLogger("fedguard")
@@ -118,6 +120,9 @@ class Experiment:
     ) -> None:
         self.cfg = cfg
         self.fed = federation.build_federation(cfg, data_fn)
+        self.attack = federation.attack_plan(cfg, self.fed)
+        if self.attack is not None and self.attack.poisons_data:
+            self.fed = federation.poison_clients(self.fed, self.attack.malicious, self._poison)
         try:
             self.model = models.build(
                 cfg.model.name,
@@ -162,6 +167,7 @@ class Experiment:
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
         s = cfg.server
+        rule = config_mod.robust_rule(s)
         self.strategy = Strategy.create(
             StrategyKind(s.strategy),
             client_config=client_config,
@@ -172,6 +178,7 @@ class Experiment:
             beta2=s.beta2,
             tau=s.tau,
             central_dp=central_dp,
+            robust_rule=rule,
         )
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}
         self.app = ClientApp(self.model, self.fed.clients, self.client_state)
@@ -181,18 +188,58 @@ class Experiment:
             if transport_fn is None
             else transport_fn(list(self.fed.clients))
         )
+        if self.attack is not None and not self.attack.poisons_data:
+            self.transport = attack.ModelPoisoning(
+                self.transport,
+                self.attack.malicious,
+                attack.model_poison(self.attack.config),
+                seed=self.attack.seed,
+            )
+        # A robust rule tolerates f Byzantine updates only among enough of them: fewer usable
+        # replies fail the round as too few replies do.
+        min_clients = cfg.min_clients
+        if rule is not None:
+            min_clients = max(min_clients, config_mod.min_updates(rule.kind, rule.f))
         self.driver = RoundDriver(
             self.transport,
             self.strategy,
             dim=self.model.spec.size,
             clients_per_round=cfg.clients_per_round,
-            min_clients=cfg.min_clients,
+            min_clients=min_clients,
             seed=cfg.experiment.seed,
             deadline_s=s.deadline_s,
             poisson=s.sampling == "poisson",
             secure_aggregation=self._secure_aggregation(sizes, central_dp),
         )
         self.initial_params = self.model.get_flat()
+        self.backdoor_test = self._backdoor_test()
+
+    def _poison(
+        self, client_id: int, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.attack is not None
+        return attack.poison_training_data(
+            x,
+            y,
+            kind=self.attack.config.kind,
+            num_classes=self.fed.num_classes,
+            backdoor=self.attack.backdoor,
+            generator=self.attack.client_generator(client_id),
+        )
+
+    def _backdoor_test(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The central test images whose label is not the target, with the trigger stamped in."""
+        if self.attack is None or self.attack.backdoor is None:
+            return None
+        b = self.attack.backdoor
+        keep = self.fed.eval_y != b.target
+        if not bool(keep.any()):
+            raise ConfigError(
+                f"attack.target_label={b.target}: every test label is the target, so the "
+                "backdoor's success rate is undefined"
+            )
+        x = attacks_data.stamp_trigger(self.fed.eval_x[keep], b.trigger)
+        return x, self.fed.eval_y[keep]
 
     def _secure_aggregation(
         self, sizes: Mapping[int, int], central_dp: CentralDP | None
@@ -205,6 +252,8 @@ class Experiment:
         user_dp = central_dp is not None or distributed is not None
         clip = cfg.privacy.clip_norm if user_dp else a.clip_norm
         assert clip is not None  # the config refuses secure aggregation without a clip
+        if cfg.server.norm_bound is not None:  # norm bounding: each client clips its own update
+            clip = min(clip, cfg.server.norm_bound)
         settings = secagg.Settings(
             mode=secagg.Mode(a.mode),
             clip_norm=clip,
@@ -214,6 +263,7 @@ class Experiment:
             threshold=a.threshold,
             neighbours=a.neighbours,
             distributed=distributed,
+            dropout_rate=a.dropout_rate,
         )
         poisson = cfg.server.sampling == "poisson"
         largest = len(sizes) if poisson else cfg.clients_per_round
@@ -224,10 +274,35 @@ class Experiment:
         return settings
 
     def evaluate(self, params: torch.Tensor) -> dict[str, Any]:
+        """Central test metrics, and the backdoor's success rate (None without a backdoor)."""
         self.model.set_flat(params)
-        return central_metrics(
+        out = central_metrics(
             self.model, self.fed.eval_x, self.fed.eval_y, self.cfg.evaluation.batch_size
         )
+        out["backdoor_success"] = None
+        if self.backdoor_test is not None:
+            assert self.attack is not None and self.attack.backdoor is not None
+            x, y = self.backdoor_test
+            result = evaluation.evaluate(
+                self.model, x, y, batch_size=self.cfg.evaluation.batch_size, keep_probabilities=True
+            )
+            assert result.probabilities is not None
+            out["backdoor_success"] = attacks_data.attack_success_rate(
+                result.probabilities.argmax(dim=1), y, target=self.attack.backdoor.target
+            )
+        return out
+
+    def attack_summary(self) -> dict[str, Any] | None:
+        """What ``summary.json`` says about the simulated attack (None without one)."""
+        if self.attack is None:
+            return None
+        a = self.cfg.attack
+        return {
+            "kind": a.kind,
+            "fraction": a.fraction,
+            "seed": self.attack.seed,
+            "malicious": list(self.attack.malicious),
+        }
 
     def final_report(self, params: torch.Tensor) -> dict[str, Any]:
         """Confusion matrix and, where the test set names its owners, accuracy per owner."""
@@ -484,6 +559,7 @@ def _one_round(
         row.update(exp.evaluate(result.params))
     else:
         row.update({"test_accuracy": None, "test_loss": None, "test_auc": None})
+        row["backdoor_success"] = None
     row.update(result.metrics)
     if exp.cfg.evaluation.federated and exp.should_evaluate(round_):
         fed = exp.driver.evaluate_round(round_, result.params)
@@ -497,6 +573,7 @@ def _aborted_row(round_: int, exc: secagg.SecAggAbortedError) -> dict[str, Any]:
     """The metrics row of a round whose secure aggregation was aborted (no model change)."""
     row: dict[str, Any] = {"round": round_, "test_accuracy": None, "test_loss": None}
     row.update({"test_auc": None, "train_loss": None, "epsilon": None, "seconds": None})
+    row["backdoor_success"] = None
     row.update(exc.metrics)
     row["secure_aggregation_aborted"] = str(exc)
     return row
@@ -530,6 +607,10 @@ def _summary(
         "test_accuracy": final.get("test_accuracy"),
         "test_loss": final.get("test_loss"),
         "test_auc": final.get("test_auc"),
+        "backdoor_success": final.get("backdoor_success"),
+        "aggregator": exp.cfg.server.aggregator,
+        "byzantine_f": exp.cfg.server.byzantine_f,
+        "attack": exp.attack_summary(),
         "evaluation_split": exp.cfg.evaluation.split,
         "epsilon": None,
         "delta": None,

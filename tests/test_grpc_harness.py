@@ -40,6 +40,7 @@ class Behaviour(enum.StrEnum):
     NORMAL = "normal"
     HANG_IN_ROUND_2 = "hang_in_round_2"  # writes a marker, then never answers round 2's fit task
     VANISH_AT_UNMASK = "vanish_at_unmask"  # exits as soon as it is asked to unmask
+    SLOW = "slow"  # takes 0.3 s longer per fit task, so a test can stop the server mid-run
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,8 @@ def client_main(
         if behaviour is Behaviour.VANISH_AT_UNMASK and kind == "SecAggUnmaskRequest":
             marker.write_text("vanished")
             os._exit(17)
+        if behaviour is Behaviour.SLOW and kind == "FitTask":
+            time.sleep(0.3)
         if behaviour is Behaviour.HANG_IN_ROUND_2 and kind == "FitTask":
             task = messages.decode(payload)
             if task.round == 2:
@@ -157,6 +160,15 @@ class Federation:
         self.clients[cid] = CTX.Process(target=client_main, args=args, daemon=True)
         self.clients[cid].start()
         return marker
+
+    def kill_server(self) -> None:
+        assert self.server is not None
+        self.server.kill()  # SIGKILL: no chance to save anything
+        self.server.join(5)
+
+    def kill_client(self, cid: int) -> None:
+        self.clients[cid].kill()
+        self.clients[cid].join(5)
 
     def wait_server(self, timeout_s: float) -> int:
         assert self.server is not None

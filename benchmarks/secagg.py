@@ -9,6 +9,12 @@ warm-up round each; the JSON holds medians over the repeats. ``client_seconds`` 
 inside the client handler (all phases, all clients, sequentially), ``server_seconds`` the rest
 of the round. ``bytes_up_ratio`` is the secure round's upload (all phases) over the plain one's.
 
+SecAgg+ runs twice: with the default degree, chosen to survive a dropout rate of 10% with a
+round failure probability below 1e-6 (``secagg_graph.tolerant_degree``; ``k = 30, t = 16`` at
+``n = 100``), and with ``k = ceil(log2 n)`` (``dropout_rate = 0``; ``k = 7, t = 5`` at
+``n = 100``), so that the cost of the larger ``k`` is measured in the same run. Every row
+records its ``neighbours`` and ``threshold``.
+
 The dropout part runs ``--dropout-rounds`` rounds at ``n = 100`` in which 10% of the clients,
 drawn afresh each round, vanish after sharing their keys (before the masked-input phase), and
 reports the share of rounds that still complete.
@@ -66,11 +72,17 @@ class FixedClients:
         return reply
 
 
-def _driver(transport, n: int, dim: int, mode: Mode | None) -> RoundDriver:
+Variant = tuple[Mode, float]  # the mode and the dropout rate its default degree tolerates
+VARIANTS: list[Variant] = [(Mode.SECAGG_PLUS, 0.1), (Mode.SECAGG_PLUS, 0.0), (Mode.SECAGG, 0.1)]
+
+
+def _settings(variant: Variant) -> secagg.Settings:
+    mode, rate = variant
+    return secagg.Settings(mode, clip_norm=1.0, max_weight=EXAMPLES, dropout_rate=rate)
+
+
+def _driver(transport, n: int, dim: int, variant: Variant | None) -> RoundDriver:
     strategy = Strategy.create(StrategyKind.FEDAVG, client_config={}, num_clients=n)
-    settings = None
-    if mode is not None:
-        settings = secagg.Settings(mode, clip_norm=1.0, max_weight=EXAMPLES)
     return RoundDriver(
         transport,
         strategy,
@@ -78,8 +90,13 @@ def _driver(transport, n: int, dim: int, mode: Mode | None) -> RoundDriver:
         clients_per_round=n,
         min_clients=1,
         seed=0,
-        secure_aggregation=settings,
+        secure_aggregation=None if variant is None else _settings(variant),
     )
+
+
+def _graph(n: int, variant: Variant) -> dict[str, int]:
+    setup = _settings(variant).setup(0, list(range(n)), graph_seed=0, dim=1)
+    return {"neighbours": setup.neighbours, "threshold": setup.threshold}
 
 
 def _time_round(driver: RoundDriver, clients: FixedClients, round_: int, params) -> dict:
@@ -96,46 +113,50 @@ def _time_round(driver: RoundDriver, clients: FixedClients, round_: int, params)
     }
 
 
-def bench_size(n: int, dim: int, repeats: int, modes: list[Mode]) -> list[dict[str, Any]]:
+def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[dict[str, Any]]:
     clients = FixedClients(n, dim)
     transport = InProcessTransport(clients.handle, list(range(n)))
-    drivers: dict[Mode | None, RoundDriver] = {None: _driver(transport, n, dim, None)}
-    drivers.update({m: _driver(transport, n, dim, m) for m in modes})
+    drivers: dict[Variant | None, RoundDriver] = {None: _driver(transport, n, dim, None)}
+    drivers.update({v: _driver(transport, n, dim, v) for v in variants})
     params = torch.zeros(dim)
-    samples: dict[Mode | None, list[dict]] = {k: [] for k in drivers}
+    samples: dict[Variant | None, list[dict]] = {k: [] for k in drivers}
     for repeat in range(repeats + 1):  # repeat 0 warms up
         for key, driver in drivers.items():
             timing = _time_round(driver, clients, repeat + 1, params)
             if repeat > 0:
                 samples[key].append(timing)
 
-    def median(key: Mode | None, field: str) -> float:
+    def median(key: Variant | None, field: str) -> float:
         return statistics.median(s[field] for s in samples[key])
 
     rows = []
-    for mode in modes:
+    for variant in variants:
         rows.append(
             {
                 "n": n,
                 "dim": dim,
-                "mode": str(mode),
-                "round_seconds": median(mode, "round_seconds"),
+                "mode": str(variant[0]),
+                **_graph(n, variant),
+                "dropout_rate": variant[1],
+                "round_seconds": median(variant, "round_seconds"),
                 "plain_round_seconds": median(None, "round_seconds"),
-                "client_seconds": median(mode, "client_seconds"),
-                "server_seconds": median(mode, "server_seconds"),
-                "bytes_up_ratio": median(mode, "bytes_up") / median(None, "bytes_up"),
-                "bytes_down_ratio": median(mode, "bytes_down") / median(None, "bytes_down"),
-                "round_ratio": median(mode, "round_seconds") / median(None, "round_seconds"),
+                "client_seconds": median(variant, "client_seconds"),
+                "server_seconds": median(variant, "server_seconds"),
+                "bytes_up_ratio": median(variant, "bytes_up") / median(None, "bytes_up"),
+                "bytes_down_ratio": median(variant, "bytes_down") / median(None, "bytes_down"),
+                "round_ratio": median(variant, "round_seconds") / median(None, "round_seconds"),
             }
         )
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
-def bench_dropout(n: int, dim: int, rounds: int, fraction: float, mode: Mode) -> dict[str, Any]:
+def bench_dropout(
+    n: int, dim: int, rounds: int, fraction: float, variant: Variant
+) -> dict[str, Any]:
     clients = FixedClients(n, dim)
     transport = PhaseDropout(InProcessTransport(clients.handle, list(range(n))), {})
-    driver = _driver(transport, n, dim, mode)
+    driver = _driver(transport, n, dim, variant)
     params = torch.zeros(dim)
     rng = np.random.default_rng(1)
     completed = 0
@@ -150,7 +171,9 @@ def bench_dropout(n: int, dim: int, rounds: int, fraction: float, mode: Mode) ->
     row = {
         "n": n,
         "dim": dim,
-        "mode": str(mode),
+        "mode": str(variant[0]),
+        **_graph(n, variant),
+        "dropout_rate": variant[1],
         "drop_fraction": fraction,
         "dropped_before": "masked input",
         "rounds": rounds,
@@ -174,11 +197,8 @@ def main() -> None:
     torch.set_num_threads(1)
     rows = []
     for n in args.sizes:
-        rows += bench_size(n, args.dim, args.repeats, [Mode.SECAGG_PLUS, Mode.SECAGG])
-    dropout = [
-        bench_dropout(100, args.dim, args.dropout_rounds, 0.1, mode)
-        for mode in (Mode.SECAGG_PLUS, Mode.SECAGG)
-    ]
+        rows += bench_size(n, args.dim, args.repeats, VARIANTS)
+    dropout = [bench_dropout(100, args.dim, args.dropout_rounds, 0.1, v) for v in VARIANTS]
     result = {
         "machine": {"python": platform.python_version(), "processor": platform.processor()},
         "repeats": args.repeats,

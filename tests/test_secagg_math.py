@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fedguard.algorithms import secagg_crypto, secagg_graph, secagg_quantize, secagg_shamir
+from fedguard.protocol import secagg
 
 
 def _random_bytes(seed: int):
@@ -142,3 +143,18 @@ def test_default_degree_and_threshold() -> None:
     assert secagg_graph.default_degree(9) == 4  # ceil(log2 9) = 4
     assert secagg_graph.default_degree(3) == 2  # complete graph
     assert secagg_graph.default_threshold(8) == 5 and secagg_graph.default_threshold(7) == 4
+
+
+def test_tolerant_degree_meets_the_failure_target_with_a_majority_threshold() -> None:
+    # k = 7, t = 5 at n = 100: a neighbourhood of 8 fails when 4 or more drop (p = 0.1)
+    assert secagg_graph.neighbourhood_failure(7, 0.1) == pytest.approx(0.0050244, rel=1e-4)
+    k = secagg_graph.tolerant_degree(100, 0.1)
+    assert (k, secagg_graph.default_threshold(k + 1)) == (30, 16)
+    assert 100 * secagg_graph.neighbourhood_failure(k, 0.1) <= 1e-6
+    assert 100 * secagg_graph.neighbourhood_failure(k - 1, 0.1) > 1e-6
+    assert secagg_graph.tolerant_degree(100, 0.0) == 7  # never below ceil(log2 n)
+    assert secagg_graph.tolerant_degree(10, 0.1) == 9  # no sparse graph suffices: complete
+    setup = secagg.Settings(secagg.Mode.SECAGG_PLUS, clip_norm=1.0, max_weight=1).setup(
+        1, list(range(100)), graph_seed=0, dim=3
+    )
+    assert (setup.neighbours, setup.threshold) == (30, 16)

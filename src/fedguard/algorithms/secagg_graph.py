@@ -10,9 +10,16 @@ client opposite. The ordering comes from a public seed that the server publishes
 computes the same graph and can check the server's claims against it. ``k = n - 1`` gives the
 complete graph, the original protocol (Bonawitz et al., CCS 2017).
 
-The default ``k`` is ``ceil(log2 n)``, rounded up to a feasible degree. Bell et al. prove
-security for ``k = O(log n)`` with constants that depend on the dropout and corruption rates;
-deployments facing a malicious server should choose ``k`` from their Table 2, not this default.
+**Default degree and threshold.** A round survives while every neighbourhood (a client and its
+``k`` neighbours, the holders of its shares) keeps ``t`` members. With each client dropping
+independently with probability ``p`` (the tolerated dropout rate), a neighbourhood fails with
+probability ``P[Bin(k + 1, p) > k + 1 - t]``; :func:`tolerant_degree` picks the smallest feasible
+``k`` for which ``n`` times that (a union bound over the neighbourhoods) is at most
+``ROUND_FAILURE_TARGET = 1e-6``, with the smallest threshold the secrecy of the shares allows,
+``t = floor((k + 1) / 2) + 1`` (more than half the holders, so that the server cannot obtain
+both shares of a client: Bell et al., section 3), and never below ``ceil(log2 n)``. Bell et al.
+prove security for ``k = O(log n)`` with constants that depend on the dropout and corruption
+rates; deployments facing a malicious server should choose ``k`` from their Table 2.
 """
 
 from __future__ import annotations
@@ -44,6 +51,34 @@ def default_degree(n: int) -> int:
 def default_threshold(holders: int) -> int:
     """More than half of a client's share holders (its neighbours and itself)."""
     return holders // 2 + 1
+
+
+ROUND_FAILURE_TARGET = 1e-6
+
+
+def neighbourhood_failure(k: int, dropout_rate: float) -> float:
+    """``P[Bin(k + 1, p) > k + 1 - t]``: fewer than ``t = default_threshold(k + 1)`` of a
+    client's ``k + 1`` share holders survive when each drops with probability ``p``."""
+    holders = k + 1
+    tolerated = holders - default_threshold(holders)
+    p = dropout_rate
+    return math.fsum(
+        math.comb(holders, j) * p**j * (1 - p) ** (holders - j)
+        for j in range(tolerated + 1, holders + 1)
+    )
+
+
+def tolerant_degree(
+    n: int, dropout_rate: float, failure_target: float = ROUND_FAILURE_TARGET
+) -> int:
+    """The smallest feasible ``k >= ceil(log2 n)`` with ``n P[neighbourhood fails] <= target``;
+    the complete graph (``n - 1``) when no sparser graph reaches the target."""
+    if not 0 <= dropout_rate < 1:
+        raise ValueError(f"The dropout rate must be in [0, 1), got {dropout_rate}.")
+    k = default_degree(n)
+    while k < n - 1 and n * neighbourhood_failure(k, dropout_rate) > failure_target:
+        k = feasible_degree(n, k + 1)
+    return k
 
 
 def harary_graph(client_ids: Sequence[int], k: int, seed: int) -> dict[int, frozenset[int]]:

@@ -109,7 +109,9 @@ class Settings:
 
     ``max_weight`` caps a client's integer weight (its example count) so that the fixed-point
     sum cannot overflow; ``weighted = False`` sums the clipped updates with weight 1 each (as
-    central DP needs). ``threshold`` and ``neighbours`` default per round from the cohort size.
+    central DP needs). ``threshold`` and ``neighbours`` default per round from the cohort size
+    and ``dropout_rate``, the share of clients a round must survive losing (see
+    :func:`fedguard.algorithms.secagg_graph.tolerant_degree`).
     ``distributed`` adds distributed DP (unweighted sums only): the clients noise their encoded
     updates and a round needs at least ``distributed.noise_clients`` masked inputs.
     """
@@ -122,6 +124,7 @@ class Settings:
     threshold: int | None = None
     neighbours: int | None = None
     distributed: distributed_dp.Skellam | None = None
+    dropout_rate: float = 0.1
 
     def __post_init__(self) -> None:
         if self.mode is Mode.SECAGG and self.neighbours is not None:
@@ -155,7 +158,7 @@ class Settings:
         elif self.neighbours is not None:
             k = secagg_graph.feasible_degree(n, self.neighbours)
         else:
-            k = secagg_graph.default_degree(n)
+            k = secagg_graph.tolerant_degree(n, self.dropout_rate)
         t = self.threshold if self.threshold is not None else secagg_graph.default_threshold(k + 1)
         return RoundSetup(
             round=round_,

@@ -169,6 +169,11 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
         raise _config_error("--client-ca needs --tls-cert and --tls-key.")
     if args.tokens is None and args.client_ca is None:
         raise _config_error("The server needs client authentication: --tokens or --client-ca.")
+    try:
+        if tls is None:  # refuse before loading anything
+            grpc_tls.refuse_plaintext(args.address, args.insecure)
+    except grpc_tls.TlsConfigError as exc:
+        raise _config_error(str(exc)) from None
     options = grpc_deploy.ServerOptions(
         address=args.address,
         tls=tls,
@@ -203,6 +208,11 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
 
     if args.token_file is None and args.cert is None:
         raise _config_error("The client needs a credential: --token-file or --cert/--key.")
+    try:
+        if args.ca is None:  # refuse before loading anything
+            grpc_tls.refuse_plaintext(args.server, args.insecure)
+    except grpc_tls.TlsConfigError as exc:
+        raise _config_error(str(exc)) from None
     if args.data is not None:
         if args.model is None or args.num_classes is None:
             raise _config_error("--data needs --model and --num-classes.")

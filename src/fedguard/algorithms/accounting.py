@@ -155,7 +155,8 @@ class SkellamSum:
     count: int
 
     def rdp(self, orders: tuple[int, ...] = SKELLAM_ORDERS) -> np.ndarray:
-        """RDP of the composition at integer ``orders`` (Agarwal et al. 2021, Theorem 3.5).
+        """RDP of the composition at integer ``orders`` (Agarwal et al. 2021, their
+        multi-dimensional Skellam RDP bound, section 3).
 
         One round at order ``a``:
         ``a D2^2 / (4 mu) + min((2 a D2^2 + 6 D1) / (16 mu^2), 3 D1 / (4 mu))``, times ``count``

@@ -12,9 +12,10 @@ integers, survive the modular arithmetic of the masks exactly. Client ``u``
 
        ``Delta_2 = sqrt(min(c^2 + d/4 + sqrt(2 ln(1/beta)) (c + sqrt(d)/2), (c + sqrt(d))^2))``
 
-   (their Theorem 13: one try fails with probability at most ``beta``), so ``Delta_2`` is a hard
-   L2 bound on one client's integer contribution; for an integer vector the L1 norm is at most
-   ``Delta_1 = min(Delta_2^2, sqrt(d) Delta_2)`` (Agarwal et al., section 3.2);
+   (their bound on the norm after randomized rounding: one try fails with probability at most
+   ``beta``), so ``Delta_2`` is a hard L2 bound on one client's integer contribution; for an
+   integer vector the L1 norm is at most ``Delta_1 = min(Delta_2^2, sqrt(d) Delta_2)``
+   (Agarwal et al., section 3);
 3. adds ``Poisson(lam) - Poisson(lam)`` per coordinate (Skellam ``Sk(lam, lam)``, variance
    ``2 lam``, sampled exactly with numpy's ``Generator.poisson``), with
    ``2 lam = (z s C)^2 / m`` for noise multiplier ``z`` and ``m`` noise shares, so that the sum

@@ -64,6 +64,7 @@ def _secure_sum(
     mechanism: distributed_dp.Skellam,
     drops: dict[Phase, frozenset[int]] | None = None,
     mode: Mode = Mode.SECAGG_PLUS,
+    server_mechanism: distributed_dp.Skellam | None = None,
 ) -> tuple[secagg_server.SecureSum, secagg.RoundSetup]:
     rng = np.random.default_rng(7)
     client = secagg_client.SecAggClient(_client_fit, random_bytes=rng.bytes)
@@ -73,7 +74,11 @@ def _secure_sum(
 
     transport = PhaseDropout(InProcessTransport(handler, list(range(N))), drops or {})
     settings = secagg.Settings(
-        mode, clip_norm=CLIP, max_weight=1, weighted=False, distributed=mechanism
+        mode,
+        clip_norm=CLIP,
+        max_weight=1,
+        weighted=False,
+        distributed=server_mechanism or mechanism,
     )
     setup = settings.setup(3, list(range(N)), graph_seed=5, dim=DIM)
     config_ = secagg.distributed_config(mechanism)
@@ -103,6 +108,16 @@ def test_a_round_with_fewer_inputs_than_noise_shares_is_aborted_unrevealed() -> 
     assert result.survivors == [c for c in range(N) if c != 2]
     with pytest.raises(secagg.SecAggAbortedError, match="6 clients left, the round needs 7"):
         _secure_sum(mechanism, {Phase.MASK: frozenset({2, 5})}, Mode.SECAGG)
+
+
+def test_clients_refuse_to_unmask_fewer_inputs_than_noise_shares(caplog) -> None:
+    # a server that believes one noise share suffices goes on to unmasking with 7 of 8 inputs;
+    # every client, told to expect 8 shares, refuses, so no share arrives and nothing is unmasked
+    mechanism = distributed_dp.Skellam(noise_multiplier=1.0, noise_clients=N)
+    careless = distributed_dp.Skellam(noise_multiplier=1.0, noise_clients=1)
+    with pytest.raises(secagg.SecAggAbortedError, match="only 0 shares of client 0 arrived"):
+        _secure_sum(mechanism, {Phase.MASK: frozenset({2})}, Mode.SECAGG, careless)
+    assert "a sum of 7 inputs, fewer than the 8 whose noise" in caplog.text
 
 
 def test_skellam_epsilon_is_slightly_above_the_gaussian_one_at_the_same_noise() -> None:

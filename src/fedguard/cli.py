@@ -19,6 +19,8 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 EXIT_REFUSED = 3
+# fedguard.runtime.grpc_deploy.DEFAULT_ROUND_DEADLINE_S, without importing gRPC for --help.
+_DEFAULT_ROUND_DEADLINE_S = 120.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +66,22 @@ def _deploy_parsers(sub) -> None:
     server.add_argument(
         "--wait-clients", type=float, default=600.0, help="seconds to wait for all clients"
     )
-    server.add_argument("--quiet", action="store_true", help="no progress bar")
+    server.add_argument(
+        "--round-deadline",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="seconds a round waits for each client's reply; overrides server.deadline_s "
+        f"(default: server.deadline_s, else {_DEFAULT_ROUND_DEADLINE_S:g})",
+    )
+    server.add_argument(
+        "--max-payload-mib",
+        type=int,
+        default=1024,
+        metavar="MIB",
+        help="largest client reply accepted, in MiB (default 1024)",
+    )
+    server.add_argument("--quiet", action="store_true", help="no progress bar or waiting reports")
     _overrides(server)
     client = sub.add_parser("client", help="join a server as one client")
     client.add_argument("config", type=Path, nargs="?", help="experiment file (demo data)")
@@ -89,6 +106,13 @@ def _deploy_parsers(sub) -> None:
     launch.add_argument("--out", type=Path, default=None)
     launch.add_argument("--resume", action="store_true")
     launch.add_argument("--insecure", action="store_true", help="plain text instead of dev TLS")
+    launch.add_argument(
+        "--round-deadline",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="the server's --round-deadline",
+    )
     _overrides(launch)
     certs = sub.add_parser("certs", help="make a development CA and certificates")
     certs.add_argument("directory", type=Path)
@@ -174,13 +198,19 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
             grpc_tls.refuse_plaintext(args.address, args.insecure)
     except grpc_tls.TlsConfigError as exc:
         raise _config_error(str(exc)) from None
+    if args.max_payload_mib < 1:
+        raise _config_error(f"--max-payload-mib must be at least 1, got {args.max_payload_mib}.")
     options = grpc_deploy.ServerOptions(
         address=args.address,
         tls=tls,
         tokens=args.tokens,
         insecure=args.insecure,
         wait_for_clients_s=args.wait_clients,
+        round_deadline_s=args.round_deadline,
+        max_payload_bytes=args.max_payload_mib << 20,
     )
+    if not args.quiet:  # the deadline in force and, while a round waits, who has replied
+        logging.getLogger("fedguard.grpc").setLevel(logging.INFO)
     from fedguard.experiment import runner
 
     try:
@@ -264,6 +294,7 @@ def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
             insecure=args.insecure,
             resume=args.resume,
             overrides=args.overrides,
+            round_deadline_s=args.round_deadline,
         )
     except KeyboardInterrupt:
         err.print("[yellow]Stopped; every launched process was stopped too.[/yellow]")

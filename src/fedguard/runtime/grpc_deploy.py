@@ -2,7 +2,10 @@
 
 ``serve`` is ``fedguard.run`` with the gRPC transport in place of the simulator: the same
 runner, driver, strategy, checkpoints and run folder, so ``--resume`` after a crash works as in
-simulation. A deployed client is ``ClientApp.handle`` bound to one client id and its local data,
+simulation. One difference has a name: a deployed round always has a deadline (a simulated
+client cannot vanish, a deployed one can), ``--round-deadline`` if given, else the config's
+``server.deadline_s``, else :data:`DEFAULT_ROUND_DEADLINE_S`; it is written into the run's
+``config.toml`` so the run folder says how long each round waited. A deployed client is ``ClientApp.handle`` bound to one client id and its local data,
 either the client's own ``.npz`` file or, for demos, its partition of the experiment's data set.
 """
 
@@ -26,9 +29,17 @@ from fedguard.runtime import auth, grpc_client, grpc_server, grpc_tls
 log = logging.getLogger("fedguard.grpc")
 
 
+DEFAULT_ROUND_DEADLINE_S = grpc_server.DEFAULT_DEADLINE_S
+
+
 @dataclass(frozen=True)
 class ServerOptions:
-    """How the server listens, whom it admits, and how long it waits for its clients."""
+    """How the server listens, whom it admits, and how long it waits for its clients.
+
+    ``round_deadline_s`` overrides the config's ``server.deadline_s`` (see the module docstring);
+    ``max_payload_bytes`` is the largest reply the server accepts (larger ones are refused with
+    ``RESOURCE_EXHAUSTED`` from their header, before any of their data is buffered).
+    """
 
     address: str
     tls: grpc_tls.ServerTls | None
@@ -36,6 +47,29 @@ class ServerOptions:
     insecure: bool = False
     wait_for_clients_s: float = 600.0
     poll_s: float = grpc_server.DEFAULT_POLL_S
+    round_deadline_s: float | None = None
+    max_payload_bytes: int = grpc_server.DEFAULT_MAX_PAYLOAD_BYTES
+    progress_s: float = grpc_server.DEFAULT_PROGRESS_S
+
+
+def deadline_overrides(
+    config: str | Path, options: ServerOptions, overrides: Sequence[str]
+) -> list[str]:
+    """``overrides`` plus the ``server.deadline_s`` every deployed round waits at most.
+
+    ``--round-deadline`` wins over the config; a config without ``server.deadline_s`` gets
+    :data:`DEFAULT_ROUND_DEADLINE_S` rather than waiting without a stated limit.
+    """
+    out = list(overrides)
+    if options.round_deadline_s is not None:
+        if options.round_deadline_s <= 0:
+            raise config_mod.ConfigError(
+                f"--round-deadline must be positive, got {options.round_deadline_s:g}."
+            )
+        out.append(f"server.deadline_s={float(options.round_deadline_s)!r}")
+    elif config_mod.load(config, out).server.deadline_s is None:
+        out.append(f"server.deadline_s={DEFAULT_ROUND_DEADLINE_S!r}")
+    return out
 
 
 def serve(
@@ -50,8 +84,13 @@ def serve(
     """Run the experiment with clients connecting over gRPC; returns the run's summary.
 
     Rounds start once every client of the federation has connected, or after
-    ``wait_for_clients_s`` with whoever is there (absent clients then fail their tasks).
+    ``wait_for_clients_s`` with whoever is there (absent clients then fail their tasks). While
+    a round waits, the ``fedguard.grpc`` logger reports every ``progress_s`` how many of its
+    clients have replied.
     """
+    overrides = deadline_overrides(config, options, overrides or [])
+    deadline_s = config_mod.load(config, overrides).server.deadline_s
+    log.info("each round waits at most %g s for a client's reply (server.deadline_s)", deadline_s)
     mutual = options.tls is not None and options.tls.client_ca is not None
     authenticator = auth.Authenticator(options.tokens, mutual_tls=mutual)
     holder: list[grpc_server.GrpcServerTransport] = []
@@ -64,6 +103,8 @@ def serve(
             tls=options.tls,
             insecure=options.insecure,
             poll_s=options.poll_s,
+            max_payload_bytes=options.max_payload_bytes,
+            progress_s=options.progress_s,
         )
         holder.append(transport)
         transport.start()

@@ -62,6 +62,7 @@ def launch(
     insecure: bool = False,
     resume: bool = False,
     overrides: Sequence[str] = (),
+    round_deadline_s: float | None = None,
 ) -> int:
     """Run the experiment with ``clients`` client processes; the server's exit code."""
     python = [sys.executable, "-m", "fedguard.cli"]
@@ -76,6 +77,8 @@ def launch(
                 command += ["--out", str(out)]
             if resume:
                 command.append("--resume")
+            if round_deadline_s is not None:
+                command += ["--round-deadline", repr(float(round_deadline_s))]
             server = subprocess.Popen(command)
             processes.append(server)
             for cid in range(clients):

@@ -36,9 +36,13 @@ from fedguard.runtime.proto import wire_pb2
 log = logging.getLogger("fedguard.grpc")
 
 SERVICE = "fedguard.wire.v1.Federation"
-# A deployed round without ``server.deadline_s`` waits this long for a client: the simulator
-# has no such default because its clients cannot vanish.
-DEFAULT_DEADLINE_S = 300.0
+# How long a deployed task waits for its client when the driver passes no deadline. The
+# deployment entry point (:func:`fedguard.runtime.grpc_deploy.serve`) always passes one, from
+# ``server.deadline_s`` or ``--round-deadline`` (default 120 s); the simulator has no such
+# default because its clients cannot vanish.
+DEFAULT_DEADLINE_S = 120.0
+# While a round waits, it logs how many of its clients have replied this often.
+DEFAULT_PROGRESS_S = 10.0
 DEFAULT_POLL_S = 10.0
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
 
@@ -84,10 +88,16 @@ class GrpcServerTransport(Transport):
         default_deadline_s: float = DEFAULT_DEADLINE_S,
         poll_s: float = DEFAULT_POLL_S,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
+        progress_s: float = DEFAULT_PROGRESS_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if tls is None:
             grpc_tls.refuse_plaintext(address, insecure)
+        if default_deadline_s <= 0 or progress_s <= 0:
+            raise ValueError(
+                f"The deadline and progress interval must be positive, got "
+                f"{default_deadline_s:g} s and {progress_s:g} s."
+            )
         self._client_ids = tuple(client_ids)
         self._known = frozenset(self._client_ids)
         self._address = address
@@ -96,6 +106,7 @@ class GrpcServerTransport(Transport):
         self.default_deadline_s = default_deadline_s
         self.poll_s = poll_s
         self.max_payload_bytes = max_payload_bytes
+        self.progress_s = progress_s
         self._clock = clock
         self._cond = threading.Condition()
         self._mailbox: dict[int, _Task] = {}
@@ -182,17 +193,21 @@ class GrpcServerTransport(Transport):
             tasks.append(
                 _Task(task_id, client_id, payload, grpc_chunks.header_of(task_id, payload), info)
             )
-        end = self._clock() + deadline
+        start = self._clock()
+        end, next_report = start + deadline, start + self.progress_s
         with self._cond:
             for task in tasks:
                 self._mailbox[task.client_id] = task
                 self._tasks[task.task_id] = task
             self._cond.notify_all()
             while any(t.outcome is None for t in tasks):
-                left = end - self._clock()
-                if left <= 0:
+                now = self._clock()
+                if now >= end:
                     break
-                self._cond.wait(left)
+                if now >= next_report:
+                    self._report_progress(tasks, deadline, end - now)
+                    next_report = now + self.progress_s
+                self._cond.wait(min(end, next_report) - now)
             for task in tasks:
                 if task.outcome is None:
                     task.outcome = self._missed(task, deadline)
@@ -200,6 +215,24 @@ class GrpcServerTransport(Transport):
                 if self._mailbox.get(task.client_id) is task:
                     del self._mailbox[task.client_id]
         return [t.outcome for t in tasks if t.outcome is not None]
+
+    @staticmethod
+    def _report_progress(tasks: Sequence[_Task], deadline: float, left: float) -> None:
+        """Log how many of a waiting exchange's clients have replied (called under the lock)."""
+        replied = sum(t.outcome is not None for t in tasks)
+        fetched = sum(t.sent_at is not None for t in tasks)
+        info = tasks[0].info
+        log.info(
+            "round %d, %s: %d of %d clients replied, %d fetched their task; "
+            "%.0f s of the %g s deadline left",
+            info.round,
+            info.kind.__name__,
+            replied,
+            len(tasks),
+            fetched,
+            left,
+            deadline,
+        )
 
     @staticmethod
     def _missed(task: _Task, deadline: float) -> Failed:

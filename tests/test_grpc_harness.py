@@ -45,24 +45,47 @@ class Behaviour(enum.StrEnum):
 
 @dataclass(frozen=True)
 class Security:
-    """Dev certificates and tokens for one test federation."""
+    """Dev certificates and tokens for one test federation; ``mutual``: client certificates
+    (mutual TLS) instead of tokens."""
 
     directory: Path
     tls: bool = True
+    mutual: bool = False
 
     def server_tls(self) -> grpc_tls.ServerTls | None:
         d = self.directory
-        return grpc_tls.ServerTls(d / "server.pem", d / "server.key") if self.tls else None
+        if not self.tls:
+            return None
+        return grpc_tls.ServerTls(
+            d / "server.pem", d / "server.key", d / "ca.pem" if self.mutual else None
+        )
 
-    def client_tls(self) -> grpc_tls.ClientTls | None:
-        return grpc_tls.ClientTls(self.directory / "ca.pem") if self.tls else None
+    def tokens(self) -> Path | None:
+        return None if self.mutual else self.directory / "tokens.json"
+
+    def client_tls(self, client_id: int) -> grpc_tls.ClientTls | None:
+        d = self.directory
+        if not self.tls:
+            return None
+        if not self.mutual:
+            return grpc_tls.ClientTls(d / "ca.pem")
+        return grpc_tls.ClientTls(
+            d / "ca.pem", d / f"client-{client_id}.pem", d / f"client-{client_id}.key"
+        )
 
     def token(self, client_id: int) -> bytes:
+        if self.mutual:
+            return b""
         return (self.directory / f"client-{client_id}.token").read_text().strip().encode()
 
 
-def make_security(directory: Path, client_ids: Iterable[int], *, tls: bool = True) -> Security:
+def make_security(
+    directory: Path, client_ids: Iterable[int], *, tls: bool = True, mutual: bool = False
+) -> Security:
     ids = list(client_ids)
+    if mutual:
+        certs.make_dev_pki(directory, client_ids=ids)
+        return Security(directory, tls=True, mutual=True)
     auth.make_tokens(directory, ids)
     if tls:
         certs.make_dev_pki(directory, client_ids=[])
@@ -93,7 +116,7 @@ def server_main(
         filename=log_path, level=logging.INFO, force=True, format="%(relativeCreated)d %(message)s"
     )
     options = grpc_deploy.ServerOptions(
-        address, sec.server_tls(), sec.directory / "tokens.json", insecure=not sec.tls, poll_s=2.0
+        address, sec.server_tls(), sec.tokens(), insecure=not sec.tls, poll_s=2.0
     )
     grpc_deploy.serve(config, options, out=out, resume=resume)
 
@@ -126,7 +149,7 @@ def client_main(
         address,
         client_id,
         sec.token(client_id),
-        sec.client_tls(),
+        sec.client_tls(client_id),
         insecure=not sec.tls,
         backoff_max_s=1.0,
         give_up_after_s=60.0,

@@ -1,9 +1,14 @@
-"""The deployment commands refuse plain text off loopback, or without --insecure, in one line."""
+"""The deployment commands refuse plain text off loopback, or without --insecure, in one line;
+a deployed round always has a stated deadline (--round-deadline, server.deadline_s or 120 s)."""
 
 from __future__ import annotations
 
+import tomli_w
+
+from conftest import tiny_config
 from fedguard import cli
-from fedguard.runtime import auth
+from fedguard.experiment import config as config_mod
+from fedguard.runtime import auth, grpc_deploy
 
 
 def _fedguard(*args: str, capsys) -> tuple[int, str]:
@@ -70,3 +75,38 @@ def test_certs_and_tokens_commands_write_their_files(tmp_path, capsys) -> None:
     assert code == 0, err
     records = auth.read_records(tmp_path / "tokens.json")
     assert records[1].revoked and not records[0].revoked
+
+
+def test_a_deployed_round_always_has_a_stated_deadline(tmp_path, capsys) -> None:
+    def options(round_deadline_s: float | None) -> grpc_deploy.ServerOptions:
+        return grpc_deploy.ServerOptions(
+            "127.0.0.1:1", None, None, insecure=True, round_deadline_s=round_deadline_s
+        )
+
+    def deadline(config, round_deadline_s: float | None) -> float | None:
+        overrides = grpc_deploy.deadline_overrides(config, options(round_deadline_s), [])
+        return config_mod.load(config, overrides).server.deadline_s
+
+    unset = tmp_path / "unset.toml"
+    unset.write_text(tomli_w.dumps(tiny_config()))
+    stated = tmp_path / "stated.toml"
+    stated.write_text(tomli_w.dumps(tiny_config(server={"deadline_s": 30.0})))
+    assert config_mod.load(unset).server.deadline_s is None  # the simulator needs none
+    assert deadline(unset, None) == grpc_deploy.DEFAULT_ROUND_DEADLINE_S == 120.0
+    assert deadline(stated, None) == 30.0
+    assert deadline(stated, 5.0) == deadline(unset, 5.0) == 5.0  # the flag wins
+    auth.make_tokens(tmp_path, [0])
+    code, err = _fedguard(
+        "server",
+        str(unset),
+        "--address",
+        "127.0.0.1:1",
+        "--tokens",
+        str(tmp_path / "tokens.json"),
+        "--insecure",
+        "--round-deadline",
+        "0",
+        capsys=capsys,
+    )
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "--round-deadline must be positive, got 0" in err

@@ -51,33 +51,14 @@ from typing import Any
 
 import numpy as np
 
+from fedguard.algorithms import attacks, robust
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 TASKS = ("digits", "medical")
-ATTACKS = (
-    "none",
-    "sign_flip",
-    "boost",
-    "gaussian",
-    "alie",
-    "ipm",
-    "min_max",
-    "min_sum",
-    "label_flip",
-    "backdoor",
-)
-AGGREGATORS = (
-    "mean",
-    "krum",
-    "multi_krum",
-    "median",
-    "trimmed_mean",
-    "bulyan",
-    "geometric_median",
-    "centered_clipping",
-    "norm_bounding",
-)
+ATTACKS = ("none", *(a.value for a in attacks.Attack))
+AGGREGATORS = ("mean", *(r.value for r in robust.RobustAggregator))
 CLIENTS, BYZANTINE_F, FRACTION = 20, 4, 0.2
 ATTACK_PARAMETERS: dict[str, dict[str, Any]] = {
     "sign_flip": {"scale": 4.0},

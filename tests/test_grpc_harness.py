@@ -22,6 +22,7 @@ import tomli_w
 
 from conftest import tiny_config
 from fedguard.runtime import auth, certs, grpc_chunks, grpc_launch, grpc_tls
+from fedguard.runtime.proto import wire_pb2, wire_pb2_grpc
 
 CTX = multiprocessing.get_context("forkserver")
 CTX.set_forkserver_preload(
@@ -216,6 +217,39 @@ class Federation:
         if not path.exists():
             return []
         return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def raw_pull(
+    address: str,
+    ca: bytes,
+    creds: auth.Credentials,
+    *,
+    cert: bytes | None = None,
+    key: bytes | None = None,
+) -> tuple[grpc.StatusCode, int]:
+    """A raw Pull with ``creds`` (presenting ``cert`` if given): its status and chunks received."""
+    tls = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
+    channel = grpc.secure_channel(address, tls)
+    try:
+        request = wire_pb2.PullRequest(
+            credentials=wire_pb2.Credentials(
+                client_id=creds.client_id,
+                token=creds.token,
+                timestamp_ms=creds.timestamp_ms,
+                nonce=creds.nonce,
+            )
+        )
+        received = 0
+        try:
+            for _ in wire_pb2_grpc.FederationStub(channel).Pull(request, timeout=10):
+                received += 1
+        except grpc.RpcError as exc:
+            return exc.code(), received
+        return grpc.StatusCode.OK, received
+    finally:
+        channel.close()
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> None:

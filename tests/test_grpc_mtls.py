@@ -8,39 +8,30 @@ from pathlib import Path
 
 import grpc
 import torch
-from test_grpc_harness import Federation, final_params, make_security, wait_for, write_config
+from test_grpc_harness import (
+    Federation,
+    final_params,
+    make_security,
+    raw_pull,
+    wait_for,
+    write_config,
+)
 
 import fedguard
 from fedguard.runtime import auth, certs
-from fedguard.runtime.proto import wire_pb2, wire_pb2_grpc
 
 
 def _pull(
     address: str, ca: Path, client_id: int, cert: Path | None, key: Path | None
 ) -> tuple[grpc.StatusCode, int]:
     """A raw Pull as ``client_id`` presenting ``cert``: its status and the chunks received."""
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=ca.read_bytes(),
-        private_key=None if key is None else key.read_bytes(),
-        certificate_chain=None if cert is None else cert.read_bytes(),
+    return raw_pull(
+        address,
+        ca.read_bytes(),
+        auth.fresh_credentials(client_id, b""),
+        cert=None if cert is None else cert.read_bytes(),
+        key=None if key is None else key.read_bytes(),
     )
-    channel = grpc.secure_channel(address, creds)
-    try:
-        c = auth.fresh_credentials(client_id, b"")
-        request = wire_pb2.PullRequest(
-            credentials=wire_pb2.Credentials(
-                client_id=c.client_id, token=c.token, timestamp_ms=c.timestamp_ms, nonce=c.nonce
-            )
-        )
-        received = 0
-        try:
-            for _ in wire_pb2_grpc.FederationStub(channel).Pull(request, timeout=10):
-                received += 1
-        except grpc.RpcError as exc:
-            return exc.code(), received
-        return grpc.StatusCode.OK, received
-    finally:
-        channel.close()
 
 
 def test_mutual_tls_admits_only_the_right_certificate(tmp_path) -> None:

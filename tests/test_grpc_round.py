@@ -7,40 +7,22 @@ import json
 
 import grpc
 import torch
-from test_grpc_harness import Federation, final_params, make_security, wait_for, write_config
+from test_grpc_harness import (
+    Federation,
+    final_params,
+    make_security,
+    raw_pull,
+    wait_for,
+    write_config,
+)
 
 import fedguard
 from fedguard.runtime import auth
-from fedguard.runtime.proto import wire_pb2, wire_pb2_grpc
 
 SECTIONS = {
     "data": {"num_clients": 5},
     "server": {"clients_per_round": 5, "min_clients": 3, "deadline_s": 30.0},
 }
-
-
-def _pull_with(address: str, ca: bytes, creds: auth.Credentials) -> tuple[grpc.StatusCode, int]:
-    """A raw Pull with the given credentials: its status and how many chunks came back."""
-    channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=ca))
-    try:
-        stub = wire_pb2_grpc.FederationStub(channel)
-        request = wire_pb2.PullRequest(
-            credentials=wire_pb2.Credentials(
-                client_id=creds.client_id,
-                token=creds.token,
-                timestamp_ms=creds.timestamp_ms,
-                nonce=creds.nonce,
-            )
-        )
-        received = 0
-        try:
-            for _ in stub.Pull(request, timeout=10):
-                received += 1
-        except grpc.RpcError as exc:
-            return exc.code(), received
-        return grpc.StatusCode.OK, received
-    finally:
-        channel.close()
 
 
 def test_five_tls_clients_equal_the_simulator_and_a_wrong_token_gets_nothing(tmp_path) -> None:
@@ -53,9 +35,9 @@ def test_five_tls_clients_equal_the_simulator_and_a_wrong_token_gets_nothing(tmp
             fed.start_client(cid)
         wait_for(lambda: "serving 5 clients" in _text(fed.log), 60, "the server to listen")
         ca = (sec.directory / "ca.pem").read_bytes()
-        code, chunks = _pull_with(fed.address, ca, auth.fresh_credentials(0, b"not-the-token"))
+        code, chunks = raw_pull(fed.address, ca, auth.fresh_credentials(0, b"not-the-token"))
         assert (code, chunks) == (grpc.StatusCode.UNAUTHENTICATED, 0)
-        code, chunks = _pull_with(fed.address, ca, auth.fresh_credentials(9, sec.token(0)))
+        code, chunks = raw_pull(fed.address, ca, auth.fresh_credentials(9, sec.token(0)))
         assert (code, chunks) == (grpc.StatusCode.UNAUTHENTICATED, 0)
         assert fed.wait_server(90) == 0
         assert set(fed.wait_clients(15).values()) == {0}

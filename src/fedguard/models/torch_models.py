@@ -8,15 +8,21 @@ import torch
 from torch import nn
 
 
+def _two_conv_pool_size(input_shape: tuple[int, ...], model: str) -> tuple[int, int, int]:
+    """Channels in, and the height and width left after two (3x3 conv, 2x2 max-pool) stages."""
+    channels, height, width = input_shape
+    h, w = ((height - 2) // 2 - 2) // 2, ((width - 2) // 2 - 2) // 2
+    if h < 1 or w < 1:
+        raise ValueError(f"{model} needs images of at least 10x10 pixels, got {input_shape}.")
+    return channels, h, w
+
+
 def image_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     """Conv 32 3x3 relu, max-pool 2, Conv 64 3x3 relu, max-pool 2, Dense 64 relu, Dense classes.
 
     Returns logits (the softmax is in the loss). Made for 28x28 images with any channel count.
     """
-    channels, height, width = input_shape
-    h, w = ((height - 2) // 2 - 2) // 2, ((width - 2) // 2 - 2) // 2
-    if h < 1 or w < 1:
-        raise ValueError(f"image_cnn needs images of at least 10x10 pixels, got {input_shape}.")
+    channels, h, w = _two_conv_pool_size(input_shape, "image_cnn")
     return nn.Sequential(
         nn.Conv2d(channels, 32, 3),
         nn.ReLU(),
@@ -41,10 +47,7 @@ def dp_image_cnn(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
     with differential privacy"); GroupNorm, not BatchNorm, normalises within one example, and has
     no affine weights, so per-example gradients stay on the fast hook path.
     """
-    channels, height, width = input_shape
-    h, w = ((height - 2) // 2 - 2) // 2, ((width - 2) // 2 - 2) // 2
-    if h < 1 or w < 1:
-        raise ValueError(f"dp_image_cnn needs images of at least 10x10 pixels, got {input_shape}.")
+    channels, h, w = _two_conv_pool_size(input_shape, "dp_image_cnn")
     return nn.Sequential(
         nn.Conv2d(channels, 16, 3),
         nn.GroupNorm(4, 16, affine=False),

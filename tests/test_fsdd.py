@@ -132,6 +132,24 @@ def test_registry_loads_fsdd_with_the_default_cache_dir(
     assert Path(data.info["cache_file"]).parent == Path(".fedguard-cache/fsdd")
 
 
+def test_band_normalisation_comes_from_the_same_cache(
+    full: FullLoad, no_features: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(full.cwd)
+    data = registry.load_dataset(
+        "fsdd", path=str(FSDD), seed=0, test_fraction=0.2, feature_norm="band"
+    )
+    assert data.info["cache"] == "hit" and data.info["normalisation"] == "band"
+    x = data.train.x
+    std = x.std(axis=-1)
+    live = std > 0.5  # bands flat at the dB floor are all zeros instead
+    assert live.mean() > 0.9
+    np.testing.assert_allclose(x.mean(axis=-1), 0.0, atol=1e-4)
+    np.testing.assert_allclose(std[live], 1.0, atol=1e-3)
+    np.testing.assert_array_equal(x[~live], 0.0)
+    np.testing.assert_allclose(x, audio_features.normalise_bands(full.data.train.x))
+
+
 def test_validation_split_holds_out_takes_5_to_9(full: FullLoad, no_features: None) -> None:
     data = fsdd.load_fsdd(
         path=FSDD, seed=0, validation=True, cache_dir=full.cwd / ".fedguard-cache" / "fsdd"
@@ -300,6 +318,12 @@ def test_invalid_options_raise(small: Path) -> None:
         fsdd.load_fsdd(path=small, seed=0, augment_copies=-1, cache_dir=None)
     with pytest.raises(DataError, match="sample rate"):
         fsdd.load_fsdd(path=small, seed=0, sample_rate=0, cache_dir=None)
+    with pytest.raises(DataError, match="normalisation must be one of 'utterance', 'band'"):
+        fsdd.load_fsdd(path=small, seed=0, normalisation="global", cache_dir=None)
+    with pytest.raises(DataError, match="feature_norm is an option of the fsdd"):
+        registry.load_dataset(
+            "synthetic", path=None, seed=0, test_fraction=0.2, feature_norm="band"
+        )
 
 
 # --- feature helpers ----------------------------------------------------------------------------

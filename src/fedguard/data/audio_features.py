@@ -9,6 +9,10 @@ middle kept), so all feature maps have the same frame count. The features are
     D = max(D, max(D) - top_db)            (per utterance: at most top_db = 80 dB of dynamic range)
     X = (D - mean(D)) / max(std(D), eps)   (per utterance, over the whole spectrogram)
 
+and, as an option (:func:`normalise_bands`), every mel band of X is then brought to zero mean and
+unit variance over the utterance's frames (cepstral mean and variance normalisation applied to
+log-mel bands), which removes a voice's or a microphone's fixed spectral envelope.
+
 With the defaults (25 ms window, 10 ms hop, 1 s) at 8 kHz: n_fft = 200, hop = 80, 8,000 samples
 and ``1 + 8000 // 80 = 101`` frames, so one utterance is ``float32`` ``[1, 40, 101]``.
 
@@ -17,6 +21,7 @@ librosa is imported lazily by its own loader: a cached data set never pays its i
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 
 import librosa
@@ -26,6 +31,16 @@ SPEED_RANGE = (0.9, 1.1)
 PITCH_SEMITONES = 2.0
 PITCH_N_FFT = 512  # phase-vocoder window of the pitch shift: 64 ms at 8 kHz
 STD_FLOOR = 1e-6
+BAND_STD_FLOOR = 1e-3  # a band flat at the dB floor becomes zeros, not amplified rounding noise
+
+
+class Normalisation(enum.StrEnum):
+    """How each utterance's log-mel features are normalised."""
+
+    UTTERANCE = "utterance"  # zero mean, unit variance over the whole spectrogram
+    BAND = "band"  # then zero mean, unit variance of each mel band over the frames
+
+
 BATCH = 256
 
 
@@ -125,6 +140,21 @@ def _normalise(db: np.ndarray) -> np.ndarray:
     mean = db.mean(axis=(1, 2), keepdims=True)
     std = db.std(axis=(1, 2), keepdims=True)
     return (db - mean) / np.maximum(std, STD_FLOOR)
+
+
+def normalise_bands(x: np.ndarray) -> np.ndarray:
+    """Zero mean, unit variance of every mel band over the frames of each utterance.
+
+    ``x`` is ``[..., n_mels, frames]``. A speaker's vocal tract and a room's microphone add a
+    roughly constant offset per band to the log spectrum; subtracting each band's mean removes it
+    (the log-mel form of cepstral mean normalisation), so a model trained on five voices meets a
+    sixth with less of a shift. Measured on two held-out FSDD speakers (central training on the
+    other five, one seed): 0.506 -> 0.542 and 0.472 -> 0.584.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    mean = x.mean(axis=-1, keepdims=True)
+    std = x.std(axis=-1, keepdims=True)
+    return (x - mean) / np.maximum(std, BAND_STD_FLOOR)
 
 
 def perturb(wave: np.ndarray, sample_rate: int, rng: np.random.Generator) -> np.ndarray:

@@ -99,6 +99,7 @@ def load_fsdd(
     augment_copies: int = 0,
     validation: bool = False,
     cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
+    normalisation: str = "utterance",
 ) -> DatasetSplits:
     """Load FSDD (or recordings in its layout) from ``path`` with log-mel features.
 
@@ -109,8 +110,15 @@ def load_fsdd(
     ``validation`` holds out takes 5-9 of every speaker (and their perturbed copies) from training
     as a validation split, for choosing settings without touching the official test takes.
     ``cache_dir`` holds the feature cache (relative to the current directory by default); ``None``
-    computes the features without reading or writing a cache.
+    computes the features without reading or writing a cache. ``normalisation = "band"``
+    normalises every mel band per utterance on top of the cached per-utterance features
+    (:func:`fedguard.data.audio_features.normalise_bands`; the cache is the same for both).
     """
+    try:
+        norm = audio_features.Normalisation(normalisation)
+    except ValueError:
+        allowed = ", ".join(repr(n.value) for n in audio_features.Normalisation)
+        raise DataError(f"normalisation must be one of {allowed}, got {normalisation!r}.") from None
     if not isinstance(augment_copies, int) or augment_copies < 0:
         raise DataError(f"augment_copies must be a non-negative integer, got {augment_copies!r}.")
     if augment_copies and seed < 0:
@@ -139,7 +147,13 @@ def load_fsdd(
         features.skipped_files, features.skipped_reasons, features.skipped_details, strict=True
     ):
         log.warning("FSDD: skipped %s (%s): %s", folder / str(name), reason, detail)
-    info = {"cache": state, "cache_file": None if cache_file is None else str(cache_file)}
+    info = {
+        "cache": state,
+        "cache_file": None if cache_file is None else str(cache_file),
+        "normalisation": str(norm),
+    }
+    if norm is audio_features.Normalisation.BAND:
+        features = dataclasses.replace(features, x=audio_features.normalise_bands(features.x))
     return _splits(folder, len(files), features, settings, info, validation)
 
 

@@ -45,6 +45,7 @@ def load_dataset(
     num_classes: int | None = None,
     augment_copies: int = 0,
     validation: bool = False,
+    feature_norm: str = "utterance",
 ) -> DatasetSplits | FederatedDataset:
     """Load the data set called ``name``.
 
@@ -55,13 +56,16 @@ def load_dataset(
     ``num_classes`` configure ``synthetic`` only and default to 10,000 samples of shape
     ``(1, 28, 28)`` in 10 classes. ``augment_copies`` adds speed/pitch-perturbed copies of
     each training recording (``fsdd`` only). ``validation`` asks data sets without an official
-    validation split (``fsdd``) to hold one out of their training data.
+    validation split (``fsdd``) to hold one out of their training data. ``feature_norm``
+    (``fsdd`` only) is ``"utterance"`` or ``"band"`` (see ``fedguard.data.audio_features``).
     """
     if augment_copies and name != "fsdd":
         raise DataError(
             f"augment_copies is an option of the fsdd audio data set, not of {name!r}: "
             "use client.augment for training-time augmentation."
         )
+    if feature_norm != "utterance" and name != "fsdd":
+        raise DataError(f"feature_norm is an option of the fsdd audio data set, not of {name!r}.")
     if name == "pneumoniamnist":
         return medmnist.load_medmnist(_path(name, path))
     if name == "breast_cancer":
@@ -76,7 +80,7 @@ def load_dataset(
             test_samples=max(1, round(num_samples * test_fraction)),
         )
     if name == "fsdd":
-        return _load_fsdd(_path(name, path), seed, augment_copies, validation)
+        return _load_fsdd(_path(name, path), seed, augment_copies, validation, feature_norm)
 
     if ":" in name:
         return _load_custom(name, path=path, seed=seed, test_fraction=test_fraction)
@@ -97,7 +101,11 @@ def _path(name: str, path: str | None) -> Path:
 
 
 def _load_fsdd(
-    path: Path, seed: int, augment_copies: int, validation: bool = False
+    path: Path,
+    seed: int,
+    augment_copies: int,
+    validation: bool = False,
+    feature_norm: str = "utterance",
 ) -> DatasetSplits:
     """The Free Spoken Digit Dataset, through ``fedguard.data.fsdd`` when that module exists."""
     if importlib.util.find_spec("fedguard.data.fsdd") is None:
@@ -106,7 +114,11 @@ def _load_fsdd(
         )
     fsdd = importlib.import_module("fedguard.data.fsdd")
     return fsdd.load_fsdd(
-        path=str(path), seed=seed, augment_copies=augment_copies, validation=validation
+        path=str(path),
+        seed=seed,
+        augment_copies=augment_copies,
+        validation=validation,
+        normalisation=feature_norm,
     )
 
 

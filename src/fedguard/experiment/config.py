@@ -45,6 +45,7 @@ class DataSection(_Section):
     test_fraction: Probability = 0.2
     client_eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     augment_copies: int = Field(0, ge=0, le=20)
+    feature_norm: Literal["utterance", "band"] = "utterance"  # fsdd log-mel normalisation
     synthetic_samples: int = Field(10_000, ge=1)
     synthetic_shape: tuple[int, ...] = (1, 28, 28)
     synthetic_classes: int = Field(10, ge=2)

@@ -76,6 +76,7 @@ def load_data(
             input_shape=tuple(d.synthetic_shape),
             num_classes=d.synthetic_classes,
             augment_copies=d.augment_copies,
+            feature_norm=d.feature_norm,
             validation=cfg.evaluation.split == "val",
         )
     except ValueError as exc:

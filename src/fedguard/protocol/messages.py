@@ -207,14 +207,44 @@ def _bytes_tensor(data: bytes) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def kind_of(payload: bytes) -> str:
-    """The message kind (class name) of an encoded payload, read from its header only."""
+@dataclass(frozen=True)
+class Header:
+    """What an encoded payload says about itself before any tensor is read: its kind, its
+    scalar fields, its byte-map layouts and the shape of each tensor."""
+
+    kind: str
+    fields: dict[str, Any]
+    maps: dict[str, list[list[int]]]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def read_header(payload: bytes) -> Header:
+    """The :class:`Header` of a payload made by :func:`encode`, without copying its tensors."""
     try:
         (header_len,) = struct.unpack("<Q", payload[:8])
-        meta = json.loads(payload[8 : 8 + header_len])["__metadata__"]
-        return str(json.loads(meta["message"])["kind"])
+        table = json.loads(payload[8 : 8 + header_len])
+        head = json.loads(table["__metadata__"]["message"])
+        shapes = {
+            name: tuple(entry["shape"]) for name, entry in table.items() if name != "__metadata__"
+        }
+        return Header(str(head["kind"]), dict(head["fields"]), head.get("maps", {}), shapes)
     except Exception as exc:  # any malformed payload is one kind of error for the caller
         raise MessageError(f"Malformed message payload: {exc}") from exc
+
+
+def kind_of(payload: bytes) -> str:
+    """The message kind (class name) of an encoded payload, read from its header only."""
+    return read_header(payload).kind
+
+
+def addressing_problem(reply: Message, client_id: int, round_: int) -> str | None:
+    """Why ``reply`` is not from ``client_id`` for ``round_``, or None if it is."""
+    if reply.client_id == client_id and reply.round == round_:
+        return None
+    return (
+        f"reply is for client {reply.client_id} round {reply.round}, "
+        f"expected client {client_id} round {round_}"
+    )
 
 
 def encode(message: Message) -> bytes:
@@ -248,17 +278,15 @@ def encode(message: Message) -> bytes:
 
 def decode(payload: bytes, expected: type | None = None) -> Message:
     """Parse bytes made by :func:`encode`; ``expected`` checks the message kind."""
+    header = read_header(payload)
     try:
-        (header_len,) = struct.unpack("<Q", payload[:8])
-        meta = json.loads(payload[8 : 8 + header_len])["__metadata__"]
-        header = json.loads(meta["message"])
-        cls = _KINDS[header["kind"]]
+        cls = _KINDS[header.kind]
         raw = _st_load(payload)
     except Exception as exc:  # any malformed payload is one kind of error for the caller
         raise MessageError(f"Malformed message payload: {exc}") from exc
     if expected is not None and cls is not expected:
         raise MessageError(f"Expected a {expected.__name__} message, got {cls.__name__}.")
-    kwargs = dict(header["fields"])
+    kwargs = dict(header.fields)
     extra = {k.removeprefix("tensors."): v for k, v in raw.items() if k.startswith("tensors.")}
     if "tensors" in {f.name for f in fields(cls)}:
         kwargs["tensors"] = extra
@@ -271,7 +299,7 @@ def decode(payload: bytes, expected: type | None = None) -> Message:
         for name in _BYTES_FIELDS & names:
             kwargs[name] = raw[f"bytes.{name}"].numpy().tobytes()
         for name in _BYTE_MAP_FIELDS & names:
-            kwargs[name] = _byte_map(raw[f"map.{name}"], header.get("maps", {})[name])
+            kwargs[name] = _byte_map(raw[f"map.{name}"], header.maps[name])
     except (KeyError, ValueError) as exc:
         raise MessageError(f"{cls.__name__} payload lacks or garbles a byte field: {exc}") from exc
     try:

@@ -10,12 +10,11 @@ the safetensors header of its payload only, so checking costs no copy of the mod
 
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass
 
 import torch
 
+from fedguard.algorithms import finite
 from fedguard.protocol import messages
 
 # The reply kind each task kind expects.
@@ -43,17 +42,12 @@ class TaskInfo:
 def describe_task(payload: bytes) -> TaskInfo:
     """Read a task's :class:`TaskInfo` from its header; raises ``MessageError`` if malformed."""
     try:
-        (header_len,) = struct.unpack("<Q", payload[:8])
-        header = json.loads(payload[8 : 8 + header_len])
-        head = json.loads(header["__metadata__"]["message"])
-        kind = _KIND_BY_NAME[head["kind"]]
-        fields = head["fields"]
-        shape = header.get("parameters", {}).get("shape")
+        header = messages.read_header(payload)
         return TaskInfo(
-            kind,
-            int(fields["round"]),
-            int(fields["client_id"]),
-            None if shape is None else tuple(shape),
+            _KIND_BY_NAME[header.kind],
+            int(header.fields["round"]),
+            int(header.fields["client_id"]),
+            header.shapes.get("parameters"),
         )
     except Exception as exc:  # any malformed task is one kind of error for the caller
         raise messages.MessageError(f"Not a task payload: {exc}") from exc
@@ -66,11 +60,9 @@ def reply_problem(task: TaskInfo, payload: bytes) -> str | None:
         reply = messages.decode(payload, expected)
     except messages.MessageError as exc:
         return str(exc)
-    if reply.client_id != task.client_id or reply.round != task.round:
-        return (
-            f"reply is for client {reply.client_id} round {reply.round}, "
-            f"expected client {task.client_id} round {task.round}"
-        )
+    wrong_address = messages.addressing_problem(reply, task.client_id, task.round)
+    if wrong_address is not None:
+        return wrong_address
     tensors: dict[str, torch.Tensor] = {}
     if isinstance(reply, messages.FitReply):
         tensors = {"update": reply.update, **reply.tensors}
@@ -82,6 +74,6 @@ def reply_problem(task: TaskInfo, payload: bytes) -> str | None:
     for name, t in tensors.items():
         if t.dtype != torch.float32:
             return f"{name!r} has dtype {t.dtype}, expected float32"
-        if not bool(torch.isfinite(t).all()):
+        if not finite.all_finite(t):
             return f"{name!r} contains NaN or infinite values"
     return None

@@ -153,6 +153,19 @@ class CentralDP:
             return self.noise_multiplier
         return dp_fedavg.update_noise_multiplier(self.noise_multiplier, self.count_stddev)
 
+    def noisy_mean(
+        self, total: torch.Tensor, clip_norm: float, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The round's delta from the sum of clipped updates: Gaussian noise of std
+        ``update_noise_multiplier * clip_norm``, divided by the fixed ``expected_clients``."""
+        return dp_fedavg.noisy_mean(
+            total.double(),
+            clip_norm=clip_norm,
+            noise_multiplier=self.update_noise_multiplier,
+            denominator=self.expected_clients,
+            generator=generator,
+        )
+
     def generator(self, round_: int) -> torch.Generator:
         """The noise of one round: seeded, so a resumed run repeats an uninterrupted one."""
         words = np.random.SeedSequence([self.seed, round_, 0xD9]).generate_state(2)
@@ -322,13 +335,7 @@ class Strategy:
                 raise ValueError(
                     "Adaptive clipping needs each client's clipped bit, which secure aggregation hides."
                 )
-            delta = dp_fedavg.noisy_mean(
-                total.double(),
-                clip_norm=float(state.clip_norm[0]),
-                noise_multiplier=dp.update_noise_multiplier,
-                denominator=dp.expected_clients,
-                generator=dp.generator(round_),
-            )
+            delta = dp.noisy_mean(total, float(state.clip_norm[0]), dp.generator(round_))
         else:
             if not weight > 0:
                 raise ValueError(f"The securely aggregated weight must be positive, got {weight}.")
@@ -357,13 +364,7 @@ class Strategy:
         clipped = [dp_fedavg.clip_update(r.update, bound) for r in replies]
         total = torch.stack([c.update for c in clipped]).double().sum(0)
         generator = dp.generator(round_)
-        delta = dp_fedavg.noisy_mean(
-            total,
-            clip_norm=clip,
-            noise_multiplier=dp.update_noise_multiplier,
-            denominator=dp.expected_clients,
-            generator=generator,
-        )
+        delta = dp.noisy_mean(total, clip, generator)
         if dp.adaptive:
             clip, _ = dp_fedavg.next_clip_norm(
                 clip,

@@ -19,7 +19,6 @@ import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import torch
 
 from fedguard.algorithms import (
@@ -28,6 +27,7 @@ from fedguard.algorithms import (
     newton,
     robust,
     scaffold,
+    seeding,
     server_optimizers,
 )
 from fedguard.protocol import messages
@@ -168,8 +168,7 @@ class CentralDP:
 
     def generator(self, round_: int) -> torch.Generator:
         """The noise of one round: seeded, so a resumed run repeats an uninterrupted one."""
-        words = np.random.SeedSequence([self.seed, round_, 0xD9]).generate_state(2)
-        return torch.Generator().manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
+        return seeding.generator(self.seed, round_, 0xD9)
 
 
 @dataclass(frozen=True)

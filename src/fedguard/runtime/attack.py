@@ -21,10 +21,9 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 
-from fedguard.algorithms import attacks, attacks_data
+from fedguard.algorithms import attacks, attacks_data, seeding
 from fedguard.protocol import messages
 from fedguard.protocol.transport import Delivered, Outcome, Transport
 
@@ -57,8 +56,7 @@ class Plan:
 
     def client_generator(self, client_id: int) -> torch.Generator:
         """Which of a malicious client's images get the backdoor: seeded per client."""
-        words = np.random.SeedSequence([self.seed, client_id, 0xDA7A]).generate_state(2)
-        return torch.Generator().manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
+        return seeding.generator(self.seed, client_id, 0xDA7A)
 
 
 def model_poison(config: attacks.AttackConfig) -> Poison:
@@ -100,8 +98,7 @@ def poison_training_data(
 
 def round_generator(seed: int, round_: int) -> torch.Generator:
     """The attack's randomness in one round (Gaussian updates): seeded, so resumes repeat it."""
-    words = np.random.SeedSequence([seed, round_, 0xBAD]).generate_state(2)
-    return torch.Generator().manual_seed(int(words[0]) << 31 | int(words[1]) >> 1)
+    return seeding.generator(seed, round_, 0xBAD)
 
 
 class ModelPoisoning(Transport):

@@ -182,3 +182,29 @@ def expand_mask(seed: bytes, dim: int, bits: int) -> np.ndarray:
     if bits in (32, 64):
         return words
     return words & ring_mask(bits)
+
+
+def add_pairwise_masks(
+    out: np.ndarray,
+    *,
+    owner: int,
+    private: x25519.X25519PrivateKey,
+    peer_publics: dict[int, bytes],
+    round_: int,
+    bits: int,
+) -> None:
+    """Add ``owner``'s pairwise masks to ``out`` in place: ``+PRG(s_uv)`` for each peer ``v >
+    owner``, ``-PRG(s_uv)`` for ``v < owner`` (Bonawitz et al. 2017), so that two peers' masks
+    cancel in the sum.
+
+    The same call serves both halves: a client masks its input with its own key, and the server,
+    having reconstructed a dropped client's key, adds the masks that client would have added,
+    which takes back out the halves its surviving peers added.
+    """
+    for v in sorted(peer_publics):
+        seed = mask_seed(private, peer_publics[v], round_, owner, v)
+        stream = expand_mask(seed, out.shape[0], bits)
+        if v > owner:
+            np.add(out, stream, out=out)
+        else:
+            np.subtract(out, stream, out=out)

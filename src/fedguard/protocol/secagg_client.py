@@ -240,13 +240,14 @@ class SecAggClient:
         setup = state.setup
         length = setup.dim + 1
         out = encoded + secagg_crypto.expand_mask(state.b_seed, length, setup.bits)
-        for v in partners:
-            seed = secagg_crypto.mask_seed(state.s.private, state.peers[v][1], setup.round, cid, v)
-            stream = secagg_crypto.expand_mask(seed, length, setup.bits)
-            if v > cid:
-                np.add(out, stream, out=out)
-            else:
-                np.subtract(out, stream, out=out)
+        secagg_crypto.add_pairwise_masks(
+            out,
+            owner=cid,
+            private=state.s.private,
+            peer_publics={v: state.peers[v][1] for v in partners},
+            round_=setup.round,
+            bits=setup.bits,
+        )
         return out & secagg_crypto.ring_mask(setup.bits)
 
     def unmask(self, request: messages.SecAggUnmaskRequest) -> messages.SecAggUnmaskReply:

@@ -319,12 +319,14 @@ def _unmasked_sum(
                 f"client {d}'s mask key do not match its advertised key.",
                 ledger.metrics(0),
             )
-        for v in sorted(setup.graph[d] & set(u3)):
-            seed = secagg_crypto.mask_seed(pair.private, keys[v].s_public, setup.round, d, v)
-            stream = secagg_crypto.expand_mask(seed, length, setup.bits)
-            # v added +PRG(s_vd) when d > v and -PRG(s_vd) when d < v; take its term back out
-            if d > v:
-                np.subtract(total, stream, out=total)
-            else:
-                np.add(total, stream, out=total)
+        # v added +PRG(s_vd) when d > v and -PRG(s_vd) when d < v: adding d's own masks
+        # (-PRG when v < d, +PRG when v > d) takes those terms back out
+        secagg_crypto.add_pairwise_masks(
+            total,
+            owner=d,
+            private=pair.private,
+            peer_publics={v: keys[v].s_public for v in setup.graph[d] & set(u3)},
+            round_=setup.round,
+            bits=setup.bits,
+        )
     return total & secagg_crypto.ring_mask(setup.bits)

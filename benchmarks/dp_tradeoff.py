@@ -24,6 +24,7 @@ import concurrent.futures
 import json
 import shutil
 import statistics
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +110,6 @@ def _local(eps: float) -> list[str]:
 
 def _record_run(job: tuple[str, float | None, int, list[str], Path]) -> dict:
     mode, eps, seed, overrides, runs = job
-    torch.set_num_threads(1)  # one run per core when --jobs > 1
     s = _run(f"{mode}_{eps}_seed{seed}", [*overrides, f"experiment.seed={seed}"], runs)
     return _row(mode, eps, seed, s)
 
@@ -123,16 +123,27 @@ def record_level(
         plan.append(("none", None, seed, [], runs))
         plan += [("local", eps, seed, [*DP_SETTINGS, *_local(eps)], runs) for eps in epsilons]
     todo = [job for job in plan if (job[0], job[1], job[2], None) not in done]
-    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs) as pool:
-        for row in pool.map(_record_run, todo):
-            rows.append(row)
-            _save(rows)
-            print(
-                f"seed {row['seed']} {row['mode']} eps={row['target_epsilon']}: "
-                f"acc {row['test_accuracy']:.4f} auc {row['test_auc']:.4f} "
-                f"epsilon {row['epsilon']}",
-                flush=True,
-            )
+    if jobs == 1:  # in this process, with torch's own thread count
+        _report(map(_record_run, todo), rows)
+        return
+    # one run per core: each worker keeps to one thread
+    with concurrent.futures.ProcessPoolExecutor(
+        max_workers=jobs, initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
+        _report(pool.map(_record_run, todo), rows)
+
+
+def _report(results: Iterable[dict], rows: list[dict]) -> None:
+    """Keep and save each row as it arrives."""
+    for row in results:
+        rows.append(row)
+        _save(rows)
+        print(
+            f"seed {row['seed']} {row['mode']} eps={row['target_epsilon']}: "
+            f"acc {row['test_accuracy']:.4f} auc {row['test_auc']:.4f} "
+            f"epsilon {row['epsilon']}",
+            flush=True,
+        )
 
 
 def user_level(seeds: list[int], rows: list[dict], runs: Path) -> None:

@@ -212,11 +212,7 @@ def build(
         )
     elif p.mode == "distributed":
         n, per_round = len(client_sizes), cfg.clients_per_round
-        if p.delta >= 1.0 / n:
-            raise ConfigError(
-                f"privacy.delta={p.delta:g} must be below 1/n = {1.0 / n:.3g} for user-level DP "
-                f"over n = {n} clients; use more clients or a smaller delta"
-            )
+        _check_user_level_delta(p.delta, n)
         a = cfg.secure_aggregation
         plan = PrivacyPlan(
             "distributed",
@@ -238,11 +234,7 @@ def build(
             raise ConfigError(f"secure_aggregation.bits: {exc}") from None
     else:
         n = len(client_sizes)
-        if p.delta >= 1.0 / n:
-            raise ConfigError(
-                f"privacy.delta={p.delta:g} must be below 1/n = {1.0 / n:.3g} for user-level DP "
-                f"over n = {n} clients; use more clients or a smaller delta"
-            )
+        _check_user_level_delta(p.delta, n)
         plan = PrivacyPlan(
             "central",
             kind,
@@ -257,6 +249,15 @@ def build(
     if p.target_epsilon is not None:
         plan.noise_multiplier = _calibrate(plan, cfg.experiment.rounds, p.target_epsilon)
     return plan
+
+
+def _check_user_level_delta(delta: float, n: int) -> None:
+    """User-level DP over ``n`` clients needs ``delta < 1/n``."""
+    if delta >= 1.0 / n:
+        raise ConfigError(
+            f"privacy.delta={delta:g} must be below 1/n = {1.0 / n:.3g} for user-level DP "
+            f"over n = {n} clients; use more clients or a smaller delta"
+        )
 
 
 def _local_steps(n: int, batch_size: int, epochs: int, max_steps: int | None) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
@@ -142,27 +143,37 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in _DEPLOY:
             return _DEPLOY[args.command](args, console, err)
         from fedguard.experiment import runner
-        from fedguard.protocol.driver import RoundFailedError
 
-        try:
-            runner.run(
+        return _exit_code_of_run(
+            lambda: runner.run(
                 args.config,
                 out=args.out,
                 resume=args.resume,
                 overrides=args.overrides,
                 progress=not args.quiet,
                 console=console,
-            )
-        except runner.RunInterrupted as exc:
-            err.print(f"[yellow]{exc}[/yellow]")
-            return EXIT_INTERRUPTED
-        except RoundFailedError as exc:
-            err.print(f"[red]error:[/red] {exc}")
-            return EXIT_FAILED
+            ),
+            err,
+        )
     except ConfigError as exc:
         for line in str(exc).splitlines():
             err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
         return EXIT_CONFIG
+
+
+def _exit_code_of_run(start: Callable[[], object], err: Console) -> int:
+    """Run a training run (simulated or served) and map how it ended to the exit code."""
+    from fedguard.experiment import runner
+    from fedguard.protocol.driver import RoundFailedError
+
+    try:
+        start()
+    except runner.RunInterrupted as exc:
+        err.print(f"[yellow]{exc}[/yellow]")
+        return EXIT_INTERRUPTED
+    except RoundFailedError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        return EXIT_FAILED
     return 0
 
 
@@ -181,7 +192,6 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from fedguard.protocol.driver import RoundFailedError
     from fedguard.runtime import grpc_deploy, grpc_tls
 
     if (args.tls_cert is None) != (args.tls_key is None):
@@ -211,26 +221,20 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
     )
     if not args.quiet:  # the deadline in force and, while a round waits, who has replied
         logging.getLogger("fedguard.grpc").setLevel(logging.INFO)
-    from fedguard.experiment import runner
-
     try:
-        grpc_deploy.serve(
-            args.config,
-            options,
-            out=args.out,
-            resume=args.resume,
-            overrides=args.overrides,
-            progress=not args.quiet,
+        return _exit_code_of_run(
+            lambda: grpc_deploy.serve(
+                args.config,
+                options,
+                out=args.out,
+                resume=args.resume,
+                overrides=args.overrides,
+                progress=not args.quiet,
+            ),
+            err,
         )
     except grpc_tls.TlsConfigError as exc:
         raise _config_error(str(exc)) from None
-    except runner.RunInterrupted as exc:
-        err.print(f"[yellow]{exc}[/yellow]")
-        return EXIT_INTERRUPTED
-    except RoundFailedError as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        return EXIT_FAILED
-    return 0
 
 
 def _client(args: argparse.Namespace, console: Console, err: Console) -> int:

@@ -58,7 +58,15 @@ RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 TASKS = ("digits", "medical")
 ATTACKS = ("none", *(a.value for a in attacks.Attack))
-AGGREGATORS = ("mean", *(r.value for r in robust.RobustAggregator))
+# Rules that also run on bucket means (``server.bucket_size = BUCKET_SIZE``; named "rule+bucketing"):
+# those whose condition still holds for f = 4 with 20 / 2 = 10 bucket means.
+BUCKET_SIZE = 2
+BUCKETED = ("median", "trimmed_mean", "geometric_median", "centered_clipping")
+AGGREGATORS = (
+    "mean",
+    *(r.value for r in robust.RobustAggregator),
+    *(f"{r}+bucketing" for r in BUCKETED),
+)
 CLIENTS, BYZANTINE_F, FRACTION = 20, 4, 0.2
 ATTACK_PARAMETERS: dict[str, dict[str, Any]] = {
     "sign_flip": {"scale": 4.0},
@@ -126,12 +134,15 @@ def task_config(task: str, attack: str, aggregator: str, seed: int, data_root: P
     )
     cfg["data"]["num_clients"] = CLIENTS
     server = cfg.setdefault("server", {})
-    server.update({"strategy": "fedavg", "clients_per_round": CLIENTS, "aggregator": aggregator})
-    if aggregator != "mean":
+    rule, _, bucketing = aggregator.partition("+")
+    server.update({"strategy": "fedavg", "clients_per_round": CLIENTS, "aggregator": rule})
+    if rule != "mean":
         server["byzantine_f"] = BYZANTINE_F
-    if aggregator == "centered_clipping":
+    if bucketing:
+        server["bucket_size"] = BUCKET_SIZE
+    if rule == "centered_clipping":
         server["clipping_radius"] = HONEST_NORM[task]
-    if aggregator == "norm_bounding":
+    if rule == "norm_bounding":
         server["norm_bound"] = HONEST_NORM[task]
     cfg["evaluation"] = {"every": 0, "split": "test"}
     if attack != "none":

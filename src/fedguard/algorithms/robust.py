@@ -8,6 +8,10 @@ weighted mean. The rules themselves live in three modules, each citing its paper
 * ``robust_iterative``: geometric median (Pillutla et al. 2022), centered clipping (Karimireddy et
   al. 2021) and norm bounding (Sun et al. 2019).
 
+Any rule that compares individual updates can run on bucket means instead (``bucket_size``,
+``robust_bucketing``: Karimireddy et al. 2022), the fix for non-IID clients whose honest updates
+look like outliers to the rule.
+
 ``f`` is the number of Byzantine clients the rule must tolerate among the ``K`` updates of a round;
 each rule refuses a ``(K, f)`` outside its guarantee with one sentence (``RobustnessError``).
 Centered clipping carries state across rounds: its reference point is the previous aggregate, kept
@@ -26,10 +30,14 @@ import torch
 
 from fedguard.algorithms import (
     robust_base,
+    robust_bucketing,
     robust_coordinate,
     robust_distance,
     robust_iterative,
+    seeding,
 )
+
+BUCKET_STREAM = 0xB0C7  # the seeding stream of the bucket shuffles
 
 
 class RobustAggregator(enum.StrEnum):
@@ -56,9 +64,17 @@ class RobustConfig:
     tau: float = 10.0  # centered clipping radius
     clipping_iterations: int = 1  # centered clipping L
     norm_bound: float | None = None  # norm bounding M (required for that rule)
+    bucket_size: int = 1  # > 1: the rule sees means of random buckets of this many updates
+    seed: int = 0  # the buckets' shuffles
 
     def __post_init__(self) -> None:
         robust_base.check_f(self.f)
+        robust_bucketing.check_size(self.bucket_size)
+        if self.bucket_size > 1 and not needs_individual_updates(self.kind):
+            raise robust_base.RobustnessError(
+                "Norm bounding clips each client's own update; bucketing would clip bucket means "
+                "instead and lose that bound."
+            )
         if self.multi_krum_m is not None and self.multi_krum_m < 1:
             raise robust_base.RobustnessError(
                 f"multi_krum_m must be at least 1, got {self.multi_krum_m}."
@@ -93,8 +109,13 @@ def needs_individual_updates(kind: RobustAggregator) -> bool:
     return kind is not RobustAggregator.NORM_BOUNDING
 
 
-def max_byzantine(kind: RobustAggregator, k: int) -> int:
-    """The largest ``f`` the rule accepts with ``K`` updates (negative: not even ``f = 0``)."""
+def max_byzantine(kind: RobustAggregator, k: int, bucket_size: int = 1) -> int:
+    """The largest ``f`` the rule accepts with ``K`` updates (negative: not even ``f = 0``).
+
+    With buckets the rule sees ``ceil(K / bucket_size)`` bucket means, each Byzantine client
+    spoiling at most one of them.
+    """
+    k = robust_bucketing.bucket_count(k, bucket_size)
     if kind in (RobustAggregator.KRUM, RobustAggregator.MULTI_KRUM):
         return (k - 3) // 2  # K > 2f + 2
     if kind is RobustAggregator.BULYAN:
@@ -110,11 +131,25 @@ def init(config: RobustConfig, dim: int) -> RobustState:
 
 
 def apply(
-    config: RobustConfig, state: RobustState, updates: torch.Tensor, weights: torch.Tensor
+    config: RobustConfig,
+    state: RobustState,
+    updates: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    round_: int = 0,
 ) -> tuple[RobustState, torch.Tensor]:
-    """One round: the new state and the robust aggregate ``[D]`` of ``updates [K, D]``."""
+    """One round: the new state and the robust aggregate ``[D]`` of ``updates [K, D]``.
+
+    ``round_`` picks the round's bucket shuffle (with ``bucket_size > 1``), so a resumed run
+    aggregates as an uninterrupted one.
+    """
     robust_base.check_updates(updates)
     robust_base.normalised_weights(weights, updates.shape[0])
+    if config.bucket_size > 1:
+        shuffle = seeding.generator(config.seed, round_, BUCKET_STREAM)
+        updates, weights = robust_bucketing.bucket_means(
+            updates, weights, config.bucket_size, shuffle
+        )
     if config.kind is RobustAggregator.CENTERED_CLIPPING:
         out = robust_iterative.centered_clipping(
             updates,

@@ -101,6 +101,7 @@ class ServerSection(_Section):
     norm_bound: float | None = Field(None, gt=0.0)  # norm bounding M (required for it)
     weiszfeld_iterations: int = Field(1000, ge=1)  # geometric median
     weiszfeld_tolerance: float = Field(1e-6, gt=0.0)  # geometric median
+    bucket_size: int = Field(1, ge=1)  # > 1: the rule runs on means of random buckets
 
 
 class AttackSection(_Section):
@@ -282,7 +283,10 @@ class ExperimentConfig(_Section):
                 )
         else:
             kind = robust.RobustAggregator(s.aggregator)
-            condition, most = ROBUST_CONDITIONS[kind], robust.max_byzantine(kind, k)
+            condition = ROBUST_CONDITIONS[kind]
+            if s.bucket_size > 1:
+                condition += f" on K = ceil(clients / {s.bucket_size}) bucket means"
+            most = robust.max_byzantine(kind, k, s.bucket_size)
             if most < 0:
                 raise ValueError(
                     f'server.aggregator = "{kind}" cannot run with {k} clients per round: it '
@@ -299,7 +303,7 @@ class ExperimentConfig(_Section):
                     f"server.byzantine_f={s.byzantine_f} is too large for server.aggregator = "
                     f'"{kind}" with {k} clients per round: it needs {condition}, so f <= {most}'
                 )
-            need = min_updates(kind, s.byzantine_f)
+            need = min_updates(kind, s.byzantine_f, s.bucket_size)
             if s.min_clients is not None and s.min_clients < need:
                 raise ValueError(
                     f"server.min_clients={s.min_clients} is below the {need} replies "
@@ -311,6 +315,11 @@ class ExperimentConfig(_Section):
                     raise ValueError(
                         f'server.{name} only applies to server.aggregator = "{only}", not "{kind}"'
                     )
+            if s.bucket_size > 1 and not robust.needs_individual_updates(kind):
+                raise ValueError(
+                    'server.bucket_size only applies to rules that compare updates; "norm_bounding" '
+                    "clips each client's own update"
+                )
             if kind is robust.RobustAggregator.NORM_BOUNDING and s.norm_bound is None:
                 raise ValueError(
                     'server.aggregator = "norm_bounding" needs server.norm_bound, the largest '
@@ -480,6 +489,7 @@ _ROBUST_KEYS = (
     "norm_bound",
     "weiszfeld_iterations",
     "weiszfeld_tolerance",
+    "bucket_size",
 )
 _ROBUST_PARAMETER_OWNER = {
     "multi_krum_m": robust.RobustAggregator.MULTI_KRUM,
@@ -507,16 +517,19 @@ def _changed(section: _Section, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if getattr(section, n) != fields[n].default]
 
 
-def min_updates(kind: robust.RobustAggregator, f: int) -> int:
+def min_updates(kind: robust.RobustAggregator, f: int, bucket_size: int = 1) -> int:
     """The fewest updates ``K`` with which ``kind`` tolerates ``f`` Byzantine ones."""
     k = 1
-    while robust.max_byzantine(kind, k) < f:
+    while robust.max_byzantine(kind, k, bucket_size) < f:
         k += 1
     return k
 
 
-def robust_rule(server: ServerSection) -> robust.RobustConfig | None:
-    """The robust aggregation rule of ``[server]``, or None for the plain weighted mean."""
+def robust_rule(server: ServerSection, seed: int = 0) -> robust.RobustConfig | None:
+    """The robust aggregation rule of ``[server]``, or None for the plain weighted mean.
+
+    ``seed`` (the experiment's) seeds the bucket shuffles.
+    """
     if server.aggregator == "mean":
         return None
     assert server.byzantine_f is not None  # checked by the config
@@ -529,6 +542,8 @@ def robust_rule(server: ServerSection) -> robust.RobustConfig | None:
         tau=server.clipping_radius,
         clipping_iterations=server.clipping_iterations,
         norm_bound=server.norm_bound,
+        bucket_size=server.bucket_size,
+        seed=seed,
     )
 
 

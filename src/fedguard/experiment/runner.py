@@ -167,7 +167,7 @@ class Experiment:
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
         s = cfg.server
-        rule = config_mod.robust_rule(s)
+        rule = config_mod.robust_rule(s, cfg.experiment.seed)
         self.strategy = Strategy.create(
             StrategyKind(s.strategy),
             client_config=client_config,
@@ -199,7 +199,9 @@ class Experiment:
         # replies fail the round as too few replies do.
         min_clients = cfg.min_clients
         if rule is not None:
-            min_clients = max(min_clients, config_mod.min_updates(rule.kind, rule.f))
+            min_clients = max(
+                min_clients, config_mod.min_updates(rule.kind, rule.f, rule.bucket_size)
+            )
         self.driver = RoundDriver(
             self.transport,
             self.strategy,

@@ -284,7 +284,7 @@ class Strategy:
             )
         else:
             state, delta = self._mean_or_robust(
-                state, torch.stack([r.update for r in replies]), weights
+                state, torch.stack([r.update for r in replies]), weights, round_
             )
         opt_state, new_params = server_optimizers.apply(self.server, state.optimizer, params, delta)
         control = state.control
@@ -294,13 +294,17 @@ class Strategy:
         return replace(state, optimizer=opt_state, control=control), new_params
 
     def _mean_or_robust(
-        self, state: ServerState, updates: torch.Tensor, weights: torch.Tensor
+        self, state: ServerState, updates: torch.Tensor, weights: torch.Tensor, round_: int
     ) -> tuple[ServerState, torch.Tensor]:
         """The weighted mean of ``updates [K, D]``, or the configured robust rule's aggregate."""
         if self.robust_rule is None:
             return state, aggregation.weighted_mean(updates, weights)
         robust_state, delta = robust.apply(
-            self.robust_rule, robust.RobustState(state.robust_reference), updates, weights
+            self.robust_rule,
+            robust.RobustState(state.robust_reference),
+            updates,
+            weights,
+            round_=round_,
         )
         return replace(state, robust_reference=robust_state.reference), delta
 

@@ -320,7 +320,7 @@ def test_invalid_options_raise(small: Path) -> None:
         fsdd.load_fsdd(path=small, seed=0, sample_rate=0, cache_dir=None)
     with pytest.raises(DataError, match="normalisation must be one of 'utterance', 'band'"):
         fsdd.load_fsdd(path=small, seed=0, normalisation="global", cache_dir=None)
-    with pytest.raises(DataError, match="feature_norm is an option of the fsdd"):
+    with pytest.raises(DataError, match="feature_norm and the audio feature settings are options"):
         registry.load_dataset(
             "synthetic", path=None, seed=0, test_fraction=0.2, feature_norm="band"
         )
@@ -339,3 +339,37 @@ def test_log_mel_of_silence_is_zero() -> None:
     out = audio_features.log_mel(np.zeros((2, settings.num_samples)), settings)
     assert out.shape == (2, *SHAPE)
     assert not out.any()
+
+
+def test_trim_silence_keeps_the_word_and_its_settings_are_checked() -> None:
+    settings = audio_features.LogMelSettings(trim_db=30.0)
+    rate = settings.sample_rate
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(int(0.2 * rate)) / rate)
+    hiss = 1e-4 * np.random.default_rng(0).standard_normal(int(0.3 * rate))  # -66 dB below
+    wave = np.concatenate([hiss, tone, hiss[: int(0.1 * rate)]]).astype(np.float32)
+    trimmed = audio_features.trim_silence(wave, settings)
+    # The 0.2 s tone survives, give or take one window at either end; the hiss goes.
+    assert abs(trimmed.size - tone.size) <= 2 * settings.n_fft
+    assert np.abs(trimmed).max() == pytest.approx(np.abs(tone).max(), rel=1e-6)
+    off = audio_features.LogMelSettings(trim_db=None)
+    np.testing.assert_array_equal(audio_features.trim_silence(wave, off), wave)
+    silent = np.zeros(800, dtype=np.float32)  # nothing above the threshold: kept whole
+    assert audio_features.trim_silence(silent, settings).size == 800
+    for bad in ({"top_db": 0.0}, {"trim_db": -3.0}):
+        with pytest.raises(ValueError, match="must be positive"):
+            audio_features.LogMelSettings(**bad)
+
+
+def test_feature_settings_reach_the_cache_key_and_config_defaults_match(
+    small: Path, tmp_path: Path
+) -> None:
+    from fedguard.experiment.config import DataSection
+
+    assert DataSection().trim_db == audio_features.TRIM_DB
+    assert DataSection().dynamic_range_db == audio_features.DYNAMIC_RANGE_DB
+    plain = fsdd.load_fsdd(small, cache_dir=tmp_path, trim_db=None, dynamic_range_db=80.0)
+    trimmed = fsdd.load_fsdd(small, cache_dir=tmp_path, trim_db=30.0, dynamic_range_db=40.0)
+    assert plain.info["cache_file"] != trimmed.info["cache_file"]
+    assert not np.array_equal(plain.train.x, trimmed.train.x)
+    with pytest.raises(DataError, match="must be positive"):
+        fsdd.load_fsdd(small, cache_dir=None, dynamic_range_db=-1.0)

@@ -31,6 +31,7 @@ from fedguard.client.app import local_training_from
 from fedguard.data import registry
 from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
 from fedguard.experiment import config as config_mod
+from fedguard.experiment import federation
 from fedguard.experiment.runner import Experiment
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +55,7 @@ def _load(seed: int) -> DatasetSplits:
         seed=seed,
         test_fraction=0.2,
         augment_copies=cfg.data.augment_copies,
+        audio=federation.audio_settings(cfg.data),
     )
 
 
@@ -90,12 +92,26 @@ def _save(results: dict[str, dict]) -> None:
     RESULTS.write_text(json.dumps(results, indent=2) + "\n")
 
 
-def run_seed(seed: int, out: Path, loo: bool, loo_rounds: int, results: dict[str, dict]) -> None:
-    """Fill ``results[str(seed)]`` with every setting still missing, saving after each one."""
+PARTS = ("torch", "keras", "alone", "loo")  # federated (torch), (keras), alone + centralized, LOO
+
+
+def run_seed(
+    seed: int,
+    out: Path,
+    loo: bool,
+    loo_rounds: int,
+    results: dict[str, dict],
+    parts: tuple[str, ...] = PARTS,
+) -> None:
+    """Fill ``results[str(seed)]`` with every setting of ``parts`` still missing, saving after
+    each one."""
     seed_opt = [f"experiment.seed={seed}"]
     res = results.setdefault(str(seed), {})
-    for name, config in (("federated (torch)", CONFIG), ("federated (keras)", KERAS_CONFIG)):
-        if name in res:
+    for name, config, part in (
+        ("federated (torch)", CONFIG, "torch"),
+        ("federated (keras)", KERAS_CONFIG, "keras"),
+    ):
+        if name in res or part not in parts:
             continue
         s = _run(config, out / f"{config.stem}_seed{seed}", seed_opt)
         res[name] = {
@@ -106,7 +122,7 @@ def run_seed(seed: int, out: Path, loo: bool, loo_rounds: int, results: dict[str
         _save(results)
         print(f"seed {seed} {name}: {s['test_accuracy']:.4f} in {s['seconds']:.0f} s", flush=True)
     alone_row, central_row = "each household alone (mean)", "centralized"
-    if alone_row not in res or central_row not in res:
+    if "alone" in parts and (alone_row not in res or central_row not in res):
         exp = Experiment(config_mod.load(CONFIG, seed_opt))
         alone = {
             name: _alone(exp, d.train_x, d.train_y, ALONE_EPOCHS, seed)
@@ -123,7 +139,7 @@ def run_seed(seed: int, out: Path, loo: bool, loo_rounds: int, results: dict[str
             flush=True,
         )
     loo_row = "leave-one-household-out (mean)"
-    if not loo or loo_row in res:
+    if not loo or loo_row in res or "loo" not in parts:
         return
     splits = _load(seed)
     left_out = res.setdefault("leave-one-household-out (partial)", {})
@@ -199,11 +215,14 @@ def main() -> None:
     parser.add_argument("--loo-rounds", type=int, default=30)
     parser.add_argument("--out", type=Path, default=Path("runs/speech_report"))
     parser.add_argument("--fresh", action="store_true", help="forget results.json and start over")
+    parser.add_argument(
+        "--parts", nargs="+", choices=PARTS, default=list(PARTS), help="settings to run (all)"
+    )
     args = parser.parse_args()
     results = {} if args.fresh or not RESULTS.exists() else json.loads(RESULTS.read_text())
     loo_seeds = args.seeds if args.loo_seeds is None else args.loo_seeds
     for seed in args.seeds:
-        run_seed(seed, args.out, seed in loo_seeds, args.loo_rounds, results)
+        run_seed(seed, args.out, seed in loo_seeds, args.loo_rounds, results, tuple(args.parts))
     text = tables(results)
     print(text)
     readme = HERE / "README.md"

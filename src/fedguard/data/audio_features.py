@@ -31,6 +31,8 @@ SPEED_RANGE = (0.9, 1.1)
 PITCH_SEMITONES = 2.0
 PITCH_N_FFT = 512  # phase-vocoder window of the pitch shift: 64 ms at 8 kHz
 STD_FLOOR = 1e-6
+DYNAMIC_RANGE_DB = 80.0  # dB kept below each utterance's peak
+TRIM_DB = None  # trim leading/trailing frames this many dB below the peak (None: keep them)
 BAND_STD_FLOOR = 1e-3  # a band flat at the dB floor becomes zeros, not amplified rounding noise
 
 
@@ -54,11 +56,18 @@ class LogMelSettings:
     hop_s: float = 0.010
     duration_s: float = 1.0
     amin: float = 1e-10
-    top_db: float = 80.0
+    top_db: float = DYNAMIC_RANGE_DB
+    trim_db: float | None = TRIM_DB
 
     def __post_init__(self) -> None:
         if self.sample_rate <= 0:
             raise ValueError(f"The sample rate must be positive, got {self.sample_rate}.")
+        if not self.top_db > 0:
+            raise ValueError(f"The dynamic range top_db must be positive, got {self.top_db}.")
+        if self.trim_db is not None and not self.trim_db > 0:
+            raise ValueError(
+                f"trim_db must be positive (or None: no trimming), got {self.trim_db}."
+            )
         if min(self.window_s, self.hop_s, self.duration_s) <= 0 or self.n_mels <= 0:
             raise ValueError("n_mels, window_s, hop_s and duration_s must all be positive.")
 
@@ -86,6 +95,23 @@ class LogMelSettings:
     def shape(self) -> tuple[int, int, int]:
         """Shape of one utterance's features: ``(1, n_mels, num_frames)``."""
         return (1, self.n_mels, self.num_frames)
+
+
+def trim_silence(wave: np.ndarray, settings: LogMelSettings) -> np.ndarray:
+    """``wave`` without its leading and trailing frames quieter than ``trim_db`` below its peak.
+
+    librosa's ``effects.trim`` over the feature window and hop. Recordings start and end with
+    different amounts of room noise or digital silence; trimming before centring puts every word
+    in the middle of the 1 s window, so the position and the padding no longer tell one voice or
+    microphone from another. A wave with nothing above the threshold is returned whole.
+    """
+    wave = np.asarray(wave, dtype=np.float32)
+    if settings.trim_db is None or wave.size == 0:
+        return wave
+    trimmed, _ = librosa.effects.trim(
+        wave, top_db=settings.trim_db, frame_length=settings.n_fft, hop_length=settings.hop_length
+    )
+    return trimmed if trimmed.size else wave
 
 
 def fit_length(wave: np.ndarray, num_samples: int) -> np.ndarray:

@@ -100,6 +100,8 @@ def load_fsdd(
     validation: bool = False,
     cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
     normalisation: str = "utterance",
+    trim_db: float | None = audio_features.TRIM_DB,
+    dynamic_range_db: float = audio_features.DYNAMIC_RANGE_DB,
 ) -> DatasetSplits:
     """Load FSDD (or recordings in its layout) from ``path`` with log-mel features.
 
@@ -113,6 +115,9 @@ def load_fsdd(
     computes the features without reading or writing a cache. ``normalisation = "band"``
     normalises every mel band per utterance on top of the cached per-utterance features
     (:func:`fedguard.data.audio_features.normalise_bands`; the cache is the same for both).
+    ``trim_db`` trims each recording's leading and trailing frames quieter than that many dB below
+    its peak before centring (None: no trimming); ``dynamic_range_db`` is the range of the log-mel
+    features below each utterance's peak (:class:`fedguard.data.audio_features.LogMelSettings`).
     """
     try:
         norm = audio_features.Normalisation(normalisation)
@@ -125,7 +130,12 @@ def load_fsdd(
         raise DataError(f"The augmentation seed must be non-negative, got {seed}.")
     if sample_rate <= 0:
         raise DataError(f"The sample rate must be positive, got {sample_rate}.")
-    settings = audio_features.LogMelSettings(sample_rate=sample_rate)
+    try:
+        settings = audio_features.LogMelSettings(
+            sample_rate=sample_rate, top_db=dynamic_range_db, trim_db=trim_db
+        )
+    except ValueError as exc:
+        raise DataError(str(exc)) from None
     folder = _recordings_folder(Path(path))
     files = _wav_files(folder)
     key = _cache_key(files, settings, augment_copies, seed)
@@ -237,7 +247,9 @@ def _featurise(
     ]
     fitted = np.zeros((len(waves) + len(copies), settings.num_samples), dtype=np.float32)
     for i, wave in enumerate(waves + copies):
-        fitted[i] = audio_features.fit_length(wave, settings.num_samples)
+        fitted[i] = audio_features.fit_length(
+            audio_features.trim_silence(wave, settings), settings.num_samples
+        )
     rows += [row for _ in range(augment_copies) for row, _ in train]
     return _Features(
         x=audio_features.log_mel(fitted, settings),

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fedguard import plugins
 from fedguard.data import medmnist, synthetic, tabular
@@ -46,6 +47,7 @@ def load_dataset(
     augment_copies: int = 0,
     validation: bool = False,
     feature_norm: str = "utterance",
+    audio: Mapping[str, Any] | None = None,
 ) -> DatasetSplits | FederatedDataset:
     """Load the data set called ``name``.
 
@@ -58,14 +60,19 @@ def load_dataset(
     each training recording (``fsdd`` only). ``validation`` asks data sets without an official
     validation split (``fsdd``) to hold one out of their training data. ``feature_norm``
     (``fsdd`` only) is ``"utterance"`` or ``"band"`` (see ``fedguard.data.audio_features``).
+    ``audio`` (``fsdd`` only) holds further feature settings passed to
+    :func:`fedguard.data.fsdd.load_fsdd` (``trim_db``, ``dynamic_range_db``).
     """
     if augment_copies and name != "fsdd":
         raise DataError(
             f"augment_copies is an option of the fsdd audio data set, not of {name!r}: "
             "use client.augment for training-time augmentation."
         )
-    if feature_norm != "utterance" and name != "fsdd":
-        raise DataError(f"feature_norm is an option of the fsdd audio data set, not of {name!r}.")
+    if (feature_norm != "utterance" or audio) and name != "fsdd":
+        raise DataError(
+            f"feature_norm and the audio feature settings are options of the fsdd audio data set, "
+            f"not of {name!r}."
+        )
     if name == "pneumoniamnist":
         return medmnist.load_medmnist(_path(name, path))
     if name == "breast_cancer":
@@ -80,7 +87,9 @@ def load_dataset(
             test_samples=max(1, round(num_samples * test_fraction)),
         )
     if name == "fsdd":
-        return _load_fsdd(_path(name, path), seed, augment_copies, validation, feature_norm)
+        return _load_fsdd(
+            _path(name, path), seed, augment_copies, validation, feature_norm, audio or {}
+        )
 
     if ":" in name:
         return _load_custom(name, path=path, seed=seed, test_fraction=test_fraction)
@@ -106,6 +115,7 @@ def _load_fsdd(
     augment_copies: int,
     validation: bool = False,
     feature_norm: str = "utterance",
+    audio: Mapping[str, Any] | None = None,
 ) -> DatasetSplits:
     """The Free Spoken Digit Dataset, through ``fedguard.data.fsdd`` when that module exists."""
     if importlib.util.find_spec("fedguard.data.fsdd") is None:
@@ -119,6 +129,7 @@ def _load_fsdd(
         augment_copies=augment_copies,
         validation=validation,
         normalisation=feature_norm,
+        **(audio or {}),
     )
 
 

@@ -46,6 +46,9 @@ class DataSection(_Section):
     client_eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
     augment_copies: int = Field(0, ge=0, le=20)
     feature_norm: Literal["utterance", "band"] = "utterance"  # fsdd log-mel normalisation
+    # fsdd feature settings (defaults: fedguard.data.audio_features.TRIM_DB / DYNAMIC_RANGE_DB)
+    trim_db: float | None = Field(None, gt=0.0)  # trim silence this far below the peak
+    dynamic_range_db: float = Field(80.0, gt=0.0)  # log-mel range kept below the peak
     synthetic_samples: int = Field(10_000, ge=1)
     synthetic_shape: tuple[int, ...] = (1, 28, 28)
     synthetic_classes: int = Field(10, ge=2)

@@ -77,10 +77,18 @@ def load_data(
             num_classes=d.synthetic_classes,
             augment_copies=d.augment_copies,
             feature_norm=d.feature_norm,
+            audio=audio_settings(d),
             validation=cfg.evaluation.split == "val",
         )
     except ValueError as exc:
         raise ConfigError(f"data.dataset: {exc}") from None
+
+
+def audio_settings(d: Any) -> dict[str, Any]:
+    """The fsdd feature settings of ``[data]`` that differ from their defaults."""
+    fields = type(d).model_fields
+    names = ("trim_db", "dynamic_range_db")
+    return {n: getattr(d, n) for n in names if getattr(d, n) != fields[n].default}
 
 
 def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Federation:

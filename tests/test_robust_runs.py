@@ -199,3 +199,21 @@ def test_label_flipping_rewrites_only_the_malicious_clients_labels() -> None:
         before = clean.fed.clients[cid].train_y
         expected = 2 - before if cid in exp.attack.malicious else before
         assert torch.equal(data.train_y, expected)
+
+
+def test_bucketed_median_holds_against_sign_flipping_and_resumes_exactly(tmp_path) -> None:
+    """Ten clients in five random pairs a round: two attackers spoil at most two of five bucket
+    means, which the median outvotes; the round-seeded shuffle repeats on resume."""
+    server = {"aggregator": "median", "byzantine_f": 2, "bucket_size": 2}
+    strong = {"kind": "sign_flip", "scale": 10.0}
+    full = _config(server=server, attack=strong)
+    summary = fedguard.run(full, out=tmp_path / "full", progress=False)
+    assert summary["test_accuracy"] >= 0.92
+    part = _config(experiment={"rounds": 2}, server=server, attack=strong)
+    fedguard.run(part, out=tmp_path / "part", progress=False)
+    fedguard.run(full, out=tmp_path / "part", resume=True, progress=False)
+    a = checkpoint.latest(tmp_path / "full" / "checkpoints").tensors["params"]
+    b = checkpoint.latest(tmp_path / "part" / "checkpoints").tensors["params"]
+    assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match=re.escape("K > 2f on K = ceil(clients / 4) bucket")):
+        validate(_config(server={**server, "bucket_size": 4}))

@@ -29,6 +29,8 @@ for the X-rays), a backdoor (a 2x2 (digits) or 3x3 (X-rays) square of the bright
 the bottom-right corner on half of each attacker's images, target label 0).
 Centered clipping's radius and norm bounding's bound are about the median honest update norm of a
 clean run of the task (0.4 for digits, 0.7 for the X-rays); centered clipping runs one iteration.
+Columns ``rule+bucketing`` run the rule on the means of 10 random pairs of updates
+(``server.bucket_size = 2``), for the rules whose condition still holds with f = 4 on 10 inputs.
 
 Usage::
 

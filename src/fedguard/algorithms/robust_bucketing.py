@@ -42,7 +42,8 @@ def bucket_means(
     """
     check_size(size)
     k = updates.shape[0]
-    w = robust_base.normalised_weights(weights, k) * float(weights.to(torch.float64).sum())
+    robust_base.normalised_weights(weights, k)  # one finite, non-negative weight per update
+    w = weights.to(torch.float64)
     order = torch.randperm(k, generator=generator)
     buckets = bucket_count(k, size)
     # One [B, K] matrix of in-bucket coefficients: a single product forms every bucket mean.

@@ -14,7 +14,7 @@ from fedguard.client.app import ClientData
 from fedguard.data import partition as partitioners
 from fedguard.data import registry
 from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
-from fedguard.experiment.config import ConfigError, ExperimentConfig
+from fedguard.experiment.config import ConfigError, DataSection, ExperimentConfig
 from fedguard.runtime import attack
 
 DataFn = Callable[..., DatasetSplits | FederatedDataset]
@@ -84,9 +84,9 @@ def load_data(
         raise ConfigError(f"data.dataset: {exc}") from None
 
 
-def audio_settings(d: Any) -> dict[str, Any]:
+def audio_settings(d: DataSection) -> dict[str, Any]:
     """The fsdd feature settings of ``[data]`` that differ from their defaults."""
-    fields = type(d).model_fields
+    fields = DataSection.model_fields
     names = ("trim_db", "dynamic_range_db")
     return {n: getattr(d, n) for n in names if getattr(d, n) != fields[n].default}
 

@@ -24,7 +24,7 @@ import fedguard
 from fedguard.algorithms import attacks_data
 from fedguard.client import evaluation
 from fedguard.client.app import ClientApp
-from fedguard.experiment import checkpoint, federation, plots, privacy
+from fedguard.experiment import checkpoint, config_checks, federation, plots, privacy
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.experiment.runfolder import RunFolder
@@ -167,7 +167,7 @@ class Experiment:
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
         s = cfg.server
-        rule = config_mod.robust_rule(s, cfg.experiment.seed)
+        rule = config_checks.robust_rule(s, cfg.experiment.seed)
         self.strategy = Strategy.create(
             StrategyKind(s.strategy),
             client_config=client_config,
@@ -200,7 +200,7 @@ class Experiment:
         min_clients = cfg.min_clients
         if rule is not None:
             min_clients = max(
-                min_clients, config_mod.min_updates(rule.kind, rule.f, rule.bucket_size)
+                min_clients, config_checks.min_updates(rule.kind, rule.f, rule.bucket_size)
             )
         self.driver = RoundDriver(
             self.transport,

@@ -1,0 +1,331 @@
+"""The cross-section rules of an experiment configuration, checked before anything runs.
+
+Each function takes the whole validated configuration and raises ``ValueError`` with a one-line
+reason naming the keys (pydantic turns it into a :class:`~fedguard.experiment.config.ConfigError`).
+The robust-aggregation helpers the runner needs (:func:`robust_rule`, :func:`min_updates`) live
+here beside the checks that use them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel
+
+from fedguard.algorithms import attacks, robust
+from fedguard.protocol import strategy
+
+if TYPE_CHECKING:
+    from fedguard.experiment.config import ExperimentConfig, ServerSection
+
+_ROBUST_KEYS = (
+    "byzantine_f",
+    "multi_krum_m",
+    "clipping_radius",
+    "clipping_iterations",
+    "norm_bound",
+    "weiszfeld_iterations",
+    "weiszfeld_tolerance",
+    "bucket_size",
+)
+_ROBUST_PARAMETER_OWNER = {
+    "multi_krum_m": robust.RobustAggregator.MULTI_KRUM,
+    "clipping_radius": robust.RobustAggregator.CENTERED_CLIPPING,
+    "clipping_iterations": robust.RobustAggregator.CENTERED_CLIPPING,
+    "norm_bound": robust.RobustAggregator.NORM_BOUNDING,
+    "weiszfeld_iterations": robust.RobustAggregator.GEOMETRIC_MEDIAN,
+    "weiszfeld_tolerance": robust.RobustAggregator.GEOMETRIC_MEDIAN,
+}
+# The condition on K updates and f Byzantine ones under which each rule's guarantee holds.
+ROBUST_CONDITIONS = {
+    k: "K > 2f + 2"
+    if k in (robust.RobustAggregator.KRUM, robust.RobustAggregator.MULTI_KRUM)
+    else "K >= 4f + 3"
+    if k is robust.RobustAggregator.BULYAN
+    else "K > 2f"
+    for k in robust.RobustAggregator
+}
+
+
+def _changed(section: BaseModel, names: tuple[str, ...]) -> list[str]:
+    """The keys among ``names`` whose value differs from the default (as written back on resume,
+    every key is present, so "set" cannot mean "given")."""
+    fields = type(section).model_fields
+    return [n for n in names if getattr(section, n) != fields[n].default]
+
+
+def min_updates(kind: robust.RobustAggregator, f: int, bucket_size: int = 1) -> int:
+    """The fewest updates ``K`` with which ``kind`` tolerates ``f`` Byzantine ones."""
+    k = 1
+    while robust.max_byzantine(kind, k, bucket_size) < f:
+        k += 1
+    return k
+
+
+def robust_rule(server: ServerSection, seed: int = 0) -> robust.RobustConfig | None:
+    """The robust aggregation rule of ``[server]``, or None for the plain weighted mean.
+
+    ``seed`` (the experiment's) seeds the bucket shuffles.
+    """
+    if server.aggregator == "mean":
+        return None
+    assert server.byzantine_f is not None  # checked by the config
+    return robust.RobustConfig(
+        kind=robust.RobustAggregator(server.aggregator),
+        f=server.byzantine_f,
+        multi_krum_m=server.multi_krum_m,
+        max_iterations=server.weiszfeld_iterations,
+        tolerance=server.weiszfeld_tolerance,
+        tau=server.clipping_radius,
+        clipping_iterations=server.clipping_iterations,
+        norm_bound=server.norm_bound,
+        bucket_size=server.bucket_size,
+        seed=seed,
+    )
+
+
+def strategy_and_optimizer(cfg: ExperimentConfig) -> None:
+    """Client counts, and the strategies and optimizers that need one another."""
+    s, c, n = cfg.server, cfg.client, cfg.data.num_clients
+    if s.clients_per_round is not None and s.fraction is not None:
+        raise ValueError("server.clients_per_round and server.fraction both set: give one of them")
+    if s.clients_per_round is not None and s.clients_per_round > n:
+        raise ValueError(
+            f"server.clients_per_round={s.clients_per_round} exceeds data.num_clients={n}: "
+            f"allowed 1..{n}"
+        )
+    per_round = cfg.clients_per_round
+    if s.min_clients is not None and s.min_clients > per_round:
+        raise ValueError(
+            f"server.min_clients={s.min_clients} exceeds the {per_round} clients sampled "
+            f"per round: allowed 1..{per_round}"
+        )
+    if s.strategy == "fedprox" and c.proximal_mu <= 0:
+        raise ValueError(
+            'client.proximal_mu must be > 0 with server.strategy = "fedprox" '
+            "(with mu = 0 FedProx is FedAvg)"
+        )
+    if s.strategy != "fedprox" and c.proximal_mu > 0:
+        raise ValueError(
+            f'client.proximal_mu is only used by server.strategy = "fedprox", not "{s.strategy}"'
+        )
+    if s.strategy == "scaffold" and c.optimizer != "sgd":
+        raise ValueError(
+            'server.strategy = "scaffold" needs client.optimizer = "sgd" (its control '
+            f'variates assume plain SGD steps), got "{c.optimizer}"'
+        )
+    if s.strategy == "scaffold" and c.momentum > 0:
+        raise ValueError(
+            'client.momentum must be 0 with server.strategy = "scaffold" (option II of its '
+            f"control variate update assumes plain SGD steps), got {c.momentum}"
+        )
+    if c.optimizer == "newton" and cfg.model.framework != "torch":
+        raise ValueError(
+            'client.optimizer = "newton" needs model.framework = "torch"; '
+            'use "lbfgs" for Keras models'
+        )
+    if c.optimizer == "newton" and s.strategy not in ("fedavg", "fedavgm"):
+        raise ValueError(
+            'client.optimizer = "newton" takes the pooled Newton step on the server: '
+            f'server.strategy must be "fedavg" or "fedavgm", got "{s.strategy}"'
+        )
+
+
+def robustness(cfg: ExperimentConfig) -> None:
+    """A robust rule's f condition, its own parameters only, and what it cannot run with."""
+    s, k = cfg.server, cfg.clients_per_round
+    if s.aggregator == "mean":
+        used = [n for n in _ROBUST_KEYS if getattr(s, n) != type(s).model_fields[n].default]
+        if used:
+            raise ValueError(
+                f"server.{used[0]} only applies to a robust server.aggregator; "
+                'it is "mean" (plain FedAvg)'
+            )
+    else:
+        kind = robust.RobustAggregator(s.aggregator)
+        condition = ROBUST_CONDITIONS[kind]
+        if s.bucket_size > 1:
+            condition += f" on K = ceil(clients / {s.bucket_size}) bucket means"
+        most = robust.max_byzantine(kind, k, s.bucket_size)
+        if most < 0:
+            raise ValueError(
+                f'server.aggregator = "{kind}" cannot run with {k} clients per round: it '
+                f"needs {condition} even for f = 0"
+            )
+        if s.byzantine_f is None:
+            raise ValueError(
+                f'server.aggregator = "{kind}" needs server.byzantine_f, the number of '
+                f"Byzantine clients per round it must tolerate (0..{most} with {k} clients "
+                f"per round, as it needs {condition})"
+            )
+        if s.byzantine_f > most:
+            raise ValueError(
+                f"server.byzantine_f={s.byzantine_f} is too large for server.aggregator = "
+                f'"{kind}" with {k} clients per round: it needs {condition}, so f <= {most}'
+            )
+        need = min_updates(kind, s.byzantine_f, s.bucket_size)
+        if s.min_clients is not None and s.min_clients < need:
+            raise ValueError(
+                f"server.min_clients={s.min_clients} is below the {need} replies "
+                f'server.aggregator = "{kind}" needs to tolerate f={s.byzantine_f} '
+                f"({condition}); raise it or leave it unset"
+            )
+        for name, only in _ROBUST_PARAMETER_OWNER.items():
+            if kind is not only and _changed(s, (name,)):
+                raise ValueError(
+                    f'server.{name} only applies to server.aggregator = "{only}", not "{kind}"'
+                )
+        if s.bucket_size > 1 and not robust.needs_individual_updates(kind):
+            raise ValueError(
+                'server.bucket_size only applies to rules that compare updates; "norm_bounding" '
+                "clips each client's own update"
+            )
+        if kind is robust.RobustAggregator.NORM_BOUNDING and s.norm_bound is None:
+            raise ValueError(
+                'server.aggregator = "norm_bounding" needs server.norm_bound, the largest '
+                "update norm it lets through"
+            )
+        if s.multi_krum_m is not None and s.multi_krum_m > need - s.byzantine_f:
+            raise ValueError(
+                f"server.multi_krum_m={s.multi_krum_m} exceeds the {need - s.byzantine_f} "
+                f"updates Multi-Krum can select from {need} replies with f={s.byzantine_f}"
+            )
+        if cfg.client.optimizer == "newton":
+            raise ValueError(
+                'client.optimizer = "newton" pools gradient and Hessian sums on the server; '
+                'a robust server.aggregator cannot apply to them: use "mean"'
+            )
+        if cfg.privacy.mode == "central" and robust.needs_individual_updates(kind):
+            raise ValueError(
+                f'server.aggregator = "{kind}" cannot run with privacy.mode = "central": the '
+                'DP noise is calibrated for the mean\'s sensitivity; use "norm_bounding" '
+                'or "mean"'
+            )
+        if cfg.privacy.mode == "central" and cfg.privacy.adaptive_clip:
+            raise ValueError(
+                'privacy.adaptive_clip cannot run with server.aggregator = "norm_bounding": '
+                "its clip count would not match the bound applied; use a fixed clip_norm"
+            )
+    attack(cfg)
+
+
+def attack(cfg: ExperimentConfig) -> None:
+    """A simulated attack that can run: some client malicious, replies not masked away."""
+    a = cfg.attack
+    if a.kind == "none":
+        changed = _changed(a, tuple(n for n in type(a).model_fields if n != "kind"))
+        if changed:
+            name = changed[0]
+            raise ValueError(f'attack.{name} is set but attack.kind = "none"')
+        return
+    kind = attacks.Attack(a.kind)
+    if cfg.secure_aggregation.enabled and not attacks.is_data_poisoning(kind):
+        raise ValueError(
+            f'attack.kind = "{kind}" rewrites fit replies, which secure aggregation masks; '
+            'simulate it without secure aggregation or use "label_flip" or "backdoor"'
+        )
+    if round(a.fraction * cfg.data.num_clients) == 0:
+        raise ValueError(
+            f"attack.fraction={a.fraction} of {cfg.data.num_clients} clients makes no client "
+            'malicious; raise it or set attack.kind = "none"'
+        )
+
+
+def secure_aggregation(cfg: ExperimentConfig) -> None:
+    """What secure aggregation needs: a sum-only strategy, one clip, a reachable threshold."""
+    a, p, s = cfg.secure_aggregation, cfg.privacy, cfg.server
+    if not a.enabled:
+        return
+    aggregator = None if s.aggregator == "mean" else robust.RobustAggregator(s.aggregator)
+    refusal = strategy.secure_aggregation_refusal(
+        strategy.StrategyKind(s.strategy),
+        newton=cfg.client.optimizer == "newton",
+        aggregator=aggregator,
+    )
+    if refusal is not None:
+        raise ValueError(f"secure_aggregation.enabled = true cannot run here: {refusal}")
+    if p.mode in ("central", "distributed"):
+        if a.clip_norm is not None and a.clip_norm != p.clip_norm:
+            raise ValueError(
+                f"secure_aggregation.clip_norm={a.clip_norm} differs from privacy.clip_norm="
+                f"{p.clip_norm}: with {p.mode} DP the clients clip once, at privacy.clip_norm"
+            )
+        if p.adaptive_clip:
+            raise ValueError(
+                "privacy.adaptive_clip needs each client's clipped bit, which secure "
+                "aggregation hides; use a fixed privacy.clip_norm"
+            )
+    elif a.clip_norm is None:
+        raise ValueError(
+            "secure_aggregation.clip_norm is required: updates are clipped to it so that "
+            "their fixed-point sum cannot overflow"
+        )
+    per_round = cfg.clients_per_round
+    if per_round < 2:
+        raise ValueError(f"secure aggregation needs at least 2 clients per round, got {per_round}")
+    if a.mode == "secagg" and a.neighbours is not None:
+        raise ValueError(
+            'secure_aggregation.neighbours only applies to mode = "secagg+" '
+            '("secagg" masks over all pairs)'
+        )
+    if a.threshold is not None and a.threshold > per_round:
+        raise ValueError(
+            f"secure_aggregation.threshold={a.threshold} exceeds the {per_round} clients "
+            f"sampled per round: allowed 1..{per_round}"
+        )
+    if a.threshold is not None and a.neighbours is not None and a.threshold > a.neighbours + 1:
+        raise ValueError(
+            f"secure_aggregation.threshold={a.threshold} exceeds the {a.neighbours + 1} share "
+            "holders of a client (its neighbours and itself)"
+        )
+
+
+def privacy(cfg: ExperimentConfig) -> None:
+    """Which DP mode runs with which optimizer, strategy, sampling and accountant."""
+    p, c, s = cfg.privacy, cfg.client, cfg.server
+    if p.mode == "off":
+        return
+    if (p.noise_multiplier is None) == (p.target_epsilon is None):
+        raise ValueError(
+            f'privacy.mode = "{p.mode}" needs exactly one of privacy.noise_multiplier (> 0) '
+            "and privacy.target_epsilon"
+        )
+    if p.max_epsilon is not None and p.target_epsilon is not None:
+        if p.target_epsilon > p.max_epsilon:
+            raise ValueError(
+                f"privacy.target_epsilon={p.target_epsilon} exceeds privacy.max_epsilon="
+                f"{p.max_epsilon}: the run would stop before its last round"
+            )
+    if p.mode == "local":
+        if c.optimizer not in ("sgd", "adam"):
+            raise ValueError(
+                f'privacy.mode = "local" (DP-SGD) needs client.optimizer "sgd" or "adam", '
+                f'got "{c.optimizer}"'
+            )
+        if s.strategy in ("fedprox", "scaffold"):
+            raise ValueError(
+                f'privacy.mode = "local" does not support server.strategy = "{s.strategy}" '
+                "(its client term is not privatised); use fedavg, fedavgm or an adaptive one"
+            )
+    if p.mode == "distributed":
+        if not cfg.secure_aggregation.enabled:
+            raise ValueError(
+                'privacy.mode = "distributed" needs secure_aggregation.enabled = true: the '
+                'clients\' noise shares only add up to DP noise inside the masked sum; use "central"'
+            )
+        if p.adaptive_clip or s.sampling == "poisson" or p.accountant == "pld":
+            raise ValueError(
+                'privacy.mode = "distributed" needs a fixed privacy.clip_norm, server.sampling = '
+                '"fixed" and privacy.accountant = "rdp" (its Skellam noise is accounted by RDP)'
+            )
+    if p.mode in ("central", "distributed"):
+        if s.strategy == "scaffold" or c.optimizer == "newton":
+            raise ValueError(
+                f'privacy.mode = "{p.mode}" privatises the model update only: SCAFFOLD control '
+                "variates and Newton statistics would leak; use another strategy or optimizer"
+            )
+    if p.accountant == "pld" and p.mode == "central" and s.sampling == "fixed":
+        raise ValueError(
+            'privacy.accountant = "pld" cannot account fixed-size client sampling; set '
+            'server.sampling = "poisson" or privacy.accountant = "rdp"'
+        )

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from fedguard.experiment import config as config_mod
-from fedguard.experiment.runner import Experiment
+from fedguard.experiment.assembly import Experiment
 from fedguard.protocol.driver import client_seed, sample_clients
 
 SEED = 0

@@ -5,7 +5,7 @@ Writes ``benchmarks/results/robustness.json`` (a list of rows ``{"task", "attack
 aggregator ``"mean"`` plain FedAvg), ``robustness.md`` (median over seeds, one table per task,
 cells within 3 points of clean FedAvg in bold) and ``robustness.png`` (heatmaps).
 
-Every run goes through the real pipeline: ``fedguard.experiment.runner.Experiment`` builds the
+Every run goes through the real pipeline: ``fedguard.experiment.assembly.Experiment`` builds the
 federation (data poisoning), the in-process transport wrapped by the model-poisoning attack, the
 round driver (reply checks) and the strategy with the robust rule; only the run folder is skipped.
 20% of the clients are malicious (4 of 20), every client joins every round, ``byzantine_f = 4``.
@@ -158,14 +158,14 @@ def run_one(task: str, attack: str, aggregator: str, seed: int, data_root: str) 
     """One run through the round driver; the row of the table."""
     import torch
 
-    from fedguard.experiment import runner
+    from fedguard.experiment import assembly
     from fedguard.experiment.config import validate
     from fedguard.protocol.driver import RoundFailedError
 
     start = time.perf_counter()
     cfg = validate(task_config(task, attack, aggregator, seed, Path(data_root)))
     extra = {"model_fn": mlp, "data_fn": digits_data} if task == "digits" else {}
-    exp = runner.Experiment(cfg, **extra)
+    exp = assembly.Experiment(cfg, **extra)
     params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
     failed = 0
     for round_ in range(1, cfg.experiment.rounds + 1):

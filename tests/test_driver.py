@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_config
 from fedguard.experiment import config
-from fedguard.experiment.runner import Experiment
+from fedguard.experiment.assembly import Experiment
 from fedguard.protocol import messages
 from fedguard.protocol.driver import RoundFailedError, sample_clients
 from fedguard.runtime.inprocess import InProcessTransport
@@ -121,9 +121,9 @@ def test_deadline_turns_slow_clients_into_timeouts() -> None:
 
 def test_failed_round_stops_the_run_after_saving(tmp_path, monkeypatch) -> None:
     import fedguard
-    from fedguard.experiment import runner
+    from fedguard.experiment import assembly
 
-    real = runner.Experiment.__init__
+    real = assembly.Experiment.__init__
 
     def init(self, *args, **kwargs):
         real(self, *args, **kwargs)
@@ -136,7 +136,7 @@ def test_failed_round_stops_the_run_after_saving(tmp_path, monkeypatch) -> None:
 
         self.driver.transport = InProcessTransport(handler, self.transport.client_ids)
 
-    monkeypatch.setattr(runner.Experiment, "__init__", init)
+    monkeypatch.setattr(assembly.Experiment, "__init__", init)
     with pytest.raises(RoundFailedError, match="Round 2"):
         fedguard.run(tiny_config(), out=tmp_path / "r", progress=False)
     import json

@@ -8,7 +8,7 @@ import torch
 from test_grpc_harness import Behaviour, Federation, final_params, make_security, write_config
 
 from fedguard.experiment import config as config_mod
-from fedguard.experiment.runner import Experiment
+from fedguard.experiment.assembly import Experiment
 from fedguard.protocol.secagg import Phase
 from fedguard.runtime.dropout import PhaseDropout
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from fedguard.experiment import config as config_mod
-from fedguard.experiment.runner import Experiment
+from fedguard.experiment.assembly import Experiment
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "logistic_newton"
 

@@ -10,7 +10,7 @@ import torch
 
 import fedguard
 from fedguard.algorithms import attacks
-from fedguard.experiment import checkpoint, runner
+from fedguard.experiment import assembly, checkpoint
 from fedguard.experiment.config import ConfigError, validate
 from fedguard.protocol import messages
 from fedguard.protocol.strategy import ServerState
@@ -192,8 +192,8 @@ def test_backdoor_success_is_reported_and_high_without_defence(tmp_path) -> None
 
 def test_label_flipping_rewrites_only_the_malicious_clients_labels() -> None:
     cfg = validate(_config(attack={"kind": "label_flip"}))
-    clean = runner.Experiment(validate(_config()))
-    exp = runner.Experiment(cfg)
+    clean = assembly.Experiment(validate(_config()))
+    exp = assembly.Experiment(cfg)
     assert exp.attack is not None and len(exp.attack.malicious) == 2
     for cid, data in exp.fed.clients.items():
         before = clean.fed.clients[cid].train_y

@@ -170,7 +170,7 @@ def test_federated_evaluation_is_the_example_weighted_mean(tmp_path) -> None:
     rows = _rows(tmp_path / "f")
     assert all(0.0 <= r["federated_accuracy"] <= 1.0 for r in rows)
     from fedguard.experiment import config as config_mod
-    from fedguard.experiment.runner import Experiment
+    from fedguard.experiment.assembly import Experiment
 
     exp = Experiment(config_mod.validate(cfg))
     params = _final_params(tmp_path / "f")

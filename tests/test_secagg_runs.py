@@ -11,8 +11,8 @@ import torch
 
 import fedguard
 from conftest import tiny_config
-from fedguard.experiment import config, runner
-from fedguard.experiment.runner import Experiment
+from fedguard.experiment import assembly, config
+from fedguard.experiment.assembly import Experiment
 from fedguard.protocol import messages, secagg
 from fedguard.protocol.secagg import Phase
 from fedguard.runtime.dropout import PhaseDropout
@@ -86,7 +86,7 @@ def test_central_dp_under_secure_aggregation_matches_central_dp(tmp_path) -> Non
 
 
 def test_aborted_round_leaves_the_model_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
-    real = runner.InProcessTransport
+    real = assembly.InProcessTransport
 
     class RoundTwoDropout(PhaseDropout):
         def exchange(self, requests, *, deadline_s):
@@ -95,7 +95,7 @@ def test_aborted_round_leaves_the_model_and_the_run_goes_on(tmp_path, monkeypatc
             return super().exchange(requests, deadline_s=deadline_s)
 
     monkeypatch.setattr(
-        runner, "InProcessTransport", lambda *a, **k: RoundTwoDropout(real(*a, **k), {})
+        assembly, "InProcessTransport", lambda *a, **k: RoundTwoDropout(real(*a, **k), {})
     )
     sa = {"enabled": True, "clip_norm": 1.0}
     summary = fedguard.run(tiny_config(secure_aggregation=sa), out=tmp_path, progress=False)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 import fedguard
 from fedguard.experiment import config as config_mod
-from fedguard.experiment.runner import Experiment
+from fedguard.experiment.assembly import Experiment
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "experiment.toml"

@@ -26,7 +26,7 @@ import fedguard
 from fedguard.client import training
 from fedguard.client.app import local_training_from
 from fedguard.experiment import config as config_mod
-from fedguard.experiment.runner import Experiment, central_metrics
+from fedguard.experiment.assembly import Experiment, central_metrics
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "experiment.toml"

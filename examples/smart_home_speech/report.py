@@ -32,7 +32,7 @@ from fedguard.data import registry
 from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
 from fedguard.experiment import config as config_mod
 from fedguard.experiment import federation
-from fedguard.experiment.runner import Experiment
+from fedguard.experiment.assembly import Experiment
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "experiment.toml"

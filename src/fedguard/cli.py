@@ -179,7 +179,7 @@ def _exit_code_of_run(start: Callable[[], object], err: Console) -> int:
 
 def _validate(args: argparse.Namespace, console: Console) -> int:
     from fedguard.experiment import config as config_mod
-    from fedguard.experiment.runner import Experiment
+    from fedguard.experiment.assembly import Experiment
 
     cfg = config_mod.load(args.config, args.overrides)
     exp = Experiment(cfg)

@@ -1,0 +1,312 @@
+"""The pieces of an experiment built from its configuration: data, model, clients, transport,
+attack, privacy, secure aggregation, strategy and round driver, plus the central evaluation.
+
+One :class:`Experiment` serves the command line, ``fedguard.run``, the benchmarks and the
+deployment server alike, so that a simulated run and a deployed one are assembled the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedguard.algorithms import attacks_data
+from fedguard.client import evaluation
+from fedguard.client.app import ClientApp
+from fedguard.experiment import checkpoint, config_checks, federation, privacy
+from fedguard.experiment.config import ConfigError, ExperimentConfig
+from fedguard.models import registry as models
+from fedguard.protocol import secagg
+from fedguard.protocol.driver import RoundDriver
+from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, StrategyKind
+from fedguard.protocol.transport import Transport
+from fedguard.runtime import attack
+from fedguard.runtime.inprocess import InProcessTransport
+
+log = logging.getLogger("fedguard")
+
+
+# Builds the transport over the federation's client ids (default: the in-process simulator).
+TransportFn = Callable[[list[int]], Transport]
+
+
+def _auc(probabilities: torch.Tensor, y: torch.Tensor) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    labels = y.numpy()
+    present = np.unique(labels)
+    if len(present) < 2:
+        return None
+    p = probabilities.double().numpy()
+    if p.shape[1] == 2:
+        return float(roc_auc_score(labels, p[:, 1]))
+    if len(present) < p.shape[1]:
+        return None
+    p = p / p.sum(axis=1, keepdims=True)
+    return float(roc_auc_score(labels, p, multi_class="ovr"))
+
+
+def central_metrics(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, Any]:
+    """Accuracy, loss and ROC AUC of the global model on the central evaluation set."""
+    result = evaluation.evaluate(model, x, y, batch_size=batch_size, keep_probabilities=True)
+    assert result.probabilities is not None
+    return {
+        "test_accuracy": result.accuracy,
+        "test_loss": result.loss,
+        "test_auc": _auc(result.probabilities, y),
+    }
+
+
+class Experiment:
+    """One configured experiment, set up and ready to run rounds."""
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        *,
+        model_fn: Callable[..., Any] | None = None,
+        data_fn: federation.DataFn | None = None,
+        transport_fn: TransportFn | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.fed = federation.build_federation(cfg, data_fn)
+        self.attack = federation.attack_plan(cfg, self.fed)
+        if self.attack is not None and self.attack.poisons_data:
+            self.fed = federation.poison_clients(self.fed, self.attack.malicious, self._poison)
+        try:
+            self.model = models.build(
+                cfg.model.name,
+                framework=cfg.model.framework,
+                input_shape=self.fed.input_shape,
+                num_classes=self.fed.num_classes,
+                seed=cfg.experiment.seed,
+                builder=model_fn,
+            )
+        except (ValueError, ImportError) as exc:
+            raise ConfigError(f"model.name: {exc}") from None
+        c = cfg.client
+        client_config = {
+            "optimizer": c.optimizer,
+            "lr": c.lr,
+            "momentum": c.momentum,
+            "weight_decay": c.weight_decay,
+            "epochs": c.epochs,
+            "batch_size": c.batch_size,
+            "proximal_mu": c.proximal_mu,
+            "max_steps": c.max_steps,
+            "augment": c.augment,
+        }
+        sizes = {i: d.num_train for i, d in self.fed.clients.items()}
+        self.privacy = privacy.build(cfg, sizes, self.model)
+        central_dp = None
+        if self.privacy is not None:
+            client_config.update(self.privacy.client_config(cfg))
+            if self.privacy.mode == "central":
+                p = cfg.privacy
+                try:
+                    central_dp = CentralDP(
+                        clip_norm=p.clip_norm,
+                        noise_multiplier=self.privacy.noise_multiplier,
+                        expected_clients=float(cfg.clients_per_round),
+                        seed=cfg.experiment.seed,
+                        adaptive=p.adaptive_clip,
+                        target_quantile=p.target_quantile,
+                        clip_learning_rate=p.clip_learning_rate,
+                        count_stddev=p.clip_count_stddev or cfg.clients_per_round / 20.0,
+                    )
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+        s = cfg.server
+        rule = config_checks.robust_rule(s, cfg.experiment.seed)
+        self.strategy = Strategy.create(
+            StrategyKind(s.strategy),
+            client_config=client_config,
+            num_clients=len(self.fed.clients),
+            server_lr=s.server_lr,
+            server_momentum=s.server_momentum,
+            beta1=s.beta1,
+            beta2=s.beta2,
+            tau=s.tau,
+            central_dp=central_dp,
+            robust_rule=rule,
+        )
+        self.client_state: dict[int, dict[str, torch.Tensor]] = {}
+        self.app = ClientApp(self.model, self.fed.clients, self.client_state)
+        # Deployment passes its own transport (gRPC); the round code is the same either way.
+        self.transport: Transport = (
+            InProcessTransport(self.app.handle, list(self.fed.clients))
+            if transport_fn is None
+            else transport_fn(list(self.fed.clients))
+        )
+        if self.attack is not None and not self.attack.poisons_data:
+            self.transport = attack.ModelPoisoning(
+                self.transport,
+                self.attack.malicious,
+                attack.model_poison(self.attack.config),
+                seed=self.attack.seed,
+            )
+        # A robust rule tolerates f Byzantine updates only among enough of them: fewer usable
+        # replies fail the round as too few replies do.
+        min_clients = cfg.min_clients
+        if rule is not None:
+            min_clients = max(
+                min_clients, config_checks.min_updates(rule.kind, rule.f, rule.bucket_size)
+            )
+        self.driver = RoundDriver(
+            self.transport,
+            self.strategy,
+            dim=self.model.spec.size,
+            clients_per_round=cfg.clients_per_round,
+            min_clients=min_clients,
+            seed=cfg.experiment.seed,
+            deadline_s=s.deadline_s,
+            poisson=s.sampling == "poisson",
+            secure_aggregation=self._secure_aggregation(sizes, central_dp),
+        )
+        self.initial_params = self.model.get_flat()
+        self.backdoor_test = self._backdoor_test()
+
+    def _poison(
+        self, client_id: int, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.attack is not None
+        return attack.poison_training_data(
+            x,
+            y,
+            kind=self.attack.config.kind,
+            num_classes=self.fed.num_classes,
+            backdoor=self.attack.backdoor,
+            generator=self.attack.client_generator(client_id),
+        )
+
+    def _backdoor_test(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The central test images whose label is not the target, with the trigger stamped in."""
+        if self.attack is None or self.attack.backdoor is None:
+            return None
+        b = self.attack.backdoor
+        keep = self.fed.eval_y != b.target
+        if not bool(keep.any()):
+            raise ConfigError(
+                f"attack.target_label={b.target}: every test label is the target, so the "
+                "backdoor's success rate is undefined"
+            )
+        x = attacks_data.stamp_trigger(self.fed.eval_x[keep], b.trigger)
+        return x, self.fed.eval_y[keep]
+
+    def _secure_aggregation(
+        self, sizes: Mapping[int, int], central_dp: CentralDP | None
+    ) -> secagg.Settings | None:
+        """The ``[secure_aggregation]`` settings; the fixed-point range is checked here."""
+        a, cfg = self.cfg.secure_aggregation, self.cfg
+        if not a.enabled:
+            return None
+        distributed = self.privacy.distributed if self.privacy is not None else None
+        user_dp = central_dp is not None or distributed is not None
+        clip = cfg.privacy.clip_norm if user_dp else a.clip_norm
+        assert clip is not None  # the config refuses secure aggregation without a clip
+        if cfg.server.norm_bound is not None:  # norm bounding: each client clips its own update
+            clip = min(clip, cfg.server.norm_bound)
+        settings = secagg.Settings(
+            mode=secagg.Mode(a.mode),
+            clip_norm=clip,
+            max_weight=a.max_examples or max(sizes.values()),
+            bits=a.bits,
+            weighted=not user_dp,
+            threshold=a.threshold,
+            neighbours=a.neighbours,
+            distributed=distributed,
+            dropout_rate=a.dropout_rate,
+        )
+        poisson = cfg.server.sampling == "poisson"
+        largest = len(sizes) if poisson else cfg.clients_per_round
+        try:  # the largest cohort a round can have must fit the ring
+            settings.fixed_point(largest)
+        except ValueError as exc:
+            raise ConfigError(f"secure_aggregation.bits: {exc}") from None
+        return settings
+
+    def evaluate(self, params: torch.Tensor) -> dict[str, Any]:
+        """Central test metrics, and the backdoor's success rate (None without a backdoor)."""
+        self.model.set_flat(params)
+        out = central_metrics(
+            self.model, self.fed.eval_x, self.fed.eval_y, self.cfg.evaluation.batch_size
+        )
+        out["backdoor_success"] = None
+        if self.backdoor_test is not None:
+            assert self.attack is not None and self.attack.backdoor is not None
+            x, y = self.backdoor_test
+            result = evaluation.evaluate(
+                self.model, x, y, batch_size=self.cfg.evaluation.batch_size, keep_probabilities=True
+            )
+            assert result.probabilities is not None
+            out["backdoor_success"] = attacks_data.attack_success_rate(
+                result.probabilities.argmax(dim=1), y, target=self.attack.backdoor.target
+            )
+        return out
+
+    def attack_summary(self) -> dict[str, Any] | None:
+        """What ``summary.json`` says about the simulated attack (None without one)."""
+        if self.attack is None:
+            return None
+        a = self.cfg.attack
+        return {
+            "kind": a.kind,
+            "fraction": a.fraction,
+            "seed": self.attack.seed,
+            "malicious": list(self.attack.malicious),
+        }
+
+    def final_report(self, params: torch.Tensor) -> dict[str, Any]:
+        """Confusion matrix and, where the test set names its owners, accuracy per owner."""
+        self.model.set_flat(params)
+        result = evaluation.evaluate(
+            self.model,
+            self.fed.eval_x,
+            self.fed.eval_y,
+            batch_size=self.cfg.evaluation.batch_size,
+            keep_probabilities=True,
+        )
+        assert result.probabilities is not None
+        predicted = result.probabilities.argmax(dim=1).numpy()
+        truth = self.fed.eval_y.numpy()
+        k = self.fed.num_classes
+        matrix = np.zeros((k, k), dtype=np.int64)
+        np.add.at(matrix, (truth, predicted), 1)
+        report: dict[str, Any] = {"confusion_matrix": matrix.tolist()}
+        if self.fed.eval_groups is not None:
+            groups = np.asarray(self.fed.eval_groups)
+            report["accuracy_by_group"] = {
+                str(g): float((predicted[groups == g] == truth[groups == g]).mean())
+                for g in sorted(set(self.fed.eval_groups))
+            }
+        return report
+
+    def should_evaluate(self, round_: int) -> bool:
+        every = self.cfg.evaluation.every
+        return round_ == self.cfg.experiment.rounds or (every > 0 and round_ % every == 0)
+
+    def checkpoint_tensors(
+        self, params: torch.Tensor, state: ServerState
+    ) -> dict[str, torch.Tensor]:
+        tensors = {"params": params}
+        tensors.update({f"server.{k}": v for k, v in state.tensors().items()})
+        for cid, named in self.client_state.items():
+            tensors.update({f"client.{cid}.{k}": v for k, v in named.items()})
+        return tensors
+
+    def restore(self, ck: checkpoint.Checkpoint) -> tuple[torch.Tensor, ServerState]:
+        params = ck.tensors["params"]
+        self.model.spec.check_vector(params)
+        server = {
+            k.removeprefix("server."): v for k, v in ck.tensors.items() if k.startswith("server.")
+        }
+        self.client_state.clear()
+        for key, value in ck.tensors.items():
+            if key.startswith("client."):
+                _, cid, name = key.split(".", 2)
+                self.client_state.setdefault(int(cid), {})[name] = value
+        return params, ServerState.from_tensors(server)

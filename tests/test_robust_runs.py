@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fedguard
-from fedguard.algorithms import attacks
+from fedguard.algorithms import attacks, robust
 from fedguard.experiment import assembly, checkpoint
 from fedguard.experiment.config import ConfigError, validate
 from fedguard.protocol import messages
@@ -91,6 +91,27 @@ def test_norm_bounding_runs_under_secure_aggregation_and_central_dp() -> None:
     server = {"aggregator": "norm_bounding", "byzantine_f": 2, "norm_bound": 0.5}
     validate(_config(server=server, secure_aggregation={"enabled": True, "clip_norm": 1.0}))
     validate(_config(server=server, privacy={"mode": "central", "noise_multiplier": 1.0}))
+
+
+@pytest.fixture(scope="module")
+def fedavg_accuracy(tmp_path_factory) -> float:
+    """Clean FedAvg on the shared seeded task."""
+    out = tmp_path_factory.mktemp("fedavg") / "run"
+    return fedguard.run(_config(), out=out, progress=False)["test_accuracy"]
+
+
+@pytest.mark.parametrize("kind", [k.value for k in robust.RobustAggregator])
+def test_without_attackers_every_rule_is_within_3_points_of_fedavg(
+    kind, fedavg_accuracy, tmp_path
+) -> None:
+    server = {"aggregator": kind, "byzantine_f": 1 if kind == "bulyan" else 2}
+    if kind == "norm_bounding":
+        server["norm_bound"] = 1.0
+    if kind == "centered_clipping":
+        server["clipping_radius"] = 1.0
+    rule = fedguard.run(_config(server=server), out=tmp_path / kind, progress=False)
+    assert fedavg_accuracy >= 0.95
+    assert abs(rule["test_accuracy"] - fedavg_accuracy) <= 0.03, (kind, rule, fedavg_accuracy)
 
 
 def test_sign_flipping_wrecks_fedavg_and_robust_rules_hold(tmp_path) -> None:

@@ -7,7 +7,6 @@ deployment server alike, so that a simulated run and a deployed one are assemble
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,9 +25,6 @@ from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, Strateg
 from fedguard.protocol.transport import Transport
 from fedguard.runtime import attack
 from fedguard.runtime.inprocess import InProcessTransport
-
-log = logging.getLogger("fedguard")
-
 
 # Builds the transport over the federation's client ids (default: the in-process simulator).
 TransportFn = Callable[[list[int]], Transport]

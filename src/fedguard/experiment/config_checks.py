@@ -135,7 +135,7 @@ def robustness(cfg: ExperimentConfig) -> None:
     """A robust rule's f condition, its own parameters only, and what it cannot run with."""
     s, k = cfg.server, cfg.clients_per_round
     if s.aggregator == "mean":
-        used = [n for n in _ROBUST_KEYS if getattr(s, n) != type(s).model_fields[n].default]
+        used = _changed(s, _ROBUST_KEYS)
         if used:
             raise ValueError(
                 f"server.{used[0]} only applies to a robust server.aggregator; "

@@ -18,6 +18,7 @@ Pure functions; randomness is passed in as ``random_bytes(n)`` (``os.urandom`` i
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -167,21 +168,55 @@ def ring_mask(bits: int) -> np.unsignedinteger:
     return ring_dtype(bits).type((1 << bits) - 1)
 
 
+class _Scratch(threading.local):
+    """Per-thread buffers for keystreams: a zero plaintext and the output, grown on demand.
+
+    Allocating two fresh 400 KB buffers per expansion (and faulting their pages in) cost five
+    times the AES-CTR work itself; the buffers are per thread so that concurrent handlers in a
+    deployed server never share one.
+    """
+
+    def __init__(self) -> None:
+        self.zeros = bytearray()
+        self.stream = bytearray()
+
+    def keystream(self, seed: bytes, nbytes: int) -> memoryview:
+        if len(self.zeros) < nbytes:
+            self.zeros = bytearray(nbytes)
+            self.stream = bytearray(nbytes + 15)  # update_into wants a block's slack
+        encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+        written = encryptor.update_into(memoryview(self.zeros)[:nbytes], self.stream)
+        return memoryview(self.stream)[:written]
+
+
+_SCRATCH = _Scratch()
+
+
+def _stream_words(seed: bytes, dim: int, dtype: np.dtype) -> np.ndarray:
+    """The keystream of ``seed`` as ``dim`` words, in this thread's scratch buffer (valid until
+    its next expansion)."""
+    if len(seed) != KEY_BYTES:
+        raise ValueError(f"A mask seed has {KEY_BYTES} bytes, got {len(seed)}.")
+    return np.frombuffer(_SCRATCH.keystream(seed, dim * dtype.itemsize), dtype=dtype)
+
+
 def expand_mask(seed: bytes, dim: int, bits: int) -> np.ndarray:
     """``PRG(seed)``: ``dim`` uniform elements of ``Z_{2^bits}`` (AES-256-CTR keystream).
 
     The keystream is the CTR encryption of zeros under ``seed`` with a zero nonce (each seed is
     used for exactly one expansion), read as little-endian words and masked to ``bits``.
     """
-    if len(seed) != KEY_BYTES:
-        raise ValueError(f"A mask seed has {KEY_BYTES} bytes, got {len(seed)}.")
-    dtype = ring_dtype(bits)
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    stream = encryptor.update(bytes(dim * dtype.itemsize))
-    words = np.frombuffer(stream, dtype=dtype)
-    if bits in (32, 64):
-        return words
-    return words & ring_mask(bits)
+    return _stream_words(seed, dim, ring_dtype(bits)) & ring_mask(bits)
+
+
+def add_mask(out: np.ndarray, seed: bytes, *, subtract: bool = False) -> None:
+    """``out += PRG(seed)`` (or ``-=``) in place, modulo the width of ``out``'s dtype.
+
+    The mask is not reduced to ``bits``: ``2^bits`` divides ``2^32`` (``2^64``), so reducing the
+    final sum once gives the same residues as reducing every term.
+    """
+    stream = _stream_words(seed, out.shape[0], out.dtype)
+    (np.subtract if subtract else np.add)(out, stream, out=out)
 
 
 def add_pairwise_masks(
@@ -191,20 +226,14 @@ def add_pairwise_masks(
     private: x25519.X25519PrivateKey,
     peer_publics: dict[int, bytes],
     round_: int,
-    bits: int,
 ) -> None:
     """Add ``owner``'s pairwise masks to ``out`` in place: ``+PRG(s_uv)`` for each peer ``v >
     owner``, ``-PRG(s_uv)`` for ``v < owner`` (Bonawitz et al. 2017), so that two peers' masks
-    cancel in the sum.
+    cancel in the sum. Like :func:`add_mask`, modulo the width of ``out``'s dtype.
 
     The same call serves both halves: a client masks its input with its own key, and the server,
     having reconstructed a dropped client's key, adds the masks that client would have added,
     which takes back out the halves its surviving peers added.
     """
     for v in sorted(peer_publics):
-        seed = mask_seed(private, peer_publics[v], round_, owner, v)
-        stream = expand_mask(seed, out.shape[0], bits)
-        if v > owner:
-            np.add(out, stream, out=out)
-        else:
-            np.subtract(out, stream, out=out)
+        add_mask(out, mask_seed(private, peer_publics[v], round_, owner, v), subtract=v < owner)

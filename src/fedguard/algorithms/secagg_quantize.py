@@ -91,9 +91,10 @@ def encode(
 ) -> np.ndarray:
     """``[w q, w]`` in the ring for a client update (clipped here) and its weight ``w``.
 
-    The clip and the scale are one multiplication, the rounding is in place and the weighted
-    integers are cast straight into the ring's dtype (two's complement wraps modulo ``2^32`` or
-    ``2^64``), so the update is read a handful of times rather than a dozen.
+    The clip and the scale are one multiplication, the rounding and the weighting are in place
+    (``w q`` is an integer below ``2^(b-1)`` by the overflow bound, exact in float64) and the
+    result is cast once into the ring's words read as signed integers (two's complement is the
+    residue modulo ``2^32`` or ``2^64``), so the update is read a handful of times, not a dozen.
     """
     w = min(int(weight), fp.max_weight)
     if w < 1:
@@ -103,11 +104,14 @@ def encode(
         x = x.astype(np.float64)
     norm = float(np.sqrt(np.einsum("i,i->", x, x, dtype=np.float64)))
     factor = fp.scale * (1.0 if norm <= fp.clip_norm else fp.clip_norm / norm)
-    q = _round_in_place(np.multiply(x, factor, dtype=np.float64), generator)
+    v = np.multiply(x, factor, dtype=np.float64)
+    v += generator.random(v.shape, dtype=np.float32)
+    np.floor(v, out=v)
     if w != 1:
-        q *= w
-    out = np.empty(q.shape[0] + 1, dtype=fp.dtype)
-    np.copyto(out[:-1], q, casting="unsafe")
+        v *= w
+    out = np.empty(v.shape[0] + 1, dtype=fp.dtype)
+    signed = out.view(np.int32 if fp.dtype.itemsize == 4 else np.int64)
+    np.copyto(signed[:-1], v, casting="unsafe")
     out[-1] = w
     if fp.bits not in (32, 64):
         out &= secagg_crypto.ring_mask(fp.bits)

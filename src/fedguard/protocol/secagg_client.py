@@ -236,19 +236,24 @@ class SecAggClient:
     def _add_masks(
         cid: int, encoded: np.ndarray, state: _Shared, partners: list[int]
     ) -> np.ndarray:
-        """``x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)`` in the ring."""
+        """``x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)`` in the ring,
+        computed in place in ``encoded`` (the client's own fresh encoding)."""
         setup = state.setup
-        length = setup.dim + 1
-        out = encoded + secagg_crypto.expand_mask(state.b_seed, length, setup.bits)
+        if encoded.shape != (setup.dim + 1,):
+            raise SecAggError(
+                f"Client {cid} encoded {encoded.shape[0]} values, expected {setup.dim + 1}."
+            )
+        out = encoded
+        secagg_crypto.add_mask(out, state.b_seed)
         secagg_crypto.add_pairwise_masks(
             out,
             owner=cid,
             private=state.s.private,
             peer_publics={v: state.peers[v][1] for v in partners},
             round_=setup.round,
-            bits=setup.bits,
         )
-        return out & secagg_crypto.ring_mask(setup.bits)
+        out &= secagg_crypto.ring_mask(setup.bits)
+        return out
 
     def unmask(self, request: messages.SecAggUnmaskRequest) -> messages.SecAggUnmaskReply:
         """Phase 3: ``b`` shares of alive peers, ``s`` shares of dropped ones, never both."""

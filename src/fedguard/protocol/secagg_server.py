@@ -310,7 +310,7 @@ def _unmasked_sum(
     total = np.zeros(length, dtype=dtype)
     for u in u3:
         np.add(total, masked[u].numpy().view(dtype), out=total)
-        np.subtract(total, secagg_crypto.expand_mask(b_seeds[u], length, setup.bits), out=total)
+        secagg_crypto.add_mask(total, b_seeds[u], subtract=True)
     for d in dropped:
         pair = secagg_crypto.key_pair_from_private(s_keys[d])
         if pair.public != keys[d].s_public:
@@ -327,6 +327,5 @@ def _unmasked_sum(
             private=pair.private,
             peer_publics={v: keys[v].s_public for v in setup.graph[d] & set(u3)},
             round_=setup.round,
-            bits=setup.bits,
         )
     return total & secagg_crypto.ring_mask(setup.bits)

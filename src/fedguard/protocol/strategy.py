@@ -283,9 +283,7 @@ class Strategy:
                 gradient, hessian.view(params.shape[0], -1), float(weights.sum()), damping=1e-8
             )
         else:
-            state, delta = self._mean_or_robust(
-                state, torch.stack([r.update for r in replies]), weights, round_
-            )
+            state, delta = self._mean_or_robust(state, [r.update for r in replies], weights, round_)
         opt_state, new_params = server_optimizers.apply(self.server, state.optimizer, params, delta)
         control = state.control
         if self.kind is StrategyKind.SCAFFOLD:
@@ -294,15 +292,20 @@ class Strategy:
         return replace(state, optimizer=opt_state, control=control), new_params
 
     def _mean_or_robust(
-        self, state: ServerState, updates: torch.Tensor, weights: torch.Tensor, round_: int
+        self,
+        state: ServerState,
+        updates: Sequence[torch.Tensor],
+        weights: torch.Tensor,
+        round_: int,
     ) -> tuple[ServerState, torch.Tensor]:
-        """The weighted mean of ``updates [K, D]``, or the configured robust rule's aggregate."""
+        """The weighted mean of the ``K`` updates, or the configured robust rule's aggregate (the
+        mean streams over them; a robust rule needs them stacked as ``[K, D]``)."""
         if self.robust_rule is None:
             return state, aggregation.weighted_mean(updates, weights)
         robust_state, delta = robust.apply(
             self.robust_rule,
             robust.RobustState(state.robust_reference),
-            updates,
+            torch.stack(list(updates)),
             weights,
             round_=round_,
         )

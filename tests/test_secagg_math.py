@@ -32,6 +32,26 @@ def test_any_t_shares_reconstruct_and_t_minus_one_do_not() -> None:
         assert got[0] != secrets[0] and got[1] != secrets[1]
 
 
+def test_batched_reconstruction_uses_each_secrets_own_holders() -> None:
+    """Owners with different holder sets (SecAgg+ neighbourhoods) in one interpolation."""
+    secrets = [os.urandom(32) for _ in range(5)]
+    points = [2, 3, 5, 7, 11, 13]
+    shares = np.stack([secagg_shamir.split([s], points, 3, os.urandom)[0] for s in secrets])
+    subsets = [[0, 1, 2], [3, 4, 5], [0, 2, 4], [1, 3, 5], [0, 4, 5]]
+    ys = np.stack([shares[i, subset] for i, subset in enumerate(subsets)])
+    xs = [[points[j] for j in subset] for subset in subsets]
+    assert secagg_shamir.reconstruct(xs, ys, 32) == secrets
+    one_by_one = [secagg_shamir.lagrange_at_zero(row) for row in xs]
+    assert np.array_equal(secagg_shamir.lagrange_at_zero(xs), np.stack(one_by_one))
+    # l_i for points 1, 2, 3: 3, -3, 1 (mod p)
+    p = secagg_shamir.PRIME
+    assert secagg_shamir.lagrange_at_zero([1, 2, 3]).tolist() == [3, p - 3, 1]
+    with pytest.raises(ValueError, match="distinct"):
+        secagg_shamir.lagrange_at_zero([[1, 2, 3], [4, 4, 5]])
+    with pytest.raises(ValueError, match="points of shape"):
+        secagg_shamir.reconstruct(xs[:2], ys, 32)
+
+
 def test_shares_round_trip_through_bytes_and_threshold_one_is_the_secret() -> None:
     secret = os.urandom(32)
     shares = secagg_shamir.split([secret], [1, 2], 1, os.urandom)

@@ -106,30 +106,44 @@ def _prod_mod(values: np.ndarray, axis: int) -> np.ndarray:
     return out
 
 
-def lagrange_at_zero(points: Sequence[int]) -> np.ndarray:
-    """Coefficients ``l_i = prod_{j != i} x_j / (x_j - x_i) mod p`` so that ``f(0) = sum l_i y_i``."""
+def lagrange_at_zero(points: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Coefficients ``l_i = prod_{j != i} x_j / (x_j - x_i) mod p`` so that ``f(0) = sum l_i y_i``.
+
+    ``points`` is one set ``[T]`` (coefficients ``[T]``) or a batch ``[G, T]`` of sets, one per
+    row (coefficients ``[G, T]``): the batch costs one modular exponentiation for all rows.
+    """
     xs = np.asarray(points, dtype=np.int64)
-    if len(set(points)) != len(points):
-        raise ValueError(f"Interpolation points must be distinct, got {points}.")
-    diff = (xs[None, :] - xs[:, None]) % PRIME  # [i, j] = x_j - x_i
-    numer = np.where(np.eye(len(xs), dtype=bool), 1, xs[None, :])
-    np.fill_diagonal(diff, 1)
-    return (_prod_mod(numer, 1) * _pow_mod(_prod_mod(diff, 1), PRIME - 2)) % PRIME
+    rows = xs.reshape(-1, xs.shape[-1])  # [G, T]
+    ordered = np.sort(rows, axis=1)
+    if bool((ordered[:, 1:] == ordered[:, :-1]).any()):
+        raise ValueError(f"Interpolation points must be distinct, got {xs.tolist()}.")
+    t = rows.shape[1]
+    diff = (rows[:, None, :] - rows[:, :, None]) % PRIME  # [g, i, j] = x_j - x_i
+    diagonal = np.eye(t, dtype=bool)[None]
+    numer = np.where(diagonal, 1, rows[:, None, :])
+    diff[:, diagonal[0]] = 1
+    weights = (_prod_mod(numer, 2) * _pow_mod(_prod_mod(diff, 2), PRIME - 2)) % PRIME
+    return weights.reshape(xs.shape)
 
 
-def reconstruct(points: Sequence[int], shares: np.ndarray, secret_len: int) -> list[bytes]:
-    """The secrets behind ``shares [S, T, C]`` held at ``points [T]`` (Lagrange at 0).
+def reconstruct(
+    points: Sequence[int] | np.ndarray, shares: np.ndarray, secret_len: int
+) -> list[bytes]:
+    """The secrets behind ``shares [S, T, C]`` (Lagrange at 0), held at ``points``: ``[T]`` for
+    all secrets, or ``[S, T]``, each secret's own holders (one batched interpolation).
 
     With at least ``threshold`` shares the result is the shared secret; with fewer it is an
     unrelated value (nothing in the arithmetic can tell, which is the point of the scheme).
     """
     shares = np.asarray(shares, dtype=np.int64)
-    if shares.ndim != 3 or shares.shape[1] != len(points):
+    xs = np.asarray(points, dtype=np.int64)
+    if shares.ndim != 3 or xs.shape not in ((shares.shape[1],), shares.shape[:2]):
         raise ValueError(
-            f"Expected shares of shape [S, {len(points)}, C], got {tuple(shares.shape)}."
+            f"Expected shares [S, T, C] held at points [T] or [S, T], got shares of shape "
+            f"{tuple(shares.shape)} at points of shape {tuple(xs.shape)}."
         )
-    weights = lagrange_at_zero(points)
-    chunks = ((shares * weights[None, :, None]) % PRIME).sum(axis=1) % PRIME
+    weights = np.broadcast_to(lagrange_at_zero(xs), shares.shape[:2])
+    chunks = ((shares * weights[:, :, None]) % PRIME).sum(axis=1) % PRIME
     return [row.tobytes() for row in _from_chunks(chunks, secret_len)]
 
 

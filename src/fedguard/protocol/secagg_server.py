@@ -257,8 +257,8 @@ def _unmask_shares(
 def _reconstruct(
     setup: RoundSetup, shares: Mapping[int, Mapping[int, bytes]], owners: list[int], ledger: _Ledger
 ) -> dict[int, bytes]:
-    """Every owner's secret from the first ``t`` holders' shares, batched by holder set."""
-    groups: dict[tuple[int, ...], list[int]] = {}
+    """Every owner's secret from its first ``t`` holders' shares, in one batched interpolation."""
+    chosen: list[list[int]] = []
     for owner in owners:
         held = sorted(shares.get(owner, {}))
         if len(held) < setup.threshold:
@@ -267,29 +267,23 @@ def _reconstruct(
                 f"shares of client {owner} arrived, the threshold is {setup.threshold}.",
                 ledger.metrics(0),
             )
-        groups.setdefault(tuple(held[: setup.threshold]), []).append(owner)
-    secrets: dict[int, bytes] = {}
-    for holders, group in groups.items():
-        try:
-            ys = np.stack(
-                [
-                    np.stack(
-                        [
-                            secagg_shamir.share_from_bytes(shares[o][h], SECRET_BYTES)
-                            for h in holders
-                        ]
-                    )
-                    for o in group
-                ]
-            )
-        except ValueError as exc:
-            raise SecAggAbortedError(
-                f"Round {setup.round}: secure aggregation aborted in unmasking: {exc}",
-                ledger.metrics(0),
-            ) from None
-        points = [setup.points[h] for h in holders]
-        secrets.update(zip(group, secagg_shamir.reconstruct(points, ys, SECRET_BYTES), strict=True))
-    return secrets
+        chosen.append(held[: setup.threshold])
+    if not owners:
+        return {}
+    try:
+        ys = np.stack(
+            [
+                np.stack([secagg_shamir.share_from_bytes(shares[o][h], SECRET_BYTES) for h in hs])
+                for o, hs in zip(owners, chosen, strict=True)
+            ]
+        )
+    except ValueError as exc:
+        raise SecAggAbortedError(
+            f"Round {setup.round}: secure aggregation aborted in unmasking: {exc}",
+            ledger.metrics(0),
+        ) from None
+    points = [[setup.points[h] for h in hs] for hs in chosen]
+    return dict(zip(owners, secagg_shamir.reconstruct(points, ys, SECRET_BYTES), strict=True))
 
 
 def _unmasked_sum(

@@ -7,7 +7,10 @@ secure aggregation) and the secure rounds run through the same ``RoundDriver`` a
 ``InProcessTransport`` in this process, interleaved (plain, secagg, secagg+, plain, ...) after one
 warm-up round each; the JSON holds medians over the repeats. ``client_seconds`` is the time spent
 inside the client handler (all phases, all clients, sequentially), ``server_seconds`` the rest
-of the round. ``bytes_up_ratio`` is the secure round's upload (all phases) over the plain one's.
+of the round. ``parallel_round_seconds`` is the round as a deployment runs it, every client on its
+own device at the same time: the server's seconds plus, for each phase, the slowest client's
+(network latency not included: secure aggregation adds three round trips to the plain round's
+one). ``bytes_up_ratio`` is the secure round's upload (all phases) over the plain one's.
 
 SecAgg+ runs twice: with the default degree, chosen to survive a dropout rate of 10% with a
 round failure probability below 1e-6 (``secagg_graph.tolerant_degree``; ``k = 30, t = 16`` at
@@ -19,6 +22,13 @@ The dropout part runs ``--dropout-rounds`` rounds at ``n = 100`` in which 10% of
 drawn afresh each round, vanish after sharing their keys (before the masked-input phase), and
 reports the share of rounds that still complete.
 
+Every row also holds the medians of the three primitives no implementation of the protocol can
+skip (``primitive_seconds``: an AES-CTR mask expansion, an X25519 agreement, a key pair) and the
+round's minimum of them (``crypto_floor_seconds``: per client 2 key pairs, ``2k`` agreements and
+``k + 1`` expansions, plus one expansion per client on the server), so that ``floor_ratio``, the
+plain round plus that floor over the plain round, says how close any ratio can come to 1 on this
+machine; ``parallel_floor_ratio`` is the same for ``parallel_round_seconds``.
+
     python benchmarks/secagg.py --sizes 10 50 100 200 --dim 100000 --repeats 3
 """
 
@@ -26,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -35,6 +46,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedguard.algorithms import secagg_crypto
 from fedguard.protocol import messages, secagg, secagg_client
 from fedguard.protocol.driver import RoundDriver
 from fedguard.protocol.secagg import Mode, Phase
@@ -56,6 +68,7 @@ class FixedClients:
         }
         self.secagg = secagg_client.SecAggClient(self.fit)
         self.seconds = 0.0
+        self.slowest: dict[str, float] = {}  # request kind -> the slowest client's seconds
 
     def fit(self, task: messages.FitTask) -> messages.FitReply:
         update = self.updates[task.client_id]
@@ -68,7 +81,10 @@ class FixedClients:
             reply = messages.encode(self.fit(request))
         else:
             reply = messages.encode(self.secagg.handle(request))
-        self.seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.seconds += seconds
+        kind = type(request).__name__
+        self.slowest[kind] = max(self.slowest.get(kind, 0.0), seconds)
         return reply
 
 
@@ -101,6 +117,7 @@ def _graph(n: int, variant: Variant) -> dict[str, int]:
 
 def _time_round(driver: RoundDriver, clients: FixedClients, round_: int, params) -> dict:
     clients.seconds = 0.0
+    clients.slowest = {}
     start = time.perf_counter()
     result = driver.fit_round(round_, params, driver.strategy.init(params))
     seconds = time.perf_counter() - start
@@ -108,9 +125,49 @@ def _time_round(driver: RoundDriver, clients: FixedClients, round_: int, params)
         "round_seconds": seconds,
         "client_seconds": clients.seconds,
         "server_seconds": seconds - clients.seconds,
+        "parallel_round_seconds": seconds - clients.seconds + sum(clients.slowest.values()),
         "bytes_up": result.metrics["bytes_up"],
         "bytes_down": result.metrics["bytes_down"],
     }
+
+
+def primitive_seconds(dim: int, repeats: int = 50) -> dict[str, float]:
+    """Median seconds of the primitives every client and the server cannot avoid: one AES-CTR
+    mask expansion added into a ``dim + 1`` vector, one X25519 agreement with its HKDF, one
+    key pair."""
+    out = np.zeros(dim + 1, dtype=np.uint32)
+    pair, peer = secagg_crypto.key_pair(os.urandom), secagg_crypto.key_pair(os.urandom)
+    seed = os.urandom(secagg_crypto.KEY_BYTES)
+    work = {
+        "expand": lambda: secagg_crypto.add_mask(out, seed),
+        "agree": lambda: secagg_crypto.mask_seed(pair.private, peer.public, 1, 0, 1),
+        "key_pair": lambda: secagg_crypto.key_pair(os.urandom),
+    }
+    seconds: dict[str, float] = {}
+    for name, fn in work.items():
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+        seconds[name] = statistics.median(samples)
+    return seconds
+
+
+def crypto_floor(n: int, neighbours: int, primitives: dict[str, float]) -> dict[str, float]:
+    """The protocol's unavoidable cryptographic work in a round without dropouts.
+
+    Each client: 2 key pairs, ``k`` agreements for the share keys and ``k`` for the mask seeds,
+    ``k + 1`` mask expansions (pairwise and self); the server: one self-mask expansion per
+    client. ``sequential``: all of it one after another (the simulator); ``parallel``: the
+    server's part plus one client's (every client on its own device).
+    """
+    k = neighbours
+    client = (
+        2 * primitives["key_pair"] + 2 * k * primitives["agree"] + (k + 1) * primitives["expand"]
+    )
+    server = n * primitives["expand"]
+    return {"sequential": n * client + server, "parallel": client + server}
 
 
 def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[dict[str, Any]]:
@@ -129,14 +186,21 @@ def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[
     def median(key: Variant | None, field: str) -> float:
         return statistics.median(s[field] for s in samples[key])
 
+    primitives = primitive_seconds(dim)
     rows = []
     for variant in variants:
+        graph = _graph(n, variant)
+        floor = crypto_floor(n, graph["neighbours"], primitives)
+        plain, plain_parallel = (
+            median(None, "round_seconds"),
+            median(None, "parallel_round_seconds"),
+        )
         rows.append(
             {
                 "n": n,
                 "dim": dim,
                 "mode": str(variant[0]),
-                **_graph(n, variant),
+                **graph,
                 "dropout_rate": variant[1],
                 "round_seconds": median(variant, "round_seconds"),
                 "plain_round_seconds": median(None, "round_seconds"),
@@ -145,6 +209,15 @@ def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[
                 "bytes_up_ratio": median(variant, "bytes_up") / median(None, "bytes_up"),
                 "bytes_down_ratio": median(variant, "bytes_down") / median(None, "bytes_down"),
                 "round_ratio": median(variant, "round_seconds") / median(None, "round_seconds"),
+                "parallel_round_seconds": median(variant, "parallel_round_seconds"),
+                "plain_parallel_round_seconds": median(None, "parallel_round_seconds"),
+                "parallel_ratio": median(variant, "parallel_round_seconds")
+                / median(None, "parallel_round_seconds"),
+                "primitive_seconds": primitives,
+                "crypto_floor_seconds": floor["sequential"],
+                "floor_ratio": (plain + floor["sequential"]) / plain,
+                "parallel_crypto_floor_seconds": floor["parallel"],
+                "parallel_floor_ratio": (plain_parallel + floor["parallel"]) / plain_parallel,
             }
         )
         print(json.dumps(rows[-1]), flush=True)

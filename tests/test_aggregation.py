@@ -96,3 +96,13 @@ def test_bad_weights_are_refused(weights: list[float], message: str) -> None:
 def test_updates_must_be_a_matrix() -> None:
     with pytest.raises(ValueError, match=r"\[K, D\] matrix"):
         aggregation.weighted_mean(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 1.0]))
+
+
+def test_a_list_of_vectors_gives_the_matrix_result() -> None:
+    weights = torch.tensor([1.0, 1.0, 2.0])
+    rows = list(UPDATES)
+    assert aggregation.weighted_mean(rows, weights).tolist() == [3.5, 4.5]
+    with pytest.raises(ValueError, match=r"Update 1 has shape \(3,\), expected \(2,\)"):
+        aggregation.weighted_mean([UPDATES[0], torch.zeros(3), UPDATES[2]], weights)
+    with pytest.raises(ValueError, match="empty cohort"):
+        aggregation.weighted_mean([], torch.zeros(0))

@@ -164,3 +164,15 @@ def test_messages_round_trip() -> None:
     assert torch.equal(back.tensors["control_delta"], torch.ones(4))
     with pytest.raises(messages.MessageError, match="Expected a FitTask"):
         messages.decode(messages.encode(reply), messages.FitTask)
+    # float64 and integer side tensors keep their dtype; bfloat16 (no numpy dtype) is float32
+    odd = {"f64": torch.arange(3, dtype=torch.float64), "i64": torch.tensor([-1, 2**40])}
+    odd["bf16"] = torch.tensor([0.5, -2.0], dtype=torch.bfloat16, requires_grad=True)
+    task = messages.FitTask(1, 2, torch.zeros(2, dtype=torch.float64), {"lr": 0.1}, odd)
+    back_task = messages.decode(messages.encode(task), messages.FitTask)
+    assert back_task.parameters.dtype == torch.float32 and back_task.config == {"lr": 0.1}
+    assert back_task.tensors["f64"].dtype == torch.float64
+    assert back_task.tensors["i64"].tolist() == [-1, 2**40]
+    assert back_task.tensors["bf16"].dtype == torch.float32
+    assert back_task.tensors["bf16"].tolist() == [0.5, -2.0]
+    keys = messages.SecAggShares(4, 1, {3: b"\x00abc", 2: b""})
+    assert messages.decode(messages.encode(keys)).ciphertexts == {2: b"", 3: b"\x00abc"}

@@ -96,6 +96,27 @@ def test_fixed_point_refuses_a_ring_too_small() -> None:
         secagg_quantize.fixed_point(bits=8, clip_norm=1.0, num_clients=100, max_weight=1)
 
 
+@pytest.mark.parametrize(("bits", "dim"), [(32, 100_003), (64, 50_001), (20, 7)])
+def test_masks_are_the_aes_ctr_keystream_across_chunks(bits: int, dim: int) -> None:
+    """The chunked expansion is one AES-256-CTR stream (zero nonce), whatever the length."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    seed = bytes(range(32))
+    dtype = secagg_crypto.ring_dtype(bits)
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    whole = np.frombuffer(encryptor.update(bytes(dim * dtype.itemsize)), dtype=dtype)
+    assert np.array_equal(
+        secagg_crypto.expand_mask(seed, dim, bits), whole & secagg_crypto.ring_mask(bits)
+    )
+    x = np.arange(dim, dtype=dtype)
+    secagg_crypto.add_mask(x, seed)
+    assert np.array_equal(x, np.arange(dim, dtype=dtype) + whole)
+    secagg_crypto.add_mask(x, seed, subtract=True)
+    assert np.array_equal(x, np.arange(dim, dtype=dtype))
+    with pytest.raises(ValueError, match="uint32 or uint64"):
+        secagg_crypto.add_mask(x.astype(np.int64), seed)
+
+
 @pytest.mark.parametrize("bits", [12, 32, 64])
 def test_masks_cancel_in_the_ring(bits: int) -> None:
     a, b = secagg_crypto.key_pair(os.urandom), secagg_crypto.key_pair(os.urandom)

@@ -168,36 +168,36 @@ def ring_mask(bits: int) -> np.unsignedinteger:
     return ring_dtype(bits).type((1 << bits) - 1)
 
 
-class _Scratch(threading.local):
-    """Per-thread buffers for keystreams: a zero plaintext and the output, grown on demand.
+_CHUNK_BYTES = 1 << 17  # keystream per AES-CTR call: fits in L2 with the slice it is added to
+_ZEROS = bytes(_CHUNK_BYTES)  # the plaintext whose CTR encryption is the keystream
 
-    Allocating two fresh 400 KB buffers per expansion (and faulting their pages in) cost five
-    times the AES-CTR work itself; the buffers are per thread so that concurrent handlers in a
-    deployed server never share one.
-    """
+
+class _Scratch(threading.local):
+    """A per-thread output buffer for keystream chunks, so that concurrent handlers in a deployed
+    server never share one, and no expansion allocates (fresh buffers for every 400 KB mask, and
+    their page faults, cost as much as the AES work)."""
 
     def __init__(self) -> None:
-        self.zeros = bytearray()
-        self.stream = bytearray()
-
-    def keystream(self, seed: bytes, nbytes: int) -> memoryview:
-        if len(self.zeros) < nbytes:
-            self.zeros = bytearray(nbytes)
-            self.stream = bytearray(nbytes + 15)  # update_into wants a block's slack
-        encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-        written = encryptor.update_into(memoryview(self.zeros)[:nbytes], self.stream)
-        return memoryview(self.stream)[:written]
+        self.stream = bytearray(_CHUNK_BYTES + 15)  # update_into wants a block's slack
 
 
 _SCRATCH = _Scratch()
 
 
-def _stream_words(seed: bytes, dim: int, dtype: np.dtype) -> np.ndarray:
-    """The keystream of ``seed`` as ``dim`` words, in this thread's scratch buffer (valid until
-    its next expansion)."""
+def _accumulate(out: np.ndarray, seed: bytes, subtract: bool) -> None:
+    """``out (+/-)= PRG(seed)`` over ``out``'s words, chunk by chunk from one CTR stream."""
     if len(seed) != KEY_BYTES:
         raise ValueError(f"A mask seed has {KEY_BYTES} bytes, got {len(seed)}.")
-    return np.frombuffer(_SCRATCH.keystream(seed, dim * dtype.itemsize), dtype=dtype)
+    if out.ndim != 1 or not out.flags.c_contiguous:
+        raise ValueError("Masks are added to contiguous vectors.")
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    stream, zeros = _SCRATCH.stream, memoryview(_ZEROS)
+    per_chunk = _CHUNK_BYTES // out.dtype.itemsize
+    op = np.subtract if subtract else np.add
+    for start in range(0, out.shape[0], per_chunk):
+        part = out[start : start + per_chunk]
+        encryptor.update_into(zeros[: part.nbytes], stream)
+        op(part, np.frombuffer(stream, dtype=out.dtype, count=part.shape[0]), out=part)
 
 
 def expand_mask(seed: bytes, dim: int, bits: int) -> np.ndarray:
@@ -206,17 +206,22 @@ def expand_mask(seed: bytes, dim: int, bits: int) -> np.ndarray:
     The keystream is the CTR encryption of zeros under ``seed`` with a zero nonce (each seed is
     used for exactly one expansion), read as little-endian words and masked to ``bits``.
     """
-    return _stream_words(seed, dim, ring_dtype(bits)) & ring_mask(bits)
+    out = np.zeros(dim, dtype=ring_dtype(bits))
+    _accumulate(out, seed, subtract=False)
+    out &= ring_mask(bits)
+    return out
 
 
 def add_mask(out: np.ndarray, seed: bytes, *, subtract: bool = False) -> None:
-    """``out += PRG(seed)`` (or ``-=``) in place, modulo the width of ``out``'s dtype.
+    """``out += PRG(seed)`` (or ``-=``) in place, modulo the width of ``out``'s dtype
+    (``uint32`` or ``uint64``), without materialising the mask.
 
     The mask is not reduced to ``bits``: ``2^bits`` divides ``2^32`` (``2^64``), so reducing the
     final sum once gives the same residues as reducing every term.
     """
-    stream = _stream_words(seed, out.shape[0], out.dtype)
-    (np.subtract if subtract else np.add)(out, stream, out=out)
+    if out.dtype not in (np.dtype("<u4"), np.dtype("<u8")):
+        raise ValueError(f"Masks are added in uint32 or uint64 rings, got {out.dtype}.")
+    _accumulate(out, seed, subtract)
 
 
 def add_pairwise_masks(

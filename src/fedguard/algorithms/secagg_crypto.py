@@ -168,7 +168,7 @@ def ring_mask(bits: int) -> np.unsignedinteger:
     return ring_dtype(bits).type((1 << bits) - 1)
 
 
-_CHUNK_BYTES = 1 << 17  # keystream per AES-CTR call: fits in L2 with the slice it is added to
+_CHUNK_BYTES = 1 << 18  # keystream per AES-CTR call (256 KB: the fastest of 32 KB to 1 MB here)
 _ZEROS = bytes(_CHUNK_BYTES)  # the plaintext whose CTR encryption is the keystream
 
 

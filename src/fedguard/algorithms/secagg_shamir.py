@@ -163,3 +163,21 @@ def share_from_bytes(data: bytes, secret_len: int) -> np.ndarray:
     if bool((values >= PRIME).any()):
         raise ValueError("A share holds a value outside the field.")
     return values
+
+
+def shares_from_bytes(rows: Sequence[Sequence[bytes]], secret_len: int) -> np.ndarray:
+    """:func:`share_from_bytes` for ``S`` secrets with ``T`` shares each: ``[S, T, C]`` elements,
+    parsed in one pass."""
+    expected = num_chunks(secret_len) * SHARE_DTYPE.itemsize
+    flat = [share for row in rows for share in row]
+    wrong = next((len(share) for share in flat if len(share) != expected), None)
+    if wrong is not None:
+        raise ValueError(
+            f"A share of a {secret_len}-byte secret has {expected} bytes, got {wrong}."
+        )
+    if len({len(row) for row in rows}) > 1:
+        raise ValueError("Every secret needs the same number of shares.")
+    values = np.frombuffer(b"".join(flat), dtype=SHARE_DTYPE).astype(np.int64)
+    if bool((values >= PRIME).any()):
+        raise ValueError("A share holds a value outside the field.")
+    return values.reshape(len(rows), -1, num_chunks(secret_len))

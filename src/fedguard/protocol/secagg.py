@@ -211,7 +211,11 @@ class RoundSetup:
 
     def holders(self, client_id: int) -> frozenset[int]:
         """Who holds shares of ``client_id``'s secrets: its neighbours and itself."""
-        return self.graph[client_id] | {client_id}
+        return self._holders[client_id]
+
+    @cached_property
+    def _holders(self) -> dict[int, frozenset[int]]:
+        return {u: peers | {u} for u, peers in self.graph.items()}
 
     @property
     def min_inputs(self) -> int:

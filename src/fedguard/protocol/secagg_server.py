@@ -13,11 +13,10 @@ the check before phase 3 means an aborted round reveals no share.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from fedguard.algorithms import secagg_crypto, secagg_quantize, secagg_shamir
 from fedguard.protocol import messages
@@ -82,9 +81,21 @@ def _exchange(
     deadline_s: float | None,
 ) -> dict[int, messages.SecAggMessage]:
     """Send one phase's requests; the decoded replies that came back for the right client."""
+    return dict(_replies(transport, phase, requests, expected, ledger, deadline_s))
+
+
+def _replies(
+    transport: Transport,
+    phase: Phase,
+    requests: Mapping[int, messages.SecAggMessage],
+    expected: type,
+    ledger: _Ledger,
+    deadline_s: float | None,
+) -> Iterator[tuple[int, messages.SecAggMessage]]:
+    """:func:`_exchange` decoding one reply at a time, for a caller that consumes each before
+    the next (the masked inputs: one in memory at a time instead of ``n``)."""
     encoded = {cid: messages.encode(m) for cid, m in requests.items()}
     ledger.bytes_down += sum(len(p) for p in encoded.values())
-    replies: dict[int, messages.SecAggMessage] = {}
     for outcome in transport.exchange(encoded, deadline_s=deadline_s):
         cid = outcome.client_id
         if isinstance(outcome, Failed):
@@ -99,8 +110,7 @@ def _exchange(
         if reply.client_id != cid or reply.round != ledger.round:
             ledger.drop(phase, cid, f"reply is for client {reply.client_id} round {reply.round}")
             continue
-        replies[cid] = reply
-    return replies
+        yield cid, reply
 
 
 def _require(
@@ -148,14 +158,19 @@ def secure_sum(
     requests = {
         u: mask_request(u, {v: bundles[v][u] for v in setup.graph[u] & u2}) for u in sorted(u2)
     }
-    replies = _exchange(
+    masked_sum = np.zeros(setup.dim + 1, dtype=setup.fixed_point.dtype)
+    u3: set[int] = set()
+    replies = _replies(
         transport, Phase.MASK, requests, messages.SecAggMaskedInput, ledger, deadline_s
     )
-    masked = {u: r.masked for u, r in replies.items() if _check_masked(setup, u, r, ledger)}
-    u3 = set(masked)
+    for u, reply in replies:
+        if _check_masked(setup, u, reply, ledger):
+            assert isinstance(reply, messages.SecAggMaskedInput)
+            np.add(masked_sum, reply.masked.numpy().view(masked_sum.dtype), out=masked_sum)
+            u3.add(u)
     _require(setup, Phase.UNMASK, u2, u3, ledger, max(min_survivors, setup.min_inputs))
     b_shares, s_shares = _unmask_shares(transport, setup, u2, u3, ledger, deadline_s)
-    ring_sum = _unmasked_sum(setup, keys, masked, u2, b_shares, s_shares, ledger)
+    ring_sum = _unmasked_sum(setup, keys, masked_sum, u3, u2, b_shares, s_shares, ledger)
     decoded = secagg_quantize.decode_sum(ring_sum, setup.fixed_point)
     return SecureSum(
         decoded.total, decoded.weight, sorted(u3), ledger.metrics(len(u3)), ledger.problems
@@ -271,11 +286,9 @@ def _reconstruct(
     if not owners:
         return {}
     try:
-        ys = np.stack(
-            [
-                np.stack([secagg_shamir.share_from_bytes(shares[o][h], SECRET_BYTES) for h in hs])
-                for o, hs in zip(owners, chosen, strict=True)
-            ]
+        ys = secagg_shamir.shares_from_bytes(
+            [[shares[o][h] for h in hs] for o, hs in zip(owners, chosen, strict=True)],
+            SECRET_BYTES,
         )
     except ValueError as exc:
         raise SecAggAbortedError(
@@ -289,21 +302,21 @@ def _reconstruct(
 def _unmasked_sum(
     setup: RoundSetup,
     keys: Mapping[int, messages.SecAggKeys],
-    masked: Mapping[int, torch.Tensor],
+    masked_sum: np.ndarray,
+    survivors: set[int],
     u2: set[int],
     b_shares: Mapping[int, Mapping[int, bytes]],
     s_shares: Mapping[int, Mapping[int, bytes]],
     ledger: _Ledger,
 ) -> np.ndarray:
-    """``sum_u y_u - sum_u PRG(b_u)`` minus the surviving halves of the dropouts' pair masks."""
-    u3 = sorted(masked)
-    dropped = sorted(u2 - set(u3))
+    """``sum_u y_u - sum_u PRG(b_u)`` minus the surviving halves of the dropouts' pair masks
+    (``masked_sum`` is ``sum_u y_u`` over the ``survivors``; it is updated in place)."""
+    u3 = sorted(survivors)
+    dropped = sorted(u2 - survivors)
     b_seeds = _reconstruct(setup, b_shares, u3, ledger)
     s_keys = _reconstruct(setup, s_shares, dropped, ledger)
-    dtype, length = setup.fixed_point.dtype, setup.dim + 1
-    total = np.zeros(length, dtype=dtype)
+    total = masked_sum
     for u in u3:
-        np.add(total, masked[u].numpy().view(dtype), out=total)
         secagg_crypto.add_mask(total, b_seeds[u], subtract=True)
     for d in dropped:
         pair = secagg_crypto.key_pair_from_private(s_keys[d])

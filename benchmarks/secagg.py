@@ -5,7 +5,12 @@ examples, so what is timed is the protocol (keys, Shamir shares, AEAD, mask expa
 and the transport, not SGD. For every cohort size ``n`` the plain round (``RoundDriver`` without
 secure aggregation) and the secure rounds run through the same ``RoundDriver`` and
 ``InProcessTransport`` in this process, interleaved (plain, secagg, secagg+, plain, ...) after one
-warm-up round each; the JSON holds medians over the repeats. ``client_seconds`` is the time spent
+warm-up round each; the JSON holds medians over the repeats, the ratios of the minima
+(``*_ratio_of_min``) and every sample. The plain round is bimodal here (about 34 ms or 80 ms at
+``n = 100``: when glibc has handed the previous round's 40 MB of decoded updates back to the
+kernel, the next round faults them in again; with ``MALLOC_TRIM_THRESHOLD_=2000000000
+MALLOC_MMAP_THRESHOLD_=100000000`` every round after the first takes 34 ms), so compare the
+minima as well as the medians. ``client_seconds`` is the time spent
 inside the client handler (all phases, all clients, sequentially), ``server_seconds`` the rest
 of the round. ``parallel_round_seconds`` is the round as a deployment runs it, every client on its
 own device at the same time: the server's seconds plus, for each phase, the slowest client's
@@ -186,6 +191,9 @@ def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[
     def median(key: Variant | None, field: str) -> float:
         return statistics.median(s[field] for s in samples[key])
 
+    def minimum(key: Variant | None, field: str) -> float:
+        return min(s[field] for s in samples[key])
+
     primitives = primitive_seconds(dim)
     rows = []
     for variant in variants:
@@ -213,6 +221,12 @@ def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[
                 "plain_parallel_round_seconds": median(None, "parallel_round_seconds"),
                 "parallel_ratio": median(variant, "parallel_round_seconds")
                 / median(None, "parallel_round_seconds"),
+                "round_ratio_of_min": minimum(variant, "round_seconds")
+                / minimum(None, "round_seconds"),
+                "parallel_ratio_of_min": minimum(variant, "parallel_round_seconds")
+                / minimum(None, "parallel_round_seconds"),
+                "samples": samples[variant],
+                "plain_samples": samples[None],
                 "primitive_seconds": primitives,
                 "crypto_floor_seconds": floor["sequential"],
                 "floor_ratio": (plain + floor["sequential"]) / plain,

@@ -204,13 +204,15 @@ def _share(
     ledger: _Ledger,
     deadline_s: float | None,
 ) -> dict[int, messages.ByteMap]:
+    advertised = set(keys)
+    public = {v: k.c_public + k.s_public for v, k in keys.items()}
     requests = {}
     for u in sorted(keys):
-        peers = sorted(setup.graph[u] & set(keys))
+        peers = sorted(setup.graph[u] & advertised)
         requests[u] = messages.SecAggShareRequest(
             setup.round,
             u,
-            {v: keys[v].c_public + keys[v].s_public for v in peers},
+            {v: public[v] for v in peers},
             {v: keys[v].signature for v in peers if keys[v].signature},
         )
     replies = _exchange(transport, Phase.SHARE, requests, messages.SecAggShares, ledger, deadline_s)
@@ -258,14 +260,14 @@ def _unmask_shares(
     )
     b_shares: dict[int, dict[int, bytes]] = {}
     s_shares: dict[int, dict[int, bytes]] = {}
+    gone = u2 - u3
     for holder, reply in replies.items():
         assert isinstance(reply, messages.SecAggUnmaskReply)
-        for owner, share in reply.b_shares.items():
-            if owner in u3 and holder in setup.holders(owner):
-                b_shares.setdefault(owner, {})[holder] = share
-        for owner, share in reply.s_shares.items():
-            if owner in u2 - u3 and holder in setup.holders(owner):
-                s_shares.setdefault(owner, {})[holder] = share
+        held = setup.holders(holder)  # the graph is undirected: whose shares ``holder`` holds
+        for owner in held.intersection(reply.b_shares, u3):
+            b_shares.setdefault(owner, {})[holder] = reply.b_shares[owner]
+        for owner in held.intersection(reply.s_shares, gone):
+            s_shares.setdefault(owner, {})[holder] = reply.s_shares[owner]
     return b_shares, s_shares
 
 

@@ -5,8 +5,8 @@ blob whose metadata holds the scalars as JSON, so the in-process transport, Ray 
 exactly the same bytes, and tests of the simulator exercise the real encoding. Model tensors
 (``parameters``, ``update``) travel as ``float32``; the masked vector of secure aggregation keeps
 its integer dtype; byte strings (keys, ciphertexts) travel as ``uint8`` tensors, and a mapping
-from client id to byte string as one concatenated ``uint8`` tensor beside two ``int64`` tensors
-of its ids and lengths.
+from client id to byte string as one concatenated ``uint8`` tensor with the ids and lengths in
+the metadata.
 """
 
 from __future__ import annotations
@@ -217,10 +217,11 @@ def _array(tensor: torch.Tensor) -> np.ndarray:
 @dataclass(frozen=True)
 class Header:
     """What an encoded payload says about itself before any tensor is read: its kind, its
-    scalar fields and the shape of each tensor."""
+    scalar fields, its byte-map layouts and the shape of each tensor."""
 
     kind: str
     fields: dict[str, Any]
+    maps: dict[str, list[list[int]]]
     shapes: dict[str, tuple[int, ...]]
 
 
@@ -233,7 +234,7 @@ def read_header(payload: bytes) -> Header:
         shapes = {
             name: tuple(entry["shape"]) for name, entry in table.items() if name != "__metadata__"
         }
-        return Header(str(head["kind"]), dict(head["fields"]), shapes)
+        return Header(str(head["kind"]), dict(head["fields"]), head.get("maps", {}), shapes)
     except Exception as exc:  # any malformed payload is one kind of error for the caller
         raise MessageError(f"Malformed message payload: {exc}") from exc
 
@@ -261,6 +262,7 @@ def encode(message: Message) -> bytes:
     """
     tensors: dict[str, np.ndarray] = {}
     scalars: dict[str, Any] = {}
+    maps: dict[str, list[list[int]]] = {}
     for f in fields(message):
         value = getattr(message, f.name)
         if f.name in _TENSOR_FIELDS:
@@ -271,15 +273,17 @@ def encode(message: Message) -> bytes:
             tensors[f"bytes.{f.name}"] = _bytes_array(value)
         elif f.name in _BYTE_MAP_FIELDS:
             ids = sorted(value)
+            maps[f.name] = [[int(i), len(value[i])] for i in ids]
             tensors[f"map.{f.name}"] = _bytes_array(b"".join(value[i] for i in ids))
-            tensors[f"map_ids.{f.name}"] = np.array(ids, dtype=np.int64)
-            tensors[f"map_lengths.{f.name}"] = np.array([len(value[i]) for i in ids], np.int64)
         elif f.name == "tensors":
             for key, t in value.items():
                 tensors[f"tensors.{key}"] = _array(t)
         else:
             scalars[f.name] = value
-    header = json.dumps({"kind": type(message).__name__, "fields": scalars})
+    head: dict[str, Any] = {"kind": type(message).__name__, "fields": scalars}
+    if maps:
+        head["maps"] = maps
+    header = json.dumps(head)
     return _st_save(tensors, metadata={"message": header})
 
 
@@ -310,9 +314,7 @@ def decode(payload: bytes, expected: type | None = None) -> Message:
         for name in _BYTES_FIELDS & names:
             kwargs[name] = raw[f"bytes.{name}"].tobytes()
         for name in _BYTE_MAP_FIELDS & names:
-            kwargs[name] = _byte_map(
-                raw[f"map.{name}"], raw[f"map_ids.{name}"], raw[f"map_lengths.{name}"]
-            )
+            kwargs[name] = _byte_map(raw[f"map.{name}"], header.maps[name])
     except (KeyError, ValueError) as exc:
         raise MessageError(f"{cls.__name__} payload lacks or garbles a byte field: {exc}") from exc
     try:
@@ -321,17 +323,16 @@ def decode(payload: bytes, expected: type | None = None) -> Message:
         raise MessageError(f"{cls.__name__} payload has wrong fields: {exc}") from exc
 
 
-def _byte_map(blob: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> ByteMap:
+def _byte_map(blob: np.ndarray, layout: list[list[int]]) -> ByteMap:
     data = blob.tobytes()
-    if ids.ndim != 1 or ids.shape != lengths.shape or ids.dtype.kind != "i":
-        raise ValueError("the byte map's ids and lengths are not two integer vectors of one size")
-    if bool((lengths < 0).any()) or int(lengths.sum()) != len(data):
+    if sum(length for _, length in layout) != len(data):
         raise ValueError("the byte map's lengths do not add up to its data")
-    if len(np.unique(ids)) != len(ids):
-        raise ValueError("the byte map names a client twice")
-    ends = np.cumsum(lengths).tolist()
-    starts = [0, *ends][:-1]
-    return {int(i): data[a:b] for i, a, b in zip(ids.tolist(), starts, ends, strict=True)}
+    out: ByteMap = {}
+    offset = 0
+    for client_id, length in layout:
+        out[int(client_id)] = data[offset : offset + length]
+        offset += length
+    return out
 
 
 # Config keys of a fit task that switch on differential privacy on the client.

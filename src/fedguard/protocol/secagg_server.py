@@ -22,7 +22,7 @@ from fedguard.algorithms import secagg_crypto, secagg_quantize, secagg_shamir
 from fedguard.protocol import messages
 from fedguard.protocol.secagg import Phase, RoundSetup, SecAggAbortedError
 from fedguard.protocol.secagg_client import SECRET_BYTES
-from fedguard.protocol.transport import Failed, LazyRequests, Transport
+from fedguard.protocol.transport import Failed, Transport
 
 log = logging.getLogger("fedguard.round")
 
@@ -94,10 +94,9 @@ def _replies(
 ) -> Iterator[tuple[int, messages.SecAggMessage]]:
     """:func:`_exchange` decoding one reply at a time, for a caller that consumes each before
     the next (the masked inputs: one in memory at a time instead of ``n``)."""
-    encoded = LazyRequests(list(requests), lambda cid: messages.encode(requests[cid]))
-    outcomes = transport.exchange(encoded, deadline_s=deadline_s)
-    ledger.bytes_down += encoded.bytes_sent
-    for outcome in outcomes:
+    encoded = {cid: messages.encode(m) for cid, m in requests.items()}
+    ledger.bytes_down += sum(len(p) for p in encoded.values())
+    for outcome in transport.exchange(encoded, deadline_s=deadline_s):
         cid = outcome.client_id
         if isinstance(outcome, Failed):
             ledger.drop(phase, cid, f"{outcome.kind}: {outcome.reason}")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -37,41 +37,6 @@ class Failed:
 
 
 Outcome = Delivered | Failed
-
-
-class LazyRequests(Mapping[int, bytes]):
-    """One exchange's requests, each encoded only when the transport reads it.
-
-    Encoding every request up front would hold one encoded model per sampled client for the
-    whole round (49 MiB for 100 clients of a 120k-parameter model), and in the in-process
-    simulator that memory sits beside the training step's buffers (and is faulted in afresh each
-    round). A transport that sends as it reads (the simulator does) keeps just the one payload in
-    flight; one that reads all first gets them all. Reading a request twice encodes it twice;
-    the bytes are the same.
-    """
-
-    def __init__(self, client_ids: Sequence[int], encode: Callable[[int], bytes]) -> None:
-        self._ids = {cid: None for cid in client_ids}
-        self._encode = encode
-        self._sizes: dict[int, int] = {}
-
-    def __getitem__(self, client_id: int) -> bytes:
-        if client_id not in self._ids:
-            raise KeyError(client_id)
-        payload = self._encode(client_id)
-        self._sizes[client_id] = len(payload)
-        return payload
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._ids)
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    @property
-    def bytes_sent(self) -> int:
-        """Total size of the requests read so far (each client counted once)."""
-        return sum(self._sizes.values())
 
 
 class Transport(abc.ABC):

@@ -72,18 +72,6 @@ class _Ledger:
         }
 
 
-def _exchange(
-    transport: Transport,
-    phase: Phase,
-    requests: Mapping[int, messages.SecAggMessage],
-    expected: type,
-    ledger: _Ledger,
-    deadline_s: float | None,
-) -> dict[int, messages.SecAggMessage]:
-    """Send one phase's requests; the decoded replies that came back for the right client."""
-    return dict(_replies(transport, phase, requests, expected, ledger, deadline_s))
-
-
 def _replies(
     transport: Transport,
     phase: Phase,
@@ -92,8 +80,9 @@ def _replies(
     ledger: _Ledger,
     deadline_s: float | None,
 ) -> Iterator[tuple[int, messages.SecAggMessage]]:
-    """:func:`_exchange` decoding one reply at a time, for a caller that consumes each before
-    the next (the masked inputs: one in memory at a time instead of ``n``)."""
+    """Send one phase's requests; the decoded replies that came back for the right client,
+    decoded one at a time as the caller takes them (the masked inputs: one in memory at a time
+    instead of ``n``)."""
     encoded = {cid: messages.encode(m) for cid, m in requests.items()}
     ledger.bytes_down += sum(len(p) for p in encoded.values())
     for outcome in transport.exchange(encoded, deadline_s=deadline_s):
@@ -181,8 +170,8 @@ def _advertise(
     transport: Transport, setup: RoundSetup, ledger: _Ledger, deadline_s: float | None
 ) -> dict[int, messages.SecAggKeys]:
     requests = {u: setup.to_message(u) for u in setup.sampled}
-    replies = _exchange(
-        transport, Phase.ADVERTISE, requests, messages.SecAggKeys, ledger, deadline_s
+    replies = dict(
+        _replies(transport, Phase.ADVERTISE, requests, messages.SecAggKeys, ledger, deadline_s)
     )
     keys: dict[int, messages.SecAggKeys] = {}
     for u, reply in replies.items():
@@ -215,7 +204,9 @@ def _share(
             {v: public[v] for v in peers},
             {v: keys[v].signature for v in peers if keys[v].signature},
         )
-    replies = _exchange(transport, Phase.SHARE, requests, messages.SecAggShares, ledger, deadline_s)
+    replies = dict(
+        _replies(transport, Phase.SHARE, requests, messages.SecAggShares, ledger, deadline_s)
+    )
     bundles: dict[int, messages.ByteMap] = {}
     for u, reply in replies.items():
         assert isinstance(reply, messages.SecAggShares)
@@ -255,8 +246,8 @@ def _unmask_shares(
     """Shares per secret owner: ``{owner: {holder: share}}`` for ``b`` (alive) and ``s`` (dropped)."""
     alive, dropped = sorted(u3), sorted(u2 - u3)
     requests = {u: messages.SecAggUnmaskRequest(setup.round, u, alive, dropped) for u in alive}
-    replies = _exchange(
-        transport, Phase.UNMASK, requests, messages.SecAggUnmaskReply, ledger, deadline_s
+    replies = dict(
+        _replies(transport, Phase.UNMASK, requests, messages.SecAggUnmaskReply, ledger, deadline_s)
     )
     b_shares: dict[int, dict[int, bytes]] = {}
     s_shares: dict[int, dict[int, bytes]] = {}

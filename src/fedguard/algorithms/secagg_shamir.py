@@ -154,15 +154,7 @@ def share_to_bytes(share: np.ndarray) -> bytes:
 
 def share_from_bytes(data: bytes, secret_len: int) -> np.ndarray:
     """The inverse of :func:`share_to_bytes`; refuses a share of the wrong size or range."""
-    expected = num_chunks(secret_len) * SHARE_DTYPE.itemsize
-    if len(data) != expected:
-        raise ValueError(
-            f"A share of a {secret_len}-byte secret has {expected} bytes, got {len(data)}."
-        )
-    values = np.frombuffer(data, dtype=SHARE_DTYPE).astype(np.int64)
-    if bool((values >= PRIME).any()):
-        raise ValueError("A share holds a value outside the field.")
-    return values
+    return shares_from_bytes([[data]], secret_len)[0, 0]
 
 
 def shares_from_bytes(rows: Sequence[Sequence[bytes]], secret_len: int) -> np.ndarray:

@@ -243,17 +243,16 @@ class SecAggClient:
             raise SecAggError(
                 f"Client {cid} encoded {encoded.shape[0]} values, expected {setup.dim + 1}."
             )
-        out = encoded
-        secagg_crypto.add_mask(out, state.b_seed)
+        secagg_crypto.add_mask(encoded, state.b_seed)
         secagg_crypto.add_pairwise_masks(
-            out,
+            encoded,
             owner=cid,
             private=state.s.private,
             peer_publics={v: state.peers[v][1] for v in partners},
             round_=setup.round,
         )
-        out &= secagg_crypto.ring_mask(setup.bits)
-        return out
+        encoded &= secagg_crypto.ring_mask(setup.bits)
+        return encoded
 
     def unmask(self, request: messages.SecAggUnmaskRequest) -> messages.SecAggUnmaskReply:
         """Phase 3: ``b`` shares of alive peers, ``s`` shares of dropped ones, never both."""

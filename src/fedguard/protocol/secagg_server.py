@@ -308,9 +308,8 @@ def _unmasked_sum(
     dropped = sorted(u2 - survivors)
     b_seeds = _reconstruct(setup, b_shares, u3, ledger)
     s_keys = _reconstruct(setup, s_shares, dropped, ledger)
-    total = masked_sum
     for u in u3:
-        secagg_crypto.add_mask(total, b_seeds[u], subtract=True)
+        secagg_crypto.add_mask(masked_sum, b_seeds[u], subtract=True)
     for d in dropped:
         pair = secagg_crypto.key_pair_from_private(s_keys[d])
         if pair.public != keys[d].s_public:
@@ -322,10 +321,10 @@ def _unmasked_sum(
         # v added +PRG(s_vd) when d > v and -PRG(s_vd) when d < v: adding d's own masks
         # (-PRG when v < d, +PRG when v > d) takes those terms back out
         secagg_crypto.add_pairwise_masks(
-            total,
+            masked_sum,
             owner=d,
             private=pair.private,
             peer_publics={v: keys[v].s_public for v in setup.graph[d] & set(u3)},
             round_=setup.round,
         )
-    return total & secagg_crypto.ring_mask(setup.bits)
+    return masked_sum & secagg_crypto.ring_mask(setup.bits)

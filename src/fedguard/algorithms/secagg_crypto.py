@@ -81,6 +81,22 @@ def _agree(
     return HKDF(hashes.SHA256(), KEY_BYTES, salt=None, info=label + info).derive(shared)
 
 
+# Any scalar does: X25519 clamps it to a multiple of the cofactor 8, so every point of small
+# order (the all-zero key among them) maps to the identity, whose all-zero secret is refused.
+_PROBE = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, KEY_BYTES + 1)))
+
+
+def check_public_key(public: bytes) -> None:
+    """Raise :class:`CryptoError` unless ``public`` is a 32-byte X25519 key that agreement
+    accepts (not a low-order point such as all zeros, which would give a known secret)."""
+    if len(public) != KEY_BYTES:
+        raise CryptoError(f"An X25519 public key has {KEY_BYTES} bytes, got {len(public)}.")
+    try:
+        _PROBE.exchange(x25519.X25519PublicKey.from_public_bytes(public))
+    except ValueError:
+        raise CryptoError("The public key is a low-order point; no secret can be agreed.") from None
+
+
 def _pair_info(round_: int, a: int, b: int) -> bytes:
     low, high = sorted((a, b))
     return struct.pack("<qqq", round_, low, high)

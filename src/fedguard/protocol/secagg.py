@@ -268,18 +268,126 @@ class RoundSetup:
     def from_message(cls, m: messages.SecAggSetup) -> RoundSetup:
         if m.client_id not in m.sampled:
             raise SecAggError(f"Client {m.client_id} is not among the round's sampled clients.")
-        return cls(
-            round=m.round,
-            sampled=tuple(sorted(int(c) for c in m.sampled)),
-            neighbours=secagg_graph.feasible_degree(len(m.sampled), m.neighbours),
-            threshold=m.threshold,
-            graph_seed=m.graph_seed,
-            bits=m.bits,
-            clip_norm=m.clip_norm,
-            max_weight=m.max_weight,
-            weighted=m.weighted,
-            dim=m.dim,
+        sampled = tuple(sorted(int(c) for c in m.sampled))
+        if len(set(sampled)) != len(sampled):
+            raise SecAggError("The round's sampled clients repeat an id.")
+        try:
+            return cls(
+                round=m.round,
+                sampled=sampled,
+                neighbours=secagg_graph.feasible_degree(len(sampled), m.neighbours),
+                threshold=m.threshold,
+                graph_seed=m.graph_seed,
+                bits=m.bits,
+                clip_norm=m.clip_norm,
+                max_weight=m.max_weight,
+                weighted=m.weighted,
+                dim=m.dim,
+            )
+        except ValueError as exc:
+            raise SecAggError(f"The round's setup is invalid: {exc}") from None
+
+
+def check_majority(setup: RoundSetup) -> None:
+    """Refuse a threshold of at most half of a client's share holders, whatever the config.
+
+    With ``2 t <= k + 1`` a server can ask one half of ``u``'s holders for shares of ``b_u`` (``u``
+    alive) and the other half for shares of ``s_u^SK`` (``u`` dropped), each request consistent
+    on its own, and unmask ``u``'s input (Bell et al. 2020, section 3); with ``t`` above half,
+    the two sets would need a common honest holder, who never reveals both.
+    """
+    holders = setup.neighbours + 1
+    if 2 * setup.threshold <= holders:
+        raise SecAggError(
+            f"The threshold {setup.threshold} is not more than half of the {holders} share "
+            "holders of a client; the server could collect both kinds of share of one client."
         )
+
+
+@dataclass(frozen=True)
+class Pins:
+    """What a client holds the server to, from the client's own configuration.
+
+    A server is trusted to follow the protocol, not to choose its parameters: a client with pins
+    refuses (:class:`SecAggError`, revealing nothing) a round whose public setup or fit task
+    promises less than ``settings`` does. ``settings`` are the run's secure-aggregation settings
+    as the client's configuration states them: the graph degree it gives for the round's cohort
+    (the complete graph in mode ``"secagg"``), at least its threshold, at most its clip, unweighted
+    sums where it sums unweighted, and with distributed DP at least its noise multiplier and
+    exactly its noise shares. ``client_ids`` is the federation (a sampled id outside it is a peer
+    the server made up), ``min_cohort`` the fewest sampled clients and ``min_inputs`` the fewest
+    masked inputs whose sum the client helps unmask.
+    """
+
+    settings: Settings
+    client_ids: frozenset[int] | None = None
+    min_cohort: int = 2
+    min_inputs: int = 1
+
+    def check_setup(self, setup: RoundSetup, client_id: int) -> None:
+        """Raise :class:`SecAggError` unless the server's phase-0 setup keeps to the pins."""
+        prefix = f"Client {client_id} refuses round {setup.round}:"
+        if self.client_ids is not None:
+            strangers = sorted(set(setup.sampled) - self.client_ids)
+            if strangers:
+                raise SecAggError(
+                    f"{prefix} the sampled clients {strangers} are not in its federation."
+                )
+        n = len(setup.sampled)
+        if n < self.min_cohort:
+            raise SecAggError(
+                f"{prefix} {n} sampled clients, its configuration needs at least {self.min_cohort}."
+            )
+        try:
+            own = self.settings.setup(
+                setup.round, list(setup.sampled), graph_seed=setup.graph_seed, dim=setup.dim
+            )
+        except ValueError as exc:
+            raise SecAggError(f"{prefix} its configuration gives no setup: {exc}") from None
+        wanted = "the complete graph" if own.neighbours == n - 1 else f"{own.neighbours}"
+        if setup.neighbours != own.neighbours:
+            raise SecAggError(
+                f"{prefix} {setup.neighbours} neighbours per client, its configuration gives "
+                f"{wanted} for {n} clients."
+            )
+        if setup.threshold < own.threshold:
+            raise SecAggError(
+                f"{prefix} threshold {setup.threshold}, its configuration needs at least "
+                f"{own.threshold} of {own.neighbours + 1} share holders."
+            )
+        if setup.clip_norm > own.clip_norm:
+            raise SecAggError(
+                f"{prefix} clip norm {setup.clip_norm:g}, its configuration allows at most "
+                f"{own.clip_norm:g}."
+            )
+        if setup.weighted and not own.weighted:
+            raise SecAggError(
+                f"{prefix} a weighted sum, its configuration sums unweighted updates (user-level "
+                "DP bounds each client's contribution by the clip)."
+            )
+
+    def check_distributed(
+        self, mechanism: distributed_dp.Skellam | None, client_id: int, round_: int
+    ) -> None:
+        """Raise :class:`SecAggError` unless the fit task's distributed DP keeps to the pins."""
+        pinned = self.settings.distributed
+        if pinned is None:
+            return
+        prefix = f"Client {client_id} refuses round {round_}:"
+        if mechanism is None:
+            raise SecAggError(
+                f"{prefix} the fit task has no distributed DP noise, its configuration adds it."
+            )
+        if mechanism.noise_multiplier < pinned.noise_multiplier:
+            raise SecAggError(
+                f"{prefix} noise multiplier {mechanism.noise_multiplier:g}, its configuration "
+                f"needs at least {pinned.noise_multiplier:g}."
+            )
+        if mechanism.noise_clients != pinned.noise_clients:
+            raise SecAggError(
+                f"{prefix} the noise shared by {mechanism.noise_clients} clients, its "
+                f"configuration shares it among {pinned.noise_clients}."
+            )
 
 
 def bundle_plaintext(b_share: bytes, s_share: bytes) -> bytes:

@@ -8,10 +8,16 @@ answers the unmasking request, and any state of an earlier round is dropped when
 begins, so keys and shares never outlive their round.
 
 A client refuses, with :class:`~fedguard.protocol.secagg.SecAggError` and without revealing
-anything, a request that would let the server learn an individual input: one that asks for both
-kinds of share of one peer, reports a set of survivors and dropouts that does not match the
-peers it exchanged shares with, leaves fewer than ``t`` of its share holders alive, or comes a
-second time.
+anything, a request that would let the server learn an individual input: a setup whose threshold
+is not more than half of a client's share holders (:func:`~fedguard.protocol.secagg.check_majority`),
+an unmasking request that asks for both kinds of share of one peer, lists a client both alive and
+dropped or outside the round, reports a set of survivors and dropouts that does not match the
+peers whose shares the mask request brought it, leaves fewer than ``t`` of its share holders
+alive or fewer inputs in the sum than the noise or its pins need, or comes a second time. With
+:class:`~fedguard.protocol.secagg.Pins` (from the client's own configuration) it also refuses a
+setup or a fit task that asks for less than that configuration: another graph degree, a lower
+threshold, a larger clip, less distributed DP noise or other noise shares, made-up peers or a
+smaller cohort.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from fedguard.algorithms import distributed_dp, secagg_crypto, secagg_quantize, secagg_shamir
 from fedguard.protocol import messages
 from fedguard.protocol.secagg import (
+    Pins,
     RoundSetup,
     SecAggError,
     bundle_plaintext,
+    check_majority,
     distributed_from_config,
     split_bundle,
 )
@@ -72,7 +80,8 @@ class SecAggClient:
     ``random_bytes`` is the key, seed, nonce and coefficient source (``os.urandom``; pass a
     seeded one only in tests). ``identity`` signs this node's advertised keys, and
     ``peer_identities`` are the public keys its peers' advertisements must verify against
-    (both off in simulation).
+    (both off in simulation). ``pins`` are what the client's configuration holds the server to
+    (None: only the protocol's own rules).
     """
 
     def __init__(
@@ -82,11 +91,13 @@ class SecAggClient:
         random_bytes: secagg_crypto.RandomBytes = os.urandom,
         identity: ed25519.Ed25519PrivateKey | None = None,
         peer_identities: Mapping[int, ed25519.Ed25519PublicKey] | None = None,
+        pins: Pins | None = None,
     ) -> None:
         self._fit = fit
         self._random = random_bytes
         self._identity = identity
         self._peer_identities = peer_identities
+        self.pins = pins
         self.states: dict[int, _State] = {}
 
     def handle(self, request: messages.SecAggMessage) -> messages.SecAggMessage:
@@ -114,6 +125,9 @@ class SecAggClient:
         """Phase 0: fresh key pairs ``c`` and ``s`` for this round."""
         setup = RoundSetup.from_message(request)
         cid = request.client_id
+        check_majority(setup)
+        if self.pins is not None:
+            self.pins.check_setup(setup, cid)
         for other, state in list(self.states.items()):
             if state.setup.round < setup.round:
                 del self.states[other]  # a later round began: earlier rounds ended
@@ -199,6 +213,8 @@ class SecAggClient:
         assert isinstance(state, _Shared)
         setup = state.setup
         mechanism = distributed_from_config(request.config)
+        if self.pins is not None:
+            self.pins.check_distributed(mechanism, cid, round_)
         if mechanism is not None:
             setup = replace(setup, distributed=mechanism)
         held = {cid: state.own}
@@ -260,11 +276,17 @@ class SecAggClient:
         state = self._state(cid, round_, _Masked)
         assert isinstance(state, _Masked)
         alive, dropped = set(request.alive), set(request.dropped)
-        both = sorted(alive & dropped & set(state.held))
+        both = sorted(alive & dropped)
         if both:
             raise SecAggError(
                 f"Client {cid} refuses to reveal both shares of client {both[0]}: "
                 "together they would unmask its input."
+            )
+        strangers = sorted((alive | dropped) - set(state.setup.sampled))
+        if strangers:
+            raise SecAggError(
+                f"Client {cid} is asked to unmask for clients {strangers}, who were not sampled "
+                f"in round {round_}; it refuses to unmask."
             )
         if cid not in alive:
             raise SecAggError(f"Client {cid} is asked to unmask but is not listed alive.")
@@ -284,6 +306,11 @@ class SecAggClient:
             raise SecAggError(
                 f"Client {cid} is asked to unmask a sum of {len(alive)} inputs, fewer than the "
                 f"{state.setup.min_inputs} whose noise the privacy guarantee counts on."
+            )
+        if self.pins is not None and len(alive) < self.pins.min_inputs:
+            raise SecAggError(
+                f"Client {cid} is asked to unmask a sum of {len(alive)} inputs, fewer than the "
+                f"{self.pins.min_inputs} its configuration needs; it refuses to unmask."
             )
         del self.states[cid]
         return messages.SecAggUnmaskReply(

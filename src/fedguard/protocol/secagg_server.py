@@ -7,7 +7,9 @@ and the mask keys of the dropouts (batched Shamir interpolation), strips all mas
 the fixed-point sum. A client that fails, times out or sends a malformed reply in any phase is a
 dropout from then on. The server checks before each phase that every neighbourhood still has
 ``t`` members and aborts with :class:`~fedguard.protocol.secagg.SecAggAbortedError` otherwise;
-the check before phase 3 means an aborted round reveals no share.
+the check before phase 3 means an aborted round reveals no share. A client whose advertised key
+is not a valid X25519 point (all zeros, or any point of small order) is a dropout of phase 0, so
+that its peers go on without it.
 """
 
 from __future__ import annotations
@@ -176,11 +178,11 @@ def _advertise(
     keys: dict[int, messages.SecAggKeys] = {}
     for u, reply in replies.items():
         assert isinstance(reply, messages.SecAggKeys)
-        if (
-            len(reply.c_public) != secagg_crypto.KEY_BYTES
-            or len(reply.s_public) != secagg_crypto.KEY_BYTES
-        ):
-            ledger.drop(Phase.ADVERTISE, u, "public keys of the wrong length")
+        try:  # a key no peer can agree with would fail every neighbour of ``u``, not just ``u``
+            secagg_crypto.check_public_key(reply.c_public)
+            secagg_crypto.check_public_key(reply.s_public)
+        except secagg_crypto.CryptoError as exc:
+            ledger.drop(Phase.ADVERTISE, u, f"invalid advertised key: {exc}")
             continue
         keys[u] = reply
     return keys

@@ -7,25 +7,49 @@ exactly the same bytes, and tests of the simulator exercise the real encoding. M
 its integer dtype; byte strings (keys, ciphertexts) travel as ``uint8`` tensors, and a mapping
 from client id to byte string as one concatenated ``uint8`` tensor with the ids and lengths in
 the metadata.
+
+Every payload is checked against its kind's schema before a message is built (:func:`decode`):
+the scalar fields have the types and ranges of :data:`SCHEMA` (pydantic models in strict mode:
+no string for a number, no float for a count, no field the kind does not declare), the byte-map
+layouts are lists of ``[client id, length]``, and each tensor has the name, dtype and rank its
+kind expects. Any violation is a :class:`MessageError`, so a peer's reply of the wrong shape is
+one kind of error for the receiver, never a ``TypeError`` deep inside a round.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
+import pydantic
 import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 Scalar = bool | int | float | str | None
 
 
+def printable(text: str, limit: int = 500) -> str:
+    """``text`` safe for one log line: control and other non-printable characters escaped
+    (a newline becomes ``\\n``), cut to ``limit`` characters with the original length noted."""
+    cut = text[:limit]
+    out = "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in cut)
+    return out if len(text) <= limit else f"{out}... ({len(text)} characters)"
+
+
 class MessageError(ValueError):
-    """A payload that cannot be decoded into a message of the expected kind."""
+    """A payload that cannot be decoded into a message of the expected kind.
+
+    The reason is made :func:`printable`: it may quote what a peer sent, and it is logged.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(printable(message))
 
 
 @dataclass(frozen=True)
@@ -202,6 +226,191 @@ _BYTES_FIELDS = {"c_public", "s_public", "signature"}
 _BYTE_MAP_FIELDS = {"public_keys", "signatures", "ciphertexts", "b_shares", "s_shares"}
 
 
+# -- the schema ---------------------------------------------------------------------------------
+MAX_ROUND = 2**31 - 1
+MAX_CLIENT_ID = 2**31 - 1
+MAX_CLIENTS = 1 << 20  # entries of a client list or a byte map
+MAX_EXAMPLES = 2**40  # a client's example count (exact in float64 and in any weight sum)
+MAX_ENTRIES = 256  # metrics, config keys, extra tensors
+MAX_NAME = 128  # characters of a metric, config or tensor name
+MAX_TEXT = 4096  # characters of a string config value
+MAX_DIM = 2**40
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be finite")
+    return value
+
+
+def _unique(ids: list[int]) -> list[int]:
+    if len(set(ids)) != len(ids):
+        raise ValueError("client ids must be distinct")
+    return ids
+
+
+def _int(lo: int, hi: int) -> Any:
+    return Annotated[int, Field(strict=True, ge=lo, le=hi)]
+
+
+_Round = _int(0, MAX_ROUND)
+_ClientId = _int(0, MAX_CLIENT_ID)
+_Count = _int(0, MAX_EXAMPLES)
+_Name = Annotated[str, StringConstraints(strict=True, max_length=MAX_NAME)]
+_IdList = Annotated[
+    list[_ClientId], Field(strict=True, max_length=MAX_CLIENTS), AfterValidator(_unique)
+]
+# NaN is how a client says "not measured" (a DP-SGD client whose batches were all empty);
+# the driver decides what a non-finite metric means. Integers are read as floats.
+_Metrics = Annotated[
+    dict[_Name, Annotated[float, Field(strict=True)]], Field(strict=True, max_length=MAX_ENTRIES)
+]
+_ConfigValue = (
+    Annotated[bool, Field(strict=True)]
+    | Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+    | Annotated[float, Field(strict=True)]
+    | Annotated[str, StringConstraints(strict=True, max_length=MAX_TEXT)]
+    | None
+)
+_Config = Annotated[dict[_Name, _ConfigValue], Field(strict=True, max_length=MAX_ENTRIES)]
+# A byte map's layout: ``[client id, length]`` per entry, in the order of the data.
+_Layout = Annotated[
+    list[Annotated[list[_int(0, MAX_CLIENT_ID)], Field(strict=True, min_length=2, max_length=2)]],
+    Field(strict=True, max_length=MAX_CLIENTS),
+]
+_LAYOUTS = pydantic.TypeAdapter(
+    Annotated[dict[_Name, _Layout], Field(strict=True, max_length=len(_BYTE_MAP_FIELDS))]
+)
+
+
+class _Fields(BaseModel):
+    """The JSON scalars of a message: exactly these names, of exactly these types."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+    round: _Round
+    client_id: _ClientId
+
+
+class _TaskFields(_Fields):
+    config: _Config = {}
+
+
+class _ReplyFields(_Fields):
+    num_examples: _Count
+    metrics: _Metrics = {}
+
+
+class _SetupFields(_Fields):
+    sampled: _IdList
+    neighbours: _int(0, MAX_CLIENTS)
+    threshold: _int(1, MAX_CLIENTS)
+    graph_seed: _int(0, 2**63 - 1)
+    bits: _int(1, 64)
+    clip_norm: Annotated[float, Field(strict=True, gt=0), AfterValidator(_finite)]
+    max_weight: _int(1, MAX_EXAMPLES)
+    weighted: Annotated[bool, Field(strict=True)]
+    dim: _int(1, MAX_DIM)
+
+
+class _UnmaskFields(_Fields):
+    alive: _IdList
+    dropped: _IdList
+
+
+@dataclass(frozen=True)
+class _TensorSpec:
+    """The safetensors dtypes a tensor may have and its rank (``None``: any)."""
+
+    dtypes: frozenset[str]
+    rank: int | None = 1
+
+
+_FLOAT32 = _TensorSpec(frozenset({"F32"}))
+_RING = _TensorSpec(frozenset({"I32", "I64"}))
+_BYTES = _TensorSpec(frozenset({"U8"}))
+# ``tensors.<name>``: any numeric dtype numpy and torch share, any shape
+_EXTRA = _TensorSpec(
+    frozenset({"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"}), rank=None
+)
+
+# Each kind's scalar fields (a pydantic model) and named tensors; ``tensors.<name>`` entries
+# are allowed (as :data:`_EXTRA`) exactly for the kinds with a ``tensors`` field.
+SCHEMA: dict[type, tuple[type[_Fields], dict[str, _TensorSpec]]] = {
+    FitTask: (_TaskFields, {"parameters": _FLOAT32}),
+    FitReply: (_ReplyFields, {"update": _FLOAT32}),
+    EvaluateTask: (_TaskFields, {"parameters": _FLOAT32}),
+    EvaluateReply: (_ReplyFields, {}),
+    SecAggSetup: (_SetupFields, {}),
+    SecAggKeys: (
+        _Fields,
+        {"bytes.c_public": _BYTES, "bytes.s_public": _BYTES, "bytes.signature": _BYTES},
+    ),
+    SecAggShareRequest: (_Fields, {"map.public_keys": _BYTES, "map.signatures": _BYTES}),
+    SecAggShares: (_Fields, {"map.ciphertexts": _BYTES}),
+    SecAggMaskRequest: (
+        _TaskFields,
+        {"parameters": _FLOAT32, "map.ciphertexts": _BYTES},
+    ),
+    SecAggMaskedInput: (_Fields, {"masked": _RING}),
+    SecAggUnmaskRequest: (_UnmaskFields, {}),
+    SecAggUnmaskReply: (_Fields, {"map.b_shares": _BYTES, "map.s_shares": _BYTES}),
+}
+
+
+def _validation_problem(exc: pydantic.ValidationError) -> str:
+    """A pydantic error as one line: ``field: reason`` for each violation."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in e['loc']) or 'fields'}: {e['msg']}"
+        for e in exc.errors(include_url=False)
+    )
+
+
+def _check_schema(cls: type, header: Header) -> dict[str, Any]:
+    """The validated scalar fields of a ``cls`` payload; raises :class:`MessageError`."""
+    model, specs = SCHEMA[cls]
+    name = cls.__name__
+    try:
+        checked = model.model_validate(header.fields)
+    except pydantic.ValidationError as exc:
+        raise MessageError(f"{name} has invalid fields: {_validation_problem(exc)}") from None
+    extras = "tensors" in {f.name for f in fields(cls)}
+    for tensor in header.shapes:
+        spec = specs.get(tensor)
+        if spec is None and extras and tensor.startswith("tensors."):
+            if len(tensor) - len("tensors.") > MAX_NAME:
+                raise MessageError(f"{name} has a tensor name longer than {MAX_NAME}")
+            spec = _EXTRA
+        if spec is None:
+            raise MessageError(f"{name} has an unexpected tensor {tensor!r}")
+        dtype, shape = header.dtypes.get(tensor), header.shapes[tensor]
+        if dtype not in spec.dtypes:
+            raise MessageError(
+                f"{name} tensor {tensor!r} has dtype {dtype}, expected one of {sorted(spec.dtypes)}"
+            )
+        if spec.rank is not None and len(shape) != spec.rank:
+            raise MessageError(f"{name} tensor {tensor!r} has shape {shape}, expected 1-D")
+    if sum(t.startswith("tensors.") for t in header.shapes) > MAX_ENTRIES:
+        raise MessageError(f"{name} has more than {MAX_ENTRIES} extra tensors")
+    missing = sorted(set(specs) - set(header.shapes))
+    if missing:
+        raise MessageError(f"{name} payload lacks its {', '.join(map(repr, missing))} tensor")
+    try:
+        layouts = _LAYOUTS.validate_python(header.maps)
+    except pydantic.ValidationError as exc:
+        raise MessageError(f"{name} has invalid byte maps: {_validation_problem(exc)}") from None
+    wanted = {t.removeprefix("map.") for t in specs if t.startswith("map.")}
+    if set(layouts) != wanted:
+        raise MessageError(f"{name} has byte maps {sorted(layouts)}, expected {sorted(wanted)}")
+    for field_name, layout in layouts.items():
+        ids = [client_id for client_id, _ in layout]
+        if len(set(ids)) != len(ids):
+            raise MessageError(f"{name} byte map {field_name!r} repeats a client id")
+        if sum(length for _, length in layout) != math.prod(header.shapes[f"map.{field_name}"]):
+            raise MessageError(f"{name} byte map {field_name!r}: lengths do not add up to its data")
+    return {f: getattr(checked, f) for f in type(checked).model_fields}
+
+
 def _bytes_array(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8)
 
@@ -223,6 +432,7 @@ class Header:
     fields: dict[str, Any]
     maps: dict[str, list[list[int]]]
     shapes: dict[str, tuple[int, ...]]
+    dtypes: dict[str, str] = field(default_factory=dict)  # safetensors' names: "F32", "U8"
 
 
 def read_header(payload: bytes) -> Header:
@@ -231,10 +441,13 @@ def read_header(payload: bytes) -> Header:
         (header_len,) = struct.unpack("<Q", payload[:8])
         table = json.loads(payload[8 : 8 + header_len])
         head = json.loads(table["__metadata__"]["message"])
-        shapes = {
-            name: tuple(entry["shape"]) for name, entry in table.items() if name != "__metadata__"
-        }
-        return Header(str(head["kind"]), dict(head["fields"]), head.get("maps", {}), shapes)
+        entries = {name: entry for name, entry in table.items() if name != "__metadata__"}
+        shapes = {name: tuple(int(n) for n in entry["shape"]) for name, entry in entries.items()}
+        dtypes = {name: str(entry["dtype"]) for name, entry in entries.items()}
+        fields_ = head["fields"]
+        if not isinstance(fields_, dict):
+            raise TypeError("the message's fields are not a JSON object")
+        return Header(str(head["kind"]), fields_, head.get("maps", {}), shapes, dtypes)
     except Exception as exc:  # any malformed payload is one kind of error for the caller
         raise MessageError(f"Malformed message payload: {exc}") from exc
 
@@ -288,45 +501,41 @@ def encode(message: Message) -> bytes:
 
 
 def decode(payload: bytes, expected: type | None = None) -> Message:
-    """Parse bytes made by :func:`encode`; ``expected`` checks the message kind."""
+    """Parse bytes made by :func:`encode`; ``expected`` checks the message kind.
+
+    The payload is checked against its kind's :data:`SCHEMA` (field types and ranges, tensor
+    names, dtypes and ranks, byte-map layouts) before any tensor is read; any violation raises
+    :class:`MessageError`.
+    """
     header = read_header(payload)
+    cls = _KINDS.get(header.kind)
+    if cls is None:
+        raise MessageError(f"Unknown message kind {header.kind!r}.")
+    if expected is not None and cls is not expected:
+        raise MessageError(f"Expected a {expected.__name__} message, got {cls.__name__}.")
+    kwargs = _check_schema(cls, header)
     try:
-        cls = _KINDS[header.kind]
         raw = _st_load(payload)
     except Exception as exc:  # any malformed payload is one kind of error for the caller
         raise MessageError(f"Malformed message payload: {exc}") from exc
-    if expected is not None and cls is not expected:
-        raise MessageError(f"Expected a {expected.__name__} message, got {cls.__name__}.")
-    kwargs = dict(header.fields)
-    extra = {
-        k.removeprefix("tensors."): torch.from_numpy(v)
-        for k, v in raw.items()
-        if k.startswith("tensors.")
-    }
-    if "tensors" in {f.name for f in fields(cls)}:
-        kwargs["tensors"] = extra
     names = {f.name for f in fields(cls)}
+    if "tensors" in names:
+        kwargs["tensors"] = {
+            k.removeprefix("tensors."): torch.from_numpy(v)
+            for k, v in raw.items()
+            if k.startswith("tensors.")
+        }
     for name in (_TENSOR_FIELDS | _RING_FIELDS) & names:
-        if name not in raw:
-            raise MessageError(f"{cls.__name__} payload lacks its {name!r} tensor.")
         kwargs[name] = torch.from_numpy(raw[name])
-    try:
-        for name in _BYTES_FIELDS & names:
-            kwargs[name] = raw[f"bytes.{name}"].tobytes()
-        for name in _BYTE_MAP_FIELDS & names:
-            kwargs[name] = _byte_map(raw[f"map.{name}"], header.maps[name])
-    except (KeyError, ValueError) as exc:
-        raise MessageError(f"{cls.__name__} payload lacks or garbles a byte field: {exc}") from exc
-    try:
-        return cls(**kwargs)
-    except TypeError as exc:
-        raise MessageError(f"{cls.__name__} payload has wrong fields: {exc}") from exc
+    for name in _BYTES_FIELDS & names:
+        kwargs[name] = raw[f"bytes.{name}"].tobytes()
+    for name in _BYTE_MAP_FIELDS & names:
+        kwargs[name] = _byte_map(raw[f"map.{name}"], header.maps[name])
+    return cls(**kwargs)
 
 
 def _byte_map(blob: np.ndarray, layout: list[list[int]]) -> ByteMap:
-    data = blob.tobytes()
-    if sum(length for _, length in layout) != len(data):
-        raise ValueError("the byte map's lengths do not add up to its data")
+    data = blob.tobytes()  # the layout was checked against the data by the schema
     out: ByteMap = {}
     offset = 0
     for client_id, length in layout:

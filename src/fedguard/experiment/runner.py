@@ -126,7 +126,7 @@ def run(
     cfg = _as_config(config, overrides or [])
     folder = RunFolder(out if out is not None else Path("runs") / cfg.experiment.name)
     console = console or Console(stderr=False, quiet=not progress)
-    finished = checkpoint.latest(folder.checkpoints)
+    finished = checkpoint.resume_point(folder.checkpoints, max_round=cfg.experiment.rounds)
     if finished is not None and not resume:
         raise ConfigError(
             f"--out {folder.root}: this run folder already holds round {finished.round}; "

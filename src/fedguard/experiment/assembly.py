@@ -162,6 +162,9 @@ class Experiment:
             deadline_s=s.deadline_s,
             poisson=s.sampling == "poisson",
             secure_aggregation=self._secure_aggregation(sizes, central_dp),
+            # The most examples a client's reply may claim: its partition's size, as the server
+            # knows it (a larger claim would buy weight in the mean; see RoundDriver).
+            registered_examples=sizes,
         )
         self.initial_params = self.model.get_flat()
         self.backdoor_test = self._backdoor_test()
@@ -202,6 +205,7 @@ class Experiment:
             return None
         distributed = self.privacy.distributed if self.privacy is not None else None
         user_dp = central_dp is not None or distributed is not None
+        rule_is_mean = cfg.server.aggregator == "mean"
         clip = cfg.privacy.clip_norm if user_dp else a.clip_norm
         assert clip is not None  # the config refuses secure aggregation without a clip
         if cfg.server.norm_bound is not None:  # norm bounding: each client clips its own update
@@ -211,7 +215,9 @@ class Experiment:
             clip_norm=clip,
             max_weight=a.max_examples or max(sizes.values()),
             bits=a.bits,
-            weighted=not user_dp,
+            # Robust rules weigh clients equally (claimed sizes buy no influence); of them only
+            # norm bounding runs here, so its clipped updates are summed with weight 1 each.
+            weighted=not user_dp and rule_is_mean,
             threshold=a.threshold,
             neighbours=a.neighbours,
             distributed=distributed,

@@ -11,6 +11,14 @@ A Byzantine-robust rule (:mod:`fedguard.algorithms.robust`) wraps the aggregatio
 strategy would take the weighted mean of the updates it takes the robust aggregate instead, so
 FedAvgM, FedAdam, FedYogi and FedAdagrad run unchanged on top of it. Centered clipping's reference
 point is server state and is checkpointed with the rest.
+
+Weights. A reply's ``num_examples`` is the client's own claim. The plain mean weighs by it, after
+the round driver has rejected claims that are not finite and positive and cut each to the client's
+registered size. A robust rule gives every update the same weight: a claimed size buys no
+influence. That is how Krum, the median, the trimmed mean and Bulyan are defined, and for the
+weighted rules (geometric median, centered clipping, norm bounding, Multi-Krum's average) it is
+what keeps their guarantee, which counts clients: with claimed weights one liar holding most of
+the weight is the weighted majority, and the geometric median then returns its update.
 """
 
 from __future__ import annotations
@@ -268,7 +276,12 @@ class Strategy:
         *,
         round_: int = 0,
     ) -> tuple[ServerState, torch.Tensor]:
-        """The next server state and global parameters from the accepted replies."""
+        """The next server state and global parameters from the accepted replies.
+
+        The mean weighs each update by its reply's ``num_examples``, which must already be
+        checked and capped (the round driver does both); a robust rule ignores them and weighs
+        every update equally (see the module docstring).
+        """
         weights = torch.tensor([float(r.num_examples) for r in replies])
         if self.central_dp is not None:
             state, delta = self._private_mean(state, replies, round_)
@@ -298,15 +311,16 @@ class Strategy:
         weights: torch.Tensor,
         round_: int,
     ) -> tuple[ServerState, torch.Tensor]:
-        """The weighted mean of the ``K`` updates, or the configured robust rule's aggregate (the
-        mean streams over them; a robust rule needs them stacked as ``[K, D]``)."""
+        """The mean of the ``K`` updates weighted by ``weights``, or the configured robust rule's
+        aggregate with equal weights (the mean streams over the updates; a robust rule needs them
+        stacked as ``[K, D]``)."""
         if self.robust_rule is None:
             return state, aggregation.weighted_mean(updates, weights)
         robust_state, delta = robust.apply(
             self.robust_rule,
             robust.RobustState(state.robust_reference),
             torch.stack(list(updates)),
-            weights,
+            torch.ones(len(updates), dtype=torch.float64),  # claimed sizes buy no influence
             round_=round_,
         )
         return replace(state, robust_reference=robust_state.reference), delta

@@ -6,11 +6,12 @@ state that must survive between rounds (SCAFFOLD's control variate) lives in a m
 runtime owns, so the simulator can checkpoint it and a deployed client can keep it on disk.
 Secure-aggregation requests go to a :class:`~fedguard.protocol.secagg_client.SecAggClient`,
 which keeps each client id's keys and shares in memory for the length of one round only.
+:class:`ClientPins`, from the client's own configuration, are what it holds the server to.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Iterable, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +19,7 @@ import torch
 from fedguard.algorithms import dp_fedavg, newton, scaffold
 from fedguard.client import dp_sgd, evaluation, training
 from fedguard.client.model import ModelAdapter
-from fedguard.protocol import messages, secagg_client
+from fedguard.protocol import messages, secagg, secagg_client
 
 CONTROL = "control"
 _SECAGG_REQUESTS = (
@@ -41,6 +42,76 @@ class ClientData:
     @property
     def num_train(self) -> int:
         return int(self.train_y.shape[0])
+
+
+class RefusedTaskError(RuntimeError):
+    """A task asks for less privacy than the client's configuration; the client does not train."""
+
+
+@dataclass(frozen=True)
+class ClientPins:
+    """What a client holds the server to, from its own configuration (the server is trusted to
+    follow the protocol, not to choose its privacy parameters).
+
+    ``secure_aggregation``: the client sends updates only under secure aggregation, refusing a
+    plain fit task, and refuses rounds that break these pins (see :class:`.secagg.Pins`).
+    ``dp_sgd_noise`` and ``dp_sgd_clip`` (local DP): a fit task must train with DP-SGD at a noise
+    multiplier of at least the one and a per-example clip of at most the other.
+    """
+
+    secure_aggregation: secagg.Pins | None = None
+    dp_sgd_noise: float | None = None
+    dp_sgd_clip: float | None = None
+
+    def check_fit(self, task: messages.FitTask) -> None:
+        """Raise :class:`RefusedTaskError` unless ``task``'s local DP keeps to the pins."""
+        if self.dp_sgd_noise is None:
+            return
+        prefix = f"Client {task.client_id} refuses round {task.round}:"
+        config = task.config
+        if messages.DP_SGD_NOISE not in config or messages.DP_SGD_CLIP not in config:
+            raise RefusedTaskError(
+                f"{prefix} the fit task lacks DP-SGD, its configuration uses it."
+            )
+        noise = float(config[messages.DP_SGD_NOISE])
+        clip = float(config[messages.DP_SGD_CLIP])
+        if not noise >= self.dp_sgd_noise:  # NaN included
+            raise RefusedTaskError(
+                f"{prefix} DP-SGD noise multiplier {noise:g}, its configuration needs at least "
+                f"{self.dp_sgd_noise:g}."
+            )
+        if self.dp_sgd_clip is not None and not 0 < clip <= self.dp_sgd_clip:
+            raise RefusedTaskError(
+                f"{prefix} DP-SGD gradient clip {clip:g}, its configuration allows at most "
+                f"{self.dp_sgd_clip:g}."
+            )
+
+
+def client_pins(
+    settings: secagg.Settings | None,
+    dp_config: Mapping[str, messages.Scalar],
+    client_ids: Iterable[int],
+    *,
+    min_cohort: int,
+    min_inputs: int,
+) -> ClientPins:
+    """The pins of a run: its secure-aggregation ``settings`` (None: off) and the fit-config
+    entries of its privacy mode (``dp_config``, as the server would send them)."""
+    pinned = None
+    if settings is not None:
+        pinned = secagg.Pins(
+            settings,
+            client_ids=frozenset(client_ids),
+            min_cohort=max(2, min_cohort),
+            min_inputs=min_inputs,
+        )
+    noise = dp_config.get(messages.DP_SGD_NOISE)
+    clip = dp_config.get(messages.DP_SGD_CLIP)
+    return ClientPins(
+        pinned,
+        dp_sgd_noise=None if noise is None else float(noise),
+        dp_sgd_clip=None if clip is None else float(clip),
+    )
 
 
 def local_training_from(config: Mapping[str, messages.Scalar]) -> training.LocalTraining:
@@ -83,11 +154,18 @@ class ClientApp:
         data: Mapping[int, ClientData],
         state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
         secagg: secagg_client.SecAggClient | None = None,
+        pins: ClientPins | None = None,
     ) -> None:
         self.model = model
         self.data = data
         self.state: MutableMapping[int, dict[str, torch.Tensor]] = {} if state is None else state
         self.secagg = secagg_client.SecAggClient(self.fit) if secagg is None else secagg
+        self.pin(ClientPins() if pins is None else pins)
+
+    def pin(self, pins: ClientPins) -> None:
+        """Hold the server to ``pins`` from now on (the secure-aggregation client too)."""
+        self.pins = pins
+        self.secagg.pins = pins.secure_aggregation
 
     def handle(self, client_id: int, payload: bytes) -> bytes:
         """Answer one request addressed to ``client_id``."""
@@ -99,6 +177,12 @@ class ClientApp:
         if client_id not in self.data:
             raise KeyError(f"No data for client {client_id} on this node.")
         if isinstance(task, messages.FitTask):
+            if self.pins.secure_aggregation is not None:
+                raise RefusedTaskError(
+                    f"Client {client_id} refuses round {task.round}: a plain fit task would show "
+                    "the server its update, its configuration sends it only under secure "
+                    "aggregation."
+                )
             return messages.encode(self.fit(task))
         if isinstance(task, messages.EvaluateTask):
             return messages.encode(self.evaluate(task))
@@ -107,6 +191,7 @@ class ClientApp:
         raise messages.MessageError(f"A client cannot answer a {type(task).__name__}.")
 
     def fit(self, task: messages.FitTask) -> messages.FitReply:
+        self.pins.check_fit(task)
         data = self.data[task.client_id]
         cfg = local_training_from(task.config)
         seed = int(task.config.get("seed", 0))

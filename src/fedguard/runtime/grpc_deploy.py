@@ -7,6 +7,8 @@ client cannot vanish, a deployed one can), ``--round-deadline`` if given, else t
 ``server.deadline_s``, else :data:`DEFAULT_ROUND_DEADLINE_S`; it is written into the run's
 ``config.toml`` so the run folder says how long each round waited. A deployed client is ``ClientApp.handle`` bound to one client id and its local data,
 either the client's own ``.npz`` file or, for demos, its partition of the experiment's data set.
+A client given the experiment file holds the server to that file's privacy settings (secure
+aggregation, DP), exactly as a simulated client does (:func:`fedguard.client.app.client_pins`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedguard.client.app import ClientApp, ClientData
+from fedguard.client.app import ClientApp, ClientData, ClientPins
+from fedguard.experiment import assembly, runner
 from fedguard.experiment import config as config_mod
-from fedguard.experiment import federation, runner
 from fedguard.models import registry as models
 from fedguard.runtime import auth, grpc_client, grpc_server, grpc_tls
 
@@ -135,27 +137,35 @@ def serve(
 
 
 def demo_app(config: str | Path, client_id: int, overrides: Sequence[str] = ()) -> ClientApp:
-    """A client holding its partition of the experiment's data set (for demos and tests)."""
+    """A client holding its partition of the experiment's data set (for demos and tests).
+
+    The experiment is assembled as the server assembles it, so that the client pins the same
+    secure-aggregation and DP settings that a simulated client of this config pins; the
+    simulated ``[attack]`` is left out (a deployed client trains on its own data).
+    """
     cfg = config_mod.load(config, list(overrides))
-    fed = federation.build_federation(cfg)
-    if client_id not in fed.clients:
+    if cfg.attack.kind != "none":
+        cfg = cfg.model_copy(update={"attack": config_mod.AttackSection()})
+    exp = assembly.Experiment(cfg)
+    if client_id not in exp.fed.clients:
         raise config_mod.ConfigError(
-            f"--client-id {client_id}: the experiment has clients 0..{len(fed.clients) - 1}"
+            f"--client-id {client_id}: the experiment has clients 0..{len(exp.fed.clients) - 1}"
         )
-    model = models.build(
-        cfg.model.name,
-        framework=cfg.model.framework,
-        input_shape=fed.input_shape,
-        num_classes=fed.num_classes,
-        seed=cfg.experiment.seed,
-    )
-    return ClientApp(model, {client_id: fed.clients[client_id]})
+    return ClientApp(exp.model, {client_id: exp.fed.clients[client_id]}, pins=exp.app.pins)
 
 
 def data_app(
-    data: Path, client_id: int, *, model: str, framework: str, num_classes: int
+    data: Path,
+    client_id: int,
+    *,
+    model: str,
+    framework: str,
+    num_classes: int,
+    pins: ClientPins | None = None,
 ) -> ClientApp:
-    """A client holding its own data: an ``.npz`` with ``x``, ``y`` (and ``x_eval``, ``y_eval``)."""
+    """A client holding its own data: an ``.npz`` with ``x``, ``y`` (and ``x_eval``, ``y_eval``).
+
+    Without ``pins`` it holds the server only to the protocol's own rules."""
     with np.load(data) as arrays:
         missing = {"x", "y"} - set(arrays.files)
         if missing:
@@ -176,7 +186,7 @@ def data_app(
         num_classes=num_classes,
         seed=0,  # the server sends the parameters; the local initialisation is never used
     )
-    return ClientApp(adapter, {client_id: local})
+    return ClientApp(adapter, {client_id: local}, pins=pins)
 
 
 def run_client(settings: grpc_client.ClientSettings, app: ClientApp) -> int:

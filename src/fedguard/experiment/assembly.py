@@ -15,7 +15,7 @@ import torch
 
 from fedguard.algorithms import attacks_data
 from fedguard.client import evaluation
-from fedguard.client.app import ClientApp
+from fedguard.client.app import ClientApp, client_pins
 from fedguard.experiment import checkpoint, config_checks, federation, privacy
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.models import registry as models
@@ -165,6 +165,17 @@ class Experiment:
             # The most examples a client's reply may claim: its partition's size, as the server
             # knows it (a larger claim would buy weight in the mean; see RoundDriver).
             registered_examples=sizes,
+        )
+        # The clients hold the server to this config's privacy settings, as a deployed client
+        # holds it to its own copy (see client_pins): a round asking for less is refused.
+        self.app.pin(
+            client_pins(
+                self.driver.secure_aggregation,
+                self.privacy.client_config(cfg) if self.privacy is not None else {},
+                self.fed.clients,
+                min_cohort=min_clients if s.sampling == "poisson" else cfg.clients_per_round,
+                min_inputs=min_clients,
+            )
         )
         self.initial_params = self.model.get_flat()
         self.backdoor_test = self._backdoor_test()

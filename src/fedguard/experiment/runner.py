@@ -208,8 +208,18 @@ def _run_rounds(
         except RoundFailedError as exc:
             status, error = "failed", str(exc)
             log.error("%s", exc)
+    # Secure aggregation: a run in which every round aborted never changed the model.
+    aborted = [r["round"] for r in rows if r.get("secure_aggregation_aborted")]
+    if status == "completed" and rows and len(aborted) == len(rows):
+        status = "failed"
+        error = (
+            f"Every round aborted its secure aggregation (rounds {aborted}): the model never "
+            f"changed. The last: {rows[-1]['secure_aggregation_aborted']}"
+        )
+        log.error("%s", error)
     plots.write_run_plots(rows, folder.plots)
     summary = _summary(exp, rows, status, error, time.perf_counter() - started, folder)
+    summary["rounds_aborted"] = len(aborted)
     if exp.privacy is not None:
         done = rows[-1]["round"] if rows else 0
         summary["epsilon"] = exp.privacy.epsilon(done, joined)

@@ -399,3 +399,87 @@ def test_private_training_learns_a_separable_problem() -> None:
     assert stats.steps == 50
     assert loss() < 0.3 * before and loss() < 0.2
     assert accuracy > 0.95
+
+
+# --- against an independent reference, with C != 1 ----------------------------------------------
+
+# A clip bound and a noise multiplier far from 1, so that sigma, C and sigma * C all differ.
+REF_CLIP, REF_SIGMA = 0.37, 1.7
+
+
+def _naive_clipped_sum(module: nn.Module, x: torch.Tensor, y: torch.Tensor, clip: float):
+    """The textbook loop: one backward per example, each gradient (all parameters jointly)
+    scaled by ``min(1, clip / (norm + 1e-6))``, then summed. Returns the sums keyed by
+    parameter name and how many examples were clipped."""
+    params = dict(module.named_parameters())
+    total = {name: torch.zeros_like(p, dtype=torch.float64) for name, p in params.items()}
+    clipped = 0
+    for i in range(len(y)):
+        logits = module(x[i : i + 1])
+        loss = F.nll_loss(torch.log_softmax(logits, -1), y[i : i + 1], reduction="sum")
+        grads = torch.autograd.grad(loss, list(params.values()))
+        norm = math.sqrt(sum(float(g.double().square().sum()) for g in grads))
+        factor = min(1.0, clip / (norm + 1e-6))
+        clipped += factor < 1.0
+        for name, g in zip(params, grads, strict=True):
+            total[name] += factor * g.double()
+    return total, clipped
+
+
+@pytest.mark.parametrize("name", ["logistic_regression", "image_cnn", "tokens_mlp", "group_norm"])
+def test_a_noiseless_step_is_the_naive_clipped_mean(name: str) -> None:
+    """One step of ``train`` with q = 1 and no noise: params move by lr * (sum of per-example
+    gradients, each clipped to C = 0.37) / n. Hooks (the first three) and vmap (group norm)."""
+    model, x, y = _model(name)
+    reference = copy.deepcopy(model.module)
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    sums, clipped = _naive_clipped_sum(reference, x, y, REF_CLIP)
+    assert clipped >= len(y) // 2  # the clip binds: an unclipped step would differ
+
+    lr, n = 0.5, len(y)
+    cfg = training.LocalTraining(lr=lr, batch_size=n)  # q = 1: one step on all 12 examples
+    dp = dp_sgd.DPSGD(max_grad_norm=REF_CLIP, noise_multiplier=0.0)
+    stats = dp_sgd.train(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(0))
+    assert stats.steps == 1
+    for pname, p in model.module.named_parameters():
+        step = (before[pname] - p.detach()).double()
+        # float32 per-example gradients against float64 sums of them: 1e-5 relative, 1e-7 abs
+        torch.testing.assert_close(step, lr * sums[pname] / n, rtol=1e-5, atol=1e-7)
+
+
+def test_a_step_divides_by_the_expected_batch_size_not_the_drawn_one() -> None:
+    """DP-SGD with Poisson sampling normalises by q n (fixed), never by the batch it drew."""
+    model, x, y = _model("logistic_regression")
+    reference = copy.deepcopy(model.module)
+    before = {n: p.detach().clone() for n, p in model.module.named_parameters()}
+    sums, _ = _naive_clipped_sum(reference, x, y, REF_CLIP)
+    optimizer = torch.optim.SGD([s.param for s in model.trainable()], lr=1.0)
+    dp = dp_sgd.DPSGD(max_grad_norm=REF_CLIP, noise_multiplier=0.0)
+    with dp_sgd.per_example_clipper(model) as clip:
+        dp_sgd.dp_step(clip, model, optimizer, x, y, dp, 30.0, torch.Generator().manual_seed(0))
+    for pname, p in model.module.named_parameters():
+        step = (before[pname] - p.detach()).double()
+        torch.testing.assert_close(step, sums[pname] / 30.0, rtol=1e-5, atol=1e-7)
+
+
+def test_the_injected_noise_has_std_sigma_c_over_the_expected_batch() -> None:
+    """Two one-step runs from the same model and generator state, with and without noise: the
+    difference is the noise alone, N(0, (sigma C / (q n))^2) on each of the 7,850 coordinates."""
+    torch.manual_seed(0)
+    module = torch_models.logistic_regression((1, 28, 28), 10)
+    x, y = _data((1, 28, 28), 12, 10)
+    cfg = training.LocalTraining(lr=1.0, batch_size=12)  # q = 1, q n = 12, one step
+
+    def one_step(noise: float) -> torch.Tensor:
+        model = TorchModel(copy.deepcopy(module))
+        dp = dp_sgd.DPSGD(max_grad_norm=REF_CLIP, noise_multiplier=noise)
+        dp_sgd.train(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(3))
+        return model.get_flat().double()
+
+    clean, noisy = one_step(0.0), one_step(REF_SIGMA)
+    noise = clean - noisy  # lr = 1: the step's noise term, (sigma C z) / (q n)
+    assert noise.numel() == 7850
+    expected = REF_SIGMA * REF_CLIP / 12  # 0.0524; sigma alone would give 0.142, C alone 0.031
+    # The sample std of 7,850 normal draws is within 0.8 % (one standard error) of the truth.
+    assert float(noise.std()) == pytest.approx(expected, rel=0.04)
+    assert abs(float(noise.mean())) < 5 * expected / math.sqrt(noise.numel())

@@ -306,6 +306,17 @@ class RoundDriver:
             deadline_s=self.deadline_s,
             min_survivors=self.min_clients,
         )
+        # Each honest client encodes a weight in [1, max_weight] (1 when unweighted), so the sum
+        # of n is in [n, n * max_weight]; outside it a client encoded a weight it cannot have
+        # (negative, say). The sum hides who: the round is aborted and the model is unchanged.
+        low = len(result.survivors)
+        high = low * (setup.max_weight if setup.weighted else 1)
+        if not low <= result.weight <= high:
+            raise secagg.SecAggAbortedError(
+                f"Round {round_}: the securely aggregated weight {result.weight} is outside "
+                f"[{low}, {high}], the range of {low} honest clients' weights.",
+                result.metrics,
+            )
         new_state, new_params = self.strategy.aggregate_sum(
             state, params, torch.from_numpy(result.total), float(result.weight), round_=round_
         )

@@ -10,6 +10,7 @@ the safetensors header of its payload only, so checking costs no copy of the mod
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -29,32 +30,79 @@ REPLY_KIND = {
 _KIND_BY_NAME = {cls.__name__: cls for cls in REPLY_KIND}
 
 
+# What a reply may weigh beyond the tensors its task implies: the safetensors and JSON headers,
+# metrics and byte-map layouts (the schema bounds their entries and names).
+HEADER_MARGIN_BYTES = 1 << 20
+# One encrypted share bundle or Shamir share per peer is a few dozen bytes; this bounds one
+# entry of a secure-aggregation reply's byte map with room to spare.
+SECAGG_ENTRY_BYTES = 4096
+# A phase-0 reply: two X25519 public keys and an Ed25519 signature.
+SECAGG_KEYS_BYTES = 4096
+
+
 @dataclass(frozen=True)
 class TaskInfo:
-    """A task's kind, round, client and, for tasks that carry a model, its parameter count."""
+    """A task's kind, round, client and, for tasks that carry a model, its parameter count;
+    ``reply_limit`` is the most bytes an acceptable reply to it can have."""
 
     kind: type
     round: int
     client_id: int
     parameters: tuple[int, ...] | None
+    reply_limit: int = HEADER_MARGIN_BYTES
 
 
 def describe_task(payload: bytes) -> TaskInfo:
     """Read a task's :class:`TaskInfo` from its header; raises ``MessageError`` if malformed."""
     try:
         header = messages.read_header(payload)
+        kind = _KIND_BY_NAME[header.kind]
         return TaskInfo(
-            _KIND_BY_NAME[header.kind],
+            kind,
             int(header.fields["round"]),
             int(header.fields["client_id"]),
             header.shapes.get("parameters"),
+            HEADER_MARGIN_BYTES + _reply_bytes(kind, header),
         )
     except Exception as exc:  # any malformed task is one kind of error for the caller
         raise messages.MessageError(f"Not a task payload: {exc}") from exc
 
 
+def _reply_bytes(kind: type, header: messages.Header) -> int:
+    """The bytes of the tensors an honest reply to a task with ``header`` carries.
+
+    A fit reply: the update (float32, the parameters' length), one float32 tensor the size of
+    each tensor the task sent (SCAFFOLD's control variate comes back as ``control_delta``) and,
+    for a Newton client, the gradient and Hessian sums (``d + d * d`` floats). A masked input:
+    ``d + 1`` ring elements of at most 8 bytes. Shares: one bounded entry per peer named in the
+    task. Keys and evaluation replies carry no tensor of the model's size.
+    """
+    if kind in (messages.FitTask, messages.SecAggMaskRequest):
+        d = math.prod(header.shapes["parameters"])
+        if kind is messages.SecAggMaskRequest:
+            return 8 * (d + 1)
+        sent = sum(math.prod(s) for n, s in header.shapes.items() if n.startswith("tensors."))
+        newton = header.fields.get("config", {}).get("optimizer") == "newton"
+        return 4 * (d + sent + (d + d * d if newton else 0))
+    if kind is messages.SecAggShareRequest:
+        return SECAGG_ENTRY_BYTES * len(header.maps["public_keys"])
+    if kind is messages.SecAggUnmaskRequest:
+        peers = len(header.fields["alive"]) + len(header.fields["dropped"])
+        return SECAGG_ENTRY_BYTES * peers
+    if kind is messages.SecAggSetup:
+        return SECAGG_KEYS_BYTES
+    return 0
+
+
 def reply_problem(task: TaskInfo, payload: bytes) -> str | None:
     """Why ``payload`` is not an acceptable reply to ``task``, or ``None`` if it is."""
+    try:
+        return _problem(task, payload)
+    except Exception as exc:  # a check that trips on a reply is that reply's problem
+        return messages.printable(f"the reply could not be checked: {type(exc).__name__}: {exc}")
+
+
+def _problem(task: TaskInfo, payload: bytes) -> str | None:
     expected = REPLY_KIND[task.kind]
     try:
         reply = messages.decode(payload, expected)

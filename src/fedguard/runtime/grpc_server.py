@@ -13,14 +13,27 @@ round. Protobuf is parsed by the handlers themselves, so malformed bytes get
 ``INVALID_ARGUMENT`` rather than a server-side exception. A reply that fails the checks of
 :mod:`fedguard.runtime.grpc_checks` or of :mod:`fedguard.runtime.grpc_chunks` is refused with a
 status and logged; its task stays open until a good reply or the deadline, and the round goes on.
+
+No peer can take the server's threads or memory from the others. Every call is admitted before
+its first message is read: at most :data:`MAX_CALLS_PER_PEER` at once per connection, at most
+:data:`MAX_UNAUTHENTICATED_PER_HOST` per host and :data:`MAX_UNAUTHENTICATED` in all that have
+not yet authenticated, and at most :data:`MAX_CALLS_PER_CLIENT` per authenticated client; the
+worker pool is sized so that these never exhaust it. A call whose first message does not arrive
+within ``first_message_s`` is cancelled. A reply is refused from its header if it is larger than
+its task can need (:attr:`grpc_checks.TaskInfo.reply_limit`), a second push for a task while one
+is in flight is refused at once, and a push still in flight when its task closes is cancelled.
+A client's ``error`` text is quoted and cut before it is logged, so it cannot forge log lines.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import secrets
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -29,6 +42,7 @@ from typing import NoReturn
 import grpc
 from google.protobuf.message import DecodeError
 
+from fedguard.protocol import messages
 from fedguard.protocol.transport import Delivered, Failed, FailureKind, Outcome, Transport
 from fedguard.runtime import auth, grpc_checks, grpc_chunks, grpc_tls
 from fedguard.runtime.proto import wire_pb2
@@ -45,6 +59,19 @@ DEFAULT_DEADLINE_S = 120.0
 DEFAULT_PROGRESS_S = 10.0
 DEFAULT_POLL_S = 10.0
 DEFAULT_MAX_PAYLOAD_BYTES = 1 << 30
+# A call's first message (the one that authenticates it) must arrive within this.
+DEFAULT_FIRST_MESSAGE_S = 5.0
+# Calls in flight at once: per connection, unauthenticated per host and in all, per client. A
+# client makes one call at a time (a Pull, then a Push); the margin covers a restarted client
+# whose old Pull has not yet noticed its connection is gone.
+MAX_CALLS_PER_PEER = 4
+MAX_UNAUTHENTICATED_PER_HOST = 8
+MAX_UNAUTHENTICATED = 16
+MAX_CALLS_PER_CLIENT = 4
+# HTTP/2 streams a connection may have open; calls beyond it wait on the sender's side.
+MAX_STREAMS_PER_CONNECTION = 2 * MAX_CALLS_PER_PEER
+# How much of a client's ``error`` text reaches the log and the round's problems.
+MAX_ERROR_CHARS = 300
 
 
 @dataclass
@@ -59,6 +86,7 @@ class _Task:
     sent_at: float | None = None
     outcome: Outcome | None = None
     last_problem: str | None = None
+    pushing: grpc.ServicerContext | None = None  # the push in flight for this task, if any
 
 
 class _Refused(Exception):
@@ -67,6 +95,87 @@ class _Refused(Exception):
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+def _host(peer: str) -> str:
+    """The host part of a gRPC peer string (``ipv4:10.0.0.7:51234`` -> ``ipv4:10.0.0.7``)."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
+
+
+def quote_error(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    """A client's error text as one quoted line: ``repr`` escapes newlines and other control
+    characters, and the text is cut to ``limit`` characters."""
+    quoted = repr(text[:limit])
+    return quoted if len(text) <= limit else f"{quoted} (cut from {len(text)} characters)"
+
+
+class _Watchdog:
+    """Cancels calls whose deadline passed; one thread serves every call of the server."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._heap: list[tuple[float, int]] = []
+        self._armed: dict[int, grpc.ServicerContext] = {}
+        self._keys = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopped = False
+
+    def arm(self, context: grpc.ServicerContext, seconds: float) -> int:
+        """Cancel ``context`` in ``seconds`` unless :meth:`disarm` is called with the key."""
+        with self._cond:
+            key = next(self._keys)
+            self._armed[key] = context
+            heapq.heappush(self._heap, (time.monotonic() + seconds, key))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="fedguard-grpc-watchdog", daemon=True
+                )
+                self._thread.start()
+            self._cond.notify()
+        return key
+
+    def disarm(self, key: int) -> None:
+        with self._cond:
+            self._armed.pop(key, None)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            due: list[grpc.ServicerContext] = []
+            with self._cond:
+                if self._stopped:
+                    return
+                now = time.monotonic()
+                while self._heap and (
+                    self._heap[0][0] <= now or self._heap[0][1] not in self._armed
+                ):
+                    _, key = heapq.heappop(self._heap)
+                    context = self._armed.pop(key, None)
+                    if context is not None:
+                        due.append(context)
+                if not due:
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+            for context in due:
+                context.cancel()
+
+
+@dataclass
+class _Call:
+    """One admitted call: who sent it and whether it has authenticated yet."""
+
+    peer: str
+    host: str
+    client_id: int | None = None
+
+
+def _decrement(counter: Counter, key: object) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:
+        del counter[key]
 
 
 def _peer_common_name(context: grpc.ServicerContext) -> str | None:
@@ -89,14 +198,15 @@ class GrpcServerTransport(Transport):
         poll_s: float = DEFAULT_POLL_S,
         max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES,
         progress_s: float = DEFAULT_PROGRESS_S,
+        first_message_s: float = DEFAULT_FIRST_MESSAGE_S,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if tls is None:
             grpc_tls.refuse_plaintext(address, insecure)
-        if default_deadline_s <= 0 or progress_s <= 0:
+        if default_deadline_s <= 0 or progress_s <= 0 or first_message_s <= 0:
             raise ValueError(
-                f"The deadline and progress interval must be positive, got "
-                f"{default_deadline_s:g} s and {progress_s:g} s."
+                f"The deadline, progress interval and first-message wait must be positive, got "
+                f"{default_deadline_s:g} s, {progress_s:g} s and {first_message_s:g} s."
             )
         self._client_ids = tuple(client_ids)
         self._known = frozenset(self._client_ids)
@@ -107,7 +217,14 @@ class GrpcServerTransport(Transport):
         self.poll_s = poll_s
         self.max_payload_bytes = max_payload_bytes
         self.progress_s = progress_s
+        self.first_message_s = first_message_s
         self._clock = clock
+        self._watchdog = _Watchdog()
+        # admission: calls per connection, unauthenticated calls per host, calls per client
+        self._calls_of_peer: Counter[str] = Counter()
+        self._unauthenticated_of_host: Counter[str] = Counter()
+        self._unauthenticated = 0
+        self._calls_of_client: Counter[int] = Counter()
         self._cond = threading.Condition()
         self._mailbox: dict[int, _Task] = {}
         self._tasks: dict[str, _Task] = {}
@@ -125,13 +242,20 @@ class GrpcServerTransport(Transport):
     def start(self) -> int:
         """Bind and start serving; returns the bound port (useful with port 0)."""
         n = len(self._client_ids)
+        # Admitted calls never need more threads than this; refusals take one for a moment.
+        workers = MAX_CALLS_PER_CLIENT * n + MAX_UNAUTHENTICATED + 8
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2 * n + 16, thread_name_prefix="fedguard-grpc"),
-            options=grpc_tls.SERVER_OPTIONS,
-            maximum_concurrent_rpcs=4 * n + 64,
+            futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fedguard-grpc"),
+            options=[
+                *grpc_tls.SERVER_OPTIONS,
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+            ],
+            maximum_concurrent_rpcs=2 * workers,
         )
         handlers = {
-            "Pull": grpc.unary_stream_rpc_method_handler(
+            # Pull is unary-stream on the wire; it is served as stream-stream so that the handler,
+            # not gRPC, waits for the request (with a deadline, after admission).
+            "Pull": grpc.stream_stream_rpc_method_handler(
                 self._pull, response_serializer=wire_pb2.TaskChunk.SerializeToString
             ),
             "Push": grpc.stream_unary_rpc_method_handler(
@@ -182,6 +306,7 @@ class GrpcServerTransport(Transport):
         if self._server is not None:
             self._server.stop(grace=1.0).wait()
             self._server = None
+        self._watchdog.stop()
 
     # -- the Transport interface ----------------------------------------------------------------
     def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
@@ -208,12 +333,17 @@ class GrpcServerTransport(Transport):
                     self._report_progress(tasks, deadline, end - now)
                     next_report = now + self.progress_s
                 self._cond.wait(min(end, next_report) - now)
+            in_flight = []
             for task in tasks:
                 if task.outcome is None:
                     task.outcome = self._missed(task, deadline)
+                if task.pushing is not None:
+                    in_flight.append(task.pushing)
                 self._tasks.pop(task.task_id, None)
                 if self._mailbox.get(task.client_id) is task:
                     del self._mailbox[task.client_id]
+        for context in in_flight:  # a push for a closed task can only be refused: stop it now
+            context.cancel()
         return [t.outcome for t in tasks if t.outcome is not None]
 
     @staticmethod
@@ -247,6 +377,61 @@ class GrpcServerTransport(Transport):
         return Failed(task.client_id, FailureKind.TIMEOUT, f"no reply within {deadline:g} s")
 
     # -- handlers ---------------------------------------------------------------------------
+    def _admit(self, context: grpc.ServicerContext) -> _Call:
+        """Count a new call against its connection's and host's limits, or refuse it."""
+        peer = context.peer()
+        call = _Call(peer, _host(peer))
+        with self._cond:
+            if self._calls_of_peer[call.peer] >= MAX_CALLS_PER_PEER:
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"more than {MAX_CALLS_PER_PEER} calls at once on one connection",
+                )
+            if (
+                self._unauthenticated >= MAX_UNAUTHENTICATED
+                or self._unauthenticated_of_host[call.host] >= MAX_UNAUTHENTICATED_PER_HOST
+            ):
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED, "too many unauthenticated calls at once"
+                )
+            self._calls_of_peer[call.peer] += 1
+            self._unauthenticated_of_host[call.host] += 1
+            self._unauthenticated += 1
+        return call
+
+    def _admit_client(self, call: _Call, client_id: int) -> None:
+        """Move an authenticated call from its host's count to its client's, or refuse it."""
+        with self._cond:
+            self._unauthenticated_of_host[call.host] -= 1
+            self._unauthenticated -= 1
+            call.client_id = client_id
+            self._calls_of_client[client_id] += 1
+            if self._calls_of_client[client_id] > MAX_CALLS_PER_CLIENT:
+                raise _Refused(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"client {client_id} has more than {MAX_CALLS_PER_CLIENT} calls at once",
+                )
+
+    def _release(self, call: _Call) -> None:
+        with self._cond:
+            _decrement(self._calls_of_peer, call.peer)
+            if call.client_id is None:
+                _decrement(self._unauthenticated_of_host, call.host)
+                self._unauthenticated -= 1
+            else:
+                _decrement(self._calls_of_client, call.client_id)
+
+    def _first(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes | None:
+        """A call's first message, or None if the stream ended (or was cancelled: the peer
+        sent nothing within ``first_message_s``)."""
+        key = self._watchdog.arm(context, self.first_message_s)
+        try:
+            return next(requests, None)
+        except grpc.RpcError:  # cancelled by the watchdog or by the peer
+            return None
+        finally:
+            self._watchdog.disarm(key)
+
     def _authenticate(self, creds: wire_pb2.Credentials, context: grpc.ServicerContext) -> int:
         claimed = auth.Credentials(creds.client_id, creds.token, creds.timestamp_ms, creds.nonce)
         try:
@@ -265,7 +450,13 @@ class GrpcServerTransport(Transport):
 
     @staticmethod
     def _refuse(context: grpc.ServicerContext, method: str, exc: _Refused) -> NoReturn:
-        log.warning("%s from %s refused (%s): %s", method, context.peer(), exc.code.name, exc)
+        log.warning(
+            "%s from %s refused (%s): %s",
+            method,
+            context.peer(),
+            exc.code.name,
+            messages.printable(str(exc)),
+        )
         # The sender learns the status only; the reason stays in the server's log.
         public = (
             "authentication failed" if exc.code is grpc.StatusCode.UNAUTHENTICATED else str(exc)
@@ -273,29 +464,43 @@ class GrpcServerTransport(Transport):
         context.abort(exc.code, public)
         raise AssertionError("grpc's context.abort always raises")
 
-    def _pull(self, raw: bytes, context: grpc.ServicerContext) -> Iterator[wire_pb2.TaskChunk]:
+    def _pull(
+        self, requests: Iterator[bytes], context: grpc.ServicerContext
+    ) -> Iterator[wire_pb2.TaskChunk]:
         try:
-            try:
-                request = wire_pb2.PullRequest.FromString(raw)
-            except DecodeError:
-                raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed PullRequest") from None
-            client_id = self._authenticate(request.credentials, context)
+            call = self._admit(context)
         except _Refused as exc:
             self._refuse(context, "Pull", exc)
-            return
-        task = self._next_task(client_id, context)
-        if not isinstance(task, _Task):
-            yield wire_pb2.TaskChunk(status=task)
-            return
-        h = task.header
-        header = wire_pb2.PayloadHeader(task_id=h.task_id, size=h.size, sha256=h.sha256)
-        for i, piece in enumerate(grpc_chunks.pieces(task.payload)):
-            if i == 0:
-                yield wire_pb2.TaskChunk(
-                    status=wire_pb2.PULL_STATUS_TASK, header=header, data=bytes(piece)
-                )
-            else:
-                yield wire_pb2.TaskChunk(data=bytes(piece))
+        try:
+            try:
+                raw = self._first(requests, context)
+                if raw is None:
+                    raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "no PullRequest")
+                try:
+                    request = wire_pb2.PullRequest.FromString(raw)
+                except DecodeError:
+                    raise _Refused(
+                        grpc.StatusCode.INVALID_ARGUMENT, "malformed PullRequest"
+                    ) from None
+                client_id = self._authenticate(request.credentials, context)
+                self._admit_client(call, client_id)
+            except _Refused as exc:
+                self._refuse(context, "Pull", exc)
+            task = self._next_task(client_id, context)
+            if not isinstance(task, _Task):
+                yield wire_pb2.TaskChunk(status=task)
+                return
+            h = task.header
+            header = wire_pb2.PayloadHeader(task_id=h.task_id, size=h.size, sha256=h.sha256)
+            for i, piece in enumerate(grpc_chunks.pieces(task.payload)):
+                if i == 0:
+                    yield wire_pb2.TaskChunk(
+                        status=wire_pb2.PULL_STATUS_TASK, header=header, data=bytes(piece)
+                    )
+                else:
+                    yield wire_pb2.TaskChunk(data=bytes(piece))
+        finally:
+            self._release(call)
 
     def _next_task(self, client_id: int, context: grpc.ServicerContext) -> _Task | int:
         """The client's open task, waiting up to ``poll_s``; else ``PULL_STATUS_IDLE`` or
@@ -319,9 +524,15 @@ class GrpcServerTransport(Transport):
 
     def _push(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> wire_pb2.PushAck:
         try:
-            return self._receive(chunks, context)
+            call = self._admit(context)
         except _Refused as exc:
             self._refuse(context, "Push", exc)
+        try:
+            return self._receive(chunks, context, call)
+        except _Refused as exc:
+            self._refuse(context, "Push", exc)
+        finally:
+            self._release(call)
 
     @staticmethod
     def _chunk(raw: bytes | None) -> wire_pb2.ReplyChunk:
@@ -332,9 +543,12 @@ class GrpcServerTransport(Transport):
         except DecodeError:
             raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed ReplyChunk") from None
 
-    def _receive(self, chunks: Iterator[bytes], context: grpc.ServicerContext) -> wire_pb2.PushAck:
-        first = self._chunk(next(chunks, None))
+    def _receive(
+        self, chunks: Iterator[bytes], context: grpc.ServicerContext, call: _Call
+    ) -> wire_pb2.PushAck:
+        first = self._chunk(self._first(chunks, context))
         client_id = self._authenticate(first.credentials, context)
+        self._admit_client(call, client_id)
         task_id = first.header.task_id
         with self._cond:
             task = self._tasks.get(task_id)
@@ -343,11 +557,28 @@ class GrpcServerTransport(Transport):
                     grpc.StatusCode.FAILED_PRECONDITION,
                     f"task {task_id!r} is not an open task of client {client_id}",
                 )
+            if task.pushing is not None:
+                raise _Refused(
+                    grpc.StatusCode.ABORTED, f"a reply to task {task_id!r} is already in flight"
+                )
+            task.pushing = context
+        try:
+            return self._settle_push(task, first, chunks)
+        finally:
+            with self._cond:
+                if task.pushing is context:
+                    task.pushing = None
+
+    def _settle_push(
+        self, task: _Task, first: wire_pb2.ReplyChunk, chunks: Iterator[bytes]
+    ) -> wire_pb2.PushAck:
+        client_id, task_id = task.client_id, task.task_id
         if first.error:
-            self._settle(task, Failed(client_id, FailureKind.ERROR, first.error[:1000]))
+            reason = f"the client reported an error: {quote_error(first.error)}"
+            self._settle(task, Failed(client_id, FailureKind.ERROR, reason))
             return wire_pb2.PushAck(task_id=task_id)
         try:
-            payload = self._assemble(first, chunks)
+            payload = self._assemble(first, chunks, task.info.reply_limit)
             problem = grpc_checks.reply_problem(task.info, payload)
             if problem is not None:
                 raise _Refused(grpc.StatusCode.INVALID_ARGUMENT, problem)
@@ -362,25 +593,33 @@ class GrpcServerTransport(Transport):
             raise _Refused(grpc.StatusCode.FAILED_PRECONDITION, f"task {task_id!r} expired")
         return wire_pb2.PushAck(task_id=task_id)
 
-    def _assemble(self, first: wire_pb2.ReplyChunk, chunks: Iterator[bytes]) -> bytes:
+    def _assemble(
+        self, first: wire_pb2.ReplyChunk, chunks: Iterator[bytes], reply_limit: int
+    ) -> bytes:
+        """The reply's payload; refused from its header if it announces more than the task's
+        ``reply_limit`` (or the server's ``max_payload_bytes``), before any data is buffered."""
         h = first.header
         assembler = grpc_chunks.Assembler(
-            grpc_chunks.Header(h.task_id, h.size, h.sha256), max_bytes=self.max_payload_bytes
+            grpc_chunks.Header(h.task_id, h.size, h.sha256),
+            max_bytes=min(self.max_payload_bytes, reply_limit),
         )
         assembler.add(first.data)
-        for raw in chunks:
-            chunk = self._chunk(raw)
-            if chunk.HasField("credentials") or chunk.HasField("header") or chunk.error:
-                raise _Refused(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    "only the first chunk may carry credentials, a header or an error",
-                )
-            assembler.add(chunk.data)
+        try:
+            for raw in chunks:
+                chunk = self._chunk(raw)
+                if chunk.HasField("credentials") or chunk.HasField("header") or chunk.error:
+                    raise _Refused(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "only the first chunk may carry credentials, a header or an error",
+                    )
+                assembler.add(chunk.data)
+        except grpc.RpcError:  # cancelled: its task closed, or the sender went away
+            raise _Refused(grpc.StatusCode.CANCELLED, "the reply stream was cancelled") from None
         return assembler.finish()
 
     def _note_problem(self, task: _Task, problem: str) -> None:
         with self._cond:
-            task.last_problem = problem
+            task.last_problem = messages.printable(problem)
 
     def _settle(self, task: _Task, outcome: Outcome) -> bool:
         """Record the task's outcome unless it already has one (expired); wake ``exchange``."""

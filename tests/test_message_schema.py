@@ -1,0 +1,275 @@
+"""The message schema at the door: every field of every reply, replaced by a value of the wrong
+type or range, is refused by ``decode`` or rejected by the driver; nothing raises past the
+driver, and a run with such a client completes its rounds."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import fields
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+import fedguard
+from conftest import tiny_config
+from fedguard.client.app import ClientApp
+from fedguard.protocol import messages, secagg, secagg_client, secagg_server
+from fedguard.protocol.secagg import Mode
+from fedguard.runtime.inprocess import InProcessTransport
+
+BAD = {
+    "string": "x",
+    "nan": math.nan,
+    "inf": math.inf,
+    "negative": -1,
+    "huge": 10**30,
+    "list": [1, 2],
+    "none": None,
+}
+METRIC_OK = {"nan", "inf", "negative", "huge"}  # numbers: a metric may hold them
+
+
+def _mutate(payload: bytes, target: str, value: object) -> bytes:
+    """``payload`` with ``target`` replaced by ``value`` in its JSON header: a scalar field
+    (``"num_examples"``), a metric (``"metrics.loss"``), a tensor, byte field or byte map
+    (removed from the tensors and put among the fields instead), or a byte map's layout
+    (``"maps.ciphertexts"``)."""
+    table = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
+    head = json.loads(table["__metadata__"]["message"])
+    tensors = dict(st_load(payload))
+    section, dot, name = target.partition(".")
+    if dot and section == "metrics":
+        head["fields"]["metrics"][name] = value
+    elif dot and section == "maps":
+        head["maps"][name] = value
+    else:
+        for key in (target, f"bytes.{target}", f"map.{target}"):
+            tensors.pop(key, None)
+        head.get("maps", {}).pop(target, None)
+        head["fields"][target] = value
+    return st_save(tensors, metadata={"message": json.dumps(head)})
+
+
+def _targets(message: messages.Message) -> list[str]:
+    out = []
+    for f in fields(message):
+        out.append(f.name)
+        if f.name == "metrics":
+            out += [f"metrics.{k}" for k in message.metrics]
+        if f.name in messages._BYTE_MAP_FIELDS:
+            out.append(f"maps.{f.name}")
+    return out
+
+
+def _cases(message: messages.Message) -> list[tuple[str, str, bytes]]:
+    payload = messages.encode(message)
+    return [
+        (target, label, _mutate(payload, target, value))
+        for target in _targets(message)
+        for label, value in BAD.items()
+    ]
+
+
+FIT = messages.FitReply(1, 1, torch.zeros(5), 7, {"train_loss": 0.5})
+EVALUATE = messages.EvaluateReply(1, 1, 7, {"loss": 0.5, "accuracy": 0.9})
+SECAGG = [
+    messages.SecAggKeys(1, 1, bytes(32), bytes(32), bytes(64)),
+    messages.SecAggShares(1, 1, {0: b"abc", 2: b"defg"}),
+    messages.SecAggMaskedInput(1, 1, torch.arange(6, dtype=torch.int64)),
+    messages.SecAggUnmaskReply(1, 1, {0: b"ab"}, {2: b"cd"}),
+]
+
+
+@pytest.mark.parametrize("message", [FIT, EVALUATE, *SECAGG], ids=lambda m: type(m).__name__)
+def test_decode_refuses_every_field_of_the_wrong_type_or_range(message) -> None:
+    cases = _cases(message)
+    assert len(cases) >= 3 * len(BAD)
+    for target, label, payload in cases:
+        if target.startswith("metrics.") and label in METRIC_OK:
+            back = messages.decode(payload, type(message))  # a number: the driver judges it
+            assert isinstance(back.metrics[target.removeprefix("metrics.")], float)
+            continue
+        with pytest.raises(messages.MessageError):
+            messages.decode(payload, type(message))
+    assert type(messages.decode(messages.encode(message), type(message))) is type(message)
+
+
+def test_schema_refuses_bool_counts_floats_for_ints_and_unknown_fields() -> None:
+    good = messages.encode(FIT)
+    for target, value in [("num_examples", True), ("num_examples", 7.0), ("round", "1")]:
+        with pytest.raises(messages.MessageError, match=target):
+            messages.decode(_mutate(good, target, value), messages.FitReply)
+    with pytest.raises(messages.MessageError, match="surprise: Extra inputs"):
+        messages.decode(_mutate(good, "surprise", 1), messages.FitReply)
+    with pytest.raises(messages.MessageError, match="dtype"):
+        messages.decode(
+            messages.encode(messages.SecAggMaskedInput(1, 1, torch.zeros(3))),
+            messages.SecAggMaskedInput,
+        )
+    # a reason quoting what a peer sent stays on one line
+    with pytest.raises(messages.MessageError) as exc:
+        messages.decode(_mutate(good, "metrics.a\nforged line", "x"), messages.FitReply)
+    assert "\n" not in str(exc.value) and "\\n" in str(exc.value)
+
+
+def _experiment_cases(honest: bytes) -> list[tuple[str, str, bytes]]:
+    reply = messages.decode(honest)
+    return [(t, label, p) for t, label, p in _cases(reply)]
+
+
+def test_the_driver_rejects_every_fuzzed_fit_and_evaluate_reply_and_the_round_goes_on(
+    caplog,
+) -> None:
+    from fedguard.experiment import config
+    from fedguard.experiment.assembly import Experiment
+
+    exp = Experiment(
+        config.validate(tiny_config(server={"clients_per_round": 6, "min_clients": 3}))
+    )
+    params = exp.initial_params
+    state = exp.strategy.init(params)
+    recorded: dict[tuple[str, int], bytes] = {}
+    honest = exp.app.handle
+
+    def record(cid: int, payload: bytes) -> bytes:
+        reply = honest(cid, payload)
+        recorded[(messages.kind_of(payload), cid)] = reply
+        return reply
+
+    exp.driver.transport = InProcessTransport(record, exp.transport.client_ids)
+    exp.driver.fit_round(1, params, state)
+    exp.driver.evaluate_round(1, params)
+    cases = {
+        "FitTask": _experiment_cases(recorded[("FitTask", 1)]),
+        "EvaluateTask": _experiment_cases(recorded[("EvaluateTask", 1)]),
+    }
+    bad: list[bytes] = []
+
+    def replay(cid: int, payload: bytes) -> bytes:
+        return bad[0] if cid == 1 else recorded[(messages.kind_of(payload), cid)]
+
+    exp.driver.transport = InProcessTransport(replay, exp.transport.client_ids)
+    rounds = 0
+    with caplog.at_level(logging.WARNING, logger="fedguard.round"):
+        for target, label, payload in cases["FitTask"]:
+            bad[:] = [payload]
+            result = exp.driver.fit_round(1, params, state)
+            problems = dict(result.problems)
+            if not (target.startswith("metrics.") and label in METRIC_OK):
+                assert 1 in problems, (target, label)
+            assert result.metrics["clients_completed"] >= 5
+            assert torch.isfinite(result.params).all()
+            rounds += 1
+        for target, label, payload in cases["EvaluateTask"]:
+            bad[:] = [payload]
+            fed = exp.driver.evaluate_round(1, params)
+            assert fed is not None and all(math.isfinite(v) for v in fed.values()), (target, label)
+            rounds += 1
+    assert rounds == len(cases["FitTask"]) + len(cases["EvaluateTask"]) >= 60
+    assert "client 1 rejected" in caplog.text
+
+
+N, DIM = 5, 40
+
+
+def test_every_fuzzed_secure_aggregation_reply_drops_only_its_sender() -> None:
+    updates = {c: np.random.default_rng(c).normal(0, 0.1, DIM).astype(np.float32) for c in range(N)}
+
+    def fit(task: messages.FitTask) -> messages.FitReply:
+        cid = task.client_id
+        return messages.FitReply(task.round, cid, torch.from_numpy(updates[cid]), 10 + cid)
+
+    settings = secagg.Settings(Mode.SECAGG, clip_norm=3.0, max_weight=60, bits=32)
+    samples = {
+        messages.SecAggKeys: messages.SecAggKeys(1, 1, bytes(32), bytes(32), b""),
+        messages.SecAggShares: messages.SecAggShares(1, 1, {0: b"ab", 2: b"cd"}),
+        messages.SecAggMaskedInput: messages.SecAggMaskedInput(
+            1, 1, torch.zeros(DIM + 1, dtype=torch.int32)
+        ),
+        messages.SecAggUnmaskReply: messages.SecAggUnmaskReply(1, 1, {0: b"ab"}, {}),
+    }
+    runs = 0
+    for kind, sample in samples.items():
+        for target, label, _ in _cases(sample):
+            client = secagg_client.SecAggClient(fit)
+
+            def handler(
+                cid: int, payload: bytes, client=client, kind=kind, target=target, label=label
+            ) -> bytes:
+                reply = messages.encode(client.handle(messages.decode(payload)))
+                if cid == 1 and messages.kind_of(reply) == kind.__name__:
+                    return _mutate(reply, target, BAD[label])
+                return reply
+
+            setup = settings.setup(1, list(range(N)), graph_seed=5, dim=DIM)
+
+            def mask_request(cid: int, ciphertexts: messages.ByteMap) -> messages.SecAggMaskRequest:
+                return messages.SecAggMaskRequest(1, cid, torch.zeros(DIM), ciphertexts, {})
+
+            transport = InProcessTransport(handler, list(range(N)))
+            result = secagg_server.secure_sum(transport, setup, mask_request)
+            if kind is messages.SecAggUnmaskReply:
+                assert result.survivors == list(range(N))  # its shares are not needed
+            else:
+                assert result.survivors == [0, 2, 3, 4], (kind.__name__, target, label)
+            assert any(c == 1 for c, _ in result.problems), (kind.__name__, target, label)
+            runs += 1
+    assert runs >= 4 * 3 * len(BAD)
+
+
+def _sabotaged_handle(monkeypatch, mutate) -> None:
+    honest = ClientApp.handle
+
+    def handle(self, client_id: int, payload: bytes) -> bytes:
+        reply = honest(self, client_id, payload)
+        return mutate(reply) if client_id == 1 else reply
+
+    monkeypatch.setattr(ClientApp, "handle", handle)
+
+
+def test_a_run_with_a_client_sending_a_string_count_completes(tmp_path, monkeypatch) -> None:
+    def string_count(reply: bytes) -> bytes:
+        if messages.kind_of(reply) in ("FitReply", "EvaluateReply"):
+            return _mutate(reply, "num_examples", "many")
+        return reply
+
+    _sabotaged_handle(monkeypatch, string_count)
+    cfg = tiny_config(
+        experiment={"rounds": 2}, evaluation={"federated": True}, server={"min_clients": 2}
+    )
+    summary = fedguard.run(cfg, out=tmp_path / "run", progress=False)
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    sampled_1 = [r for r in rows if r["clients_rejected"]]
+    assert sampled_1 and all(r["clients_rejected"] == 1 for r in sampled_1)
+
+
+def test_a_negative_secure_aggregation_weight_aborts_its_round_and_the_run_goes_on(
+    tmp_path, monkeypatch
+) -> None:
+    def negative_weight(reply: bytes) -> bytes:
+        if messages.kind_of(reply) != "SecAggMaskedInput":
+            return reply
+        m = messages.decode(reply, messages.SecAggMaskedInput)
+        if m.round != 1:  # round 1 only: a run whose every round aborts is a failed run
+            return reply
+        ring = m.masked.numpy().copy()
+        unsigned = ring.view(np.uint32 if ring.dtype == np.int32 else np.uint64)
+        unsigned[-1:] -= np.array([10**6], dtype=unsigned.dtype)  # the weight, minus a million
+        out = messages.SecAggMaskedInput(m.round, m.client_id, torch.from_numpy(ring))
+        return messages.encode(out)
+
+    _sabotaged_handle(monkeypatch, negative_weight)
+    sa = {"enabled": True, "mode": "secagg", "clip_norm": 10.0}
+    cfg = tiny_config(experiment={"rounds": 2}, secure_aggregation=sa)
+    summary = fedguard.run(cfg, out=tmp_path / "run", progress=False)
+    assert summary["status"] == "completed"
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert "aggregated weight" in rows[0]["secure_aggregation_aborted"]
+    assert not rows[1].get("secure_aggregation_aborted")

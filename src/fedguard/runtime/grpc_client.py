@@ -25,6 +25,7 @@ log = logging.getLogger("fedguard.grpc.client")
 
 Handler = Callable[[int, bytes], bytes]
 MAX_TASK_BYTES = 4 << 30
+MAX_ERROR_CHARS = 1000  # of an exception's text sent to the server (which quotes and cuts it)
 _RETRY = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
@@ -157,8 +158,9 @@ def serve(
                     try:
                         reply = handler(settings.client_id, payload)
                     except Exception as exc:  # reported to the server, which fails the task
-                        error = f"{type(exc).__name__}: {exc}"
-                        log.warning("client %d: task failed: %s", settings.client_id, error)
+                        error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
+                        # quoted: an exception's text may hold newlines that would forge lines
+                        log.warning("client %d: task failed: %r", settings.client_id, error)
                 stub.Push(_reply_chunks(settings, task_id, reply, error))
                 answered += 1
             except grpc.RpcError as exc:

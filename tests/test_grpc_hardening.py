@@ -272,10 +272,10 @@ def test_a_second_concurrent_push_for_one_task_is_refused_at_once(tmp_path) -> N
         first = _push(
             first_channel, _credentials(0, token), task_id, good, hold=hold, sent=first_sent
         )
-        # wait until the first push holds the task (its first chunk arrived)
+        # wait (at most 10 s) until the first push holds the task: its first chunk arrived
         for _ in range(200):
             with server.transport._cond:
-                if server.transport._tasks[task_id].pushing is not None:
+                if getattr(server.transport._tasks[task_id], "pushing", None) is not None:
                     break
             threading.Event().wait(0.05)
         with pytest.raises(grpc.RpcError) as second:

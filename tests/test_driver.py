@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,12 +79,34 @@ def test_garbage_impostor_and_empty_replies_are_rejected() -> None:
 
 
 def test_aggregate_uses_only_accepted_clients() -> None:
-    """With the bad clients removed the result equals a round run on the good clients only."""
+    """The result is the example-weighted mean of the accepted updates (computed by hand here)
+    and equals a round run on the good clients only."""
     exp = _experiment()
     params = exp.initial_params
     state = exp.strategy.init(params)
+    honest = exp.app.handle
+    sent: dict[int, messages.FitReply] = {}
+
+    def recording(client_id: int, payload: bytes) -> bytes:
+        reply = honest(client_id, payload)
+        sent[client_id] = messages.decode(reply, messages.FitReply)
+        return reply
+
+    exp.app.handle = recording  # the honest replies, before the sabotage rewrites 0 and 1
     _sabotage(exp, {0: "nan", 1: "raise"})
     with_bad = exp.driver.fit_round(1, params, state).params
+
+    # FedAvg by hand over the four accepted replies, weights = their example counts (unequal,
+    # none of them 1), in float64: params + sum_c n_c u_c / sum_c n_c.
+    good = [sent[c] for c in (2, 3, 4, 5)]
+    counts = [r.num_examples for r in good]
+    assert len(set(counts)) == 4 and min(counts) > 1, counts
+    mean = [0.0] * len(params)
+    for r in good:
+        for j, u in enumerate(r.update.tolist()):
+            mean[j] += r.num_examples * u / sum(counts)
+    expected = torch.tensor([p + m for p, m in zip(params.tolist(), mean, strict=True)])
+    torch.testing.assert_close(with_bad, expected.float(), rtol=0, atol=1e-6)
     clean = _experiment()
     good = {c: p for c, p in clean.fed.clients.items() if c not in (0, 1)}
     clean.app.data = good
@@ -144,6 +168,59 @@ def test_failed_round_stops_the_run_after_saving(tmp_path, monkeypatch) -> None:
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["rounds_completed"] == 1
     assert (tmp_path / "r" / "checkpoints" / "round_00001").exists()
+
+
+def _recording_transport(exp: Experiment, asked: list[tuple[int, int]]) -> None:
+    """Clients that only record which (round, client) got a fit task and reply at once."""
+
+    def handler(client_id: int, payload: bytes) -> bytes:
+        task = messages.decode(payload, messages.FitTask)
+        asked.append((task.round, client_id))
+        update = torch.zeros_like(task.parameters)
+        return messages.encode(messages.FitReply(task.round, client_id, update, 5))
+
+    exp.driver.transport = InProcessTransport(handler, exp.transport.client_ids)
+
+
+def test_poisson_cohorts_are_binomial_and_are_the_clients_that_train() -> None:
+    """server.sampling = "poisson" with 12 expected of 40 clients (q = 0.3) over 400 rounds: the
+    cohort sizes that reach the transport follow Binomial(40, 0.3) (mean 12, variance 8.4),
+    every client joins about 30 % of rounds, and the fit tasks go to exactly the sampled ones.
+    A fixed-size sampler (variance 0) fails the variance check."""
+    n, q, rounds = 40, 0.3, 400
+    cfg = tiny_config(
+        data={"num_clients": n, "partition": "iid", "synthetic_samples": 1200},
+        server={"sampling": "poisson", "clients_per_round": round(q * n), "min_clients": 1},
+    )
+    exp = Experiment(config.validate(cfg))
+    asked: list[tuple[int, int]] = []
+    _recording_transport(exp, asked)
+    params = exp.initial_params
+    state = exp.strategy.init(params)
+    sizes = []
+    for r in range(1, rounds + 1):
+        result = exp.driver.fit_round(r, params, state)
+        got = sorted(c for rr, c in asked if rr == r)
+        assert got == sorted(result.sampled)  # the clients that trained are the sampled ones
+        assert result.metrics["clients_sampled"] == len(got)
+        sizes.append(len(got))
+    sizes_ = np.array(sizes, dtype=np.float64)
+    mean, var = n * q, n * q * (1 - q)
+    # Standard errors over 400 rounds: mean 0.145, variance about 0.6; both checked at 4 of them.
+    assert abs(sizes_.mean() - mean) < 4 * math.sqrt(var / rounds)
+    assert abs(sizes_.var(ddof=1) - var) < 4 * var * math.sqrt(2 / (rounds - 1))
+    # Chi-square of the size histogram against Binomial(40, 0.3), sizes pooled into 7..17 with
+    # both tails in the end bins (every expected count >= 10): 10 degrees of freedom, and
+    # 29.6 is the 0.999 quantile.
+    bins = np.clip(sizes_, 7, 17).astype(int) - 7
+    observed = np.bincount(bins, minlength=11)
+    pmf = np.array([math.comb(n, k) * q**k * (1 - q) ** (n - k) for k in range(n + 1)])
+    expected = rounds * np.concatenate([[pmf[:8].sum()], pmf[8:17], [pmf[17:].sum()]])
+    assert expected.min() >= 10 and expected.sum() == pytest.approx(rounds)
+    assert float(((observed - expected) ** 2 / expected).sum()) < 29.6
+    # Each client joins Binomial(400, 0.3) rounds: standard deviation 9.2, here 4.5 of them.
+    joined = np.bincount([c for _, c in asked], minlength=n) / rounds
+    assert np.abs(joined - q).max() < 4.5 * math.sqrt(q * (1 - q) / rounds)
 
 
 def test_sampling_is_seeded_and_without_replacement() -> None:

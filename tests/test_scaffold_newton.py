@@ -139,15 +139,16 @@ def test_scaffold_server_by_hand() -> None:
     assert state.control.tolist() == [0.0, 0.0]
     replies = [
         messages.FitReply(
-            1, 0, torch.tensor([1.0, 2.0]), 1, tensors={"control_delta": torch.tensor([1.0, 0.0])}
+            1, 0, torch.tensor([1.0, 2.0]), 3, tensors={"control_delta": torch.tensor([1.0, 0.0])}
         ),
         messages.FitReply(
-            1, 1, torch.tensor([3.0, -2.0]), 3, tensors={"control_delta": torch.tensor([3.0, -2.0])}
+            1, 1, torch.tensor([3.0, -2.0]), 5, tensors={"control_delta": torch.tensor([3.0, -2.0])}
         ),
     ]
     state, params = strategy.aggregate(state, params, replies)
-    # model: [1, -1] + (1*[1, 2] + 3*[3, -2]) / 4 = [1, -1] + [2.5, -1] = [3.5, -2]
-    assert params.tolist() == [3.5, -2.0]
+    # model, weighted by the example counts 3 and 5 (neither 1, so each weight shows):
+    # [1, -1] + (3*[1, 2] + 5*[3, -2]) / 8 = [1, -1] + [18, -4] / 8 = [3.25, -1.5]
+    assert params.tolist() == [3.25, -1.5]
     # control: 0 + (2 / 4) * mean([1, 0], [3, -2]) = [1, -0.5] (an unweighted mean)
     assert state.control.tolist() == [1.0, -0.5]
     config, tensors = strategy.fit_instructions(state)

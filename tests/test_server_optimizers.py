@@ -106,14 +106,17 @@ def test_fedavgm_without_momentum_is_fedavg_through_strategy() -> None:
         for round_, deltas in enumerate([[[1.0, 2.0], [3.0, -4.0]], [[0.5, 0.5], [-2.0, 1.0]]]):
             replies = [
                 messages.FitReply(round_, cid, torch.tensor(d), num_examples=n)
-                for cid, (d, n) in enumerate(zip(deltas, [1, 3], strict=True))
+                for cid, (d, n) in enumerate(zip(deltas, [3, 5], strict=True))
             ]
             state, params = strategy.aggregate(state, params, replies)
         return params
 
-    # round 1: mean = (1*[1, 2] + 3*[3, -4]) / 4 = [2.5, -2.5];  x = [1, -1] + 0.5 * mean
-    # round 2: mean = ([0.5, 0.5] + 3*[-2, 1]) / 4 = [-1.375, 0.875]
-    expected = [1.0 + 0.5 * 2.5 + 0.5 * -1.375, -1.0 + 0.5 * -2.5 + 0.5 * 0.875]
+    # Example counts 3 and 5 (unequal, neither 1), so every reply's weight shows:
+    # round 1: mean = (3*[1, 2] + 5*[3, -4]) / 8 = [18, -14] / 8 = [2.25, -1.75]
+    # round 2: mean = (3*[0.5, 0.5] + 5*[-2, 1]) / 8 = [-8.5, 6.5] / 8 = [-1.0625, 0.8125]
+    # x = [1, -1] + 0.5 * (round 1 mean) + 0.5 * (round 2 mean): all exact in binary
+    expected = [1.0 + 0.5 * 2.25 + 0.5 * -1.0625, -1.0 + 0.5 * -1.75 + 0.5 * 0.8125]
+    assert expected == [1.59375, -1.46875]
     assert run(StrategyKind.FEDAVG).tolist() == pytest.approx(expected, abs=1e-6)
     assert torch.equal(run(StrategyKind.FEDAVGM), run(StrategyKind.FEDAVG))
 

@@ -152,26 +152,31 @@ def test_a_larger_clip_or_a_weighted_sum_under_user_dp_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("alive", "dropped", "message"),
+    ("mode", "alive", "dropped", "message"),
     [
-        ([*range(N), 42], [], r"clients \[42\], who were not sampled"),
-        (list(range(N)), [7], "refuses to reveal both shares of client 7"),
-        (list(range(N - 3)), [], "fewer than the 6 its configuration needs"),
+        (Mode.SECAGG, [*range(N), 42], [], r"clients \[42\], who were not sampled"),
+        (Mode.SECAGG, list(range(N - 3)), list(range(N - 3, N)), "fewer than the 6 its config"),
+        (Mode.SECAGG_PLUS, list(range(N)), None, "refuses to reveal both shares of client"),
     ],
 )
-def test_unmask_lists_inconsistent_with_the_round_are_refused(alive, dropped, message) -> None:
-    settings = _settings(Mode.SECAGG)
+def test_unmask_lists_inconsistent_with_the_round_are_refused(
+    mode: Mode, alive: list[int], dropped: list[int] | None, message: str
+) -> None:
+    """Names outside the round, a client both alive and dropped (here one whose shares client 0
+    does not hold: a list that cannot be the truth), or fewer inputs than the pins allow (five
+    survivors keep t = 5 holders of the complete graph, but the configuration wants six)."""
+    settings = _settings(mode)
     client = _client(_pins(settings))
-    server = _Server(client, _honest_setup(settings))
+    setup = _honest_setup(settings)
+    server = _Server(client, setup)
     for u in range(N):
         server.mask(u)
-    if message.startswith("fewer"):  # survivors 0..4 with 5..7 dropped: t = 5 holders remain
-        dropped = list(range(N - 3, N))
-    request = messages.SecAggUnmaskRequest(ROUND, 0, alive, dropped)
+    if dropped is None:  # a client outside client 0's neighbourhood, listed alive and dropped
+        dropped = [min(set(range(N)) - setup.holders(0))]
     with pytest.raises(SecAggError, match=message):
-        client.unmask(request)
+        client.unmask(messages.SecAggUnmaskRequest(ROUND, 0, alive, dropped))
     reply = client.unmask(messages.SecAggUnmaskRequest(ROUND, 0, list(range(N)), []))
-    assert sorted(reply.b_shares) == list(range(N)) and reply.s_shares == {}
+    assert sorted(reply.b_shares) == sorted(setup.holders(0)) and reply.s_shares == {}
 
 
 def test_both_shares_of_a_peer_are_never_revealed_across_two_requests() -> None:
@@ -373,3 +378,11 @@ def test_a_run_with_some_aborted_rounds_counts_them(tmp_path, monkeypatch) -> No
     sa = {"enabled": True, "clip_norm": 1.0}
     summary = fedguard.run(tiny_config(secure_aggregation=sa), out=tmp_path, progress=False)
     assert summary["status"] == "completed" and summary["rounds_aborted"] == 2
+
+
+def test_a_configured_threshold_of_half_fails_every_round_with_the_reason(tmp_path) -> None:
+    sa = {"enabled": True, "clip_norm": 1.0, "threshold": 2}  # 4 clients per round: 2 of 4
+    with pytest.raises(RoundFailedError, match="threshold 2 is not more than half of the 4"):
+        fedguard.run(tiny_config(secure_aggregation=sa), out=tmp_path, progress=False)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["rounds_aborted"] == 3

@@ -160,6 +160,11 @@ class Settings:
         else:
             k = secagg_graph.tolerant_degree(n, self.dropout_rate)
         t = self.threshold if self.threshold is not None else secagg_graph.default_threshold(k + 1)
+        if 2 * t <= k + 1:  # every client would refuse it (see check_majority)
+            raise ValueError(
+                f"the threshold {t} is not more than half of the {k + 1} share holders of a "
+                "client, which clients refuse (the server could collect both kinds of share)"
+            )
         return RoundSetup(
             round=round_,
             sampled=tuple(sorted(sampled)),
@@ -355,7 +360,7 @@ class Pins:
                 f"{prefix} threshold {setup.threshold}, its configuration needs at least "
                 f"{own.threshold} of {own.neighbours + 1} share holders."
             )
-        if setup.clip_norm > own.clip_norm:
+        if not setup.clip_norm <= own.clip_norm:  # NaN included
             raise SecAggError(
                 f"{prefix} clip norm {setup.clip_norm:g}, its configuration allows at most "
                 f"{own.clip_norm:g}."

@@ -159,6 +159,30 @@ def main(argv: list[str] | None = None) -> int:
         for line in str(exc).splitlines():
             err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True)
         return EXIT_CONFIG
+    except OSError as exc:  # a named file or folder that cannot be read or written
+        if exc.filename is None:
+            raise
+        err.print(
+            f"[red]error:[/red] {exc.filename}: {exc.strerror or exc}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_CONFIG
+
+
+def _readable(flag: str, path: Path | None) -> None:
+    """Refuse, before anything starts, a file option naming a missing or unreadable file."""
+    if path is None:
+        return
+    try:
+        with open(path, "rb") as fh:
+            fh.read(1)
+    except FileNotFoundError:
+        raise _config_error(f"{flag} {path}: no such file") from None
+    except IsADirectoryError:
+        raise _config_error(f"{flag} {path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise _config_error(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _exit_code_of_run(start: Callable[[], object], err: Console) -> int:
@@ -196,6 +220,13 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise _config_error("--tls-cert and --tls-key go together.")
+    for flag, path in (
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+        ("--client-ca", args.client_ca),
+        ("--tokens", args.tokens),
+    ):
+        _readable(flag, path)
     tls = None
     if args.tls_cert is not None:
         tls = grpc_tls.ServerTls(args.tls_cert, args.tls_key, args.client_ca)
@@ -242,6 +273,13 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
 
     if args.token_file is None and args.cert is None:
         raise _config_error("The client needs a credential: --token-file or --cert/--key.")
+    for flag, path in (
+        ("--token-file", args.token_file),
+        ("--ca", args.ca),
+        ("--cert", args.cert),
+        ("--key", args.key),
+    ):
+        _readable(flag, path)
     try:
         if args.ca is None:  # refuse before loading anything
             grpc_tls.refuse_plaintext(args.server, args.insecure)
@@ -261,7 +299,7 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
         app = grpc_deploy.demo_app(args.config, args.client_id, args.overrides)
     else:
         raise _config_error("The client needs its data: --data FILE.npz, or an experiment file.")
-    token = b"" if args.token_file is None else args.token_file.read_text().strip().encode()
+    token = b"" if args.token_file is None else args.token_file.read_bytes().strip()
     tls = None if args.ca is None else grpc_tls.ClientTls(args.ca, args.cert, args.key)
     settings = grpc_client.ClientSettings(
         address=args.server,

@@ -8,9 +8,13 @@ never copies made per round.
 
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+
+from fedguard.data.errors import DataError
 
 
 @dataclass(frozen=True)
@@ -78,3 +82,113 @@ class FederatedDataset:
         empty = [name for name, d in self.clients.items() if len(d) == 0]
         if empty:
             raise ValueError(f"Clients without training data: {', '.join(empty[:5])}.")
+
+
+def check_arrays(
+    x: np.ndarray, y: np.ndarray, *, num_classes: int, what: str, allow_empty: bool = False
+) -> None:
+    """Refuse, with a :class:`DataError` naming ``what``, data that would fail only in training.
+
+    Features must be a numeric array ``[N, ...]`` of finite values, labels ``[N]`` whole numbers
+    in ``0 .. num_classes - 1``, and (unless ``allow_empty``) ``N`` at least 1.
+    """
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype.kind not in "biuf":
+        raise DataError(f"{what}: the features have dtype {x.dtype}; expected numbers")
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"{what}: the labels have dtype {y.dtype}; expected integers")
+    if x.ndim < 2:
+        raise DataError(f"{what}: the features have shape {x.shape}; expected [samples, ...]")
+    if y.ndim != 1:
+        raise DataError(f"{what}: the labels have shape {y.shape}; expected [samples]")
+    if x.shape[0] != y.shape[0]:
+        raise DataError(
+            f"{what}: {x.shape[0]} feature rows but {y.shape[0]} labels; they must match"
+        )
+    if y.shape[0] == 0:
+        if allow_empty:
+            return
+        raise DataError(f"{what}: holds no samples")
+    if x.dtype.kind == "f":
+        bad = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+        if bad.any():
+            raise DataError(
+                f"{what}: the features of {int(bad.sum())} sample(s) hold NaN or infinite values "
+                f"(the first is sample {int(np.argmax(bad))})"
+            )
+    if y.dtype.kind == "f":
+        if not np.isfinite(y).all() or (y != np.round(y)).any():
+            raise DataError(f"{what}: the labels must be whole numbers (class indices)")
+    low, high = y.min(), y.max()
+    if low < 0 or high >= num_classes:
+        wrong = low if low < 0 else high
+        raise DataError(
+            f"{what}: label {wrong:g} is out of range: {num_classes} classes allow "
+            f"0..{num_classes - 1}"
+        )
+
+
+def read_client_npz(
+    path: str | Path, *, num_classes: int
+) -> tuple[ArrayDataset, ArrayDataset | None]:
+    """A deployed client's own data: ``x``, ``y`` and optionally ``x_eval``, ``y_eval``.
+
+    Returns the training set and the evaluation set (``None`` when the file has none), checked
+    with :func:`check_arrays`; every problem is a one-line :class:`DataError` naming the file.
+    Object arrays are refused without being unpickled.
+    """
+    p = Path(path)
+    try:
+        npz = np.load(p, allow_pickle=False)
+    except FileNotFoundError:
+        raise DataError(f"{p}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{p}: is a directory, not an .npz file") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        # without a zip or .npy header NumPy tries pickle, which allow_pickle=False refuses
+        reason = "no NumPy header" if "pickle" in str(exc) else _reason(exc)
+        raise DataError(f"{p}: not an .npz file ({reason})") from None
+    if not isinstance(npz, np.lib.npyio.NpzFile):
+        raise DataError(f"{p}: a single .npy array, not an .npz holding x and y")
+    arrays: dict[str, np.ndarray] = {}
+    with npz:
+        for name in ("x", "y", "x_eval", "y_eval"):
+            if name not in npz.files:
+                continue
+            try:
+                arrays[name] = npz[name]
+            except ValueError as exc:
+                if "allow_pickle" in str(exc):
+                    raise DataError(
+                        f"{p}: the array {name!r} holds Python objects (object dtype); "
+                        "store numbers"
+                    ) from None
+                raise DataError(
+                    f"{p}: the array {name!r} cannot be read ({_reason(exc)})"
+                ) from None
+            except (OSError, EOFError, KeyError, zipfile.BadZipFile) as exc:
+                raise DataError(
+                    f"{p}: the array {name!r} cannot be read ({_reason(exc)})"
+                ) from None
+    missing = sorted({"x", "y"} - set(arrays))
+    if missing:
+        raise DataError(f"{p}: lacks the arrays {missing}")
+    check_arrays(arrays["x"], arrays["y"], num_classes=num_classes, what=f"{p} (x, y)")
+    train = ArrayDataset(arrays["x"], arrays["y"])
+    if ("x_eval" in arrays) != ("y_eval" in arrays):
+        raise DataError(f"{p}: x_eval and y_eval go together; the file holds only one of them")
+    if "x_eval" not in arrays:
+        return train, None
+    what = f"{p} (x_eval, y_eval)"
+    check_arrays(arrays["x_eval"], arrays["y_eval"], num_classes=num_classes, what=what)
+    if arrays["x_eval"].shape[1:] != arrays["x"].shape[1:]:
+        raise DataError(
+            f"{what}: samples of shape {arrays['x_eval'].shape[1:]} but x has "
+            f"{arrays['x'].shape[1:]}"
+        )
+    return train, ArrayDataset(arrays["x_eval"], arrays["y_eval"])
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception's message on one line (its type when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__

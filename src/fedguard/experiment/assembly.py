@@ -57,6 +57,32 @@ def central_metrics(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) ->
     }
 
 
+def check_output_width(model, example: torch.Tensor, num_classes: int, what: str) -> None:
+    """Run ``model`` once on one ``example`` (a batch of one): it must give ``num_classes``
+    outputs, or a one-line :class:`ConfigError` naming ``what`` says what it gave instead.
+
+    A model whose width differs from the data's classes would otherwise train every round and
+    fail only in the final report.
+    """
+    model.train_mode(False)
+    try:
+        with torch.no_grad():
+            out = model.forward(example, training=False)
+    except Exception as exc:  # a user's model may raise anything on a wrong input
+        message = " ".join(str(exc).split())
+        raise ConfigError(
+            f"{what}: the model fails on one example of shape {tuple(example.shape[1:])} "
+            f"({type(exc).__name__}: {message})"
+        ) from None
+    shape = tuple(getattr(out, "shape", ()))
+    if shape != (1, num_classes):
+        width = shape[-1] if shape else "no"
+        raise ConfigError(
+            f"{what}: the model gives {width} outputs per example (shape {shape} for one "
+            f"example) but the data has {num_classes} classes"
+        )
+
+
 class Experiment:
     """One configured experiment, set up and ready to run rounds."""
 
@@ -84,6 +110,10 @@ class Experiment:
             )
         except (ValueError, ImportError) as exc:
             raise ConfigError(f"model.name: {exc}") from None
+        first = next(iter(self.fed.clients.values())).train_x[:1]
+        check_output_width(
+            self.model, first, self.fed.num_classes, f"model.name {cfg.model.name!r}"
+        )
         c = cfg.client
         client_config = {
             "optimizer": c.optimizer,

@@ -13,7 +13,8 @@ from fedguard.algorithms import attacks, attacks_data, robust_base
 from fedguard.client.app import ClientData
 from fedguard.data import partition as partitioners
 from fedguard.data import registry
-from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
+from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset, check_arrays
+from fedguard.data.errors import DataError
 from fedguard.experiment.config import ConfigError, DataSection, ExperimentConfig
 from fedguard.runtime import attack
 
@@ -84,6 +85,37 @@ def load_data(
         raise ConfigError(f"data.dataset: {exc}") from None
 
 
+def check_data(loaded: DatasetSplits | FederatedDataset, source: str) -> None:
+    """Refuse data that would fail only once training runs, naming ``source`` and the split.
+
+    Every split must hold numeric, finite features of one sample shape and whole-number labels
+    in ``0 .. num_classes - 1``; the training sets and the test set must not be empty.
+    """
+    k = loaded.num_classes
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ConfigError(f"{source}: num_classes = {k!r}; expected a positive integer")
+    if isinstance(loaded, FederatedDataset):
+        train = [(f"the training data of client {n!r}", d) for n, d in loaded.clients.items()]
+    else:
+        train = [("the training set", loaded.train)]
+    splits = [*train, ("the test set", loaded.test)]
+    if loaded.val is not None:
+        splits.append(("the validation set", loaded.val))
+    shape = None
+    for what, d in splits:
+        try:
+            check_arrays(d.x, d.y, num_classes=int(k), what=what)
+        except DataError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+        if shape is None:
+            shape = d.x.shape[1:]
+        elif d.x.shape[1:] != shape:
+            raise ConfigError(
+                f"{source}: {what} has samples of shape {tuple(d.x.shape[1:])} but "
+                f"{splits[0][0]} has {tuple(shape)}"
+            )
+
+
 def audio_settings(d: DataSection) -> dict[str, Any]:
     """The fsdd feature settings of ``[data]`` that differ from their defaults."""
     fields = DataSection.model_fields
@@ -94,6 +126,9 @@ def audio_settings(d: DataSection) -> dict[str, Any]:
 def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Federation:
     """Load, partition and tensorise the data; every sample lands on exactly one client."""
     loaded = load_data(cfg, data_fn)
+    check_data(
+        loaded, "the data function" if data_fn is not None else f"data.dataset {cfg.data.dataset!r}"
+    )
     rng = np.random.default_rng([cfg.experiment.seed, 0xDA7A])
     if isinstance(loaded, FederatedDataset):
         names = list(loaded.clients)

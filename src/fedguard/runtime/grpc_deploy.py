@@ -23,6 +23,8 @@ import numpy as np
 import torch
 
 from fedguard.client.app import ClientApp, ClientData, ClientPins
+from fedguard.data import dataset
+from fedguard.data.errors import DataError
 from fedguard.experiment import assembly, runner
 from fedguard.experiment import config as config_mod
 from fedguard.models import registry as models
@@ -166,26 +168,34 @@ def data_app(
     """A client holding its own data: an ``.npz`` with ``x``, ``y`` (and ``x_eval``, ``y_eval``).
 
     Without ``pins`` it holds the server only to the protocol's own rules."""
-    with np.load(data) as arrays:
-        missing = {"x", "y"} - set(arrays.files)
-        if missing:
-            raise config_mod.ConfigError(f"--data {data}: lacks the arrays {sorted(missing)}")
+    # The data and the model are checked here, before connecting: a file that cannot be read,
+    # empty or non-finite features, labels outside 0..num_classes-1, or a model whose output
+    # width is not num_classes stop the client with one line naming the problem.
+    if num_classes < 2:
+        raise config_mod.ConfigError(f"--num-classes must be at least 2, got {num_classes}")
+    try:
+        train, held = dataset.read_client_npz(data, num_classes=num_classes)
+    except DataError as exc:
+        raise config_mod.ConfigError(f"--data {exc}") from None
 
-        def tensor(name: str, dtype: type) -> torch.Tensor | None:
-            if name not in arrays.files:
-                return None
-            return torch.from_numpy(np.ascontiguousarray(arrays[name], dtype=dtype))
+    def tensors(d: dataset.ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.from_numpy(np.ascontiguousarray(d.x, dtype=np.float32))
+        return x, torch.from_numpy(np.ascontiguousarray(d.y, dtype=np.int64))
 
-        x, y = tensor("x", np.float32), tensor("y", np.int64)
-        assert x is not None and y is not None
-        local = ClientData(x, y, tensor("x_eval", np.float32), tensor("y_eval", np.int64))
-    adapter = models.build(
-        model,
-        framework=framework,
-        input_shape=tuple(int(s) for s in x.shape[1:]),
-        num_classes=num_classes,
-        seed=0,  # the server sends the parameters; the local initialisation is never used
-    )
+    x, y = tensors(train)
+    x_eval, y_eval = (None, None) if held is None else tensors(held)
+    local = ClientData(x, y, x_eval, y_eval)
+    try:
+        adapter = models.build(
+            model,
+            framework=framework,
+            input_shape=tuple(int(s) for s in x.shape[1:]),
+            num_classes=num_classes,
+            seed=0,  # the server sends the parameters; the local initialisation is never used
+        )
+    except (ValueError, ImportError) as exc:
+        raise config_mod.ConfigError(f"--model {model!r}: {exc}") from None
+    assembly.check_output_width(adapter, x[:1], num_classes, f"--model {model!r}")
     return ClientApp(adapter, {client_id: local}, pins=pins)
 
 

@@ -348,6 +348,17 @@ def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
 
     pki = certs.make_dev_pki(args.directory, client_ids=range(args.clients), hosts=args.host)
     console.print(f"CA {pki.ca_cert}, server {pki.server_cert}, {args.clients} client certificates")
+    console.print(
+        f"The CA's private key is in {pki.ca_key.parent}/: keep it there and never copy that "
+        "folder to clients or the server (clients need only ca.pem and their own client-N files)."
+    )
+    if (args.directory / "ca.key").exists():
+        err.print(
+            f"[yellow]warning:[/yellow] {args.directory / 'ca.key'} is an older CA key left "
+            "beside the files handed out; it is not this CA's key: delete it.",
+            highlight=False,
+            soft_wrap=True,
+        )
     if args.tokens:
         auth.make_tokens(args.directory, range(args.clients))
         console.print(f"tokens in {args.directory / 'tokens.json'} and client-N.token")

@@ -67,8 +67,30 @@ def new_record(client_id: int) -> tuple[str, TokenRecord]:
     return token, TokenRecord(client_id, salt, token_hash(token.encode(), salt))
 
 
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, readable and writable by its owner only.
+
+    The file is created with mode 0600 (never world-readable, not even for an instant) as a
+    temporary file beside ``path``, then renamed over it, so readers never see half a file and
+    an existing file of wider mode is replaced, not reused.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)  # left by a crash of this process id
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    fd = os.open(tmp, flags, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_records(path: Path, records: Iterable[TokenRecord]) -> None:
-    """Write the server's tokens file (owner-readable only)."""
+    """Write the server's tokens file (owner-readable only, see :func:`write_private`)."""
     body = {
         "clients": {
             str(r.client_id): {"salt": r.salt.hex(), "sha256": r.sha256.hex(), "revoked": r.revoked}
@@ -76,8 +98,7 @@ def write_records(path: Path, records: Iterable[TokenRecord]) -> None:
         }
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(body, indent=1) + "\n")
-    os.chmod(path, 0o600)
+    write_private(path, (json.dumps(body, indent=1) + "\n").encode())
 
 
 def read_records(path: Path) -> dict[int, TokenRecord]:
@@ -110,8 +131,7 @@ def make_tokens(directory: Path, client_ids: Iterable[int]) -> dict[int, Path]:
         token, record = new_record(cid)
         records[cid] = record
         path = directory / f"client-{cid}.token"
-        path.write_text(token + "\n")
-        os.chmod(path, 0o600)
+        write_private(path, (token + "\n").encode())
         out[cid] = path
     write_records(server_file, records.values())
     return out

@@ -277,6 +277,11 @@ def test_the_norm_bound_leaves_boosted_and_flipped_updates_to_the_rule() -> None
     quiet = {**{c: [1.0, 1.0] for c in range(4)}, **{c: [1e-12, 0.0] for c in range(4, 7)}}
     driver = _driver(quiet, dict.fromkeys(quiet, 3))
     assert driver.fit_round(1, params, driver.strategy.init(params)).problems == []
+    # Two replies: the lower median is the smaller norm, so the 3e38 one cannot vouch for itself
+    # (the midpoint of the two norms would).
+    pair = {0: [1.0, 0.0], 1: [3e38, 0.0]}
+    driver = _driver(pair, dict.fromkeys(pair, 3))
+    assert [c for c, _ in driver.fit_round(1, params, driver.strategy.init(params)).problems] == [1]
     with pytest.raises(ValueError, match="max_norm_ratio must be above 1"):
         _driver(quiet, dict.fromkeys(quiet, 3), max_norm_ratio=0.5)
 

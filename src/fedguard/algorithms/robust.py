@@ -19,6 +19,11 @@ in ``RobustState``; the other rules leave the state empty.
 
 Only norm bounding can run under secure aggregation: its clip is applied by each client to its own
 update, and the server needs nothing but the sum. Every other rule compares individual updates.
+
+The ``weights`` of :func:`apply` must be ones the server can vouch for: a Byzantine client's
+claimed example count is no more trustworthy than its update, and with claimed weights one client
+claiming 10^12 examples is the weighted majority (the weighted geometric median returns its
+update). The strategy therefore passes equal weights (see :mod:`fedguard.protocol.strategy`).
 """
 
 from __future__ import annotations

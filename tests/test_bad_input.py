@@ -264,3 +264,10 @@ def test_an_out_folder_that_is_a_file_is_a_one_line_error(tmp_path, capsys) -> N
     out.write_text("a file, not a folder\n")
     code, lines = _cli(capsys, "run", _config(tmp_path), "--out", out, "--quiet")
     assert code == 2 and len(lines) == 1 and str(out) in lines[0], lines
+
+
+def test_an_empty_data_file_is_a_one_line_error(tmp_path, capsys) -> None:
+    empty = tmp_path / "pneumoniamnist.npz"
+    empty.write_bytes(b"")
+    config = _config(tmp_path, data={"dataset": "pneumoniamnist", "path": str(empty)})
+    _refused(capsys, tmp_path, config, str(empty), "cannot be read")

@@ -12,9 +12,11 @@ project checkout), so users with full downloads pass their own ``path`` and use 
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
-from collections.abc import Mapping
+import zipfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -74,7 +76,8 @@ def load_dataset(
             f"not of {name!r}."
         )
     if name == "pneumoniamnist":
-        return medmnist.load_medmnist(_path(name, path))
+        with _reading(name, _path(name, path)):
+            return medmnist.load_medmnist(_path(name, path))
     if name == "breast_cancer":
         return tabular.load_breast_cancer(test_fraction=test_fraction, seed=seed)
     if name == "synthetic":
@@ -87,9 +90,10 @@ def load_dataset(
             test_samples=max(1, round(num_samples * test_fraction)),
         )
     if name == "fsdd":
-        return _load_fsdd(
-            _path(name, path), seed, augment_copies, validation, feature_norm, audio or {}
-        )
+        with _reading(name, _path(name, path)):
+            return _load_fsdd(
+                _path(name, path), seed, augment_copies, validation, feature_norm, audio or {}
+            )
 
     if ":" in name:
         return _load_custom(name, path=path, seed=seed, test_fraction=test_fraction)
@@ -97,6 +101,19 @@ def load_dataset(
         f"Unknown data set {name!r}: use one of {', '.join(BUILTIN_NAMES)} "
         "or 'package.module:callable'."
     )
+
+
+@contextlib.contextmanager
+def _reading(name: str, path: Path) -> Iterator[None]:
+    """Turn a file that cannot be read (cut short, not an archive, unreadable) into a
+    :class:`DataError` naming the data set and the file, instead of a traceback."""
+    try:
+        yield
+    except DataError:
+        raise
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"The {name} data at {path} cannot be read ({reason}).") from None
 
 
 def _or(value: T | None, default: T) -> T:

@@ -11,6 +11,56 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+# What the tests marked ``shared_data`` read (the layout of SHARED_DATA / "README.md").
+DATA_SETS = {
+    "fsdd/recordings": "the Free Spoken Digit Dataset's 3,000 .wav files",
+    "medmnist/pneumoniamnist.npz": "the PneumoniaMNIST archive (MedMNIST v2 layout)",
+}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "shared_data: reads the real data sets in ../shared/data beside the project"
+    )
+
+
+MISSING_DATA = pytest.StashKey[str]()
+
+
+@pytest.hookimpl(trylast=True)  # after -m and -k have deselected what they deselect
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Without the data, the tests that read it do not run and the session fails with one
+    message that says where the data goes; every other test still runs."""
+    needing = [item for item in items if item.get_closest_marker("shared_data") is not None]
+    missing = [name for name in DATA_SETS if not (SHARED_DATA / name).exists()]
+    if not needing or not missing:
+        return
+    wanted = "\n".join(f"  {SHARED_DATA / name}: {what}" for name, what in DATA_SETS.items())
+    config.stash[MISSING_DATA] = (
+        f"{len(needing)} tests read real data that is missing ({', '.join(missing)}), so they "
+        f"did not run and the session fails.\nThe data sets go in {SHARED_DATA} (the folder "
+        f"shared/data beside the project checkout, as {SHARED_DATA / 'README.md'} describes):\n"
+        f"{wanted}\nPut them there, or leave those tests out with: "
+        ".venv/bin/python -m pytest -m 'not shared_data'"
+    )
+    skipped = {id(item) for item in needing}
+    items[:] = [item for item in items if id(item) not in skipped]
+    config.hook.pytest_deselected(items=needing)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:  # noqa: ANN001
+    message = config.stash.get(MISSING_DATA, None)
+    if message is not None:
+        terminalreporter.section("missing data", sep="=", red=True, bold=True)
+        terminalreporter.line(message, red=True)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if session.config.stash.get(MISSING_DATA, None) is not None and exitstatus in (
+        pytest.ExitCode.OK,
+        pytest.ExitCode.NO_TESTS_COLLECTED,
+    ):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def tiny_config(**sections: dict) -> dict:
@@ -33,11 +83,3 @@ def tiny_config(**sections: dict) -> dict:
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
-
-
-@pytest.fixture
-def pneumonia_path() -> Path:
-    path = SHARED_DATA / "medmnist" / "pneumoniamnist.npz"
-    if not path.exists():
-        pytest.skip(f"data file {path} is not present")
-    return path

@@ -9,17 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import REPO as REPO_ROOT
+from conftest import SHARED_DATA
 from fedguard.data import medmnist, registry, synthetic, tabular
 from fedguard.data.dataset import DatasetSplits
 from fedguard.data.errors import DataError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 PNEUMONIA = SHARED_DATA / "medmnist" / "pneumoniamnist.npz"
-
-needs_pneumonia = pytest.mark.skipif(
-    not PNEUMONIA.is_file(), reason=f"real data file {PNEUMONIA} is absent (../shared/data)"
-)
 
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> Path:
@@ -40,7 +36,7 @@ def _medmnist_arrays(images_shape: tuple[int, ...], labels: np.ndarray) -> dict[
 # --- MedMNIST -----------------------------------------------------------------------------------
 
 
-@needs_pneumonia
+@pytest.mark.shared_data
 def test_pneumoniamnist_real_file() -> None:
     data = medmnist.load_medmnist(PNEUMONIA)
     assert data.name == "pneumoniamnist"
@@ -57,7 +53,7 @@ def test_pneumoniamnist_real_file() -> None:
     assert np.bincount(data.test.y).tolist() == [234, 234]
 
 
-@needs_pneumonia
+@pytest.mark.shared_data
 def test_registry_default_path_is_relative_to_cwd(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO_ROOT)
     data = registry.load_dataset("pneumoniamnist", path=None, seed=0, test_fraction=0.2)
@@ -188,13 +184,22 @@ def test_registry_unknown_name_lists_builtins() -> None:
         registry.load_dataset("cifar10", path=None, seed=0, test_fraction=0.2)
 
 
-def test_registry_fsdd_without_module() -> None:
+def test_registry_fsdd_without_module(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """An install without the audio module (fedguard.data.fsdd, which needs librosa) gets a
+    DataError that names it, before any file is read; the module is hidden from the finder."""
     import importlib.util
 
-    if importlib.util.find_spec("fedguard.data.fsdd") is not None:
-        pytest.skip("fedguard.data.fsdd exists; its own tests cover loading")
-    with pytest.raises(DataError, match="fedguard.data.fsdd"):
-        registry.load_dataset("fsdd", path=None, seed=0, test_fraction=0.2)
+    real_find_spec = importlib.util.find_spec
+    asked: list[str] = []
+
+    def find_spec(name: str, *args: object, **kwargs: object):  # noqa: ANN202
+        asked.append(name)
+        return None if name == "fedguard.data.fsdd" else real_find_spec(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(DataError, match=r"needs the module fedguard\.data\.fsdd"):
+        registry.load_dataset("fsdd", path=str(tmp_path), seed=0, test_fraction=0.2)
+    assert "fedguard.data.fsdd" in asked
 
 
 def test_registry_custom_callable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from dp_accounting import rdp
+from dp_accounting.rdp import rdp_privacy_accountant
 
 import fedguard
 from conftest import tiny_config
@@ -123,13 +124,19 @@ def test_clients_refuse_to_unmask_fewer_inputs_than_noise_shares(caplog) -> None
 def test_skellam_epsilon_is_slightly_above_the_gaussian_one_at_the_same_noise() -> None:
     z, d, rounds, delta = 1.2, 10_000, 20, 1e-5
     levels = 2.0**20
-    l2 = distributed_dp.l2_sensitivity(levels, d, distributed_dp.DEFAULT_BETA)
+    l2 = _rounding_bound(levels, d)
+    d1 = min(l2 * l2, math.sqrt(d) * l2)
+    assert distributed_dp.l2_sensitivity(levels, d, distributed_dp.DEFAULT_BETA) == pytest.approx(
+        l2, rel=1e-12
+    )
+    assert distributed_dp.l1_sensitivity(l2, d) == pytest.approx(d1, rel=1e-12)
     mu = (z * levels) ** 2 / 2
-    skellam = accounting.SkellamSum(l2, distributed_dp.l1_sensitivity(l2, d), mu, rounds)
+    skellam = accounting.SkellamSum(l2, d1, mu, rounds)
     # golden RDP at order 2: 2 D2^2 / (4 mu) + min((4 D2^2 + 6 D1) / (16 mu^2), 3 D1 / (4 mu))
-    d1 = skellam.l1_sensitivity
     one = 2 * l2**2 / (4 * mu) + min((4 * l2**2 + 6 * d1) / (16 * mu**2), 3 * d1 / (4 * mu))
     assert skellam.rdp()[0] == pytest.approx(rounds * one)
+    orders = np.array(accounting.SKELLAM_ORDERS)
+    np.testing.assert_allclose(skellam.rdp(), rounds * _rdp_one_round(orders, l2, d1, mu))
     gaussian = rdp.RdpAccountant(orders=accounting.SKELLAM_ORDERS)
     gaussian.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), rounds))
     expected = gaussian.get_epsilon(delta)
@@ -138,17 +145,42 @@ def test_skellam_epsilon_is_slightly_above_the_gaussian_one_at_the_same_noise() 
     assert accounting.skellam_epsilon(skellam.__class__(l2, d1, mu, 0), delta) == 0.0
 
 
-def _direct_epsilon(rounds: int) -> float:
-    """The run's epsilon from first principles: 4 clients per round, none may drop (m = 4)."""
-    mechanism = distributed_dp.Skellam(1.0, 4)
-    fp = distributed_dp.fixed_point(bits=32, clip_norm=0.5, num_clients=4, mechanism=mechanism)
-    levels = fp.scale * 0.5
-    dim = 3 * 36 + 3  # logistic regression on 1x6x6 inputs, 3 classes
-    l2 = distributed_dp.l2_sensitivity(levels, dim, distributed_dp.DEFAULT_BETA)
-    skellam = accounting.SkellamSum(
-        l2, distributed_dp.l1_sensitivity(l2, dim), (1.0 * levels) ** 2 / 2, rounds
+def _rdp_one_round(orders: np.ndarray, l2: float, l1: float, mu: float) -> np.ndarray:
+    """Agarwal et al. 2021, section 3: the Skellam sum Sk(mu, mu) (variance 2 mu) with L2 and L1
+    sensitivities l2, l1, at integer order a:
+    a l2^2 / (4 mu) + min((2 a l2^2 + 6 l1) / (16 mu^2), 3 l1 / (4 mu))."""
+    return orders * l2**2 / (4 * mu) + np.minimum(
+        (2 * orders * l2**2 + 6 * l1) / (16 * mu**2), 3 * l1 / (4 * mu)
     )
-    return accounting.skellam_epsilon(skellam, 1e-3)
+
+
+def _rounding_bound(levels: float, dim: int) -> float:
+    """Kairouz et al. 2021's conditional-rounding norm bound at beta = exp(-1/2), where
+    sqrt(2 ln(1 / beta)) = 1: sqrt(min(c^2 + d/4 + (c + sqrt(d)/2), (c + sqrt(d))^2))."""
+    return math.sqrt(
+        min(levels**2 + dim / 4 + (levels + math.sqrt(dim) / 2), (levels + math.sqrt(dim)) ** 2)
+    )
+
+
+def _direct_epsilon(rounds: int) -> float:
+    """The run's epsilon from the formulas, with the numbers worked out here: 4 clients per
+    round, none may drop (m = 4 noise shares), z = 1, C = 0.5, a 32-bit ring, and the model
+    (logistic regression on 1x6x6 inputs, 3 classes) has d = 3 * 36 + 3 = 111 parameters."""
+    n = m = 4
+    z, dim = 1.0, 111
+    # Ring headroom: s C = (2^31 - 1 - n) / (n + 8 z sqrt(n / m)) = 2,147,483,643 / 12, about
+    # 1.8e8, above the cap of 2^20 levels, so c = s C = 2^20.
+    uncapped = (2**31 - 1 - n) / (n + 8 * z * math.sqrt(n / m))
+    assert uncapped > 2**20
+    levels = 2.0**20
+    l2 = _rounding_bound(levels, dim)
+    assert levels < l2 < levels + 2  # c + (d/4 + c + sqrt(d)/2) / (2c) = c + 0.5 + 3e-5
+    l1 = min(l2 * l2, math.sqrt(dim) * l2)  # = sqrt(111) l2, the smaller here
+    mu = (z * levels) ** 2 / 2  # total noise Sk(mu, mu): variance 2 mu = (z c)^2
+    orders = np.arange(2, 257)  # integer orders, as the bound requires
+    curve = rounds * _rdp_one_round(orders, l2, l1, mu)
+    eps, _ = rdp_privacy_accountant.compute_epsilon(orders, curve, 1e-3)
+    return float(eps)
 
 
 def test_run_reports_the_directly_accounted_epsilon(tmp_path) -> None:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -142,6 +146,25 @@ def test_unbuilt_model_needs_an_input_shape() -> None:
     assert adapter.forward(torch.zeros(4, 2, 3), training=False).shape == (4, 2)
 
 
-@pytest.mark.skip(reason="Keras picks its backend once per process; cannot switch it in a test.")
-def test_non_torch_backend_is_refused() -> None:
-    """Importing fedguard.client.keras_model with KERAS_BACKEND=jax raises ImportError."""
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_non_torch_backend_is_refused(backend: str) -> None:
+    """Keras fixes its backend at its first import, so each backend is tried in a fresh
+    interpreter: KERAS_BACKEND=jax makes importing fedguard.client.keras_model raise our
+    ImportError naming the backend; torch (the control) imports."""
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    done = subprocess.run(
+        [sys.executable, "-c", "import fedguard.client.keras_model"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if backend == "torch":
+        assert done.returncode == 0, done.stderr
+        return
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last == (
+        "ImportError: fedguard runs Keras 3 on the torch backend, but Keras is using 'jax': "
+        "set KERAS_BACKEND=torch before Keras is first imported."
+    ), done.stderr

@@ -117,7 +117,7 @@ def test_label_histogram_counts() -> None:
         partition.label_histogram(labels, parts, 2)
 
 
-@pytest.mark.skipif(not PNEUMONIA.is_file(), reason=f"real data file {PNEUMONIA} is absent")
+@pytest.mark.shared_data
 def test_partition_real_pneumonia_labels() -> None:
     labels = medmnist.load_medmnist(PNEUMONIA).train.y
     parts = partition.dirichlet(labels, 8, 0.5, np.random.default_rng(0))

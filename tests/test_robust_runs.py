@@ -87,10 +87,32 @@ def test_incompatible_choices_are_refused_with_the_reason(sections, message) -> 
         validate(_config(**sections))
 
 
-def test_norm_bounding_runs_under_secure_aggregation_and_central_dp() -> None:
-    server = {"aggregator": "norm_bounding", "byzantine_f": 2, "norm_bound": 0.5}
-    validate(_config(server=server, secure_aggregation={"enabled": True, "clip_norm": 1.0}))
-    validate(_config(server=server, privacy={"mode": "central", "noise_multiplier": 1.0}))
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"secure_aggregation": {"enabled": True, "clip_norm": 1.0}},
+        {"privacy": {"mode": "central", "noise_multiplier": 1e-6, "clip_norm": 1.0}},
+    ],
+    ids=["secure_aggregation", "central_dp"],
+)
+def test_norm_bounding_bounds_the_step_under_secure_aggregation_and_central_dp(sections) -> None:
+    """Where the server never sees (secure aggregation) or re-clips (central DP) the updates, the
+    norm bound still holds: each update is clipped to 0.01 (not to the clip 1.0), so the round's
+    step, a mean of ten of them, is at most 0.01 long, while without the bound it is longer."""
+    bound = 0.01
+    server = {"aggregator": "norm_bounding", "byzantine_f": 2, "norm_bound": bound}
+
+    def step(**server_section) -> float:
+        exp = assembly.Experiment(validate(_config(server=server_section, **sections)))
+        params = exp.initial_params
+        result = exp.driver.fit_round(1, params, exp.strategy.init(params))
+        assert result.metrics["clients_completed"] == 10
+        return float((result.params.double() - params.double()).norm())
+
+    bounded, free = step(**server), step()
+    # 1e-4: the fixed-point rounding of secure aggregation, and the 1e-6 noise of central DP
+    assert 0.5 * bound < bounded <= bound + 1e-4
+    assert free > 3 * bound
 
 
 @pytest.fixture(scope="module")

@@ -14,8 +14,9 @@ import fedguard
 from conftest import tiny_config
 from fedguard.algorithms import dp_fedavg
 from fedguard.experiment.config import ConfigError
-from fedguard.protocol import messages
+from fedguard.protocol import driver, messages
 from fedguard.protocol.strategy import CentralDP, Strategy, StrategyKind
+from fedguard.runtime.inprocess import InProcessTransport
 
 CENTRAL = {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 0.5, "delta": 1e-3}
 
@@ -48,14 +49,33 @@ def test_central_dp_epsilon_per_round_matches_dp_accounting(tmp_path) -> None:
     assert (tmp_path / "r" / "plots" / "privacy.png").stat().st_size > 0
 
 
-def test_poisson_client_sampling_and_pld(tmp_path) -> None:
+def test_poisson_client_sampling_and_pld(tmp_path, monkeypatch) -> None:
+    """The cohorts that receive fit tasks are the Poisson draws at the rate the accountant
+    composes (q = 3 / 6), their sizes vary, and each round reports the cohort that trained."""
+    cohorts: dict[int, list[int]] = {}
+    real_exchange = InProcessTransport.exchange
+
+    def recording_exchange(self, requests, *, deadline_s):  # noqa: ANN001, ANN202
+        for cid in requests:
+            task = messages.decode(requests[cid])
+            if isinstance(task, messages.FitTask):
+                cohorts.setdefault(task.round, []).append(cid)
+        return real_exchange(self, requests, deadline_s=deadline_s)
+
+    monkeypatch.setattr(InProcessTransport, "exchange", recording_exchange)
     cfg = tiny_config(
         server={"sampling": "poisson", "clients_per_round": 3},
         privacy={**CENTRAL, "accountant": "pld"},
     )
     summary = fedguard.run(cfg, out=tmp_path / "r", progress=False)
     rows = _rows(tmp_path / "r")
-    assert {r["clients_sampled"] for r in rows} != {3} or len(rows) == 3
+    q = summary["privacy"]["sampling_rate"]
+    assert sorted(cohorts) == [1, 2, 3]
+    for r, row in zip((1, 2, 3), rows, strict=True):
+        assert sorted(cohorts[r]) == driver.poisson_sample(range(6), q, seed=3, round_=r)
+        assert row["clients_sampled"] == len(cohorts[r])
+    # Poisson cohorts, not a fixed 3 of 6: with seed 3 the sizes are not all the expected size.
+    assert {len(c) for c in cohorts.values()} != {3}
     acc = dp_accounting.pld.PLDAccountant(value_discretization_interval=1e-4)
     event = dp_accounting.PoissonSampledDpEvent(0.5, dp_accounting.GaussianDpEvent(1.0))
     acc.compose(dp_accounting.SelfComposedDpEvent(event, 3))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from fedguard.runtime.proto import wire_pb2, wire_pb2_grpc
 
 PARAMETERS = 50_000_000  # 200 MB of float32, the issue's model size
 LIMIT_BYTES = 256 << 20  # the server's configured reply limit in this test
-BUDGET_S = 30.0  # both directions, TLS, on a loaded 2-core machine
+DEADLINE_S = 120.0  # a generous deadline; benchmarks/grpc_large.py times the round trip
 
 
 def _answer(client_id: int, payload: bytes) -> bytes:
@@ -40,8 +41,18 @@ def _credentials(client_id: int, token: bytes) -> wire_pb2.Credentials:
 
 
 def test_a_200_mb_model_round_trips_and_an_oversized_reply_is_refused_early(
-    tmp_path, caplog
+    tmp_path, caplog, monkeypatch
 ) -> None:
+    # Every chunk that reaches an assembler (the client's for the task, the server's for the
+    # reply), by assembler: what was received, in what pieces.
+    chunks: dict[int, tuple[int, list[int]]] = {}
+    real_add = grpc_chunks.Assembler.add
+
+    def counting_add(self: grpc_chunks.Assembler, data: bytes) -> None:
+        chunks.setdefault(id(self), (self.header.size, []))[1].append(len(data))
+        real_add(self, data)
+
+    monkeypatch.setattr(grpc_chunks.Assembler, "add", counting_add)
     sec = make_security(tmp_path / "sec", range(2))
     address = f"127.0.0.1:{grpc_launch.free_port()}"
     transport = grpc_server.GrpcServerTransport(
@@ -68,15 +79,18 @@ def test_a_200_mb_model_round_trips_and_an_oversized_reply_is_refused_early(
         params = torch.linspace(-1.0, 1.0, PARAMETERS)
         task = messages.encode(messages.FitTask(1, 0, params))
         assert len(task) > 200_000_000
-        started = time.perf_counter()
-        [outcome] = transport.exchange({0: task}, deadline_s=2 * BUDGET_S)
-        seconds = time.perf_counter() - started
+        [outcome] = transport.exchange({0: task}, deadline_s=DEADLINE_S)
         assert isinstance(outcome, Delivered), outcome
         reply = messages.decode(outcome.payload, messages.FitReply)
         assert reply.update.shape == (PARAMETERS,) and torch.equal(reply.update, -params)
+        # Each direction streamed its whole payload once, in full 1 MiB chunks and one tail:
+        # the task into the client's assembler, then the reply into the server's.
+        (task_size, down), (reply_size, up) = chunks.values()
+        for size, pieces, payload in ((task_size, down, task), (reply_size, up, outcome.payload)):
+            assert size == len(payload) and sum(pieces) == size
+            assert len(pieces) == math.ceil(size / grpc_chunks.CHUNK_BYTES) > 190
+            assert set(pieces[:-1]) == {grpc_chunks.CHUNK_BYTES}
         del params, task, reply, outcome
-        print(f"\n200 MB model down and 200 MB update up over TLS: {seconds:.2f} s")
-        assert seconds < BUDGET_S, f"the 2 x 200 MB round trip took {seconds:.1f} s"
 
         # A reply announced at 300 MiB against the 256 MiB limit, to client 1's open task.
         caplog.set_level(logging.INFO, logger="fedguard.grpc")

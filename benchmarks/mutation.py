@@ -119,29 +119,39 @@ def load_meta(module: str) -> dict[str, int | None] | None:
     return json.loads(meta.read_text())["exit_code_by_key"]
 
 
-def run_module(module: str, *, max_children: int, rerun_all: bool) -> float | None:
-    """Test the mutants of one module; returns the wall seconds, None if nothing was pending."""
-    codes = load_meta(module)
-    if codes is None or rerun_all:
-        targets = [f"{dotted(module)}.*"]
-    else:
+def run_modules(modules: list[str], *, max_children: int, rerun_all: bool) -> float | None:
+    """Test the mutants of ``modules`` in one mutmut run; the wall seconds, None if none pending.
+
+    Killed mutants are kept unless ``rerun_all``; the rest (untested, surviving, untested by
+    any test) are tested again."""
+    targets: list[str] = []
+    for module in modules:
+        codes = load_meta(module)
+        if codes is None or rerun_all:
+            targets.append(f"{dotted(module)}.*")
+            continue
         pending = [k for k, c in codes.items() if STATUS.get(c, "suspicious") != "killed"]
-        if not pending:
-            return None
-        targets = pending if len(pending) < len(codes) else [f"{dotted(module)}.*"]
+        targets += pending if len(pending) < len(codes) else [f"{dotted(module)}.*"]
+    if not targets:
+        return None
     env = dict(os.environ)
     # Tests that start a child interpreter (the CLI, gRPC processes) import this checkout's
     # unmutated source rather than whatever an editable install points at; mutmut itself puts
     # mutants/src first on its own sys.path.
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    # This file is also a pytest plugin (see pytest_collection_modifyitems below), loaded in
+    # every pytest run mutmut makes: it puts the quickest tests first, which with mutmut's -x
+    # ends a killed mutant's run at its first failing quick test.
+    path = [str(ROOT / "src"), str(Path(__file__).resolve().parent), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
+    env["PYTEST_ADDOPTS"] = " ".join(filter(None, [env.get("PYTEST_ADDOPTS"), "-p", "mutation"]))
     exe = Path(sys.executable).with_name("mutmut")
     cmd = [str(exe) if exe.exists() else "mutmut", "run", "--max-children", str(max_children)]
-    print(f"== {module}: {len(targets) if targets[0][-1] != '*' else 'all'} mutants", flush=True)
+    print(f"== {', '.join(modules)}: {len(targets)} mutants or globs", flush=True)
     start = time.perf_counter()
     proc = subprocess.run([*cmd, *targets], cwd=ROOT, env=env)
     seconds = time.perf_counter() - start
     if proc.returncode != 0:
-        print(f"mutmut run exited with {proc.returncode} on {module}", file=sys.stderr)
+        print(f"mutmut run exited with {proc.returncode}", file=sys.stderr)
     return seconds
 
 
@@ -248,11 +258,22 @@ def _natural(name: str) -> tuple[str, int]:
     return head, int(number) if number.isdigit() else 0
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """Quickest tests first, by the durations mutmut recorded (``mutmut-stats.json`` in the
+    working directory ``mutants/``); unknown tests, the new ones, first of all."""
+    stats = Path("mutmut-stats.json")
+    if not stats.exists():
+        return
+    durations = json.loads(stats.read_text()).get("duration_by_test", {})
+    items.sort(key=lambda item: durations.get(item.nodeid, 0.0))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", help="file stem, dotted name or path; default all")
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers")
     parser.add_argument("--all", action="store_true", help="retest killed mutants too")
+    parser.add_argument("--together", action="store_true", help="one mutmut run for all")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the JSON")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -263,10 +284,15 @@ def main() -> None:
     seconds: dict[str, float] = {}
     start = time.perf_counter()
     if not args.report_only:
-        for module in chosen:
-            took = run_module(module, max_children=args.max_children, rerun_all=args.all)
+        # one module per mutmut run, so that a stop loses little and the time per module is
+        # known; --together runs them in one, which saves mutmut's start (its clean run of
+        # every selected test) per module
+        groups = [chosen] if args.together else [[m] for m in chosen]
+        for group in groups:
+            took = run_modules(group, max_children=args.max_children, rerun_all=args.all)
             if took is not None:
-                seconds[module] = took
+                for module in group:
+                    seconds[module] = took / len(group)
             # write after every module, so that an interrupted run still leaves a report
             write(report(everything, seconds, time.perf_counter() - start, out), out)
     elapsed = None if args.report_only else time.perf_counter() - start

@@ -1,0 +1,88 @@
+"""The accounting's events, accountants and noise calibration, checked piece by piece (found by
+mutation testing). The calibration is checked on closed-form epsilon curves, so that it runs in
+milliseconds and its answer is known exactly."""
+
+from __future__ import annotations
+
+import math
+
+import dp_accounting
+import pytest
+from dp_accounting import pld, rdp
+
+from fedguard.algorithms import accounting
+from fedguard.algorithms.accounting import Accountant, SampledGaussian
+
+
+def test_events_describe_the_sampling() -> None:
+    gauss = dp_accounting.GaussianDpEvent(1.5)
+    assert SampledGaussian(1.5, 4).event() == dp_accounting.SelfComposedDpEvent(gauss, 4)
+    assert SampledGaussian(1.5, 4, sampling_rate=1.0).event() == (
+        dp_accounting.SelfComposedDpEvent(gauss, 4)
+    )
+    assert SampledGaussian(1.5, 4, sampling_rate=0.25).event() == (
+        dp_accounting.SelfComposedDpEvent(dp_accounting.PoissonSampledDpEvent(0.25, gauss), 4)
+    )
+    assert SampledGaussian(1.5, 4, population=50, sample_size=5).event() == (
+        dp_accounting.SelfComposedDpEvent(
+            dp_accounting.SampledWithoutReplacementDpEvent(50, 5, gauss), 4
+        )
+    )
+    assert SampledGaussian(1.5, 0, 0.25).event() == dp_accounting.NoOpDpEvent()
+    assert SampledGaussian(1.5, 4, population=50, sample_size=5).fixed_size
+    assert not SampledGaussian(1.5, 4, 0.25).fixed_size
+
+
+def test_with_noise_keeps_everything_else() -> None:
+    m = SampledGaussian(1.5, 7, 0.3, population=40, sample_size=12)
+    assert m.with_noise(2.5) == SampledGaussian(2.5, 7, 0.3, population=40, sample_size=12)
+
+
+def test_accountants() -> None:
+    assert isinstance(accounting._accountant(Accountant.RDP, False), rdp.RdpAccountant)
+    assert isinstance(accounting._accountant(Accountant.PLD, False), pld.PLDAccountant)
+    fixed = accounting._accountant(Accountant.RDP, True)
+    assert isinstance(fixed, rdp.RdpAccountant)
+    assert fixed.neighboring_relation == dp_accounting.NeighboringRelation.REPLACE_ONE
+    plain = accounting._accountant(Accountant.RDP, False)
+    assert plain.neighboring_relation == dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+    with pytest.raises(accounting.PrivacyError, match="PLD"):
+        accounting._accountant(Accountant.PLD, True)
+    assert accounting.PLD_DISCRETIZATION == 1e-4
+    assert accounting.MAX_NOISE_MULTIPLIER == 100.0
+
+
+def test_epsilon_of_one_unsampled_gaussian_release() -> None:
+    # one Gaussian release at z = 2 (q = 1), checked against dp-accounting's own RDP accountant
+    direct = rdp.RdpAccountant()
+    direct.compose(dp_accounting.GaussianDpEvent(2.0))
+    assert accounting.epsilon(SampledGaussian(2.0, 1), 1e-5) == pytest.approx(
+        direct.get_epsilon(1e-5), rel=1e-12
+    )
+    assert math.isinf(accounting.epsilon(SampledGaussian(-1.0, 3), 1e-5))
+    assert accounting.epsilon(SampledGaussian(0.0, 0), 1e-5) == 0.0
+    assert accounting.worst_epsilon([], 1e-5) == 0.0
+    two = [SampledGaussian(2.0, 1), SampledGaussian(4.0, 1)]
+    assert accounting.worst_epsilon(two, 1e-5) == accounting.epsilon(two[0], 1e-5)
+
+
+def test_calibration_on_a_closed_form_curve() -> None:
+    # epsilon(z) = 10 / z: the smallest z with epsilon <= 2 is 5, found from above within tol
+    calls: list[float] = []
+
+    def eps(z: float) -> float:
+        calls.append(z)
+        return 10.0 / z if z > 0 else math.inf
+
+    z = accounting.calibrate_noise(eps, 2.0)
+    assert 5.0 <= z <= 5.0 * (1 + 1e-3)
+    assert calls[0] == 100.0  # the feasibility check at the largest multiplier
+    coarse = accounting.calibrate_noise(eps, 2.0, tol=0.1)
+    assert 5.0 <= coarse <= 5.56 and coarse > z
+    # reachable exactly at the largest multiplier (10 / 100 = 0.1): not refused
+    assert accounting.calibrate_noise(eps, 0.1) == pytest.approx(100.0, rel=1e-3)
+    with pytest.raises(accounting.PrivacyError, match="cannot be reached"):
+        accounting.calibrate_noise(eps, 0.099)
+    for target in (0.0, -1.0):
+        with pytest.raises(accounting.PrivacyError, match="must be > 0"):
+            accounting.calibrate_noise(eps, target)

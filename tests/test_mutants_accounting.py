@@ -64,6 +64,9 @@ def test_epsilon_of_one_unsampled_gaussian_release() -> None:
     assert accounting.worst_epsilon([], 1e-5) == 0.0
     two = [SampledGaussian(2.0, 1), SampledGaussian(4.0, 1)]
     assert accounting.worst_epsilon(two, 1e-5) == accounting.epsilon(two[0], 1e-5)
+    by_pld = accounting.worst_epsilon(two, 1e-5, Accountant.PLD)
+    assert by_pld == accounting.epsilon(two[0], 1e-5, Accountant.PLD)
+    assert by_pld != accounting.epsilon(two[0], 1e-5)
 
 
 def test_calibration_on_a_closed_form_curve() -> None:

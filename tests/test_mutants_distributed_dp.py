@@ -140,5 +140,11 @@ def test_skellam_epsilon_is_dp_accounting_conversion_of_the_rdp_curve() -> None:
     assert 0.0 < expected < math.inf
     assert accounting.skellam_epsilon(accounting.SkellamSum(3.0, 9.0, 50.0, 0), 1e-5) == 0.0
     assert math.isinf(accounting.skellam_epsilon(accounting.SkellamSum(3.0, 9.0, 0.0, 20), 1e-5))
+    low = accounting.SkellamSum(3.0, 9.0, 0.5, 1)  # little noise, finite epsilon all the same
+    expected_low, _ = rdp_privacy_accountant.compute_epsilon(orders, low.rdp().tolist(), 1e-5)
+    assert accounting.skellam_epsilon(low, 1e-5) == pytest.approx(expected_low, rel=1e-12)
+    assert math.isfinite(expected_low)
+    one = accounting.SkellamSum(3.0, 9.0, 50.0, 1)
+    assert accounting.skellam_epsilon(one, 1e-5) > 0.0
     more = accounting.skellam_epsilon(accounting.SkellamSum(3.0, 9.0, 50.0, 40), 1e-5)
     assert more > expected

@@ -29,9 +29,9 @@ def test_update_noise_multiplier_at_z_two() -> None:
 def test_clip_at_exactly_the_bound_keeps_the_update() -> None:
     u = torch.tensor([3.0, 4.0])
     out = dp_fedavg.clip_update(u, 5.0)
-    assert out.unclipped and out.update is u and out.norm == 5.0
+    assert out.unclipped is True and out.update is u and out.norm == 5.0
     longer = dp_fedavg.clip_update(u, 2.5)
-    assert not longer.unclipped and longer.norm == 5.0
+    assert longer.unclipped is False and longer.norm == 5.0
     torch.testing.assert_close(longer.update, torch.tensor([1.5, 2.0]))
     with pytest.raises(ValueError):
         dp_fedavg.clip_update(u, -1.0)

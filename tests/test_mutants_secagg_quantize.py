@@ -73,6 +73,8 @@ def test_stochastic_round_is_unbiased_leaves_integers_alone_and_copies() -> None
     assert set(np.unique(neg).tolist()) == {-2, -1}
     assert neg.mean() == pytest.approx(-1.75, abs=0.005)
     np.testing.assert_array_equal(v, 2.25)  # the caller's array is untouched
+    ints = np.array([1, -2], dtype=np.int64)
+    np.testing.assert_array_equal(sq.stochastic_round(ints, _gen()), [1, -2])
 
 
 def test_encode_is_weight_times_levels_with_the_weight_appended_in_the_ring() -> None:

@@ -51,6 +51,18 @@ def test_noisy_mean_adds_z_c_times_a_standard_normal_then_divides() -> None:
     expected = (total.double() + noise * 1.5) / 4.0
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, expected.float(), rtol=0, atol=1e-6)
+    # the noise is drawn in float64: over many coordinates, float32 draws would move some
+    # results by one float32 step
+    big = torch.linspace(-3.0, 3.0, 20_000)
+    got = dp_fedavg.noisy_mean(
+        big,
+        clip_norm=0.7,
+        noise_multiplier=1.3,
+        denominator=3.0,
+        generator=torch.Generator().manual_seed(11),
+    )
+    draws = torch.randn(20_000, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+    assert torch.equal(got, ((big.double() + draws * (1.3 * 0.7)) / 3.0).float())
 
 
 def test_next_clip_norm_adds_count_noise_before_dividing() -> None:

@@ -51,6 +51,9 @@ def test_fixed_point_accepts_one_level_and_refuses_less() -> None:
     for kwargs in (dict(clip_norm=0.0, num_clients=3), dict(clip_norm=1.0, num_clients=0)):
         with pytest.raises(ValueError):
             ddp.fixed_point(bits=16, mechanism=ddp.Skellam(1.0, 1), **kwargs)
+    # the plain encoding's bound is checked for weight 1: 127 // 40 - 1 = 2 levels
+    forty = ddp.fixed_point(bits=8, clip_norm=1.0, num_clients=40, mechanism=ddp.Skellam(1e-6, 40))
+    assert forty.scale == pytest.approx(87 / (40 + 8e-6), rel=1e-12)
     with pytest.raises(ValueError):  # the plain encoding's own bound: 127 // 200 - 1 < 1
         ddp.fixed_point(bits=8, clip_norm=1.0, num_clients=200, mechanism=ddp.Skellam(1e-6, 1))
 

@@ -22,7 +22,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field, fields
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeAlias
 
 import numpy as np
 import pydantic
@@ -249,36 +249,37 @@ def _unique(ids: list[int]) -> list[int]:
     return ids
 
 
-def _int(lo: int, hi: int) -> Any:
-    return Annotated[int, Field(strict=True, ge=lo, le=hi)]
+def _within(lo: int, hi: int) -> Any:
+    """The metadata of a strict integer field in ``[lo, hi]``: ``Annotated[int, _within(lo, hi)]``."""
+    return Field(strict=True, ge=lo, le=hi)
 
 
-_Round = _int(0, MAX_ROUND)
-_ClientId = _int(0, MAX_CLIENT_ID)
-_Count = _int(0, MAX_EXAMPLES)
-_Name = Annotated[str, StringConstraints(strict=True, max_length=MAX_NAME)]
-_IdList = Annotated[
+_Round: TypeAlias = Annotated[int, _within(0, MAX_ROUND)]
+_ClientId: TypeAlias = Annotated[int, _within(0, MAX_CLIENT_ID)]
+_Count: TypeAlias = Annotated[int, _within(0, MAX_EXAMPLES)]
+_Name: TypeAlias = Annotated[str, StringConstraints(strict=True, max_length=MAX_NAME)]
+_IdList: TypeAlias = Annotated[
     list[_ClientId], Field(strict=True, max_length=MAX_CLIENTS), AfterValidator(_unique)
 ]
 # NaN is how a client says "not measured" (a DP-SGD client whose batches were all empty);
 # the driver decides what a non-finite metric means. Integers are read as floats.
-_Metrics = Annotated[
+_Metrics: TypeAlias = Annotated[
     dict[_Name, Annotated[float, Field(strict=True)]], Field(strict=True, max_length=MAX_ENTRIES)
 ]
-_ConfigValue = (
+_ConfigValue: TypeAlias = (
     Annotated[bool, Field(strict=True)]
     | Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
     | Annotated[float, Field(strict=True)]
     | Annotated[str, StringConstraints(strict=True, max_length=MAX_TEXT)]
     | None
 )
-_Config = Annotated[dict[_Name, _ConfigValue], Field(strict=True, max_length=MAX_ENTRIES)]
+_Config: TypeAlias = Annotated[dict[_Name, _ConfigValue], Field(strict=True, max_length=MAX_ENTRIES)]
 # A byte map's layout: ``[client id, length]`` per entry, in the order of the data.
-_Layout = Annotated[
-    list[Annotated[list[_int(0, MAX_CLIENT_ID)], Field(strict=True, min_length=2, max_length=2)]],
+_Layout: TypeAlias = Annotated[
+    list[Annotated[list[_ClientId], Field(strict=True, min_length=2, max_length=2)]],
     Field(strict=True, max_length=MAX_CLIENTS),
 ]
-_LAYOUTS = pydantic.TypeAdapter(
+_LAYOUTS: pydantic.TypeAdapter[dict[str, list[list[int]]]] = pydantic.TypeAdapter(
     Annotated[dict[_Name, _Layout], Field(strict=True, max_length=len(_BYTE_MAP_FIELDS))]
 )
 
@@ -303,14 +304,14 @@ class _ReplyFields(_Fields):
 
 class _SetupFields(_Fields):
     sampled: _IdList
-    neighbours: _int(0, MAX_CLIENTS)
-    threshold: _int(1, MAX_CLIENTS)
-    graph_seed: _int(0, 2**63 - 1)
-    bits: _int(1, 64)
+    neighbours: Annotated[int, _within(0, MAX_CLIENTS)]
+    threshold: Annotated[int, _within(1, MAX_CLIENTS)]
+    graph_seed: Annotated[int, _within(0, 2**63 - 1)]
+    bits: Annotated[int, _within(1, 64)]
     clip_norm: Annotated[float, Field(strict=True, gt=0), AfterValidator(_finite)]
-    max_weight: _int(1, MAX_EXAMPLES)
+    max_weight: Annotated[int, _within(1, MAX_EXAMPLES)]
     weighted: Annotated[bool, Field(strict=True)]
-    dim: _int(1, MAX_DIM)
+    dim: Annotated[int, _within(1, MAX_DIM)]
 
 
 class _UnmaskFields(_Fields):

@@ -1,4 +1,5 @@
-"""Regenerate ``wire_pb2.py`` and ``wire_pb2_grpc.py`` from ``wire.proto``.
+"""Regenerate ``wire_pb2.py`` (with its type stub ``wire_pb2.pyi``) and ``wire_pb2_grpc.py`` from
+``wire.proto``.
 
 Run ``python src/fedguard/runtime/proto/regenerate.py`` after editing the .proto, with the
 grpcio-tools version that matches the grpcio and protobuf ranges pinned in pyproject.toml.
@@ -22,6 +23,7 @@ def main() -> int:
         "protoc",
         f"-I{SRC}",
         f"--python_out={SRC}",
+        f"--pyi_out={SRC}",
         f"--grpc_python_out={SRC}",
         str(proto.relative_to(SRC)),
     ]

@@ -15,6 +15,7 @@ diff and the reviewed reason it is harmless, taken from ``benchmarks/mutation_re
     python benchmarks/mutation.py accounting dp_sgd        # a subset (file stem, dotted or path)
     python benchmarks/mutation.py --report-only            # rewrite the JSON from mutants/
     python benchmarks/mutation.py --all accounting         # retest killed mutants too
+    python benchmarks/mutation.py "driver:x_*sample*"      # only some functions of a module
 
 Mutants already killed stay killed across runs (mutmut keeps its results in ``mutants/`` and
 resets those of every function whose source changed); untested and surviving ones are tested
@@ -97,10 +98,13 @@ def dotted(path: str) -> str:
 
 
 def select(names: list[str], modules: list[str]) -> list[str]:
+    """The modules named; ``module:glob`` (``driver:x_*sample*``) keeps only the functions whose
+    mangled name matches the glob."""
     if not names:
         return modules
     chosen = []
     for name in names:
+        name, _, functions = name.partition(":")
         hits = [
             m for m in modules if name in (m, dotted(m), Path(m).stem) or dotted(m).endswith(name)
         ]
@@ -108,7 +112,7 @@ def select(names: list[str], modules: list[str]) -> list[str]:
             sys.exit(
                 f"{name!r} is none of the configured modules: {[Path(m).stem for m in modules]}"
             )
-        chosen += [m for m in hits if m not in chosen]
+        chosen += [f"{m}:{functions}" if functions else m for m in hits if m not in chosen]
     return chosen
 
 
@@ -125,13 +129,18 @@ def run_modules(modules: list[str], *, max_children: int, rerun_all: bool) -> fl
     Killed mutants are kept unless ``rerun_all``; the rest (untested, surviving, untested by
     any test) are tested again."""
     targets: list[str] = []
-    for module in modules:
+    for entry in modules:
+        module, _, functions = entry.partition(":")
+        pattern = f"{dotted(module)}.{functions or '*'}"
+        if not functions.endswith("*"):
+            pattern += "*" if functions else ""
         codes = load_meta(module)
         if codes is None or rerun_all:
-            targets.append(f"{dotted(module)}.*")
+            targets.append(pattern)
             continue
+        codes = {k: c for k, c in codes.items() if fnmatch.fnmatch(k, pattern)}
         pending = [k for k, c in codes.items() if STATUS.get(c, "suspicious") != "killed"]
-        targets += pending if len(pending) < len(codes) else [f"{dotted(module)}.*"]
+        targets += pending if len(pending) < len(codes) else [pattern]
     if not targets:
         return None
     env = dict(os.environ)
@@ -291,8 +300,9 @@ def main() -> None:
         for group in groups:
             took = run_modules(group, max_children=args.max_children, rerun_all=args.all)
             if took is not None:
-                for module in group:
-                    seconds[module] = took / len(group)
+                for entry in group:
+                    module = entry.partition(":")[0]
+                    seconds[module] = seconds.get(module, 0.0) + took / len(group)
             # write after every module, so that an interrupted run still leaves a report
             write(report(everything, seconds, time.perf_counter() - start, out), out)
     elapsed = None if args.report_only else time.perf_counter() - start

@@ -17,7 +17,7 @@ from safetensors.numpy import save as st_save
 
 import fedguard
 from conftest import tiny_config
-from fedguard.client.app import ClientApp
+from fedguard.client.app import ClientApp, local_training_from
 from fedguard.protocol import messages, secagg, secagg_client, secagg_server
 from fedguard.protocol.secagg import Mode
 from fedguard.runtime.inprocess import InProcessTransport
@@ -115,6 +115,37 @@ def test_schema_refuses_bool_counts_floats_for_ints_and_unknown_fields() -> None
     with pytest.raises(messages.MessageError) as exc:
         messages.decode(_mutate(good, "metrics.a\nforged line", "x"), messages.FitReply)
     assert "\n" not in str(exc.value) and "\\n" in str(exc.value)
+
+
+def test_config_numbers_are_read_by_type_not_coerced() -> None:
+    config: dict[str, messages.Scalar] = {
+        "lr": 0.5,
+        "epochs": 3,
+        "text": "0.5",
+        "flag": True,
+        "none": None,
+        "half": 2.5,
+    }
+    assert messages.config_float(config, "lr") == 0.5
+    assert messages.config_float(config, "epochs") == 3.0  # an integer is a number
+    assert messages.config_int(config, "epochs") == 3
+    assert messages.config_float(config, "absent", 0.1) == 0.1
+    assert messages.config_int(config, "absent", 7) == 7
+    for key in ("text", "flag", "none"):
+        with pytest.raises(messages.MessageError, match=f"'{key}' must be a number"):
+            messages.config_float(config, key)
+    for key in ("half", "flag", "text", "none"):
+        with pytest.raises(messages.MessageError, match=f"'{key}' must be an integer"):
+            messages.config_int(config, key)
+    for read in (messages.config_float, messages.config_int):
+        with pytest.raises(messages.MessageError, match="lacks 'absent'"):
+            read(config, "absent")
+    # a fit task whose training settings are of the wrong type is refused, not coerced
+    with pytest.raises(messages.MessageError, match="'lr' must be a number"):
+        local_training_from({"lr": "0.1"})
+    with pytest.raises(messages.MessageError, match="'epochs' must be an integer"):
+        local_training_from({"epochs": 1.5})
+    assert local_training_from({"lr": 1, "max_steps": None}).lr == 1.0
 
 
 def _experiment_cases(honest: bytes) -> list[tuple[str, str, bytes]]:

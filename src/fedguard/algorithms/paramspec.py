@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeGuard
 
 import torch
 
@@ -95,9 +96,18 @@ class ParamSpec:
 
     @classmethod
     def from_json(cls, data: list[dict[str, object]]) -> ParamSpec:
-        return cls(
-            tuple(
-                TensorSpec(str(d["name"]), tuple(d["shape"]), str(d["dtype"]), int(d["offset"]))
-                for d in data
-            )
-        )
+        """The spec that :meth:`to_json` wrote; ``ValueError`` for data of any other form."""
+        return cls(tuple(_tensor_from_json(d) for d in data))
+
+
+def _tensor_from_json(entry: dict[str, object]) -> TensorSpec:
+    name, shape, dtype, offset = (entry.get(k) for k in ("name", "shape", "dtype", "offset"))
+    if not isinstance(name, str) or not isinstance(dtype, str) or not _is_count(offset):
+        raise ValueError(f"Not a tensor spec (name, shape, dtype, offset): {entry!r}.")
+    if not isinstance(shape, list) or not all(_is_count(n) for n in shape):
+        raise ValueError(f"The shape of tensor {name!r} is not a list of sizes: {shape!r}.")
+    return TensorSpec(name, tuple(int(n) for n in shape), dtype, int(offset))
+
+
+def _is_count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

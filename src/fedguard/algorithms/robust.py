@@ -191,6 +191,7 @@ def _stateless(config: RobustConfig, updates: torch.Tensor, weights: torch.Tenso
             tolerance=config.tolerance,
         ).aggregate
     if kind is RobustAggregator.NORM_BOUNDING:
-        assert config.norm_bound is not None  # checked in RobustConfig
+        if config.norm_bound is None:  # RobustConfig refuses this
+            raise robust_base.RobustnessError("Norm bounding needs a norm_bound; none was given.")
         return robust_iterative.norm_bounding(updates, weights, f=f, bound=config.norm_bound)
     raise robust_base.RobustnessError(f"Unknown robust aggregator {kind!r}.")

@@ -127,7 +127,9 @@ def lagrange_at_zero(points: Sequence[int] | np.ndarray) -> np.ndarray:
 
 
 def reconstruct(
-    points: Sequence[int] | np.ndarray, shares: np.ndarray, secret_len: int
+    points: Sequence[int] | Sequence[Sequence[int]] | np.ndarray,
+    shares: np.ndarray,
+    secret_len: int,
 ) -> list[bytes]:
     """The secrets behind ``shares [S, T, C]`` (Lagrange at 0), held at ``points``: ``[T]`` for
     all secrets, or ``[S, T]``, each secret's own holders (one batched interpolation).

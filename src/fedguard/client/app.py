@@ -73,8 +73,8 @@ class ClientPins:
             raise RefusedTaskError(
                 f"{prefix} the fit task lacks DP-SGD, its configuration uses it."
             )
-        noise = float(config[messages.DP_SGD_NOISE])
-        clip = float(config[messages.DP_SGD_CLIP])
+        noise = messages.config_float(config, messages.DP_SGD_NOISE)
+        clip = messages.config_float(config, messages.DP_SGD_CLIP)
         if not noise >= self.dp_sgd_noise:  # NaN included
             raise RefusedTaskError(
                 f"{prefix} DP-SGD noise multiplier {noise:g}, its configuration needs at least "
@@ -105,27 +105,29 @@ def client_pins(
             min_cohort=max(2, min_cohort),
             min_inputs=min_inputs,
         )
-    noise = dp_config.get(messages.DP_SGD_NOISE)
-    clip = dp_config.get(messages.DP_SGD_CLIP)
     return ClientPins(
         pinned,
-        dp_sgd_noise=None if noise is None else float(noise),
-        dp_sgd_clip=None if clip is None else float(clip),
+        dp_sgd_noise=_optional_float(dp_config, messages.DP_SGD_NOISE),
+        dp_sgd_clip=_optional_float(dp_config, messages.DP_SGD_CLIP),
     )
+
+
+def _optional_float(config: Mapping[str, messages.Scalar], key: str) -> float | None:
+    return None if config.get(key) is None else messages.config_float(config, key)
 
 
 def local_training_from(config: Mapping[str, messages.Scalar]) -> training.LocalTraining:
     """The local training settings carried in a fit task's config."""
-    max_steps = config.get("max_steps")
+    number, count = messages.config_float, messages.config_int
     return training.LocalTraining(
         optimizer=training.LocalOptimizer(str(config.get("optimizer", "sgd"))),
-        lr=float(config.get("lr", 0.01)),
-        momentum=float(config.get("momentum", 0.0)),
-        weight_decay=float(config.get("weight_decay", 0.0)),
-        epochs=int(config.get("epochs", 1)),
-        batch_size=int(config.get("batch_size", 32)),
-        proximal_mu=float(config.get("proximal_mu", 0.0)),
-        max_steps=None if max_steps is None else int(max_steps),
+        lr=number(config, "lr", 0.01),
+        momentum=number(config, "momentum", 0.0),
+        weight_decay=number(config, "weight_decay", 0.0),
+        epochs=count(config, "epochs", 1),
+        batch_size=count(config, "batch_size", 32),
+        proximal_mu=number(config, "proximal_mu", 0.0),
+        max_steps=None if config.get("max_steps") is None else count(config, "max_steps"),
         augment=str(config.get("augment", "none")),
     )
 
@@ -194,7 +196,7 @@ class ClientApp:
         self.pins.check_fit(task)
         data = self.data[task.client_id]
         cfg = local_training_from(task.config)
-        seed = int(task.config.get("seed", 0))
+        seed = messages.config_int(task.config, "seed", 0)
         # Layers with their own randomness (dropout) draw from torch's global generator; seeding
         # it per task makes a resumed run repeat an uninterrupted one exactly.
         _seed_torch(seed)
@@ -213,8 +215,8 @@ class ClientApp:
             correction = scaffold.correction(server_control, control)
         if messages.DP_SGD_NOISE in task.config:
             dp = dp_sgd.DPSGD(
-                max_grad_norm=float(task.config[messages.DP_SGD_CLIP]),
-                noise_multiplier=float(task.config[messages.DP_SGD_NOISE]),
+                max_grad_norm=messages.config_float(task.config, messages.DP_SGD_CLIP),
+                noise_multiplier=messages.config_float(task.config, messages.DP_SGD_NOISE),
             )
             stats = dp_sgd.train(
                 self.model, data.train_x, data.train_y, cfg, dp, generator=generator
@@ -232,7 +234,8 @@ class ClientApp:
         update = self.model.get_flat() - global_params
         metrics = {"train_loss": stats.loss, "steps": float(stats.steps)}
         if messages.DP_CLIP_NORM in task.config:
-            clipped = dp_fedavg.clip_update(update, float(task.config[messages.DP_CLIP_NORM]))
+            clip_norm = messages.config_float(task.config, messages.DP_CLIP_NORM)
+            clipped = dp_fedavg.clip_update(update, clip_norm)
             update = clipped.update
             metrics["dp_unclipped"] = float(clipped.unclipped)
         tensors: dict[str, torch.Tensor] = {}

@@ -47,6 +47,7 @@ from fedguard.data import augment
 CLIP_EPSILON = 1e-6
 VMAP_CHUNK = 64
 _HOOKABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_Hookable = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
 @dataclass(frozen=True)
@@ -302,7 +303,7 @@ def per_example_clipper(
 class _Layer:
     """A hookable layer and the indices (in ``model.trainable()``) of its trainable tensors."""
 
-    module: nn.Module
+    module: _Hookable
     weight: int | None
     bias: int | None
 
@@ -317,12 +318,16 @@ def _hookable_layers(model: ModelAdapter) -> list[_Layer] | None:
     if not isinstance(model, TorchModel):
         return None
     index = {id(s.param): i for i, s in enumerate(model.trainable())}
-    layers, seen = [], set()
+    layers: list[_Layer] = []
+    seen: set[int] = set()
     for module in model.module.modules():
         own = [p for p in module.parameters(recurse=False) if id(p) in index]
         if not own:
             continue
-        if type(module) not in _HOOKABLE or not _plain(module):
+        # exactly these classes: a subclass may compute something else in its forward
+        if not isinstance(module, _HOOKABLE) or type(module) not in _HOOKABLE:
+            return None
+        if not _plain(module):
             return None
         if any(id(p) in seen for p in own):
             return None
@@ -332,7 +337,7 @@ def _hookable_layers(model: ModelAdapter) -> list[_Layer] | None:
     return layers if len(seen) == len(index) else None
 
 
-def _plain(module: nn.Module) -> bool:
+def _plain(module: _Hookable) -> bool:
     """Convolutions the unfold formulas cover: one group, zero padding given as numbers."""
     if isinstance(module, nn.Linear):
         return True
@@ -488,18 +493,26 @@ def _layer_book(layer: _Layer, activation: torch.Tensor, output_grad: torch.Tens
     return _sequence_book(layer, a, g)
 
 
+def _pair(values: tuple[int, ...]) -> tuple[int, int]:
+    """A 2-D convolution's (height, width) setting."""
+    return values[0], values[1]
+
+
 def _unfold(conv: nn.Conv1d | nn.Conv2d, activation: torch.Tensor) -> torch.Tensor:
     """The im2col patches ``[B, C_in * kh * kw, T]`` of a convolution's input (1-D as height 1).
 
     Equal to ``F.unfold``, built as a strided view and one copy, which is several times faster
     on CPU than the im2col kernel behind ``F.unfold``.
     """
+    pad = conv.padding
+    if isinstance(pad, str):  # _plain() admits only padding given as numbers
+        raise ValueError(f"Cannot unfold a convolution with padding={pad!r}.")
     if isinstance(conv, nn.Conv1d):
         x, kernel = activation.unsqueeze(2), (1, conv.kernel_size[0])
-        dilation, padding, stride = (1, conv.dilation[0]), (0, conv.padding[0]), (1, conv.stride[0])
+        dilation, padding, stride = (1, conv.dilation[0]), (0, pad[0]), (1, conv.stride[0])
     else:
-        x, kernel = activation, conv.kernel_size
-        dilation, padding, stride = conv.dilation, conv.padding, conv.stride
+        x, kernel = activation, _pair(conv.kernel_size)
+        dilation, padding, stride = _pair(conv.dilation), _pair(pad), _pair(conv.stride)
     if any(padding):
         x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
     b, c, h, w = x.shape
@@ -555,7 +568,7 @@ def _sequence_book(layer: _Layer, a: torch.Tensor, g: torch.Tensor) -> _Book:
                 out.append((layer.weight, c @ per_example))
             else:
                 out.append((layer.weight, torch.einsum("bot,bkt->ok", g * c.view(b, 1, 1), a)))
-        if bias is not None:
+        if bias is not None and layer.bias is not None:  # both or neither
             out.append((layer.bias, c @ bias))
         return out
 

@@ -87,15 +87,19 @@ class KerasModel(ModelAdapter):
         names = [v.path for v in variables]
         if len(set(names)) != len(names):
             raise ValueError("The Keras model has two variables with the same path.")
-        tensors = [v.value for v in variables]
-        if not all(isinstance(t, torch.nn.Parameter) for t in tensors):
-            raise ValueError(
-                "The Keras model's variables are not torch parameters (torch backend)."
-            )
+        params: list[torch.nn.Parameter] = []
+        for v in variables:
+            value = v.value
+            if not isinstance(value, torch.nn.Parameter):
+                raise ValueError(
+                    "The Keras model's variables are not torch parameters (torch backend)."
+                )
+            params.append(value)
         self._model = model
         self._variables = variables
-        self._tensors: list[torch.Tensor] = tensors
-        self.spec = ParamSpec.from_tensors(dict(zip(names, tensors, strict=True)))
+        self._params = params
+        self._tensors: list[torch.Tensor] = list(params)
+        self.spec = ParamSpec.from_tensors(dict(zip(names, params, strict=True)))
         self.outputs_probabilities = (
             ends_in_softmax(model) if outputs_probabilities is None else outputs_probabilities
         )
@@ -110,8 +114,8 @@ class KerasModel(ModelAdapter):
     def trainable(self) -> list[TrainableSlice]:
         # Read at each call: freezing a layer (``layer.trainable = False``) changes the set.
         return [
-            TrainableSlice(tensor, t.offset, t.numel)
-            for v, tensor, t in zip(self._variables, self._tensors, self.spec.tensors, strict=True)
+            TrainableSlice(param, t.offset, t.numel)
+            for v, param, t in zip(self._variables, self._params, self.spec.tensors, strict=True)
             if v.trainable
         ]
 

@@ -8,6 +8,7 @@ vector, so any model the adapters accept gets them.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -162,15 +163,23 @@ def _train_lbfgs(
     return TrainStats(float(last), cfg.epochs, int(y.shape[0]))
 
 
+def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)`` as a tensor (a zero scalar for no terms), added in order like ``sum``."""
+    total = torch.zeros(())
+    for i, term in enumerate(terms):
+        total = term if i == 0 else total + term
+    return total
+
+
 def _distance_sq(model: ModelAdapter, anchor: torch.Tensor) -> torch.Tensor:
-    return sum(
+    return _total(
         ((s.param - anchor[s.offset : s.offset + s.numel].view_as(s.param)) ** 2).sum()
         for s in model.trainable()
     )
 
 
 def _linear_term(model: ModelAdapter, correction: torch.Tensor) -> torch.Tensor:
-    return sum(
+    return _total(
         (s.param * correction[s.offset : s.offset + s.numel].view_as(s.param)).sum()
         for s in model.trainable()
     )

@@ -157,7 +157,7 @@ def load_fsdd(
         features.skipped_files, features.skipped_reasons, features.skipped_details, strict=True
     ):
         log.warning("FSDD: skipped %s (%s): %s", folder / str(name), reason, detail)
-    info = {
+    info: dict[str, object] = {
         "cache": state,
         "cache_file": None if cache_file is None else str(cache_file),
         "normalisation": str(norm),

@@ -64,14 +64,19 @@ def dirichlet(
             f"{num_clients * min_size} training samples, but there are {labels.shape[0]}."
         )
     classes = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    best_counts, best_min = None, -1
-    for _ in range(MAX_DIRICHLET_REDRAWS):
-        counts = np.stack([_dirichlet_counts(len(idx), num_clients, alpha, rng) for idx in classes])
+
+    def draw() -> np.ndarray:  # [classes, clients] sample counts
+        return np.stack([_dirichlet_counts(len(idx), num_clients, alpha, rng) for idx in classes])
+
+    best_counts = draw()
+    best_min = int(best_counts.sum(axis=0).min())
+    for _ in range(MAX_DIRICHLET_REDRAWS - 1):
+        if best_min >= min_size:
+            break
+        counts = draw()
         smallest = int(counts.sum(axis=0).min())
         if smallest > best_min:
             best_counts, best_min = counts, smallest
-        if smallest >= min_size:
-            break
     parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
     for idx, class_counts in zip(classes, best_counts, strict=True):
         pieces = np.split(rng.permutation(idx), np.cumsum(class_counts)[:-1])

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from fedguard.algorithms import attacks, attacks_model
 from fedguard.experiment import config_checks
@@ -255,7 +256,7 @@ def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: ErrorDetails) -> str:
     loc = tuple(error["loc"])
     key = ".".join(str(p) for p in loc) or "config"
     if error["type"] == "extra_forbidden":

@@ -338,7 +338,6 @@ class RoundDriver:
             reply = messages.decode(outcome.payload, messages.FitReply)
         except messages.MessageError as exc:
             return None, str(exc)
-        assert isinstance(reply, messages.FitReply)
         wrong_address = messages.addressing_problem(reply, outcome.client_id, round_)
         if wrong_address is not None:
             return None, wrong_address
@@ -437,7 +436,6 @@ class RoundDriver:
                     exc,
                 )
                 continue
-            assert isinstance(reply, messages.EvaluateReply)
             values = (reply.metrics.get("loss"), reply.metrics.get("accuracy"))
             if claim_problem(reply.num_examples) is not None or not all(
                 v is not None and np.isfinite(v) for v in values

@@ -21,8 +21,9 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Annotated, Any, TypeAlias
+from typing import Annotated, Any, TypeAlias, TypeVar, overload
 
 import numpy as np
 import pydantic
@@ -50,6 +51,34 @@ class MessageError(ValueError):
 
     def __init__(self, message: str) -> None:
         super().__init__(printable(message))
+
+
+def config_float(config: Mapping[str, Scalar], key: str, default: float | None = None) -> float:
+    """``config[key]`` as a float (an integer is read as one), ``default`` when it is absent.
+
+    Raises :class:`MessageError` when the entry is absent without a default, or is not a number
+    (a bool, a string or None).
+    """
+    value = config.get(key, default)
+    if value is None and key not in config:
+        raise MessageError(f"The config lacks {key!r}.")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MessageError(f"The config entry {key!r} must be a number, not {value!r}.")
+    return float(value)
+
+
+def config_int(config: Mapping[str, Scalar], key: str, default: int | None = None) -> int:
+    """``config[key]`` as an integer, ``default`` when it is absent.
+
+    Raises :class:`MessageError` when the entry is absent without a default, or is not an integer
+    (a bool, a float, a string or None).
+    """
+    value = config.get(key, default)
+    if value is None and key not in config:
+        raise MessageError(f"The config lacks {key!r}.")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MessageError(f"The config entry {key!r} must be an integer, not {value!r}.")
+    return value
 
 
 @dataclass(frozen=True)
@@ -273,7 +302,9 @@ _ConfigValue: TypeAlias = (
     | Annotated[str, StringConstraints(strict=True, max_length=MAX_TEXT)]
     | None
 )
-_Config: TypeAlias = Annotated[dict[_Name, _ConfigValue], Field(strict=True, max_length=MAX_ENTRIES)]
+_Config: TypeAlias = Annotated[
+    dict[_Name, _ConfigValue], Field(strict=True, max_length=MAX_ENTRIES)
+]
 # A byte map's layout: ``[client id, length]`` per entry, in the order of the data.
 _Layout: TypeAlias = Annotated[
     list[Annotated[list[_ClientId], Field(strict=True, min_length=2, max_length=2)]],
@@ -501,8 +532,16 @@ def encode(message: Message) -> bytes:
     return _st_save(tensors, metadata={"message": header})
 
 
+_M = TypeVar("_M", bound=Message)
+
+
+@overload
+def decode(payload: bytes, expected: type[_M]) -> _M: ...
+@overload
+def decode(payload: bytes, expected: None = None) -> Message: ...
 def decode(payload: bytes, expected: type | None = None) -> Message:
-    """Parse bytes made by :func:`encode`; ``expected`` checks the message kind.
+    """Parse bytes made by :func:`encode`; ``expected`` checks the message kind (and types the
+    result as that kind).
 
     The payload is checked against its kind's :data:`SCHEMA` (field types and ranges, tensor
     names, dtypes and ranks, byte-map layouts) before any tensor is read; any violation raises

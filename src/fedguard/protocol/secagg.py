@@ -81,8 +81,10 @@ def distributed_from_config(config: Mapping[str, messages.Scalar]) -> distribute
     if DDP_NOISE not in config:
         return None
     try:
-        return distributed_dp.Skellam(float(config[DDP_NOISE]), int(config[DDP_CLIENTS]))
-    except (KeyError, ValueError) as exc:
+        return distributed_dp.Skellam(
+            messages.config_float(config, DDP_NOISE), messages.config_int(config, DDP_CLIENTS)
+        )
+    except ValueError as exc:  # a MessageError included
         raise SecAggError(
             f"The distributed DP settings of the fit task are invalid: {exc}"
         ) from None

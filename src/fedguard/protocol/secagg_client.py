@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -72,6 +73,7 @@ class _Masked:
 
 
 _State = _Advertised | _Shared | _Masked
+_S = TypeVar("_S", _Advertised, _Shared, _Masked)
 
 
 class SecAggClient:
@@ -112,7 +114,7 @@ class SecAggClient:
             return self.unmask(request)
         raise messages.MessageError(f"A client cannot answer a {type(request).__name__}.")
 
-    def _state(self, client_id: int, round_: int, kind: type) -> _State:
+    def _state(self, client_id: int, round_: int, kind: type[_S]) -> _S:
         state = self.states.get(client_id)
         if state is None or state.setup.round != round_ or not isinstance(state, kind):
             raise SecAggError(
@@ -143,7 +145,6 @@ class SecAggClient:
         """Phase 1: Shamir-share ``b_u`` and ``s_u^SK``; one encrypted bundle per neighbour."""
         cid, round_ = request.client_id, request.round
         state = self._state(cid, round_, _Advertised)
-        assert isinstance(state, _Advertised)
         setup = state.setup
         peers = self._check_peers(cid, setup, request)
         holders = sorted([*peers, cid])
@@ -210,7 +211,6 @@ class SecAggClient:
         """Phase 2: decrypt the bundles, train, encode and mask the update."""
         cid, round_ = request.client_id, request.round
         state = self._state(cid, round_, _Shared)
-        assert isinstance(state, _Shared)
         setup = state.setup
         mechanism = distributed_from_config(request.config)
         if self.pins is not None:
@@ -238,7 +238,7 @@ class SecAggClient:
             secret = np.random.default_rng(np.frombuffer(self._random(32), dtype="<u4"))
             encoded = distributed_dp.encode(update, setup.fixed_point, mechanism, secret)
         else:
-            seed = int(request.config.get("seed", 0))
+            seed = messages.config_int(request.config, "seed", 0)
             weight = reply.num_examples if setup.weighted else 1
             encoded = secagg_quantize.encode(
                 update, weight, setup.fixed_point, np.random.default_rng([seed, 0x5EC])
@@ -274,7 +274,6 @@ class SecAggClient:
         """Phase 3: ``b`` shares of alive peers, ``s`` shares of dropped ones, never both."""
         cid, round_ = request.client_id, request.round
         state = self._state(cid, round_, _Masked)
-        assert isinstance(state, _Masked)
         alive, dropped = set(request.alive), set(request.dropped)
         both = sorted(alive & dropped)
         if both:

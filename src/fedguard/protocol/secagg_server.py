@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -74,14 +75,17 @@ class _Ledger:
         }
 
 
+_Reply = TypeVar("_Reply", bound=messages.SecAggMessage)
+
+
 def _replies(
     transport: Transport,
     phase: Phase,
     requests: Mapping[int, messages.SecAggMessage],
-    expected: type,
+    expected: type[_Reply],
     ledger: _Ledger,
     deadline_s: float | None,
-) -> Iterator[tuple[int, messages.SecAggMessage]]:
+) -> Iterator[tuple[int, _Reply]]:
     """Send one phase's requests; the decoded replies that came back for the right client,
     decoded one at a time as the caller takes them (the masked inputs: one in memory at a time
     instead of ``n``)."""
@@ -156,7 +160,6 @@ def secure_sum(
     )
     for u, reply in replies:
         if _check_masked(setup, u, reply, ledger):
-            assert isinstance(reply, messages.SecAggMaskedInput)
             np.add(masked_sum, reply.masked.numpy().view(masked_sum.dtype), out=masked_sum)
             u3.add(u)
     _require(setup, Phase.UNMASK, u2, u3, ledger, max(min_survivors, setup.min_inputs))
@@ -177,7 +180,6 @@ def _advertise(
     )
     keys: dict[int, messages.SecAggKeys] = {}
     for u, reply in replies.items():
-        assert isinstance(reply, messages.SecAggKeys)
         try:  # a key no peer can agree with would fail every neighbour of ``u``, not just ``u``
             secagg_crypto.check_public_key(reply.c_public)
             secagg_crypto.check_public_key(reply.s_public)
@@ -211,7 +213,6 @@ def _share(
     )
     bundles: dict[int, messages.ByteMap] = {}
     for u, reply in replies.items():
-        assert isinstance(reply, messages.SecAggShares)
         expected = set(requests[u].public_keys)
         if set(reply.ciphertexts) != expected:
             ledger.drop(Phase.SHARE, u, "share bundles not addressed to exactly its neighbours")
@@ -221,9 +222,8 @@ def _share(
 
 
 def _check_masked(
-    setup: RoundSetup, u: int, reply: messages.SecAggMessage, ledger: _Ledger
+    setup: RoundSetup, u: int, reply: messages.SecAggMaskedInput, ledger: _Ledger
 ) -> bool:
-    assert isinstance(reply, messages.SecAggMaskedInput)
     itemsize = setup.fixed_point.dtype.itemsize
     shape, dtype = tuple(reply.masked.shape), reply.masked.dtype
     if shape != (setup.dim + 1,) or dtype.itemsize != itemsize or dtype.is_floating_point:
@@ -255,7 +255,6 @@ def _unmask_shares(
     s_shares: dict[int, dict[int, bytes]] = {}
     gone = u2 - u3
     for holder, reply in replies.items():
-        assert isinstance(reply, messages.SecAggUnmaskReply)
         held = setup.holders(holder)  # the graph is undirected: whose shares ``holder`` holds
         for owner in held.intersection(reply.b_shares, u3):
             b_shares.setdefault(owner, {})[holder] = reply.b_shares[owner]

@@ -83,7 +83,8 @@ def poison_training_data(
     if kind is attacks.Attack.LABEL_FLIP:
         return x, attacks_data.flip_labels(y, num_classes=num_classes)
     if kind is attacks.Attack.BACKDOOR:
-        assert backdoor is not None  # the caller builds one for this attack
+        if backdoor is None:
+            raise ValueError("The backdoor attack needs its trigger and target; none was given.")
         out_x, out_y, _ = attacks_data.poison_backdoor(
             x,
             y,
@@ -135,7 +136,6 @@ class ModelPoisoning(Transport):
                 reply = messages.decode(outcome.payload, messages.FitReply)
             except messages.MessageError:
                 continue  # the driver rejects it
-            assert isinstance(reply, messages.FitReply)
             if outcome.client_id in self.malicious:
                 own[outcome.client_id] = reply
             elif bool(torch.isfinite(reply.update).all()):

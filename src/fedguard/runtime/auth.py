@@ -177,13 +177,13 @@ class Authenticator:
         self._seen: dict[tuple[int, bytes], float] = {}
         self._pruned = 0.0
         if tokens_path is not None:
-            self._reload()
+            self._reload(tokens_path)
 
-    def _reload(self) -> None:
-        assert self._path is not None
-        mtime = self._path.stat().st_mtime
+    def _reload(self, path: Path) -> None:
+        """Read the tokens file at ``path`` again if it changed since the last read."""
+        mtime = path.stat().st_mtime
         if mtime != self._mtime:
-            self._records = read_records(self._path)
+            self._records = read_records(path)
             self._mtime = mtime
 
     def check(self, creds: Credentials, peer_common_name: str | None) -> None:
@@ -191,7 +191,7 @@ class Authenticator:
         now = self._clock()
         with self._lock:
             if self._path is not None:
-                self._reload()
+                self._reload(self._path)
                 record = self._records.get(creds.client_id)
                 if record is None:
                     raise AuthError(f"client {creds.client_id} is unknown")

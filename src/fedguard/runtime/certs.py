@@ -94,7 +94,7 @@ def _issue(
     *,
     days: int,
     ca: bool = False,
-    usage: ExtendedKeyUsageOID | None = None,
+    usage: x509.ObjectIdentifier | None = None,  # an ExtendedKeyUsageOID member
     hosts: Iterable[str] = (),
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)

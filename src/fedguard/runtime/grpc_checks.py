@@ -19,7 +19,7 @@ from fedguard.algorithms import finite
 from fedguard.protocol import messages
 
 # The reply kind each task kind expects.
-REPLY_KIND = {
+REPLY_KIND: dict[type[messages.Message], type[messages.Message]] = {
     messages.FitTask: messages.FitReply,
     messages.EvaluateTask: messages.EvaluateReply,
     messages.SecAggSetup: messages.SecAggKeys,

@@ -105,8 +105,8 @@ def _pull(
     assembler: grpc_chunks.Assembler | None = None
     status, task_id = wire_pb2.PULL_STATUS_UNSPECIFIED, ""
     try:
-        for i, chunk in enumerate(stream):
-            if i == 0:
+        for chunk in stream:
+            if assembler is None:  # the first chunk
                 status = chunk.status
                 if status != wire_pb2.PULL_STATUS_TASK:
                     return status, "", None, ""
@@ -115,7 +115,6 @@ def _pull(
                 assembler = grpc_chunks.Assembler(
                     grpc_chunks.Header(h.task_id, h.size, h.sha256), max_bytes=MAX_TASK_BYTES
                 )
-            assert assembler is not None
             assembler.add(chunk.data)
         if assembler is None:
             return wire_pb2.PULL_STATUS_IDLE, "", None, ""

@@ -502,7 +502,9 @@ class GrpcServerTransport(Transport):
         finally:
             self._release(call)
 
-    def _next_task(self, client_id: int, context: grpc.ServicerContext) -> _Task | int:
+    def _next_task(
+        self, client_id: int, context: grpc.ServicerContext
+    ) -> _Task | wire_pb2.PullStatus:
         """The client's open task, waiting up to ``poll_s``; else ``PULL_STATUS_IDLE`` or
         ``PULL_STATUS_FINISHED`` when the run is over."""
         end = self._clock() + self.poll_s

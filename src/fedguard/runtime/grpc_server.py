@@ -37,7 +37,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -179,7 +179,9 @@ def _decrement(counter: Counter, key: object) -> None:
 
 
 def _peer_common_name(context: grpc.ServicerContext) -> str | None:
-    names = context.auth_context().get("x509_common_name") or []
+    # grpc maps each auth property to a list of values (types-grpcio 1.85 says to one bytes)
+    properties = cast(Mapping[str, list[bytes]], context.auth_context())
+    names = properties.get("x509_common_name") or []
     return names[0].decode(errors="replace") if names else None
 
 
@@ -252,7 +254,7 @@ class GrpcServerTransport(Transport):
             ],
             maximum_concurrent_rpcs=2 * workers,
         )
-        handlers = {
+        handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             # Pull is unary-stream on the wire; it is served as stream-stream so that the handler,
             # not gRPC, waits for the request (with a deadline, after admission).
             "Pull": grpc.stream_stream_rpc_method_handler(

@@ -58,10 +58,10 @@ def test_update_noise_multiplier_follows_andrew_et_al() -> None:
 def test_adaptive_clip_moves_geometrically_to_the_target_quantile() -> None:
     g = torch.Generator().manual_seed(0)
     kwargs = dict(target_quantile=0.5, denominator=10.0, learning_rate=0.2, count_stddev=0.0)
-    grown, fraction = dp_fedavg.next_clip_norm(1.0, 2.0, generator=g, **kwargs)
+    grown, fraction = dp_fedavg.next_clip_norm(1.0, 2.0, 10, generator=g, **kwargs)
     assert fraction == pytest.approx(0.2)
     assert grown == pytest.approx(math.exp(0.2 * 0.3))  # too few unclipped: the clip grows
-    shrunk, _ = dp_fedavg.next_clip_norm(1.0, 9.0, generator=g, **kwargs)
+    shrunk, _ = dp_fedavg.next_clip_norm(1.0, 9.0, 10, generator=g, **kwargs)
     assert shrunk == pytest.approx(math.exp(-0.2 * 0.4))
     # simulated rounds: norms ~ |N(0, 1)| * 3, the clip settles near their median (2.02)
     norms = torch.randn(400, generator=torch.Generator().manual_seed(1)).abs() * 3
@@ -69,6 +69,6 @@ def test_adaptive_clip_moves_geometrically_to_the_target_quantile() -> None:
     for r in range(200):
         batch = norms[(r * 10) % 400 : (r * 10) % 400 + 10]
         clip, _ = dp_fedavg.next_clip_norm(
-            clip, float((batch <= clip).sum()), generator=g, **kwargs
+            clip, float((batch <= clip).sum()), len(batch), generator=g, **kwargs
         )
     assert clip == pytest.approx(float(norms.median()), rel=0.25)

@@ -70,6 +70,7 @@ def test_next_clip_norm_adds_count_noise_before_dividing() -> None:
     clip, fraction = dp_fedavg.next_clip_norm(
         2.0,
         6.0,
+        8,  # updates in the round, as many as the denominator: the centring cancels
         target_quantile=0.25,
         denominator=8.0,
         learning_rate=0.5,

@@ -30,7 +30,8 @@ def _rows(folder) -> list[dict]:
 
 def _fixed_size_epsilon(z: float, n: int, m: int, rounds: int, delta: float) -> float:
     acc = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
-    gaussian = dp_accounting.GaussianDpEvent(z)
+    # noise std z * C over the replace-one sensitivity 2C of the clipped sum: multiplier z / 2
+    gaussian = dp_accounting.GaussianDpEvent(z / 2)
     event = dp_accounting.SampledWithoutReplacementDpEvent(n, m, gaussian)
     acc.compose(dp_accounting.SelfComposedDpEvent(event, rounds))
     return acc.get_epsilon(delta)

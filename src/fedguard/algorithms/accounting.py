@@ -13,6 +13,15 @@ Two mechanisms occur:
 * DP-FedAvg at the server (user level): each round samples clients, either Poisson with rate
   ``q`` (add-or-remove-one neighbours) or a fixed number ``m`` of ``N`` without replacement
   (replace-one neighbours, RDP only), and adds Gaussian noise to the sum of clipped updates.
+
+dp-accounting's Gaussian multiplier is the noise std over the L2 sensitivity of the noised
+function *under the accountant's neighbouring relation* (its RDP for the Gaussian is
+``alpha / (2 sigma^2)``, the bound for sensitivity 1; ``SampledWithoutReplacementDpEvent`` under
+``REPLACE_ONE`` applies Wang, Balle and Kasiviswanathan 2019, theorem 27, to that base RDP for
+replace-one neighbours). A sum of updates clipped to ``C`` moves by at most ``C`` when one client
+is added or removed, but by up to ``2C`` when one client's update is replaced by another's, so the
+multiplier handed to dp-accounting is ``std / (C * SENSITIVITY_FACTOR[relation])``
+(:func:`accounted_multiplier`).
 """
 
 from __future__ import annotations
@@ -30,6 +39,28 @@ from dp_accounting.rdp import rdp_privacy_accountant
 MAX_NOISE_MULTIPLIER = 100.0
 PLD_DISCRETIZATION = 1e-4
 SKELLAM_ORDERS = tuple(range(2, 257))  # integer orders, as the Skellam RDP bound requires
+
+
+# The L2 sensitivity of a sum of vectors clipped to norm C, in units of C, per neighbouring relation.
+SENSITIVITY_FACTOR = {
+    dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE: 1.0,
+    dp_accounting.NeighboringRelation.REPLACE_ONE: 2.0,
+}
+
+
+def relation(fixed_size: bool) -> dp_accounting.NeighboringRelation:
+    """The neighbouring relation accounted for a sampling scheme: fixed-size sampling without
+    replacement is analysed under replace-one, Poisson sampling under add-or-remove-one."""
+    if fixed_size:
+        return dp_accounting.NeighboringRelation.REPLACE_ONE
+    return dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
+
+
+def accounted_multiplier(noise_stddev: float, l2_sensitivity: float) -> float:
+    """The Gaussian multiplier dp-accounting composes: noise std over L2 sensitivity."""
+    if l2_sensitivity <= 0.0:
+        raise PrivacyError(f"The L2 sensitivity must be positive, got {l2_sensitivity}.")
+    return noise_stddev / l2_sensitivity
 
 
 class Accountant(enum.StrEnum):
@@ -81,6 +112,15 @@ class SampledGaussian:
         )
 
 
+# One mechanism, or several composed (rounds that ran at different noise multipliers).
+Mechanism = SampledGaussian | tuple[SampledGaussian, ...]
+
+
+def _parts(mechanism: Mechanism) -> tuple[SampledGaussian, ...]:
+    parts = mechanism if isinstance(mechanism, tuple) else (mechanism,)
+    return tuple(p for p in parts if p.count > 0)
+
+
 def _accountant(kind: Accountant, fixed_size: bool) -> dp_accounting.PrivacyAccountant:
     if fixed_size:
         if kind is Accountant.PLD:
@@ -88,25 +128,30 @@ def _accountant(kind: Accountant, fixed_size: bool) -> dp_accounting.PrivacyAcco
                 "privacy.accountant: the PLD accountant does not support fixed-size client "
                 'sampling; use privacy.accountant = "rdp" or server.sampling = "poisson"'
             )
-        return rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.REPLACE_ONE)
+        return rdp.RdpAccountant(neighboring_relation=relation(fixed_size))
     if kind is Accountant.PLD:
         return pld.PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
     return rdp.RdpAccountant()
 
 
-def epsilon(mechanism: SampledGaussian, delta: float, kind: Accountant = Accountant.RDP) -> float:
-    """Epsilon at ``delta`` after ``mechanism``; 0 before any step, inf without noise."""
-    if mechanism.count == 0:
+def epsilon(mechanism: Mechanism, delta: float, kind: Accountant = Accountant.RDP) -> float:
+    """Epsilon at ``delta`` after ``mechanism`` (a tuple: its parts composed, as
+    ``ComposedDpEvent``); 0 before any step, inf if a part that ran had no noise."""
+    parts = _parts(mechanism)
+    if not parts:
         return 0.0
-    if mechanism.noise_multiplier <= 0.0:
+    if any(p.noise_multiplier <= 0.0 for p in parts):
         return math.inf
-    acc = _accountant(kind, mechanism.fixed_size)
-    acc.compose(mechanism.event())
+    fixed = {p.fixed_size for p in parts}
+    if len(fixed) != 1:
+        raise PrivacyError("Cannot compose fixed-size and Poisson sampling in one account.")
+    acc = _accountant(kind, fixed.pop())
+    acc.compose(dp_accounting.ComposedDpEvent([p.event() for p in parts]))
     return float(acc.get_epsilon(delta))
 
 
 def worst_epsilon(
-    mechanisms: Iterable[SampledGaussian], delta: float, kind: Accountant = Accountant.RDP
+    mechanisms: Iterable[Mechanism], delta: float, kind: Accountant = Accountant.RDP
 ) -> float:
     """The largest epsilon among independent parties (record-level DP: the worst client)."""
     values = [epsilon(m, delta, kind) for m in mechanisms]
@@ -171,15 +216,19 @@ class SkellamSum:
         return self.count * one
 
 
-def skellam_epsilon(mechanism: SkellamSum, delta: float) -> float:
-    """Epsilon at ``delta`` after ``mechanism``: its RDP curve through dp-accounting's conversion
+def skellam_epsilon(mechanism: SkellamSum | tuple[SkellamSum, ...], delta: float) -> float:
+    """Epsilon at ``delta`` after ``mechanism`` (a tuple: its parts composed, their RDP curves
+    added): the RDP curve through dp-accounting's conversion
     (``rdp_privacy_accountant.compute_epsilon``, the one its RdpAccountant uses); 0 before any
     round, inf without noise. No amplification by client sampling is claimed: dp-accounting's
     subsampled-RDP bounds cover the Gaussian only, so the epsilon is an upper bound for any
     sampling of clients."""
-    if mechanism.count == 0:
+    parts = mechanism if isinstance(mechanism, tuple) else (mechanism,)
+    parts = tuple(p for p in parts if p.count > 0)
+    if not parts:
         return 0.0
-    if mechanism.mu <= 0.0:
+    if any(p.mu <= 0.0 for p in parts):
         return math.inf
-    eps, _ = rdp_privacy_accountant.compute_epsilon(SKELLAM_ORDERS, mechanism.rdp().tolist(), delta)
+    curve = np.sum([p.rdp() for p in parts], axis=0)
+    eps, _ = rdp_privacy_accountant.compute_epsilon(SKELLAM_ORDERS, curve.tolist(), delta)
     return float(eps)

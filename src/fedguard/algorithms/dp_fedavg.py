@@ -8,6 +8,13 @@ over that number, whatever the realised sample). With adaptive clipping the serv
 privatises the count of "unclipped" bits and moves ``C`` geometrically towards the
 ``target_quantile`` of update norms; the noise on the updates is raised so that the pair of
 Gaussian mechanisms together spends exactly the budget of one with multiplier ``z``.
+
+``z`` is relative to the clip (the noise std is ``z C``); the multiplier the accountant composes
+is ``z C`` over the sum's L2 sensitivity, which depends on the neighbouring relation (``C`` under
+add-or-remove-one, ``2C`` under replace-one; see :mod:`fedguard.algorithms.accounting`). The bits
+are centred at ``+-1/2`` before they are summed, so the count's sensitivity is ``1/2`` under
+add-or-remove-one and ``1`` under replace-one: in both relations it is the sum's sensitivity
+times ``1 / (2C)``, and the split of the budget below holds in both.
 """
 
 from __future__ import annotations
@@ -40,7 +47,9 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_multiplier: flo
 
     Andrew et al. (2021), section 3: a Gaussian sum query with multiplier ``z_delta`` and the
     count query with std ``sigma_b`` (sensitivity 1/2 after centring the bits) compose to one
-    Gaussian mechanism with ``z = (z_delta^-2 + (2 sigma_b)^-2)^-1/2``.
+    Gaussian mechanism with ``z = (z_delta^-2 + (2 sigma_b)^-2)^-1/2``. Under replace-one both
+    sensitivities double (``2C`` and 1), so the pair composes to one Gaussian with ``z / 2`` per
+    unit of sensitivity, exactly as the sum alone with ``z`` would: the same split holds.
     """
     if count_noise_multiplier <= 0.0:
         return noise_multiplier
@@ -48,8 +57,8 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_multiplier: flo
     if remaining <= 0.0:
         raise ValueError(
             f"privacy.clip_count_stddev={count_noise_multiplier} is too small for "
-            f"noise_multiplier={noise_multiplier}: it must exceed {0.5 / noise_multiplier:.4g} "
-            "(1 / (2 z)); the paper suggests the expected number of clients per round / 20"
+            f"noise_multiplier={noise_multiplier}: it must exceed {0.5 * noise_multiplier:.4g} "
+            "(z / 2); the paper suggests the expected number of clients per round / 20"
         )
     return remaining**-0.5
 
@@ -71,6 +80,7 @@ def noisy_mean(
 def next_clip_norm(
     clip_norm: float,
     unclipped_count: float,
+    num_updates: int,
     *,
     target_quantile: float,
     denominator: float,
@@ -80,9 +90,18 @@ def next_clip_norm(
 ) -> tuple[float, float]:
     """The next round's clip norm and the privatised fraction of unclipped updates.
 
-    Geometric update ``C <- C exp(-eta (b - gamma))`` with ``b`` the noisy fraction of clients
-    whose update norm was at most ``C`` and ``gamma`` the target quantile.
+    Geometric update ``C <- C exp(-eta (b - gamma))`` with ``gamma`` the target quantile and
+    ``b = (sum_i (b_i - 1/2) + N(0, sigma_b^2)) / m + 1/2`` the noisy fraction of the
+    ``num_updates`` clients whose update norm was at most ``C`` (``b_i = 1``), centred as in
+    Andrew et al. (2021), algorithm 1: one client added or removed moves the centred sum by
+    ``1/2``, which is the sensitivity the budget split of :func:`update_noise_multiplier` assumes.
+    ``m`` is the fixed ``denominator`` (the expected number of clients).
     """
+    if not 0 <= unclipped_count <= num_updates:
+        raise ValueError(
+            f"unclipped_count={unclipped_count} must lie in 0..num_updates={num_updates}"
+        )
     noise = float(torch.randn((), generator=generator, dtype=torch.float64)) * count_stddev
-    fraction = (unclipped_count + noise) / denominator
+    centred = unclipped_count - 0.5 * num_updates
+    fraction = (centred + noise) / denominator + 0.5
     return clip_norm * math.exp(-learning_rate * (fraction - target_quantile)), fraction

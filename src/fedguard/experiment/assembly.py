@@ -93,7 +93,9 @@ class Experiment:
         model_fn: Callable[..., Any] | None = None,
         data_fn: federation.DataFn | None = None,
         transport_fn: TransportFn | None = None,
+        privacy_spent: privacy.Spent | None = None,
     ) -> None:
+        """``privacy_spent``: a resumed run's finished rounds and their DP noise multipliers."""
         self.cfg = cfg
         self.fed = federation.build_federation(cfg, data_fn)
         self.attack = federation.attack_plan(cfg, self.fed)
@@ -127,7 +129,7 @@ class Experiment:
             "augment": c.augment,
         }
         sizes = {i: d.num_train for i, d in self.fed.clients.items()}
-        self.privacy = privacy.build(cfg, sizes, self.model)
+        self.privacy = privacy.build(cfg, sizes, self.model, privacy_spent)
         central_dp = None
         if self.privacy is not None:
             client_config.update(self.privacy.client_config(cfg))

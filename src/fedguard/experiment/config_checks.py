@@ -307,6 +307,13 @@ def privacy(cfg: ExperimentConfig) -> None:
                 f'privacy.mode = "local" does not support server.strategy = "{s.strategy}" '
                 "(its client term is not privatised); use fedavg, fedavgm or an adaptive one"
             )
+        if cfg.data.augment_copies > 0:
+            raise ValueError(
+                f'privacy.mode = "local" cannot run with data.augment_copies = '
+                f"{cfg.data.augment_copies}: DP-SGD would count each perturbed copy of a "
+                "recording as a record of its own, so epsilon would cover one feature vector, "
+                "not one recording; set data.augment_copies = 0"
+            )
     if p.mode == "distributed":
         if not cfg.secure_aggregation.enabled:
             raise ValueError(

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fedguard
-from fedguard.experiment import checkpoint, federation, plots
+from fedguard.experiment import checkpoint, federation, plots, privacy
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment, TransportFn
 from fedguard.experiment.config import ConfigError, ExperimentConfig
@@ -32,6 +32,7 @@ from fedguard.protocol.strategy import ServerState
 log = logging.getLogger("fedguard")
 
 TIMING_FIELDS = ("seconds",)
+NOISE_MULTIPLIERS = "noise_multipliers"  # checkpoint info: the DP noise multiplier of each round
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -134,7 +135,13 @@ def run(
         )
     if resume:
         _check_resume_config(folder.config, cfg)
-    exp = Experiment(cfg, model_fn=model_fn, data_fn=data_fn, transport_fn=transport_fn)
+    exp = Experiment(
+        cfg,
+        model_fn=model_fn,
+        data_fn=data_fn,
+        transport_fn=transport_fn,
+        privacy_spent=_privacy_spent(finished) if resume else None,
+    )
     folder.create()
     handler = _attach_log(folder)
     try:
@@ -142,6 +149,14 @@ def run(
     finally:
         logging.getLogger("fedguard").removeHandler(handler)
         handler.close()
+
+
+def _privacy_spent(finished: checkpoint.Checkpoint | None) -> privacy.Spent | None:
+    """The finished rounds of the run being resumed and the noise multipliers they ran at."""
+    if finished is None:
+        return None
+    recorded = finished.info.get(NOISE_MULTIPLIERS)
+    return privacy.Spent(finished.round, None if recorded is None else tuple(recorded))
 
 
 def _run_rounds(
@@ -167,10 +182,11 @@ def _run_rounds(
         folder.rewrite_metrics(rows)
         log.info("resuming after round %d", finished.round)
     total = cfg.experiment.rounds
-    joined = dict.fromkeys(exp.fed.clients, 0)  # rounds each client was asked to train
+    # the rounds each client was asked to train in
+    joined: dict[int, list[int]] = {cid: [] for cid in exp.fed.clients}
     for done in range(1, start):
         for cid in exp.driver.sample(done):
-            joined[cid] += 1
+            joined[cid].append(done)
     status, error = "completed", None
     started = time.perf_counter()
     with _progress(console) as bar:
@@ -188,7 +204,7 @@ def _run_rounds(
                     row, sampled = _aborted_row(round_, exc), exp.driver.sample(round_)
                     row["seconds"] = time.perf_counter() - t0
                 for cid in sampled:
-                    joined[cid] += 1
+                    joined[cid].append(round_)
                 if exp.privacy is not None:
                     row["epsilon"] = exp.privacy.epsilon(round_, joined)
                 rows.append(row)
@@ -198,7 +214,7 @@ def _run_rounds(
                     checkpoint.Checkpoint(
                         round_,
                         exp.checkpoint_tensors(params, state),
-                        {"spec": exp.model.spec.to_json()},
+                        _checkpoint_info(exp, round_),
                     ),
                     keep=cfg.checkpoint.keep,
                 )
@@ -252,14 +268,24 @@ def _run_rounds(
     return summary
 
 
-def _budget_spent(exp: Experiment, round_: int, joined: Mapping[int, int]) -> bool:
-    """True (and logged) if ``round_`` would take epsilon past ``privacy.max_epsilon``."""
+def _checkpoint_info(exp: Experiment, round_: int) -> dict[str, Any]:
+    """A checkpoint's JSON info: the model spec and, with DP, every round's noise multiplier
+    (a resumed run composes the finished rounds at the multipliers they ran at)."""
+    info: dict[str, Any] = {"spec": exp.model.spec.to_json()}
+    if exp.privacy is not None:
+        info[NOISE_MULTIPLIERS] = exp.privacy.noise_multipliers(round_)
+    return info
+
+
+def _budget_spent(exp: Experiment, round_: int, joined: Mapping[int, list[int]]) -> bool:
+    """True (and logged) if ``round_`` would take epsilon past ``privacy.max_epsilon`` (every
+    round composed at the noise multiplier it ran at, as the reported epsilon is)."""
     plan = exp.privacy
     if plan is None or plan.max_epsilon is None:
         return False
-    after = dict(joined)
+    after = {cid: list(rounds) for cid, rounds in joined.items()}
     for cid in exp.driver.sample(round_):
-        after[cid] += 1
+        after[cid].append(round_)
     projected = plan.epsilon(round_, after)
     if projected <= plan.max_epsilon:
         return False

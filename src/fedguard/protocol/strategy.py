@@ -42,6 +42,7 @@ from fedguard.protocol import messages
 
 CONTROL = "control"
 CLIP_NORM = messages.DP_CLIP_NORM
+DP_UNCLIPPED = "dp_unclipped"  # central DP reply metric: the client's adaptive-clipping bit
 ROBUST_REFERENCE = "robust.reference"
 
 
@@ -138,9 +139,13 @@ class ServerState:
 class CentralDP:
     """User-level DP-FedAvg settings: the clip (fixed or adaptive) and the server's noise.
 
-    ``noise_multiplier`` is the mechanism's multiplier that the accountant composes; with adaptive
-    clipping part of it pays for the privatised clip count (see :mod:`dp_fedavg`).
-    ``expected_clients`` is the fixed denominator of the noisy mean.
+    ``noise_multiplier`` ``z`` is relative to the clip, as in McMahan et al. (2018): the sum of
+    clipped updates gets noise of std ``z * clip_norm``. The accountant composes ``z * clip_norm``
+    over the sum's L2 sensitivity under its neighbouring relation (``clip_norm`` under
+    add-or-remove-one, ``2 * clip_norm`` under replace-one; see
+    :mod:`fedguard.algorithms.accounting`). With adaptive clipping part of ``z`` pays for the
+    privatised clip count (see :mod:`dp_fedavg`). ``expected_clients`` is the fixed denominator
+    of the noisy mean.
     """
 
     clip_norm: float
@@ -386,9 +391,18 @@ class Strategy:
         generator = dp.generator(round_)
         delta = dp.noisy_mean(total, clip, generator)
         if dp.adaptive:
+            # The bit is whether the client's update was at most the clip *before* the client
+            # clipped it: only the client knows (the server sees the clipped update, never
+            # longer than the clip). A reply the server had to re-clip counts as clipped; any
+            # report is mapped to one bit, which is all the count's sensitivity assumes.
+            bits = [
+                c.unclipped and r.metrics.get(DP_UNCLIPPED, 1.0) >= 0.5
+                for c, r in zip(clipped, replies, strict=True)
+            ]
             clip, _ = dp_fedavg.next_clip_norm(
                 clip,
-                float(sum(c.unclipped for c in clipped)),
+                float(sum(bits)),
+                len(clipped),
                 target_quantile=dp.target_quantile,
                 denominator=dp.expected_clients,
                 learning_rate=dp.clip_learning_rate,

@@ -19,7 +19,6 @@ class EvalResult:
     probabilities: torch.Tensor | None = None
 
 
-@torch.no_grad()
 def evaluate(
     model: ModelAdapter,
     x: torch.Tensor,
@@ -29,6 +28,26 @@ def evaluate(
     keep_probabilities: bool = False,
 ) -> EvalResult:
     """Evaluate in inference mode, batch by batch, so memory stays bounded on large test sets."""
+    loss_sum, correct, n, kept = _run(model, x, y, batch_size, keep_probabilities)
+    probabilities = torch.cat(kept) if keep_probabilities else None
+    return EvalResult(loss_sum / n, correct / n, n, probabilities)
+
+
+def evaluate_with_probabilities(
+    model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 1024
+) -> tuple[EvalResult, torch.Tensor]:
+    """:func:`evaluate` keeping the probabilities, and those probabilities ``[N, C]``."""
+    loss_sum, correct, n, kept = _run(model, x, y, batch_size, True)
+    probabilities = torch.cat(kept)
+    return EvalResult(loss_sum / n, correct / n, n, probabilities), probabilities
+
+
+@torch.no_grad()
+def _run(
+    model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, batch_size: int, keep: bool
+) -> tuple[float, int, int, list[torch.Tensor]]:
+    """The summed loss, the correct predictions, the example count and (``keep``) the batches'
+    probabilities."""
     n = int(y.shape[0])
     if n == 0:
         raise ValueError("Cannot evaluate on an empty data set.")
@@ -39,7 +58,6 @@ def evaluate(
         log_probs = model.log_probabilities(xb, training=False)
         loss_sum += float(torch.nn.functional.nll_loss(log_probs, yb, reduction="sum"))
         correct += int((log_probs.argmax(dim=1) == yb).sum())
-        if keep_probabilities:
+        if keep:
             kept.append(log_probs.exp())
-    probabilities = torch.cat(kept) if keep_probabilities else None
-    return EvalResult(loss_sum / n, correct / n, n, probabilities)
+    return loss_sum, correct, n, kept

@@ -46,7 +46,7 @@ def test_flatten_and_unflatten_round_trip() -> None:
 
 def test_flatten_and_unflatten_refuse_mismatches() -> None:
     spec = ParamSpec.from_tensors(_named())
-    with pytest.raises(KeyError, match="b"):
+    with pytest.raises(KeyError, match="missing from the model state: b"):
         spec.flatten({k: v for k, v in _named().items() if k != "b"})
     wrong = _named() | {"b": torch.zeros(3)}
     with pytest.raises(ValueError, match="shape"):

@@ -178,7 +178,9 @@ def _direct_epsilon(rounds: int) -> float:
     l1 = min(l2 * l2, math.sqrt(dim) * l2)  # = sqrt(111) l2, the smaller here
     mu = (z * levels) ** 2 / 2  # total noise Sk(mu, mu): variance 2 mu = (z c)^2
     orders = np.arange(2, 257)  # integer orders, as the bound requires
-    curve = rounds * _rdp_one_round(orders, l2, l1, mu)
+    # Fixed-size cohorts: neighbouring populations' cohorts differ by one replacement, so the
+    # sum moves by the difference of two clients' vectors, twice one client's L2 and L1 bounds.
+    curve = rounds * _rdp_one_round(orders, 2 * l2, 2 * l1, mu)
     eps, _ = rdp_privacy_accountant.compute_epsilon(orders, curve, 1e-3)
     return float(eps)
 
@@ -194,6 +196,8 @@ def test_run_reports_the_directly_accounted_epsilon(tmp_path) -> None:
     assert 1.0 < expected[0] < expected[1] < expected[2] < 20.0
     p = summary["privacy"]
     assert p["mechanism"] == "distributed_skellam" and p["noise_clients"] == 4
+    assert p["neighboring_relation"] == "replace_one"
+    assert p["l2_sensitivity"] == pytest.approx(2 * _rounding_bound(2.0**20, 111), rel=1e-12)
     assert math.isfinite(summary["test_loss"])
 
 

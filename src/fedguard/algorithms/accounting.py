@@ -187,10 +187,11 @@ def calibrate_noise(
 
 @dataclass(frozen=True)
 class SkellamSum:
-    """``count`` rounds of the Skellam mechanism on a sum (add/remove-one client neighbours).
+    """``count`` rounds of the Skellam mechanism on a sum.
 
-    One client changes the integer sum by a vector of L2 norm at most ``l2_sensitivity`` and L1
-    norm at most ``l1_sensitivity``; the sum carries ``Sk(mu, mu)`` noise per coordinate
+    Neighbouring inputs change the integer sum by a vector of L2 norm at most ``l2_sensitivity``
+    and L1 norm at most ``l1_sensitivity`` (the caller's relation: under replace-one, twice one
+    client's bounds); the sum carries ``Sk(mu, mu)`` noise per coordinate
     (``Poisson(mu) - Poisson(mu)``, variance ``2 mu``), all in quantisation levels.
     """
 

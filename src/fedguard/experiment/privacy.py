@@ -17,7 +17,9 @@ clients and the server must do and what the accountant composes:
   one Skellam mechanism per round on the quantised sum (at least ``m`` shares in every released
   sum, ``m`` = clients per round minus the tolerated dropouts); epsilon composes its RDP bound
   over the rounds without claiming amplification by sampling (see
-  :func:`fedguard.algorithms.accounting.skellam_epsilon`).
+  :func:`fedguard.algorithms.accounting.skellam_epsilon`). The cohorts are fixed-size, so
+  neighbouring populations give cohorts that differ by one replacement (adding a client can push
+  another out): the sum's sensitivities are twice one client's, ``2 Delta_2`` and ``2 Delta_1``.
 
 With ``target_epsilon`` the noise multiplier is calibrated before round 1 for the configured
 rounds, assuming every client joins every round (exact with full participation, conservative
@@ -54,6 +56,10 @@ class Spent:
     rounds: int
     noise_multipliers: tuple[float, ...] | None
 
+
+# Distributed DP's sensitivities in units of one client's: the fixed-size cohorts of neighbouring
+# populations differ by one replacement.
+SKELLAM_SENSITIVITY_FACTOR = 2.0
 
 # A client's participation: the rounds (1-based) in which it was asked to train.
 Joined = Mapping[int, Sequence[int]]
@@ -108,7 +114,8 @@ class PrivacyPlan:
 
     def _skellam(self, rounds: int, z: float) -> SkellamSum:
         """``rounds`` Skellam rounds at multiplier ``z``, in the quantisation levels of the
-        fixed-size cohort: ``Delta_2`` from conditional rounding, total ``mu = (z s C)^2 / 2``."""
+        fixed-size cohort: one client's ``Delta_2`` from conditional rounding (and ``Delta_1``),
+        doubled under replace-one, total ``mu = (z s C)^2 / 2``."""
         mechanism = distributed_dp.Skellam(z, self.noise_clients)
         fp = distributed_dp.fixed_point(
             bits=self.bits,
@@ -118,8 +125,12 @@ class PrivacyPlan:
         )
         levels = fp.scale * fp.clip_norm
         l2 = distributed_dp.l2_sensitivity(levels, self.dim, mechanism.beta)
+        l1 = distributed_dp.l1_sensitivity(l2, self.dim)
         mu = self.noise_clients * distributed_dp.client_rate(mechanism, levels)
-        return SkellamSum(l2, distributed_dp.l1_sensitivity(l2, self.dim), mu, rounds)
+        # Fixed-size cohorts of neighbouring populations differ by one replacement: the sum
+        # moves by the difference of two clients' rounded vectors, twice each one's bounds.
+        factor = SKELLAM_SENSITIVITY_FACTOR
+        return SkellamSum(factor * l2, factor * l1, mu, rounds)
 
     def client_config(self, cfg: ExperimentConfig) -> dict[str, messages.Scalar]:
         """Extra fit-task settings: DP-SGD for local mode, the noise shares for distributed mode
@@ -206,7 +217,7 @@ class PrivacyPlan:
                 **common,
                 "mechanism": "distributed_skellam",
                 "rounds": rounds_done,
-                "neighboring_relation": "add_or_remove_one",
+                "neighboring_relation": "replace_one",
                 "noise_clients": self.noise_clients,
                 "l2_sensitivity": k.l2_sensitivity,
                 "l1_sensitivity": k.l1_sensitivity,

@@ -213,6 +213,7 @@ class ClientApp:
             if control is None:
                 control = torch.zeros_like(server_control)
             correction = scaffold.correction(server_control, control)
+        stats: training.TrainStats
         if messages.DP_SGD_NOISE in task.config:
             dp = dp_sgd.DPSGD(
                 max_grad_norm=messages.config_float(task.config, messages.DP_SGD_CLIP),
@@ -233,6 +234,13 @@ class ClientApp:
             )
         update = self.model.get_flat() - global_params
         metrics = {"train_loss": stats.loss, "steps": float(stats.steps)}
+        if isinstance(stats, dp_sgd.DPTrainStats):  # what DP-SGD ran, for the server to compose
+            metrics |= {
+                messages.DP_SGD_RAN_RATE: stats.sampling_rate,
+                messages.DP_SGD_RAN_STEPS: float(stats.steps),
+                messages.DP_SGD_RAN_NOISE: stats.noise_multiplier,
+                messages.DP_SGD_RAN_CLIP: stats.max_grad_norm,
+            }
         if messages.DP_CLIP_NORM in task.config:
             clip_norm = messages.config_float(task.config, messages.DP_CLIP_NORM)
             clipped = dp_fedavg.clip_update(update, clip_norm)

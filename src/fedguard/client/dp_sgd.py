@@ -103,6 +103,17 @@ class ClippedBatch:
 ClipFn = Callable[[torch.Tensor, torch.Tensor, float], ClippedBatch]
 
 
+@dataclass(frozen=True)
+class DPTrainStats(training.TrainStats):
+    """What :func:`train` ran: ``steps`` Poisson-sampled steps at rate ``sampling_rate``, each
+    clipping per-example gradients to ``max_grad_norm`` and adding noise at
+    ``noise_multiplier`` (a client reports these so that the server composes them)."""
+
+    sampling_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+
+
 # --- Checks and schedule -------------------------------------------------------------------
 
 
@@ -188,8 +199,9 @@ def train(
     dp: DPSGD,
     *,
     generator: torch.Generator,
-) -> training.TrainStats:
-    """Train in place with DP-SGD; ``steps`` = optimizer steps taken (what the accountant composes).
+) -> DPTrainStats:
+    """Train in place with DP-SGD; returns what ran: ``steps`` = optimizer steps taken at sampling
+    rate ``sampling_rate`` with ``dp``'s noise and clip (what the accountant composes).
 
     ``loss`` is the mean over non-empty batches of the batch-mean NLL (NaN if every batch was
     empty); it is reported as is, without privacy.
@@ -204,6 +216,7 @@ def train(
     optimizer = training._make_optimizer(cfg, [s.param for s in model.trainable()])
     augment_fn = augment.get(cfg.augment)
     steps, total, non_empty = num_steps(n, cfg), torch.zeros(()), 0
+    taken = 0
     with per_example_clipper(model) as clip:
         for _ in range(steps):
             idx = poisson_sample(n, q, generator)
@@ -211,11 +224,12 @@ def train(
             if augment_fn is not None and idx.numel() > 0:
                 xb = augment_fn(xb, generator)
             loss_sum = dp_step(clip, model, optimizer, xb, y[idx], dp, q * n, generator)
+            taken += 1
             if idx.numel() > 0:
                 total += loss_sum / idx.numel()
                 non_empty += 1
     loss = float(total) / non_empty if non_empty else math.nan
-    return training.TrainStats(loss, steps, n)
+    return DPTrainStats(loss, taken, n, q, dp.noise_multiplier, dp.max_grad_norm)
 
 
 def dp_step(

@@ -129,7 +129,11 @@ class Experiment:
             "augment": c.augment,
         }
         sizes = {i: d.num_train for i, d in self.fed.clients.items()}
-        self.privacy = privacy.build(cfg, sizes, self.model, privacy_spent)
+        # Deployed clients hold their own data: the partition's sizes are only the server's
+        # copy, so local DP composes the rates and steps the clients report (see privacy.build).
+        self.privacy = privacy.build(
+            cfg, sizes, self.model, privacy_spent, sizes_known=transport_fn is None
+        )
         central_dp = None
         if self.privacy is not None:
             client_config.update(self.privacy.client_config(cfg))
@@ -197,6 +201,8 @@ class Experiment:
             # The most examples a client's reply may claim: its partition's size, as the server
             # knows it (a larger claim would buy weight in the mean; see RoundDriver).
             registered_examples=sizes,
+            # Local DP: a reply must report DP-SGD that keeps to the plan (privacy.check_reply).
+            reply_check=None if self.privacy is None else self.privacy.check_reply,
         )
         # The clients hold the server to this config's privacy settings, as a deployed client
         # holds it to its own copy (see client_pins): a round asking for less is refused.

@@ -7,7 +7,13 @@ clients and the server must do and what the accountant composes:
   ``s_i`` steps per round at sampling rate ``q_i = batch_size / n_i``; after the rounds it joined
   (``r_i``), its epsilon is that of ``r_i * s_i`` Poisson-sampled Gaussian steps. A client's
   steps count whenever it was asked to train, whether or not its reply was used (it may have
-  left). The run reports the worst client's epsilon.
+  left). The run reports the worst client's epsilon. What is composed is what ran: each fit
+  reply reports its rate, steps, noise multiplier and clip (:meth:`PrivacyPlan.check_reply`
+  refuses a reply below the plan's noise or above its clip, and in simulation one whose rate or
+  steps are not the plan's); a deployed client's rate and steps follow its own data, which the
+  server's copy of the partition does not know, so the plan composes the reported ones, round by
+  round, and a round without an accepted report at the client's nearest report (the plan's
+  expectation if it never reported). The reports are kept in the checkpoints for resume.
 * ``central`` (user-level DP-FedAvg): one sampled Gaussian mechanism per round over clients.
   The noise std on the sum of clipped updates is ``z * clip_norm``; dp-accounting is given
   ``std / L2 sensitivity``, the sensitivity following from the neighbouring relation of the
@@ -34,6 +40,7 @@ the finished ones left, and refuses (before the first new round) when none is le
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -49,12 +56,28 @@ from fedguard.protocol import messages, secagg
 
 
 @dataclass(frozen=True)
+class LocalRun:
+    """What one client's DP-SGD ran in one round, as its fit reply reported it: ``steps``
+    Poisson-sampled steps at rate ``sampling_rate`` and noise multiplier ``noise_multiplier``."""
+
+    sampling_rate: float
+    steps: int
+    noise_multiplier: float
+
+
+# Per client, the rounds whose fit reply reported what its DP-SGD ran (local mode).
+Reports = Mapping[int, Mapping[int, LocalRun]]
+
+
+@dataclass(frozen=True)
 class Spent:
     """What the rounds before a resumed run's checkpoint spent: ``rounds`` finished rounds and
-    the noise multiplier each ran at (None: a checkpoint written before they were recorded)."""
+    the noise multiplier each ran at (None: a checkpoint written before they were recorded);
+    under local DP the clients' reports of those rounds (None: not recorded)."""
 
     rounds: int
     noise_multipliers: tuple[float, ...] | None
+    reports: Reports | None = None
 
 
 # Distributed DP's sensitivities in units of one client's: the fixed-size cohorts of neighbouring
@@ -75,9 +98,15 @@ class PrivacyPlan:
     noise_multiplier: float
     max_epsilon: float | None
     calibrated: bool
-    # local: per client sampling rate and steps per round
+    # local: per client the expected sampling rate and steps per round (the check of a reply
+    # and the fallback for a round without one), the clip, whether the expected values are the
+    # clients' real ones (simulation) or the server's copy of the partition (deployment), and
+    # per client the rounds' reports of what ran (composed)
     rates: dict[int, float] = field(default_factory=dict)
     steps_per_round: dict[int, int] = field(default_factory=dict)
+    max_grad_norm: float = 1.0
+    sizes_known: bool = True
+    reports: dict[int, dict[int, LocalRun]] = field(default_factory=dict)
     # central
     num_clients: int = 0
     clients_per_round: int = 0
@@ -157,8 +186,19 @@ class PrivacyPlan:
             sample_size=self.clients_per_round,
         )
 
-    def _local(self, cid: int, rounds_joined: int, noise: float) -> SampledGaussian:
-        return SampledGaussian(noise, rounds_joined * self.steps_per_round[cid], self.rates[cid])
+    def _ran(self, cid: int, round_: int, z: float, order: Sequence[int]) -> LocalRun:
+        """What client ``cid`` ran in ``round_`` (multiplier ``z`` asked): its report of that
+        round; without one (no reply, or a rejected one: it may have trained) its nearest report
+        (the last before, else the first after) at the smaller of its and the asked multiplier;
+        the plan's expectation if it never reported. ``order``: its reported rounds, sorted."""
+        reported = self.reports.get(cid, {})
+        if round_ in reported:
+            return reported[round_]
+        if not order:
+            return LocalRun(self.rates[cid], self.steps_per_round[cid], z)
+        i = bisect.bisect_left(order, round_)
+        near = reported[order[i - 1] if i > 0 else order[0]]
+        return LocalRun(near.sampling_rate, near.steps, min(near.noise_multiplier, z))
 
     def _epsilon(self, m: accounting.Mechanism | tuple[SkellamSum, ...]) -> float:
         """dp-accounting's epsilon for ``m``, computed once per distinct mechanism: the run asks
@@ -180,6 +220,7 @@ class PrivacyPlan:
             return self._epsilon(tuple(self._skellam(n, z) for z, n in groups))
         if joined is None:
             joined = dict.fromkeys(self.rates, range(1, len(multipliers) + 1))
+        # every client's composition, once per distinct one (many clients share theirs)
         return max(
             (self._epsilon(self._local_rounds(c, r, multipliers)) for c, r in joined.items()),
             default=0.0,
@@ -188,9 +229,74 @@ class PrivacyPlan:
     def _local_rounds(
         self, cid: int, rounds: Iterable[int], multipliers: Sequence[float]
     ) -> tuple[SampledGaussian, ...]:
-        """Client ``cid``'s DP-SGD steps in ``rounds``, one part per noise multiplier."""
-        times = Counter(multipliers[r - 1] for r in rounds)
-        return tuple(self._local(cid, times[z], z) for z in sorted(times))
+        """Client ``cid``'s DP-SGD steps in ``rounds`` as they ran (:meth:`_ran`), one part per
+        distinct (noise multiplier, sampling rate, steps per round)."""
+        order = sorted(self.reports.get(cid, {}))
+        times = Counter(
+            (run.noise_multiplier, run.sampling_rate, run.steps)
+            for run in (self._ran(cid, r, multipliers[r - 1], order) for r in rounds)
+        )
+        return tuple(
+            SampledGaussian(z, count * steps, q) for (z, q, steps), count in sorted(times.items())
+        )
+
+    def check_reply(self, reply: messages.FitReply) -> str | None:
+        """Why a fit reply's report of its DP-SGD contradicts the plan (local mode), or None.
+
+        The four values must be present and finite, the noise multiplier at least the round's,
+        the clip at most the plan's, the rate in (0, 1] and the steps a count; in simulation
+        (``sizes_known``) the rate and steps must be the plan's for that client. In deployment
+        the plan's sizes are the server's copy of the partition, so the reported rate and steps
+        are taken as they come and composed."""
+        if self.mode != "local":
+            return None
+        raw = {k: reply.metrics.get(k) for k in messages.DP_SGD_REPORT}
+        missing = [k for k, v in raw.items() if v is None or not math.isfinite(v)]
+        if missing:
+            return f"the reply does not report a finite {', '.join(missing)} of its DP-SGD"
+        values = {k: float(v) for k, v in raw.items() if v is not None}
+        q, steps = values[messages.DP_SGD_RAN_RATE], values[messages.DP_SGD_RAN_STEPS]
+        z, clip = values[messages.DP_SGD_RAN_NOISE], values[messages.DP_SGD_RAN_CLIP]
+        asked = self.noise_multipliers(reply.round)[reply.round - 1]
+        if not z >= asked:
+            return f"DP-SGD ran at noise multiplier {z:g}, the plan's is {asked:g}"
+        if not 0 < clip <= self.max_grad_norm:
+            return f"DP-SGD clipped at {clip:g}, the plan allows at most {self.max_grad_norm:g}"
+        if not 0 < q <= 1 or steps < 0 or steps != int(steps):
+            return f"DP-SGD reports sampling rate {q:g} and {steps:g} steps"
+        cid = reply.client_id
+        if cid not in self.rates:
+            return f"client {cid} is not in the privacy plan"
+        expected = (self.rates[cid], self.steps_per_round[cid])
+        if self.sizes_known and (q, int(steps)) != expected:
+            return (
+                f"DP-SGD ran {int(steps)} steps at sampling rate {q:g}, the plan has "
+                f"{expected[1]} at {expected[0]:g} for this client"
+            )
+        return None
+
+    def record(self, round_: int, metrics: Mapping[int, Mapping[str, float]]) -> None:
+        """Keep what each client's checked reply of ``round_`` reported (local mode)."""
+        if self.mode != "local":
+            return
+        for cid, m in metrics.items():
+            self.reports.setdefault(cid, {})[round_] = LocalRun(
+                float(m[messages.DP_SGD_RAN_RATE]),
+                int(m[messages.DP_SGD_RAN_STEPS]),
+                float(m[messages.DP_SGD_RAN_NOISE]),
+            )
+
+    def reports_json(self, rounds_done: int) -> dict[str, list[list[float]]]:
+        """The reports of the first ``rounds_done`` rounds for a checkpoint: per client id,
+        ``[round, sampling rate, steps, noise multiplier]`` rows (see :func:`reports_from`)."""
+        return {
+            str(cid): [
+                [r, run.sampling_rate, run.steps, run.noise_multiplier]
+                for r, run in sorted(runs.items())
+                if r <= rounds_done
+            ]
+            for cid, runs in sorted(self.reports.items())
+        }
 
     def epsilon(self, rounds_done: int, joined: Joined) -> float:
         """Epsilon after ``rounds_done`` rounds, client ``c`` having trained in rounds
@@ -229,10 +335,26 @@ class PrivacyPlan:
         clients: dict[str, dict[str, Any]] = {}
         for cid in sorted(self.rates):
             rounds = list(joined.get(cid, ()))
+            parts = self._local_rounds(cid, rounds, multipliers)
+            rates = {p.sampling_rate for p in parts}
+            reported = self.reports.get(cid, {})
             clients[str(cid)] = {
-                "sampling_rate": self.rates[cid],
-                "steps": len(rounds) * self.steps_per_round[cid],
+                # what was composed: the reported runs (the nearest report, or the plan, for a
+                # round without one), one part per (noise multiplier, rate, steps per round)
+                "sampling_rate": rates.pop() if len(rates) == 1 else None,
+                "steps": sum(p.count for p in parts),
                 "rounds_joined": len(rounds),
+                "rounds_reported": sum(1 for r in rounds if r in reported),
+                "composed": [
+                    {
+                        "noise_multiplier": p.noise_multiplier,
+                        "sampling_rate": p.sampling_rate,
+                        "steps": p.count,
+                    }
+                    for p in parts
+                ],
+                "planned_sampling_rate": self.rates[cid],
+                "planned_steps_per_round": self.steps_per_round[cid],
             }
             if varied:  # which multipliers a client's steps ran at
                 clients[str(cid)]["rounds"] = rounds
@@ -285,11 +407,16 @@ def build(
     client_sizes: Mapping[int, int],
     model: ModelAdapter,
     spent: Spent | None = None,
+    *,
+    sizes_known: bool = True,
 ) -> PrivacyPlan | None:
     """The run's privacy plan, or None with privacy off; every refusal is a ConfigError.
 
     ``spent``: a resumed run's finished rounds and their noise multipliers, composed with the
     new rounds (and, under ``target_epsilon``, left out of the budget the new rounds may spend).
+    ``sizes_known``: ``client_sizes`` are the clients' real data sizes (simulation), so a local-DP
+    reply whose sampling rate or steps differ is refused; otherwise (deployment) they are the
+    server's copy and the clients' reports are composed as they come.
     """
     p = cfg.privacy
     if p.mode == "off":
@@ -320,6 +447,8 @@ def build(
                 i: _local_steps(n, c.batch_size, c.epochs, c.max_steps)
                 for i, n in client_sizes.items()
             },
+            max_grad_norm=p.max_grad_norm,
+            sizes_known=sizes_known,
         )
     elif p.mode == "distributed":
         n, per_round = len(client_sizes), cfg.clients_per_round
@@ -392,6 +521,11 @@ def _resume(plan: PrivacyPlan, spent: Spent, rounds: int, target: float | None) 
             "multipliers, not one positive multiplier per finished round"
         )
     plan.history = tuple(float(z) for z in multipliers)
+    if spent.reports is not None:
+        plan.reports = {
+            cid: {r: run for r, run in runs.items() if r <= spent.rounds}
+            for cid, runs in spent.reports.items()
+        }
     new = rounds - spent.rounds
     if target is None or new <= 0:
         return
@@ -411,6 +545,16 @@ def _resume(plan: PrivacyPlan, spent: Spent, rounds: int, target: float | None) 
             "within it at any noise multiplier up to "
             f"{accounting.MAX_NOISE_MULTIPLIER:g}; resume with fewer rounds"
         ) from None
+
+
+def reports_from(
+    recorded: Mapping[str, Sequence[Sequence[float]]],
+) -> dict[int, dict[int, LocalRun]]:
+    """The reports a checkpoint recorded (:meth:`PrivacyPlan.reports_json`)."""
+    return {
+        int(cid): {int(r): LocalRun(float(q), int(steps), float(z)) for r, q, steps, z in rows}
+        for cid, rows in recorded.items()
+    }
 
 
 def _check_user_level_delta(delta: float, n: int) -> None:

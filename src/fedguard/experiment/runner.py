@@ -33,6 +33,7 @@ log = logging.getLogger("fedguard")
 
 TIMING_FIELDS = ("seconds",)
 NOISE_MULTIPLIERS = "noise_multipliers"  # checkpoint info: the DP noise multiplier of each round
+DP_SGD_REPORTS = "dp_sgd_reports"  # checkpoint info: what each local-DP client reported it ran
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -152,11 +153,17 @@ def run(
 
 
 def _privacy_spent(finished: checkpoint.Checkpoint | None) -> privacy.Spent | None:
-    """The finished rounds of the run being resumed and the noise multipliers they ran at."""
+    """The finished rounds of the run being resumed, the noise multipliers they ran at and what
+    the local-DP clients reported running in them."""
     if finished is None:
         return None
     recorded = finished.info.get(NOISE_MULTIPLIERS)
-    return privacy.Spent(finished.round, None if recorded is None else tuple(recorded))
+    reports = finished.info.get(DP_SGD_REPORTS)
+    return privacy.Spent(
+        finished.round,
+        None if recorded is None else tuple(recorded),
+        None if reports is None else privacy.reports_from(reports),
+    )
 
 
 def _run_rounds(
@@ -269,11 +276,13 @@ def _run_rounds(
 
 
 def _checkpoint_info(exp: Experiment, round_: int) -> dict[str, Any]:
-    """A checkpoint's JSON info: the model spec and, with DP, every round's noise multiplier
-    (a resumed run composes the finished rounds at the multipliers they ran at)."""
+    """A checkpoint's JSON info: the model spec and, with DP, every round's noise multiplier and
+    the local-DP clients' reports (a resumed run composes the finished rounds as they ran)."""
     info: dict[str, Any] = {"spec": exp.model.spec.to_json()}
     if exp.privacy is not None:
         info[NOISE_MULTIPLIERS] = exp.privacy.noise_multipliers(round_)
+        if exp.privacy.mode == "local":
+            info[DP_SGD_REPORTS] = exp.privacy.reports_json(round_)
     return info
 
 
@@ -305,6 +314,8 @@ def _one_round(
 ) -> tuple[dict[str, Any], torch.Tensor, ServerState, list[int]]:
     t0 = time.perf_counter()
     result = exp.driver.fit_round(round_, params, state)
+    if exp.privacy is not None:  # local DP: compose what the clients report they ran
+        exp.privacy.record(round_, result.reported)
     row: dict[str, Any] = {"round": round_}
     if exp.should_evaluate(round_):
         row.update(exp.evaluate(result.params))

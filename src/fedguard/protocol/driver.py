@@ -60,6 +60,8 @@ class RoundResult:
     metrics: dict[str, float | int | str | None]
     problems: list[tuple[int, str]] = field(default_factory=list)
     sampled: list[int] = field(default_factory=list)
+    # the metrics of each reply that passed the checks (what a DP client reports it ran)
+    reported: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 def client_seed(seed: int, round_: int, client_id: int) -> int:
@@ -143,11 +145,13 @@ class RoundDriver:
         secure_aggregation: secagg.Settings | None = None,
         registered_examples: Mapping[int, int] | None = None,
         max_norm_ratio: float = MAX_NORM_RATIO,
+        reply_check: Callable[[messages.FitReply], str | None] | None = None,
     ) -> None:
         """``registered_examples`` maps each client id to the most examples its reply may claim
         (None: claims are taken as they come, which lets one client outweigh all others in the
         mean); ``max_norm_ratio`` is the sanity bound on an update's norm against the round's
-        median (``math.inf``: no bound)."""
+        median (``math.inf``: no bound); ``reply_check`` says why a decoded fit reply must be
+        rejected beyond the driver's own checks (the privacy plan's: what DP-SGD ran), or None."""
         if not 1 <= min_clients <= clients_per_round <= len(transport.client_ids):
             raise ValueError(
                 f"Need 1 <= min_clients ({min_clients}) <= clients_per_round ({clients_per_round}) "
@@ -162,6 +166,7 @@ class RoundDriver:
             registered_examples = dict(registered_examples)
         self.registered_examples = registered_examples
         self.max_norm_ratio = max_norm_ratio
+        self.reply_check = reply_check
         self.transport = transport
         self.strategy = strategy
         self.dim = dim
@@ -202,6 +207,7 @@ class RoundDriver:
         outcomes = self.transport.exchange(requests, deadline_s=self.deadline_s)
         bytes_down = requests.bytes_sent
         accepted: list[messages.FitReply] = []
+        reported: dict[int, dict[str, float]] = {}
         problems: list[tuple[int, str]] = []
         failed = rejected = capped = bytes_up = 0
         for outcome in outcomes:
@@ -223,6 +229,7 @@ class RoundDriver:
                 problems.append((outcome.client_id, f"rejected: {reason}"))
                 log.warning("round %d: client %d rejected: %s", round_, outcome.client_id, reason)
                 continue
+            reported[reply.client_id] = dict(reply.metrics)
             reply, was_capped = self._capped(reply, round_)
             capped += was_capped
             accepted.append(reply)
@@ -261,7 +268,7 @@ class RoundDriver:
         ]
         n = sum(k for _, k in losses)
         metrics["train_loss"] = sum(v * k for v, k in losses) / n if n else None
-        return RoundResult(new_params, new_state, metrics, problems, sampled)
+        return RoundResult(new_params, new_state, metrics, problems, sampled, reported)
 
     def _secure_fit_round(
         self,
@@ -358,6 +365,10 @@ class RoundDriver:
                 return None, f"{name!r} has shape {tuple(t.shape)}, expected ({length},)"
             if not finite.all_finite(t):
                 return None, f"{name!r} contains NaN or infinite values"
+        if self.reply_check is not None:
+            refusal = self.reply_check(reply)
+            if refusal is not None:
+                return None, refusal
         return reply, ""
 
     def _capped(self, reply: messages.FitReply, round_: int) -> tuple[messages.FitReply, bool]:

@@ -588,3 +588,11 @@ def _byte_map(blob: np.ndarray, layout: list[list[int]]) -> ByteMap:
 DP_CLIP_NORM = "dp_clip_norm"  # central DP: clip the update to this L2 norm before it leaves
 DP_SGD_NOISE = "dp_sgd_noise_multiplier"  # local DP: train with DP-SGD at this noise multiplier
 DP_SGD_CLIP = "dp_sgd_max_grad_norm"  # ... clipping each per-sample gradient to this norm
+
+# Metrics of a fit reply under local DP: what the client's DP-SGD actually ran, so that the server
+# composes it (the server's copy of a deployed client's data size is not its real one).
+DP_SGD_RAN_RATE = "dp_sgd_sampling_rate"  # the Poisson sampling rate q of every step
+DP_SGD_RAN_STEPS = "dp_sgd_steps"  # the DP-SGD steps taken in this round
+DP_SGD_RAN_NOISE = "dp_sgd_ran_noise_multiplier"  # the noise multiplier of every step
+DP_SGD_RAN_CLIP = "dp_sgd_ran_max_grad_norm"  # the per-example clip of every step
+DP_SGD_REPORT = (DP_SGD_RAN_RATE, DP_SGD_RAN_STEPS, DP_SGD_RAN_NOISE, DP_SGD_RAN_CLIP)

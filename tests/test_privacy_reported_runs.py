@@ -31,7 +31,7 @@ REAL_ROWS = 20  # it holds 20 rows: q = 16 / 20 = 0.8, max(1, round(20 / 16)) = 
 
 
 def _config(**sections: dict) -> dict:
-    base = {
+    base: dict[str, dict] = {
         "client": {"epochs": EPOCHS, "batch_size": BATCH},
         "server": {"clients_per_round": 6, "min_clients": 4},  # every client, every round
         "privacy": LOCAL,

@@ -63,16 +63,21 @@ def _clients(cfg: dict) -> dict[int, ClientData]:
 
 
 def _deployed_transport(
-    cfg: dict, lie: dict[str, float] | None = None, liar: int = 2, silent: int | None = None
+    cfg: dict,
+    lie: dict[str, float] | None = None,
+    liar: int = 2,
+    silent: int | None = None,
+    silent_from: int = 1,
 ):
     """An in-process transport to clients that train on their real data (as deployed clients
     do), each holding the server to the config's pins; ``lie`` overwrites metrics of ``liar``'s
-    fit replies; client ``silent`` never answers a fit task."""
+    fit replies; client ``silent`` answers no fit task from round ``silent_from`` on."""
     exp = assembly.Experiment(config_mod.validate(cfg))
     app = ClientApp(exp.model, _clients(cfg), pins=exp.app.pins)
 
     def handle(cid: int, payload: bytes) -> bytes:
-        if cid == silent and isinstance(messages.decode(payload), messages.FitTask):
+        task = messages.decode(payload)
+        if cid == silent and isinstance(task, messages.FitTask) and task.round >= silent_from:
             raise RuntimeError(f"client {cid} left")
         out = app.handle(cid, payload)
         if lie is None or cid != liar:
@@ -125,6 +130,18 @@ def test_summary_epsilon_is_that_of_the_client_that_ran_on_its_own_data(tmp_path
     )
     assert resumed["epsilon"] == pytest.approx(expected[DEPLOYED], rel=1e-9)
     assert resumed["privacy"]["clients"] == summary["privacy"]["clients"]
+
+
+def test_a_round_without_a_reply_counts_at_the_last_report(tmp_path) -> None:
+    # the deployed client trains in round 3 but its reply never arrives: it is accounted at what
+    # it reported in rounds 1-2 (q = 0.8, 3 steps), not at the server's copy of its partition
+    cfg = _config()
+    transport = _deployed_transport(cfg, silent=DEPLOYED, silent_from=3)
+    summary = fedguard.run(cfg, out=tmp_path / "r", progress=False, transport_fn=transport)
+    assert summary["clients_failed"] == 1
+    assert summary["epsilon"] == pytest.approx(_dp_sgd_epsilon(0.8, 9), rel=1e-9)
+    c = summary["privacy"]["clients"][str(DEPLOYED)]
+    assert (c["rounds_joined"], c["rounds_reported"], c["steps"]) == (3, 2, 9)
 
 
 def test_budget_check_uses_the_reported_history(tmp_path) -> None:

@@ -167,7 +167,9 @@ def data_app(
 ) -> ClientApp:
     """A client holding its own data: an ``.npz`` with ``x``, ``y`` (and ``x_eval``, ``y_eval``).
 
-    Without ``pins`` it holds the server only to the protocol's own rules."""
+    Without ``pins`` it holds the server only to the protocol's own rules. Under local DP its
+    sampling rate and steps follow its own data, not the server's copy of the partition: its
+    fit replies report them and the server composes what they report."""
     # The data and the model are checked here, before connecting: a file that cannot be read,
     # empty or non-finite features, labels outside 0..num_classes-1, or a model whose output
     # width is not num_classes stop the client with one line naming the problem.

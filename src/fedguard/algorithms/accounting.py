@@ -95,8 +95,11 @@ class SampledGaussian:
         if self.count == 0:
             return dp_accounting.NoOpDpEvent()
         gaussian = dp_accounting.GaussianDpEvent(self.noise_multiplier)
-        if self.fixed_size:
-            assert self.population is not None and self.sample_size is not None
+        if self.population is not None:  # fixed-size sampling
+            if self.sample_size is None:
+                raise PrivacyError(
+                    "Fixed-size sampling needs the sample size as well as the population."
+                )
             one: dp_accounting.DpEvent = dp_accounting.SampledWithoutReplacementDpEvent(
                 self.population, self.sample_size, gaussian
             )

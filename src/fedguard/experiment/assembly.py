@@ -7,6 +7,7 @@ deployment server alike, so that a simulated run and a deployed one are assemble
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,7 +20,7 @@ from fedguard.client.app import ClientApp, client_pins
 from fedguard.experiment import checkpoint, config_checks, federation, privacy
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.models import registry as models
-from fedguard.protocol import secagg
+from fedguard.protocol import messages, secagg
 from fedguard.protocol.driver import RoundDriver
 from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, StrategyKind
 from fedguard.protocol.transport import Transport
@@ -48,12 +49,13 @@ def _auc(probabilities: torch.Tensor, y: torch.Tensor) -> float | None:
 
 def central_metrics(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict[str, Any]:
     """Accuracy, loss and ROC AUC of the global model on the central evaluation set."""
-    result = evaluation.evaluate(model, x, y, batch_size=batch_size, keep_probabilities=True)
-    assert result.probabilities is not None
+    result, probabilities = evaluation.evaluate_with_probabilities(
+        model, x, y, batch_size=batch_size
+    )
     return {
         "test_accuracy": result.accuracy,
         "test_loss": result.loss,
-        "test_auc": _auc(result.probabilities, y),
+        "test_auc": _auc(probabilities, y),
     }
 
 
@@ -100,7 +102,9 @@ class Experiment:
         self.fed = federation.build_federation(cfg, data_fn)
         self.attack = federation.attack_plan(cfg, self.fed)
         if self.attack is not None and self.attack.poisons_data:
-            self.fed = federation.poison_clients(self.fed, self.attack.malicious, self._poison)
+            self.fed = federation.poison_clients(
+                self.fed, self.attack.malicious, functools.partial(self._poison, self.attack)
+            )
         try:
             self.model = models.build(
                 cfg.model.name,
@@ -117,7 +121,7 @@ class Experiment:
             self.model, first, self.fed.num_classes, f"model.name {cfg.model.name!r}"
         )
         c = cfg.client
-        client_config = {
+        client_config: dict[str, messages.Scalar] = {
             "optimizer": c.optimizer,
             "lr": c.lr,
             "momentum": c.momentum,
@@ -219,16 +223,15 @@ class Experiment:
         self.backdoor_test = self._backdoor_test()
 
     def _poison(
-        self, client_id: int, x: torch.Tensor, y: torch.Tensor
+        self, plan: attack.Plan, client_id: int, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        assert self.attack is not None
         return attack.poison_training_data(
             x,
             y,
-            kind=self.attack.config.kind,
+            kind=plan.config.kind,
             num_classes=self.fed.num_classes,
-            backdoor=self.attack.backdoor,
-            generator=self.attack.client_generator(client_id),
+            backdoor=plan.backdoor,
+            generator=plan.client_generator(client_id),
         )
 
     def _backdoor_test(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -256,7 +259,9 @@ class Experiment:
         user_dp = central_dp is not None or distributed is not None
         rule_is_mean = cfg.server.aggregator == "mean"
         clip = cfg.privacy.clip_norm if user_dp else a.clip_norm
-        assert clip is not None  # the config refuses secure aggregation without a clip
+        if clip is None:  # the config refuses this
+            where = "privacy.clip_norm" if user_dp else "secure_aggregation.clip_norm"
+            raise ConfigError(f"Secure aggregation needs a clip: {where} is not set.")
         if cfg.server.norm_bound is not None:  # norm bounding: each client clips its own update
             clip = min(clip, cfg.server.norm_bound)
         settings = secagg.Settings(
@@ -288,14 +293,15 @@ class Experiment:
         )
         out["backdoor_success"] = None
         if self.backdoor_test is not None:
-            assert self.attack is not None and self.attack.backdoor is not None
+            backdoor = None if self.attack is None else self.attack.backdoor
+            if backdoor is None:
+                raise RuntimeError("A backdoor test set is kept without a backdoor attack.")
             x, y = self.backdoor_test
-            result = evaluation.evaluate(
-                self.model, x, y, batch_size=self.cfg.evaluation.batch_size, keep_probabilities=True
+            _, probabilities = evaluation.evaluate_with_probabilities(
+                self.model, x, y, batch_size=self.cfg.evaluation.batch_size
             )
-            assert result.probabilities is not None
             out["backdoor_success"] = attacks_data.attack_success_rate(
-                result.probabilities.argmax(dim=1), y, target=self.attack.backdoor.target
+                probabilities.argmax(dim=1), y, target=backdoor.target
             )
         return out
 
@@ -314,15 +320,10 @@ class Experiment:
     def final_report(self, params: torch.Tensor) -> dict[str, Any]:
         """Confusion matrix and, where the test set names its owners, accuracy per owner."""
         self.model.set_flat(params)
-        result = evaluation.evaluate(
-            self.model,
-            self.fed.eval_x,
-            self.fed.eval_y,
-            batch_size=self.cfg.evaluation.batch_size,
-            keep_probabilities=True,
+        _, probabilities = evaluation.evaluate_with_probabilities(
+            self.model, self.fed.eval_x, self.fed.eval_y, batch_size=self.cfg.evaluation.batch_size
         )
-        assert result.probabilities is not None
-        predicted = result.probabilities.argmax(dim=1).numpy()
+        predicted = probabilities.argmax(dim=1).numpy()
         truth = self.fed.eval_y.numpy()
         k = self.fed.num_classes
         matrix = np.zeros((k, k), dtype=np.int64)

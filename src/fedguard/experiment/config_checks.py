@@ -69,7 +69,10 @@ def robust_rule(server: ServerSection, seed: int = 0) -> robust.RobustConfig | N
     """
     if server.aggregator == "mean":
         return None
-    assert server.byzantine_f is not None  # checked by the config
+    if server.byzantine_f is None:  # the config refuses this
+        raise ValueError(
+            f"server.byzantine_f is required with server.aggregator = {server.aggregator!r}"
+        )
     return robust.RobustConfig(
         kind=robust.RobustAggregator(server.aggregator),
         f=server.byzantine_f,

@@ -204,10 +204,17 @@ class PrivacyPlan:
         """dp-accounting's epsilon for ``m``, computed once per distinct mechanism: the run asks
         for the same one again (budget check before a round, metrics after it, the summary)."""
         if m not in self._cache:
-            if isinstance(m, tuple) and m and isinstance(m[0], SkellamSum):
-                self._cache[m] = accounting.skellam_epsilon(m, self.delta)  # type: ignore[arg-type]
+            if isinstance(m, SampledGaussian):
+                self._cache[m] = accounting.epsilon(m, self.delta, self.accountant)
+                return self._cache[m]
+            gaussian = tuple(p for p in m if isinstance(p, SampledGaussian))
+            skellam = tuple(p for p in m if isinstance(p, SkellamSum))
+            if skellam and not gaussian:
+                self._cache[m] = accounting.skellam_epsilon(skellam, self.delta)
+            elif len(gaussian) == len(m):  # the empty composition included
+                self._cache[m] = accounting.epsilon(gaussian, self.delta, self.accountant)
             else:
-                self._cache[m] = accounting.epsilon(m, self.delta, self.accountant)  # type: ignore[arg-type]
+                raise TypeError(f"A composition of mechanisms that are not all of one kind: {m!r}.")
         return self._cache[m]
 
     def epsilon_of(self, multipliers: Sequence[float], joined: Joined | None = None) -> float:

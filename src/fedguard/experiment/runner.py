@@ -325,7 +325,10 @@ def _one_round(
     row.update(result.metrics)
     if exp.cfg.evaluation.federated and exp.should_evaluate(round_):
         fed = exp.driver.evaluate_round(round_, result.params)
-        row.update(fed or {"federated_loss": None, "federated_accuracy": None})
+        if fed:
+            row.update(fed)
+        else:
+            row.update({"federated_loss": None, "federated_accuracy": None})
     row["epsilon"] = None
     row["seconds"] = time.perf_counter() - t0
     return row, result.params, result.state, result.sampled

@@ -34,6 +34,7 @@ from fedguard.algorithms import (
     dp_fedavg,
     newton,
     robust,
+    robust_base,
     scaffold,
     seeding,
     server_optimizers,
@@ -289,7 +290,7 @@ class Strategy:
         """
         weights = torch.tensor([float(r.num_examples) for r in replies])
         if self.central_dp is not None:
-            state, delta = self._private_mean(state, replies, round_)
+            state, delta = self._private_mean(self.central_dp, state, replies, round_)
             opt_state, new_params = server_optimizers.apply(
                 self.server, state.optimizer, params, delta
             )
@@ -369,22 +370,27 @@ class Strategy:
         return replace(state, optimizer=opt_state), new_params
 
     def _private_mean(
-        self, state: ServerState, replies: Sequence[messages.FitReply], round_: int
+        self,
+        dp: CentralDP,
+        state: ServerState,
+        replies: Sequence[messages.FitReply],
+        round_: int,
     ) -> tuple[ServerState, torch.Tensor]:
         """DP-FedAvg: re-clip every update (a client may lie), noisy sum over a fixed denominator.
 
         Clients clip already; the server clips again so that the guarantee does not rest on
         them while it can see the updates (under secure aggregation it rests on the clients).
         """
-        dp = self.central_dp
-        assert dp is not None
         clip = float(state.clip_norm[0])
         bound = clip  # norm bounding with central DP: one clip, at the smaller of the two norms
         if (
             self.robust_rule is not None
             and self.robust_rule.kind is robust.RobustAggregator.NORM_BOUNDING
         ):
-            assert self.robust_rule.norm_bound is not None  # checked in RobustConfig
+            if self.robust_rule.norm_bound is None:  # RobustConfig refuses this
+                raise robust_base.RobustnessError(
+                    "Norm bounding needs a norm_bound; none was given."
+                )
             bound = min(clip, self.robust_rule.norm_bound)
         clipped = [dp_fedavg.clip_update(r.update, bound) for r in replies]
         total = torch.stack([c.update for c in clipped]).double().sum(0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -281,6 +282,124 @@ def test_a_deployed_demo_client_pins_what_its_toml_says(tmp_path) -> None:
     assert pins.settings.mode is Mode.SECAGG and pins.min_cohort == 6
     simulated = assembly.Experiment(config_mod.load(path)).app.pins
     assert app.pins == simulated and list(app.data) == [2]
+
+
+LOCAL_DP = {"mode": "local", "noise_multiplier": 1.1, "max_grad_norm": 0.5, "delta": 1e-3}
+
+
+@pytest.mark.parametrize("max_examples", [500, None])
+def test_pins_from_the_config_alone_are_the_simulated_clients_pins(max_examples) -> None:
+    sa = {"enabled": True, "clip_norm": 1.0, "mode": "secagg+", "neighbours": 3}
+    if max_examples is not None:
+        sa["max_examples"] = max_examples
+    cfg = config_mod.validate(tiny_config(secure_aggregation=sa, privacy=LOCAL_DP))
+    exp = assembly.Experiment(cfg)
+    alone = assembly.config_pins(cfg, exp.model, 3, num_train=40)
+    simulated = exp.app.pins
+    assert simulated.secure_aggregation is not None and alone.secure_aggregation is not None
+    if max_examples is None:  # the server's cap is its largest partition, never compared
+        cap = simulated.secure_aggregation.settings.max_weight
+        assert alone.secure_aggregation.settings.max_weight == 40 != cap
+        settings = replace(alone.secure_aggregation.settings, max_weight=cap)
+        alone = replace(
+            alone, secure_aggregation=replace(alone.secure_aggregation, settings=settings)
+        )
+    assert alone == simulated
+    assert (alone.dp_sgd_noise, alone.dp_sgd_clip) == (1.1, 0.5)
+
+
+@pytest.mark.parametrize(
+    "noise", [{"noise_multiplier": 0.8}, {"target_epsilon": 5.0}], ids=["explicit", "target"]
+)
+def test_distributed_dp_pins_from_the_config_alone_are_the_simulated_clients_pins(noise) -> None:
+    privacy = {"mode": "distributed", "clip_norm": 1.0, "delta": 1e-3, **noise}
+    sa = {"enabled": True, "clip_norm": 1.0, "max_examples": 300}
+    cfg = config_mod.validate(
+        tiny_config(secure_aggregation=sa, privacy=privacy, server={"clients_per_round": 6})
+    )
+    exp = assembly.Experiment(cfg)
+    alone = assembly.config_pins(cfg, exp.model, 1, num_train=30)
+    assert alone == exp.app.pins and alone.secure_aggregation is not None
+    mechanism = alone.secure_aggregation.settings.distributed
+    assert mechanism == exp.privacy.distributed and mechanism.noise_clients == 6
+
+
+def _own_data(tmp_path, n: int) -> Path:
+    rng = np.random.default_rng(5)
+    path = tmp_path / "mine.npz"
+    np.savez(path, x=rng.normal(size=(n, 1, 6, 6)).astype(np.float32), y=rng.integers(0, 3, n))
+    return path
+
+
+def _deployed_client(monkeypatch, tmp_path, *config: Path, n: int = 40):
+    """``fedguard client [config] --data ...`` with the server replaced by a capture of its app."""
+    from fedguard import cli
+
+    apps: list = []
+    monkeypatch.setattr(grpc_deploy, "run_client", lambda settings, app: apps.append(app) or 0)
+    token = tmp_path / "client.token"
+    token.write_text("t\n")
+    args = [*map(str, config), "--server", "127.0.0.1:9", "--client-id", "3", "--insecure"]
+    args += ["--token-file", str(token), "--data", str(_own_data(tmp_path, n))]
+    code = cli.main(["client", *args, "--model", "logistic_regression", "--num-classes", "3"])
+    assert code == 0 and len(apps) == 1
+    return apps[0]
+
+
+def test_a_client_with_its_own_data_pins_the_local_dp_of_its_toml(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    import tomli_w
+
+    path = tmp_path / "client.toml"
+    path.write_text(tomli_w.dumps(tiny_config(privacy=LOCAL_DP)))
+    app = _deployed_client(monkeypatch, tmp_path, path)
+    assert "warning" not in capsys.readouterr().err
+    assert (app.pins.dp_sgd_noise, app.pins.dp_sgd_clip) == (1.1, 0.5) and list(app.data) == [3]
+    params = torch.zeros(app.model.spec.size)
+
+    def task(noise: float, clip: float) -> bytes:
+        config = {"seed": 1, messages.DP_SGD_NOISE: noise, messages.DP_SGD_CLIP: clip}
+        return messages.encode(messages.FitTask(1, 3, params, config))
+
+    with pytest.raises(RefusedTaskError, match="noise multiplier 0, its"):
+        app.handle(3, task(0.0, 0.5))
+    with pytest.raises(RefusedTaskError, match="gradient clip 1, its"):
+        app.handle(3, task(1.1, 1.0))
+    reply = messages.decode(app.handle(3, task(1.1, 0.5)), messages.FitReply)
+    assert reply.client_id == 3 and reply.metrics[messages.DP_SGD_RAN_NOISE] == 1.1
+
+
+def test_a_client_with_its_own_data_pins_a_target_epsilon_at_its_own_rate(
+    tmp_path, monkeypatch
+) -> None:
+    import tomli_w
+
+    from fedguard.algorithms import accounting
+    from fedguard.client import dp_sgd
+
+    privacy = {"mode": "local", "target_epsilon": 3.0, "max_grad_norm": 0.5, "delta": 1e-3}
+    path = tmp_path / "client.toml"
+    path.write_text(tomli_w.dumps(tiny_config(privacy=privacy)))
+    app = _deployed_client(monkeypatch, tmp_path, path, n=40)
+    z = app.pins.dp_sgd_noise
+    assert z is not None and z > 0
+    # 3 rounds of one epoch in batches of 16 from its 40 records, at rate 16/40 (RDP accountant)
+    q, steps = dp_sgd.sampling_rate(40, 16), 3 * dp_sgd.steps_per_epoch(40, 16)
+    eps = accounting.epsilon(accounting.SampledGaussian(z, steps, q), 1e-3)
+    assert eps == pytest.approx(3.0, rel=1e-2)
+    # a client with more records samples each one less often: it needs less noise
+    bigger = _deployed_client(monkeypatch, tmp_path, path, n=400)
+    assert bigger.pins.dp_sgd_noise is not None and bigger.pins.dp_sgd_noise < z
+
+
+def test_a_client_with_its_own_data_and_no_toml_warns_that_it_pins_nothing(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    app = _deployed_client(monkeypatch, tmp_path)
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "holds the server to no privacy settings" in lines[0], lines
+    assert app.pins.dp_sgd_noise is None and app.pins.secure_aggregation is None
 
 
 # --- a peer's invalid key is that peer's dropout ------------------------------------------------

@@ -85,7 +85,12 @@ def _deploy_parsers(sub) -> None:
     server.add_argument("--quiet", action="store_true", help="no progress bar or waiting reports")
     _overrides(server)
     client = sub.add_parser("client", help="join a server as one client")
-    client.add_argument("config", type=Path, nargs="?", help="experiment file (demo data)")
+    client.add_argument(
+        "config",
+        type=Path,
+        nargs="?",
+        help="experiment file: its privacy settings (and, without --data, its demo data)",
+    )
     client.add_argument("--server", required=True, help="HOST:PORT of the server")
     client.add_argument("--client-id", type=int, required=True)
     client.add_argument("--token-file", type=Path, help="this client's token")
@@ -288,13 +293,27 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
     if args.data is not None:
         if args.model is None or args.num_classes is None:
             raise _config_error("--data needs --model and --num-classes.")
+        from fedguard.experiment import config as config_mod
+
+        experiment = None
+        if args.config is not None:  # its privacy settings, not its data set
+            experiment = config_mod.load(args.config, args.overrides)
         app = grpc_deploy.data_app(
             args.data,
             args.client_id,
             model=args.model,
             framework=args.framework,
             num_classes=args.num_classes,
+            experiment=experiment,
         )
+        if experiment is None:
+            err.print(
+                "[yellow]warning:[/yellow] without the experiment file this client holds the "
+                "server to no privacy settings (secure aggregation, DP): give FILE.toml to pin "
+                "them.",
+                highlight=False,
+                soft_wrap=True,
+            )
     elif args.config is not None:
         app = grpc_deploy.demo_app(args.config, args.client_id, args.overrides)
     else:

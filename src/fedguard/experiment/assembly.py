@@ -8,7 +8,7 @@ deployment server alike, so that a simulated run and a deployed one are assemble
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,8 @@ import torch
 
 from fedguard.algorithms import attacks_data
 from fedguard.client import evaluation
-from fedguard.client.app import ClientApp, client_pins
+from fedguard.client.app import ClientApp, ClientPins, client_pins
+from fedguard.client.model import ModelAdapter
 from fedguard.experiment import checkpoint, config_checks, federation, privacy
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.models import registry as models
@@ -83,6 +84,98 @@ def check_output_width(model, example: torch.Tensor, num_classes: int, what: str
             f"{what}: the model gives {width} outputs per example (shape {shape} for one "
             f"example) but the data has {num_classes} classes"
         )
+
+
+def min_clients(cfg: ExperimentConfig) -> int:
+    """The fewest usable replies a round needs: ``min_clients``, and under a robust rule the
+    updates it needs to tolerate ``byzantine_f`` (fewer fail the round as too few replies do)."""
+    rule = config_checks.robust_rule(cfg.server, cfg.experiment.seed)
+    if rule is None:
+        return cfg.min_clients
+    return max(cfg.min_clients, config_checks.min_updates(rule.kind, rule.f, rule.bucket_size))
+
+
+def secure_aggregation_settings(
+    cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, *, max_weight: int
+) -> secagg.Settings | None:
+    """The ``[secure_aggregation]`` settings (None: off) under the privacy ``plan``, a client's
+    integer weight capped at ``max_weight``; the fixed-point range is not checked here."""
+    a = cfg.secure_aggregation
+    if not a.enabled:
+        return None
+    distributed = plan.distributed if plan is not None else None
+    user_dp = plan is not None and plan.mode in ("central", "distributed")
+    rule_is_mean = cfg.server.aggregator == "mean"
+    clip = cfg.privacy.clip_norm if user_dp else a.clip_norm
+    if clip is None:  # the config refuses this
+        where = "privacy.clip_norm" if user_dp else "secure_aggregation.clip_norm"
+        raise ConfigError(f"Secure aggregation needs a clip: {where} is not set.")
+    if cfg.server.norm_bound is not None:  # norm bounding: each client clips its own update
+        clip = min(clip, cfg.server.norm_bound)
+    return secagg.Settings(
+        mode=secagg.Mode(a.mode),
+        clip_norm=clip,
+        max_weight=max_weight,
+        bits=a.bits,
+        # Robust rules weigh clients equally (claimed sizes buy no influence); of them only
+        # norm bounding runs here, so its clipped updates are summed with weight 1 each.
+        weighted=not user_dp and rule_is_mean,
+        threshold=a.threshold,
+        neighbours=a.neighbours,
+        distributed=distributed,
+        dropout_rate=a.dropout_rate,
+    )
+
+
+def run_pins(
+    cfg: ExperimentConfig,
+    plan: privacy.PrivacyPlan | None,
+    settings: secagg.Settings | None,
+    client_ids: Iterable[int],
+) -> ClientPins:
+    """What the clients ``client_ids`` of ``cfg`` hold the server to: the run's secure-aggregation
+    ``settings`` and the fit-task entries of its privacy ``plan`` (see :func:`client_pins`)."""
+    least = min_clients(cfg)
+    return client_pins(
+        settings,
+        plan.client_config(cfg) if plan is not None else {},
+        client_ids,
+        min_cohort=least if cfg.server.sampling == "poisson" else cfg.clients_per_round,
+        min_inputs=least,
+    )
+
+
+def config_pins(
+    cfg: ExperimentConfig, model: ModelAdapter, client_id: int, num_train: int
+) -> ClientPins:
+    """The pins of a deployed client with its own data (``num_train`` training records) from the
+    experiment's config alone, without the experiment's data set: the secure-aggregation
+    settings, federation and cohort bounds the server derives from ``cfg``, and the DP the plan
+    asks of this client.
+
+    Local DP: at least ``privacy.noise_multiplier`` or, under ``privacy.target_epsilon``, the
+    multiplier that keeps this client within the target over the configured rounds at its own
+    sampling rate and steps (the plan calibrated for a federation of this client alone); a clip
+    of at most ``privacy.max_grad_norm``. Distributed DP: the multiplier and noise shares follow
+    from the config, the federation's size and ``model``'s size. A simulated client of ``cfg``
+    holds the same pins, up to the weight cap (see below) and, under a local ``target_epsilon``,
+    the multiplier (it pins the federation's, calibrated for the worst client, at least its own).
+    As on the server, a local ``privacy.delta`` of at least ``1/num_train`` is refused.
+    """
+    if cfg.privacy.mode == "local":
+        sizes = {client_id: num_train}
+    else:  # user-level DP counts the federation's clients, not their records
+        sizes = dict.fromkeys(range(cfg.data.num_clients), num_train)
+    plan = privacy.build(cfg, sizes, model, sizes_known=False)
+    # Without secure_aggregation.max_examples the server caps a client's weight at its largest
+    # partition, which only the experiment's data set tells; this client's own size stands in.
+    # The pins never compare the cap (secagg.Pins.check_setup holds the server to the graph
+    # degree, threshold, clip and unweighted sums): it sets the fixed-point range of the sum, so
+    # a server that picks another one can garble the sum but learns no more from it.
+    settings = secure_aggregation_settings(
+        cfg, plan, max_weight=cfg.secure_aggregation.max_examples or num_train
+    )
+    return run_pins(cfg, plan, settings, range(cfg.data.num_clients))
 
 
 class Experiment:
@@ -185,23 +278,16 @@ class Experiment:
                 attack.model_poison(self.attack.config),
                 seed=self.attack.seed,
             )
-        # A robust rule tolerates f Byzantine updates only among enough of them: fewer usable
-        # replies fail the round as too few replies do.
-        min_clients = cfg.min_clients
-        if rule is not None:
-            min_clients = max(
-                min_clients, config_checks.min_updates(rule.kind, rule.f, rule.bucket_size)
-            )
         self.driver = RoundDriver(
             self.transport,
             self.strategy,
             dim=self.model.spec.size,
             clients_per_round=cfg.clients_per_round,
-            min_clients=min_clients,
+            min_clients=min_clients(cfg),
             seed=cfg.experiment.seed,
             deadline_s=s.deadline_s,
             poisson=s.sampling == "poisson",
-            secure_aggregation=self._secure_aggregation(sizes, central_dp),
+            secure_aggregation=self._secure_aggregation(sizes),
             # The most examples a client's reply may claim: its partition's size, as the server
             # knows it (a larger claim would buy weight in the mean; see RoundDriver).
             registered_examples=sizes,
@@ -210,15 +296,7 @@ class Experiment:
         )
         # The clients hold the server to this config's privacy settings, as a deployed client
         # holds it to its own copy (see client_pins): a round asking for less is refused.
-        self.app.pin(
-            client_pins(
-                self.driver.secure_aggregation,
-                self.privacy.client_config(cfg) if self.privacy is not None else {},
-                self.fed.clients,
-                min_cohort=min_clients if s.sampling == "poisson" else cfg.clients_per_round,
-                min_inputs=min_clients,
-            )
-        )
+        self.app.pin(run_pins(cfg, self.privacy, self.driver.secure_aggregation, self.fed.clients))
         self.initial_params = self.model.get_flat()
         self.backdoor_test = self._backdoor_test()
 
@@ -248,35 +326,14 @@ class Experiment:
         x = attacks_data.stamp_trigger(self.fed.eval_x[keep], b.trigger)
         return x, self.fed.eval_y[keep]
 
-    def _secure_aggregation(
-        self, sizes: Mapping[int, int], central_dp: CentralDP | None
-    ) -> secagg.Settings | None:
+    def _secure_aggregation(self, sizes: Mapping[int, int]) -> secagg.Settings | None:
         """The ``[secure_aggregation]`` settings; the fixed-point range is checked here."""
         a, cfg = self.cfg.secure_aggregation, self.cfg
-        if not a.enabled:
-            return None
-        distributed = self.privacy.distributed if self.privacy is not None else None
-        user_dp = central_dp is not None or distributed is not None
-        rule_is_mean = cfg.server.aggregator == "mean"
-        clip = cfg.privacy.clip_norm if user_dp else a.clip_norm
-        if clip is None:  # the config refuses this
-            where = "privacy.clip_norm" if user_dp else "secure_aggregation.clip_norm"
-            raise ConfigError(f"Secure aggregation needs a clip: {where} is not set.")
-        if cfg.server.norm_bound is not None:  # norm bounding: each client clips its own update
-            clip = min(clip, cfg.server.norm_bound)
-        settings = secagg.Settings(
-            mode=secagg.Mode(a.mode),
-            clip_norm=clip,
-            max_weight=a.max_examples or max(sizes.values()),
-            bits=a.bits,
-            # Robust rules weigh clients equally (claimed sizes buy no influence); of them only
-            # norm bounding runs here, so its clipped updates are summed with weight 1 each.
-            weighted=not user_dp and rule_is_mean,
-            threshold=a.threshold,
-            neighbours=a.neighbours,
-            distributed=distributed,
-            dropout_rate=a.dropout_rate,
+        settings = secure_aggregation_settings(
+            cfg, self.privacy, max_weight=a.max_examples or max(sizes.values())
         )
+        if settings is None:
+            return None
         poisson = cfg.server.sampling == "poisson"
         largest = len(sizes) if poisson else cfg.clients_per_round
         try:  # the largest cohort a round can have must fit the ring

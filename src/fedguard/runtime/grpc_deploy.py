@@ -8,7 +8,8 @@ client cannot vanish, a deployed one can), ``--round-deadline`` if given, else t
 ``config.toml`` so the run folder says how long each round waited. A deployed client is ``ClientApp.handle`` bound to one client id and its local data,
 either the client's own ``.npz`` file or, for demos, its partition of the experiment's data set.
 A client given the experiment file holds the server to that file's privacy settings (secure
-aggregation, DP), exactly as a simulated client does (:func:`fedguard.client.app.client_pins`).
+aggregation, DP), exactly as a simulated client does (:func:`fedguard.client.app.client_pins`),
+also with its own data (:func:`fedguard.experiment.assembly.config_pins`, from the file alone).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedguard.client.app import ClientApp, ClientData, ClientPins
+from fedguard.client.app import ClientApp, ClientData
 from fedguard.data import dataset
 from fedguard.data.errors import DataError
 from fedguard.experiment import assembly, runner
@@ -163,13 +164,20 @@ def data_app(
     model: str,
     framework: str,
     num_classes: int,
-    pins: ClientPins | None = None,
+    experiment: config_mod.ExperimentConfig | None = None,
 ) -> ClientApp:
     """A client holding its own data: an ``.npz`` with ``x``, ``y`` (and ``x_eval``, ``y_eval``).
 
-    Without ``pins`` it holds the server only to the protocol's own rules. Under local DP its
-    sampling rate and steps follow its own data, not the server's copy of the partition: its
-    fit replies report them and the server composes what they report."""
+    With the ``experiment``'s config it holds the server to that config's secure aggregation
+    and DP (:func:`.assembly.config_pins`, from the config and its own data's size; the
+    experiment's data set is not loaded); without it, only to the protocol's own rules. Under
+    local DP its sampling rate and steps follow its own data, not the server's copy of the
+    partition: its fit replies report them and the server composes what they report."""
+    if experiment is not None and not 0 <= client_id < experiment.data.num_clients:
+        raise config_mod.ConfigError(
+            f"--client-id {client_id}: the experiment has clients "
+            f"0..{experiment.data.num_clients - 1}"
+        )
     # The data and the model are checked here, before connecting: a file that cannot be read,
     # empty or non-finite features, labels outside 0..num_classes-1, or a model whose output
     # width is not num_classes stop the client with one line naming the problem.
@@ -198,6 +206,11 @@ def data_app(
     except (ValueError, ImportError) as exc:
         raise config_mod.ConfigError(f"--model {model!r}: {exc}") from None
     assembly.check_output_width(adapter, x[:1], num_classes, f"--model {model!r}")
+    pins = (
+        None
+        if experiment is None
+        else assembly.config_pins(experiment, adapter, client_id, local.num_train)
+    )
     return ClientApp(adapter, {client_id: local}, pins=pins)
 
 

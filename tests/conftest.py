@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -83,3 +84,30 @@ def tiny_config(**sections: dict) -> dict:
     for name, values in sections.items():
         cfg.setdefault(name, {}).update(values)
     return cfg
+
+
+def ten_iid_config(name: str, **sections: dict) -> dict:
+    """Ten IID synthetic clients, all of them in each of 4 rounds; ``sections`` update its tables."""
+    cfg = {
+        "experiment": {"name": name, "seed": 1, "rounds": 4},
+        "data": {
+            "dataset": "synthetic",
+            "num_clients": 10,
+            "synthetic_samples": 1000,
+            "synthetic_shape": [1, 6, 6],
+            "synthetic_classes": 3,
+            "partition": "iid",
+        },
+        "model": {"name": "logistic_regression"},
+        "client": {"optimizer": "sgd", "lr": 0.05, "epochs": 1, "batch_size": 32},
+        "server": {"strategy": "fedavg", "clients_per_round": 10},
+        "evaluation": {"every": 0},
+    }
+    for table, values in sections.items():
+        cfg.setdefault(table, {}).update(values)
+    return cfg
+
+
+def metric_rows(folder: Path) -> list[dict]:
+    """The rows of a run folder's metrics.jsonl."""
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 import torch
 
 import fedguard
+from conftest import metric_rows, ten_iid_config
 from fedguard.algorithms import attacks, robust
 from fedguard.experiment import assembly, checkpoint
 from fedguard.experiment.config import ConfigError, validate
@@ -20,28 +20,7 @@ from fedguard.runtime.inprocess import InProcessTransport
 
 def _config(**sections: dict) -> dict:
     """Ten clients, all of them every round: 2 attackers at the default fraction 0.2."""
-    cfg = {
-        "experiment": {"name": "robust", "seed": 1, "rounds": 4},
-        "data": {
-            "dataset": "synthetic",
-            "num_clients": 10,
-            "synthetic_samples": 1000,
-            "synthetic_shape": [1, 6, 6],
-            "synthetic_classes": 3,
-            "partition": "iid",
-        },
-        "model": {"name": "logistic_regression"},
-        "client": {"optimizer": "sgd", "lr": 0.05, "epochs": 1, "batch_size": 32},
-        "server": {"strategy": "fedavg", "clients_per_round": 10},
-        "evaluation": {"every": 0},
-    }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    return cfg
-
-
-def _rows(folder) -> list[dict]:
-    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return ten_iid_config("robust", **sections)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +165,7 @@ def test_a_nan_attacker_is_rejected_by_the_driver_and_logged(tmp_path, monkeypat
     monkeypatch.setattr(attack, "model_poison", nan_poison)
     cfg = _config(server={"aggregator": "median", "byzantine_f": 2}, attack={"kind": "boost"})
     summary = fedguard.run(cfg, out=tmp_path / "r", progress=False)
-    rows = _rows(tmp_path / "r")
+    rows = metric_rows(tmp_path / "r")
     assert [r["clients_rejected"] for r in rows] == [2, 2, 2, 2]
     assert [r["clients_completed"] for r in rows] == [8, 8, 8, 8]
     assert summary["test_accuracy"] >= 0.95
@@ -225,7 +204,7 @@ def test_backdoor_success_is_reported_and_high_without_defence(tmp_path) -> None
         evaluation={"every": 1},
     )
     summary = fedguard.run(cfg, out=tmp_path / "r", progress=False)
-    rows = _rows(tmp_path / "r")
+    rows = metric_rows(tmp_path / "r")
     assert all(r["backdoor_success"] is not None for r in rows)
     assert summary["backdoor_success"] == rows[-1]["backdoor_success"] >= 0.8
     assert summary["test_accuracy"] >= 0.9

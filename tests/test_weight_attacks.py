@@ -8,7 +8,6 @@ round whose aggregate or server state is not finite leaves the model unchanged.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 import fedguard
+from conftest import metric_rows, ten_iid_config
 from fedguard.algorithms import robust
 from fedguard.experiment import assembly, checkpoint
 from fedguard.experiment.config import validate
@@ -29,28 +29,7 @@ LIAR = 4  # the client id that misbehaves in the whole-run tests
 
 def _config(**sections: dict) -> dict:
     """Ten IID clients, all of them every round (as in the robust-run tests)."""
-    cfg = {
-        "experiment": {"name": "weights", "seed": 1, "rounds": 4},
-        "data": {
-            "dataset": "synthetic",
-            "num_clients": 10,
-            "synthetic_samples": 1000,
-            "synthetic_shape": [1, 6, 6],
-            "synthetic_classes": 3,
-            "partition": "iid",
-        },
-        "model": {"name": "logistic_regression"},
-        "client": {"optimizer": "sgd", "lr": 0.05, "epochs": 1, "batch_size": 32},
-        "server": {"strategy": "fedavg", "clients_per_round": 10},
-        "evaluation": {"every": 0},
-    }
-    for name, values in sections.items():
-        cfg.setdefault(name, {}).update(values)
-    return cfg
-
-
-def _rows(folder) -> list[dict]:
-    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    return ten_iid_config("weights", **sections)
 
 
 def _rewrite_fit_replies(monkeypatch, rewrite) -> None:
@@ -107,7 +86,7 @@ def test_a_client_claiming_a_trillion_examples_does_not_take_over_the_run(
     assert summary["status"] == "completed"
     assert control["accuracy"] >= 0.95
     assert summary["test_accuracy"] >= control["accuracy"] - 0.03, summary["test_accuracy"]
-    rows = _rows(tmp_path / "r")
+    rows = metric_rows(tmp_path / "r")
     assert [r["weights_capped"] for r in rows] == [1, 1, 1, 1]
     assert [r["clients_rejected"] for r in rows] == [0, 0, 0, 0]
     cap = control["sizes"][LIAR]
@@ -248,7 +227,7 @@ def test_one_finite_3e38_update_is_rejected_and_the_run_completes(
     _rewrite_fit_replies(monkeypatch, overflow)
     summary = fedguard.run(_config(), out=tmp_path / "r", progress=False)
     assert summary["status"] == "completed"
-    rows = _rows(tmp_path / "r")
+    rows = metric_rows(tmp_path / "r")
     assert [r["clients_rejected"] for r in rows] == [1, 1, 1, 1]
     assert [r["clients_completed"] for r in rows] == [9, 9, 9, 9]
     assert all(r["aggregate_rejected"] is None for r in rows)
@@ -321,7 +300,7 @@ def test_a_round_whose_server_state_overflows_is_skipped_and_the_run_goes_on(
         _config(experiment={"rounds": 5}, server=server), out=tmp_path / "r", progress=False
     )
     assert summary["status"] == "completed" and summary["rounds_completed"] == 5
-    rows = _rows(tmp_path / "r")
+    rows = metric_rows(tmp_path / "r")
     assert rows[1]["aggregate_rejected"] == "the new server state 'optimizer.v' is not finite"
     assert [r["aggregate_rejected"] for r in rows[:1] + rows[2:]] == [None] * 4
     last = checkpoint.latest(tmp_path / "r" / "checkpoints").tensors

@@ -40,9 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedguard.client import dp_sgd, training
-from fedguard.client.model import TorchModel
+from fedguard.client import dp_sgd, per_example_grads, training
 from fedguard.models import torch_models
+from fedguard.models.adapter import TorchModel
 
 BATCH = 32
 LR = 0.01
@@ -68,7 +68,7 @@ def fedguard_step(
     module: nn.Module,
     x: torch.Tensor,
     y: torch.Tensor,
-    method: dp_sgd.GradientMethod,
+    method: per_example_grads.GradientMethod,
     stack: contextlib.ExitStack,
 ) -> Step:
     """A fedguard DP-SGD step; its hooks stay until ``stack`` closes."""
@@ -78,7 +78,7 @@ def fedguard_step(
     optimizer = training._make_optimizer(cfg, [s.param for s in model.trainable()])
     dp = dp_sgd.DPSGD(max_grad_norm=CLIP, noise_multiplier=NOISE)
     generator = torch.Generator().manual_seed(0)
-    clip = stack.enter_context(dp_sgd.per_example_clipper(model, method))
+    clip = stack.enter_context(per_example_grads.per_example_clipper(model, method))
 
     def step() -> None:
         dp_sgd.dp_step(clip, model, optimizer, x, y, dp, float(BATCH), generator)
@@ -142,7 +142,7 @@ def build_sides(
     """Every side that can run here, by name, in timing order."""
     sides: dict[str, Step] = {"plain": plain_step(copy.deepcopy(module), x, y)}
     for name, method in (("fedguard", "hooks"), ("fallback_vmap", "vmap")):
-        method = dp_sgd.GradientMethod(method)
+        method = per_example_grads.GradientMethod(method)
         sides[name] = fedguard_step(copy.deepcopy(module), x, y, method, stack)
     optional: dict[str, Callable[[], Step]] = {
         "opacus_hooks": lambda: opacus_step(copy.deepcopy(module), x, y, "hooks"),

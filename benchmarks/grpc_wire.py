@@ -106,7 +106,8 @@ class CountingRelay:
 def _server(config: Path, out: Path, address: str, sec: Path) -> None:
     import torch
 
-    from fedguard.runtime import grpc_deploy, grpc_tls
+    from fedguard.experiment import deployment as grpc_deploy
+    from fedguard.runtime import grpc_tls
 
     torch.set_num_threads(1)
     tls = grpc_tls.ServerTls(sec / "server.pem", sec / "server.key")
@@ -116,7 +117,8 @@ def _server(config: Path, out: Path, address: str, sec: Path) -> None:
 def _client(config: Path, address: str, cid: int, sec: Path) -> None:
     import torch
 
-    from fedguard.runtime import grpc_client, grpc_deploy, grpc_tls
+    from fedguard.experiment import deployment as grpc_deploy
+    from fedguard.runtime import grpc_client, grpc_tls
 
     torch.set_num_threads(1)
     app = grpc_deploy.demo_app(config, cid)
@@ -148,7 +150,7 @@ def main() -> None:
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(
-        ["torch", "torch._dynamo", "sklearn.metrics", "fedguard.runtime.grpc_deploy"]
+        ["torch", "torch._dynamo", "sklearn.metrics", "fedguard.experiment.deployment"]
     )
     with tempfile.TemporaryDirectory(prefix="grpc-wire-") as tmp_name:
         tmp = Path(tmp_name)

@@ -92,7 +92,7 @@ def configured_modules() -> list[str]:
 
 
 def dotted(path: str) -> str:
-    """``src/fedguard/algorithms/accounting.py`` -> ``fedguard.algorithms.accounting``."""
+    """``src/fedguard/algorithms/privacy/accounting.py`` -> ``fedguard.algorithms.privacy.accounting``."""
     name = path.removesuffix(".py").replace("/", ".")
     return name.removeprefix("src.")
 

@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fedguard.algorithms import aggregation, robust
+from fedguard.algorithms import robust
+from fedguard.algorithms.optimizers import aggregation
 
 K, D, F = 100, 1_000_000, 10
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "robust_speed.json"

@@ -24,7 +24,7 @@ run about 25-35 s on one CPU core):
   between chance and about 85%, so the table measured luck more than the defences. Here clean
   FedAvg leaves chance by round 3 and holds about 83-85% from round 7 on.
 
-Attacks (``fedguard.runtime.attack``; omniscient ones read the round's honest updates):
+Attacks (``fedguard.simulation.attack``; omniscient ones read the round's honest updates):
 sign flipping ``-4 u`` (the attackers' mass cancels the honest mean), boosting ``10 u``, Gaussian
 ``N(0, 1)`` per coordinate, ALIE with Baruch et al.'s z, IPM with epsilon 0.5 (small: the regime
 that breaks Krum), min-max and min-sum along ``-sigma``, label flipping ``y -> 9 - y`` (``1 - y``

@@ -51,13 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedguard.algorithms import secagg_crypto
+from fedguard.algorithms.secagg import crypto as secagg_crypto
 from fedguard.protocol import messages, secagg, secagg_client
 from fedguard.protocol.driver import RoundDriver
 from fedguard.protocol.secagg import Mode, Phase
 from fedguard.protocol.strategy import Strategy, StrategyKind
-from fedguard.runtime.dropout import PhaseDropout
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.dropout import PhaseDropout
+from fedguard.simulation.inprocess import InProcessTransport
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "secagg.json"
 EXAMPLES = 100

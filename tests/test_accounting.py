@@ -8,8 +8,8 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from fedguard.algorithms import accounting
-from fedguard.algorithms.accounting import Accountant, SampledGaussian
+from fedguard.algorithms.privacy import accounting
+from fedguard.algorithms.privacy.accounting import Accountant, SampledGaussian
 
 
 def _direct_rdp(z: float, q: float, steps: int, delta: float) -> float:

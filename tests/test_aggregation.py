@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-from fedguard.algorithms import aggregation
+from fedguard.algorithms.optimizers import aggregation
 
 UPDATES = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
 

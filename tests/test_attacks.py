@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedguard.algorithms import attacks, attacks_data, attacks_model, robust_base
+from fedguard.algorithms import attacks
+from fedguard.algorithms.attacks import data_poisoning as attacks_data
+from fedguard.algorithms.attacks import model_poisoning as attacks_model
+from fedguard.algorithms.robust import base as robust_base
 
 Perturbation = attacks_model.Perturbation
 

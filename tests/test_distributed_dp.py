@@ -14,12 +14,12 @@ from dp_accounting.rdp import rdp_privacy_accountant
 
 import fedguard
 from conftest import tiny_config
-from fedguard.algorithms import accounting, distributed_dp
+from fedguard.algorithms.privacy import accounting, distributed_dp
 from fedguard.experiment import config
 from fedguard.protocol import messages, secagg, secagg_client, secagg_server
 from fedguard.protocol.secagg import Mode, Phase
-from fedguard.runtime.dropout import PhaseDropout
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.dropout import PhaseDropout
+from fedguard.simulation.inprocess import InProcessTransport
 
 N, DIM, CLIP = 8, 40_000, 1.0  # updates of norm about 0.8: the clip does not bind
 UPDATES = {

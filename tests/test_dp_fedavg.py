@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedguard.algorithms import dp_fedavg
+from fedguard.algorithms.privacy import dp_fedavg
 
 
 def test_clip_bounds_the_norm_and_keeps_short_updates() -> None:

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedguard.client import dp_sgd, training
-from fedguard.client.model import TorchModel
+from fedguard.client import dp_sgd, per_example_grads, training
 from fedguard.models import torch_models
+from fedguard.models.adapter import TorchModel
 
 
 def _data(shape: tuple[int, ...], n: int, classes: int, seed: int = 0):
@@ -140,7 +140,9 @@ def test_hook_norms_and_clipped_sum_match_torch_func(name: str) -> None:
     reference = _reference_grads(model, x, y)
     true_norms = reference.norm(dim=1)
     clip = float(true_norms.median())  # about half the examples get clipped
-    with dp_sgd.per_example_clipper(model, dp_sgd.GradientMethod.HOOKS) as clipper:
+    with per_example_grads.per_example_clipper(
+        model, per_example_grads.GradientMethod.HOOKS
+    ) as clipper:
         batch = clipper(x, y, clip)
 
     torch.testing.assert_close(batch.norms, true_norms, rtol=1e-4, atol=1e-7)
@@ -156,9 +158,13 @@ def test_hook_norms_and_clipped_sum_match_torch_func(name: str) -> None:
 @pytest.mark.parametrize("name", HOOKABLE)
 def test_hooks_equal_the_vmap_fallback(name: str) -> None:
     model, x, y = _model(name, seed=1)
-    with dp_sgd.per_example_clipper(model, dp_sgd.GradientMethod.HOOKS) as clipper:
+    with per_example_grads.per_example_clipper(
+        model, per_example_grads.GradientMethod.HOOKS
+    ) as clipper:
         fast = clipper(x, y, 0.5)
-    with dp_sgd.per_example_clipper(model, dp_sgd.GradientMethod.VMAP) as clipper:
+    with per_example_grads.per_example_clipper(
+        model, per_example_grads.GradientMethod.VMAP
+    ) as clipper:
         slow = clipper(x, y, 0.5)
     torch.testing.assert_close(fast.norms, slow.norms, rtol=1e-4, atol=1e-7)
     torch.testing.assert_close(_flat(fast.grads), _flat(slow.grads), rtol=1e-4, atol=1e-6)
@@ -175,7 +181,7 @@ def test_training_on_hooks_equals_training_on_vmap(
     cfg = training.LocalTraining(lr=0.1, momentum=0.9, batch_size=4, epochs=1, augment="image")
     dp = dp_sgd.DPSGD(max_grad_norm=0.5, noise_multiplier=noise)
     fast_stats = dp_sgd.train(model, x, y, cfg, dp, generator=torch.Generator().manual_seed(5))
-    monkeypatch.setattr(dp_sgd, "_hookable_layers", lambda model: None)
+    monkeypatch.setattr(per_example_grads, "_hookable_layers", lambda model: None)
     slow_stats = dp_sgd.train(slow, x, y, cfg, dp, generator=torch.Generator().manual_seed(5))
     assert fast_stats.steps == slow_stats.steps == 3
     assert fast_stats.loss == pytest.approx(slow_stats.loss, rel=1e-4)
@@ -204,7 +210,7 @@ def test_unfold_equals_torch_unfold(conv: nn.Conv1d | nn.Conv2d) -> None:
         expected = F.unfold(
             x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride
         )
-    assert torch.equal(dp_sgd._unfold(conv, x), expected)
+    assert torch.equal(per_example_grads._unfold(conv, x), expected)
     assert expected.shape[2] == conv(x).shape[-1] * (conv(x).shape[-2] if x.ndim == 4 else 1)
 
 
@@ -212,17 +218,17 @@ def test_dp_image_cnn_is_small_and_on_the_hook_path() -> None:
     """GroupNorm without affine weights owns no parameter: per-example gradients need no vmap."""
     model = TorchModel(torch_models.dp_image_cnn((1, 28, 28), 2))
     assert model.get_flat().numel() == 16 * 9 + 16 + 32 * 16 * 9 + 32 + 32 * 5 * 5 * 2 + 2
-    assert dp_sgd._hookable_layers(model) is not None  # every weight in a Conv or Linear
+    assert per_example_grads._hookable_layers(model) is not None  # every weight in a Conv or Linear
 
 
 def test_group_norm_takes_the_fallback_and_trains() -> None:
     model, x, y = _model("group_norm")
-    assert dp_sgd._hookable_layers(model) is None
+    assert per_example_grads._hookable_layers(model) is None
     with pytest.raises(ValueError, match="outside Linear/Conv"):
-        with dp_sgd.per_example_clipper(model, dp_sgd.GradientMethod.HOOKS):
+        with per_example_grads.per_example_clipper(model, per_example_grads.GradientMethod.HOOKS):
             pass
     reference = _reference_grads(model, x, y)
-    with dp_sgd.per_example_clipper(model) as clipper:
+    with per_example_grads.per_example_clipper(model) as clipper:
         batch = clipper(x, y, 1.0)
     torch.testing.assert_close(batch.norms, reference.norm(dim=1), rtol=1e-4, atol=1e-7)
 
@@ -240,11 +246,13 @@ def test_layer_called_twice_falls_back_to_vmap() -> None:
     module = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(6, 2))
     model = TorchModel(module)
     x, y = _data((6,), 10, 2)
-    with dp_sgd.per_example_clipper(model, dp_sgd.GradientMethod.HOOKS) as clipper:
+    with per_example_grads.per_example_clipper(
+        model, per_example_grads.GradientMethod.HOOKS
+    ) as clipper:
         with pytest.raises(ValueError, match="called 2 times"):
             clipper(x, y, 1.0)
     assert _no_hooks(module)
-    with dp_sgd.per_example_clipper(model) as clipper:
+    with per_example_grads.per_example_clipper(model) as clipper:
         batch = clipper(x, y, 1.0)
     torch.testing.assert_close(batch.norms, _reference_grads(model, x, y).norm(dim=1))
 
@@ -252,7 +260,7 @@ def test_layer_called_twice_falls_back_to_vmap() -> None:
 def test_noise_has_the_dp_sgd_scale() -> None:
     dp = dp_sgd.DPSGD(max_grad_norm=2.0, noise_multiplier=0.7)
     q, n = dp_sgd.sampling_rate(1000, 50), 1000
-    zeros = dp_sgd.ClippedBatch(
+    zeros = per_example_grads.ClippedBatch(
         [torch.zeros(300, 400), torch.zeros(1000)], torch.zeros(0), torch.zeros(0), torch.zeros(())
     )
     noised = dp_sgd.noisy_mean(zeros, dp.noise_std, q * n, torch.Generator().manual_seed(0))
@@ -272,7 +280,7 @@ def test_an_empty_batch_is_a_noise_only_step() -> None:
     cfg = training.LocalTraining(lr=1.0)
     optimizer = training._make_optimizer(cfg, [s.param for s in model.trainable()])
     dp = dp_sgd.DPSGD(max_grad_norm=1.0, noise_multiplier=2.0)
-    with dp_sgd.per_example_clipper(model) as clipper:
+    with per_example_grads.per_example_clipper(model) as clipper:
         loss = dp_sgd.dp_step(
             clipper, model, optimizer, torch.zeros(0, 1, 6, 6), torch.zeros(0).long(), dp, 4.0,
             torch.Generator().manual_seed(0),
@@ -339,8 +347,8 @@ def test_batch_norm_is_refused_by_name() -> None:
 
 
 def test_keras_model_is_refused() -> None:
-    from fedguard.client.keras_model import KerasModel
     from fedguard.models import keras_models
+    from fedguard.models.keras_adapter import KerasModel
 
     model = KerasModel(keras_models.logistic_regression((4,), 3))
     with pytest.raises(ValueError, match=r"PyTorch.*privacy\.mode = \"central\""):
@@ -455,7 +463,7 @@ def test_a_step_divides_by_the_expected_batch_size_not_the_drawn_one() -> None:
     sums, _ = _naive_clipped_sum(reference, x, y, REF_CLIP)
     optimizer = torch.optim.SGD([s.param for s in model.trainable()], lr=1.0)
     dp = dp_sgd.DPSGD(max_grad_norm=REF_CLIP, noise_multiplier=0.0)
-    with dp_sgd.per_example_clipper(model) as clip:
+    with per_example_grads.per_example_clipper(model) as clip:
         dp_sgd.dp_step(clip, model, optimizer, x, y, dp, 30.0, torch.Generator().manual_seed(0))
     for pname, p in model.module.named_parameters():
         step = (before[pname] - p.detach()).double()

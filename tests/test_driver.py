@@ -14,7 +14,7 @@ from fedguard.experiment import config
 from fedguard.experiment.assembly import Experiment
 from fedguard.protocol import messages
 from fedguard.protocol.driver import RoundFailedError, sample_clients
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.inprocess import InProcessTransport
 
 
 def _experiment(**server) -> Experiment:

@@ -8,7 +8,8 @@ import tomli_w
 from conftest import tiny_config
 from fedguard import cli
 from fedguard.experiment import config as config_mod
-from fedguard.runtime import auth, grpc_deploy
+from fedguard.experiment import deployment as grpc_deploy
+from fedguard.runtime import auth
 
 
 def _fedguard(*args: str, capsys) -> tuple[int, str]:

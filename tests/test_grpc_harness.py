@@ -32,7 +32,7 @@ CTX.set_forkserver_preload(
         "torch._dynamo",
         "sklearn.metrics",
         "fedguard.experiment.runner",
-        "fedguard.runtime.grpc_deploy",
+        "fedguard.experiment.deployment",
     ]
 )
 
@@ -110,7 +110,7 @@ def server_main(
     """A server process: ``fedguard server`` without the command line around it."""
     import logging
 
-    from fedguard.runtime import grpc_deploy
+    from fedguard.experiment import deployment as grpc_deploy
 
     _quiet_torch()
     logging.basicConfig(
@@ -126,8 +126,9 @@ def client_main(
     config: Path, address: str, client_id: int, sec: Security, behaviour: Behaviour, marker: Path
 ) -> None:
     """A client process: ``fedguard client`` with an optional scripted misbehaviour."""
+    from fedguard.experiment import deployment as grpc_deploy
     from fedguard.protocol import messages
-    from fedguard.runtime import grpc_client, grpc_deploy
+    from fedguard.runtime import grpc_client
 
     _quiet_torch()
     app = grpc_deploy.demo_app(config, client_id)

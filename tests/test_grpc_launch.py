@@ -15,7 +15,7 @@ from test_grpc_harness import final_params, write_config
 
 import fedguard
 from fedguard.experiment import config as config_mod
-from fedguard.runtime import grpc_deploy
+from fedguard.experiment import deployment as grpc_deploy
 
 LAUNCH_TIMEOUT_S = 120.0
 

@@ -10,7 +10,7 @@ from test_grpc_harness import Behaviour, Federation, final_params, make_security
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment
 from fedguard.protocol.secagg import Phase
-from fedguard.runtime.dropout import PhaseDropout
+from fedguard.simulation.dropout import PhaseDropout
 
 SECTIONS = {
     "experiment": {"rounds": 1},

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from fedguard.client import training
-from fedguard.client.keras_model import KerasModel, keras
-from fedguard.client.model import TorchModel
 from fedguard.models import keras_models, torch_models
+from fedguard.models.adapter import TorchModel
+from fedguard.models.keras_adapter import KerasModel, keras
 
 
 def _weights_flat(model: keras.Model) -> np.ndarray:
@@ -149,11 +149,11 @@ def test_unbuilt_model_needs_an_input_shape() -> None:
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_non_torch_backend_is_refused(backend: str) -> None:
     """Keras fixes its backend at its first import, so each backend is tried in a fresh
-    interpreter: KERAS_BACKEND=jax makes importing fedguard.client.keras_model raise our
+    interpreter: KERAS_BACKEND=jax makes importing fedguard.models.keras_adapter raise our
     ImportError naming the backend; torch (the control) imports."""
     env = {**os.environ, "KERAS_BACKEND": backend}
     done = subprocess.run(
-        [sys.executable, "-c", "import fedguard.client.keras_model"],
+        [sys.executable, "-c", "import fedguard.models.keras_adapter"],
         env=env,
         capture_output=True,
         text=True,

@@ -20,7 +20,7 @@ from conftest import tiny_config
 from fedguard.client.app import ClientApp, local_training_from
 from fedguard.protocol import messages, secagg, secagg_client, secagg_server
 from fedguard.protocol.secagg import Mode
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.inprocess import InProcessTransport
 
 BAD = {
     "string": "x",

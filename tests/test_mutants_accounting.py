@@ -10,8 +10,8 @@ import dp_accounting
 import pytest
 from dp_accounting import pld, rdp
 
-from fedguard.algorithms import accounting
-from fedguard.algorithms.accounting import Accountant, SampledGaussian
+from fedguard.algorithms.privacy import accounting
+from fedguard.algorithms.privacy.accounting import Accountant, SampledGaussian
 
 
 def test_events_describe_the_sampling() -> None:

@@ -1,7 +1,7 @@
 """Exact numbers for the distributed Skellam mechanism (found by mutation testing).
 
 Every expected value is worked out by hand from the formulas in the module docstring of
-:mod:`fedguard.algorithms.distributed_dp` and of :class:`fedguard.algorithms.accounting.SkellamSum`.
+:mod:`fedguard.algorithms.privacy.distributed_dp` and of :class:`fedguard.algorithms.privacy.accounting.SkellamSum`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import rdp_privacy_accountant
 
-from fedguard.algorithms import accounting
-from fedguard.algorithms import distributed_dp as ddp
+from fedguard.algorithms.privacy import accounting
+from fedguard.algorithms.privacy import distributed_dp as ddp
 
 
 def test_mechanism_settings_are_checked() -> None:

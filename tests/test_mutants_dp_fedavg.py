@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from fedguard.algorithms import dp_fedavg
+from fedguard.algorithms.privacy import dp_fedavg
 
 
 def test_update_noise_multiplier_at_z_two() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedguard.client import dp_sgd, training
+from fedguard.client import dp_sgd, per_example_grads, training
 
 
 def test_sampling_rate_and_steps() -> None:
@@ -51,17 +51,17 @@ def test_poisson_sample_draws_each_index_with_probability_q() -> None:
 
 def test_clip_factors_are_min_one_c_over_norm_plus_epsilon() -> None:
     norms = torch.tensor([0.0, 1.0, 2.0, 8.0], dtype=torch.float64)
-    out = dp_sgd.clip_factors(norms, 2.0)
+    out = per_example_grads.clip_factors(norms, 2.0)
     expected = torch.tensor([1.0, 1.0, 2.0 / (2.0 + 1e-6), 2.0 / (8.0 + 1e-6)], dtype=torch.float64)
     torch.testing.assert_close(out, expected, rtol=1e-15, atol=0)
-    assert dp_sgd.CLIP_EPSILON == 1e-6
-    inf = dp_sgd.clip_factors(norms, float("inf"))
+    assert per_example_grads.CLIP_EPSILON == 1e-6
+    inf = per_example_grads.clip_factors(norms, float("inf"))
     torch.testing.assert_close(inf, torch.ones(4, dtype=torch.float64))
 
 
-def _batch(grads: list[torch.Tensor]) -> dp_sgd.ClippedBatch:
+def _batch(grads: list[torch.Tensor]) -> per_example_grads.ClippedBatch:
     empty = torch.zeros(0)
-    return dp_sgd.ClippedBatch(grads, empty, empty, torch.zeros(()))
+    return per_example_grads.ClippedBatch(grads, empty, empty, torch.zeros(()))
 
 
 def test_noisy_mean_is_one_draw_in_parameter_order_scaled_by_std() -> None:

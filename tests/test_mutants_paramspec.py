@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedguard.algorithms.paramspec import ParamSpec, TensorSpec
+from fedguard.models.paramspec import ParamSpec, TensorSpec
 
 
 def _named() -> dict[str, torch.Tensor]:

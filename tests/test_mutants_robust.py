@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedguard.algorithms import robust_base, robust_distance, robust_iterative
+from fedguard.algorithms.robust import base as robust_base
+from fedguard.algorithms.robust import distance as robust_distance
+from fedguard.algorithms.robust import iterative as robust_iterative
 
 RobustnessError = robust_base.RobustnessError
 

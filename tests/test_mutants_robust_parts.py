@@ -6,7 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedguard.algorithms import robust_base, robust_coordinate, robust_distance, robust_gram
+from fedguard.algorithms.robust import base as robust_base
+from fedguard.algorithms.robust import coordinate as robust_coordinate
+from fedguard.algorithms.robust import distance as robust_distance
+from fedguard.algorithms.robust import gram as robust_gram
 
 RobustnessError = robust_base.RobustnessError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedguard.algorithms import newton, scaffold
+from fedguard.algorithms.optimizers import newton, scaffold
 
 
 def test_server_control_moves_by_cohort_fraction_times_float64_mean() -> None:

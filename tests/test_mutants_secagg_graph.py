@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fedguard.algorithms import secagg_graph as sg
+from fedguard.algorithms.secagg import graph as sg
 
 
 def test_tolerant_degree_refuses_a_certain_dropout() -> None:

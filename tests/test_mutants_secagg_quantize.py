@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedguard.algorithms import secagg_quantize as sq
+from fedguard.algorithms.secagg import quantize as sq
 
 
 def _gen(seed: int = 0) -> np.random.Generator:

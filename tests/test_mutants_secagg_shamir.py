@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedguard.algorithms import secagg_shamir as sh
+from fedguard.algorithms.secagg import shamir as sh
 
 P = 2**31 - 1
 

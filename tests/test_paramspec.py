@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedguard.algorithms.paramspec import ParamSpec
+from fedguard.models.paramspec import ParamSpec
 
 SPEC = ParamSpec.from_tensors({"w": torch.zeros(2, 3), "b": torch.zeros(3, dtype=torch.float64)})
 

@@ -22,7 +22,7 @@ from fedguard.client.app import ClientApp, ClientData
 from fedguard.experiment import assembly, checkpoint
 from fedguard.experiment import config as config_mod
 from fedguard.protocol import messages
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.inprocess import InProcessTransport
 
 Z, DELTA, BATCH, EPOCHS = 1.1, 1e-3, 16, 3
 LOCAL = {"mode": "local", "noise_multiplier": Z, "max_grad_norm": 1.0, "delta": DELTA}

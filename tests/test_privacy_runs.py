@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 
 import fedguard
 from conftest import tiny_config
-from fedguard.algorithms import dp_fedavg
+from fedguard.algorithms.privacy import dp_fedavg
 from fedguard.experiment.config import ConfigError
 from fedguard.protocol import driver, messages
 from fedguard.protocol.strategy import CentralDP, Strategy, StrategyKind
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.inprocess import InProcessTransport
 
 CENTRAL = {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 0.5, "delta": 1e-3}
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedguard.algorithms import (
-    dp_fedavg,
-    robust,
-    robust_base,
-    robust_coordinate,
-    robust_distance,
-    robust_gram,
-    robust_iterative,
-)
+from fedguard.algorithms import robust
+from fedguard.algorithms.privacy import dp_fedavg
+from fedguard.algorithms.robust import base as robust_base
+from fedguard.algorithms.robust import coordinate as robust_coordinate
+from fedguard.algorithms.robust import distance as robust_distance
+from fedguard.algorithms.robust import gram as robust_gram
+from fedguard.algorithms.robust import iterative as robust_iterative
 
 KINDS = list(robust.RobustAggregator)
 K, D, F = 11, 5, 2  # K = 4f + 3: the smallest cohort every rule accepts with f = 2

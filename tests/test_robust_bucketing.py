@@ -6,7 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fedguard.algorithms import robust, robust_base, robust_bucketing
+from fedguard.algorithms import robust
+from fedguard.algorithms.robust import base as robust_base
+from fedguard.algorithms.robust import bucketing as robust_bucketing
 from fedguard.experiment.config import validate
 
 GEN = torch.Generator

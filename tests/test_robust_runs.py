@@ -14,8 +14,8 @@ from fedguard.experiment import assembly, checkpoint
 from fedguard.experiment.config import ConfigError, validate
 from fedguard.protocol import messages
 from fedguard.protocol.strategy import ServerState
-from fedguard.runtime import attack
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation import attack
+from fedguard.simulation.inprocess import InProcessTransport
 
 
 def _config(**sections: dict) -> dict:

@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedguard.algorithms import newton, scaffold
+from fedguard.algorithms.optimizers import newton, scaffold
 from fedguard.client import training
 from fedguard.client.app import CONTROL, ClientApp, ClientData
-from fedguard.client.model import TorchModel
+from fedguard.models.adapter import TorchModel
 from fedguard.protocol import messages
 from fedguard.protocol.driver import RoundDriver
 from fedguard.protocol.strategy import Strategy, StrategyKind
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.inprocess import InProcessTransport
 
 G0 = [0.5, -0.5, 0.5, -0.5]  # loss gradient at w = 0 for x = 1, y = 1
 

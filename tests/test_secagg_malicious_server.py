@@ -20,17 +20,19 @@ import torch
 
 import fedguard
 from conftest import tiny_config
-from fedguard.algorithms import distributed_dp, secagg_crypto, secagg_quantize
+from fedguard.algorithms.privacy import distributed_dp
+from fedguard.algorithms.secagg import crypto as secagg_crypto
+from fedguard.algorithms.secagg import quantize as secagg_quantize
 from fedguard.client.app import RefusedTaskError
 from fedguard.experiment import assembly
 from fedguard.experiment import config as config_mod
+from fedguard.experiment import deployment as grpc_deploy
 from fedguard.protocol import messages, secagg, secagg_client, secagg_server
 from fedguard.protocol.driver import RoundFailedError
 from fedguard.protocol.secagg import Mode, Phase, SecAggError
 from fedguard.protocol.transport import Outcome, Transport
-from fedguard.runtime import grpc_deploy
-from fedguard.runtime.dropout import PhaseDropout
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.dropout import PhaseDropout
+from fedguard.simulation.inprocess import InProcessTransport
 
 N, DIM, ROUND, SEED = 8, 40, 5, 21
 UPDATES = {
@@ -375,7 +377,7 @@ def test_a_client_with_its_own_data_pins_a_target_epsilon_at_its_own_rate(
 ) -> None:
     import tomli_w
 
-    from fedguard.algorithms import accounting
+    from fedguard.algorithms.privacy import accounting
     from fedguard.client import dp_sgd
 
     privacy = {"mode": "local", "target_epsilon": 3.0, "max_grad_norm": 0.5, "delta": 1e-3}

@@ -8,7 +8,10 @@ from itertools import combinations
 import numpy as np
 import pytest
 
-from fedguard.algorithms import secagg_crypto, secagg_graph, secagg_quantize, secagg_shamir
+from fedguard.algorithms.secagg import crypto as secagg_crypto
+from fedguard.algorithms.secagg import graph as secagg_graph
+from fedguard.algorithms.secagg import quantize as secagg_quantize
+from fedguard.algorithms.secagg import shamir as secagg_shamir
 from fedguard.protocol import secagg
 
 

@@ -10,12 +10,12 @@ import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from scipy import stats
 
-from fedguard.algorithms import secagg_quantize
+from fedguard.algorithms.secagg import quantize as secagg_quantize
 from fedguard.protocol import messages, secagg, secagg_client, secagg_server
 from fedguard.protocol.secagg import Mode, Phase
 from fedguard.protocol.transport import Outcome, Transport
-from fedguard.runtime.dropout import PhaseDropout
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.dropout import PhaseDropout
+from fedguard.simulation.inprocess import InProcessTransport
 
 N, DIM, ROUND = 10, 300, 7
 UPDATES = {

@@ -15,7 +15,7 @@ from fedguard.experiment import assembly, config
 from fedguard.experiment.assembly import Experiment
 from fedguard.protocol import messages, secagg
 from fedguard.protocol.secagg import Phase
-from fedguard.runtime.dropout import PhaseDropout
+from fedguard.simulation.dropout import PhaseDropout
 
 CLIP = 0.05
 

@@ -1,6 +1,6 @@
 """Server optimizers and FedProx against numbers computed by hand.
 
-Conventions of :mod:`fedguard.algorithms.server_optimizers`: ``delta`` is the aggregated
+Conventions of :mod:`fedguard.algorithms.optimizers.server`: ``delta`` is the aggregated
 ``local - global``, ``m`` starts at 0, ``v`` at ``tau^2``, no bias correction, and the adaptive
 step is ``x + lr * m / (sqrt(v) + tau)``. The hyperparameters below are chosen so that every
 square root is exact.
@@ -15,14 +15,14 @@ import pytest
 import torch
 from torch import nn
 
-from fedguard.algorithms import server_optimizers as so
+from fedguard.algorithms.optimizers import server as so
 from fedguard.client import training
 from fedguard.client.app import ClientApp, ClientData
-from fedguard.client.model import TorchModel
+from fedguard.models.adapter import TorchModel
 from fedguard.protocol import messages
 from fedguard.protocol.driver import RoundDriver
 from fedguard.protocol.strategy import Strategy, StrategyKind
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.inprocess import InProcessTransport
 
 X0 = torch.tensor([1.0, -1.0])
 

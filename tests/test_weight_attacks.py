@@ -22,7 +22,7 @@ from fedguard.experiment.config import validate
 from fedguard.protocol import messages
 from fedguard.protocol.driver import RoundDriver, claim_problem
 from fedguard.protocol.strategy import Strategy, StrategyKind
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.inprocess import InProcessTransport
 
 LIAR = 4  # the client id that misbehaves in the whole-run tests
 

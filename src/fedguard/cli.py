@@ -20,7 +20,7 @@ EXIT_CONFIG = 2
 EXIT_FAILED = 1
 EXIT_INTERRUPTED = 130
 EXIT_REFUSED = 3
-# fedguard.runtime.grpc_deploy.DEFAULT_ROUND_DEADLINE_S, without importing gRPC for --help.
+# fedguard.experiment.deployment.DEFAULT_ROUND_DEADLINE_S, without importing gRPC for --help.
 _DEFAULT_ROUND_DEADLINE_S = 120.0
 
 
@@ -221,7 +221,8 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
 
 
 def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from fedguard.runtime import grpc_deploy, grpc_tls
+    from fedguard.experiment import deployment as grpc_deploy
+    from fedguard.runtime import grpc_tls
 
     if (args.tls_cert is None) != (args.tls_key is None):
         raise _config_error("--tls-cert and --tls-key go together.")
@@ -274,7 +275,8 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
 
 
 def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from fedguard.runtime import grpc_client, grpc_deploy, grpc_tls
+    from fedguard.experiment import deployment as grpc_deploy
+    from fedguard.runtime import grpc_client, grpc_tls
 
     if args.token_file is None and args.cert is None:
         raise _config_error("The client needs a credential: --token-file or --cert/--key.")

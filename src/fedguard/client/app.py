@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.algorithms import dp_fedavg, newton, scaffold
+from fedguard.algorithms.optimizers import newton, scaffold
+from fedguard.algorithms.privacy import dp_fedavg
 from fedguard.client import dp_sgd, evaluation, training
-from fedguard.client.model import ModelAdapter
+from fedguard.models.adapter import ModelAdapter
 from fedguard.protocol import messages, secagg, secagg_client
 
 CONTROL = "control"

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.client.model import ModelAdapter
+from fedguard.models.adapter import ModelAdapter
 
 
 @dataclass(frozen=True)

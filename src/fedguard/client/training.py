@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.client.model import ModelAdapter, TorchModel
 from fedguard.data import augment
+from fedguard.models.adapter import ModelAdapter, TorchModel
 
 
 class LocalOptimizer(enum.StrEnum):

@@ -14,19 +14,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedguard.algorithms import attacks_data
+from fedguard.algorithms.attacks import data_poisoning as attacks_data
 from fedguard.client import evaluation
 from fedguard.client.app import ClientApp, ClientPins, client_pins
-from fedguard.client.model import ModelAdapter
 from fedguard.experiment import checkpoint, config_checks, federation, privacy
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.models import registry as models
+from fedguard.models.adapter import ModelAdapter
 from fedguard.protocol import messages, secagg
 from fedguard.protocol.driver import RoundDriver
 from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, StrategyKind
 from fedguard.protocol.transport import Transport
-from fedguard.runtime import attack
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation import attack
+from fedguard.simulation.inprocess import InProcessTransport
 
 # Builds the transport over the federation's client ids (default: the in-process simulator).
 TransportFn = Callable[[list[int]], Transport]

@@ -15,7 +15,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import ErrorDetails
 
-from fedguard.algorithms import attacks, attacks_model
+from fedguard.algorithms import attacks
+from fedguard.algorithms.attacks import model_poisoning as attacks_model
 from fedguard.experiment import config_checks
 
 
@@ -113,7 +114,7 @@ class AttackSection(_Section):
 
     ``fraction`` of the clients, drawn with ``seed`` (default: the experiment's seed), are
     malicious for the whole run. Data poisoning (``label_flip``, ``backdoor``) changes their
-    training data; model poisoning replaces their replies (see ``fedguard.runtime.attack``).
+    training data; model poisoning replaces their replies (see ``fedguard.simulation.attack``).
     """
 
     kind: Literal[
@@ -164,7 +165,7 @@ class PrivacySection(_Section):
     """Differential privacy: off, record level inside each client, or user level at the server.
 
     ``distributed`` is user-level DP under secure aggregation: each client clips to ``clip_norm``
-    and adds its share of Skellam noise before masking (see ``fedguard.algorithms.distributed_dp``).
+    and adds its share of Skellam noise before masking (see ``fedguard.algorithms.privacy.distributed_dp``).
     """
 
     mode: Literal["off", "local", "central", "distributed"] = "off"

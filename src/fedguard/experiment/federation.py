@@ -9,14 +9,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedguard.algorithms import attacks, attacks_data, robust_base
+from fedguard.algorithms import attacks
+from fedguard.algorithms.attacks import data_poisoning as attacks_data
+from fedguard.algorithms.robust import base as robust_base
 from fedguard.client.app import ClientData
 from fedguard.data import partition as partitioners
 from fedguard.data import registry
 from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset, check_arrays
 from fedguard.data.errors import DataError
 from fedguard.experiment.config import ConfigError, DataSection, ExperimentConfig
-from fedguard.runtime import attack
+from fedguard.simulation import attack
 
 DataFn = Callable[..., DatasetSplits | FederatedDataset]
 
@@ -213,7 +215,7 @@ def poison_clients(
 ) -> Federation:
     """A copy of ``fed`` whose ``malicious`` clients train on ``poison(id, x, y)`` instead.
 
-    Simulation only (data poisoning, :mod:`fedguard.runtime.attack`). The partition summary
+    Simulation only (data poisoning, :mod:`fedguard.simulation.attack`). The partition summary
     keeps the labels as they were dealt, before the attack rewrote them.
     """
     clients = dict(fed.clients)

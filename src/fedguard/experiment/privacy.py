@@ -23,7 +23,7 @@ clients and the server must do and what the accountant composes:
   one Skellam mechanism per round on the quantised sum (at least ``m`` shares in every released
   sum, ``m`` = clients per round minus the tolerated dropouts); epsilon composes its RDP bound
   over the rounds without claiming amplification by sampling (see
-  :func:`fedguard.algorithms.accounting.skellam_epsilon`). The cohorts are fixed-size, so
+  :func:`fedguard.algorithms.privacy.accounting.skellam_epsilon`). The cohorts are fixed-size, so
   neighbouring populations give cohorts that differ by one replacement (adding a client can push
   another out): the sum's sensitivities are twice one client's, ``2 Delta_2`` and ``2 Delta_1``.
 
@@ -47,11 +47,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from fedguard.algorithms import accounting, distributed_dp, dp_fedavg
-from fedguard.algorithms.accounting import Accountant, SampledGaussian, SkellamSum
+from fedguard.algorithms.privacy import accounting, distributed_dp, dp_fedavg
+from fedguard.algorithms.privacy.accounting import Accountant, SampledGaussian, SkellamSum
 from fedguard.client import dp_sgd
-from fedguard.client.model import ModelAdapter
 from fedguard.experiment.config import ConfigError, ExperimentConfig
+from fedguard.models.adapter import ModelAdapter
 from fedguard.protocol import messages, secagg
 
 

@@ -19,7 +19,6 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-import fedguard
 from fedguard.experiment import checkpoint, federation, plots, privacy
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment, TransportFn
@@ -75,7 +74,7 @@ def _check_resume_config(saved: Path, cfg: ExperimentConfig) -> None:
 
 def _versions() -> dict[str, str]:
     out = {
-        "fedguard": fedguard.__version__,
+        "fedguard": importlib.metadata.version("fedguard"),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }

@@ -10,7 +10,7 @@ models end in a softmax, Keras style; the returned models are built.
 from __future__ import annotations
 
 # Imported first: it sets KERAS_BACKEND=torch (unless set) and refuses any other backend.
-from fedguard.client import keras_model  # noqa: F401
+from fedguard.models import keras_adapter  # noqa: F401
 
 # isort: split
 

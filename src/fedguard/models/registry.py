@@ -8,8 +8,8 @@ from typing import Any
 import torch
 
 from fedguard import plugins
-from fedguard.client.model import ModelAdapter, TorchModel
 from fedguard.models import torch_models
+from fedguard.models.adapter import ModelAdapter, TorchModel
 
 
 class ModelError(ValueError):
@@ -21,7 +21,7 @@ def adapt(model: Any, *, input_shape: tuple[int, ...]) -> ModelAdapter:
     if isinstance(model, ModelAdapter):
         return model
     if _is_keras(model):
-        from fedguard.client.keras_model import KerasModel
+        from fedguard.models.keras_adapter import KerasModel
 
         return KerasModel(model, input_shape=input_shape)
     if isinstance(model, torch.nn.Module):
@@ -53,8 +53,10 @@ def build(
     if framework == "keras":
         import keras
 
-        from fedguard.client import keras_model  # noqa: F401 - selects the torch backend first
-        from fedguard.models import keras_models
+        from fedguard.models import (
+            keras_adapter,  # noqa: F401 - selects the torch backend first
+            keras_models,
+        )
 
         keras.utils.set_random_seed(seed)
         if builder is None:

@@ -134,7 +134,7 @@ class SecAggSetup:
     ``sampled`` are the clients of the round (the share points are their positions plus one),
     ``graph_seed`` and ``neighbours`` fix the masking graph, ``threshold`` the Shamir threshold
     per neighbourhood; ``bits``, ``clip_norm``, ``max_weight``, ``weighted`` and ``dim`` fix the
-    fixed-point encoding (see :mod:`fedguard.algorithms.secagg_quantize`).
+    fixed-point encoding (see :mod:`fedguard.algorithms.secagg.quantize`).
     """
 
     round: int

@@ -23,7 +23,7 @@ to every neighbourhood. While every neighbourhood keeps ``t`` members through ph
 dropouts are recovered exactly; otherwise the round is aborted (:class:`SecAggAbortedError`), before
 phase 3 whenever the shortfall is visible then, so that nothing is revealed.
 
-With distributed DP (:mod:`fedguard.algorithms.distributed_dp`) each client adds its share of
+With distributed DP (:mod:`fedguard.algorithms.privacy.distributed_dp`) each client adds its share of
 Skellam noise to its encoded update in phase 2, before masking; the fit config carries the
 mechanism (:func:`distributed_config`), and the server aborts, and every client refuses to
 unmask, a round with fewer masked inputs than the mechanism's noise shares.
@@ -41,7 +41,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 
-from fedguard.algorithms import distributed_dp, secagg_graph, secagg_quantize
+from fedguard.algorithms.privacy import distributed_dp
+from fedguard.algorithms.secagg import graph as secagg_graph
+from fedguard.algorithms.secagg import quantize as secagg_quantize
 from fedguard.protocol import messages
 
 
@@ -113,7 +115,7 @@ class Settings:
     sum cannot overflow; ``weighted = False`` sums the clipped updates with weight 1 each (as
     central DP needs). ``threshold`` and ``neighbours`` default per round from the cohort size
     and ``dropout_rate``, the share of clients a round must survive losing (see
-    :func:`fedguard.algorithms.secagg_graph.tolerant_degree`).
+    :func:`fedguard.algorithms.secagg.graph.tolerant_degree`).
     ``distributed`` adds distributed DP (unweighted sums only): the clients noise their encoded
     updates and a round needs at least ``distributed.noise_clients`` masked inputs.
     """

@@ -31,7 +31,10 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from fedguard.algorithms import distributed_dp, secagg_crypto, secagg_quantize, secagg_shamir
+from fedguard.algorithms.privacy import distributed_dp
+from fedguard.algorithms.secagg import crypto as secagg_crypto
+from fedguard.algorithms.secagg import quantize as secagg_quantize
+from fedguard.algorithms.secagg import shamir as secagg_shamir
 from fedguard.protocol import messages
 from fedguard.protocol.secagg import (
     Pins,

@@ -21,7 +21,9 @@ from typing import TypeVar
 
 import numpy as np
 
-from fedguard.algorithms import secagg_crypto, secagg_quantize, secagg_shamir
+from fedguard.algorithms.secagg import crypto as secagg_crypto
+from fedguard.algorithms.secagg import quantize as secagg_quantize
+from fedguard.algorithms.secagg import shamir as secagg_shamir
 from fedguard.protocol import messages
 from fedguard.protocol.secagg import Phase, RoundSetup, SecAggAbortedError
 from fedguard.protocol.secagg_client import SECRET_BYTES

@@ -3,7 +3,7 @@
 A strategy is configured once and then used per round: ``fit_instructions`` says what the
 clients run (the client half: FedProx's proximal term, SCAFFOLD's control variate), ``aggregate``
 turns the accepted replies into the next global model with a pure server optimizer from
-:mod:`fedguard.algorithms.server_optimizers`. Under secure aggregation the server never sees a
+:mod:`fedguard.algorithms.optimizers.server`. Under secure aggregation the server never sees a
 reply, only the sum of the clipped, weighted updates; ``aggregate_sum`` takes that sum through
 the same server optimizers (and the same central DP noise).
 
@@ -29,16 +29,11 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from fedguard.algorithms import (
-    aggregation,
-    dp_fedavg,
-    newton,
-    robust,
-    robust_base,
-    scaffold,
-    seeding,
-    server_optimizers,
-)
+from fedguard.algorithms import robust, seeding
+from fedguard.algorithms.optimizers import aggregation, newton, scaffold
+from fedguard.algorithms.optimizers import server as server_optimizers
+from fedguard.algorithms.privacy import dp_fedavg
+from fedguard.algorithms.robust import base as robust_base
 from fedguard.protocol import messages
 
 CONTROL = "control"
@@ -144,7 +139,7 @@ class CentralDP:
     clipped updates gets noise of std ``z * clip_norm``. The accountant composes ``z * clip_norm``
     over the sum's L2 sensitivity under its neighbouring relation (``clip_norm`` under
     add-or-remove-one, ``2 * clip_norm`` under replace-one; see
-    :mod:`fedguard.algorithms.accounting`). With adaptive clipping part of ``z`` pays for the
+    :mod:`fedguard.algorithms.privacy.accounting`). With adaptive clipping part of ``z`` pays for the
     privatised clip count (see :mod:`dp_fedavg`). ``expected_clients`` is the fixed denominator
     of the noisy mean.
     """

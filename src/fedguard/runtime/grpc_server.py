@@ -51,7 +51,7 @@ log = logging.getLogger("fedguard.grpc")
 
 SERVICE = "fedguard.wire.v1.Federation"
 # How long a deployed task waits for its client when the driver passes no deadline. The
-# deployment entry point (:func:`fedguard.runtime.grpc_deploy.serve`) always passes one, from
+# deployment entry point (:func:`fedguard.experiment.deployment.serve`) always passes one, from
 # ``server.deadline_s`` or ``--round-deadline`` (default 120 s); the simulator has no such
 # default because its clients cannot vanish.
 DEFAULT_DEADLINE_S = 120.0

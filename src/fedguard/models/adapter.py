@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.algorithms.paramspec import ParamSpec
+from fedguard.models.paramspec import ParamSpec
 
 
 @dataclass(frozen=True)

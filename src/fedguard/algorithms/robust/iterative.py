@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.algorithms import robust_base, robust_gram
+from fedguard.algorithms.robust import base as robust_base
+from fedguard.algorithms.robust import gram as robust_gram
 
 
 @dataclass(frozen=True)

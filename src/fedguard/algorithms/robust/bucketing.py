@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from fedguard.algorithms import robust_base
+from fedguard.algorithms.robust import base as robust_base
 
 
 def check_size(size: int) -> None:

@@ -30,7 +30,8 @@ from collections.abc import Callable
 
 import torch
 
-from fedguard.algorithms import robust_base, robust_gram
+from fedguard.algorithms.robust import base as robust_base
+from fedguard.algorithms.robust import gram as robust_gram
 
 
 class Perturbation(enum.StrEnum):

@@ -16,8 +16,8 @@ import os
 
 import torch
 
-from fedguard.algorithms.paramspec import ParamSpec
-from fedguard.client.model import ModelAdapter, TrainableSlice
+from fedguard.models.adapter import ModelAdapter, TrainableSlice
+from fedguard.models.paramspec import ParamSpec
 
 _WRONG_BACKEND = (
     "fedguard runs Keras 3 on the torch backend, but Keras is using {backend!r}: set "

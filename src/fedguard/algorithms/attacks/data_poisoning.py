@@ -22,7 +22,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from fedguard.algorithms import robust_base
+from fedguard.algorithms.robust import base as robust_base
 
 Array = TypeVar("Array", np.ndarray, torch.Tensor)
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from fedguard.algorithms import robust_base, robust_coordinate, robust_gram
+from fedguard.algorithms.robust import base as robust_base
+from fedguard.algorithms.robust import coordinate as robust_coordinate
+from fedguard.algorithms.robust import gram as robust_gram
 
 
 def krum_scores(sq_distances: torch.Tensor, *, neighbours: int) -> torch.Tensor:

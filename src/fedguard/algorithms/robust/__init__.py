@@ -33,14 +33,12 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.algorithms import (
-    robust_base,
-    robust_bucketing,
-    robust_coordinate,
-    robust_distance,
-    robust_iterative,
-    seeding,
-)
+from fedguard.algorithms import seeding
+from fedguard.algorithms.robust import base as robust_base
+from fedguard.algorithms.robust import bucketing as robust_bucketing
+from fedguard.algorithms.robust import coordinate as robust_coordinate
+from fedguard.algorithms.robust import distance as robust_distance
+from fedguard.algorithms.robust import iterative as robust_iterative
 
 BUCKET_STREAM = 0xB0C7  # the seeding stream of the bucket shuffles
 

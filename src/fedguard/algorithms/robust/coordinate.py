@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from fedguard.algorithms import robust_base
+from fedguard.algorithms.robust import base as robust_base
 
 
 def coordinate_median(updates: torch.Tensor, *, f: int) -> torch.Tensor:

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.algorithms import attacks_model, robust_base
+from fedguard.algorithms.attacks import model_poisoning as attacks_model
+from fedguard.algorithms.robust import base as robust_base
 
 
 class Attack(enum.StrEnum):

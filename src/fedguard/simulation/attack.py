@@ -3,10 +3,10 @@
 A deployed server cannot make its clients malicious; a robustness experiment must. Both halves
 of an attack live here, so that nothing else in fedguard knows that an attack exists:
 
-* Data poisoning (label flipping, a pixel-pattern backdoor; :mod:`fedguard.algorithms.attacks_data`)
+* Data poisoning (label flipping, a pixel-pattern backdoor; :mod:`fedguard.algorithms.attacks.data_poisoning`)
   rewrites the malicious clients' training data once, when the federation is built
   (:func:`poison_training_data`). They then train honestly on it.
-* Model poisoning (:mod:`fedguard.algorithms.attacks_model`) is :class:`ModelPoisoning`, a transport
+* Model poisoning (:mod:`fedguard.algorithms.attacks.model_poisoning`) is :class:`ModelPoisoning`, a transport
   wrapper: every sampled client, malicious or not, trains honestly; once the round's replies are
   in, the wrapper decodes them, computes what the malicious clients send from the honest clients'
   updates of the round (omniscient, as in the attacks' papers) and their own honest updates, and
@@ -23,7 +23,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fedguard.algorithms import attacks, attacks_data, seeding
+from fedguard.algorithms import attacks, seeding
+from fedguard.algorithms.attacks import data_poisoning as attacks_data
 from fedguard.protocol import messages
 from fedguard.protocol.transport import Delivered, Outcome, Transport
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedguard.algorithms import secagg_crypto
+from fedguard.algorithms.secagg import crypto as secagg_crypto
 
 _FLOAT_EXACT = float(2**52)
 

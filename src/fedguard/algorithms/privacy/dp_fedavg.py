@@ -11,7 +11,7 @@ Gaussian mechanisms together spends exactly the budget of one with multiplier ``
 
 ``z`` is relative to the clip (the noise std is ``z C``); the multiplier the accountant composes
 is ``z C`` over the sum's L2 sensitivity, which depends on the neighbouring relation (``C`` under
-add-or-remove-one, ``2C`` under replace-one; see :mod:`fedguard.algorithms.accounting`). The bits
+add-or-remove-one, ``2C`` under replace-one; see :mod:`fedguard.algorithms.privacy.accounting`). The bits
 are centred at ``+-1/2`` before they are summed, so the count's sensitivity is ``1/2`` under
 add-or-remove-one and ``1`` under replace-one: in both relations it is the sum's sensitivity
 times ``1 / (2C)``, and the split of the budget below holds in both.

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fedguard.algorithms import robust_base
+from fedguard.algorithms.robust import base as robust_base
 
 
 @dataclass(frozen=True)

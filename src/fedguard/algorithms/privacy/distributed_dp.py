@@ -24,7 +24,7 @@ integers, survive the modular arithmetic of the masks exactly. Client ``u``
 4. appends the weight 1 and masks.
 
 The server aborts a round with fewer than ``m`` masked inputs, so a released sum always carries at
-least the accounted noise (see :func:`fedguard.algorithms.accounting.skellam_epsilon`).
+least the accounted noise (see :func:`fedguard.algorithms.privacy.accounting.skellam_epsilon`).
 
 **Ring headroom.** With ``n`` clients and at most ``n`` noise shares, a coordinate of the sum is
 at most ``n (s C + 1)`` in magnitude plus noise of standard deviation ``z s C sqrt(n / m)``; the
@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fedguard.algorithms import secagg_quantize
+from fedguard.algorithms.secagg import quantize as secagg_quantize
 
 HEADROOM_SIGMAS = 8.0
 MAX_LEVELS = float(2**20)

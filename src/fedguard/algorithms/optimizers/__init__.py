@@ -1,0 +1,1 @@
+"""Federated optimizers as pure functions: weighted means, server optimizers, SCAFFOLD, Newton steps."""

@@ -1,0 +1,1 @@
+"""Differential privacy: mechanisms (DP-FedAvg clipping and noise, distributed Skellam) and accounting."""

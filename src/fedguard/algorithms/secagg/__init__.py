@@ -1,0 +1,1 @@
+"""Secure aggregation's math: Shamir sharing, key agreement and masks, fixed-point encoding, neighbour graphs."""

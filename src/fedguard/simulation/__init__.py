@@ -1,0 +1,1 @@
+"""Simulation only: the in-process transport, simulated attacks and dropout injection."""

@@ -52,12 +52,12 @@ from typing import Any
 import grpc
 import tomli_w
 
+from fedguard.experiment import deployment as grpc_deploy
 from fedguard.runtime import (
     auth,
     certs,
     grpc_chunks,
     grpc_client,
-    grpc_deploy,
     grpc_launch,
     grpc_server,
     grpc_tls,

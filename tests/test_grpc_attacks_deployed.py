@@ -27,8 +27,8 @@ from fedguard.experiment import assembly
 from fedguard.experiment import config as config_mod
 from fedguard.protocol import messages
 from fedguard.protocol.secagg import Phase
-from fedguard.runtime.dropout import PhaseDropout
-from fedguard.runtime.inprocess import InProcessTransport
+from fedguard.simulation.dropout import PhaseDropout
+from fedguard.simulation.inprocess import InProcessTransport
 
 CLIENTS = 5
 LIAR = 2
@@ -73,7 +73,8 @@ class Lie:
 def liar_main(config: Path, address: str, client_id: int, sec: Security, lie: Lie) -> None:
     """A deployed client process that trains honestly on its partition and rewrites each reply
     with ``lie`` before it is pushed."""
-    from fedguard.runtime import grpc_client, grpc_deploy
+    from fedguard.experiment import deployment as grpc_deploy
+    from fedguard.runtime import grpc_client
 
     torch.set_num_threads(1)
     app = grpc_deploy.demo_app(config, client_id)

@@ -50,7 +50,7 @@ class GtgConfig:
 
     round_tolerance: float = 1e-3  # between rounds: skip when |v(N) - v(empty)| is below this
     walk_tolerance: float = 1e-3  # within a round: stop a walk when |v(N) - v(prefix)| is below
-    convergence_tolerance: float = 0.05  # relative L1 change of the estimates over `window`
+    convergence_tolerance: float = 0.02  # relative L1 change of the estimates over `window`
     window: int = 10  # permutations the convergence test looks back over
     min_cycles: int = 3  # cycles of K permutations walked before testing convergence
     max_cycles: int = 30  # hard cap on the permutations walked: max_cycles * K

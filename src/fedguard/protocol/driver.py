@@ -8,8 +8,9 @@ reason, and the round goes on while ``min_clients`` replies remain.
 A reply's ``num_examples`` is the client's claim, and it weighs that client's update in the mean.
 A claim that is not a finite positive number is rejected; a larger claim than the client's
 registered size (``registered_examples``: what the server knows of that client, its partition's
-size in simulation and in today's deployment) is cut down to that size and logged, so a client
-cannot buy more weight than its data. (Robust rules ignore the claims altogether: see
+size in simulation, its registered count in deployment, see :mod:`.registration`) is cut down to
+that size and logged, so a client cannot buy more weight than its data. Federated evaluation
+(:meth:`RoundDriver.evaluate_round`) cuts an evaluation reply's weight the same way. (Robust rules ignore the claims altogether: see
 :meth:`Strategy.aggregate`.) An update whose norm is more than ``max_norm_ratio`` times the
 round's median norm is rejected as absurd: a sanity bound against overflow-sized updates
 (a finite ``3e38`` moves a plain mean to the edge of float32), not a robust rule; boosted or

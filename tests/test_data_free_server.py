@@ -29,9 +29,10 @@ from test_grpc_harness import final_params, losses_match, make_security
 
 import fedguard
 from conftest import SHARED_DATA, metric_rows
+from fedguard import cli
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment
-from fedguard.runtime import grpc_launch
+from fedguard.runtime import auth, grpc_launch
 
 ROUNDS = 3
 CLIENTS = 3
@@ -195,3 +196,29 @@ def test_a_data_free_server_over_tls_matches_the_simulation(tmp_path) -> None:
     assert "the server's model (signature" in partition["refused"][str(IMPOSTOR)]
     assert (out / "plots" / "accuracy.png").exists() and (out / "plots" / "partition.png").exists()
     assert seconds < TIMEOUT_S
+
+
+def test_a_server_that_cannot_build_its_model_stops_in_one_line(tmp_path, capsys) -> None:
+    cfg = medical_config(tmp_path / "missing.npz")
+    del cfg["model"]["input_shape"]
+    config = tmp_path / "experiment.toml"
+    config.write_text(tomli_w.dumps(cfg))
+    auth.make_tokens(tmp_path, [0])
+    code = cli.main(
+        [
+            "server",
+            str(config),
+            "--address",
+            "127.0.0.1:0",
+            "--tokens",
+            str(tmp_path / "tokens.json"),
+            "--insecure",
+            "--quiet",
+            "--out",
+            str(tmp_path / "run"),
+        ]
+    )
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1, lines
+    assert "model.input_shape: a server without the data set builds its model" in lines[0]
+    assert not (tmp_path / "run").exists()

@@ -167,21 +167,28 @@ def register(
         if isinstance(outcome, Failed):
             reason = f"did not register ({outcome.kind}: {outcome.reason})"
         else:
-            try:
-                reply = messages.decode(outcome.payload, messages.Registration)
-                wrong = messages.addressing_problem(reply, cid, REGISTRATION_ROUND)
-                reason = wrong or problem(reply, limits) or ""
-            except messages.MessageError as exc:
-                reason = str(exc)
-            if not reason:
-                registry.clients[cid] = Registered(
-                    reply.num_examples, reply.eval_examples, reply.count_bucket
-                )
+            admitted, refusal = _admit(outcome.payload, cid, limits)
+            if admitted is not None:
+                registry.clients[cid] = admitted
                 continue
-            reason = f"refused: {reason}"
+            reason = f"refused: {refusal}"
         registry.refused[cid] = reason
         log.warning("registration: client %d %s", cid, messages.printable(reason))
     return registry
+
+
+def _admit(payload: bytes, client_id: int, limits: Limits) -> tuple[Registered | None, str]:
+    """The registration in ``payload`` if it can be admitted, else None and why not."""
+    try:
+        reply = messages.decode(payload, messages.Registration)
+    except messages.MessageError as exc:
+        return None, str(exc)
+    refusal = messages.addressing_problem(reply, client_id, REGISTRATION_ROUND) or problem(
+        reply, limits
+    )
+    if refusal is not None:
+        return None, refusal
+    return Registered(reply.num_examples, reply.eval_examples, reply.count_bucket), ""
 
 
 def registration_reply(

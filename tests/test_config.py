@@ -73,12 +73,12 @@ def test_fraction_sets_clients_per_round() -> None:
 def test_overrides_parse_toml_values() -> None:
     data = config.apply_overrides(
         {"client": {"lr": 0.1}},
-        ["client.lr=0.5", "server.strategy=fedadam", "evaluation.federated=true", "data.alpha=2"],
+        ["client.lr=0.5", "server.strategy=fedadam", "evaluation.mode=federated", "data.alpha=2"],
     )
     cfg = config.validate(data)
     assert cfg.client.lr == 0.5
     assert cfg.server.strategy == "fedadam"
-    assert cfg.evaluation.federated is True
+    assert cfg.evaluation.mode == "federated"
     assert cfg.data.alpha == 2.0
 
 

@@ -37,6 +37,22 @@ CTX.set_forkserver_preload(
 )
 
 
+# A deployed server holds no data set: its test_loss is the clients' losses on their shares of
+# the test split, added up (weighted by count), where the simulator computes one loss over the
+# whole split. The same numbers summed in another order (float32 batch sums) differ by about
+# 1e-7 relatively; the accuracy, counted from the clients' confusion matrices, is exact.
+LOSS_REL = 1e-6
+
+
+def losses_match(deployed: list[float | None], simulated: list[float | None]) -> bool:
+    """The deployed run's test losses equal the simulated run's within :data:`LOSS_REL`."""
+    return len(deployed) == len(simulated) and all(
+        (d is None and s is None)
+        or (d is not None and s is not None and d == pytest.approx(s, rel=LOSS_REL))
+        for d, s in zip(deployed, simulated, strict=True)
+    )
+
+
 class Behaviour(enum.StrEnum):
     NORMAL = "normal"
     HANG_IN_ROUND_2 = "hang_in_round_2"  # writes a marker, then never answers round 2's fit task

@@ -165,7 +165,7 @@ def test_keras_model_runs_the_same_pipeline(tmp_path) -> None:
 
 
 def test_federated_evaluation_is_the_example_weighted_mean(tmp_path) -> None:
-    cfg = tiny_config(evaluation={"federated": True}, data={"client_eval_fraction": 0.2})
+    cfg = tiny_config(evaluation={"mode": "both"}, data={"client_eval_fraction": 0.2})
     fedguard.run(cfg, out=tmp_path / "f", progress=False)
     rows = _rows(tmp_path / "f")
     assert all(0.0 <= r["federated_accuracy"] <= 1.0 for r in rows)

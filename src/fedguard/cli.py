@@ -54,7 +54,9 @@ def _overrides(p: argparse.ArgumentParser) -> None:
 
 
 def _deploy_parsers(sub) -> None:
-    server = sub.add_parser("server", help="serve an experiment to clients over gRPC")
+    server = sub.add_parser(
+        "server", help="serve an experiment to clients over gRPC (the server loads no data set)"
+    )
     server.add_argument("config", type=Path, help="experiment TOML file")
     server.add_argument("--address", default="0.0.0.0:8443", help="HOST:PORT to listen on")
     server.add_argument("--tls-cert", type=Path, help="server certificate (PEM)")
@@ -65,7 +67,10 @@ def _deploy_parsers(sub) -> None:
     server.add_argument("--resume", action="store_true", help="continue after the last round")
     server.add_argument("--insecure", action="store_true", help="plain text (loopback only)")
     server.add_argument(
-        "--wait-clients", type=float, default=600.0, help="seconds to wait for all clients"
+        "--wait-clients",
+        type=float,
+        default=600.0,
+        help="seconds to wait for all clients to connect before they register",
     )
     server.add_argument(
         "--round-deadline",
@@ -98,6 +103,21 @@ def _deploy_parsers(sub) -> None:
     client.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
     client.add_argument("--key", type=Path, help="client private key (mutual TLS)")
     client.add_argument("--data", type=Path, help=".npz with x, y (and x_eval, y_eval)")
+    client.add_argument(
+        "--eval-data", type=Path, help="held-out .npz with x, y to evaluate on, with --data"
+    )
+    client.add_argument(
+        "--eval-fraction",
+        type=float,
+        default=0.0,
+        metavar="F",
+        help="hold out this share of --data to evaluate on (when it has no x_eval, y_eval)",
+    )
+    client.add_argument(
+        "--state-dir",
+        type=Path,
+        help="folder for this client's state between rounds (kept across restarts)",
+    )
     client.add_argument("--model", help="model name, with --data")
     client.add_argument("--framework", default="torch", choices=["torch", "keras"])
     client.add_argument("--num-classes", type=int, help="number of classes, with --data")
@@ -276,6 +296,7 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
 
 def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
     from fedguard.experiment import deployment as grpc_deploy
+    from fedguard.protocol import registration
     from fedguard.runtime import grpc_client, grpc_tls
 
     if args.token_file is None and args.cert is None:
@@ -292,6 +313,9 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
             grpc_tls.refuse_plaintext(args.server, args.insecure)
     except grpc_tls.TlsConfigError as exc:
         raise _config_error(str(exc)) from None
+    if args.data is None and (args.eval_data is not None or args.eval_fraction):
+        raise _config_error("--eval-data and --eval-fraction go with --data.")
+    _readable("--eval-data", args.eval_data)
     if args.data is not None:
         if args.model is None or args.num_classes is None:
             raise _config_error("--data needs --model and --num-classes.")
@@ -307,6 +331,9 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
             framework=args.framework,
             num_classes=args.num_classes,
             experiment=experiment,
+            eval_data=args.eval_data,
+            eval_fraction=args.eval_fraction,
+            state_dir=args.state_dir,
         )
         if experiment is None:
             err.print(
@@ -317,7 +344,9 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
                 soft_wrap=True,
             )
     elif args.config is not None:
-        app = grpc_deploy.demo_app(args.config, args.client_id, args.overrides)
+        app = grpc_deploy.demo_app(
+            args.config, args.client_id, args.overrides, state_dir=args.state_dir
+        )
     else:
         raise _config_error("The client needs its data: --data FILE.npz, or an experiment file.")
     token = b"" if args.token_file is None else args.token_file.read_bytes().strip()
@@ -340,6 +369,8 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
     except grpc_client.ServerGoneError as exc:
         err.print(f"[red]error:[/red] {exc}")
         return EXIT_FAILED
+    except registration.RegistrationRefused as exc:
+        raise _config_error(str(exc)) from None
     console.print(f"client {args.client_id}: the run is finished ({answered} tasks answered)")
     return 0
 

@@ -3,7 +3,11 @@
 The same :class:`ClientApp` serves the in-process simulator (one app for all simulated clients,
 one model instance re-loaded per client) and a deployed client (one app, one client id). Client
 state that must survive between rounds (SCAFFOLD's control variate) lives in a mapping the
-runtime owns, so the simulator can checkpoint it and a deployed client can keep it on disk.
+runtime owns, so the simulator can checkpoint it and a deployed client can keep it on disk
+(:class:`fedguard.client.state_store.DiskState`); the app assigns a client's entry whole
+whenever it changes, so such a mapping sees every change. A registration task is answered
+from the client's own data and model (:func:`fedguard.protocol.registration.registration_reply`);
+an evaluation task only from held-out data, never from the training data.
 Secure-aggregation requests go to a :class:`~fedguard.protocol.secagg_client.SecAggClient`,
 which keeps each client id's keys and shares in memory for the length of one round only.
 :class:`ClientPins`, from the client's own configuration, are what it holds the server to.
@@ -16,13 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
+from fedguard.algorithms import binned_auc
 from fedguard.algorithms.optimizers import newton, scaffold
 from fedguard.algorithms.privacy import dp_fedavg
 from fedguard.client import dp_sgd, evaluation, training
 from fedguard.models.adapter import ModelAdapter
-from fedguard.protocol import messages, secagg, secagg_client
+from fedguard.protocol import messages, registration, secagg, secagg_client
 
 CONTROL = "control"
+MAX_SCORE_BINS = 100_000  # the most histogram bins an evaluation task may ask for
 _SECAGG_REQUESTS = (
     messages.SecAggSetup,
     messages.SecAggShareRequest,
@@ -58,11 +64,14 @@ class ClientPins:
     plain fit task, and refuses rounds that break these pins (see :class:`.secagg.Pins`).
     ``dp_sgd_noise`` and ``dp_sgd_clip`` (local DP): a fit task must train with DP-SGD at a noise
     multiplier of at least the one and a per-example clip of at most the other.
+    ``count_bucket``: the client registers its example counts rounded up to a multiple of at
+    least this, whatever the server asks.
     """
 
     secure_aggregation: secagg.Pins | None = None
     dp_sgd_noise: float | None = None
     dp_sgd_clip: float | None = None
+    count_bucket: int = 1
 
     def check_fit(self, task: messages.FitTask) -> None:
         """Raise :class:`RefusedTaskError` unless ``task``'s local DP keeps to the pins."""
@@ -95,9 +104,11 @@ def client_pins(
     *,
     min_cohort: int,
     min_inputs: int,
+    count_bucket: int = 1,
 ) -> ClientPins:
-    """The pins of a run: its secure-aggregation ``settings`` (None: off) and the fit-config
-    entries of its privacy mode (``dp_config``, as the server would send them)."""
+    """The pins of a run: its secure-aggregation ``settings`` (None: off), the fit-config
+    entries of its privacy mode (``dp_config``, as the server would send them) and the rounding
+    of its registered counts."""
     pinned = None
     if settings is not None:
         pinned = secagg.Pins(
@@ -110,6 +121,7 @@ def client_pins(
         pinned,
         dp_sgd_noise=_optional_float(dp_config, messages.DP_SGD_NOISE),
         dp_sgd_clip=_optional_float(dp_config, messages.DP_SGD_CLIP),
+        count_bucket=count_bucket,
     )
 
 
@@ -189,6 +201,8 @@ class ClientApp:
             return messages.encode(self.fit(task))
         if isinstance(task, messages.EvaluateTask):
             return messages.encode(self.evaluate(task))
+        if isinstance(task, messages.RegisterTask):
+            return messages.encode(self.register(task))
         if isinstance(task, _SECAGG_REQUESTS):
             return messages.encode(self.secagg.handle(task))
         raise messages.MessageError(f"A client cannot answer a {type(task).__name__}.")
@@ -253,7 +267,11 @@ class ClientApp:
                 task.tensors[CONTROL], control, update, local_steps=stats.steps, lr=cfg.lr
             )
             tensors["control_delta"] = new_control - control
-            self.state.setdefault(task.client_id, {})[CONTROL] = new_control
+            # assigned whole, so that a mapping on disk sees the change and writes it
+            self.state[task.client_id] = {
+                **self.state.get(task.client_id, {}),
+                CONTROL: new_control,
+            }
         return messages.FitReply(
             round=task.round,
             client_id=task.client_id,
@@ -285,14 +303,52 @@ class ClientApp:
         )
 
     def evaluate(self, task: messages.EvaluateTask) -> messages.EvaluateReply:
+        """Loss and accuracy of ``task.parameters`` on the client's held-out data and, when the
+        task names the bins and classes, the score histograms and confusion matrix that a
+        federated AUC and report add up (:mod:`fedguard.algorithms.binned_auc`).
+
+        A client without held-out data refuses: its training data would report a fit, not a
+        test, and metrics of training records are not covered by DP-SGD's guarantee."""
         data = self.data[task.client_id]
-        x = data.train_x if data.eval_x is None else data.eval_x
-        y = data.train_y if data.eval_y is None else data.eval_y
+        if data.eval_x is None or data.eval_y is None or int(data.eval_y.shape[0]) == 0:
+            raise ValueError(
+                f"Client {task.client_id} holds no held-out data to evaluate on (give it "
+                "--eval-data, --eval-fraction or x_eval/y_eval in its --data file)."
+            )
+        x, y = data.eval_x, data.eval_y
         self.model.set_flat(task.parameters)
-        result = evaluation.evaluate(self.model, x, y)
+        result, probabilities = evaluation.evaluate_with_probabilities(self.model, x, y)
+        tensors: dict[str, torch.Tensor] = {}
+        if messages.EVAL_BINS in task.config:
+            bins = messages.config_int(task.config, messages.EVAL_BINS)
+            classes = messages.config_int(task.config, messages.EVAL_CLASSES)
+            if probabilities.shape[1] != classes or not 1 <= bins <= MAX_SCORE_BINS:
+                raise ValueError(
+                    f"Client {task.client_id}: the task asks for {classes} classes in {bins} "
+                    f"bins, its model has {probabilities.shape[1]} classes."
+                )
+            tensors[messages.EVAL_SCORES] = binned_auc.score_histograms(probabilities, y, bins)
+            confusion = torch.zeros(classes, classes, dtype=torch.int64)
+            confusion.index_put_(
+                (y, probabilities.argmax(dim=1)), torch.ones_like(y), accumulate=True
+            )
+            tensors[messages.EVAL_CONFUSION] = confusion
         return messages.EvaluateReply(
             round=task.round,
             client_id=task.client_id,
             num_examples=result.num_examples,
             metrics={"loss": result.loss, "accuracy": result.accuracy},
+            tensors=tensors,
+        )
+
+    def register(self, task: messages.RegisterTask) -> messages.Registration:
+        """This client's registration: its counts (rounded up) and its model's signature."""
+        data = self.data[task.client_id]
+        held = 0 if data.eval_y is None else int(data.eval_y.shape[0])
+        return registration.registration_reply(
+            task,
+            spec=self.model.spec,
+            num_examples=data.num_train,
+            eval_examples=held,
+            own_bucket=self.pins.count_bucket,
         )

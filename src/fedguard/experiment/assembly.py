@@ -1,8 +1,12 @@
 """The pieces of an experiment built from its configuration: data, model, clients, transport,
-attack, privacy, secure aggregation, strategy and round driver, plus the central evaluation.
+attack, privacy, secure aggregation, strategy and round driver, plus the evaluation.
 
 One :class:`Experiment` serves the command line, ``fedguard.run``, the benchmarks and the
-deployment server alike, so that a simulated run and a deployed one are assembled the same way.
+demo clients; the deployed server, which holds no data, assembles the same strategy, privacy
+plan, secure aggregation and driver from its clients' registrations with the same functions
+(:func:`build_strategy`, :func:`build_driver`, :func:`checked_secure_aggregation`; see
+:mod:`fedguard.experiment.data_free`), so that a simulated run and a deployed one are
+assembled the same way.
 """
 
 from __future__ import annotations
@@ -17,12 +21,14 @@ import torch
 from fedguard.algorithms.attacks import data_poisoning as attacks_data
 from fedguard.client import evaluation
 from fedguard.client.app import ClientApp, ClientPins, client_pins
+from fedguard.data import dataset
+from fedguard.data.errors import DataError
 from fedguard.experiment import checkpoint, config_checks, federation, privacy
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.models import registry as models
 from fedguard.models.adapter import ModelAdapter
 from fedguard.protocol import messages, secagg
-from fedguard.protocol.driver import RoundDriver
+from fedguard.protocol.driver import FederatedEvaluation, RoundDriver
 from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, StrategyKind
 from fedguard.protocol.transport import Transport
 from fedguard.simulation import attack
@@ -58,6 +64,102 @@ def central_metrics(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) ->
         "test_loss": result.loss,
         "test_auc": _auc(probabilities, y),
     }
+
+
+def federated_metrics(fed: FederatedEvaluation | None, prefix: str) -> dict[str, Any]:
+    """The clients' added-up evaluation as ``{prefix}_accuracy``, ``_loss`` and ``_auc`` (all
+    None when no client answered)."""
+    if fed is None:
+        return {f"{prefix}_accuracy": None, f"{prefix}_loss": None, f"{prefix}_auc": None}
+    return {
+        f"{prefix}_accuracy": fed.accuracy,
+        f"{prefix}_loss": fed.loss,
+        f"{prefix}_auc": fed.auc,
+    }
+
+
+def federated_report(fed: FederatedEvaluation | None) -> dict[str, Any]:
+    """The final report from the clients' confusion matrices, added up ({} without one):
+    whole counts unless a client's weight was cut to its registered size."""
+    if fed is None or fed.confusion is None:
+        return {}
+    matrix = fed.confusion
+    whole = bool(torch.equal(matrix, matrix.round()))
+    rows = matrix.round().long().tolist() if whole else matrix.tolist()
+    return {"confusion_matrix": rows, "confusion_source": "federated"}
+
+
+def confusion_report(
+    model, x: torch.Tensor, y: torch.Tensor, groups: list[str] | None, batch_size: int
+) -> dict[str, Any]:
+    """Confusion matrix of ``model`` on ``x``, ``y`` and, where ``groups`` names the owner of
+    each example, the accuracy per owner."""
+    _, probabilities = evaluation.evaluate_with_probabilities(model, x, y, batch_size=batch_size)
+    predicted = probabilities.argmax(dim=1).numpy()
+    truth = y.numpy()
+    k = probabilities.shape[1]
+    matrix = np.zeros((k, k), dtype=np.int64)
+    np.add.at(matrix, (truth, predicted), 1)
+    report: dict[str, Any] = {"confusion_matrix": matrix.tolist()}
+    if groups is not None:
+        owners = np.asarray(groups)
+        report["accuracy_by_group"] = {
+            str(g): float((predicted[owners == g] == truth[owners == g]).mean())
+            for g in sorted(set(groups))
+        }
+    return report
+
+
+def model_io(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
+    """One example's shape and the class count, from the config alone (a server without the
+    data set builds its model from these): ``model.input_shape`` and ``model.num_classes``,
+    or for the synthetic data set its ``synthetic_shape`` and ``synthetic_classes``."""
+    m, d = cfg.model, cfg.data
+    shape, classes = m.input_shape, m.num_classes
+    if d.dataset == "synthetic":
+        shape = shape or tuple(d.synthetic_shape)
+        classes = classes or d.synthetic_classes
+    if shape is None or classes is None:
+        missing = [k for k, v in (("input_shape", shape), ("num_classes", classes)) if v is None]
+        raise ConfigError(
+            f"{' and '.join(f'model.{k}' for k in missing)}: a server without the data set "
+            "builds its model from the config; set them (e.g. input_shape = [1, 28, 28] and "
+            "num_classes = 2 for PneumoniaMNIST)"
+        )
+    return tuple(int(v) for v in shape), int(classes)
+
+
+def check_model_io(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
+    """Refuse ``model.input_shape`` / ``model.num_classes`` that the loaded data contradicts."""
+    m = cfg.model
+    if m.input_shape is not None and tuple(m.input_shape) != input_shape:
+        raise ConfigError(
+            f"model.input_shape = {list(m.input_shape)} but the data's examples have shape "
+            f"{list(input_shape)}"
+        )
+    if m.num_classes is not None and m.num_classes != num_classes:
+        raise ConfigError(f"model.num_classes = {m.num_classes} but the data has {num_classes}")
+
+
+def server_data(
+    cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The evaluation set the server owns (``evaluation.server_data``: ``x``, ``y``), checked
+    against the model's input shape and classes; None when the config names none."""
+    path = cfg.evaluation.server_data
+    if path is None:
+        return None
+    try:
+        test, _ = dataset.read_client_npz(path, num_classes=num_classes)
+    except DataError as exc:
+        raise ConfigError(f"evaluation.server_data: {exc}") from None
+    if tuple(test.x.shape[1:]) != input_shape:
+        raise ConfigError(
+            f"evaluation.server_data: examples of shape {list(test.x.shape[1:])}, the model "
+            f"takes {list(input_shape)}"
+        )
+    x = torch.from_numpy(np.ascontiguousarray(test.x, dtype=np.float32))
+    return x, torch.from_numpy(np.ascontiguousarray(test.y, dtype=np.int64))
 
 
 def check_output_width(model, example: torch.Tensor, num_classes: int, what: str) -> None:
@@ -142,6 +244,7 @@ def run_pins(
         client_ids,
         min_cohort=least if cfg.server.sampling == "poisson" else cfg.clients_per_round,
         min_inputs=least,
+        count_bucket=cfg.count_bucket,
     )
 
 
@@ -178,6 +281,108 @@ def config_pins(
     return run_pins(cfg, plan, settings, range(cfg.data.num_clients))
 
 
+def client_training_config(cfg: ExperimentConfig) -> dict[str, messages.Scalar]:
+    """The local-training entries of every fit task (``[client]``)."""
+    c = cfg.client
+    return {
+        "optimizer": c.optimizer,
+        "lr": c.lr,
+        "momentum": c.momentum,
+        "weight_decay": c.weight_decay,
+        "epochs": c.epochs,
+        "batch_size": c.batch_size,
+        "proximal_mu": c.proximal_mu,
+        "max_steps": c.max_steps,
+        "augment": c.augment,
+    }
+
+
+def build_strategy(
+    cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, num_clients: int
+) -> Strategy:
+    """The server half of the configured optimizer over ``num_clients`` clients, under the
+    privacy ``plan`` (its client settings in every fit task, central DP's noise)."""
+    client_config = client_training_config(cfg)
+    central_dp = None
+    if plan is not None:
+        client_config.update(plan.client_config(cfg))
+        if plan.mode == "central":
+            p = cfg.privacy
+            try:
+                central_dp = CentralDP(
+                    clip_norm=p.clip_norm,
+                    noise_multiplier=plan.noise_multiplier,
+                    expected_clients=float(cfg.clients_per_round),
+                    seed=cfg.experiment.seed,
+                    adaptive=p.adaptive_clip,
+                    target_quantile=p.target_quantile,
+                    clip_learning_rate=p.clip_learning_rate,
+                    count_stddev=p.clip_count_stddev or cfg.clients_per_round / 20.0,
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    s = cfg.server
+    return Strategy.create(
+        StrategyKind(s.strategy),
+        client_config=client_config,
+        num_clients=num_clients,
+        server_lr=s.server_lr,
+        server_momentum=s.server_momentum,
+        beta1=s.beta1,
+        beta2=s.beta2,
+        tau=s.tau,
+        central_dp=central_dp,
+        robust_rule=config_checks.robust_rule(s, cfg.experiment.seed),
+    )
+
+
+def checked_secure_aggregation(
+    cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, sizes: Mapping[int, int]
+) -> secagg.Settings | None:
+    """The ``[secure_aggregation]`` settings for clients of ``sizes`` (a client's weight capped
+    at ``max_examples``, else the largest size), the fixed-point range checked for the largest
+    cohort a round can have."""
+    settings = secure_aggregation_settings(
+        cfg, plan, max_weight=cfg.secure_aggregation.max_examples or max(sizes.values())
+    )
+    if settings is None:
+        return None
+    largest = len(sizes) if cfg.server.sampling == "poisson" else cfg.clients_per_round
+    try:  # the largest cohort a round can have must fit the ring
+        settings.fixed_point(largest)
+    except ValueError as exc:
+        raise ConfigError(f"secure_aggregation.bits: {exc}") from None
+    return settings
+
+
+def build_driver(
+    cfg: ExperimentConfig,
+    transport: Transport,
+    strategy: Strategy,
+    model: ModelAdapter,
+    plan: privacy.PrivacyPlan | None,
+    sizes: Mapping[int, int],
+) -> RoundDriver:
+    """The round driver over ``transport``; ``sizes`` are the most examples each client's reply
+    may claim (its partition in simulation, its registration in deployment)."""
+    s = cfg.server
+    return RoundDriver(
+        transport,
+        strategy,
+        dim=model.spec.size,
+        clients_per_round=cfg.clients_per_round,
+        min_clients=min_clients(cfg),
+        seed=cfg.experiment.seed,
+        deadline_s=s.deadline_s,
+        poisson=s.sampling == "poisson",
+        secure_aggregation=checked_secure_aggregation(cfg, plan, sizes),
+        # A larger claim would buy weight in the mean; see RoundDriver.
+        registered_examples=sizes,
+        # Local DP: a reply must report DP-SGD that keeps to the plan (privacy.check_reply).
+        reply_check=None if plan is None else plan.check_reply,
+    )
+
+
 class Experiment:
     """One configured experiment, set up and ready to run rounds."""
 
@@ -193,6 +398,7 @@ class Experiment:
         """``privacy_spent``: a resumed run's finished rounds and their DP noise multipliers."""
         self.cfg = cfg
         self.fed = federation.build_federation(cfg, data_fn)
+        fed_x, fed_y = self.fed.eval_x, self.fed.eval_y
         self.attack = federation.attack_plan(cfg, self.fed)
         if self.attack is not None and self.attack.poisons_data:
             self.fed = federation.poison_clients(
@@ -213,56 +419,19 @@ class Experiment:
         check_output_width(
             self.model, first, self.fed.num_classes, f"model.name {cfg.model.name!r}"
         )
-        c = cfg.client
-        client_config: dict[str, messages.Scalar] = {
-            "optimizer": c.optimizer,
-            "lr": c.lr,
-            "momentum": c.momentum,
-            "weight_decay": c.weight_decay,
-            "epochs": c.epochs,
-            "batch_size": c.batch_size,
-            "proximal_mu": c.proximal_mu,
-            "max_steps": c.max_steps,
-            "augment": c.augment,
-        }
+        check_model_io(cfg, self.fed.input_shape, self.fed.num_classes)
+        self.mode = cfg.evaluation.resolved_mode(deployed=False)
+        owned = server_data(cfg, self.fed.input_shape, self.fed.num_classes)
+        # The evaluation set the server owns: evaluation.server_data, else the data set's split.
+        self.eval_x, self.eval_y = owned if owned is not None else (fed_x, fed_y)
+        self.eval_groups = None if owned is not None else self.fed.eval_groups
         sizes = {i: d.num_train for i, d in self.fed.clients.items()}
         # Deployed clients hold their own data: the partition's sizes are only the server's
         # copy, so local DP composes the rates and steps the clients report (see privacy.build).
         self.privacy = privacy.build(
             cfg, sizes, self.model, privacy_spent, sizes_known=transport_fn is None
         )
-        central_dp = None
-        if self.privacy is not None:
-            client_config.update(self.privacy.client_config(cfg))
-            if self.privacy.mode == "central":
-                p = cfg.privacy
-                try:
-                    central_dp = CentralDP(
-                        clip_norm=p.clip_norm,
-                        noise_multiplier=self.privacy.noise_multiplier,
-                        expected_clients=float(cfg.clients_per_round),
-                        seed=cfg.experiment.seed,
-                        adaptive=p.adaptive_clip,
-                        target_quantile=p.target_quantile,
-                        clip_learning_rate=p.clip_learning_rate,
-                        count_stddev=p.clip_count_stddev or cfg.clients_per_round / 20.0,
-                    )
-                except ValueError as exc:
-                    raise ConfigError(str(exc)) from None
-        s = cfg.server
-        rule = config_checks.robust_rule(s, cfg.experiment.seed)
-        self.strategy = Strategy.create(
-            StrategyKind(s.strategy),
-            client_config=client_config,
-            num_clients=len(self.fed.clients),
-            server_lr=s.server_lr,
-            server_momentum=s.server_momentum,
-            beta1=s.beta1,
-            beta2=s.beta2,
-            tau=s.tau,
-            central_dp=central_dp,
-            robust_rule=rule,
-        )
+        self.strategy = build_strategy(cfg, self.privacy, len(self.fed.clients))
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}
         self.app = ClientApp(self.model, self.fed.clients, self.client_state)
         # Deployment passes its own transport (gRPC); the round code is the same either way.
@@ -278,25 +447,20 @@ class Experiment:
                 attack.model_poison(self.attack.config),
                 seed=self.attack.seed,
             )
-        self.driver = RoundDriver(
-            self.transport,
-            self.strategy,
-            dim=self.model.spec.size,
-            clients_per_round=cfg.clients_per_round,
-            min_clients=min_clients(cfg),
-            seed=cfg.experiment.seed,
-            deadline_s=s.deadline_s,
-            poisson=s.sampling == "poisson",
-            secure_aggregation=self._secure_aggregation(sizes),
-            # The most examples a client's reply may claim: its partition's size, as the server
-            # knows it (a larger claim would buy weight in the mean; see RoundDriver).
-            registered_examples=sizes,
-            # Local DP: a reply must report DP-SGD that keeps to the plan (privacy.check_reply).
-            reply_check=None if self.privacy is None else self.privacy.check_reply,
+        self.driver = build_driver(
+            cfg, self.transport, self.strategy, self.model, self.privacy, sizes
         )
         # The clients hold the server to this config's privacy settings, as a deployed client
         # holds it to its own copy (see client_pins): a round asking for less is refused.
         self.app.pin(run_pins(cfg, self.privacy, self.driver.secure_aggregation, self.fed.clients))
+        # the clients that hold held-out data (their share of the evaluation split, or of their
+        # own partition with data.client_eval_fraction)
+        self.eval_clients = [
+            cid
+            for cid, d in self.fed.clients.items()
+            if d.eval_y is not None and int(d.eval_y.shape[0]) > 0
+        ]
+        self.last_federated: FederatedEvaluation | None = None
         self.initial_params = self.model.get_flat()
         self.backdoor_test = self._backdoor_test()
 
@@ -317,38 +481,68 @@ class Experiment:
         if self.attack is None or self.attack.backdoor is None:
             return None
         b = self.attack.backdoor
-        keep = self.fed.eval_y != b.target
+        keep = self.eval_y != b.target
         if not bool(keep.any()):
             raise ConfigError(
                 f"attack.target_label={b.target}: every test label is the target, so the "
                 "backdoor's success rate is undefined"
             )
-        x = attacks_data.stamp_trigger(self.fed.eval_x[keep], b.trigger)
-        return x, self.fed.eval_y[keep]
+        x = attacks_data.stamp_trigger(self.eval_x[keep], b.trigger)
+        return x, self.eval_y[keep]
 
-    def _secure_aggregation(self, sizes: Mapping[int, int]) -> secagg.Settings | None:
-        """The ``[secure_aggregation]`` settings; the fixed-point range is checked here."""
-        a, cfg = self.cfg.secure_aggregation, self.cfg
-        settings = secure_aggregation_settings(
-            cfg, self.privacy, max_weight=a.max_examples or max(sizes.values())
-        )
-        if settings is None:
-            return None
-        poisson = cfg.server.sampling == "poisson"
-        largest = len(sizes) if poisson else cfg.clients_per_round
-        try:  # the largest cohort a round can have must fit the ring
-            settings.fixed_point(largest)
-        except ValueError as exc:
-            raise ConfigError(f"secure_aggregation.bits: {exc}") from None
-        return settings
+    @property
+    def client_ids(self) -> list[int]:
+        return list(self.fed.clients)
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.fed.class_names
+
+    def partition(self) -> dict[str, Any]:
+        """What ``partition.json`` says: the partition, label counts per client."""
+        return federation.describe(self.fed)
+
+    def partition_histogram(self) -> list[list[int]]:
+        """Per client, its examples of each class (``plots/partition.png``)."""
+        return self.fed.histogram
+
+    @property
+    def histogram_names(self) -> list[str]:
+        """What each column of :meth:`partition_histogram` counts."""
+        return self.fed.class_names
+
+    def checkpoint_info(self) -> dict[str, Any]:
+        """What a checkpoint records beyond the model and privacy (nothing in simulation)."""
+        return {}
+
+    def evaluate_round(self, round_: int, params: torch.Tensor) -> dict[str, Any]:
+        """The metrics of an evaluated round, per ``evaluation.mode``: the server's evaluation
+        set and/or the clients' reports on their held-out data, added up (see
+        :class:`.config.EvaluationSection`)."""
+        out: dict[str, Any] = {}
+        if self.mode in ("server", "both"):
+            out.update(self.evaluate(params))
+        if self.mode in ("federated", "both"):
+            fed = self.driver.evaluate_round(
+                round_, params, clients=self.eval_clients, num_classes=self.fed.num_classes
+            )
+            self.last_federated = fed
+            out.update(federated_metrics(fed, "test" if self.mode == "federated" else "federated"))
+        if self.mode == "federated":
+            out["backdoor_success"] = self._backdoor_success(params)
+        return out
 
     def evaluate(self, params: torch.Tensor) -> dict[str, Any]:
         """Central test metrics, and the backdoor's success rate (None without a backdoor)."""
         self.model.set_flat(params)
-        out = central_metrics(
-            self.model, self.fed.eval_x, self.fed.eval_y, self.cfg.evaluation.batch_size
-        )
-        out["backdoor_success"] = None
+        out = central_metrics(self.model, self.eval_x, self.eval_y, self.cfg.evaluation.batch_size)
+        out["backdoor_success"] = self._backdoor_success(params)
+        return out
+
+    def _backdoor_success(self, params: torch.Tensor) -> float | None:
+        """The share of triggered test images classified as the target (None without one)."""
+        self.model.set_flat(params)
+        out: dict[str, Any] = {"backdoor_success": None}
         if self.backdoor_test is not None:
             backdoor = None if self.attack is None else self.attack.backdoor
             if backdoor is None:
@@ -360,7 +554,7 @@ class Experiment:
             out["backdoor_success"] = attacks_data.attack_success_rate(
                 probabilities.argmax(dim=1), y, target=backdoor.target
             )
-        return out
+        return out["backdoor_success"]
 
     def attack_summary(self) -> dict[str, Any] | None:
         """What ``summary.json`` says about the simulated attack (None without one)."""
@@ -375,24 +569,15 @@ class Experiment:
         }
 
     def final_report(self, params: torch.Tensor) -> dict[str, Any]:
-        """Confusion matrix and, where the test set names its owners, accuracy per owner."""
+        """Confusion matrix and, where the test set names its owners, accuracy per owner; under
+        ``evaluation.mode = "federated"`` the clients' confusion matrices of the last evaluated
+        round, added up."""
+        if self.mode == "federated":
+            return federated_report(self.last_federated)
         self.model.set_flat(params)
-        _, probabilities = evaluation.evaluate_with_probabilities(
-            self.model, self.fed.eval_x, self.fed.eval_y, batch_size=self.cfg.evaluation.batch_size
+        return confusion_report(
+            self.model, self.eval_x, self.eval_y, self.eval_groups, self.cfg.evaluation.batch_size
         )
-        predicted = probabilities.argmax(dim=1).numpy()
-        truth = self.fed.eval_y.numpy()
-        k = self.fed.num_classes
-        matrix = np.zeros((k, k), dtype=np.int64)
-        np.add.at(matrix, (truth, predicted), 1)
-        report: dict[str, Any] = {"confusion_matrix": matrix.tolist()}
-        if self.fed.eval_groups is not None:
-            groups = np.asarray(self.fed.eval_groups)
-            report["accuracy_by_group"] = {
-                str(g): float((predicted[groups == g] == truth[groups == g]).mean())
-                for g in sorted(set(self.fed.eval_groups))
-            }
-        return report
 
     def should_evaluate(self, round_: int) -> bool:
         every = self.cfg.evaluation.every

@@ -57,8 +57,13 @@ class DataSection(_Section):
 
 
 class ModelSection(_Section):
+    """The model; ``input_shape`` (one example's) and ``num_classes`` let a deployed server,
+    which holds no data set, build it (a simulation checks them against the data)."""
+
     name: str = "image_cnn"
     framework: Literal["torch", "keras"] = "torch"
+    input_shape: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, min_length=1)
+    num_classes: int | None = Field(None, ge=2)
 
 
 class ClientSection(_Section):
@@ -155,10 +160,43 @@ class AttackSection(_Section):
 
 
 class EvaluationSection(_Section):
+    """Where ``test_accuracy``, ``test_loss`` and ``test_auc`` come from.
+
+    ``mode = "server"``: the evaluation set the server owns: ``server_data`` (an ``.npz`` with
+    ``x`` and ``y``) when given, else, in simulation, the data set's ``split``.
+    ``"federated"``: every client evaluates on its own held-out data and the server adds the
+    reports up (weighted by count). ``"both"``: the server's set, plus the clients' reports as
+    ``federated_loss`` / ``federated_accuracy`` / ``federated_auc``. Unset: ``"server"`` in
+    simulation; on a deployed server, which holds no data set, ``"server"`` with
+    ``server_data`` and ``"federated"`` without.
+    """
+
     every: int = Field(1, ge=0)
-    federated: bool = False
+    mode: Literal["server", "federated", "both"] | None = None
+    server_data: str | None = None
     split: Literal["test", "val"] = "test"
     batch_size: int = Field(1024, ge=1)
+
+    def resolved_mode(self, *, deployed: bool) -> str:
+        """The mode in force (see the class docstring)."""
+        if self.mode is not None:
+            return self.mode
+        return "federated" if deployed and self.server_data is None else "server"
+
+
+# A client's registered example counts are rounded up to a multiple of this under DP, unless
+# registration.count_bucket says otherwise (see fedguard.protocol.registration).
+DP_COUNT_BUCKET = 100
+
+
+class RegistrationSection(_Section):
+    """What a deployed server accepts when clients register (see
+    ``fedguard.protocol.registration``): counts rounded up to a multiple of at least
+    ``count_bucket`` (default: exact without DP, :data:`DP_COUNT_BUCKET` under DP), and at most
+    ``max_examples`` training or held-out examples per client (more is refused as absurd)."""
+
+    count_bucket: int | None = Field(None, ge=1)
+    max_examples: int = Field(10_000_000, ge=1)
 
 
 class PrivacySection(_Section):
@@ -221,6 +259,7 @@ class ExperimentConfig(_Section):
     privacy: PrivacySection = PrivacySection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     attack: AttackSection = AttackSection()
+    registration: RegistrationSection = RegistrationSection()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
@@ -239,6 +278,13 @@ class ExperimentConfig(_Section):
         if self.server.fraction is not None:
             return max(1, round(self.server.fraction * n))
         return n
+
+    @property
+    def count_bucket(self) -> int:
+        """The rounding of registered example counts (``registration.count_bucket``)."""
+        if self.registration.count_bucket is not None:
+            return self.registration.count_bucket
+        return 1 if self.privacy.mode == "off" else DP_COUNT_BUCKET
 
     @property
     def min_clients(self) -> int:

@@ -1,15 +1,24 @@
 """Deployment entry points: run an experiment's server over gRPC, and build a deployed client.
 
-``serve`` is ``fedguard.run`` with the gRPC transport in place of the simulator: the same
-runner, driver, strategy, checkpoints and run folder, so ``--resume`` after a crash works as in
-simulation. One difference has a name: a deployed round always has a deadline (a simulated
+``serve`` is ``fedguard.run`` with the gRPC transport in place of the simulator and a server
+that never loads the data set (:mod:`fedguard.experiment.data_free`): its model comes from the
+config, the clients' sizes from their registrations, the test metrics from the clients'
+evaluations or a test set the server owns (``evaluation.server_data``). The runner, driver,
+strategy, checkpoints and run folder are the simulator's, so ``--resume`` after a crash works as
+in simulation. Differences with names: a deployed round always has a deadline (a simulated
 client cannot vanish, a deployed one can), ``--round-deadline`` if given, else the config's
 ``server.deadline_s``, else :data:`DEFAULT_ROUND_DEADLINE_S`; it is written into the run's
-``config.toml`` so the run folder says how long each round waited. A deployed client is ``ClientApp.handle`` bound to one client id and its local data,
-either the client's own ``.npz`` file or, for demos, its partition of the experiment's data set.
-A client given the experiment file holds the server to that file's privacy settings (secure
-aggregation, DP), exactly as a simulated client does (:func:`fedguard.client.app.client_pins`),
-also with its own data (:func:`fedguard.experiment.assembly.config_pins`, from the file alone).
+``config.toml`` so the run folder says how long each round waited. Registration waits as long.
+
+A deployed client is ``ClientApp.handle`` bound to one client id and its local data, either
+the client's own ``.npz`` file (with held-out data from the file, ``--eval-data`` or a held-out
+fraction) or, for demos, its partition of the experiment's data set (holding out its share of
+the data set's evaluation split). A client given the experiment file holds the server to that
+file's privacy settings (secure aggregation, DP, the rounding of its registered counts),
+exactly as a simulated client does (:func:`fedguard.client.app.client_pins`), also with its own
+data (:func:`fedguard.experiment.assembly.config_pins`, from the file alone). With a state
+folder its per-client state (SCAFFOLD's control variate) survives a restart
+(:class:`fedguard.client.state_store.DiskState`).
 """
 
 from __future__ import annotations
@@ -23,12 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedguard.client import state_store
 from fedguard.client.app import ClientApp, ClientData
 from fedguard.data import dataset
 from fedguard.data.errors import DataError
 from fedguard.experiment import assembly, runner
 from fedguard.experiment import config as config_mod
 from fedguard.models import registry as models
+from fedguard.protocol import registration
 from fedguard.runtime import auth, grpc_client, grpc_server, grpc_tls
 
 log = logging.getLogger("fedguard.grpc")
@@ -88,10 +99,11 @@ def serve(
 ) -> dict[str, Any]:
     """Run the experiment with clients connecting over gRPC; returns the run's summary.
 
-    Rounds start once every client of the federation has connected, or after
-    ``wait_for_clients_s`` with whoever is there (absent clients then fail their tasks). While
-    a round waits, the ``fedguard.grpc`` logger reports every ``progress_s`` how many of its
-    clients have replied.
+    The server never loads the data set. Registration starts once every client of the
+    federation (``data.num_clients``) has connected, or after ``wait_for_clients_s`` with
+    whoever is there; the clients admitted by it are the run's population. While a round waits,
+    the ``fedguard.grpc`` logger reports every ``progress_s`` how many of its clients have
+    replied.
     """
     overrides = deadline_overrides(config, options, overrides or [])
     deadline_s = config_mod.load(config, overrides).server.deadline_s
@@ -130,6 +142,7 @@ def serve(
             overrides=overrides,
             progress=progress,
             transport_fn=transport_fn,
+            data_free=True,
         )
         if holder:
             holder[0].finish()
@@ -139,12 +152,20 @@ def serve(
             transport.close()
 
 
-def demo_app(config: str | Path, client_id: int, overrides: Sequence[str] = ()) -> ClientApp:
+def demo_app(
+    config: str | Path,
+    client_id: int,
+    overrides: Sequence[str] = (),
+    *,
+    state_dir: Path | None = None,
+) -> ClientApp:
     """A client holding its partition of the experiment's data set (for demos and tests).
 
-    The experiment is assembled as the server assembles it, so that the client pins the same
-    secure-aggregation and DP settings that a simulated client of this config pins; the
-    simulated ``[attack]`` is left out (a deployed client trains on its own data).
+    The experiment is assembled as a simulation assembles it, so that the client pins the same
+    secure-aggregation and DP settings that a simulated client of this config pins, and holds
+    out what a simulated client holds out (its share of the evaluation split, or of its own
+    partition with ``data.client_eval_fraction``); the simulated ``[attack]`` is left out (a
+    deployed client trains on its own data). ``state_dir``: keep its state there.
     """
     cfg = config_mod.load(config, list(overrides))
     if cfg.attack.kind != "none":
@@ -154,7 +175,17 @@ def demo_app(config: str | Path, client_id: int, overrides: Sequence[str] = ()) 
         raise config_mod.ConfigError(
             f"--client-id {client_id}: the experiment has clients 0..{len(exp.fed.clients) - 1}"
         )
-    return ClientApp(exp.model, {client_id: exp.fed.clients[client_id]}, pins=exp.app.pins)
+    state = None if state_dir is None else _state(state_dir)
+    return ClientApp(
+        exp.model, {client_id: exp.fed.clients[client_id]}, state=state, pins=exp.app.pins
+    )
+
+
+def _state(folder: Path) -> state_store.DiskState:
+    try:
+        return state_store.DiskState(folder)
+    except state_store.StateError as exc:
+        raise config_mod.ConfigError(str(exc)) from None
 
 
 def data_app(
@@ -165,14 +196,23 @@ def data_app(
     framework: str,
     num_classes: int,
     experiment: config_mod.ExperimentConfig | None = None,
+    eval_data: Path | None = None,
+    eval_fraction: float = 0.0,
+    state_dir: Path | None = None,
 ) -> ClientApp:
     """A client holding its own data: an ``.npz`` with ``x``, ``y`` (and ``x_eval``, ``y_eval``).
+
+    Its held-out data, what it evaluates the global model on: ``eval_data`` (an ``.npz`` with
+    ``x``, ``y``), else the file's ``x_eval``, ``y_eval``, else ``eval_fraction`` of its
+    examples held out of training (a shuffle seeded with its client id); without any it takes
+    no part in federated evaluation (it registers 0 held-out examples).
 
     With the ``experiment``'s config it holds the server to that config's secure aggregation
     and DP (:func:`.assembly.config_pins`, from the config and its own data's size; the
     experiment's data set is not loaded); without it, only to the protocol's own rules. Under
     local DP its sampling rate and steps follow its own data, not the server's copy of the
-    partition: its fit replies report them and the server composes what they report."""
+    partition: its fit replies report them and the server composes what they report.
+    ``state_dir``: keep its state there (see :class:`~fedguard.client.state_store.DiskState`)."""
     if experiment is not None and not 0 <= client_id < experiment.data.num_clients:
         raise config_mod.ConfigError(
             f"--client-id {client_id}: the experiment has clients "
@@ -183,10 +223,24 @@ def data_app(
     # width is not num_classes stop the client with one line naming the problem.
     if num_classes < 2:
         raise config_mod.ConfigError(f"--num-classes must be at least 2, got {num_classes}")
+    if not 0.0 <= eval_fraction < 1.0:
+        raise config_mod.ConfigError(f"--eval-fraction must be in [0, 1), got {eval_fraction:g}")
     try:
         train, held = dataset.read_client_npz(data, num_classes=num_classes)
     except DataError as exc:
         raise config_mod.ConfigError(f"--data {exc}") from None
+    if eval_data is not None:
+        try:
+            held, _ = dataset.read_client_npz(eval_data, num_classes=num_classes)
+        except DataError as exc:
+            raise config_mod.ConfigError(f"--eval-data {exc}") from None
+        if held.x.shape[1:] != train.x.shape[1:]:
+            raise config_mod.ConfigError(
+                f"--eval-data {eval_data}: examples of shape {list(held.x.shape[1:])}, --data "
+                f"has {list(train.x.shape[1:])}"
+            )
+    elif held is None and eval_fraction > 0.0:
+        train, held = _hold_out(train, eval_fraction, client_id, data)
 
     def tensors(d: dataset.ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
         x = torch.from_numpy(np.ascontiguousarray(d.x, dtype=np.float32))
@@ -211,9 +265,29 @@ def data_app(
         if experiment is None
         else assembly.config_pins(experiment, adapter, client_id, local.num_train)
     )
-    return ClientApp(adapter, {client_id: local}, pins=pins)
+    state = None if state_dir is None else _state(state_dir)
+    return ClientApp(adapter, {client_id: local}, state=state, pins=pins)
+
+
+def _hold_out(
+    train: dataset.ArrayDataset, fraction: float, client_id: int, data: Path
+) -> tuple[dataset.ArrayDataset, dataset.ArrayDataset]:
+    """``fraction`` of ``train`` held out for evaluation (a shuffle seeded with the client id,
+    so that a restarted client holds out the same examples), the rest kept for training."""
+    n = len(train)
+    k = int(round(fraction * n))
+    if not 1 <= k < n:
+        raise config_mod.ConfigError(
+            f"--eval-fraction {fraction:g} of the {n} examples of {data} holds out {k}; it must "
+            "leave at least one example on each side"
+        )
+    order = np.random.default_rng([client_id, 0xE7A1]).permutation(n)
+    return train.subset(order[k:]), train.subset(order[:k])
 
 
 def run_client(settings: grpc_client.ClientSettings, app: ClientApp) -> int:
-    """Answer the server's tasks with ``app`` until the run is finished; the tasks answered."""
-    return grpc_client.serve(settings, app.handle)
+    """Answer the server's tasks with ``app`` until the run is finished; the tasks answered.
+
+    Raises :class:`~fedguard.protocol.registration.RegistrationRefused` (after telling the
+    server) when the server's model is not this client's."""
+    return grpc_client.serve(settings, app.handle, stop_on=(registration.RegistrationRefused,))

@@ -45,15 +45,32 @@ def _tensor(d: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _client_data(d: ArrayDataset, eval_fraction: float, rng: np.random.Generator) -> ClientData:
+def _client_data(
+    d: ArrayDataset,
+    eval_fraction: float,
+    rng: np.random.Generator,
+    share: tuple[torch.Tensor, torch.Tensor],
+) -> ClientData:
+    """A client's tensors: its partition and its held-out data, the ``eval_fraction`` of its
+    partition kept out of training or (without one) its ``share`` of the evaluation split."""
     x, y = _tensor(d)
     n = len(d)
     k = int(round(eval_fraction * n))
     if eval_fraction == 0.0 or k == 0 or k >= n:
-        return ClientData(x, y)
+        return ClientData(x, y, *share)
     order = torch.from_numpy(rng.permutation(n))
     held, kept = order[:k], order[k:]
     return ClientData(x[kept], y[kept], x[held], y[held])
+
+
+def evaluation_shares(
+    x: torch.Tensor, y: torch.Tensor, num_clients: int, seed: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The evaluation split dealt out to ``num_clients`` clients (a seeded shuffle cut into
+    near-equal parts): each client's held-out data when it keeps none of its own, so that the
+    clients' evaluations, added up, are the evaluation on the whole split."""
+    order = torch.from_numpy(np.random.default_rng([seed, 0x7E57]).permutation(len(y)))
+    return [(x[part], y[part]) for part in torch.tensor_split(order, num_clients)]
 
 
 def load_data(
@@ -153,12 +170,13 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
             )
         test = val
     class_names = class_names or [str(c) for c in range(num_classes)]
+    eval_x, eval_y = _tensor(test)
+    shares = evaluation_shares(eval_x, eval_y, len(parts_data), cfg.experiment.seed)
     clients = {
-        i: _client_data(part, cfg.data.client_eval_fraction, rng)
+        i: _client_data(part, cfg.data.client_eval_fraction, rng, shares[i])
         for i, part in enumerate(parts_data)
     }
     histogram = [np.bincount(p.y, minlength=num_classes).astype(int).tolist() for p in parts_data]
-    eval_x, eval_y = _tensor(test)
     eval_groups = None if test.groups is None else [str(g) for g in test.groups]
     input_shape = tuple(int(s) for s in parts_data[0].x.shape[1:])
     return Federation(

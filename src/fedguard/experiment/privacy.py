@@ -416,6 +416,7 @@ def build(
     spent: Spent | None = None,
     *,
     sizes_known: bool = True,
+    largest_sizes: Mapping[int, int] | None = None,
 ) -> PrivacyPlan | None:
     """The run's privacy plan, or None with privacy off; every refusal is a ConfigError.
 
@@ -424,6 +425,10 @@ def build(
     ``sizes_known``: ``client_sizes`` are the clients' real data sizes (simulation), so a local-DP
     reply whose sampling rate or steps differ is refused; otherwise (deployment) they are the
     server's copy and the clients' reports are composed as they come.
+    ``largest_sizes``: where a client's size is known only as a range (a registered count
+    rounded up), ``client_sizes`` holds each range's low end and this its high end; local DP
+    plans the rate of the low end and the steps of the high end, the most epsilon the client
+    can spend in a round without a report (and checks ``delta`` against the low end).
     """
     p = cfg.privacy
     if p.mode == "off":
@@ -451,7 +456,12 @@ def build(
             p.target_epsilon is not None,
             rates={i: dp_sgd.sampling_rate(n, c.batch_size) for i, n in client_sizes.items()},
             steps_per_round={
-                i: _local_steps(n, c.batch_size, c.epochs, c.max_steps)
+                i: _local_steps(
+                    n if largest_sizes is None else largest_sizes[i],
+                    c.batch_size,
+                    c.epochs,
+                    c.max_steps,
+                )
                 for i, n in client_sizes.items()
             },
             max_grad_norm=p.max_grad_norm,

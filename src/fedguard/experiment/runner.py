@@ -23,6 +23,7 @@ from fedguard.experiment import checkpoint, federation, plots, privacy
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment, TransportFn
 from fedguard.experiment.config import ConfigError, ExperimentConfig
+from fedguard.experiment.data_free import DataFreeExperiment
 from fedguard.experiment.runfolder import RunFolder
 from fedguard.protocol import secagg
 from fedguard.protocol.driver import RoundFailedError
@@ -117,12 +118,17 @@ def run(
     progress: bool = True,
     console: Console | None = None,
     transport_fn: TransportFn | None = None,
+    data_free: bool = False,
+    registration_deadline_s: float | None = None,
 ) -> dict[str, Any]:
     """Run an experiment end to end and return its summary (also written to ``summary.json``).
 
     ``config`` is an :class:`ExperimentConfig`, a mapping of TOML tables, or a TOML file path.
     ``model_fn`` and ``data_fn`` plug in a user's own model builder and data function;
     ``transport_fn`` replaces the in-process simulator (the gRPC server passes its transport).
+    ``data_free``: the server never loads the data set; the clients behind ``transport_fn``
+    register their sizes, and evaluate (see :mod:`fedguard.experiment.data_free`; registration
+    waits ``registration_deadline_s``, default ``server.deadline_s``).
     """
     cfg = _as_config(config, overrides or [])
     folder = RunFolder(out if out is not None else Path("runs") / cfg.experiment.name)
@@ -135,13 +141,22 @@ def run(
         )
     if resume:
         _check_resume_config(folder.config, cfg)
-    exp = Experiment(
-        cfg,
-        model_fn=model_fn,
-        data_fn=data_fn,
-        transport_fn=transport_fn,
-        privacy_spent=_privacy_spent(finished) if resume else None,
-    )
+    spent = _privacy_spent(finished) if resume else None
+    exp: Experiment | DataFreeExperiment
+    if data_free:
+        if transport_fn is None or model_fn is not None or data_fn is not None:
+            raise ValueError("A data-free run takes a transport_fn, and no model_fn or data_fn.")
+        exp = DataFreeExperiment(
+            cfg,
+            transport_fn=transport_fn,
+            privacy_spent=spent,
+            recorded=finished.info if resume and finished is not None else None,
+            registration_deadline_s=registration_deadline_s,
+        )
+    else:
+        exp = Experiment(
+            cfg, model_fn=model_fn, data_fn=data_fn, transport_fn=transport_fn, privacy_spent=spent
+        )
     folder.create()
     handler = _attach_log(folder)
     try:
@@ -166,7 +181,7 @@ def _privacy_spent(finished: checkpoint.Checkpoint | None) -> privacy.Spent | No
 
 
 def _run_rounds(
-    exp: Experiment,
+    exp: Experiment | DataFreeExperiment,
     folder: RunFolder,
     finished: checkpoint.Checkpoint | None,
     console: Console,
@@ -174,9 +189,10 @@ def _run_rounds(
 ) -> dict[str, Any]:
     cfg = exp.cfg
     folder.write_config(config_mod.to_toml_dict(cfg))
-    partition = federation.describe(exp.fed)
-    folder.write_json(folder.partition, partition)
-    plots.partition_plot(exp.fed.histogram, exp.fed.class_names, folder.plots / "partition.png")
+    folder.write_json(folder.partition, exp.partition())
+    plots.partition_plot(
+        exp.partition_histogram(), exp.histogram_names, folder.plots / "partition.png"
+    )
     if finished is None:
         params, state, start = exp.initial_params, exp.strategy.init(exp.initial_params), 1
         rows: list[dict[str, Any]] = []
@@ -189,7 +205,7 @@ def _run_rounds(
         log.info("resuming after round %d", finished.round)
     total = cfg.experiment.rounds
     # the rounds each client was asked to train in
-    joined: dict[int, list[int]] = {cid: [] for cid in exp.fed.clients}
+    joined: dict[int, list[int]] = {cid: [] for cid in exp.client_ids}
     for done in range(1, start):
         for cid in exp.driver.sample(done):
             joined[cid].append(done)
@@ -249,9 +265,10 @@ def _run_rounds(
         summary["privacy"] = exp.privacy.mechanism(done, joined)
     if rows:
         report = exp.final_report(params)
-        plots.confusion_plot(
-            report["confusion_matrix"], exp.fed.class_names, folder.plots / "confusion_matrix.png"
-        )
+        if "confusion_matrix" in report:
+            plots.confusion_plot(
+                report["confusion_matrix"], exp.class_names, folder.plots / "confusion_matrix.png"
+            )
         summary.update(report)
     folder.write_json(folder.summary, summary)
     if show_progress:
@@ -274,10 +291,11 @@ def _run_rounds(
     return summary
 
 
-def _checkpoint_info(exp: Experiment, round_: int) -> dict[str, Any]:
-    """A checkpoint's JSON info: the model spec and, with DP, every round's noise multiplier and
-    the local-DP clients' reports (a resumed run composes the finished rounds as they ran)."""
-    info: dict[str, Any] = {"spec": exp.model.spec.to_json()}
+def _checkpoint_info(exp: Experiment | DataFreeExperiment, round_: int) -> dict[str, Any]:
+    """A checkpoint's JSON info: the model spec, what the experiment records (a data-free
+    server's registrations) and, with DP, every round's noise multiplier and the local-DP
+    clients' reports (a resumed run composes the finished rounds as they ran)."""
+    info: dict[str, Any] = {"spec": exp.model.spec.to_json(), **exp.checkpoint_info()}
     if exp.privacy is not None:
         info[NOISE_MULTIPLIERS] = exp.privacy.noise_multipliers(round_)
         if exp.privacy.mode == "local":
@@ -285,7 +303,9 @@ def _checkpoint_info(exp: Experiment, round_: int) -> dict[str, Any]:
     return info
 
 
-def _budget_spent(exp: Experiment, round_: int, joined: Mapping[int, list[int]]) -> bool:
+def _budget_spent(
+    exp: Experiment | DataFreeExperiment, round_: int, joined: Mapping[int, list[int]]
+) -> bool:
     """True (and logged) if ``round_`` would take epsilon past ``privacy.max_epsilon`` (every
     round composed at the noise multiplier it ran at, as the reported epsilon is)."""
     plan = exp.privacy
@@ -309,25 +329,24 @@ def _budget_spent(exp: Experiment, round_: int, joined: Mapping[int, list[int]])
 
 
 def _one_round(
-    exp: Experiment, round_: int, params: torch.Tensor, state: ServerState
+    exp: Experiment | DataFreeExperiment,
+    round_: int,
+    params: torch.Tensor,
+    state: ServerState,
 ) -> tuple[dict[str, Any], torch.Tensor, ServerState, list[int]]:
     t0 = time.perf_counter()
     result = exp.driver.fit_round(round_, params, state)
     if exp.privacy is not None:  # local DP: compose what the clients report they ran
         exp.privacy.record(round_, result.reported)
     row: dict[str, Any] = {"round": round_}
-    if exp.should_evaluate(round_):
-        row.update(exp.evaluate(result.params))
-    else:
-        row.update({"test_accuracy": None, "test_loss": None, "test_auc": None})
-        row["backdoor_success"] = None
+    row.update({"test_accuracy": None, "test_loss": None, "test_auc": None})
+    row["backdoor_success"] = None
+    evaluated = exp.evaluate_round(round_, result.params) if exp.should_evaluate(round_) else {}
+    row.update(
+        {k: v for k, v in evaluated.items() if k.startswith("test_") or k == "backdoor_success"}
+    )
     row.update(result.metrics)
-    if exp.cfg.evaluation.federated and exp.should_evaluate(round_):
-        fed = exp.driver.evaluate_round(round_, result.params)
-        if fed:
-            row.update(fed)
-        else:
-            row.update({"federated_loss": None, "federated_accuracy": None})
+    row.update({k: v for k, v in evaluated.items() if k.startswith("federated_")})
     row["epsilon"] = None
     row["seconds"] = time.perf_counter() - t0
     return row, result.params, result.state, result.sampled
@@ -352,7 +371,7 @@ def _stats(rows: list[dict[str, Any]]) -> str:
 
 
 def _summary(
-    exp: Experiment,
+    exp: Experiment | DataFreeExperiment,
     rows: list[dict[str, Any]],
     status: str,
     error: str | None,
@@ -376,9 +395,10 @@ def _summary(
         "byzantine_f": exp.cfg.server.byzantine_f,
         "attack": exp.attack_summary(),
         "evaluation_split": exp.cfg.evaluation.split,
+        "evaluation_mode": exp.mode,
         "epsilon": None,
         "delta": None,
-        "num_clients": len(exp.fed.clients),
+        "num_clients": len(exp.client_ids),
         "num_parameters": exp.model.spec.size,
         "seconds": seconds,
         "clients_failed": sum(int(r.get("clients_failed", 0)) for r in rows),

@@ -8,8 +8,9 @@ reason, and the round goes on while ``min_clients`` replies remain.
 A reply's ``num_examples`` is the client's claim, and it weighs that client's update in the mean.
 A claim that is not a finite positive number is rejected; a larger claim than the client's
 registered size (``registered_examples``: what the server knows of that client, its partition's
-size in simulation and in today's deployment) is cut down to that size and logged, so a client
-cannot buy more weight than its data. (Robust rules ignore the claims altogether: see
+size in simulation, its registered count in deployment, see :mod:`.registration`) is cut down to
+that size and logged, so a client cannot buy more weight than its data. Federated evaluation
+(:meth:`RoundDriver.evaluate_round`) cuts an evaluation reply's weight the same way. (Robust rules ignore the claims altogether: see
 :meth:`Strategy.aggregate`.) An update whose norm is more than ``max_norm_ratio`` times the
 round's median norm is rejected as absurd: a sanity bound against overflow-sized updates
 (a finite ``3e38`` moves a plain mean to the edge of float32), not a robust rule; boosted or
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
-from fedguard.algorithms import finite
+from fedguard.algorithms import binned_auc, finite
 from fedguard.protocol import messages, secagg, secagg_server
 from fedguard.protocol.strategy import ServerState, Strategy, secure_aggregation_refusal
 from fedguard.protocol.transport import Delivered, Failed, Transport
@@ -45,6 +46,9 @@ log = logging.getLogger("fedguard.round")
 # converges: 1e4 leaves that simulated attack to the rule under test while still catching
 # overflow-sized updates, which are 1e30 times the honest ones and more.
 MAX_NORM_RATIO = 1e4
+# Bins of the score histograms an evaluation task asks for (see binned_auc: the AUC's error is
+# at most the share of positive-negative pairs in one bin).
+SCORE_BINS = 1000
 
 
 class RoundFailedError(RuntimeError):
@@ -420,14 +424,41 @@ class RoundDriver:
         ]
         return kept, dropped
 
-    def evaluate_round(self, round_: int, params: torch.Tensor) -> dict[str, float] | None:
-        """Federated evaluation on every client's own data; the example-weighted mean."""
+    def evaluate_round(
+        self,
+        round_: int,
+        params: torch.Tensor,
+        *,
+        clients: Sequence[int] | None = None,
+        registered: Mapping[int, int] | None = None,
+        num_classes: int | None = None,
+        score_bins: int = SCORE_BINS,
+    ) -> FederatedEvaluation | None:
+        """Federated evaluation: ``clients`` (default: every client of the transport) evaluate
+        ``params`` on their own held-out data; None when no usable reply arrives.
+
+        Each reply weighs by its example count, cut to the client's ``registered`` held-out
+        count where one is given (as a fit reply's weight is cut). With ``num_classes`` the
+        task asks for the score histograms and confusion matrix too, and a reply must carry
+        them, consistent with its count; the accuracy is then counted from the summed
+        confusion matrix (exactly the pooled accuracy) and the AUC computed from the summed
+        histograms (:mod:`fedguard.algorithms.binned_auc`).
+        """
+        ids = list(self.transport.client_ids if clients is None else clients)
+        config: dict[str, messages.Scalar] = {}
+        if num_classes is not None:
+            config = {messages.EVAL_BINS: score_bins, messages.EVAL_CLASSES: num_classes}
         requests = _Requests(
-            self.transport.client_ids,
-            lambda cid: messages.encode(messages.EvaluateTask(round_, cid, params)),
+            ids, lambda cid: messages.encode(messages.EvaluateTask(round_, cid, params, config))
         )
         outcomes = self.transport.exchange(requests, deadline_s=self.deadline_s)
-        total, loss, acc = 0, 0.0, 0.0
+        total, loss, acc = 0.0, 0.0, 0.0
+        scores: torch.Tensor | None = None
+        confusion: torch.Tensor | None = None
+        if num_classes is not None:
+            scores = torch.zeros(num_classes, 2, score_bins, dtype=torch.float64)
+            confusion = torch.zeros(num_classes, num_classes, dtype=torch.float64)
+        answered = 0
         for outcome in outcomes:
             if isinstance(outcome, Failed):
                 log.warning(
@@ -437,32 +468,104 @@ class RoundDriver:
                     outcome.reason,
                 )
                 continue
-            try:
-                reply = messages.decode(outcome.payload, messages.EvaluateReply)
-            except messages.MessageError as exc:
+            reply, reason = self._check_evaluate_reply(outcome, round_, num_classes, score_bins)
+            if reply is None:
                 log.warning(
                     "round %d: evaluation reply of client %d rejected: %s",
                     round_,
                     outcome.client_id,
-                    exc,
+                    reason,
                 )
                 continue
-            values = (reply.metrics.get("loss"), reply.metrics.get("accuracy"))
-            if claim_problem(reply.num_examples) is not None or not all(
-                v is not None and np.isfinite(v) for v in values
-            ):
-                log.warning(
-                    "round %d: evaluation reply of client %d rejected: bad metrics",
-                    round_,
-                    outcome.client_id,
-                )
+            weight = float(reply.num_examples)
+            if registered is not None:
+                weight = min(weight, float(registered.get(reply.client_id, 0)))
+                if weight < reply.num_examples:
+                    log.warning(
+                        "round %d: client %d evaluated %s examples, more than its registered "
+                        "%s; weighted as %s",
+                        round_,
+                        reply.client_id,
+                        reply.num_examples,
+                        weight,
+                        weight,
+                    )
+            if not weight > 0:
                 continue
-            total += reply.num_examples
-            loss += reply.metrics["loss"] * reply.num_examples
-            acc += reply.metrics["accuracy"] * reply.num_examples
+            share = weight / reply.num_examples
+            answered += 1
+            total += weight
+            loss += reply.metrics["loss"] * weight
+            acc += reply.metrics["accuracy"] * weight
+            if scores is not None and confusion is not None:
+                scores += reply.tensors[messages.EVAL_SCORES].double() * share
+                confusion += reply.tensors[messages.EVAL_CONFUSION].double() * share
         if total == 0:
             return None
-        return {"federated_loss": loss / total, "federated_accuracy": acc / total}
+        auc = None if scores is None else binned_auc.auc(scores)
+        accuracy = acc / total
+        if confusion is not None:
+            accuracy = float(confusion.trace()) / float(confusion.sum())
+        return FederatedEvaluation(
+            loss=loss / total,
+            accuracy=accuracy,
+            auc=auc,
+            confusion=None if confusion is None else confusion,
+            clients=answered,
+            examples=total,
+        )
+
+    def _check_evaluate_reply(
+        self, outcome: Delivered, round_: int, num_classes: int | None, bins: int
+    ) -> tuple[messages.EvaluateReply | None, str]:
+        """The decoded reply, or None and why it cannot be counted."""
+        try:
+            reply = messages.decode(outcome.payload, messages.EvaluateReply)
+        except messages.MessageError as exc:
+            return None, str(exc)
+        wrong_address = messages.addressing_problem(reply, outcome.client_id, round_)
+        if wrong_address is not None:
+            return None, wrong_address
+        values = (reply.metrics.get("loss"), reply.metrics.get("accuracy"))
+        if claim_problem(reply.num_examples) is not None or not all(
+            v is not None and math.isfinite(v) for v in values
+        ):
+            return None, "bad metrics"
+        if num_classes is None:
+            return reply, ""
+        n = reply.num_examples
+        wanted = {
+            messages.EVAL_SCORES: (num_classes, 2, bins),
+            messages.EVAL_CONFUSION: (num_classes, num_classes),
+        }
+        for name, shape in wanted.items():
+            t = reply.tensors.get(name)
+            if t is None or tuple(t.shape) != shape or t.dtype != torch.int64:
+                got = None if t is None else (tuple(t.shape), t.dtype)
+                return None, f"{name!r} must be an int64 tensor of shape {shape}, got {got}"
+            if bool((t < 0).any()):
+                return None, f"{name!r} holds negative counts"
+        per_class = reply.tensors[messages.EVAL_SCORES].sum(dim=2)
+        if not bool((per_class.sum(dim=1) == n).all()):
+            return None, f"the score histograms do not count its {n} examples"
+        confusion = reply.tensors[messages.EVAL_CONFUSION]
+        if int(confusion.sum()) != n or not torch.equal(per_class[:, 0], confusion.sum(dim=1)):
+            return None, f"the confusion matrix does not count its {n} examples"
+        return reply, ""
+
+
+@dataclass(frozen=True)
+class FederatedEvaluation:
+    """The clients' evaluation of one model, added up: weighted mean loss, accuracy, AUC (None
+    when not asked or undefined), the ``[C, C]`` confusion matrix (weighted counts; None when
+    not asked), how many clients were counted and their total weight in examples."""
+
+    loss: float
+    accuracy: float
+    auc: float | None
+    confusion: torch.Tensor | None
+    clients: int
+    examples: float
 
 
 def claim_problem(n: object) -> str | None:

@@ -116,12 +116,45 @@ class EvaluateTask:
 
 @dataclass(frozen=True)
 class EvaluateReply:
-    """Client to server: evaluation metrics on ``num_examples`` local examples."""
+    """Client to server: evaluation metrics on ``num_examples`` local held-out examples, and
+    the counts a federated report adds up (``tensors``: the :data:`EVAL_SCORES` histograms and
+    the :data:`EVAL_CONFUSION` matrix, when the task asks for them)."""
 
     round: int
     client_id: int
     num_examples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RegisterTask:
+    """Server to client, before round 1: say what the server needs of you (round 0).
+
+    ``config`` holds the server's :data:`REGISTER_SIGNATURE` (its model's signature, which the
+    client compares with its own) and :data:`REGISTER_BUCKET` (the coarsest rounding of example
+    counts the server accepts without asking for more)."""
+
+    round: int
+    client_id: int
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Registration:
+    """Client to server: what a server without the data needs of this client.
+
+    ``num_examples`` and ``eval_examples`` are the client's training and held-out example
+    counts, each rounded up to a multiple of ``count_bucket`` (1: exact); ``model_signature`` is
+    the hash of its model's parameter names, shapes and dtypes
+    (:func:`fedguard.protocol.registration.model_signature`)."""
+
+    round: int
+    client_id: int
+    num_examples: int
+    eval_examples: int
+    count_bucket: int
+    model_signature: str
 
 
 ByteMap = dict[int, bytes]
@@ -231,7 +264,9 @@ SecAggMessage = (
     | SecAggUnmaskRequest
     | SecAggUnmaskReply
 )
-Message = FitTask | FitReply | EvaluateTask | EvaluateReply | SecAggMessage
+Message = (
+    FitTask | FitReply | EvaluateTask | EvaluateReply | RegisterTask | Registration | SecAggMessage
+)
 _KINDS: dict[str, type] = {
     cls.__name__: cls
     for cls in (
@@ -239,6 +274,8 @@ _KINDS: dict[str, type] = {
         FitReply,
         EvaluateTask,
         EvaluateReply,
+        RegisterTask,
+        Registration,
         SecAggSetup,
         SecAggKeys,
         SecAggShareRequest,
@@ -345,6 +382,13 @@ class _SetupFields(_Fields):
     dim: Annotated[int, _within(1, MAX_DIM)]
 
 
+class _RegistrationFields(_Fields):
+    num_examples: _Count
+    eval_examples: _Count
+    count_bucket: Annotated[int, _within(1, MAX_EXAMPLES)]
+    model_signature: Annotated[str, StringConstraints(strict=True, max_length=MAX_NAME)]
+
+
 class _UnmaskFields(_Fields):
     alive: _IdList
     dropped: _IdList
@@ -373,6 +417,8 @@ SCHEMA: dict[type, tuple[type[_Fields], dict[str, _TensorSpec]]] = {
     FitReply: (_ReplyFields, {"update": _FLOAT32}),
     EvaluateTask: (_TaskFields, {"parameters": _FLOAT32}),
     EvaluateReply: (_ReplyFields, {}),
+    RegisterTask: (_TaskFields, {}),
+    Registration: (_RegistrationFields, {}),
     SecAggSetup: (_SetupFields, {}),
     SecAggKeys: (
         _Fields,
@@ -596,3 +642,16 @@ DP_SGD_RAN_STEPS = "dp_sgd_steps"  # the DP-SGD steps taken in this round
 DP_SGD_RAN_NOISE = "dp_sgd_ran_noise_multiplier"  # the noise multiplier of every step
 DP_SGD_RAN_CLIP = "dp_sgd_ran_max_grad_norm"  # the per-example clip of every step
 DP_SGD_REPORT = (DP_SGD_RAN_RATE, DP_SGD_RAN_STEPS, DP_SGD_RAN_NOISE, DP_SGD_RAN_CLIP)
+
+# Config keys of an evaluation task: the bins of the score histograms and the classes the
+# server's model has (the shapes of the reply's tensors); without them a client sends neither.
+EVAL_BINS = "score_bins"
+EVAL_CLASSES = "num_classes"
+# Tensors of an evaluation reply: ``[C, 2, bins]`` int64 score histograms (see
+# :mod:`fedguard.algorithms.binned_auc`) and the ``[C, C]`` int64 confusion matrix (true, predicted).
+EVAL_SCORES = "score_histograms"
+EVAL_CONFUSION = "confusion"
+
+# Config keys of a registration task (see :class:`RegisterTask`).
+REGISTER_SIGNATURE = "model_signature"
+REGISTER_BUCKET = "count_bucket"

@@ -53,3 +53,25 @@ class Transport(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Release connections or workers."""
+
+
+class Population(Transport):
+    """``transport`` restricted to the clients ``client_ids`` (the registered ones): the round
+    driver samples from them; requests pass through unchanged."""
+
+    def __init__(self, transport: Transport, client_ids: Sequence[int]) -> None:
+        unknown = sorted(set(client_ids) - set(transport.client_ids))
+        if unknown:
+            raise ValueError(f"Clients {unknown} are not reachable over this transport.")
+        self.inner = transport
+        self._client_ids = tuple(client_ids)
+
+    @property
+    def client_ids(self) -> Sequence[int]:
+        return self._client_ids
+
+    def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
+        return self.inner.exchange(requests, deadline_s=deadline_s)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -22,6 +22,7 @@ from fedguard.protocol import messages
 REPLY_KIND: dict[type[messages.Message], type[messages.Message]] = {
     messages.FitTask: messages.FitReply,
     messages.EvaluateTask: messages.EvaluateReply,
+    messages.RegisterTask: messages.Registration,
     messages.SecAggSetup: messages.SecAggKeys,
     messages.SecAggShareRequest: messages.SecAggShares,
     messages.SecAggMaskRequest: messages.SecAggMaskedInput,
@@ -75,7 +76,9 @@ def _reply_bytes(kind: type, header: messages.Header) -> int:
     each tensor the task sent (SCAFFOLD's control variate comes back as ``control_delta``) and,
     for a Newton client, the gradient and Hessian sums (``d + d * d`` floats). A masked input:
     ``d + 1`` ring elements of at most 8 bytes. Shares: one bounded entry per peer named in the
-    task. Keys and evaluation replies carry no tensor of the model's size.
+    task. An evaluation reply: the int64 score histograms and confusion matrix its task asks
+    for (``C * 2 * bins + C * C`` counts). Keys and registrations carry no tensor of the model's
+    size.
     """
     if kind in (messages.FitTask, messages.SecAggMaskRequest):
         d = math.prod(header.shapes["parameters"])
@@ -91,6 +94,11 @@ def _reply_bytes(kind: type, header: messages.Header) -> int:
         return SECAGG_ENTRY_BYTES * peers
     if kind is messages.SecAggSetup:
         return SECAGG_KEYS_BYTES
+    if kind is messages.EvaluateTask:
+        config = header.fields.get("config", {})
+        bins, classes = config.get(messages.EVAL_BINS), config.get(messages.EVAL_CLASSES)
+        if isinstance(bins, int) and isinstance(classes, int):
+            return 8 * (classes * 2 * bins + classes * classes)
     return 0
 
 

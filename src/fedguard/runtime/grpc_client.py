@@ -129,11 +129,13 @@ def serve(
     *,
     stop: threading.Event | None = None,
     rng: random.Random | None = None,
+    stop_on: tuple[type[Exception], ...] = (),
 ) -> int:
     """Answer tasks until the server says the run is finished; returns the tasks answered.
 
     Raises :class:`ClientRefusedError` on ``UNAUTHENTICATED`` and :class:`ServerGoneError` when
-    the server is unreachable for ``give_up_after_s``.
+    the server is unreachable for ``give_up_after_s``. A handler exception of a ``stop_on``
+    type (one that retrying cannot cure) is reported to the server like any other, then raised.
     """
     stop = stop or threading.Event()
     backoff = Backoff(settings.backoff_initial_s, settings.backoff_max_s, rng or random.Random())
@@ -153,6 +155,7 @@ def serve(
                 if status != wire_pb2.PULL_STATUS_TASK:
                     continue
                 reply, error = b"", problem
+                fatal: Exception | None = None
                 if payload is not None:
                     try:
                         reply = handler(settings.client_id, payload)
@@ -160,8 +163,11 @@ def serve(
                         error = f"{type(exc).__name__}: {exc}"[:MAX_ERROR_CHARS]
                         # quoted: an exception's text may hold newlines that would forge lines
                         log.warning("client %d: task failed: %r", settings.client_id, error)
+                        fatal = exc if isinstance(exc, stop_on) else None
                 stub.Push(_reply_chunks(settings, task_id, reply, error))
                 answered += 1
+                if fatal is not None:
+                    raise fatal
             except grpc.RpcError as exc:
                 code = exc.code()
                 if code is grpc.StatusCode.UNAUTHENTICATED:

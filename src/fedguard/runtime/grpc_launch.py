@@ -3,7 +3,10 @@
 For demos and tests: throwaway development certificates and tokens are made in a temporary
 folder (TLS by default; plain text only with ``insecure``), the server listens on a free
 loopback port, and every child process is stopped when the server exits, on Ctrl-C, or on any
-error, so a launch never leaves processes behind.
+error, so a launch never leaves processes behind. The server is ``fedguard server``: it loads
+no data set (clients register their sizes and evaluate on their held-out data); each client is
+``fedguard client FILE.toml --client-id N``, which loads the experiment's public data set and
+keeps its own partition (the demo path).
 """
 
 from __future__ import annotations

@@ -1,11 +1,24 @@
-"""User code named in a config as ``"package.module:callable"``: import it and call it."""
+"""User code named in a config as ``"package.module:callable"``: import it and call it.
+
+Models and data sets are functions; strategies, aggregators, client trainers and attacks are
+objects of fedguard's public protocols (``fedguard.Strategy``, ``fedguard.Aggregator``,
+``fedguard.ClientTrainer``, ``fedguard.Attack``), made by calling the named class or function with
+the options table of its key (``server.aggregator_options``, ...) and, if it asks for it, a
+:class:`PluginContext`.
+"""
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from fedguard.client.model import ModelAdapter
+    from fedguard.client.trainer import ClientTrainer
+    from fedguard.protocol.aggregator import Aggregator
 
 
 class PluginError(ValueError):
@@ -33,3 +46,61 @@ def call_with_supported(fn: Callable[..., Any], **kwargs: Any) -> Any:
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return fn(**kwargs)
     return fn(**{k: v for k, v in kwargs.items() if k in params})
+
+
+def is_reference(name: str) -> bool:
+    """Whether a configured name is a ``package.module:name`` reference (not a built-in name)."""
+    return ":" in name
+
+
+@dataclass(frozen=True)
+class PluginContext:
+    """What fedguard offers a plug-in's factory besides its options (it gets this as ``context``
+    if it declares a parameter of that name).
+
+    ``seed``: the experiment's seed; ``num_clients`` and ``clients_per_round``: the federation;
+    ``byzantine_f``: ``server.byzantine_f`` (None when unset); ``client_config``: the local
+    training settings the clients are sent (``lr``, ``epochs``, ``batch_size``, ...);
+    ``build_model``: a fresh copy of the run's model (same architecture and initialisation), for
+    a server that trains on data of its own; ``trainer``: the run's client trainer;
+    ``aggregator``: the run's aggregator (for a strategy). A part not known where the plug-in
+    is loaded (a deployed client knows no aggregator) is None.
+    """
+
+    seed: int = 0
+    num_clients: int | None = None
+    clients_per_round: int | None = None
+    byzantine_f: int | None = None
+    client_config: Mapping[str, Any] = field(default_factory=dict)
+    build_model: Callable[[], ModelAdapter] | None = None
+    trainer: ClientTrainer | None = None
+    aggregator: Aggregator | None = None
+
+
+def load(spec: str, *, what: str, options: Mapping[str, Any], context: PluginContext) -> object:
+    """Import ``package.module:name`` and call it with ``options`` as keyword arguments (and
+    ``context=context`` if it declares ``context`` or takes ``**kwargs``); the caller checks what
+    it made with :func:`check_kind`. ``what`` names the config key in errors."""
+    factory = import_callable(spec, what=what)
+    if "context" in options:
+        raise PluginError(f'{what} {spec!r}: "context" is reserved; rename that option.')
+    arguments = dict(options)
+    try:
+        params = dict(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):  # no signature to read: options only
+        params = {}
+    if "context" in params or any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        arguments["context"] = context
+    try:
+        return factory(**arguments)
+    except (TypeError, ValueError) as exc:
+        raise PluginError(f"{what} {spec!r}: {exc}") from exc
+
+
+def check_kind(made: object, kind: type, *, spec: str, what: str) -> None:
+    """Refuse ``made`` unless it is a ``kind`` (one of fedguard's public protocols)."""
+    if not isinstance(made, kind):
+        raise PluginError(
+            f"{what} {spec!r} gave a {type(made).__name__}, not a {kind.__name__} (subclass "
+            f"fedguard.{kind.__name__})."
+        )

@@ -9,21 +9,26 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from dataclasses import replace
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from fedguard import plugins
 from fedguard.algorithms import attacks_data
 from fedguard.client import evaluation
 from fedguard.client.app import ClientApp, ClientPins, client_pins
 from fedguard.client.model import ModelAdapter
+from fedguard.client.trainer import ClientTrainer
 from fedguard.experiment import checkpoint, config_checks, federation, privacy
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.models import registry as models
 from fedguard.protocol import messages, secagg
+from fedguard.protocol.aggregator import Aggregator
+from fedguard.protocol.central_dp import CentralPrivacy
 from fedguard.protocol.driver import RoundDriver
-from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, StrategyKind
+from fedguard.protocol.strategy import CentralDP, Strategy, StrategyKind, StrategyState
 from fedguard.protocol.transport import Transport
 from fedguard.runtime import attack
 from fedguard.runtime.inprocess import InProcessTransport
@@ -86,32 +91,74 @@ def check_output_width(model, example: torch.Tensor, num_classes: int, what: str
         )
 
 
-def min_clients(cfg: ExperimentConfig) -> int:
+def _loaded(
+    spec: str, *, what: str, kind: type, options: Mapping[str, Any], context: Any
+) -> object:
+    """The plug-in ``spec`` made with its ``options``, a ``kind`` (else a :class:`ConfigError`)."""
+    try:
+        made = plugins.load(spec, what=what, options=options, context=context)
+        plugins.check_kind(made, kind, spec=spec, what=what)
+    except plugins.PluginError as exc:
+        raise ConfigError(str(exc)) from None
+    return made
+
+
+def build_trainer(cfg: ExperimentConfig, context: plugins.PluginContext) -> ClientTrainer:
+    """``client.trainer``: a plug-in, or the built-in loop of ``[client]`` and ``[privacy]``."""
+    c = cfg.client
+    if plugins.is_reference(c.trainer):
+        made = _loaded(
+            c.trainer,
+            what="client.trainer",
+            kind=ClientTrainer,
+            options=c.trainer_options,
+            context=context,
+        )
+        return cast(ClientTrainer, made)  # _loaded checked its kind
+    return config_checks.builtin_trainer(cfg)
+
+
+def build_aggregator(cfg: ExperimentConfig, context: plugins.PluginContext) -> Aggregator:
+    """``server.aggregator``: a plug-in, the weighted mean or a built-in robust rule."""
+    s = cfg.server
+    if plugins.is_reference(s.aggregator):
+        made = _loaded(
+            s.aggregator,
+            what="server.aggregator",
+            kind=Aggregator,
+            options=s.aggregator_options,
+            context=context,
+        )
+        return cast(Aggregator, made)  # _loaded checked its kind
+    return config_checks.builtin_aggregator(s, cfg.experiment.seed)
+
+
+def min_clients(cfg: ExperimentConfig, rule: Aggregator) -> int:
     """The fewest usable replies a round needs: ``min_clients``, and under a robust rule the
     updates it needs to tolerate ``byzantine_f`` (fewer fail the round as too few replies do)."""
-    rule = config_checks.robust_rule(cfg.server, cfg.experiment.seed)
-    if rule is None:
+    f = cfg.server.byzantine_f
+    if cfg.server.aggregator == "mean" or f is None:
         return cfg.min_clients
-    return max(cfg.min_clients, config_checks.min_updates(rule.kind, rule.f, rule.bucket_size))
+    return max(cfg.min_clients, config_checks.min_updates(rule, f, cfg.clients_per_round))
 
 
 def secure_aggregation_settings(
-    cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, *, max_weight: int
+    cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, rule: Aggregator, *, max_weight: int
 ) -> secagg.Settings | None:
-    """The ``[secure_aggregation]`` settings (None: off) under the privacy ``plan``, a client's
-    integer weight capped at ``max_weight``; the fixed-point range is not checked here."""
+    """The ``[secure_aggregation]`` settings (None: off) under the privacy ``plan`` and the
+    aggregator ``rule``, a client's integer weight capped at ``max_weight``; the fixed-point
+    range is not checked here."""
     a = cfg.secure_aggregation
     if not a.enabled:
         return None
     distributed = plan.distributed if plan is not None else None
     user_dp = plan is not None and plan.mode in ("central", "distributed")
-    rule_is_mean = cfg.server.aggregator == "mean"
     clip = cfg.privacy.clip_norm if user_dp else a.clip_norm
     if clip is None:  # the config refuses this
         where = "privacy.clip_norm" if user_dp else "secure_aggregation.clip_norm"
         raise ConfigError(f"Secure aggregation needs a clip: {where} is not set.")
-    if cfg.server.norm_bound is not None:  # norm bounding: each client clips its own update
-        clip = min(clip, cfg.server.norm_bound)
+    if rule.norm_bound is not None:  # norm bounding: each client clips its own update
+        clip = min(clip, rule.norm_bound)
     return secagg.Settings(
         mode=secagg.Mode(a.mode),
         clip_norm=clip,
@@ -119,7 +166,7 @@ def secure_aggregation_settings(
         bits=a.bits,
         # Robust rules weigh clients equally (claimed sizes buy no influence); of them only
         # norm bounding runs here, so its clipped updates are summed with weight 1 each.
-        weighted=not user_dp and rule_is_mean,
+        weighted=not user_dp and rule.weighs_by_examples,
         threshold=a.threshold,
         neighbours=a.neighbours,
         distributed=distributed,
@@ -132,10 +179,11 @@ def run_pins(
     plan: privacy.PrivacyPlan | None,
     settings: secagg.Settings | None,
     client_ids: Iterable[int],
+    rule: Aggregator,
 ) -> ClientPins:
     """What the clients ``client_ids`` of ``cfg`` hold the server to: the run's secure-aggregation
     ``settings`` and the fit-task entries of its privacy ``plan`` (see :func:`client_pins`)."""
-    least = min_clients(cfg)
+    least = min_clients(cfg, rule)
     return client_pins(
         settings,
         plan.client_config(cfg) if plan is not None else {},
@@ -167,15 +215,24 @@ def config_pins(
     else:  # user-level DP counts the federation's clients, not their records
         sizes = dict.fromkeys(range(cfg.data.num_clients), num_train)
     plan = privacy.build(cfg, sizes, model, sizes_known=False)
+    # The server's aggregator sets the clip and the weights of the masked sum; a plug-in is
+    # made here as the server makes it (it must not need the server's model to be made).
+    context = plugins.PluginContext(
+        seed=cfg.experiment.seed,
+        num_clients=cfg.data.num_clients,
+        clients_per_round=cfg.clients_per_round,
+        byzantine_f=cfg.server.byzantine_f,
+    )
+    rule = build_aggregator(cfg, context)
     # Without secure_aggregation.max_examples the server caps a client's weight at its largest
     # partition, which only the experiment's data set tells; this client's own size stands in.
     # The pins never compare the cap (secagg.Pins.check_setup holds the server to the graph
     # degree, threshold, clip and unweighted sums): it sets the fixed-point range of the sum, so
     # a server that picks another one can garble the sum but learns no more from it.
     settings = secure_aggregation_settings(
-        cfg, plan, max_weight=cfg.secure_aggregation.max_examples or num_train
+        cfg, plan, rule, max_weight=cfg.secure_aggregation.max_examples or num_train
     )
-    return run_pins(cfg, plan, settings, range(cfg.data.num_clients))
+    return run_pins(cfg, plan, settings, range(cfg.data.num_clients), rule)
 
 
 class Experiment:
@@ -250,21 +307,28 @@ class Experiment:
                 except ValueError as exc:
                     raise ConfigError(str(exc)) from None
         s = cfg.server
-        rule = config_checks.robust_rule(s, cfg.experiment.seed)
-        self.strategy = Strategy.create(
-            StrategyKind(s.strategy),
-            client_config=client_config,
+        context = plugins.PluginContext(
+            seed=cfg.experiment.seed,
             num_clients=len(self.fed.clients),
-            server_lr=s.server_lr,
-            server_momentum=s.server_momentum,
-            beta1=s.beta1,
-            beta2=s.beta2,
-            tau=s.tau,
-            central_dp=central_dp,
-            robust_rule=rule,
+            clients_per_round=cfg.clients_per_round,
+            byzantine_f=s.byzantine_f,
+            client_config=client_config,
+            build_model=functools.partial(self._fresh_model, model_fn),
         )
+        self.trainer = build_trainer(cfg, context)
+        context = replace(context, trainer=self.trainer)
+        self.aggregator = build_aggregator(cfg, context)
+        context = replace(context, aggregator=self.aggregator)
+        base = self._strategy(client_config, context)
+        try:  # the same rules for fedguard's strategy, aggregator and trainer as for a user's
+            config_checks.composition(
+                cfg, strategy=base, rule=self.aggregator, trainer=self.trainer
+            )
+            self.strategy = base if central_dp is None else CentralPrivacy(base, central_dp)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}
-        self.app = ClientApp(self.model, self.fed.clients, self.client_state)
+        self.app = ClientApp(self.model, self.fed.clients, self.client_state, trainer=self.trainer)
         # Deployment passes its own transport (gRPC); the round code is the same either way.
         self.transport: Transport = (
             InProcessTransport(self.app.handle, list(self.fed.clients))
@@ -275,7 +339,7 @@ class Experiment:
             self.transport = attack.ModelPoisoning(
                 self.transport,
                 self.attack.malicious,
-                attack.model_poison(self.attack.config),
+                self.attack.model_attack(),
                 seed=self.attack.seed,
             )
         self.driver = RoundDriver(
@@ -283,7 +347,7 @@ class Experiment:
             self.strategy,
             dim=self.model.spec.size,
             clients_per_round=cfg.clients_per_round,
-            min_clients=min_clients(cfg),
+            min_clients=min_clients(cfg, self.aggregator),
             seed=cfg.experiment.seed,
             deadline_s=s.deadline_s,
             poisson=s.sampling == "poisson",
@@ -296,13 +360,61 @@ class Experiment:
         )
         # The clients hold the server to this config's privacy settings, as a deployed client
         # holds it to its own copy (see client_pins): a round asking for less is refused.
-        self.app.pin(run_pins(cfg, self.privacy, self.driver.secure_aggregation, self.fed.clients))
+        self.app.pin(
+            run_pins(
+                cfg, self.privacy, self.driver.secure_aggregation, self.fed.clients, self.aggregator
+            )
+        )
         self.initial_params = self.model.get_flat()
         self.backdoor_test = self._backdoor_test()
+
+    def _fresh_model(self, model_fn: Callable[..., Any] | None) -> ModelAdapter:
+        """Another instance of the run's model, as initialised (for a plug-in's own use)."""
+        cfg = self.cfg
+        return models.build(
+            cfg.model.name,
+            framework=cfg.model.framework,
+            input_shape=self.fed.input_shape,
+            num_classes=self.fed.num_classes,
+            seed=cfg.experiment.seed,
+            builder=model_fn,
+        )
+
+    def _strategy(
+        self, client_config: Mapping[str, messages.Scalar], context: plugins.PluginContext
+    ) -> Strategy:
+        """``server.strategy`` without central DP: a plug-in, or a built-in with its settings."""
+        s = self.cfg.server
+        if plugins.is_reference(s.strategy):
+            made = _loaded(
+                s.strategy,
+                what="server.strategy",
+                kind=Strategy,
+                options=s.strategy_options,
+                context=context,
+            )
+            return cast(Strategy, made)  # _loaded checked its kind
+        try:
+            return Strategy.create(
+                StrategyKind(s.strategy),
+                client_config=client_config,
+                num_clients=len(self.fed.clients),
+                server_lr=s.server_lr,
+                server_momentum=s.server_momentum,
+                beta1=s.beta1,
+                beta2=s.beta2,
+                tau=s.tau,
+                aggregator=self.aggregator,
+                seed=self.cfg.experiment.seed,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     def _poison(
         self, plan: attack.Plan, client_id: int, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if plan.config is None:
+            raise ValueError("A plug-in attack poisons updates, not training data.")
         return attack.poison_training_data(
             x,
             y,
@@ -330,7 +442,7 @@ class Experiment:
         """The ``[secure_aggregation]`` settings; the fixed-point range is checked here."""
         a, cfg = self.cfg.secure_aggregation, self.cfg
         settings = secure_aggregation_settings(
-            cfg, self.privacy, max_weight=a.max_examples or max(sizes.values())
+            cfg, self.privacy, self.aggregator, max_weight=a.max_examples or max(sizes.values())
         )
         if settings is None:
             return None
@@ -399,15 +511,15 @@ class Experiment:
         return round_ == self.cfg.experiment.rounds or (every > 0 and round_ % every == 0)
 
     def checkpoint_tensors(
-        self, params: torch.Tensor, state: ServerState
+        self, params: torch.Tensor, state: StrategyState
     ) -> dict[str, torch.Tensor]:
         tensors = {"params": params}
-        tensors.update({f"server.{k}": v for k, v in state.tensors().items()})
+        tensors.update({f"server.{k}": v for k, v in state.items()})
         for cid, named in self.client_state.items():
             tensors.update({f"client.{cid}.{k}": v for k, v in named.items()})
         return tensors
 
-    def restore(self, ck: checkpoint.Checkpoint) -> tuple[torch.Tensor, ServerState]:
+    def restore(self, ck: checkpoint.Checkpoint) -> tuple[torch.Tensor, StrategyState]:
         params = ck.tensors["params"]
         self.model.spec.check_vector(params)
         server = {
@@ -418,4 +530,4 @@ class Experiment:
             if key.startswith("client."):
                 _, cid, name = key.split(".", 2)
                 self.client_state.setdefault(int(cid), {})[name] = value
-        return params, ServerState.from_tensors(server)
+        return params, self.strategy.restore(server)

@@ -3,7 +3,9 @@
 Every key has a type and a range; unknown keys are refused, so a typo never silently falls back to
 a default. Cross-key rules (more clients per round than clients, FedProx without a proximal term,
 Krum under secure aggregation, more Byzantine clients than a robust rule tolerates) are checked
-before anything runs, by :mod:`fedguard.experiment.config_checks`.
+before anything runs, by :mod:`fedguard.experiment.config_checks`. A strategy, aggregator, client
+trainer or attack may be a plug-in named ``"package.module:name"``, with its options as a table
+(``server.aggregator_options = { ... }``); the run checks it by the same rules once built.
 """
 
 from __future__ import annotations
@@ -12,11 +14,21 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
-from fedguard.algorithms import attacks, attacks_model
+from fedguard import plugins
+from fedguard.algorithms import attacks, attacks_model, robust
 from fedguard.experiment import config_checks
+from fedguard.protocol.strategy import StrategyKind
 
 
 class ConfigError(ValueError):
@@ -28,6 +40,18 @@ class _Section(BaseModel):
 
 
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
+# A plug-in's options: the TOML table of its key, passed to its factory as keyword arguments.
+Options = dict[str, Any]
+
+
+def _built_in_or_reference(value: str, built_in: tuple[str, ...], key: str) -> str:
+    """``value`` if it is one of ``built_in`` or a ``package.module:name`` reference."""
+    if value in built_in or plugins.is_reference(value):
+        return value
+    allowed = ", ".join(repr(b) for b in built_in)
+    raise ValueError(
+        f'{key}: Input should be {allowed} or "package.module:name" (a plug-in), got {value!r}'
+    )
 
 
 class ExperimentSection(_Section):
@@ -61,6 +85,10 @@ class ModelSection(_Section):
 
 
 class ClientSection(_Section):
+    """Local training: ``client.optimizer``'s built-in loop with these settings, or a plug-in
+    ``trainer`` (a :class:`fedguard.ClientTrainer`, ``trainer_options`` its options) that reads
+    them from its task's config."""
+
     optimizer: Literal["sgd", "adam", "lbfgs", "newton"] = "sgd"
     lr: float = Field(0.01, gt=0.0)
     momentum: float = Field(0.0, ge=0.0, lt=1.0)
@@ -70,12 +98,24 @@ class ClientSection(_Section):
     proximal_mu: float = Field(0.0, ge=0.0)
     max_steps: int | None = Field(None, ge=1)
     augment: Literal["none", "image", "spectrogram"] = "none"
+    trainer: str = "builtin"  # builtin (client.optimizer's loop; DP-SGD under local DP) | plug-in
+    trainer_options: Options = {}
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer(cls, value: str) -> str:
+        return _built_in_or_reference(value, ("builtin",), "client.trainer")
+
+
+BUILTIN_AGGREGATORS = ("mean", *(k.value for k in robust.RobustAggregator))
 
 
 class ServerSection(_Section):
-    strategy: Literal[
-        "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold"
-    ] = "fedavg"
+    """The strategy (built-in or a plug-in :class:`fedguard.Strategy`), sampling, and the
+    aggregator (the mean, a robust rule, or a plug-in :class:`fedguard.Aggregator`)."""
+
+    strategy: str = "fedavg"
+    strategy_options: Options = {}
     clients_per_round: int | None = Field(None, ge=1)
     fraction: float | None = Field(None, gt=0.0, le=1.0)
     min_clients: int | None = Field(None, ge=1)
@@ -87,17 +127,8 @@ class ServerSection(_Section):
     deadline_s: float | None = Field(None, gt=0.0)
     sampling: Literal["fixed", "poisson"] = "fixed"
     # Byzantine robustness: the rule that replaces the weighted mean, and what it must tolerate.
-    aggregator: Literal[
-        "mean",
-        "krum",
-        "multi_krum",
-        "median",
-        "trimmed_mean",
-        "bulyan",
-        "geometric_median",
-        "centered_clipping",
-        "norm_bounding",
-    ] = "mean"
+    aggregator: str = "mean"
+    aggregator_options: Options = {}
     byzantine_f: int | None = Field(None, ge=0)  # required with a robust aggregator
     multi_krum_m: int | None = Field(None, ge=1)  # default: K - f
     clipping_radius: float = Field(10.0, gt=0.0)  # centered clipping tau
@@ -107,27 +138,30 @@ class ServerSection(_Section):
     weiszfeld_tolerance: float = Field(1e-6, gt=0.0)  # geometric median
     bucket_size: int = Field(1, ge=1)  # > 1: the rule runs on means of random buckets
 
+    @field_validator("strategy", "aggregator")
+    @classmethod
+    def _named(cls, value: str, info: ValidationInfo) -> str:
+        if info.field_name == "strategy":
+            return _built_in_or_reference(
+                value, tuple(k.value for k in StrategyKind), "server.strategy"
+            )
+        return _built_in_or_reference(value, BUILTIN_AGGREGATORS, "server.aggregator")
+
+
+BUILTIN_ATTACKS = ("none", *(k.value for k in attacks.Attack))
+
 
 class AttackSection(_Section):
     """Simulated Byzantine clients (simulation only): which attack, how many, its parameters.
 
     ``fraction`` of the clients, drawn with ``seed`` (default: the experiment's seed), are
     malicious for the whole run. Data poisoning (``label_flip``, ``backdoor``) changes their
-    training data; model poisoning replaces their replies (see ``fedguard.runtime.attack``).
+    training data; model poisoning replaces their replies (see ``fedguard.runtime.attack``), as
+    a plug-in :class:`fedguard.Attack` does (``kind = "package.module:name"``, ``options`` its
+    options).
     """
 
-    kind: Literal[
-        "none",
-        "sign_flip",
-        "boost",
-        "gaussian",
-        "alie",
-        "ipm",
-        "min_max",
-        "min_sum",
-        "label_flip",
-        "backdoor",
-    ] = "none"
+    kind: str = "none"
     fraction: float = Field(0.2, ge=0.0, le=1.0)
     seed: int | None = None
     scale: float = Field(1.0, gt=0.0)  # sign_flip: -scale * u
@@ -139,9 +173,15 @@ class AttackSection(_Section):
     target_label: int = Field(0, ge=0)  # backdoor
     trigger_size: int = Field(3, ge=1)  # backdoor: side of the square, in pixels
     poisoned_fraction: float = Field(0.5, gt=0.0, le=1.0)  # backdoor: share of local images
+    options: Options = {}  # a plug-in attack's options
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        return _built_in_or_reference(value, BUILTIN_ATTACKS, "attack.kind")
 
     def config(self) -> attacks.AttackConfig:
-        """The algorithms' view of a model-poisoning or label-flipping attack."""
+        """The algorithms' view of a built-in model- or data-poisoning attack."""
         return attacks.AttackConfig(
             kind=attacks.Attack(self.kind),
             scale=self.scale,
@@ -223,10 +263,12 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
+        config_checks.plugin_options(self)
         config_checks.strategy_and_optimizer(self)
         config_checks.privacy(self)
         config_checks.secure_aggregation(self)
         config_checks.robustness(self)
+        config_checks.builtin_composition(self)
         return self
 
     @property

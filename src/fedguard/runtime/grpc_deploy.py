@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedguard import plugins
 from fedguard.client.app import ClientApp, ClientData
 from fedguard.data import dataset
 from fedguard.data.errors import DataError
@@ -154,7 +155,9 @@ def demo_app(config: str | Path, client_id: int, overrides: Sequence[str] = ()) 
         raise config_mod.ConfigError(
             f"--client-id {client_id}: the experiment has clients 0..{len(exp.fed.clients) - 1}"
         )
-    return ClientApp(exp.model, {client_id: exp.fed.clients[client_id]}, pins=exp.app.pins)
+    return ClientApp(
+        exp.model, {client_id: exp.fed.clients[client_id]}, pins=exp.app.pins, trainer=exp.trainer
+    )
 
 
 def data_app(
@@ -170,7 +173,8 @@ def data_app(
 
     With the ``experiment``'s config it holds the server to that config's secure aggregation
     and DP (:func:`.assembly.config_pins`, from the config and its own data's size; the
-    experiment's data set is not loaded); without it, only to the protocol's own rules. Under
+    experiment's data set is not loaded) and trains with its ``client.trainer``; without it, it
+    holds the server only to the protocol's own rules and trains as each task names. Under
     local DP its sampling rate and steps follow its own data, not the server's copy of the
     partition: its fit replies report them and the server composes what they report."""
     if experiment is not None and not 0 <= client_id < experiment.data.num_clients:
@@ -206,12 +210,13 @@ def data_app(
     except (ValueError, ImportError) as exc:
         raise config_mod.ConfigError(f"--model {model!r}: {exc}") from None
     assembly.check_output_width(adapter, x[:1], num_classes, f"--model {model!r}")
-    pins = (
-        None
-        if experiment is None
-        else assembly.config_pins(experiment, adapter, client_id, local.num_train)
-    )
-    return ClientApp(adapter, {client_id: local}, pins=pins)
+    pins = trainer = None
+    if experiment is not None:
+        pins = assembly.config_pins(experiment, adapter, client_id, local.num_train)
+        # The client's own file names its trainer; without it, the built-in loop the task names.
+        context = plugins.PluginContext(seed=experiment.experiment.seed)
+        trainer = assembly.build_trainer(experiment, context)
+    return ClientApp(adapter, {client_id: local}, pins=pins, trainer=trainer)
 
 
 def run_client(settings: grpc_client.ClientSettings, app: ClientApp) -> int:

@@ -18,6 +18,8 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from fedguard.client.app import ClientData
+    from fedguard.client.model import ModelAdapter
     from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
     from fedguard.plugins import PluginContext
     from fedguard.protocol.aggregator import Aggregator, Condition, RoundContext
@@ -31,6 +33,8 @@ _PROTOCOLS = {
     "RoundContext": "fedguard.protocol.aggregator",
     "Strategy": "fedguard.protocol.strategy",
     "StrategyState": "fedguard.protocol.strategy",
+    "ClientData": "fedguard.client.app",
+    "ModelAdapter": "fedguard.client.model",
     "ClientTrainer": "fedguard.client.trainer",
     "TrainTask": "fedguard.client.trainer",
     "TrainResult": "fedguard.client.trainer",
@@ -60,8 +64,10 @@ def run(config: Any, **kwargs: Any) -> dict[str, Any]:
 __all__ = [
     "Aggregator",
     "Attack",
+    "ClientData",
     "ClientTrainer",
     "Condition",
+    "ModelAdapter",
     "PluginContext",
     "RoundContext",
     "Strategy",

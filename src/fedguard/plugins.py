@@ -101,6 +101,6 @@ def check_kind(made: object, kind: type, *, spec: str, what: str) -> None:
     """Refuse ``made`` unless it is a ``kind`` (one of fedguard's public protocols)."""
     if not isinstance(made, kind):
         raise PluginError(
-            f"{what} {spec!r} gave a {type(made).__name__}, not a {kind.__name__} (subclass "
-            f"fedguard.{kind.__name__})."
+            f"{what} {spec!r} gave a {type(made).__name__}, not a fedguard.{kind.__name__} "
+            "(subclass it)."
         )

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from fedguard.client.model import ModelAdapter
     from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
     from fedguard.plugins import PluginContext
+    from fedguard.protocol.messages import FitReply
     from fedguard.protocol.aggregator import Aggregator, Condition, RoundContext
     from fedguard.protocol.strategy import Strategy, StrategyState
     from fedguard.runtime.attack import Attack
@@ -31,6 +32,7 @@ _PROTOCOLS = {
     "Aggregator": "fedguard.protocol.aggregator",
     "Condition": "fedguard.protocol.aggregator",
     "RoundContext": "fedguard.protocol.aggregator",
+    "FitReply": "fedguard.protocol.messages",
     "Strategy": "fedguard.protocol.strategy",
     "StrategyState": "fedguard.protocol.strategy",
     "ClientData": "fedguard.client.app",
@@ -67,6 +69,7 @@ __all__ = [
     "ClientData",
     "ClientTrainer",
     "Condition",
+    "FitReply",
     "ModelAdapter",
     "PluginContext",
     "RoundContext",

@@ -11,6 +11,8 @@ and a user's alike (:mod:`fedguard.experiment.config_checks`):
   ``server.byzantine_f`` or a cohort that breaks it.
 * ``needs_individual_updates``: whether it must see each update. Secure aggregation reveals only
   the sum and central DP's noise is calibrated for the mean, so such a rule runs with neither.
+  A rule that does not need them must be the mean of the updates after each is clipped to its
+  ``norm_bound`` (weighted as below), since that is all a sum can give.
 * ``norm_bound``: a bound it applies to each update on its own. Under secure aggregation the
   clients apply it before masking; under central DP the server's clip takes the smaller of the
   two.

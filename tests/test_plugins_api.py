@@ -113,7 +113,7 @@ class ScaledSignFlip(fedguard.Attack):
 def _fltrust(server_update: list[float]) -> fltrust.FLTrust:
     context = fedguard.PluginContext(
         trainer=FixedUpdate(server_update),
-        build_model=lambda: TorchModel(torch.nn.Linear(1, 2, bias=False)),
+        build_model=lambda: TorchModel(torch.nn.Linear(1, len(server_update), bias=False)),
     )
     return fltrust.FLTrust(root=f"{HERE}:tiny_root", examples=5, context=context)
 
@@ -390,3 +390,43 @@ def test_the_readme_plugin_example_runs(tmp_path: Path, monkeypatch) -> None:
     summary = fedguard.run(cfg, out=tmp_path / "run", progress=False)
     assert summary["aggregator"] == "mypkg.agg:Median"
     assert summary["test_accuracy"] >= 0.9
+
+
+def _aggregators() -> dict[str, fedguard.Aggregator]:
+    from fedguard.algorithms import robust
+    from fedguard.protocol import aggregator, robust_rules
+
+    rules: dict[str, fedguard.Aggregator] = {"mean": aggregator.Mean()}
+    for kind in robust.RobustAggregator:
+        config = robust.RobustConfig(kind, f=1, norm_bound=5.0, tau=5.0, tolerance=1e-10)
+        rules[kind.value] = robust_rules.RobustRule(config)
+    rules["fltrust"] = _fltrust([1.0, -2.0, 0.5, 3.0])
+    rules["third_trim"] = ThirdTrim(context=fedguard.PluginContext(byzantine_f=1))
+    return rules
+
+
+@pytest.mark.parametrize("name", list(_aggregators()))
+def test_every_aggregator_keeps_the_protocol(name: str) -> None:
+    """fedguard's rules and the plug-ins alike: a float32 [D] that does not depend on the order
+    of the updates, identical updates u give u (FLTrust: u rescaled to its server update's norm
+    3.775), and a condition that holds for more updates or fewer Byzantine ones once it holds."""
+    rule = _aggregators()[name]
+    updates = torch.randn(9, 4, generator=torch.Generator().manual_seed(2))
+    weights = torch.tensor([3.0, 1.0, 4.0, 1.0, 5.0, 9.0, 2.0, 6.0, 5.0])
+    if not rule.weighs_by_examples:
+        weights = torch.ones(9)
+    round_ = fedguard.RoundContext(1, torch.zeros(4), torch.Generator().manual_seed(0))
+    state = rule.init(4)
+    _, out = rule.aggregate(updates, weights, state=state, context=round_)
+    order = torch.tensor([4, 0, 8, 2, 6, 1, 7, 3, 5])
+    _, permuted = rule.aggregate(updates[order], weights[order], state=state, context=round_)
+    assert out.shape == (4,) and out.dtype == torch.float32 and bool(torch.isfinite(out).all())
+    assert torch.allclose(out, permuted, atol=1e-5)
+    u = torch.tensor([0.5, -1.0, 0.25, 1.5])
+    _, same = rule.aggregate(u.repeat(9, 1), weights, state=rule.init(4), context=round_)
+    expected = u * (math.sqrt(1 + 4 + 0.25 + 9) / math.sqrt(0.25 + 1 + 0.0625 + 2.25))
+    assert same.tolist() == pytest.approx((expected if name == "fltrust" else u).tolist(), abs=1e-5)
+    for n in range(1, 13):
+        for f in range(0, 6):
+            if rule.condition(n, f).holds:
+                assert rule.condition(n + 1, f).holds and (f == 0 or rule.condition(n, f - 1).holds)

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from fedguard.client.model import ModelAdapter
     from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
     from fedguard.plugins import PluginContext
-    from fedguard.protocol.messages import FitReply
     from fedguard.protocol.aggregator import Aggregator, Condition, RoundContext
+    from fedguard.protocol.messages import FitReply
     from fedguard.protocol.strategy import Strategy, StrategyState
     from fedguard.runtime.attack import Attack
 

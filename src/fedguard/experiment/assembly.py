@@ -1,5 +1,7 @@
 """The pieces of an experiment built from its configuration: data, model, clients, transport,
 attack, privacy, secure aggregation, strategy and round driver, plus the central evaluation.
+The strategy, its aggregator, the clients' trainer and the attack are fedguard's or a user's
+plug-ins, built the same way and held to the same composition rules before round 1.
 
 One :class:`Experiment` serves the command line, ``fedguard.run``, the benchmarks and the
 deployment server alike, so that a simulated run and a deployed one are assembled the same way.
@@ -179,11 +181,13 @@ def run_pins(
     plan: privacy.PrivacyPlan | None,
     settings: secagg.Settings | None,
     client_ids: Iterable[int],
-    rule: Aggregator,
+    rule: Aggregator | None,
 ) -> ClientPins:
     """What the clients ``client_ids`` of ``cfg`` hold the server to: the run's secure-aggregation
-    ``settings`` and the fit-task entries of its privacy ``plan`` (see :func:`client_pins`)."""
-    least = min_clients(cfg, rule)
+    ``settings`` and the fit-task entries of its privacy ``plan`` (see :func:`client_pins`).
+    ``rule`` is the run's aggregator (it sets the fewest inputs a masked sum may have; None
+    without secure aggregation, which makes the only pins that use it)."""
+    least = cfg.min_clients if rule is None or settings is None else min_clients(cfg, rule)
     return client_pins(
         settings,
         plan.client_config(cfg) if plan is not None else {},
@@ -215,23 +219,27 @@ def config_pins(
     else:  # user-level DP counts the federation's clients, not their records
         sizes = dict.fromkeys(range(cfg.data.num_clients), num_train)
     plan = privacy.build(cfg, sizes, model, sizes_known=False)
-    # The server's aggregator sets the clip and the weights of the masked sum; a plug-in is
-    # made here as the server makes it (it must not need the server's model to be made).
-    context = plugins.PluginContext(
-        seed=cfg.experiment.seed,
-        num_clients=cfg.data.num_clients,
-        clients_per_round=cfg.clients_per_round,
-        byzantine_f=cfg.server.byzantine_f,
-    )
-    rule = build_aggregator(cfg, context)
+    # Under secure aggregation the server's aggregator sets the clip and the weights of the
+    # masked sum; a plug-in is made here as the server makes it, without the server's model.
+    rule = None
+    if cfg.secure_aggregation.enabled:
+        context = plugins.PluginContext(
+            seed=cfg.experiment.seed,
+            num_clients=cfg.data.num_clients,
+            clients_per_round=cfg.clients_per_round,
+            byzantine_f=cfg.server.byzantine_f,
+        )
+        rule = build_aggregator(cfg, context)
     # Without secure_aggregation.max_examples the server caps a client's weight at its largest
     # partition, which only the experiment's data set tells; this client's own size stands in.
     # The pins never compare the cap (secagg.Pins.check_setup holds the server to the graph
     # degree, threshold, clip and unweighted sums): it sets the fixed-point range of the sum, so
     # a server that picks another one can garble the sum but learns no more from it.
-    settings = secure_aggregation_settings(
-        cfg, plan, rule, max_weight=cfg.secure_aggregation.max_examples or num_train
-    )
+    settings = None
+    if rule is not None:
+        settings = secure_aggregation_settings(
+            cfg, plan, rule, max_weight=cfg.secure_aggregation.max_examples or num_train
+        )
     return run_pins(cfg, plan, settings, range(cfg.data.num_clients), rule)
 
 

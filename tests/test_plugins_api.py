@@ -5,7 +5,7 @@ computes what its papers and a hand calculation say, and learns, also under atta
 
 Measured for examples/custom_plugins/experiment.toml (seed 0, 20 rounds, 10 IID clients of the
 digits, 2 CPU threads): FLTrust 92.0% test accuracy clean and 89.6% with 3 of the 10 clients
-sending -4 times their update, where the plain mean falls to 10.2%; about 5 s per run.
+sending -4 times their update, where the plain mean falls to 10.2%; 5-8 s per run.
 """
 
 from __future__ import annotations
@@ -430,3 +430,20 @@ def test_every_aggregator_keeps_the_protocol(name: str) -> None:
         for f in range(0, 6):
             if rule.condition(n, f).holds:
                 assert rule.condition(n + 1, f).holds and (f == 0 or rule.condition(n, f - 1).holds)
+
+
+def test_a_client_refuses_a_task_its_trainer_cannot_run() -> None:
+    """A deployed client holds its own trainer: a FedProx task (proximal_mu 0.1) reaches a client
+    whose trainer applies no proximal term, which refuses it rather than ignore the term."""
+    from fedguard.client.app import ClientApp, RefusedTaskError
+
+    model = TorchModel(digits.mlp((1, 8, 8), 10))
+    train = digits.digits(0).train
+    data = {0: fedguard.ClientData(torch.from_numpy(train.x[:40]), torch.from_numpy(train.y[:40]))}
+    app = ClientApp(model, data, trainer=accumulate.AccumulatingTrainer(micro_batches=2))
+    config = {"lr": 0.1, "epochs": 1, "batch_size": 8, "seed": 3}
+    params = model.get_flat()
+    reply = app.fit(messages.FitTask(1, 0, params, {**config, "proximal_mu": 0.0}))
+    assert reply.num_examples == 40 and reply.metrics["steps"] == 3.0  # ceil(40 / 16)
+    with pytest.raises(RefusedTaskError, match="asks for proximal_term, which its trainer"):
+        app.fit(messages.FitTask(2, 0, params, {**config, "proximal_mu": 0.1}))

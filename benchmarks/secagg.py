@@ -52,10 +52,10 @@ import numpy as np
 import torch
 
 from fedguard.algorithms.secagg import crypto as secagg_crypto
-from fedguard.protocol import messages, secagg, secagg_client
+from fedguard.protocol import fedopt, messages, secagg, secagg_client
 from fedguard.protocol.driver import RoundDriver
 from fedguard.protocol.secagg import Mode, Phase
-from fedguard.protocol.strategy import Strategy, StrategyKind
+from fedguard.protocol.strategy import StrategyKind
 from fedguard.simulation.dropout import PhaseDropout
 from fedguard.simulation.inprocess import InProcessTransport
 
@@ -103,7 +103,7 @@ def _settings(variant: Variant) -> secagg.Settings:
 
 
 def _driver(transport, n: int, dim: int, variant: Variant | None) -> RoundDriver:
-    strategy = Strategy.create(StrategyKind.FEDAVG, client_config={}, num_clients=n)
+    strategy = fedopt.create(StrategyKind.FEDAVG, client_config={}, num_clients=n)
     return RoundDriver(
         transport,
         strategy,

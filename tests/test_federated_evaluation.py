@@ -11,7 +11,8 @@ from sklearn.metrics import roc_auc_score
 import fedguard
 from conftest import metric_rows, tiny_config
 from fedguard.algorithms import binned_auc
-from fedguard.client.app import ClientApp, ClientData
+from fedguard.client.app import ClientApp
+from fedguard.client.data import ClientData
 from fedguard.experiment import config as config_mod
 from fedguard.experiment import runner
 from fedguard.experiment.assembly import Experiment

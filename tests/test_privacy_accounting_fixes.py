@@ -27,8 +27,8 @@ from conftest import tiny_config
 from fedguard.experiment import checkpoint
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.config import ConfigError
-from fedguard.protocol import messages
-from fedguard.protocol.strategy import CentralDP, Strategy, StrategyKind
+from fedguard.protocol import fedopt, messages
+from fedguard.protocol.strategy import CentralDP, StrategyKind
 
 DELTA = 1e-3
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
@@ -246,7 +246,7 @@ def _released_count(replies, *, expected: float = 5.0) -> float:
         clip_learning_rate=eta,
         count_stddev=0.0,
     )
-    strategy = Strategy.create(StrategyKind.FEDAVG, client_config={}, num_clients=9, central_dp=dp)
+    strategy = fedopt.create(StrategyKind.FEDAVG, client_config={}, num_clients=9, central_dp=dp)
     state = strategy.init(torch.zeros(4))
     state, _ = strategy.aggregate(state, torch.zeros(4), replies, round_=1)
     b = gamma - math.log(float(state.clip_norm[0]) / clip) / eta

@@ -18,7 +18,8 @@ from dp_accounting import rdp
 
 import fedguard
 from conftest import tiny_config
-from fedguard.client.app import ClientApp, ClientData
+from fedguard.client.app import ClientApp
+from fedguard.client.data import ClientData
 from fedguard.experiment import assembly, checkpoint
 from fedguard.experiment import config as config_mod
 from fedguard.protocol import messages

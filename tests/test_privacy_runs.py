@@ -14,8 +14,8 @@ import fedguard
 from conftest import tiny_config
 from fedguard.algorithms.privacy import dp_fedavg
 from fedguard.experiment.config import ConfigError
-from fedguard.protocol import driver, messages
-from fedguard.protocol.strategy import CentralDP, Strategy, StrategyKind
+from fedguard.protocol import driver, fedopt, messages
+from fedguard.protocol.strategy import CentralDP, StrategyKind
 from fedguard.simulation.inprocess import InProcessTransport
 
 CENTRAL = {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 0.5, "delta": 1e-3}
@@ -122,7 +122,7 @@ def test_adaptive_clipping_moves_the_clip_and_resume_repeats_the_noise(tmp_path)
 
 def test_server_reclips_an_update_from_a_lying_client() -> None:
     dp = CentralDP(clip_norm=1.0, noise_multiplier=1e-12, expected_clients=2.0, seed=0)
-    strategy = Strategy.create(StrategyKind.FEDAVG, client_config={}, num_clients=2, central_dp=dp)
+    strategy = fedopt.create(StrategyKind.FEDAVG, client_config={}, num_clients=2, central_dp=dp)
     params = torch.zeros(3)
     state = strategy.init(params)
     honest = dp_fedavg.clip_update(torch.tensor([0.0, 3.0, 4.0]), 1.0).update

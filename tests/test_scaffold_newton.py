@@ -17,11 +17,12 @@ from torch import nn
 
 from fedguard.algorithms.optimizers import newton, scaffold
 from fedguard.client import training
-from fedguard.client.app import CONTROL, ClientApp, ClientData
+from fedguard.client.app import CONTROL, ClientApp
+from fedguard.client.data import ClientData
 from fedguard.models.adapter import TorchModel
-from fedguard.protocol import messages
+from fedguard.protocol import fedopt, messages
 from fedguard.protocol.driver import RoundDriver
-from fedguard.protocol.strategy import Strategy, StrategyKind
+from fedguard.protocol.strategy import StrategyKind
 from fedguard.simulation.inprocess import InProcessTransport
 
 G0 = [0.5, -0.5, 0.5, -0.5]  # loss gradient at w = 0 for x = 1, y = 1
@@ -133,7 +134,7 @@ def test_scaffold_client_by_hand() -> None:
 
 
 def test_scaffold_server_by_hand() -> None:
-    strategy = Strategy.create(StrategyKind.SCAFFOLD, client_config={}, num_clients=4)
+    strategy = fedopt.create(StrategyKind.SCAFFOLD, client_config={}, num_clients=4)
     params = torch.tensor([1.0, -1.0])
     state = strategy.init(params)
     assert state.control.tolist() == [0.0, 0.0]
@@ -257,7 +258,7 @@ def test_federated_newton_step_is_the_pooled_newton_step() -> None:
     model = TorchModel(nn.Sequential(nn.Flatten(), nn.Linear(3, 2)))
     data = {0: _client_data(0, 10, -1.0), 1: _client_data(1, 30, 1.0), 2: _client_data(2, 5, 0.0)}
     config = {"optimizer": "newton", "weight_decay": 0.01}
-    strategy = Strategy.create(StrategyKind.FEDAVG, client_config=config, num_clients=3)
+    strategy = fedopt.create(StrategyKind.FEDAVG, client_config=config, num_clients=3)
     driver = RoundDriver(
         InProcessTransport(ClientApp(model, data).handle, list(data)),
         strategy,

@@ -17,11 +17,12 @@ from torch import nn
 
 from fedguard.algorithms.optimizers import server as so
 from fedguard.client import training
-from fedguard.client.app import ClientApp, ClientData
+from fedguard.client.app import ClientApp
+from fedguard.client.data import ClientData
 from fedguard.models.adapter import TorchModel
-from fedguard.protocol import messages
+from fedguard.protocol import fedopt, messages
 from fedguard.protocol.driver import RoundDriver
-from fedguard.protocol.strategy import Strategy, StrategyKind
+from fedguard.protocol.strategy import StrategyKind
 from fedguard.simulation.inprocess import InProcessTransport
 
 X0 = torch.tensor([1.0, -1.0])
@@ -99,7 +100,7 @@ def test_fedavgm_without_momentum_is_fedavg(server_lr: float) -> None:
 
 def test_fedavgm_without_momentum_is_fedavg_through_strategy() -> None:
     def run(kind: StrategyKind) -> torch.Tensor:
-        strategy = Strategy.create(
+        strategy = fedopt.create(
             kind, client_config={}, num_clients=2, server_lr=0.5, server_momentum=0.0
         )
         params, state = X0, strategy.init(X0)
@@ -307,7 +308,7 @@ def _one_round(kind: StrategyKind, proximal_mu: float) -> torch.Tensor:
         "batch_size": 8,
         "proximal_mu": proximal_mu,
     }
-    strategy = Strategy.create(kind, client_config=client_config, num_clients=3)
+    strategy = fedopt.create(kind, client_config=client_config, num_clients=3)
     driver = RoundDriver(
         InProcessTransport(app.handle, list(data)),
         strategy,
@@ -335,7 +336,7 @@ def test_fedprox_with_mu_zero_is_fedavg_through_strategy() -> None:
 
 def test_fedprox_keeps_its_mu_and_others_zero_it() -> None:
     config = {"proximal_mu": 0.25}
-    fedprox = Strategy.create(StrategyKind.FEDPROX, client_config=config, num_clients=1)
-    fedavg = Strategy.create(StrategyKind.FEDAVG, client_config=config, num_clients=1)
+    fedprox = fedopt.create(StrategyKind.FEDPROX, client_config=config, num_clients=1)
+    fedavg = fedopt.create(StrategyKind.FEDAVG, client_config=config, num_clients=1)
     assert fedprox.fit_instructions(fedprox.init(X0))[0]["proximal_mu"] == 0.25
     assert fedavg.fit_instructions(fedavg.init(X0))[0]["proximal_mu"] == 0.0

@@ -19,9 +19,9 @@ from conftest import metric_rows, ten_iid_config
 from fedguard.algorithms import robust
 from fedguard.experiment import assembly, checkpoint
 from fedguard.experiment.config import validate
-from fedguard.protocol import messages
+from fedguard.protocol import fedopt, messages
 from fedguard.protocol.driver import RoundDriver, claim_problem
-from fedguard.protocol.strategy import Strategy, StrategyKind
+from fedguard.protocol.strategy import StrategyKind
 from fedguard.simulation.inprocess import InProcessTransport
 
 LIAR = 4  # the client id that misbehaves in the whole-run tests
@@ -110,7 +110,7 @@ def _fixed_clients(updates: dict[int, list[float]], claims: dict[int, object]):
 
 
 def _driver(updates, claims, *, registered=None, rule=None, kind=StrategyKind.FEDAVG, **kw):
-    strategy = Strategy.create(kind, client_config={}, num_clients=len(updates), robust_rule=rule)
+    strategy = fedopt.create(kind, client_config={}, num_clients=len(updates), robust_rule=rule)
     return RoundDriver(
         _fixed_clients(updates, claims),
         strategy,

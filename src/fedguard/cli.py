@@ -153,6 +153,10 @@ def _deploy_parsers(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Plug-ins named in a TOML ("package.module:name") import from the working directory too,
+    # as under ``python -m``; after the installed packages, which keep their names.
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))
     console = Console()
     err = Console(stderr=True)
     logging.basicConfig(

@@ -11,23 +11,27 @@ an evaluation task only from held-out data, never from the training data.
 Secure-aggregation requests go to a :class:`~fedguard.protocol.secagg_client.SecAggClient`,
 which keeps each client id's keys and shares in memory for the length of one round only.
 :class:`ClientPins`, from the client's own configuration, are what it holds the server to.
+Local training is a :class:`~fedguard.client.trainer.ClientTrainer`: the one configured, or the
+built-in loop each task's config names (:func:`fedguard.client.trainers.for_task`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, MutableMapping
+from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass
 
 import torch
 
 from fedguard.algorithms import binned_auc
-from fedguard.algorithms.optimizers import newton, scaffold
 from fedguard.algorithms.privacy import dp_fedavg
-from fedguard.client import dp_sgd, evaluation, training
+from fedguard.client import evaluation, trainers
+from fedguard.client.data import ClientData
+from fedguard.client.trainer import ClientTrainer, TrainTask
+from fedguard.client.trainers import local_training_from  # noqa: F401 (part of this API)
 from fedguard.models.adapter import ModelAdapter
-from fedguard.protocol import messages, registration, secagg, secagg_client
+from fedguard.protocol import features, messages, registration, secagg, secagg_client
 
-CONTROL = "control"
+CONTROL = features.CONTROL
 MAX_SCORE_BINS = 100_000  # the most histogram bins an evaluation task may ask for
 _SECAGG_REQUESTS = (
     messages.SecAggSetup,
@@ -35,20 +39,6 @@ _SECAGG_REQUESTS = (
     messages.SecAggMaskRequest,
     messages.SecAggUnmaskRequest,
 )
-
-
-@dataclass(frozen=True)
-class ClientData:
-    """A client's local data as tensors; ``eval_*`` default to the training data."""
-
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    eval_x: torch.Tensor | None = None
-    eval_y: torch.Tensor | None = None
-
-    @property
-    def num_train(self) -> int:
-        return int(self.train_y.shape[0])
 
 
 class RefusedTaskError(RuntimeError):
@@ -129,20 +119,35 @@ def _optional_float(config: Mapping[str, messages.Scalar], key: str) -> float | 
     return None if config.get(key) is None else messages.config_float(config, key)
 
 
-def local_training_from(config: Mapping[str, messages.Scalar]) -> training.LocalTraining:
-    """The local training settings carried in a fit task's config."""
-    number, count = messages.config_float, messages.config_int
-    return training.LocalTraining(
-        optimizer=training.LocalOptimizer(str(config.get("optimizer", "sgd"))),
-        lr=number(config, "lr", 0.01),
-        momentum=number(config, "momentum", 0.0),
-        weight_decay=number(config, "weight_decay", 0.0),
-        epochs=count(config, "epochs", 1),
-        batch_size=count(config, "batch_size", 32),
-        proximal_mu=number(config, "proximal_mu", 0.0),
-        max_steps=None if config.get("max_steps") is None else count(config, "max_steps"),
-        augment=str(config.get("augment", "none")),
-    )
+class _ClientState(MutableMapping[str, torch.Tensor]):
+    """One client's entry of the runtime's state mapping, created on the first write (so that a
+    client whose trainer keeps no state adds nothing to a checkpoint)."""
+
+    def __init__(self, states: MutableMapping[int, dict[str, torch.Tensor]], client_id: int):
+        self._states = states
+        self._id = client_id
+
+    def _own(self) -> dict[str, torch.Tensor]:
+        return self._states.get(self._id, {})
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._own()[name]
+
+    # Entries are assigned whole, so that a mapping kept on disk (a deployed client's
+    # ``--state-dir``) sees every change and writes it.
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self._states[self._id] = {**self._own(), name: value}
+
+    def __delitem__(self, name: str) -> None:
+        own = dict(self._own())
+        del own[name]
+        self._states[self._id] = own
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._own())
+
+    def __len__(self) -> int:
+        return len(self._own())
 
 
 def _seed_torch(seed: int) -> None:
@@ -170,9 +175,12 @@ class ClientApp:
         state: MutableMapping[int, dict[str, torch.Tensor]] | None = None,
         secagg: secagg_client.SecAggClient | None = None,
         pins: ClientPins | None = None,
+        trainer: ClientTrainer | None = None,
     ) -> None:
+        """``trainer``: the client's local training (None: the built-in loop each task names)."""
         self.model = model
         self.data = data
+        self.trainer = trainer
         self.state: MutableMapping[int, dict[str, torch.Tensor]] = {} if state is None else state
         self.secagg = secagg_client.SecAggClient(self.fit) if secagg is None else secagg
         self.pin(ClientPins() if pins is None else pins)
@@ -208,98 +216,50 @@ class ClientApp:
         raise messages.MessageError(f"A client cannot answer a {type(task).__name__}.")
 
     def fit(self, task: messages.FitTask) -> messages.FitReply:
+        """Train with the app's trainer (or the built-in one the task names), then apply what
+        every update gets before it leaves: central DP's clip when the task carries one."""
         self.pins.check_fit(task)
         data = self.data[task.client_id]
-        cfg = local_training_from(task.config)
         seed = messages.config_int(task.config, "seed", 0)
+        trainer = self.trainer if self.trainer is not None else trainers.for_task(task.config)
+        missing = features.asked(task.config, task.tensors) - trainer.features
+        if missing:
+            raise RefusedTaskError(
+                f"Client {task.client_id} refuses round {task.round}: the task asks for "
+                f"{', '.join(sorted(missing))}, which its trainer {type(trainer).__name__} does "
+                "not apply."
+            )
         # Layers with their own randomness (dropout) draw from torch's global generator; seeding
         # it per task makes a resumed run repeat an uninterrupted one exactly.
         _seed_torch(seed)
         generator = torch.Generator().manual_seed(seed)
-        global_params = task.parameters
-        self.model.set_flat(global_params)
-        if cfg.optimizer is training.LocalOptimizer.NEWTON:
-            return self._newton(task, data, cfg)
-        correction = None
-        control = None
-        if CONTROL in task.tensors:
-            server_control = task.tensors[CONTROL]
-            control = self.state.get(task.client_id, {}).get(CONTROL)
-            if control is None:
-                control = torch.zeros_like(server_control)
-            correction = scaffold.correction(server_control, control)
-        stats: training.TrainStats
-        if messages.DP_SGD_NOISE in task.config:
-            dp = dp_sgd.DPSGD(
-                max_grad_norm=messages.config_float(task.config, messages.DP_SGD_CLIP),
-                noise_multiplier=messages.config_float(task.config, messages.DP_SGD_NOISE),
-            )
-            stats = dp_sgd.train(
-                self.model, data.train_x, data.train_y, cfg, dp, generator=generator
-            )
-        else:
-            stats = training.train(
-                self.model,
-                data.train_x,
-                data.train_y,
-                cfg,
-                generator=generator,
-                global_params=global_params if cfg.proximal_mu > 0 else None,
-                correction=correction,
-            )
-        update = self.model.get_flat() - global_params
-        metrics = {"train_loss": stats.loss, "steps": float(stats.steps)}
-        if isinstance(stats, dp_sgd.DPTrainStats):  # what DP-SGD ran, for the server to compose
-            metrics |= {
-                messages.DP_SGD_RAN_RATE: stats.sampling_rate,
-                messages.DP_SGD_RAN_STEPS: float(stats.steps),
-                messages.DP_SGD_RAN_NOISE: stats.noise_multiplier,
-                messages.DP_SGD_RAN_CLIP: stats.max_grad_norm,
-            }
+        self.model.set_flat(task.parameters)
+        result = trainer.train(
+            self.model,
+            data,
+            TrainTask(
+                task.client_id,
+                task.round,
+                task.parameters,
+                task.config,
+                task.tensors,
+                generator,
+                _ClientState(self.state, task.client_id),
+            ),
+        )
+        update, metrics = result.update, dict(result.metrics)
         if messages.DP_CLIP_NORM in task.config:
             clip_norm = messages.config_float(task.config, messages.DP_CLIP_NORM)
             clipped = dp_fedavg.clip_update(update, clip_norm)
             update = clipped.update
             metrics["dp_unclipped"] = float(clipped.unclipped)
-        tensors: dict[str, torch.Tensor] = {}
-        if control is not None:
-            new_control = scaffold.client_control_update(
-                task.tensors[CONTROL], control, update, local_steps=stats.steps, lr=cfg.lr
-            )
-            tensors["control_delta"] = new_control - control
-            # assigned whole, so that a mapping on disk sees the change and writes it
-            self.state[task.client_id] = {
-                **self.state.get(task.client_id, {}),
-                CONTROL: new_control,
-            }
         return messages.FitReply(
             round=task.round,
             client_id=task.client_id,
             update=update,
-            num_examples=stats.num_examples,
+            num_examples=result.num_examples,
             metrics=metrics,
-            tensors=tensors,
-        )
-
-    def _newton(
-        self, task: messages.FitTask, data: ClientData, cfg: training.LocalTraining
-    ) -> messages.FitReply:
-        stats = training.newton_statistics(
-            self.model, data.train_x, data.train_y, weight_decay=cfg.weight_decay
-        )
-        local_step = newton.newton_direction(
-            stats.gradient_sum, stats.hessian_sum, stats.num_examples, damping=1e-8
-        )
-        return messages.FitReply(
-            round=task.round,
-            client_id=task.client_id,
-            update=local_step,
-            num_examples=stats.num_examples,
-            metrics={"train_loss": stats.loss, "steps": 1.0},
-            tensors={
-                "gradient_sum": stats.gradient_sum.to(torch.float32),
-                "hessian_sum": stats.hessian_sum.to(torch.float32).reshape(-1),
-            },
+            tensors=dict(result.tensors),
         )
 
     def evaluate(self, task: messages.EvaluateTask) -> messages.EvaluateReply:

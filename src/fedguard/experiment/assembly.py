@@ -1,5 +1,7 @@
 """The pieces of an experiment built from its configuration: data, model, clients, transport,
-attack, privacy, secure aggregation, strategy and round driver, plus the evaluation.
+attack, privacy, secure aggregation, strategy and round driver, plus the central evaluation.
+The strategy, its aggregator, the clients' trainer and the attack are fedguard's or a user's
+plug-ins, built the same way and held to the same composition rules before round 1.
 
 One :class:`Experiment` serves the command line, ``fedguard.run``, the benchmarks and the
 demo clients; the deployed server, which holds no data, assembles the same strategy, privacy
@@ -13,23 +15,29 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from fedguard import plugins
 from fedguard.algorithms.attacks import data_poisoning as attacks_data
 from fedguard.client import evaluation
 from fedguard.client.app import ClientApp, ClientPins, client_pins
+from fedguard.client.trainer import ClientTrainer
 from fedguard.data import dataset
 from fedguard.data.errors import DataError
 from fedguard.experiment import checkpoint, config_checks, federation, privacy
 from fedguard.experiment.config import ConfigError, ExperimentConfig
+from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
 from fedguard.models.adapter import ModelAdapter
-from fedguard.protocol import messages, secagg
+from fedguard.protocol import fedopt, messages, secagg
+from fedguard.protocol.aggregator import Aggregator
+from fedguard.protocol.central_dp import CentralPrivacy
 from fedguard.protocol.driver import FederatedEvaluation, RoundDriver
-from fedguard.protocol.strategy import CentralDP, ServerState, Strategy, StrategyKind
+from fedguard.protocol.strategy import CentralDP, Strategy, StrategyKind, StrategyState
 from fedguard.protocol.transport import Transport
 from fedguard.simulation import attack
 from fedguard.simulation.inprocess import InProcessTransport
@@ -188,32 +196,74 @@ def check_output_width(model, example: torch.Tensor, num_classes: int, what: str
         )
 
 
-def min_clients(cfg: ExperimentConfig) -> int:
+def _loaded(
+    spec: str, *, what: str, kind: type, options: Mapping[str, Any], context: Any
+) -> object:
+    """The plug-in ``spec`` made with its ``options``, a ``kind`` (else a :class:`ConfigError`)."""
+    try:
+        made = plugins.load(spec, what=what, options=options, context=context)
+        plugins.check_kind(made, kind, spec=spec, what=what)
+    except plugins.PluginError as exc:
+        raise ConfigError(str(exc)) from None
+    return made
+
+
+def build_trainer(cfg: ExperimentConfig, context: PluginContext) -> ClientTrainer:
+    """``client.trainer``: a plug-in, or the built-in loop of ``[client]`` and ``[privacy]``."""
+    c = cfg.client
+    if plugins.is_reference(c.trainer):
+        made = _loaded(
+            c.trainer,
+            what="client.trainer",
+            kind=ClientTrainer,
+            options=c.trainer_options,
+            context=context,
+        )
+        return cast(ClientTrainer, made)  # _loaded checked its kind
+    return config_checks.builtin_trainer(cfg)
+
+
+def build_aggregator(cfg: ExperimentConfig, context: PluginContext) -> Aggregator:
+    """``server.aggregator``: a plug-in, the weighted mean or a built-in robust rule."""
+    s = cfg.server
+    if plugins.is_reference(s.aggregator):
+        made = _loaded(
+            s.aggregator,
+            what="server.aggregator",
+            kind=Aggregator,
+            options=s.aggregator_options,
+            context=context,
+        )
+        return cast(Aggregator, made)  # _loaded checked its kind
+    return config_checks.builtin_aggregator(s, cfg.experiment.seed)
+
+
+def min_clients(cfg: ExperimentConfig, rule: Aggregator) -> int:
     """The fewest usable replies a round needs: ``min_clients``, and under a robust rule the
     updates it needs to tolerate ``byzantine_f`` (fewer fail the round as too few replies do)."""
-    rule = config_checks.robust_rule(cfg.server, cfg.experiment.seed)
-    if rule is None:
+    f = cfg.server.byzantine_f
+    if cfg.server.aggregator == "mean" or f is None:
         return cfg.min_clients
-    return max(cfg.min_clients, config_checks.min_updates(rule.kind, rule.f, rule.bucket_size))
+    return max(cfg.min_clients, config_checks.min_updates(rule, f, cfg.clients_per_round))
 
 
 def secure_aggregation_settings(
-    cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, *, max_weight: int
+    cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, rule: Aggregator, *, max_weight: int
 ) -> secagg.Settings | None:
-    """The ``[secure_aggregation]`` settings (None: off) under the privacy ``plan``, a client's
-    integer weight capped at ``max_weight``; the fixed-point range is not checked here."""
+    """The ``[secure_aggregation]`` settings (None: off) under the privacy ``plan`` and the
+    aggregator ``rule``, a client's integer weight capped at ``max_weight``; the fixed-point
+    range is not checked here."""
     a = cfg.secure_aggregation
     if not a.enabled:
         return None
     distributed = plan.distributed if plan is not None else None
     user_dp = plan is not None and plan.mode in ("central", "distributed")
-    rule_is_mean = cfg.server.aggregator == "mean"
     clip = cfg.privacy.clip_norm if user_dp else a.clip_norm
     if clip is None:  # the config refuses this
         where = "privacy.clip_norm" if user_dp else "secure_aggregation.clip_norm"
         raise ConfigError(f"Secure aggregation needs a clip: {where} is not set.")
-    if cfg.server.norm_bound is not None:  # norm bounding: each client clips its own update
-        clip = min(clip, cfg.server.norm_bound)
+    if rule.norm_bound is not None:  # norm bounding: each client clips its own update
+        clip = min(clip, rule.norm_bound)
     return secagg.Settings(
         mode=secagg.Mode(a.mode),
         clip_norm=clip,
@@ -221,7 +271,7 @@ def secure_aggregation_settings(
         bits=a.bits,
         # Robust rules weigh clients equally (claimed sizes buy no influence); of them only
         # norm bounding runs here, so its clipped updates are summed with weight 1 each.
-        weighted=not user_dp and rule_is_mean,
+        weighted=not user_dp and rule.weighs_by_examples,
         threshold=a.threshold,
         neighbours=a.neighbours,
         distributed=distributed,
@@ -234,10 +284,13 @@ def run_pins(
     plan: privacy.PrivacyPlan | None,
     settings: secagg.Settings | None,
     client_ids: Iterable[int],
+    rule: Aggregator | None,
 ) -> ClientPins:
     """What the clients ``client_ids`` of ``cfg`` hold the server to: the run's secure-aggregation
-    ``settings`` and the fit-task entries of its privacy ``plan`` (see :func:`client_pins`)."""
-    least = min_clients(cfg)
+    ``settings`` and the fit-task entries of its privacy ``plan`` (see :func:`client_pins`).
+    ``rule`` is the run's aggregator (it sets the fewest inputs a masked sum may have; None
+    without secure aggregation, which makes the only pins that use it)."""
+    least = cfg.min_clients if rule is None or settings is None else min_clients(cfg, rule)
     return client_pins(
         settings,
         plan.client_config(cfg) if plan is not None else {},
@@ -270,15 +323,28 @@ def config_pins(
     else:  # user-level DP counts the federation's clients, not their records
         sizes = dict.fromkeys(range(cfg.data.num_clients), num_train)
     plan = privacy.build(cfg, sizes, model, sizes_known=False)
+    # Under secure aggregation the server's aggregator sets the clip and the weights of the
+    # masked sum; a plug-in is made here as the server makes it, without the server's model.
+    rule = None
+    if cfg.secure_aggregation.enabled:
+        context = PluginContext(
+            seed=cfg.experiment.seed,
+            num_clients=cfg.data.num_clients,
+            clients_per_round=cfg.clients_per_round,
+            byzantine_f=cfg.server.byzantine_f,
+        )
+        rule = build_aggregator(cfg, context)
     # Without secure_aggregation.max_examples the server caps a client's weight at its largest
     # partition, which only the experiment's data set tells; this client's own size stands in.
     # The pins never compare the cap (secagg.Pins.check_setup holds the server to the graph
     # degree, threshold, clip and unweighted sums): it sets the fixed-point range of the sum, so
     # a server that picks another one can garble the sum but learns no more from it.
-    settings = secure_aggregation_settings(
-        cfg, plan, max_weight=cfg.secure_aggregation.max_examples or num_train
-    )
-    return run_pins(cfg, plan, settings, range(cfg.data.num_clients))
+    settings = None
+    if rule is not None:
+        settings = secure_aggregation_settings(
+            cfg, plan, rule, max_weight=cfg.secure_aggregation.max_examples or num_train
+        )
+    return run_pins(cfg, plan, settings, range(cfg.data.num_clients), rule)
 
 
 def client_training_config(cfg: ExperimentConfig) -> dict[str, messages.Scalar]:
@@ -297,11 +363,27 @@ def client_training_config(cfg: ExperimentConfig) -> dict[str, messages.Scalar]:
     }
 
 
-def build_strategy(
-    cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, num_clients: int
-) -> Strategy:
-    """The server half of the configured optimizer over ``num_clients`` clients, under the
-    privacy ``plan`` (its client settings in every fit task, central DP's noise)."""
+@dataclass(frozen=True)
+class ServerPlugins:
+    """What ``[client]`` and ``[server]`` name, built: the clients' trainer, the server's
+    aggregator and its strategy (central DP wrapped around it when the plan asks for it)."""
+
+    trainer: ClientTrainer
+    aggregator: Aggregator
+    strategy: Strategy
+
+
+def build_server_plugins(
+    cfg: ExperimentConfig,
+    plan: privacy.PrivacyPlan | None,
+    num_clients: int,
+    *,
+    build_model: Callable[[], ModelAdapter] | None = None,
+) -> ServerPlugins:
+    """The trainer, aggregator and strategy of ``cfg`` over ``num_clients`` clients, under the
+    privacy ``plan`` (its client settings in every fit task, central DP's noise), each a
+    plug-in or a built-in, held to the same composition rules before round 1.
+    ``build_model``: a fresh instance of the run's model, for a plug-in that wants one."""
     client_config = client_training_config(cfg)
     central_dp = None
     if plan is not None:
@@ -322,28 +404,73 @@ def build_strategy(
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
     s = cfg.server
-    return Strategy.create(
-        StrategyKind(s.strategy),
-        client_config=client_config,
+    context = PluginContext(
+        seed=cfg.experiment.seed,
         num_clients=num_clients,
-        server_lr=s.server_lr,
-        server_momentum=s.server_momentum,
-        beta1=s.beta1,
-        beta2=s.beta2,
-        tau=s.tau,
-        central_dp=central_dp,
-        robust_rule=config_checks.robust_rule(s, cfg.experiment.seed),
+        clients_per_round=cfg.clients_per_round,
+        byzantine_f=s.byzantine_f,
+        client_config=client_config,
+        build_model=build_model,
     )
+    trainer = build_trainer(cfg, context)
+    context = replace(context, trainer=trainer)
+    aggregator = build_aggregator(cfg, context)
+    context = replace(context, aggregator=aggregator)
+    base = _strategy(cfg, client_config, context, aggregator, num_clients)
+    try:  # the same rules for fedguard's strategy, aggregator and trainer as for a user's
+        config_checks.composition(cfg, strategy=base, rule=aggregator, trainer=trainer)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    strategy = base if central_dp is None else CentralPrivacy(base, central_dp)
+    return ServerPlugins(trainer, aggregator, strategy)
+
+
+def _strategy(
+    cfg: ExperimentConfig,
+    client_config: Mapping[str, messages.Scalar],
+    context: PluginContext,
+    aggregator: Aggregator,
+    num_clients: int,
+) -> Strategy:
+    """``server.strategy`` without central DP: a plug-in, or a built-in with its settings."""
+    s = cfg.server
+    if plugins.is_reference(s.strategy):
+        made = _loaded(
+            s.strategy,
+            what="server.strategy",
+            kind=Strategy,
+            options=s.strategy_options,
+            context=context,
+        )
+        return cast(Strategy, made)  # _loaded checked its kind
+    try:
+        return fedopt.create(
+            StrategyKind(s.strategy),
+            client_config=client_config,
+            num_clients=num_clients,
+            server_lr=s.server_lr,
+            server_momentum=s.server_momentum,
+            beta1=s.beta1,
+            beta2=s.beta2,
+            tau=s.tau,
+            aggregator=aggregator,
+            seed=cfg.experiment.seed,
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def checked_secure_aggregation(
-    cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, sizes: Mapping[int, int]
+    cfg: ExperimentConfig,
+    plan: privacy.PrivacyPlan | None,
+    rule: Aggregator,
+    sizes: Mapping[int, int],
 ) -> secagg.Settings | None:
     """The ``[secure_aggregation]`` settings for clients of ``sizes`` (a client's weight capped
     at ``max_examples``, else the largest size), the fixed-point range checked for the largest
     cohort a round can have."""
     settings = secure_aggregation_settings(
-        cfg, plan, max_weight=cfg.secure_aggregation.max_examples or max(sizes.values())
+        cfg, plan, rule, max_weight=cfg.secure_aggregation.max_examples or max(sizes.values())
     )
     if settings is None:
         return None
@@ -359,6 +486,7 @@ def build_driver(
     cfg: ExperimentConfig,
     transport: Transport,
     strategy: Strategy,
+    aggregator: Aggregator,
     model: ModelAdapter,
     plan: privacy.PrivacyPlan | None,
     sizes: Mapping[int, int],
@@ -371,11 +499,11 @@ def build_driver(
         strategy,
         dim=model.spec.size,
         clients_per_round=cfg.clients_per_round,
-        min_clients=min_clients(cfg),
+        min_clients=min_clients(cfg, aggregator),
         seed=cfg.experiment.seed,
         deadline_s=s.deadline_s,
         poisson=s.sampling == "poisson",
-        secure_aggregation=checked_secure_aggregation(cfg, plan, sizes),
+        secure_aggregation=checked_secure_aggregation(cfg, plan, aggregator, sizes),
         # A larger claim would buy weight in the mean; see RoundDriver.
         registered_examples=sizes,
         # Local DP: a reply must report DP-SGD that keeps to the plan (privacy.check_reply).
@@ -431,9 +559,19 @@ class Experiment:
         self.privacy = privacy.build(
             cfg, sizes, self.model, privacy_spent, sizes_known=transport_fn is None
         )
-        self.strategy = build_strategy(cfg, self.privacy, len(self.fed.clients))
+        built = build_server_plugins(
+            cfg,
+            self.privacy,
+            len(self.fed.clients),
+            build_model=functools.partial(self._fresh_model, model_fn),
+        )
+        self.trainer, self.aggregator, self.strategy = (
+            built.trainer,
+            built.aggregator,
+            built.strategy,
+        )
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}
-        self.app = ClientApp(self.model, self.fed.clients, self.client_state)
+        self.app = ClientApp(self.model, self.fed.clients, self.client_state, trainer=self.trainer)
         # Deployment passes its own transport (gRPC); the round code is the same either way.
         self.transport: Transport = (
             InProcessTransport(self.app.handle, list(self.fed.clients))
@@ -444,15 +582,19 @@ class Experiment:
             self.transport = attack.ModelPoisoning(
                 self.transport,
                 self.attack.malicious,
-                attack.model_poison(self.attack.config),
+                self.attack.model_attack(),
                 seed=self.attack.seed,
             )
         self.driver = build_driver(
-            cfg, self.transport, self.strategy, self.model, self.privacy, sizes
+            cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
         )
         # The clients hold the server to this config's privacy settings, as a deployed client
         # holds it to its own copy (see client_pins): a round asking for less is refused.
-        self.app.pin(run_pins(cfg, self.privacy, self.driver.secure_aggregation, self.fed.clients))
+        self.app.pin(
+            run_pins(
+                cfg, self.privacy, self.driver.secure_aggregation, self.fed.clients, self.aggregator
+            )
+        )
         # the clients that hold held-out data (their share of the evaluation split, or of their
         # own partition with data.client_eval_fraction)
         self.eval_clients = [
@@ -464,9 +606,23 @@ class Experiment:
         self.initial_params = self.model.get_flat()
         self.backdoor_test = self._backdoor_test()
 
+    def _fresh_model(self, model_fn: Callable[..., Any] | None) -> ModelAdapter:
+        """Another instance of the run's model, as initialised (for a plug-in's own use)."""
+        cfg = self.cfg
+        return models.build(
+            cfg.model.name,
+            framework=cfg.model.framework,
+            input_shape=self.fed.input_shape,
+            num_classes=self.fed.num_classes,
+            seed=cfg.experiment.seed,
+            builder=model_fn,
+        )
+
     def _poison(
         self, plan: attack.Plan, client_id: int, x: torch.Tensor, y: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if plan.config is None:
+            raise ValueError("A plug-in attack poisons updates, not training data.")
         return attack.poison_training_data(
             x,
             y,
@@ -584,15 +740,15 @@ class Experiment:
         return round_ == self.cfg.experiment.rounds or (every > 0 and round_ % every == 0)
 
     def checkpoint_tensors(
-        self, params: torch.Tensor, state: ServerState
+        self, params: torch.Tensor, state: StrategyState
     ) -> dict[str, torch.Tensor]:
         tensors = {"params": params}
-        tensors.update({f"server.{k}": v for k, v in state.tensors().items()})
+        tensors.update({f"server.{k}": v for k, v in state.items()})
         for cid, named in self.client_state.items():
             tensors.update({f"client.{cid}.{k}": v for k, v in named.items()})
         return tensors
 
-    def restore(self, ck: checkpoint.Checkpoint) -> tuple[torch.Tensor, ServerState]:
+    def restore(self, ck: checkpoint.Checkpoint) -> tuple[torch.Tensor, StrategyState]:
         params = ck.tensors["params"]
         self.model.spec.check_vector(params)
         server = {
@@ -603,4 +759,4 @@ class Experiment:
             if key.startswith("client."):
                 _, cid, name = key.split(".", 2)
                 self.client_state.setdefault(int(cid), {})[name] = value
-        return params, ServerState.from_tensors(server)
+        return params, self.strategy.restore(server)

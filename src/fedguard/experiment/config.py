@@ -3,292 +3,87 @@
 Every key has a type and a range; unknown keys are refused, so a typo never silently falls back to
 a default. Cross-key rules (more clients per round than clients, FedProx without a proximal term,
 Krum under secure aggregation, more Byzantine clients than a robust rule tolerates) are checked
-before anything runs, by :mod:`fedguard.experiment.config_checks`.
+before anything runs, by :mod:`fedguard.experiment.config_checks`. A strategy, aggregator, client
+trainer or attack may be a plug-in named ``"package.module:name"``, with its options as a table
+(``server.aggregator_options = { ... }``); the run checks it by the same rules once built.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ValidationError,
+    model_validator,
+)
 from pydantic_core import ErrorDetails
 
-from fedguard.algorithms import attacks
-from fedguard.algorithms.attacks import model_poisoning as attacks_model
 from fedguard.experiment import config_checks
+from fedguard.experiment.config_sections import (
+    BUILTIN_AGGREGATORS,
+    BUILTIN_ATTACKS,
+    DP_COUNT_BUCKET,
+    AttackSection,
+    CheckpointSection,
+    ClientSection,
+    ConfigError,
+    DataSection,
+    EvaluationSection,
+    ExperimentSection,
+    ExperimentSections,
+    ModelSection,
+    Options,
+    PrivacySection,
+    Probability,
+    RegistrationSection,
+    SecureAggregationSection,
+    ServerSection,
+)
+
+__all__ = [
+    "ConfigError",
+    "ExperimentSection",
+    "DataSection",
+    "ModelSection",
+    "ClientSection",
+    "ServerSection",
+    "AttackSection",
+    "EvaluationSection",
+    "RegistrationSection",
+    "PrivacySection",
+    "SecureAggregationSection",
+    "CheckpointSection",
+    "Probability",
+    "Options",
+    "BUILTIN_AGGREGATORS",
+    "BUILTIN_ATTACKS",
+    "DP_COUNT_BUCKET",
+    "ExperimentSections",
+    "ExperimentConfig",
+    "apply_overrides",
+    "load",
+    "parse_override",
+    "to_toml_dict",
+    "validate",
+]
 
 
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line per problem, naming the key."""
-
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
-
-
-class ExperimentSection(_Section):
-    name: str = "experiment"
-    seed: int = 0
-    rounds: int = Field(10, ge=1, le=100_000)
-
-
-class DataSection(_Section):
-    dataset: str = "synthetic"
-    path: str | None = None
-    partition: Literal["iid", "dirichlet", "shards", "natural"] = "iid"
-    alpha: float = Field(0.5, gt=0.0)
-    shards_per_client: int = Field(2, ge=1)
-    num_clients: int = Field(10, ge=1, le=1_000_000)
-    test_fraction: Probability = 0.2
-    client_eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    augment_copies: int = Field(0, ge=0, le=20)
-    feature_norm: Literal["utterance", "band"] = "utterance"  # fsdd log-mel normalisation
-    # fsdd feature settings (defaults: fedguard.data.audio_features.TRIM_DB / DYNAMIC_RANGE_DB)
-    trim_db: float | None = Field(None, gt=0.0)  # trim silence this far below the peak
-    dynamic_range_db: float = Field(80.0, gt=0.0)  # log-mel range kept below the peak
-    synthetic_samples: int = Field(10_000, ge=1)
-    synthetic_shape: tuple[int, ...] = (1, 28, 28)
-    synthetic_classes: int = Field(10, ge=2)
-
-
-class ModelSection(_Section):
-    """The model; ``input_shape`` (one example's) and ``num_classes`` let a deployed server,
-    which holds no data set, build it (a simulation checks them against the data)."""
-
-    name: str = "image_cnn"
-    framework: Literal["torch", "keras"] = "torch"
-    input_shape: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, min_length=1)
-    num_classes: int | None = Field(None, ge=2)
-
-
-class ClientSection(_Section):
-    optimizer: Literal["sgd", "adam", "lbfgs", "newton"] = "sgd"
-    lr: float = Field(0.01, gt=0.0)
-    momentum: float = Field(0.0, ge=0.0, lt=1.0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    epochs: int = Field(1, ge=1)
-    batch_size: int = Field(32, ge=1)
-    proximal_mu: float = Field(0.0, ge=0.0)
-    max_steps: int | None = Field(None, ge=1)
-    augment: Literal["none", "image", "spectrogram"] = "none"
-
-
-class ServerSection(_Section):
-    strategy: Literal[
-        "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi", "fedadagrad", "scaffold"
-    ] = "fedavg"
-    clients_per_round: int | None = Field(None, ge=1)
-    fraction: float | None = Field(None, gt=0.0, le=1.0)
-    min_clients: int | None = Field(None, ge=1)
-    server_lr: float = Field(1.0, gt=0.0)
-    server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    beta1: float = Field(0.9, ge=0.0, lt=1.0)
-    beta2: float = Field(0.99, ge=0.0, lt=1.0)
-    tau: float = Field(1e-3, gt=0.0)
-    deadline_s: float | None = Field(None, gt=0.0)
-    sampling: Literal["fixed", "poisson"] = "fixed"
-    # Byzantine robustness: the rule that replaces the weighted mean, and what it must tolerate.
-    aggregator: Literal[
-        "mean",
-        "krum",
-        "multi_krum",
-        "median",
-        "trimmed_mean",
-        "bulyan",
-        "geometric_median",
-        "centered_clipping",
-        "norm_bounding",
-    ] = "mean"
-    byzantine_f: int | None = Field(None, ge=0)  # required with a robust aggregator
-    multi_krum_m: int | None = Field(None, ge=1)  # default: K - f
-    clipping_radius: float = Field(10.0, gt=0.0)  # centered clipping tau
-    clipping_iterations: int = Field(1, ge=1)  # centered clipping L
-    norm_bound: float | None = Field(None, gt=0.0)  # norm bounding M (required for it)
-    weiszfeld_iterations: int = Field(1000, ge=1)  # geometric median
-    weiszfeld_tolerance: float = Field(1e-6, gt=0.0)  # geometric median
-    bucket_size: int = Field(1, ge=1)  # > 1: the rule runs on means of random buckets
-
-
-class AttackSection(_Section):
-    """Simulated Byzantine clients (simulation only): which attack, how many, its parameters.
-
-    ``fraction`` of the clients, drawn with ``seed`` (default: the experiment's seed), are
-    malicious for the whole run. Data poisoning (``label_flip``, ``backdoor``) changes their
-    training data; model poisoning replaces their replies (see ``fedguard.simulation.attack``).
-    """
-
-    kind: Literal[
-        "none",
-        "sign_flip",
-        "boost",
-        "gaussian",
-        "alie",
-        "ipm",
-        "min_max",
-        "min_sum",
-        "label_flip",
-        "backdoor",
-    ] = "none"
-    fraction: float = Field(0.2, ge=0.0, le=1.0)
-    seed: int | None = None
-    scale: float = Field(1.0, gt=0.0)  # sign_flip: -scale * u
-    factor: float = Field(10.0, gt=0.0)  # boost: factor * u
-    std: float = Field(1.0, gt=0.0)  # gaussian
-    z: float | None = Field(None, gt=0.0)  # alie; default: Baruch et al.'s z_max
-    epsilon: float = Field(0.5, gt=0.0)  # ipm: -epsilon * mean(honest)
-    perturbation: Literal["unit_vector", "std", "sign"] = "std"  # min_max / min_sum
-    target_label: int = Field(0, ge=0)  # backdoor
-    trigger_size: int = Field(3, ge=1)  # backdoor: side of the square, in pixels
-    poisoned_fraction: float = Field(0.5, gt=0.0, le=1.0)  # backdoor: share of local images
-
-    def config(self) -> attacks.AttackConfig:
-        """The algorithms' view of a model-poisoning or label-flipping attack."""
-        return attacks.AttackConfig(
-            kind=attacks.Attack(self.kind),
-            scale=self.scale,
-            factor=self.factor,
-            std=self.std,
-            z=self.z,
-            epsilon=self.epsilon,
-            perturbation=attacks_model.Perturbation(self.perturbation),
-        )
-
-
-class EvaluationSection(_Section):
-    """Where ``test_accuracy``, ``test_loss`` and ``test_auc`` come from.
-
-    ``mode = "server"``: the evaluation set the server owns: ``server_data`` (an ``.npz`` with
-    ``x`` and ``y``) when given, else, in simulation, the data set's ``split``.
-    ``"federated"``: every client evaluates on its own held-out data and the server adds the
-    reports up (weighted by count). ``"both"``: the server's set, plus the clients' reports as
-    ``federated_loss`` / ``federated_accuracy`` / ``federated_auc``. Unset: ``"server"`` in
-    simulation; on a deployed server, which holds no data set, ``"server"`` with
-    ``server_data`` and ``"federated"`` without.
-    """
-
-    every: int = Field(1, ge=0)
-    mode: Literal["server", "federated", "both"] | None = None
-    server_data: str | None = None
-    split: Literal["test", "val"] = "test"
-    batch_size: int = Field(1024, ge=1)
-
-    def resolved_mode(self, *, deployed: bool) -> str:
-        """The mode in force (see the class docstring)."""
-        if self.mode is not None:
-            return self.mode
-        return "federated" if deployed and self.server_data is None else "server"
-
-
-# A client's registered example counts are rounded up to a multiple of this under DP, unless
-# registration.count_bucket says otherwise (see fedguard.protocol.registration).
-DP_COUNT_BUCKET = 100
-
-
-class RegistrationSection(_Section):
-    """What a deployed server accepts when clients register (see
-    ``fedguard.protocol.registration``): counts rounded up to a multiple of at least
-    ``count_bucket`` (default: exact without DP, :data:`DP_COUNT_BUCKET` under DP), and at most
-    ``max_examples`` training or held-out examples per client (more is refused as absurd)."""
-
-    count_bucket: int | None = Field(None, ge=1)
-    max_examples: int = Field(10_000_000, ge=1)
-
-
-class PrivacySection(_Section):
-    """Differential privacy: off, record level inside each client, or user level at the server.
-
-    ``distributed`` is user-level DP under secure aggregation: each client clips to ``clip_norm``
-    and adds its share of Skellam noise before masking (see ``fedguard.algorithms.privacy.distributed_dp``).
-    """
-
-    mode: Literal["off", "local", "central", "distributed"] = "off"
-    noise_multiplier: float | None = Field(None, gt=0.0)
-    target_epsilon: float | None = Field(None, gt=0.0)
-    max_epsilon: float | None = Field(None, gt=0.0)
-    delta: Probability = 1e-5
-    accountant: Literal["rdp", "pld"] = "rdp"
-    max_grad_norm: float = Field(1.0, gt=0.0)  # local: per-sample gradient clip
-    clip_norm: float = Field(1.0, gt=0.0)  # central: update clip (the first one if adaptive)
-    adaptive_clip: bool = False
-    target_quantile: Probability = 0.5
-    clip_learning_rate: float = Field(0.2, gt=0.0)
-    clip_count_stddev: float | None = Field(None, gt=0.0)  # default: clients per round / 20
-
-
-class SecureAggregationSection(_Section):
-    """Secure aggregation: the server learns only the sum of the clipped client updates.
-
-    ``mode = "secagg"`` masks over the complete graph (Bonawitz et al. 2017), ``"secagg+"`` over
-    a random graph of ``neighbours`` per client (Bell et al. 2020; default about log2 of the
-    clients per round). ``threshold`` is the number of share holders of a client that must
-    survive (default: more than half). ``max_examples`` caps a client's weight (default: the
-    largest local training set, known in simulation; set it in a deployment). ``dropout_rate`` is
-    the largest share of a round's clients that may drop while the round still completes (with
-    distributed DP each client's noise share assumes that many may be missing).
-    """
-
-    enabled: bool = False
-    mode: Literal["secagg", "secagg+"] = "secagg"
-    bits: int = Field(32, ge=8, le=64)
-    clip_norm: float | None = Field(None, gt=0.0)
-    threshold: int | None = Field(None, ge=1)
-    neighbours: int | None = Field(None, ge=1)
-    max_examples: int | None = Field(None, ge=1)
-    dropout_rate: float = Field(0.1, ge=0.0, lt=0.5)
-
-
-class CheckpointSection(_Section):
-    keep: int = Field(2, ge=1)
-
-
-class ExperimentConfig(_Section):
-    """The whole experiment; sections mirror the TOML tables."""
-
-    experiment: ExperimentSection = ExperimentSection()
-    data: DataSection = DataSection()
-    model: ModelSection = ModelSection()
-    client: ClientSection = ClientSection()
-    server: ServerSection = ServerSection()
-    evaluation: EvaluationSection = EvaluationSection()
-    checkpoint: CheckpointSection = CheckpointSection()
-    privacy: PrivacySection = PrivacySection()
-    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
-    attack: AttackSection = AttackSection()
-    registration: RegistrationSection = RegistrationSection()
+class ExperimentConfig(ExperimentSections):
+    """The whole experiment; sections mirror the TOML tables. Validation also checks the rules
+    that tie sections together (:mod:`fedguard.experiment.config_checks`)."""
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:
+        config_checks.plugin_options(self)
         config_checks.strategy_and_optimizer(self)
         config_checks.privacy(self)
         config_checks.secure_aggregation(self)
         config_checks.robustness(self)
+        config_checks.builtin_composition(self)
         return self
-
-    @property
-    def clients_per_round(self) -> int:
-        """Clients sampled each round (all of them unless a count or a fraction is given)."""
-        n = self.data.num_clients
-        if self.server.clients_per_round is not None:
-            return self.server.clients_per_round
-        if self.server.fraction is not None:
-            return max(1, round(self.server.fraction * n))
-        return n
-
-    @property
-    def count_bucket(self) -> int:
-        """The rounding of registered example counts (``registration.count_bucket``)."""
-        if self.registration.count_bucket is not None:
-            return self.registration.count_bucket
-        return 1 if self.privacy.mode == "off" else DP_COUNT_BUCKET
-
-    @property
-    def min_clients(self) -> int:
-        return self.server.min_clients if self.server.min_clients is not None else 1
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

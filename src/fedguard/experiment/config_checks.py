@@ -2,21 +2,30 @@
 
 Each function takes the whole validated configuration and raises ``ValueError`` with a one-line
 reason naming the keys (pydantic turns it into a :class:`~fedguard.experiment.config.ConfigError`).
-The robust-aggregation helpers the runner needs (:func:`robust_rule`, :func:`min_updates`) live
-here beside the checks that use them.
+
+The composition rules of a strategy, an aggregator and a client trainer read what those objects
+state about themselves (an aggregator's Byzantine condition, whether it needs individual
+updates; a strategy's sum path and extra reply tensors; the features a trainer applies), so one
+set of rules serves fedguard's own and a user's plug-ins: :func:`aggregator_rules`,
+:func:`strategy_rules` and :func:`trainer_rules`. The configuration's validation applies them to
+the built-ins it names; a run applies them to the objects it built, plug-ins included, before
+round 1. The robust-aggregation helpers the runner needs (:func:`robust_rule`,
+:func:`min_updates`) live here beside the checks that use them.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from pydantic import BaseModel
 
+from fedguard import plugins
 from fedguard.algorithms import attacks, robust
-from fedguard.protocol import strategy
-
-if TYPE_CHECKING:
-    from fedguard.experiment.config import ExperimentConfig, ServerSection
+from fedguard.client import trainers
+from fedguard.client.trainer import ClientTrainer
+from fedguard.experiment.config_sections import ExperimentSections, ServerSection
+from fedguard.protocol import aggregator as aggregators
+from fedguard.protocol import features, fedopt, robust_rules
+from fedguard.protocol.aggregator import Aggregator
+from fedguard.protocol.strategy import Strategy, StrategyKind
 
 _ROBUST_KEYS = (
     "byzantine_f",
@@ -35,15 +44,7 @@ _ROBUST_PARAMETER_OWNER = {
     "norm_bound": robust.RobustAggregator.NORM_BOUNDING,
     "weiszfeld_iterations": robust.RobustAggregator.GEOMETRIC_MEDIAN,
     "weiszfeld_tolerance": robust.RobustAggregator.GEOMETRIC_MEDIAN,
-}
-# The condition on K updates and f Byzantine ones under which each rule's guarantee holds.
-ROBUST_CONDITIONS = {
-    k: "K > 2f + 2"
-    if k in (robust.RobustAggregator.KRUM, robust.RobustAggregator.MULTI_KRUM)
-    else "K >= 4f + 3"
-    if k is robust.RobustAggregator.BULYAN
-    else "K > 2f"
-    for k in robust.RobustAggregator
+    "bucket_size": None,  # any built-in rule that compares updates
 }
 
 
@@ -54,20 +55,18 @@ def _changed(section: BaseModel, names: tuple[str, ...]) -> list[str]:
     return [n for n in names if getattr(section, n) != fields[n].default]
 
 
-def min_updates(kind: robust.RobustAggregator, f: int, bucket_size: int = 1) -> int:
-    """The fewest updates ``K`` with which ``kind`` tolerates ``f`` Byzantine ones."""
-    k = 1
-    while robust.max_byzantine(kind, k, bucket_size) < f:
-        k += 1
-    return k
+def min_updates(rule: Aggregator, f: int, most: int) -> int:
+    """The fewest updates ``K`` (at most ``most``) with which ``rule`` tolerates ``f`` Byzantine
+    ones; ``most`` itself when even those are too few (the checks refuse that before a run)."""
+    need = aggregators.fewest_updates(rule, f, most)
+    return most if need is None else need
 
 
 def robust_rule(server: ServerSection, seed: int = 0) -> robust.RobustConfig | None:
-    """The robust aggregation rule of ``[server]``, or None for the plain weighted mean.
-
-    ``seed`` (the experiment's) seeds the bucket shuffles.
+    """The built-in robust aggregation rule of ``[server]``, or None for the plain weighted mean
+    (and for a plug-in aggregator). ``seed`` (the experiment's) seeds the bucket shuffles.
     """
-    if server.aggregator == "mean":
+    if server.aggregator == "mean" or plugins.is_reference(server.aggregator):
         return None
     if server.byzantine_f is None:  # the config refuses this
         raise ValueError(
@@ -87,7 +86,35 @@ def robust_rule(server: ServerSection, seed: int = 0) -> robust.RobustConfig | N
     )
 
 
-def strategy_and_optimizer(cfg: ExperimentConfig) -> None:
+def builtin_aggregator(server: ServerSection, seed: int = 0) -> Aggregator:
+    """The built-in aggregator ``[server]`` names: the mean or a robust rule."""
+    rule = robust_rule(server, seed)
+    return aggregators.Mean() if rule is None else robust_rules.RobustRule(rule)
+
+
+def builtin_trainer(cfg: ExperimentSections) -> ClientTrainer:
+    """The built-in trainer of ``[client]``: DP-SGD under local DP, the Newton statistics for
+    ``optimizer = "newton"``, else ``client.optimizer``'s loop."""
+    if cfg.client.optimizer == "newton":
+        return trainers.NewtonTrainer()
+    if cfg.privacy.mode == "local":
+        return trainers.DPSGDTrainer()
+    return trainers.OptimizerTrainer()
+
+
+def builtin_strategy(cfg: ExperimentSections, aggregator: Aggregator | None = None) -> Strategy:
+    """The built-in strategy of ``[server]`` without central DP, for the composition checks
+    (with the mean when no ``aggregator`` is given)."""
+    c = cfg.client
+    return fedopt.create(
+        StrategyKind(cfg.server.strategy),
+        client_config={"optimizer": c.optimizer, "proximal_mu": c.proximal_mu},
+        num_clients=cfg.data.num_clients,
+        aggregator=aggregator,
+    )
+
+
+def strategy_and_optimizer(cfg: ExperimentSections) -> None:
     """Client counts, and the strategies and optimizers that need one another."""
     s, c, n = cfg.server, cfg.client, cfg.data.num_clients
     if s.clients_per_round is not None and s.fraction is not None:
@@ -134,47 +161,38 @@ def strategy_and_optimizer(cfg: ExperimentConfig) -> None:
         )
 
 
-def robustness(cfg: ExperimentConfig) -> None:
-    """A robust rule's f condition, its own parameters only, and what it cannot run with."""
-    s, k = cfg.server, cfg.clients_per_round
+def robustness(cfg: ExperimentSections) -> None:
+    """A robust rule's own parameters and, for a built-in rule, its composition rules
+    (:func:`aggregator_rules`; a plug-in's are applied once the run has built it)."""
+    s = cfg.server
     if s.aggregator == "mean":
-        used = _changed(s, _ROBUST_KEYS)
+        used = _changed(s, (*_ROBUST_KEYS, "aggregator_options"))
         if used:
             raise ValueError(
                 f"server.{used[0]} only applies to a robust server.aggregator; "
                 'it is "mean" (plain FedAvg)'
             )
-    else:
-        kind = robust.RobustAggregator(s.aggregator)
-        condition = ROBUST_CONDITIONS[kind]
-        if s.bucket_size > 1:
-            condition += f" on K = ceil(clients / {s.bucket_size}) bucket means"
-        most = robust.max_byzantine(kind, k, s.bucket_size)
-        if most < 0:
-            raise ValueError(
-                f'server.aggregator = "{kind}" cannot run with {k} clients per round: it '
-                f"needs {condition} even for f = 0"
-            )
+    elif plugins.is_reference(s.aggregator):
+        for name in _ROBUST_PARAMETER_OWNER:
+            if _changed(s, (name,)):
+                raise ValueError(
+                    f"server.{name} is a setting of fedguard's robust rules; give a plug-in's "
+                    "settings in server.aggregator_options"
+                )
         if s.byzantine_f is None:
             raise ValueError(
-                f'server.aggregator = "{kind}" needs server.byzantine_f, the number of '
-                f"Byzantine clients per round it must tolerate (0..{most} with {k} clients "
-                f"per round, as it needs {condition})"
+                f'server.aggregator = "{s.aggregator}" needs server.byzantine_f, the number of '
+                "Byzantine clients per round it must tolerate"
             )
-        if s.byzantine_f > most:
+    else:
+        kind = robust.RobustAggregator(s.aggregator)
+        if _changed(s, ("aggregator_options",)):
             raise ValueError(
-                f"server.byzantine_f={s.byzantine_f} is too large for server.aggregator = "
-                f'"{kind}" with {k} clients per round: it needs {condition}, so f <= {most}'
-            )
-        need = min_updates(kind, s.byzantine_f, s.bucket_size)
-        if s.min_clients is not None and s.min_clients < need:
-            raise ValueError(
-                f"server.min_clients={s.min_clients} is below the {need} replies "
-                f'server.aggregator = "{kind}" needs to tolerate f={s.byzantine_f} '
-                f"({condition}); raise it or leave it unset"
+                'server.aggregator_options only applies to a plug-in server.aggregator ("package.'
+                f'module:name"); "{kind}" takes its settings from [server]'
             )
         for name, only in _ROBUST_PARAMETER_OWNER.items():
-            if kind is not only and _changed(s, (name,)):
+            if only is not None and kind is not only and _changed(s, (name,)):
                 raise ValueError(
                     f'server.{name} only applies to server.aggregator = "{only}", not "{kind}"'
                 )
@@ -188,31 +206,151 @@ def robustness(cfg: ExperimentConfig) -> None:
                 'server.aggregator = "norm_bounding" needs server.norm_bound, the largest '
                 "update norm it lets through"
             )
+        # The rule as the run builds it; an unset f stands in as 0 (aggregator_rules refuses it).
+        checked = s.model_copy(update={"byzantine_f": s.byzantine_f or 0})
+        rule = builtin_aggregator(checked, cfg.experiment.seed)
+        aggregator_rules(cfg, rule)
+        if s.byzantine_f is None:  # aggregator_rules refuses this
+            raise ValueError("server.byzantine_f is required with a robust server.aggregator")
+        need = min_updates(rule, s.byzantine_f, cfg.clients_per_round)
         if s.multi_krum_m is not None and s.multi_krum_m > need - s.byzantine_f:
             raise ValueError(
                 f"server.multi_krum_m={s.multi_krum_m} exceeds the {need - s.byzantine_f} "
                 f"updates Multi-Krum can select from {need} replies with f={s.byzantine_f}"
             )
-        if cfg.client.optimizer == "newton":
-            raise ValueError(
-                'client.optimizer = "newton" pools gradient and Hessian sums on the server; '
-                'a robust server.aggregator cannot apply to them: use "mean"'
-            )
-        if cfg.privacy.mode == "central" and robust.needs_individual_updates(kind):
-            raise ValueError(
-                f'server.aggregator = "{kind}" cannot run with privacy.mode = "central": the '
-                'DP noise is calibrated for the mean\'s sensitivity; use "norm_bounding" '
-                'or "mean"'
-            )
-        if cfg.privacy.mode == "central" and cfg.privacy.adaptive_clip:
-            raise ValueError(
-                'privacy.adaptive_clip cannot run with server.aggregator = "norm_bounding": '
-                "its clip count would not match the bound applied; use a fixed clip_norm"
-            )
     attack(cfg)
 
 
-def attack(cfg: ExperimentConfig) -> None:
+def aggregator_rules(cfg: ExperimentSections, rule: Aggregator) -> None:
+    """What any aggregator but the mean must satisfy: its Byzantine condition for
+    ``server.byzantine_f`` and the cohort, and nothing that hides or noises individual updates
+    if it compares them."""
+    s, k, name = cfg.server, cfg.clients_per_round, cfg.server.aggregator
+    if cfg.secure_aggregation.enabled and rule.needs_individual_updates:
+        raise ValueError(
+            f'secure_aggregation.enabled = true cannot run here: server.aggregator = "{name}" '
+            "compares individual updates, which secure aggregation hides; use "
+            '"norm_bounding" (each client clips its own update) or turn secure aggregation off'
+        )
+    f = s.byzantine_f
+    condition = rule.condition(k, 0 if f is None else f).reason
+    most = aggregators.most_tolerated(rule, k)
+    if most < 0:
+        raise ValueError(
+            f'server.aggregator = "{name}" cannot run with {k} clients per round: it '
+            f"needs {condition} even for f = 0"
+        )
+    if f is None:
+        raise ValueError(
+            f'server.aggregator = "{name}" needs server.byzantine_f, the number of '
+            f"Byzantine clients per round it must tolerate (0..{most} with {k} clients "
+            f"per round, as it needs {condition})"
+        )
+    if f > most:
+        raise ValueError(
+            f"server.byzantine_f={f} is too large for server.aggregator = "
+            f'"{name}" with {k} clients per round: it needs {condition}, so f <= {most}'
+        )
+    need = min_updates(rule, f, k)
+    if s.min_clients is not None and s.min_clients < need:
+        raise ValueError(
+            f"server.min_clients={s.min_clients} is below the {need} replies "
+            f'server.aggregator = "{name}" needs to tolerate f={f} '
+            f"({condition}); raise it or leave it unset"
+        )
+    if cfg.client.optimizer == "newton":
+        raise ValueError(
+            'client.optimizer = "newton" pools gradient and Hessian sums on the server; '
+            'a robust server.aggregator cannot apply to them: use "mean"'
+        )
+    if cfg.privacy.mode == "central" and rule.needs_individual_updates:
+        raise ValueError(
+            f'server.aggregator = "{name}" cannot run with privacy.mode = "central": the '
+            'DP noise is calibrated for the mean\'s sensitivity; use "norm_bounding" '
+            'or "mean"'
+        )
+    if cfg.privacy.mode == "central" and cfg.privacy.adaptive_clip and rule.norm_bound is not None:
+        raise ValueError(
+            f'privacy.adaptive_clip cannot run with server.aggregator = "{name}": '
+            "its clip count would not match the bound applied; use a fixed clip_norm"
+        )
+
+
+def strategy_rules(cfg: ExperimentSections, strategy: Strategy) -> None:
+    """What a strategy must offer for the rest of the configuration: a sum path under secure
+    aggregation and central DP, an aggregator if one is configured, and replies that carry
+    nothing but the update under user-level DP."""
+    s, mode = cfg.server, cfg.privacy.mode
+    refusal = strategy.sum_refusal()
+    if cfg.secure_aggregation.enabled and refusal is not None:
+        raise ValueError(f"secure_aggregation.enabled = true cannot run here: {refusal}")
+    if s.aggregator != "mean" and strategy.aggregator is None:
+        raise ValueError(
+            f'server.aggregator = "{s.aggregator}" cannot apply to server.strategy = '
+            f'"{s.strategy}": it combines the updates its own way; use "mean"'
+        )
+    if mode in ("central", "distributed"):
+        extra = sorted(strategy.required_tensors(1))
+        if extra:
+            raise ValueError(
+                f'privacy.mode = "{mode}" privatises the model update only: server.strategy = '
+                f'"{s.strategy}" has its clients send {", ".join(extra)} too, which would leak'
+            )
+        if refusal is not None:
+            raise ValueError(
+                f'privacy.mode = "{mode}" adds noise to the sum of the updates: {refusal}'
+            )
+
+
+def trainer_rules(cfg: ExperimentSections, trainer: ClientTrainer, strategy: Strategy) -> None:
+    """The client trainer applies every feature the strategy and the privacy mode need."""
+    needs = {f: f'server.strategy = "{cfg.server.strategy}"' for f in strategy.client_features()}
+    if cfg.privacy.mode == "local":
+        needs[features.DP_SGD] = 'privacy.mode = "local"'
+    for feature, owner in sorted(needs.items()):
+        if feature not in trainer.features:
+            applied = ", ".join(sorted(trainer.features)) or "none"
+            raise ValueError(
+                f'client.trainer = "{cfg.client.trainer}" does not apply {feature}, which '
+                f"{owner} needs (it applies: {applied})"
+            )
+
+
+def composition(
+    cfg: ExperimentSections, *, strategy: Strategy, rule: Aggregator, trainer: ClientTrainer
+) -> None:
+    """Every composition rule for the objects a run built (fedguard's or a user's)."""
+    if cfg.server.aggregator != "mean":
+        aggregator_rules(cfg, rule)
+    strategy_rules(cfg, strategy)
+    trainer_rules(cfg, trainer, strategy)
+
+
+def builtin_composition(cfg: ExperimentSections) -> None:
+    """The composition rules for the built-in strategy and trainer of ``cfg``; plug-ins are
+    checked once the run has built them."""
+    if plugins.is_reference(cfg.server.strategy):
+        return
+    strategy = builtin_strategy(cfg)
+    strategy_rules(cfg, strategy)
+    if not plugins.is_reference(cfg.client.trainer):
+        trainer_rules(cfg, builtin_trainer(cfg), strategy)
+
+
+def plugin_options(cfg: ExperimentSections) -> None:
+    """Options tables only with the plug-ins they configure."""
+    for key, name, options in (
+        ("server.strategy", cfg.server.strategy, cfg.server.strategy_options),
+        ("client.trainer", cfg.client.trainer, cfg.client.trainer_options),
+    ):
+        if options and not plugins.is_reference(name):
+            raise ValueError(
+                f'{key}_options only applies to a plug-in {key} ("package.module:name"), '
+                f'not "{name}"'
+            )
+
+
+def attack(cfg: ExperimentSections) -> None:
     """A simulated attack that can run: some client malicious, replies not masked away."""
     a = cfg.attack
     if a.kind == "none":
@@ -221,10 +359,16 @@ def attack(cfg: ExperimentConfig) -> None:
             name = changed[0]
             raise ValueError(f'attack.{name} is set but attack.kind = "none"')
         return
-    kind = attacks.Attack(a.kind)
-    if cfg.secure_aggregation.enabled and not attacks.is_data_poisoning(kind):
+    plugin = plugins.is_reference(a.kind)
+    if a.options and not plugin:
         raise ValueError(
-            f'attack.kind = "{kind}" rewrites fit replies, which secure aggregation masks; '
+            f'attack.options only applies to a plug-in attack.kind ("package.module:name"), '
+            f'not "{a.kind}"'
+        )
+    data_poisoning = not plugin and attacks.is_data_poisoning(attacks.Attack(a.kind))
+    if cfg.secure_aggregation.enabled and not data_poisoning:
+        raise ValueError(
+            f'attack.kind = "{a.kind}" rewrites fit replies, which secure aggregation masks; '
             'simulate it without secure aggregation or use "label_flip" or "backdoor"'
         )
     if round(a.fraction * cfg.data.num_clients) == 0:
@@ -234,19 +378,15 @@ def attack(cfg: ExperimentConfig) -> None:
         )
 
 
-def secure_aggregation(cfg: ExperimentConfig) -> None:
+def secure_aggregation(cfg: ExperimentSections) -> None:
     """What secure aggregation needs: a sum-only strategy, one clip, a reachable threshold."""
     a, p, s = cfg.secure_aggregation, cfg.privacy, cfg.server
     if not a.enabled:
         return
-    aggregator = None if s.aggregator == "mean" else robust.RobustAggregator(s.aggregator)
-    refusal = strategy.secure_aggregation_refusal(
-        strategy.StrategyKind(s.strategy),
-        newton=cfg.client.optimizer == "newton",
-        aggregator=aggregator,
-    )
-    if refusal is not None:
-        raise ValueError(f"secure_aggregation.enabled = true cannot run here: {refusal}")
+    if not plugins.is_reference(s.strategy):  # a plug-in's is checked once it is built
+        refusal = builtin_strategy(cfg).sum_refusal()
+        if refusal is not None:
+            raise ValueError(f"secure_aggregation.enabled = true cannot run here: {refusal}")
     if p.mode in ("central", "distributed"):
         if a.clip_norm is not None and a.clip_norm != p.clip_norm:
             raise ValueError(
@@ -283,7 +423,7 @@ def secure_aggregation(cfg: ExperimentConfig) -> None:
         )
 
 
-def privacy(cfg: ExperimentConfig) -> None:
+def privacy(cfg: ExperimentSections) -> None:
     """Which DP mode runs with which optimizer, strategy, sampling and accountant."""
     p, c, s = cfg.privacy, cfg.client, cfg.server
     if p.mode == "off":

@@ -33,9 +33,10 @@ from fedguard.experiment import assembly, checkpoint, privacy
 from fedguard.experiment.assembly import TransportFn
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.models import registry as models
+from fedguard.models.adapter import ModelAdapter
 from fedguard.protocol import registration
 from fedguard.protocol.driver import FederatedEvaluation, RoundFailedError
-from fedguard.protocol.strategy import ServerState
+from fedguard.protocol.strategy import StrategyState
 from fedguard.protocol.transport import Population, Transport
 
 REGISTRATIONS = "registrations"  # checkpoint info: the admitted clients' registrations
@@ -68,14 +69,9 @@ class DataFreeExperiment:
                 'none to run (set attack.kind = "none")'
             )
         input_shape, self.num_classes = assembly.model_io(cfg)
+        self.input_shape = input_shape
         try:
-            self.model = models.build(
-                cfg.model.name,
-                framework=cfg.model.framework,
-                input_shape=input_shape,
-                num_classes=self.num_classes,
-                seed=cfg.experiment.seed,
-            )
+            self.model = self._fresh_model()
         except (ValueError, ImportError) as exc:
             raise ConfigError(f"model.name: {exc}") from None
         assembly.check_output_width(
@@ -110,6 +106,17 @@ class DataFreeExperiment:
         except BaseException:
             inner.close()
             raise
+
+    def _fresh_model(self) -> ModelAdapter:
+        """An instance of the run's model as initialised, from the config alone."""
+        cfg = self.cfg
+        return models.build(
+            cfg.model.name,
+            framework=cfg.model.framework,
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            seed=cfg.experiment.seed,
+        )
 
     def _keep_population(self, recorded: Mapping[str, Any]) -> None:
         """A resumed run's population: the recorded clients, with new registrations where they
@@ -149,10 +156,17 @@ class DataFreeExperiment:
             )
         else:
             self.privacy = privacy.build(cfg, sizes, self.model, privacy_spent, sizes_known=False)
-        self.strategy = assembly.build_strategy(cfg, self.privacy, len(sizes))
+        built = assembly.build_server_plugins(
+            cfg, self.privacy, len(sizes), build_model=self._fresh_model
+        )
+        self.trainer, self.aggregator, self.strategy = (
+            built.trainer,
+            built.aggregator,
+            built.strategy,
+        )
         self.transport: Transport = Population(inner, list(sizes))
         self.driver = assembly.build_driver(
-            cfg, self.transport, self.strategy, self.model, self.privacy, sizes
+            cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
         )
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}  # the clients keep theirs
         self.eval_clients = registry.eval_sizes
@@ -251,16 +265,16 @@ class DataFreeExperiment:
         return None
 
     def checkpoint_tensors(
-        self, params: torch.Tensor, state: ServerState
+        self, params: torch.Tensor, state: StrategyState
     ) -> dict[str, torch.Tensor]:
         tensors = {"params": params}
-        tensors.update({f"server.{k}": v for k, v in state.tensors().items()})
+        tensors.update({f"server.{k}": v for k, v in state.items()})
         return tensors
 
-    def restore(self, ck: checkpoint.Checkpoint) -> tuple[torch.Tensor, ServerState]:
+    def restore(self, ck: checkpoint.Checkpoint) -> tuple[torch.Tensor, StrategyState]:
         params = ck.tensors["params"]
         self.model.spec.check_vector(params)
         server = {
             k.removeprefix("server."): v for k, v in ck.tensors.items() if k.startswith("server.")
         }
-        return params, ServerState.from_tensors(server)
+        return params, self.strategy.restore(server)

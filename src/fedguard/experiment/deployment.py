@@ -33,11 +33,13 @@ import numpy as np
 import torch
 
 from fedguard.client import state_store
-from fedguard.client.app import ClientApp, ClientData
+from fedguard.client.app import ClientApp
+from fedguard.client.data import ClientData
 from fedguard.data import dataset
 from fedguard.data.errors import DataError
 from fedguard.experiment import assembly, runner
 from fedguard.experiment import config as config_mod
+from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
 from fedguard.protocol import registration
 from fedguard.runtime import auth, grpc_client, grpc_server, grpc_tls
@@ -177,7 +179,11 @@ def demo_app(
         )
     state = None if state_dir is None else _state(state_dir)
     return ClientApp(
-        exp.model, {client_id: exp.fed.clients[client_id]}, state=state, pins=exp.app.pins
+        exp.model,
+        {client_id: exp.fed.clients[client_id]},
+        state=state,
+        pins=exp.app.pins,
+        trainer=exp.trainer,
     )
 
 
@@ -209,7 +215,8 @@ def data_app(
 
     With the ``experiment``'s config it holds the server to that config's secure aggregation
     and DP (:func:`.assembly.config_pins`, from the config and its own data's size; the
-    experiment's data set is not loaded); without it, only to the protocol's own rules. Under
+    experiment's data set is not loaded) and trains with its ``client.trainer``; without it, it
+    holds the server only to the protocol's own rules and trains as each task names. Under
     local DP its sampling rate and steps follow its own data, not the server's copy of the
     partition: its fit replies report them and the server composes what they report.
     ``state_dir``: keep its state there (see :class:`~fedguard.client.state_store.DiskState`)."""
@@ -260,13 +267,14 @@ def data_app(
     except (ValueError, ImportError) as exc:
         raise config_mod.ConfigError(f"--model {model!r}: {exc}") from None
     assembly.check_output_width(adapter, x[:1], num_classes, f"--model {model!r}")
-    pins = (
-        None
-        if experiment is None
-        else assembly.config_pins(experiment, adapter, client_id, local.num_train)
-    )
+    pins = trainer = None
+    if experiment is not None:
+        pins = assembly.config_pins(experiment, adapter, client_id, local.num_train)
+        # The client's own file names its trainer; without it, the built-in loop the task names.
+        context = PluginContext(seed=experiment.experiment.seed)
+        trainer = assembly.build_trainer(experiment, context)
     state = None if state_dir is None else _state(state_dir)
-    return ClientApp(adapter, {client_id: local}, state=state, pins=pins)
+    return ClientApp(adapter, {client_id: local}, state=state, pins=pins, trainer=trainer)
 
 
 def _hold_out(

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 
+from fedguard import plugins
 from fedguard.algorithms import attacks
 from fedguard.algorithms.attacks import data_poisoning as attacks_data
 from fedguard.algorithms.robust import base as robust_base
-from fedguard.client.app import ClientData
+from fedguard.client.data import ClientData
 from fedguard.data import partition as partitioners
 from fedguard.data import registry
 from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset, check_arrays
 from fedguard.data.errors import DataError
 from fedguard.experiment.config import ConfigError, DataSection, ExperimentConfig
+from fedguard.experiment.plugin_context import PluginContext
 from fedguard.simulation import attack
 
 DataFn = Callable[..., DatasetSplits | FederatedDataset]
@@ -194,7 +196,8 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
 
 
 def attack_plan(cfg: ExperimentConfig, fed: Federation) -> attack.Plan | None:
-    """The ``[attack]`` of a simulated run: malicious clients drawn with its seed, its trigger.
+    """The ``[attack]`` of a simulated run: malicious clients drawn with its seed, its trigger,
+    or the plug-in attack it names (made with ``attack.options``).
 
     The backdoor's trigger value is the largest training pixel of the whole federation, so that
     the clients' stamps and the test set's are the same square.
@@ -204,6 +207,19 @@ def attack_plan(cfg: ExperimentConfig, fed: Federation) -> attack.Plan | None:
         return None
     seed = a.seed if a.seed is not None else cfg.experiment.seed
     malicious = tuple(attacks.choose_malicious(list(fed.clients), a.fraction, seed))
+    if plugins.is_reference(a.kind):
+        context = PluginContext(
+            seed=seed,
+            num_clients=len(fed.clients),
+            clients_per_round=cfg.clients_per_round,
+            byzantine_f=cfg.server.byzantine_f,
+        )
+        try:
+            made = plugins.load(a.kind, what="attack.kind", options=a.options, context=context)
+            plugins.check_kind(made, attack.Attack, spec=a.kind, what="attack.kind")
+        except plugins.PluginError as exc:
+            raise ConfigError(str(exc)) from None
+        return attack.Plan(None, malicious, seed, plugin=cast(attack.Attack, made))
     backdoor = None
     if a.kind == "backdoor":
         if len(fed.input_shape) != 3:

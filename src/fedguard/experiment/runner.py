@@ -27,7 +27,7 @@ from fedguard.experiment.data_free import DataFreeExperiment
 from fedguard.experiment.runfolder import RunFolder
 from fedguard.protocol import secagg
 from fedguard.protocol.driver import RoundFailedError
-from fedguard.protocol.strategy import ServerState
+from fedguard.protocol.strategy import StrategyState
 
 log = logging.getLogger("fedguard")
 
@@ -332,8 +332,8 @@ def _one_round(
     exp: Experiment | DataFreeExperiment,
     round_: int,
     params: torch.Tensor,
-    state: ServerState,
-) -> tuple[dict[str, Any], torch.Tensor, ServerState, list[int]]:
+    state: StrategyState,
+) -> tuple[dict[str, Any], torch.Tensor, StrategyState, list[int]]:
     t0 = time.perf_counter()
     result = exp.driver.fit_round(round_, params, state)
     if exp.privacy is not None:  # local DP: compose what the clients report they ran

@@ -10,8 +10,8 @@ A claim that is not a finite positive number is rejected; a larger claim than th
 registered size (``registered_examples``: what the server knows of that client, its partition's
 size in simulation, its registered count in deployment, see :mod:`.registration`) is cut down to
 that size and logged, so a client cannot buy more weight than its data. Federated evaluation
-(:meth:`RoundDriver.evaluate_round`) cuts an evaluation reply's weight the same way. (Robust rules ignore the claims altogether: see
-:meth:`Strategy.aggregate`.) An update whose norm is more than ``max_norm_ratio`` times the
+(:meth:`RoundDriver.evaluate_round`) cuts an evaluation reply's weight the same way. (Robust
+rules ignore the claims altogether: see :mod:`fedguard.protocol.strategy`.) An update whose norm is more than ``max_norm_ratio`` times the
 round's median norm is rejected as absurd: a sanity bound against overflow-sized updates
 (a finite ``3e38`` moves a plain mean to the edge of float32), not a robust rule; boosted or
 sign-flipped updates of a few times the honest norm pass it and are the robust rule's business.
@@ -34,7 +34,7 @@ import torch
 
 from fedguard.algorithms import binned_auc, finite
 from fedguard.protocol import messages, secagg, secagg_server
-from fedguard.protocol.strategy import ServerState, Strategy, secure_aggregation_refusal
+from fedguard.protocol.strategy import Strategy, StrategyState
 from fedguard.protocol.transport import Delivered, Failed, Transport
 
 log = logging.getLogger("fedguard.round")
@@ -60,7 +60,7 @@ class RoundResult:
     """The outcome of one training round."""
 
     params: torch.Tensor
-    state: ServerState
+    state: StrategyState
     metrics: dict[str, float | int | str | None]
     problems: list[tuple[int, str]] = field(default_factory=list)
     sampled: list[int] = field(default_factory=list)
@@ -181,9 +181,7 @@ class RoundDriver:
         self.poisson = poisson
         self.secure_aggregation = secure_aggregation
         if secure_aggregation is not None:
-            refusal = secure_aggregation_refusal(
-                strategy.kind, newton=strategy.newton, aggregator=strategy.aggregator
-            )
+            refusal = strategy.secure_aggregation_refusal()
             if refusal is not None:
                 raise ValueError(f"Secure aggregation cannot serve this strategy: {refusal}.")
 
@@ -196,7 +194,7 @@ class RoundDriver:
             return poisson_sample(ids, rate, seed=self.seed, round_=round_)
         return sample_clients(ids, self.clients_per_round, seed=self.seed, round_=round_)
 
-    def fit_round(self, round_: int, params: torch.Tensor, state: ServerState) -> RoundResult:
+    def fit_round(self, round_: int, params: torch.Tensor, state: StrategyState) -> RoundResult:
         """One round of training; raises :class:`RoundFailedError` with too few good replies."""
         sampled = self.sample(round_)
         if self.secure_aggregation is not None:
@@ -278,7 +276,7 @@ class RoundDriver:
         self,
         round_: int,
         params: torch.Tensor,
-        state: ServerState,
+        state: StrategyState,
         sampled: list[int],
         settings: secagg.Settings,
     ) -> RoundResult:
@@ -581,11 +579,11 @@ def claim_problem(n: object) -> str | None:
     return None
 
 
-def _unusable(params: torch.Tensor, state: ServerState) -> str | None:
+def _unusable(params: torch.Tensor, state: StrategyState) -> str | None:
     """Why a round's new parameters or server state cannot be kept, or None if they can."""
     if not finite.all_finite(params):
         return "the aggregate is not finite"
-    for name, tensor in state.tensors().items():
+    for name, tensor in state.items():
         if tensor.numel() and not finite.all_finite(tensor):
             return f"the new server state {name!r} is not finite"
     return None

@@ -1,16 +1,20 @@
-"""Strategies: the server half of each federated optimizer, plus what it tells clients to do.
+"""The public ``Strategy`` protocol: the server half of a federated optimizer, per round.
 
-A strategy is configured once and then used per round: ``fit_instructions`` says what the
-clients run (the client half: FedProx's proximal term, SCAFFOLD's control variate), ``aggregate``
-turns the accepted replies into the next global model with a pure server optimizer from
-:mod:`fedguard.algorithms.optimizers.server`. Under secure aggregation the server never sees a
-reply, only the sum of the clipped, weighted updates; ``aggregate_sum`` takes that sum through
-the same server optimizers (and the same central DP noise).
+A strategy is configured once and then used per round (Flower's ``configure_fit`` /
+``aggregate_fit`` granularity): :meth:`Strategy.fit_instructions` says what the sampled clients
+run (the client half: FedProx's proximal term, SCAFFOLD's control variate), and
+:meth:`Strategy.aggregate` turns the accepted replies into the next global model. Under secure
+aggregation the server never sees a reply, only the sum of the clipped, weighted updates;
+:meth:`Strategy.aggregate_sum` takes that sum instead. Its state between rounds is a mapping of
+named tensors, which the run checkpoints under ``server.<name>`` and gives back through
+:meth:`Strategy.restore` on ``--resume``.
 
-A Byzantine-robust rule (:mod:`fedguard.algorithms.robust`) wraps the aggregation step: where the
-strategy would take the weighted mean of the updates it takes the robust aggregate instead, so
-FedAvgM, FedAdam, FedYogi and FedAdagrad run unchanged on top of it. Centered clipping's reference
-point is server state and is checkpointed with the rest.
+fedguard's own strategies implement the same protocol (:mod:`fedguard.protocol.fedopt`: FedAvg,
+FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, SCAFFOLD and the Newton step), and user-level
+central DP is a layer that wraps any strategy with a sum path
+(:mod:`fedguard.protocol.central_dp`). A strategy combines updates with an
+:class:`~fedguard.protocol.aggregator.Aggregator`: the weighted mean, or a Byzantine-robust rule
+in its place.
 
 Weights. A reply's ``num_examples`` is the client's own claim. The plain mean weighs by it, after
 the round driver has rejected claims that are not finite and positive and cut each to the client's
@@ -23,26 +27,32 @@ the weight is the weighted majority, and the geometric median then returns its u
 
 from __future__ import annotations
 
+import abc
 import enum
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from fedguard.algorithms import robust, seeding
-from fedguard.algorithms.optimizers import aggregation, newton, scaffold
+from fedguard.algorithms import seeding
 from fedguard.algorithms.optimizers import server as server_optimizers
 from fedguard.algorithms.privacy import dp_fedavg
-from fedguard.algorithms.robust import base as robust_base
 from fedguard.protocol import messages
+from fedguard.protocol.aggregator import Aggregator, AggregatorState, label
 
 CONTROL = "control"
 CLIP_NORM = messages.DP_CLIP_NORM
 DP_UNCLIPPED = "dp_unclipped"  # central DP reply metric: the client's adaptive-clipping bit
+AGGREGATOR_PREFIX = "robust."  # checkpoint names of the aggregator's state
 ROBUST_REFERENCE = "robust.reference"
+
+# A strategy's state between rounds: named tensors, checkpointed as "server.<name>".
+StrategyState = Mapping[str, torch.Tensor]
 
 
 class StrategyKind(enum.StrEnum):
+    """The built-in strategies by their configuration names (``server.strategy``)."""
+
     FEDAVG = "fedavg"
     FEDAVGM = "fedavgm"
     FEDPROX = "fedprox"
@@ -52,83 +62,145 @@ class StrategyKind(enum.StrEnum):
     SCAFFOLD = "scaffold"
 
 
-# What secure aggregation cannot serve: it reveals only the sum of the model updates.
-# SCAFFOLD also needs the sum of the control deltas, which have no norm bound to quantise them
-# by; Newton needs the sums of per-client Hessians (D^2 numbers, unbounded). Robust aggregators
-# (Krum, median, trimmed mean, ...) compare individual updates; only norm bounding, a clip each
-# client can apply to its own update, survives summation.
-NEEDS_INDIVIDUAL_UPDATES: frozenset[robust.RobustAggregator] = frozenset(
-    k for k in robust.RobustAggregator if robust.needs_individual_updates(k)
-)
-NOT_SUMMABLE_UNDER_SECAGG: dict[StrategyKind, str] = {
-    StrategyKind.SCAFFOLD: (
-        "SCAFFOLD's control deltas have no norm bound, so they cannot be quantised for masking"
-    ),
-}
+class Strategy(abc.ABC):
+    """What the server does each round: instruct the clients, aggregate their replies.
+
+    Subclasses implement :meth:`init`, :meth:`fit_instructions` and :meth:`aggregate`; a strategy
+    that can run under secure aggregation or central DP also implements :meth:`aggregate_sum`.
+    ``aggregator`` is the rule it combines updates with (None: it combines them its own way, so
+    ``server.aggregator`` cannot apply to it); the composition checks read it.
+    """
+
+    aggregator: Aggregator | None = None
+
+    @abc.abstractmethod
+    def init(self, params: torch.Tensor) -> StrategyState:
+        """The state before the first round, for the global parameters ``params [D]``."""
+
+    def restore(self, named: Mapping[str, torch.Tensor]) -> StrategyState:
+        """The state a checkpoint saved (the tensors of :meth:`init`'s or :meth:`aggregate`'s
+        state, by name)."""
+        return dict(named)
+
+    @abc.abstractmethod
+    def fit_instructions(
+        self, state: StrategyState
+    ) -> tuple[dict[str, messages.Scalar], dict[str, torch.Tensor]]:
+        """The config and tensors every sampled client receives this round (the config reaches
+        the client's :class:`~fedguard.client.trainer.ClientTrainer` as its task's config)."""
+
+    @abc.abstractmethod
+    def aggregate(
+        self,
+        state: StrategyState,
+        params: torch.Tensor,
+        replies: Sequence[messages.FitReply],
+        *,
+        round_: int = 0,
+    ) -> tuple[StrategyState, torch.Tensor]:
+        """The next state and global parameters from the round's accepted replies.
+
+        The replies are checked (finite, the right size, with :meth:`required_tensors`) and
+        their ``num_examples`` capped at the clients' registered sizes by the round driver.
+        """
+
+    def aggregate_sum(
+        self,
+        state: StrategyState,
+        params: torch.Tensor,
+        total: torch.Tensor,
+        weight: float,
+        *,
+        round_: int = 0,
+    ) -> tuple[StrategyState, torch.Tensor]:
+        """The next state and parameters from a sum: ``total = sum_u w_u x_u`` over the clients'
+        clipped updates ``x_u`` and ``weight = sum_u w_u``. Secure aggregation hands over its
+        unmasked sum; central DP its noised sum over a fixed denominator."""
+        raise ValueError(f"Secure aggregation cannot serve this strategy: {self.sum_refusal()}.")
+
+    def required_tensors(self, dim: int) -> dict[str, int]:
+        """Tensors every fit reply must carry, with their lengths (none by default)."""
+        return {}
+
+    def client_features(self) -> frozenset[str]:
+        """What the clients' trainer must apply (see :mod:`fedguard.client.trainer`)."""
+        return frozenset()
+
+    def sum_refusal(self) -> str | None:
+        """Why this strategy cannot aggregate a sum of updates, or None if it can (by default:
+        it can if it implements :meth:`aggregate_sum`)."""
+        if type(self).aggregate_sum is Strategy.aggregate_sum:
+            return f"{type(self).__name__} does not implement aggregate_sum, the path for a sum"
+        return None
+
+    def secure_aggregation_refusal(self) -> str | None:
+        """Why this strategy (with its aggregator) cannot run under secure aggregation, or None."""
+        aggregator = self.aggregator
+        if aggregator is not None and aggregator.needs_individual_updates:
+            return (
+                f'server.aggregator = "{label(aggregator)}" compares individual updates, which '
+                'secure aggregation hides; use "norm_bounding" (each client clips its own '
+                "update) or turn secure aggregation off"
+            )
+        return self.sum_refusal()
 
 
-def secure_aggregation_refusal(
-    kind: StrategyKind, *, newton: bool, aggregator: robust.RobustAggregator | None = None
-) -> str | None:
-    """Why ``kind`` (with the robust ``aggregator``, if any) cannot run under secure aggregation,
-    or None if it can."""
-    if aggregator in NEEDS_INDIVIDUAL_UPDATES:
-        return (
-            f'server.aggregator = "{aggregator}" compares individual updates, which secure '
-            'aggregation hides; use "norm_bounding" (each client clips its own update) or turn '
-            "secure aggregation off"
-        )
-    if kind in NOT_SUMMABLE_UNDER_SECAGG:
-        return NOT_SUMMABLE_UNDER_SECAGG[kind]
-    if newton:
-        return (
-            "the Newton step needs per-client gradient and Hessian sums, which are not clipped "
-            "updates; use a first-order client optimizer"
-        )
-    return None
-
-
-_SERVER_OPTIMIZER = {
-    StrategyKind.FEDAVG: server_optimizers.ServerOptimizer.FEDAVG,
-    StrategyKind.FEDPROX: server_optimizers.ServerOptimizer.FEDAVG,
-    StrategyKind.SCAFFOLD: server_optimizers.ServerOptimizer.FEDAVG,
-    StrategyKind.FEDAVGM: server_optimizers.ServerOptimizer.FEDAVGM,
-    StrategyKind.FEDADAM: server_optimizers.ServerOptimizer.FEDADAM,
-    StrategyKind.FEDYOGI: server_optimizers.ServerOptimizer.FEDYOGI,
-    StrategyKind.FEDADAGRAD: server_optimizers.ServerOptimizer.FEDADAGRAD,
-}
+def _empty() -> torch.Tensor:
+    return torch.zeros(0)
 
 
 @dataclass(frozen=True)
-class ServerState:
-    """Everything the server carries between rounds besides the global parameters."""
+class ServerState(Mapping[str, torch.Tensor]):
+    """The built-in strategies' state: the server optimizer's moments, SCAFFOLD's control variate,
+    central DP's clip and the aggregator's state; a mapping of named tensors like any
+    strategy's state (empty tensors for the parts a strategy does not use)."""
 
     optimizer: server_optimizers.ServerOptimizerState
-    control: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
-    clip_norm: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # central DP: [1]
-    robust_reference: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # CC: [D]
+    control: torch.Tensor = field(default_factory=_empty)
+    clip_norm: torch.Tensor = field(default_factory=_empty)  # central DP: [1]
+    aggregator: AggregatorState = field(default_factory=dict)  # centered clipping: reference [D]
+
+    @property
+    def robust_reference(self) -> torch.Tensor:
+        """Centered clipping's reference point (empty for the other rules)."""
+        return self.aggregator.get(ROBUST_REFERENCE.removeprefix(AGGREGATOR_PREFIX), _empty())
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Named tensors for a checkpoint."""
-        return {
+        named = {
             "optimizer.m": self.optimizer.m,
             "optimizer.v": self.optimizer.v,
             CONTROL: self.control,
             CLIP_NORM: self.clip_norm,
-            ROBUST_REFERENCE: self.robust_reference,
         }
+        named.update({AGGREGATOR_PREFIX + k: v for k, v in self.aggregator.items()})
+        return named
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.tensors())
+
+    def __len__(self) -> int:
+        return len(self.tensors())
 
     @classmethod
     def from_tensors(cls, named: Mapping[str, torch.Tensor]) -> ServerState:
         """The state saved by :meth:`tensors`; checkpoints from before a key existed load with
         that part empty."""
         opt = server_optimizers.ServerOptimizerState(named["optimizer.m"], named["optimizer.v"])
-        return cls(
-            opt,
-            named[CONTROL],
-            named.get(CLIP_NORM, torch.zeros(0)),
-            named.get(ROBUST_REFERENCE, torch.zeros(0)),
-        )
+        aggregator = {
+            k.removeprefix(AGGREGATOR_PREFIX): v
+            for k, v in named.items()
+            if k.startswith(AGGREGATOR_PREFIX)
+        }
+        return cls(opt, named[CONTROL], named.get(CLIP_NORM, _empty()), aggregator)
+
+    @classmethod
+    def of(cls, state: StrategyState) -> ServerState:
+        """``state`` as a :class:`ServerState` (a restored checkpoint is a plain mapping)."""
+        return state if isinstance(state, ServerState) else cls.from_tensors(state)
 
 
 @dataclass(frozen=True)
@@ -162,252 +234,18 @@ class CentralDP:
             return self.noise_multiplier
         return dp_fedavg.update_noise_multiplier(self.noise_multiplier, self.count_stddev)
 
-    def noisy_mean(
+    def noisy_sum(
         self, total: torch.Tensor, clip_norm: float, generator: torch.Generator
     ) -> torch.Tensor:
-        """The round's delta from the sum of clipped updates: Gaussian noise of std
-        ``update_noise_multiplier * clip_norm``, divided by the fixed ``expected_clients``."""
-        return dp_fedavg.noisy_mean(
+        """The sum of clipped updates with Gaussian noise of std ``update_noise_multiplier *
+        clip_norm``, in float64 (the strategy divides it by the fixed ``expected_clients``)."""
+        return dp_fedavg.noisy_sum(
             total.double(),
             clip_norm=clip_norm,
             noise_multiplier=self.update_noise_multiplier,
-            denominator=self.expected_clients,
             generator=generator,
         )
 
     def generator(self, round_: int) -> torch.Generator:
         """The noise of one round: seeded, so a resumed run repeats an uninterrupted one."""
         return seeding.generator(self.seed, round_, 0xD9)
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """A federated optimizer: server optimizer settings, client instructions, and its extras."""
-
-    kind: StrategyKind
-    server: server_optimizers.ServerOptimizerConfig
-    client_config: Mapping[str, messages.Scalar]
-    num_clients: int
-    central_dp: CentralDP | None = None
-    robust_rule: robust.RobustConfig | None = None  # None: the weighted mean
-
-    def __post_init__(self) -> None:
-        if self.robust_rule is None:
-            return
-        if self.newton:
-            raise ValueError(
-                "The Newton step pools gradient and Hessian sums; a robust aggregator cannot "
-                "apply to it."
-            )
-        if self.central_dp is not None and self.robust_rule.kind in NEEDS_INDIVIDUAL_UPDATES:
-            raise ValueError(
-                f"Central DP noise is calibrated for the mean's sensitivity, not for "
-                f"{self.robust_rule.kind}; use norm bounding or the mean with central DP."
-            )
-
-    @property
-    def aggregator(self) -> robust.RobustAggregator | None:
-        return None if self.robust_rule is None else self.robust_rule.kind
-
-    @classmethod
-    def create(
-        cls,
-        kind: StrategyKind,
-        *,
-        client_config: Mapping[str, messages.Scalar],
-        num_clients: int,
-        server_lr: float = 1.0,
-        server_momentum: float = 0.9,
-        beta1: float = 0.9,
-        beta2: float = 0.99,
-        tau: float = 1e-3,
-        central_dp: CentralDP | None = None,
-        robust_rule: robust.RobustConfig | None = None,
-    ) -> Strategy:
-        server = server_optimizers.ServerOptimizerConfig(
-            kind=_SERVER_OPTIMIZER[kind],
-            lr=server_lr,
-            momentum=server_momentum,
-            beta1=beta1,
-            beta2=beta2,
-            tau=tau,
-        )
-        config = dict(client_config)
-        if kind is not StrategyKind.FEDPROX:
-            config["proximal_mu"] = 0.0
-        return cls(kind, server, config, num_clients, central_dp, robust_rule)
-
-    @property
-    def newton(self) -> bool:
-        return self.client_config.get("optimizer") == "newton"
-
-    def required_tensors(self, dim: int) -> dict[str, int]:
-        """Tensors every fit reply must carry, with their lengths."""
-        if self.kind is StrategyKind.SCAFFOLD:
-            return {"control_delta": dim}
-        if self.newton:
-            return {"gradient_sum": dim, "hessian_sum": dim * dim}
-        return {}
-
-    def init(self, params: torch.Tensor) -> ServerState:
-        control = torch.zeros_like(params) if self.kind is StrategyKind.SCAFFOLD else torch.zeros(0)
-        clip = torch.zeros(0)
-        if self.central_dp is not None:
-            clip = torch.tensor([self.central_dp.clip_norm], dtype=torch.float64)
-        reference = torch.zeros(0)
-        if self.robust_rule is not None:
-            reference = robust.init(self.robust_rule, params.shape[0]).reference
-        return ServerState(server_optimizers.init(self.server, params), control, clip, reference)
-
-    def fit_instructions(
-        self, state: ServerState
-    ) -> tuple[dict[str, messages.Scalar], dict[str, torch.Tensor]]:
-        """The config and tensors every sampled client receives this round."""
-        tensors = {CONTROL: state.control} if self.kind is StrategyKind.SCAFFOLD else {}
-        config = dict(self.client_config)
-        if self.central_dp is not None:
-            config[CLIP_NORM] = float(state.clip_norm[0])
-        return config, tensors
-
-    def aggregate(
-        self,
-        state: ServerState,
-        params: torch.Tensor,
-        replies: Sequence[messages.FitReply],
-        *,
-        round_: int = 0,
-    ) -> tuple[ServerState, torch.Tensor]:
-        """The next server state and global parameters from the accepted replies.
-
-        The mean weighs each update by its reply's ``num_examples``, which must already be
-        checked and capped (the round driver does both); a robust rule ignores them and weighs
-        every update equally (see the module docstring).
-        """
-        weights = torch.tensor([float(r.num_examples) for r in replies])
-        if self.central_dp is not None:
-            state, delta = self._private_mean(self.central_dp, state, replies, round_)
-            opt_state, new_params = server_optimizers.apply(
-                self.server, state.optimizer, params, delta
-            )
-            return replace(state, optimizer=opt_state), new_params
-        if self.newton:
-            gradient = torch.stack([r.tensors["gradient_sum"] for r in replies]).double().sum(0)
-            hessian = torch.stack([r.tensors["hessian_sum"] for r in replies]).double().sum(0)
-            delta = newton.newton_direction(
-                gradient, hessian.view(params.shape[0], -1), float(weights.sum()), damping=1e-8
-            )
-        else:
-            state, delta = self._mean_or_robust(state, [r.update for r in replies], weights, round_)
-        opt_state, new_params = server_optimizers.apply(self.server, state.optimizer, params, delta)
-        control = state.control
-        if self.kind is StrategyKind.SCAFFOLD:
-            deltas = torch.stack([r.tensors["control_delta"] for r in replies])
-            control = scaffold.server_control_update(control, deltas, num_clients=self.num_clients)
-        return replace(state, optimizer=opt_state, control=control), new_params
-
-    def _mean_or_robust(
-        self,
-        state: ServerState,
-        updates: Sequence[torch.Tensor],
-        weights: torch.Tensor,
-        round_: int,
-    ) -> tuple[ServerState, torch.Tensor]:
-        """The mean of the ``K`` updates weighted by ``weights``, or the configured robust rule's
-        aggregate with equal weights (the mean streams over the updates; a robust rule needs them
-        stacked as ``[K, D]``)."""
-        if self.robust_rule is None:
-            return state, aggregation.weighted_mean(updates, weights)
-        robust_state, delta = robust.apply(
-            self.robust_rule,
-            robust.RobustState(state.robust_reference),
-            torch.stack(list(updates)),
-            torch.ones(len(updates), dtype=torch.float64),  # claimed sizes buy no influence
-            round_=round_,
-        )
-        return replace(state, robust_reference=robust_state.reference), delta
-
-    def aggregate_sum(
-        self,
-        state: ServerState,
-        params: torch.Tensor,
-        total: torch.Tensor,
-        weight: float,
-        *,
-        round_: int = 0,
-    ) -> tuple[ServerState, torch.Tensor]:
-        """The next state and parameters from a securely aggregated sum.
-
-        ``total`` is ``sum_u w_u x_u`` over the surviving clients of their client-clipped updates
-        ``x_u`` (weights ``w_u``: example counts, or 1 with central DP) and ``weight`` is
-        ``sum_u w_u``. Without DP the delta is the weighted mean, as in :meth:`aggregate`. With
-        central DP the server cannot re-clip (it never sees an update), so the guarantee rests on
-        the clients' clip; the sum gets the same noise and fixed denominator as in
-        :meth:`_private_mean`. Adaptive clipping is not available here: it needs each client's
-        clipped bit.
-        """
-        refusal = secure_aggregation_refusal(
-            self.kind, newton=self.newton, aggregator=self.aggregator
-        )
-        if refusal is not None:
-            raise ValueError(f"Secure aggregation cannot serve this strategy: {refusal}.")
-        if self.central_dp is not None:
-            dp = self.central_dp
-            if dp.adaptive:
-                raise ValueError(
-                    "Adaptive clipping needs each client's clipped bit, which secure aggregation hides."
-                )
-            delta = dp.noisy_mean(total, float(state.clip_norm[0]), dp.generator(round_))
-        else:
-            if not weight > 0:
-                raise ValueError(f"The securely aggregated weight must be positive, got {weight}.")
-            delta = (total.double() / weight).to(torch.float32)
-        opt_state, new_params = server_optimizers.apply(self.server, state.optimizer, params, delta)
-        return replace(state, optimizer=opt_state), new_params
-
-    def _private_mean(
-        self,
-        dp: CentralDP,
-        state: ServerState,
-        replies: Sequence[messages.FitReply],
-        round_: int,
-    ) -> tuple[ServerState, torch.Tensor]:
-        """DP-FedAvg: re-clip every update (a client may lie), noisy sum over a fixed denominator.
-
-        Clients clip already; the server clips again so that the guarantee does not rest on
-        them while it can see the updates (under secure aggregation it rests on the clients).
-        """
-        clip = float(state.clip_norm[0])
-        bound = clip  # norm bounding with central DP: one clip, at the smaller of the two norms
-        if (
-            self.robust_rule is not None
-            and self.robust_rule.kind is robust.RobustAggregator.NORM_BOUNDING
-        ):
-            if self.robust_rule.norm_bound is None:  # RobustConfig refuses this
-                raise robust_base.RobustnessError(
-                    "Norm bounding needs a norm_bound; none was given."
-                )
-            bound = min(clip, self.robust_rule.norm_bound)
-        clipped = [dp_fedavg.clip_update(r.update, bound) for r in replies]
-        total = torch.stack([c.update for c in clipped]).double().sum(0)
-        generator = dp.generator(round_)
-        delta = dp.noisy_mean(total, clip, generator)
-        if dp.adaptive:
-            # The bit is whether the client's update was at most the clip *before* the client
-            # clipped it: only the client knows (the server sees the clipped update, never
-            # longer than the clip). A reply the server had to re-clip counts as clipped; any
-            # report is mapped to one bit, which is all the count's sensitivity assumes.
-            bits = [
-                c.unclipped and r.metrics.get(DP_UNCLIPPED, 1.0) >= 0.5
-                for c, r in zip(clipped, replies, strict=True)
-            ]
-            clip, _ = dp_fedavg.next_clip_norm(
-                clip,
-                float(sum(bits)),
-                len(clipped),
-                target_quantile=dp.target_quantile,
-                denominator=dp.expected_clients,
-                learning_rate=dp.clip_learning_rate,
-                count_stddev=dp.count_stddev,
-                generator=generator,
-            )
-        return replace(state, clip_norm=torch.tensor([clip], dtype=torch.float64)), delta

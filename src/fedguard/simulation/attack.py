@@ -6,8 +6,8 @@ of an attack live here, so that nothing else in fedguard knows that an attack ex
 * Data poisoning (label flipping, a pixel-pattern backdoor; :mod:`fedguard.algorithms.attacks.data_poisoning`)
   rewrites the malicious clients' training data once, when the federation is built
   (:func:`poison_training_data`). They then train honestly on it.
-* Model poisoning (:mod:`fedguard.algorithms.attacks.model_poisoning`) is :class:`ModelPoisoning`, a transport
-  wrapper: every sampled client, malicious or not, trains honestly; once the round's replies are
+* Model poisoning (:mod:`fedguard.algorithms.attacks.model_poisoning`, or a user's :class:`Attack`) is
+  :class:`ModelPoisoning`, a transport wrapper: every sampled client, malicious or not, trains honestly; once the round's replies are
   in, the wrapper decodes them, computes what the malicious clients send from the honest clients'
   updates of the round (omniscient, as in the attacks' papers) and their own honest updates, and
   re-encodes those replies. The round driver and the strategy therefore see exactly the bytes a
@@ -18,6 +18,7 @@ The malicious clients are fixed for the run (:func:`fedguard.algorithms.attacks.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 
@@ -25,12 +26,55 @@ import torch
 
 from fedguard.algorithms import attacks, seeding
 from fedguard.algorithms.attacks import data_poisoning as attacks_data
+from fedguard.algorithms.robust import base as robust_base
 from fedguard.protocol import messages
 from fedguard.protocol.transport import Delivered, Outcome, Transport
 
 # (honest [N, D], own [M, D], generator) -> what the M malicious clients send [M, D].
 Poison = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
 _FIT_TASK = messages.FitTask.__name__
+
+
+class Attack(abc.ABC):
+    """A model-poisoning attack: what the malicious clients of a round send instead of their
+    honest updates (simulation only; the public protocol for a user's attack).
+
+    The simulator calls it once per round with the honest clients' updates ``honest [N, D]``
+    (omniscient, as the attacks' papers assume; a weaker attacker ignores them), the malicious
+    clients' own honest updates ``own [M, D]`` and a generator seeded per (attack seed, round).
+    The run's driver and aggregator then see the result as they would a real client's reply.
+    """
+
+    @abc.abstractmethod
+    def poison(
+        self, honest: torch.Tensor, own: torch.Tensor, *, generator: torch.Generator
+    ) -> torch.Tensor:
+        """The ``[M, D]`` updates the malicious clients send."""
+
+    def __call__(
+        self, honest: torch.Tensor, own: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
+        out = self.poison(honest, own, generator=generator)
+        if tuple(out.shape) != tuple(own.shape):
+            raise robust_base.RobustnessError(
+                f"{type(self).__name__} returned updates of shape {tuple(out.shape)}, expected "
+                f"{tuple(own.shape)} (one per malicious client)."
+            )
+        return out
+
+
+class BuiltinAttack(Attack):
+    """One of fedguard's model-poisoning attacks (:mod:`fedguard.algorithms.attacks.model_poisoning`)."""
+
+    def __init__(self, config: attacks.AttackConfig) -> None:
+        if attacks.is_data_poisoning(config.kind):
+            raise ValueError(f"{config.kind} poisons training data, not updates.")
+        self.config = config
+
+    def poison(
+        self, honest: torch.Tensor, own: torch.Tensor, *, generator: torch.Generator
+    ) -> torch.Tensor:
+        return attacks.poison_updates(self.config, honest, own, generator=generator)
 
 
 @dataclass(frozen=True)
@@ -44,16 +88,28 @@ class Backdoor:
 
 @dataclass(frozen=True)
 class Plan:
-    """One run's attack: what it does, who does it (sorted ids, fixed for the run) and its seed."""
+    """One run's attack: what it does, who does it (sorted ids, fixed for the run) and its seed.
 
-    config: attacks.AttackConfig
+    ``config`` is a built-in attack's; a plug-in attack is the object ``plugin`` (config None).
+    """
+
+    config: attacks.AttackConfig | None
     malicious: tuple[int, ...]
     seed: int
     backdoor: Backdoor | None = None
+    plugin: Attack | None = None
 
     @property
     def poisons_data(self) -> bool:
-        return attacks.is_data_poisoning(self.config.kind)
+        return self.config is not None and attacks.is_data_poisoning(self.config.kind)
+
+    def model_attack(self) -> Poison:
+        """What the malicious clients send each round (a model-poisoning plan only)."""
+        if self.plugin is not None:
+            return self.plugin
+        if self.config is None:
+            raise ValueError("An attack plan needs a built-in attack's config or a plug-in.")
+        return model_poison(self.config)
 
     def client_generator(self, client_id: int) -> torch.Generator:
         """Which of a malicious client's images get the backdoor: seeded per client."""
@@ -61,14 +117,8 @@ class Plan:
 
 
 def model_poison(config: attacks.AttackConfig) -> Poison:
-    """The model-poisoning attack of ``config`` as a :data:`Poison` function."""
-    if attacks.is_data_poisoning(config.kind):
-        raise ValueError(f"{config.kind} poisons training data, not updates.")
-
-    def poison(honest: torch.Tensor, own: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return attacks.poison_updates(config, honest, own, generator=generator)
-
-    return poison
+    """The built-in model-poisoning attack of ``config`` (an :class:`Attack`, so a :data:`Poison`)."""
+    return BuiltinAttack(config)
 
 
 def poison_training_data(

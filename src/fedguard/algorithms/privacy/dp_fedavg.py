@@ -63,6 +63,18 @@ def update_noise_multiplier(noise_multiplier: float, count_noise_multiplier: flo
     return remaining**-0.5
 
 
+def noisy_sum(
+    clipped_sum: torch.Tensor,
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """``sum + N(0, (z C)^2 I)`` in float64 (a strategy's sum path divides it)."""
+    noise = torch.randn(clipped_sum.shape, generator=generator, dtype=torch.float64)
+    return clipped_sum.double() + noise * (noise_multiplier * clip_norm)
+
+
 def noisy_mean(
     clipped_sum: torch.Tensor,
     *,
@@ -72,8 +84,9 @@ def noisy_mean(
     generator: torch.Generator,
 ) -> torch.Tensor:
     """``(sum + N(0, (z C)^2 I)) / denominator``, in float64 for the sum then back to float32."""
-    noise = torch.randn(clipped_sum.shape, generator=generator, dtype=torch.float64)
-    total = clipped_sum.double() + noise * (noise_multiplier * clip_norm)
+    total = noisy_sum(
+        clipped_sum, clip_norm=clip_norm, noise_multiplier=noise_multiplier, generator=generator
+    )
     return (total / denominator).to(torch.float32)
 
 

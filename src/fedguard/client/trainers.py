@@ -1,0 +1,138 @@
+"""fedguard's local training loops as :class:`~fedguard.client.trainer.ClientTrainer` objects.
+
+* :class:`OptimizerTrainer`: ``client.optimizer``'s loop (SGD, Adam, full-batch L-BFGS;
+  :mod:`fedguard.client.training`), with FedProx's proximal term and SCAFFOLD's correction and
+  control variate (:mod:`fedguard.algorithms.optimizers.scaffold`) when the task asks for them.
+* :class:`DPSGDTrainer`: DP-SGD at the task's noise multiplier and clip
+  (:mod:`fedguard.client.dp_sgd`); the reply reports what ran, for the server to compose.
+* :class:`NewtonTrainer`: the gradient and Hessian sums of a convex model, and the client's own
+  Newton step as its update.
+
+:func:`for_task` picks the one a fit task's config names, which is what a client without a
+configured trainer runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from fedguard.algorithms.optimizers import newton, scaffold
+from fedguard.client import dp_sgd, training
+from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
+from fedguard.models.adapter import ModelAdapter
+from fedguard.protocol import features, messages
+
+if TYPE_CHECKING:
+    from fedguard.client.data import ClientData
+
+
+def local_training_from(config: Mapping[str, messages.Scalar]) -> training.LocalTraining:
+    """The local training settings carried in a fit task's config."""
+    number, count = messages.config_float, messages.config_int
+    return training.LocalTraining(
+        optimizer=training.LocalOptimizer(str(config.get("optimizer", "sgd"))),
+        lr=number(config, "lr", 0.01),
+        momentum=number(config, "momentum", 0.0),
+        weight_decay=number(config, "weight_decay", 0.0),
+        epochs=count(config, "epochs", 1),
+        batch_size=count(config, "batch_size", 32),
+        proximal_mu=number(config, "proximal_mu", 0.0),
+        max_steps=None if config.get("max_steps") is None else count(config, "max_steps"),
+        augment=str(config.get("augment", "none")),
+    )
+
+
+class OptimizerTrainer(ClientTrainer):
+    """SGD, Adam or L-BFGS as the task's ``optimizer`` says, with FedProx's proximal term
+    (``proximal_mu > 0``) and SCAFFOLD's correction ``c - c_i`` (a ``control`` tensor)."""
+
+    features = frozenset({features.PROXIMAL_TERM, features.CONTROL_VARIATE})
+
+    def train(self, model: ModelAdapter, data: ClientData, task: TrainTask) -> TrainResult:
+        cfg = local_training_from(task.config)
+        correction = control = None
+        server_control = task.tensors.get(features.CONTROL)
+        if server_control is not None:
+            control = task.state.get(features.CONTROL)
+            if control is None:
+                control = torch.zeros_like(server_control)
+            correction = scaffold.correction(server_control, control)
+        stats = training.train(
+            model,
+            data.train_x,
+            data.train_y,
+            cfg,
+            generator=task.generator,
+            global_params=task.params if cfg.proximal_mu > 0 else None,
+            correction=correction,
+        )
+        update = model.get_flat() - task.params
+        tensors: dict[str, torch.Tensor] = {}
+        if server_control is not None and control is not None:
+            new_control = scaffold.client_control_update(
+                server_control, control, update, local_steps=stats.steps, lr=cfg.lr
+            )
+            tensors["control_delta"] = new_control - control
+            task.state[features.CONTROL] = new_control
+        metrics = {"train_loss": stats.loss, "steps": float(stats.steps)}
+        return TrainResult(update, stats.num_examples, metrics, tensors)
+
+
+class DPSGDTrainer(ClientTrainer):
+    """DP-SGD (Abadi et al. 2016) at the task's noise multiplier and per-example clip; the reply
+    reports the sampling rate, steps, noise and clip that ran."""
+
+    features = frozenset({features.DP_SGD})
+
+    def train(self, model: ModelAdapter, data: ClientData, task: TrainTask) -> TrainResult:
+        cfg = local_training_from(task.config)
+        dp = dp_sgd.DPSGD(
+            max_grad_norm=messages.config_float(task.config, messages.DP_SGD_CLIP),
+            noise_multiplier=messages.config_float(task.config, messages.DP_SGD_NOISE),
+        )
+        stats = dp_sgd.train(model, data.train_x, data.train_y, cfg, dp, generator=task.generator)
+        update = model.get_flat() - task.params
+        metrics = {
+            "train_loss": stats.loss,
+            "steps": float(stats.steps),
+            messages.DP_SGD_RAN_RATE: stats.sampling_rate,
+            messages.DP_SGD_RAN_STEPS: float(stats.steps),
+            messages.DP_SGD_RAN_NOISE: stats.noise_multiplier,
+            messages.DP_SGD_RAN_CLIP: stats.max_grad_norm,
+        }
+        return TrainResult(update, stats.num_examples, metrics)
+
+
+class NewtonTrainer(ClientTrainer):
+    """The sums of the loss gradient and Hessian over the client's examples (the server pools
+    them into the exact Newton step); the update is the client's own Newton step."""
+
+    features = frozenset({features.NEWTON_STATISTICS})
+
+    def train(self, model: ModelAdapter, data: ClientData, task: TrainTask) -> TrainResult:
+        cfg = local_training_from(task.config)
+        stats = training.newton_statistics(
+            model, data.train_x, data.train_y, weight_decay=cfg.weight_decay
+        )
+        local_step = newton.newton_direction(
+            stats.gradient_sum, stats.hessian_sum, stats.num_examples, damping=1e-8
+        )
+        tensors = {
+            "gradient_sum": stats.gradient_sum.to(torch.float32),
+            "hessian_sum": stats.hessian_sum.to(torch.float32).reshape(-1),
+        }
+        metrics = {"train_loss": stats.loss, "steps": 1.0}
+        return TrainResult(local_step, stats.num_examples, metrics, tensors)
+
+
+def for_task(config: Mapping[str, messages.Scalar]) -> ClientTrainer:
+    """The built-in trainer a fit task's ``config`` names: the Newton statistics for
+    ``optimizer = "newton"``, DP-SGD when it carries DP-SGD's noise, else the optimizer loop."""
+    if config.get("optimizer") == training.LocalOptimizer.NEWTON:
+        return NewtonTrainer()
+    if messages.DP_SGD_NOISE in config:
+        return DPSGDTrainer()
+    return OptimizerTrainer()

@@ -1,0 +1,315 @@
+"""The sections of an experiment's configuration (one pydantic model per TOML table) and
+:class:`ExperimentSections`, all of them together without the cross-key rules.
+
+:mod:`fedguard.experiment.config` adds those rules (:mod:`fedguard.experiment.config_checks`,
+which reads these sections) and the TOML loading; import from there.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
+
+from fedguard import plugins
+from fedguard.algorithms import attacks, robust
+from fedguard.algorithms.attacks import model_poisoning as attacks_model
+from fedguard.protocol.strategy import StrategyKind
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line per problem, naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
+# A plug-in's options: the TOML table of its key, passed to its factory as keyword arguments.
+Options = dict[str, Any]
+
+
+def _built_in_or_reference(value: str, built_in: tuple[str, ...], key: str) -> str:
+    """``value`` if it is one of ``built_in`` or a ``package.module:name`` reference."""
+    if value in built_in or plugins.is_reference(value):
+        return value
+    allowed = ", ".join(repr(b) for b in built_in)
+    raise ValueError(
+        f'{key}: Input should be {allowed} or "package.module:name" (a plug-in), got {value!r}'
+    )
+
+
+class ExperimentSection(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    rounds: int = Field(10, ge=1, le=100_000)
+
+
+class DataSection(_Section):
+    dataset: str = "synthetic"
+    path: str | None = None
+    partition: Literal["iid", "dirichlet", "shards", "natural"] = "iid"
+    alpha: float = Field(0.5, gt=0.0)
+    shards_per_client: int = Field(2, ge=1)
+    num_clients: int = Field(10, ge=1, le=1_000_000)
+    test_fraction: Probability = 0.2
+    client_eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    augment_copies: int = Field(0, ge=0, le=20)
+    feature_norm: Literal["utterance", "band"] = "utterance"  # fsdd log-mel normalisation
+    # fsdd feature settings (defaults: fedguard.data.audio_features.TRIM_DB / DYNAMIC_RANGE_DB)
+    trim_db: float | None = Field(None, gt=0.0)  # trim silence this far below the peak
+    dynamic_range_db: float = Field(80.0, gt=0.0)  # log-mel range kept below the peak
+    synthetic_samples: int = Field(10_000, ge=1)
+    synthetic_shape: tuple[int, ...] = (1, 28, 28)
+    synthetic_classes: int = Field(10, ge=2)
+
+
+class ModelSection(_Section):
+    """The model; ``input_shape`` (one example's) and ``num_classes`` let a deployed server,
+    which holds no data set, build it (a simulation checks them against the data)."""
+
+    name: str = "image_cnn"
+    framework: Literal["torch", "keras"] = "torch"
+    input_shape: tuple[Annotated[int, Field(ge=1)], ...] | None = Field(None, min_length=1)
+    num_classes: int | None = Field(None, ge=2)
+
+
+class ClientSection(_Section):
+    """Local training: ``client.optimizer``'s built-in loop with these settings, or a plug-in
+    ``trainer`` (a :class:`fedguard.ClientTrainer`, ``trainer_options`` its options) that reads
+    them from its task's config."""
+
+    optimizer: Literal["sgd", "adam", "lbfgs", "newton"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.0, ge=0.0, lt=1.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    proximal_mu: float = Field(0.0, ge=0.0)
+    max_steps: int | None = Field(None, ge=1)
+    augment: Literal["none", "image", "spectrogram"] = "none"
+    trainer: str = "builtin"  # builtin (client.optimizer's loop; DP-SGD under local DP) | plug-in
+    trainer_options: Options = {}
+
+    @field_validator("trainer")
+    @classmethod
+    def _trainer(cls, value: str) -> str:
+        return _built_in_or_reference(value, ("builtin",), "client.trainer")
+
+
+BUILTIN_AGGREGATORS = ("mean", *(k.value for k in robust.RobustAggregator))
+
+
+class ServerSection(_Section):
+    """The strategy (built-in or a plug-in :class:`fedguard.Strategy`), sampling, and the
+    aggregator (the mean, a robust rule, or a plug-in :class:`fedguard.Aggregator`)."""
+
+    strategy: str = "fedavg"
+    strategy_options: Options = {}
+    clients_per_round: int | None = Field(None, ge=1)
+    fraction: float | None = Field(None, gt=0.0, le=1.0)
+    min_clients: int | None = Field(None, ge=1)
+    server_lr: float = Field(1.0, gt=0.0)
+    server_momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    beta1: float = Field(0.9, ge=0.0, lt=1.0)
+    beta2: float = Field(0.99, ge=0.0, lt=1.0)
+    tau: float = Field(1e-3, gt=0.0)
+    deadline_s: float | None = Field(None, gt=0.0)
+    sampling: Literal["fixed", "poisson"] = "fixed"
+    # Byzantine robustness: the rule that replaces the weighted mean, and what it must tolerate.
+    aggregator: str = "mean"
+    aggregator_options: Options = {}
+    byzantine_f: int | None = Field(None, ge=0)  # required with a robust aggregator
+    multi_krum_m: int | None = Field(None, ge=1)  # default: K - f
+    clipping_radius: float = Field(10.0, gt=0.0)  # centered clipping tau
+    clipping_iterations: int = Field(1, ge=1)  # centered clipping L
+    norm_bound: float | None = Field(None, gt=0.0)  # norm bounding M (required for it)
+    weiszfeld_iterations: int = Field(1000, ge=1)  # geometric median
+    weiszfeld_tolerance: float = Field(1e-6, gt=0.0)  # geometric median
+    bucket_size: int = Field(1, ge=1)  # > 1: the rule runs on means of random buckets
+
+    @field_validator("strategy", "aggregator")
+    @classmethod
+    def _named(cls, value: str, info: ValidationInfo) -> str:
+        if info.field_name == "strategy":
+            return _built_in_or_reference(
+                value, tuple(k.value for k in StrategyKind), "server.strategy"
+            )
+        return _built_in_or_reference(value, BUILTIN_AGGREGATORS, "server.aggregator")
+
+
+BUILTIN_ATTACKS = ("none", *(k.value for k in attacks.Attack))
+
+
+class AttackSection(_Section):
+    """Simulated Byzantine clients (simulation only): which attack, how many, its parameters.
+
+    ``fraction`` of the clients, drawn with ``seed`` (default: the experiment's seed), are
+    malicious for the whole run. Data poisoning (``label_flip``, ``backdoor``) changes their
+    training data; model poisoning replaces their replies (see ``fedguard.simulation.attack``), as
+    a plug-in :class:`fedguard.Attack` does (``kind = "package.module:name"``, ``options`` its
+    options).
+    """
+
+    kind: str = "none"
+    fraction: float = Field(0.2, ge=0.0, le=1.0)
+    seed: int | None = None
+    scale: float = Field(1.0, gt=0.0)  # sign_flip: -scale * u
+    factor: float = Field(10.0, gt=0.0)  # boost: factor * u
+    std: float = Field(1.0, gt=0.0)  # gaussian
+    z: float | None = Field(None, gt=0.0)  # alie; default: Baruch et al.'s z_max
+    epsilon: float = Field(0.5, gt=0.0)  # ipm: -epsilon * mean(honest)
+    perturbation: Literal["unit_vector", "std", "sign"] = "std"  # min_max / min_sum
+    target_label: int = Field(0, ge=0)  # backdoor
+    trigger_size: int = Field(3, ge=1)  # backdoor: side of the square, in pixels
+    poisoned_fraction: float = Field(0.5, gt=0.0, le=1.0)  # backdoor: share of local images
+    options: Options = {}  # a plug-in attack's options
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        return _built_in_or_reference(value, BUILTIN_ATTACKS, "attack.kind")
+
+    def config(self) -> attacks.AttackConfig:
+        """The algorithms' view of a built-in model- or data-poisoning attack."""
+        return attacks.AttackConfig(
+            kind=attacks.Attack(self.kind),
+            scale=self.scale,
+            factor=self.factor,
+            std=self.std,
+            z=self.z,
+            epsilon=self.epsilon,
+            perturbation=attacks_model.Perturbation(self.perturbation),
+        )
+
+
+class EvaluationSection(_Section):
+    """Where ``test_accuracy``, ``test_loss`` and ``test_auc`` come from.
+
+    ``mode = "server"``: the evaluation set the server owns: ``server_data`` (an ``.npz`` with
+    ``x`` and ``y``) when given, else, in simulation, the data set's ``split``.
+    ``"federated"``: every client evaluates on its own held-out data and the server adds the
+    reports up (weighted by count). ``"both"``: the server's set, plus the clients' reports as
+    ``federated_loss`` / ``federated_accuracy`` / ``federated_auc``. Unset: ``"server"`` in
+    simulation; on a deployed server, which holds no data set, ``"server"`` with
+    ``server_data`` and ``"federated"`` without.
+    """
+
+    every: int = Field(1, ge=0)
+    mode: Literal["server", "federated", "both"] | None = None
+    server_data: str | None = None
+    split: Literal["test", "val"] = "test"
+    batch_size: int = Field(1024, ge=1)
+
+    def resolved_mode(self, *, deployed: bool) -> str:
+        """The mode in force (see the class docstring)."""
+        if self.mode is not None:
+            return self.mode
+        return "federated" if deployed and self.server_data is None else "server"
+
+
+# A client's registered example counts are rounded up to a multiple of this under DP, unless
+# registration.count_bucket says otherwise (see fedguard.protocol.registration).
+DP_COUNT_BUCKET = 100
+
+
+class RegistrationSection(_Section):
+    """What a deployed server accepts when clients register (see
+    ``fedguard.protocol.registration``): counts rounded up to a multiple of at least
+    ``count_bucket`` (default: exact without DP, :data:`DP_COUNT_BUCKET` under DP), and at most
+    ``max_examples`` training or held-out examples per client (more is refused as absurd)."""
+
+    count_bucket: int | None = Field(None, ge=1)
+    max_examples: int = Field(10_000_000, ge=1)
+
+
+class PrivacySection(_Section):
+    """Differential privacy: off, record level inside each client, or user level at the server.
+
+    ``distributed`` is user-level DP under secure aggregation: each client clips to ``clip_norm``
+    and adds its share of Skellam noise before masking (see ``fedguard.algorithms.privacy.distributed_dp``).
+    """
+
+    mode: Literal["off", "local", "central", "distributed"] = "off"
+    noise_multiplier: float | None = Field(None, gt=0.0)
+    target_epsilon: float | None = Field(None, gt=0.0)
+    max_epsilon: float | None = Field(None, gt=0.0)
+    delta: Probability = 1e-5
+    accountant: Literal["rdp", "pld"] = "rdp"
+    max_grad_norm: float = Field(1.0, gt=0.0)  # local: per-sample gradient clip
+    clip_norm: float = Field(1.0, gt=0.0)  # central: update clip (the first one if adaptive)
+    adaptive_clip: bool = False
+    target_quantile: Probability = 0.5
+    clip_learning_rate: float = Field(0.2, gt=0.0)
+    clip_count_stddev: float | None = Field(None, gt=0.0)  # default: clients per round / 20
+
+
+class SecureAggregationSection(_Section):
+    """Secure aggregation: the server learns only the sum of the clipped client updates.
+
+    ``mode = "secagg"`` masks over the complete graph (Bonawitz et al. 2017), ``"secagg+"`` over
+    a random graph of ``neighbours`` per client (Bell et al. 2020; default about log2 of the
+    clients per round). ``threshold`` is the number of share holders of a client that must
+    survive (default: more than half). ``max_examples`` caps a client's weight (default: the
+    largest local training set, known in simulation; set it in a deployment). ``dropout_rate`` is
+    the largest share of a round's clients that may drop while the round still completes (with
+    distributed DP each client's noise share assumes that many may be missing).
+    """
+
+    enabled: bool = False
+    mode: Literal["secagg", "secagg+"] = "secagg"
+    bits: int = Field(32, ge=8, le=64)
+    clip_norm: float | None = Field(None, gt=0.0)
+    threshold: int | None = Field(None, ge=1)
+    neighbours: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+    dropout_rate: float = Field(0.1, ge=0.0, lt=0.5)
+
+
+class CheckpointSection(_Section):
+    keep: int = Field(2, ge=1)
+
+
+class ExperimentSections(_Section):
+    """Every section of an experiment, as the TOML tables give them (the cross-key rules are
+    :class:`~fedguard.experiment.config.ExperimentConfig`'s)."""
+
+    experiment: ExperimentSection = ExperimentSection()
+    data: DataSection = DataSection()
+    model: ModelSection = ModelSection()
+    client: ClientSection = ClientSection()
+    server: ServerSection = ServerSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    checkpoint: CheckpointSection = CheckpointSection()
+    privacy: PrivacySection = PrivacySection()
+    secure_aggregation: SecureAggregationSection = SecureAggregationSection()
+    attack: AttackSection = AttackSection()
+    registration: RegistrationSection = RegistrationSection()
+
+    @property
+    def clients_per_round(self) -> int:
+        """Clients sampled each round (all of them unless a count or a fraction is given)."""
+        n = self.data.num_clients
+        if self.server.clients_per_round is not None:
+            return self.server.clients_per_round
+        if self.server.fraction is not None:
+            return max(1, round(self.server.fraction * n))
+        return n
+
+    @property
+    def count_bucket(self) -> int:
+        """The rounding of registered example counts (``registration.count_bucket``)."""
+        if self.registration.count_bucket is not None:
+            return self.registration.count_bucket
+        return 1 if self.privacy.mode == "off" else DP_COUNT_BUCKET
+
+    @property
+    def min_clients(self) -> int:
+        return self.server.min_clients if self.server.min_clients is not None else 1

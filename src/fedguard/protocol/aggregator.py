@@ -1,0 +1,162 @@
+"""The public ``Aggregator`` protocol: how the updates of a round become one update.
+
+An aggregator is a pure function of the cohort's updates ``[K, D]`` and their weights ``[K]`` to
+one ``[D]`` vector, with optional state carried from round to round (centered clipping's
+reference point), which the run checkpoints as named tensors. It also states what it needs, and
+every configuration is checked against those statements before round 1, for fedguard's rules
+and a user's alike (:mod:`fedguard.experiment.config_checks`):
+
+* :meth:`Aggregator.condition`: whether its guarantee holds with ``K`` updates of which ``f``
+  are Byzantine, with the condition in words (Krum: ``K > 2f + 2``). The run refuses a
+  ``server.byzantine_f`` or a cohort that breaks it.
+* ``needs_individual_updates``: whether it must see each update. Secure aggregation reveals only
+  the sum and central DP's noise is calibrated for the mean, so such a rule runs with neither.
+  A rule that does not need them must be the mean of the updates after each is clipped to its
+  ``norm_bound`` (weighted as below), since that is all a sum can give.
+* ``norm_bound``: a bound it applies to each update on its own. Under secure aggregation the
+  clients apply it before masking; under central DP the server's clip takes the smaller of the
+  two.
+* ``weighs_by_examples``: whether the clients' claimed example counts weigh their updates. Only
+  FedAvg's mean does; a robust rule gives every update the same weight, so that a claimed size
+  buys no influence (see :mod:`fedguard.protocol.strategy`).
+
+The strategy calls :meth:`Aggregator.aggregate` once per round where FedAvg would take the
+weighted mean, so FedAvgM, FedAdam, FedYogi and FedAdagrad run unchanged on top of any rule.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from fedguard.algorithms.optimizers import aggregation
+
+AggregatorState = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Condition:
+    """Whether an aggregator's guarantee holds for one ``(K, f)``, and the condition in words.
+
+    ``reason`` states the requirement in ``K`` (updates) and ``f`` (Byzantine ones), e.g.
+    ``"K > 2f + 2"``; refusals quote it ("it needs K > 2f + 2, so f <= 3").
+    """
+
+    holds: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundContext:
+    """What an aggregator may know about the round besides the updates.
+
+    ``params`` are the global parameters ``[D]`` every update of the round starts from (a rule
+    that computes its own reference update, as FLTrust does, trains from them); ``generator`` is
+    seeded per (run seed, round), so that a resumed run aggregates as an uninterrupted one.
+    """
+
+    round: int
+    params: torch.Tensor
+    generator: torch.Generator
+
+
+class Aggregator(abc.ABC):
+    """Combine the ``K`` updates of a round into one.
+
+    Subclasses implement :meth:`condition` and :meth:`aggregate`, and set the class attributes
+    that differ from the defaults below (the defaults suit a robust rule that compares
+    updates). ``name`` is what error messages call the rule (default: the class name).
+    """
+
+    name: str = ""
+    needs_individual_updates: bool = True
+    weighs_by_examples: bool = False
+    norm_bound: float | None = None
+
+    @abc.abstractmethod
+    def condition(self, n: int, f: int) -> Condition:
+        """Whether the guarantee holds with ``n`` updates of which ``f`` are Byzantine.
+
+        It must be monotone: true for ``(n, f)``, it stays true for more updates or fewer
+        Byzantine ones (the checks search ``n`` and ``f`` by bisection).
+        """
+
+    def init(self, dim: int) -> AggregatorState:
+        """The state before the first round, for updates of length ``dim`` (none by default)."""
+        return {}
+
+    @abc.abstractmethod
+    def aggregate(
+        self,
+        updates: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        state: AggregatorState,
+        context: RoundContext,
+    ) -> tuple[AggregatorState, torch.Tensor]:
+        """The new state and the aggregate ``[D]`` (float32) of ``updates [K, D]``.
+
+        ``weights [K]`` are the example counts when ``weighs_by_examples``, else ones.
+        """
+
+
+def label(aggregator: Aggregator) -> str:
+    """What messages call ``aggregator``: its ``name``, else its class name."""
+    return aggregator.name or type(aggregator).__name__
+
+
+class Mean(Aggregator):
+    """FedAvg's example-weighted mean (McMahan et al. 2017): it tolerates no Byzantine update.
+
+    It needs only the sum, so it runs under secure aggregation and central DP.
+    """
+
+    name = "mean"
+    needs_individual_updates = False
+    weighs_by_examples = True
+
+    def condition(self, n: int, f: int) -> Condition:
+        return Condition(n >= 1 and f == 0, "f = 0 (one update can move the mean anywhere)")
+
+    def aggregate(
+        self,
+        updates: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        state: AggregatorState,
+        context: RoundContext,
+    ) -> tuple[AggregatorState, torch.Tensor]:
+        return state, aggregation.weighted_mean(updates, weights)
+
+
+def most_tolerated(aggregator: Aggregator, n: int) -> int:
+    """The largest ``f`` in ``0..n`` for which the condition holds with ``n`` updates; -1 when
+    it does not hold even for ``f = 0``."""
+    if not aggregator.condition(n, 0).holds:
+        return -1
+    low, high = 0, n  # holds at low; search the last f that holds
+    while low < high:
+        middle = (low + high + 1) // 2
+        if aggregator.condition(n, middle).holds:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def fewest_updates(aggregator: Aggregator, f: int, most: int) -> int | None:
+    """The fewest updates ``K`` in ``1..most`` with which the condition holds for ``f``; None if
+    even ``most`` are too few."""
+    if most < 1 or not aggregator.condition(most, f).holds:
+        return None
+    low, high = 1, most  # holds at high; search the first n that holds
+    while low < high:
+        middle = (low + high) // 2
+        if aggregator.condition(middle, f).holds:
+            high = middle
+        else:
+            low = middle + 1
+    return low

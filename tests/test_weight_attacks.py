@@ -19,6 +19,7 @@ from conftest import metric_rows, ten_iid_config
 from fedguard.algorithms import robust
 from fedguard.experiment import assembly, checkpoint
 from fedguard.experiment.config import validate
+from fedguard.models.adapter import TorchModel
 from fedguard.protocol import fedopt, messages
 from fedguard.protocol.driver import RoundDriver, claim_problem
 from fedguard.protocol.strategy import StrategyKind
@@ -334,3 +335,27 @@ def test_fedavg_through_the_driver_is_the_example_weighted_mean_by_hand() -> Non
     expected = [p + d for p, d in zip([0.5, 0.25, -1.0], delta, strict=True)]
     assert result.params.tolist() == pytest.approx(expected, rel=1e-6)
     assert result.metrics["weights_capped"] == 0
+
+
+def test_a_model_with_non_finite_outputs_is_reported_not_fatal() -> None:
+    """A finite but absurd global model (weights of magnitude 3e38, as after a majority of huge
+    equal updates under the plain mean) gives NaN probabilities: its metrics say so (no AUC, a
+    non-finite loss) instead of ending the run in the evaluation."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LogSoftmax(dim=1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(3e38)
+        model[0].weight[1].fill_(-3e38)
+    adapter = TorchModel(model)
+    x = torch.tensor([[1.0, -2.0, 0.5], [0.25, 0.75, -1.5], [2.0, 2.0, 2.0], [-1.0, 0.0, 3.0]])
+    y = torch.tensor([0, 1, 1, 0])
+    metrics = assembly.central_metrics(adapter, x, y, batch_size=3)
+    assert metrics["test_auc"] is None
+    assert not math.isfinite(metrics["test_loss"])
+    # a sane model on the same data: the class-1 score rises with x[2], which ranks one of the
+    # four (positive, negative) pairs right, so AUC 1/4; the None above is the guard
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[0.0, 0.0, -0.5], [0.0, 0.0, 0.5]]))
+        model[0].bias.zero_()
+    sane = assembly.central_metrics(adapter, x, y, batch_size=3)
+    assert sane["test_auc"] == pytest.approx(0.25)

@@ -47,6 +47,9 @@ TransportFn = Callable[[list[int]], Transport]
 
 
 def _auc(probabilities: torch.Tensor, y: torch.Tensor) -> float | None:
+    """ROC AUC of the predicted probabilities (one-vs-rest above two classes); None where it is
+    undefined: fewer than two classes present, or a model whose outputs are not finite (a
+    diverged or poisoned model must be reported as such, not end the run)."""
     from sklearn.metrics import roc_auc_score
 
     labels = y.numpy()
@@ -54,6 +57,8 @@ def _auc(probabilities: torch.Tensor, y: torch.Tensor) -> float | None:
     if len(present) < 2:
         return None
     p = probabilities.double().numpy()
+    if not np.isfinite(p).all():
+        return None
     if p.shape[1] == 2:
         return float(roc_auc_score(labels, p[:, 1]))
     if len(present) < p.shape[1]:

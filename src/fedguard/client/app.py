@@ -252,7 +252,7 @@ class ClientApp:
             clip_norm = messages.config_float(task.config, messages.DP_CLIP_NORM)
             clipped = dp_fedavg.clip_update(update, clip_norm)
             update = clipped.update
-            metrics["dp_unclipped"] = float(clipped.unclipped)
+            metrics[messages.DP_UNCLIPPED] = float(clipped.unclipped)
         return messages.FitReply(
             round=task.round,
             client_id=task.client_id,

@@ -23,7 +23,6 @@ from fedguard.protocol import messages
 from fedguard.protocol.aggregator import label
 from fedguard.protocol.strategy import (
     CLIP_NORM,
-    DP_UNCLIPPED,
     CentralDP,
     ServerState,
     Strategy,
@@ -122,7 +121,7 @@ class CentralPrivacy(Strategy):
             # longer than the clip). A reply the server had to re-clip counts as clipped; any
             # report is mapped to one bit, which is all the count's sensitivity assumes.
             bits = [
-                c.unclipped and r.metrics.get(DP_UNCLIPPED, 1.0) >= 0.5
+                c.unclipped and r.metrics.get(messages.DP_UNCLIPPED, 1.0) >= 0.5
                 for c, r in zip(clipped, replies, strict=True)
             ]
             clip, _ = dp_fedavg.next_clip_norm(

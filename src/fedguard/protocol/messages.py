@@ -632,6 +632,7 @@ def _byte_map(blob: np.ndarray, layout: list[list[int]]) -> ByteMap:
 
 # Config keys of a fit task that switch on differential privacy on the client.
 DP_CLIP_NORM = "dp_clip_norm"  # central DP: clip the update to this L2 norm before it leaves
+DP_UNCLIPPED = "dp_unclipped"  # central DP reply metric: the client's adaptive-clipping bit
 DP_SGD_NOISE = "dp_sgd_noise_multiplier"  # local DP: train with DP-SGD at this noise multiplier
 DP_SGD_CLIP = "dp_sgd_max_grad_norm"  # ... clipping each per-sample gradient to this norm
 

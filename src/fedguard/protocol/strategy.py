@@ -42,7 +42,6 @@ from fedguard.protocol.aggregator import Aggregator, AggregatorState, label
 
 CONTROL = "control"
 CLIP_NORM = messages.DP_CLIP_NORM
-DP_UNCLIPPED = "dp_unclipped"  # central DP reply metric: the client's adaptive-clipping bit
 AGGREGATOR_PREFIX = "robust."  # checkpoint names of the aggregator's state
 ROBUST_REFERENCE = "robust.reference"
 

@@ -51,7 +51,9 @@ def digits_data() -> FederatedDataset:
         labels = train_y[part]
         if i == NOISY:
             shuffled = attacks_data.shuffle_labels(
-                torch.from_numpy(labels), probability=1.0, generator=torch.Generator().manual_seed(7)
+                torch.from_numpy(labels),
+                probability=1.0,
+                generator=torch.Generator().manual_seed(7),
             )
             labels = shuffled.numpy()
         clients[f"client_{i}"] = ArrayDataset(train_x[part], labels)
@@ -81,3 +83,162 @@ def run(tmp_path: Path, name: str, cfg: dict[str, Any], **kwargs: Any) -> dict[s
 
 def read(folder: Path, name: str) -> Any:
     return json.loads((folder / name).read_text())
+
+
+def last_three(cumulative: dict[str, float]) -> set[int]:
+    return {int(c) for c in sorted(cumulative, key=cumulative.__getitem__)[:3]}
+
+
+@pytest.mark.parametrize("method", ["gtg_shapley", "leave_one_out"])
+def test_free_riders_and_the_noisy_client_rank_last_are_flagged_and_get_the_floor(
+    tmp_path: Path, method: str
+) -> None:
+    summary = run(tmp_path, method, config(method, flag_patience=2))
+    folder = tmp_path / method
+    scores = read(folder, "contributions.json")
+    assert summary["attack"]["kind"] == "free_rider"
+    assert tuple(summary["attack"]["malicious"]) == FREE_RIDERS == (7, 8) and NOISY == 0
+    assert last_three(scores["cumulative"]) == BAD
+    # measured (4 rounds): the three bad clients' cumulative scores lie in -0.074..-0.034, the
+    # honest ones' in 0.013..0.026 (leave-one-out) and 0.069..0.104 (GTG-Shapley)
+    worst_honest = min(v for c, v in scores["cumulative"].items() if int(c) not in BAD)
+    best_bad = max(v for c, v in scores["cumulative"].items() if int(c) in BAD)
+    assert best_bad < -0.02 and worst_honest > 0.01
+    # every bad client scored below 0 in rounds 1 and 2, so patience 2 flags them after round 2
+    for record in scores["rounds"][:2]:
+        assert all(record["scores"][str(c)] < 0 for c in BAD)
+    contribution = summary["contribution"]
+    assert contribution["flagged"] == sorted(BAD)
+    floor_share = 0.1 * 100.0 / CLIENTS
+    rewards = {int(c): v for c, v in contribution["rewards"].items()}
+    assert math.fsum(rewards.values()) == pytest.approx(100.0, abs=1e-9)
+    for c in BAD:
+        assert rewards[c] == pytest.approx(floor_share, abs=1e-12)
+    assert min(v for c, v in rewards.items() if c not in BAD) > 10.0
+    # the cost: leave-one-out evaluates K + 1 = 10 coalitions a round; GTG-Shapley measured
+    # 352..403 of exact Shapley's 512 (its truncations rarely fire on this smooth utility)
+    per_round = [r["evaluations"] for r in scores["rounds"]]
+    assert contribution["evaluations"] == sum(per_round)
+    if method == "leave_one_out":
+        assert per_round == [10, 10, 10, 10]
+    else:
+        assert all(300 <= n <= 450 for n in per_round)
+    assert contribution["seconds"] == pytest.approx(
+        math.fsum(r["seconds"] for r in scores["rounds"])
+    )
+    assert (folder / "plots" / "contributions.png").stat().st_size > 1000
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["contribution_evaluations"] for r in rows] == per_round
+
+
+def test_cosine_scores_a_free_rider_zero_without_any_evaluation(tmp_path: Path) -> None:
+    summary = run(tmp_path, "cos", config("cosine", rounds=2))
+    scores = read(tmp_path / "cos", "contributions.json")
+    for record in scores["rounds"]:
+        assert record["evaluations"] == 0
+        assert [record["scores"][str(c)] for c in FREE_RIDERS] == [0.0, 0.0]
+        honest = [v for c, v in record["scores"].items() if int(c) not in BAD]
+        assert min(honest) > 0.5 > record["scores"][str(NOISY)]  # measured: 0.84..0.92 vs 0.13
+    assert summary["contribution"]["evaluations"] == 0
+
+
+def test_exact_shapley_is_efficient_and_symmetric_on_a_real_run(tmp_path: Path) -> None:
+    run(tmp_path, "exact", config("exact_shapley", rounds=2))
+    scores = read(tmp_path / "exact", "contributions.json")
+    assert [r["round"] for r in scores["rounds"]] == [1, 2]
+    for record in scores["rounds"]:
+        assert record["evaluations"] == 2**CLIENTS
+        gain = record["utility_all"] - record["utility_empty"]
+        assert gain > 0.05  # measured: 0.1031 and 0.0876
+        assert math.fsum(record["scores"].values()) == pytest.approx(gain, abs=1e-9)
+        # the two free riders send the same (zero) update with the same weight (111 examples)
+        a, b = (record["scores"][str(c)] for c in FREE_RIDERS)
+        assert a == pytest.approx(b, abs=1e-12) and a < 0
+    assert scores["rounds"][1]["utility_empty"] == scores["rounds"][0]["utility_all"]
+
+
+def test_resume_keeps_the_ledger_flags_and_round_records(tmp_path: Path) -> None:
+    cfg = config("leave_one_out", rounds=4, flag_patience=3)
+    run(tmp_path, "full", cfg)
+    run(tmp_path, "cut", config("leave_one_out", rounds=2, flag_patience=3))
+    resumed = run(tmp_path, "cut", cfg, resume=True)
+    full, cut = (read(tmp_path / n, "contributions.json") for n in ("full", "cut"))
+    assert cut["cumulative"] == full["cumulative"]  # the exact floats
+    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in full["rounds"]]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in cut["rounds"]] == strip
+    # flagged after round 3 (patience 3): only possible if rounds 1 and 2 were restored
+    assert resumed["contribution"]["flagged"] == sorted(BAD)
+    assert resumed["contribution"]["evaluations"] == 40
+
+
+def test_exclude_flagged_leaves_them_out_of_later_aggregates(tmp_path: Path) -> None:
+    # Threshold -0.005, not 0: once the three are out, six IID honest clients are redundant
+    # and their leave-one-out scores hover around 0 (measured: -0.0033..0.0025 in rounds 2-3),
+    # while the three bad clients score -0.0121..-0.0090 in round 1.
+    flags = {"flag_patience": 1, "flag_threshold": -0.005}
+    summary = run(tmp_path, "ex", config("leave_one_out", rounds=3, exclude_flagged=True, **flags))
+    folder = tmp_path / "ex"
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients_excluded"] for r in rows] == [0, 3, 3]
+    assert [r["clients_completed"] for r in rows] == [9, 6, 6]
+    scores = read(folder, "contributions.json")
+    assert set(scores["rounds"][0]["scores"]) == {str(c) for c in range(CLIENTS)}
+    for record in scores["rounds"][1:]:
+        assert set(map(int, record["scores"])) == set(range(CLIENTS)) - BAD
+        assert record["evaluations"] == 7  # K + 1 with K = 6
+    contribution = summary["contribution"]
+    assert contribution["excluded"] == {str(c): [2, 3] for c in sorted(BAD)}
+    assert contribution["flagged"] == sorted(BAD)
+    kept = run(tmp_path, "kept", config("leave_one_out", rounds=3, **flags))
+    # without the three the mean takes the honest clients' full step (measured: test accuracy
+    # 0.592 against 0.489, test loss 1.989 against 2.066)
+    assert summary["test_loss"] < kept["test_loss"]
+    assert summary["test_accuracy"] > kept["test_accuracy"] + 0.05
+
+
+def test_noisy_client_attack_shuffles_that_share_of_its_labels() -> None:
+    from fedguard.experiment.assembly import Experiment
+
+    cfg = config("none")
+    cfg["attack"] = {"kind": "noisy_client", "fraction": 1 / CLIENTS, "seed": 2, "label_noise": 0.5}
+    cfg.pop("contribution")
+    exp = Experiment(config_mod.validate(cfg), data_fn=digits_data)
+    clean = Experiment(config_mod.validate(config("none") | {"attack": {}}), data_fn=digits_data)
+    (noisy,) = exp.attack.malicious if exp.attack is not None else ()
+    before, after = clean.fed.clients[noisy].train_y, exp.fed.clients[noisy].train_y
+    changed = float((before != after).double().mean())
+    assert 0.3 < changed < 0.6  # about label_noise * (1 - 1/10) = 0.45 of the labels move
+    assert torch.equal(torch.bincount(before, minlength=10), torch.bincount(after, minlength=10))
+    assert exp.attack_summary() == {
+        "kind": "noisy_client",
+        "fraction": 1 / CLIENTS,
+        "seed": 2,
+        "malicious": [noisy],
+    }
+
+
+def test_refusals_before_round_1(tmp_path: Path) -> None:
+    secure = config("gtg_shapley")
+    secure.pop("attack")
+    secure["secure_aggregation"] = {"enabled": True, "clip_norm": 1.0}
+    with pytest.raises(config_mod.ConfigError, match="secure aggregation hides"):
+        config_mod.validate(secure)
+    big = config("exact_shapley")
+    big["data"] = {"num_clients": 13}
+    big["attack"]["fraction"] = 0.2
+    with pytest.raises(config_mod.ConfigError, match="up to 13 clients per round is above"):
+        config_mod.validate(big)
+    big["server"]["clients_per_round"] = 12
+    assert config_mod.validate(big).contribution.method == "exact_shapley"
+    idle = config("none", flag_patience=2)
+    with pytest.raises(config_mod.ConfigError, match="contribution.flag_patience is set"):
+        config_mod.validate(idle)
+    synthetic = {
+        "experiment": {"rounds": 2},
+        "data": {"num_clients": 4, "synthetic_samples": 200, "synthetic_shape": [1, 4, 4]},
+        "model": {"name": "logistic_regression"},
+        "contribution": {"method": "leave_one_out"},
+    }
+    with pytest.raises(config_mod.ConfigError, match="'synthetic' has none"):
+        fedguard.run(synthetic, out=tmp_path / "syn", progress=False)
+    assert not (tmp_path / "syn" / "metrics.jsonl").exists()

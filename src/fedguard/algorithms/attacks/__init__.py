@@ -36,6 +36,9 @@ class Attack(enum.StrEnum):
 
 
 DATA_POISONING = frozenset({Attack.LABEL_FLIP, Attack.BACKDOOR, Attack.NOISY_CLIENT})
+# Behaviours that lower a client's value rather than attack the model (not Byzantine attacks:
+# the robustness benchmark leaves them out; contribution scores are what measures them).
+LOW_VALUE = frozenset({Attack.FREE_RIDER, Attack.NOISY_CLIENT})
 
 
 @dataclass(frozen=True)

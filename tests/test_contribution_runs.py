@@ -242,3 +242,71 @@ def test_refusals_before_round_1(tmp_path: Path) -> None:
     with pytest.raises(config_mod.ConfigError, match="'synthetic' has none"):
         fedguard.run(synthetic, out=tmp_path / "syn", progress=False)
     assert not (tmp_path / "syn" / "metrics.jsonl").exists()
+
+
+# ---- sub-models of coalitions (fedguard.protocol.coalitions), by hand ------------------------
+
+
+def replies_of(updates: torch.Tensor, sizes: list[int]) -> list[Any]:
+    from fedguard.protocol import messages
+
+    return [
+        messages.FitReply(1, i, u.to(torch.float32), n)
+        for i, (u, n) in enumerate(zip(updates, sizes, strict=True))
+    ]
+
+
+def test_a_sub_model_uses_the_rule_and_optimizer_without_advancing_the_state() -> None:
+    from fedguard.protocol import coalitions, fedopt
+    from fedguard.protocol.strategy import StrategyKind
+
+    updates = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    replies = replies_of(updates, [10, 30, 60])
+    strategy = fedopt.create(
+        StrategyKind.FEDAVGM, client_config={}, num_clients=3, server_lr=0.5, server_momentum=0.9
+    )
+    params = torch.tensor([1.0, -1.0])
+    state = strategy.init(params)
+    state = strategy.aggregate(state, params, replies, round_=1)[0]  # momentum [1.9, 2.4]
+    one = coalitions.sub_model(strategy, state, params, replies[:2], round_=2)
+    again = coalitions.sub_model(strategy, state, params, replies[:2], round_=2)
+    # mean of the two (weights 10, 30) = [0.25, 1.5]; momentum 0.9 * [1.9, 2.4] + that
+    # = [1.96, 3.66]; step 0.5 of it from [1, -1]
+    assert one.tolist() == pytest.approx([1.98, 0.83], abs=1e-6)
+    assert torch.equal(one, again)
+
+
+def test_a_robust_rules_too_small_coalition_falls_back_to_the_mean() -> None:
+    from fedguard.algorithms import robust
+    from fedguard.protocol import coalitions, fedopt
+    from fedguard.protocol.strategy import StrategyKind
+
+    updates = torch.tensor([[1.0], [2.0], [3.0], [4.0], [100.0]])
+    replies = replies_of(updates, [1, 1, 1, 1, 50])
+    median = robust.RobustConfig(robust.RobustAggregator.MEDIAN, f=1)
+    strategy = fedopt.create(
+        StrategyKind.FEDAVG, client_config={}, num_clients=5, robust_rule=median
+    )
+    params = torch.zeros(1)
+    state = strategy.init(params)
+    # five updates: the median (K > 2f holds); two: below the rule's minimum, the equal mean
+    assert coalitions.sub_model(strategy, state, params, replies, round_=1).item() == 3.0
+    pair = coalitions.sub_model(strategy, state, params, [replies[0], replies[4]], round_=1)
+    assert pair.item() == pytest.approx(50.5)
+
+
+def test_central_dp_scores_the_clipped_updates_before_the_noise() -> None:
+    from fedguard.protocol import coalitions, fedopt
+    from fedguard.protocol.strategy import CentralDP, StrategyKind
+
+    dp = CentralDP(clip_norm=1.0, noise_multiplier=1.0, expected_clients=4.0, seed=0)
+    strategy = fedopt.create(StrategyKind.FEDAVG, client_config={}, num_clients=4, central_dp=dp)
+    updates = torch.tensor([[3.0, 4.0], [0.3, 0.4]])  # norms 5 (clipped to 1) and 0.5
+    replies = replies_of(updates, [10, 10])
+    params = torch.zeros(2)
+    state = strategy.init(params)
+    model = coalitions.sub_model(strategy, state, params, replies, round_=1)
+    # ([0.6, 0.8] + [0.3, 0.4]) / 4 expected clients, no noise
+    assert model.tolist() == pytest.approx([0.225, 0.3], abs=1e-6)
+    noised = strategy.aggregate(state, params, replies, round_=1)[1]
+    assert not torch.allclose(model, noised, atol=1e-3)

@@ -310,3 +310,23 @@ def test_central_dp_scores_the_clipped_updates_before_the_noise() -> None:
     assert model.tolist() == pytest.approx([0.225, 0.3], abs=1e-6)
     noised = strategy.aggregate(state, params, replies, round_=1)[1]
     assert not torch.allclose(model, noised, atol=1e-3)
+
+
+def test_a_data_free_server_scores_on_its_own_data_or_refuses() -> None:
+    from types import SimpleNamespace
+
+    from fedguard.experiment.data_free import DataFreeExperiment
+    from fedguard.models import registry as models
+
+    cfg = config_mod.validate(config("leave_one_out") | {"attack": {}})
+    server = SimpleNamespace(cfg=cfg, owned=None, model=None)
+    with pytest.raises(config_mod.ConfigError, match="give evaluation.server_data"):
+        DataFreeExperiment.contribution_utility(server)  # type: ignore[arg-type]
+    model = models.build(
+        "logistic_regression", framework="torch", input_shape=(4,), num_classes=2, seed=0
+    )
+    x = torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0]])
+    server = SimpleNamespace(cfg=cfg, owned=(x, torch.tensor([0, 1])), model=model)
+    utility = DataFreeExperiment.contribution_utility(server)  # type: ignore[arg-type]
+    assert utility is not None
+    assert utility(torch.zeros(model.spec.size)) == pytest.approx(-math.log(2), abs=1e-6)

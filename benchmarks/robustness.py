@@ -62,7 +62,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 TASKS = ("digits", "medical")
-ATTACKS = ("none", *(a.value for a in attacks.Attack))
+# free riders and noisy clients are low-value clients, not attacks (see benchmarks/contribution.py)
+ATTACKS = ("none", *(a.value for a in attacks.Attack if a not in attacks.LOW_VALUE))
 # Rules that also run on bucket means (``server.bucket_size = BUCKET_SIZE``; named "rule+bucketing"):
 # those whose condition still holds for f = 4 with 20 / 2 = 10 bucket means.
 BUCKET_SIZE = 2

@@ -79,6 +79,19 @@ def central_metrics(model, x: torch.Tensor, y: torch.Tensor, batch_size: int) ->
     }
 
 
+def negative_loss(
+    model: ModelAdapter, x: torch.Tensor, y: torch.Tensor, cfg: ExperimentConfig
+) -> Callable[[torch.Tensor], float]:
+    """``params -> -(mean loss of the model with params on x, y)``: contribution scores'
+    utility (larger is better)."""
+
+    def utility(params: torch.Tensor) -> float:
+        model.set_flat(params)
+        return -evaluation.evaluate(model, x, y, batch_size=cfg.evaluation.batch_size).loss
+
+    return utility
+
+
 def federated_metrics(fed: FederatedEvaluation | None, prefix: str) -> dict[str, Any]:
     """The clients' added-up evaluation as ``{prefix}_accuracy``, ``_loss`` and ``_auc`` (all
     None when no client answered)."""
@@ -611,6 +624,21 @@ class Experiment:
         self.initial_params = self.model.get_flat()
         self.backdoor_test = self._backdoor_test()
 
+    def contribution_utility(self) -> Callable[[torch.Tensor], float] | None:
+        """The utility of a model for contribution scores: its negative loss on the data set's
+        validation split (None when ``contribution.method`` needs none); a
+        :class:`ConfigError` with the reason when the data set has no validation split."""
+        method = self.cfg.contribution.method
+        if method in ("none", "cosine"):
+            return None
+        if self.fed.val_x is None or self.fed.val_y is None:
+            raise ConfigError(
+                f'contribution.method = "{method}" values updates on the data set\'s validation '
+                f'split (contribution.validation = "val"); {self.fed.dataset_name!r} has none: '
+                'use a data set with one, or contribution.method = "cosine" (no validation)'
+            )
+        return negative_loss(self.model, self.fed.val_x, self.fed.val_y, self.cfg)
+
     def _fresh_model(self, model_fn: Callable[..., Any] | None) -> ModelAdapter:
         """Another instance of the run's model, as initialised (for a plug-in's own use)."""
         cfg = self.cfg
@@ -635,6 +663,7 @@ class Experiment:
             num_classes=self.fed.num_classes,
             backdoor=plan.backdoor,
             generator=plan.client_generator(client_id),
+            label_noise=plan.config.label_noise,
         )
 
     def _backdoor_test(self) -> tuple[torch.Tensor, torch.Tensor] | None:

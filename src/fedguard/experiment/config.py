@@ -30,6 +30,7 @@ from fedguard.experiment.config_sections import (
     CheckpointSection,
     ClientSection,
     ConfigError,
+    ContributionSection,
     DataSection,
     EvaluationSection,
     ExperimentSection,
@@ -56,6 +57,7 @@ __all__ = [
     "PrivacySection",
     "SecureAggregationSection",
     "CheckpointSection",
+    "ContributionSection",
     "Probability",
     "Options",
     "BUILTIN_AGGREGATORS",
@@ -83,6 +85,7 @@ class ExperimentConfig(ExperimentSections):
         config_checks.secure_aggregation(self)
         config_checks.robustness(self)
         config_checks.builtin_composition(self)
+        config_checks.contribution(self)
         return self
 
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from fedguard import plugins
 from fedguard.algorithms import attacks, robust
+from fedguard.algorithms.contribution import shapley as contribution_shapley
 from fedguard.client import trainers
 from fedguard.client.trainer import ClientTrainer
 from fedguard.experiment.config_sections import ExperimentSections, ServerSection
@@ -159,6 +160,9 @@ def strategy_and_optimizer(cfg: ExperimentSections) -> None:
             'client.optimizer = "newton" takes the pooled Newton step on the server: '
             f'server.strategy must be "fedavg" or "fedavgm", got "{s.strategy}"'
         )
+
+
+MAX_EXACT_SHAPLEY_CLIENTS = contribution_shapley.MAX_PLAYERS
 
 
 def robustness(cfg: ExperimentSections) -> None:
@@ -479,3 +483,28 @@ def privacy(cfg: ExperimentSections) -> None:
             'privacy.accountant = "pld" cannot account fixed-size client sampling; set '
             'server.sampling = "poisson" or privacy.accountant = "rdp"'
         )
+
+
+def contribution(cfg: ExperimentSections) -> None:
+    """Per-client contribution scores need each client's update and a game small enough."""
+    c = cfg.contribution
+    if c.method == "none":
+        changed = _changed(c, tuple(n for n in type(c).model_fields if n != "method"))
+        if changed:
+            raise ValueError(f'contribution.{changed[0]} is set but contribution.method = "none"')
+        return
+    if cfg.secure_aggregation.enabled:
+        raise ValueError(
+            f'contribution.method = "{c.method}" scores each client\'s update, which secure '
+            "aggregation hides (the server sees only the sum); turn secure aggregation off or "
+            'set contribution.method = "none"'
+        )
+    if c.method == "exact_shapley":
+        # the most clients a round can have: the fixed cohort, or everyone under Poisson sampling
+        most = cfg.data.num_clients if cfg.server.sampling == "poisson" else cfg.clients_per_round
+        if most > MAX_EXACT_SHAPLEY_CLIENTS:
+            raise ValueError(
+                f'contribution.method = "exact_shapley" evaluates all 2^K coalitions of a round; '
+                f"up to {most} clients per round is above the limit of "
+                f'{MAX_EXACT_SHAPLEY_CLIENTS}: use "gtg_shapley" or fewer clients per round'
+            )

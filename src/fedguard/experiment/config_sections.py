@@ -170,6 +170,7 @@ class AttackSection(_Section):
     target_label: int = Field(0, ge=0)  # backdoor
     trigger_size: int = Field(3, ge=1)  # backdoor: side of the square, in pixels
     poisoned_fraction: float = Field(0.5, gt=0.0, le=1.0)  # backdoor: share of local images
+    label_noise: float = Field(0.5, gt=0.0, le=1.0)  # noisy_client: share of labels shuffled
     options: Options = {}  # a plug-in attack's options
 
     @field_validator("kind")
@@ -187,6 +188,7 @@ class AttackSection(_Section):
             z=self.z,
             epsilon=self.epsilon,
             perturbation=attacks_model.Perturbation(self.perturbation),
+            label_noise=self.label_noise,
         )
 
 
@@ -273,6 +275,37 @@ class SecureAggregationSection(_Section):
     dropout_rate: float = Field(0.1, ge=0.0, lt=0.5)
 
 
+CONTRIBUTION_METHODS = ("none", "gtg_shapley", "leave_one_out", "exact_shapley", "cosine")
+
+
+class ContributionSection(_Section):
+    """Contribution scores of the clients of a round (see ``fedguard.experiment.contribution``).
+
+    Every ``every`` rounds the server scores the round's accepted updates with ``method``: the
+    utility of a coalition is the negative validation loss of the model the server would have
+    built from its updates alone (its aggregator and optimizer step from the round's starting
+    state); ``validation = "val"`` is the data set's validation split in simulation, and
+    ``evaluation.server_data`` on a deployed server. A client whose round score stays below
+    ``flag_threshold`` for ``flag_patience`` scored rounds is flagged (and with
+    ``exclude_flagged`` left out of later rounds' aggregates); ``reward_total`` is divided by
+    cumulative score with the share ``reward_floor`` paid equally. The ``gtg_*`` keys are
+    GTG-Shapley's tolerances (in units of the utility) and sampling limits.
+    """
+
+    method: Literal["none", "gtg_shapley", "leave_one_out", "exact_shapley", "cosine"] = "none"
+    every: int = Field(1, ge=1)
+    validation: Literal["val"] = "val"
+    flag_threshold: float = 0.0
+    flag_patience: int = Field(3, ge=1)
+    exclude_flagged: bool = False
+    reward_total: float = Field(100.0, ge=0.0, allow_inf_nan=False)
+    reward_floor: float = Field(0.1, ge=0.0, le=1.0)
+    gtg_round_tolerance: float = Field(1e-4, ge=0.0, allow_inf_nan=False)
+    gtg_walk_tolerance: float = Field(1e-4, ge=0.0, allow_inf_nan=False)
+    gtg_convergence_tolerance: float = Field(0.02, gt=0.0, allow_inf_nan=False)
+    gtg_max_cycles: int = Field(30, ge=3)
+
+
 class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
@@ -292,6 +325,7 @@ class ExperimentSections(_Section):
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     attack: AttackSection = AttackSection()
     registration: RegistrationSection = RegistrationSection()
+    contribution: ContributionSection = ContributionSection()
 
     @property
     def clients_per_round(self) -> int:

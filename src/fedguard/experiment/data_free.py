@@ -24,7 +24,7 @@ recorded ones, and a client outside it is refused.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -224,6 +224,22 @@ class DataFreeExperiment:
     @property
     def histogram_names(self) -> list[str]:
         return ["registered examples"]
+
+    def contribution_utility(self) -> Callable[[torch.Tensor], float] | None:
+        """Contribution scores' utility on a data-free server: the negative loss on
+        ``evaluation.server_data``, the one labelled set it owns (a :class:`ConfigError` without
+        it; None when ``contribution.method`` needs none)."""
+        method = self.cfg.contribution.method
+        if method in ("none", "cosine"):
+            return None
+        if self.owned is None:
+            raise ConfigError(
+                f'contribution.method = "{method}" values updates on a validation set the server '
+                "owns; a deployed server holds no data set: give evaluation.server_data, or use "
+                'contribution.method = "cosine" (no validation)'
+            )
+        x, y = self.owned
+        return assembly.negative_loss(self.model, x, y, self.cfg)
 
     def checkpoint_info(self) -> dict[str, Any]:
         """The registrations, so that a resumed run keeps its population."""

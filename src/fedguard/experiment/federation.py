@@ -39,6 +39,9 @@ class Federation:
     histogram: list[list[int]]
     dataset_name: str
     eval_groups: list[str] | None = None
+    # the data set's validation split (None when it has none): contribution scores' utility
+    val_x: torch.Tensor | None = None
+    val_y: torch.Tensor | None = None
 
 
 def _tensor(d: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,6 +168,7 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
         parts_data, names = _partition(cfg, loaded, rng)
         num_classes, class_names, name = loaded.num_classes, list(loaded.class_names), loaded.name
         test, val = loaded.test, loaded.val
+    val_x, val_y = _tensor(val) if val is not None else (None, None)
     if cfg.evaluation.split == "val":
         if val is None:
             raise ConfigError(
@@ -192,6 +196,8 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
         histogram,
         name,
         eval_groups,
+        val_x,
+        val_y,
     )
 
 

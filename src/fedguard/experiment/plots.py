@@ -119,3 +119,20 @@ def confusion_plot(matrix: list[list[int]], class_names: list[str], path: Path) 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def contributions_plot(cumulative: dict[str, float], path: Path) -> None:
+    """A column per client: its cumulative contribution score (negative ones below the axis)."""
+    clients = sorted(cumulative, key=int)
+    values = [cumulative[c] for c in clients]
+    fig, ax = plt.subplots(figsize=(max(6, min(0.35 * len(clients), 20)), 4))
+    colours = ["tab:blue" if v >= 0 else "tab:red" for v in values]
+    ax.bar(range(len(clients)), values, color=colours, width=0.8)
+    ax.set_xticks(range(len(clients)), clients, fontsize="small")
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    ax.set_xlabel("client")
+    ax.set_ylabel("cumulative score")
+    ax.set_title("Contribution per client")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

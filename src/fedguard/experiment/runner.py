@@ -19,7 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedguard.experiment import checkpoint, federation, plots, privacy
+from fedguard.experiment import checkpoint, contribution, federation, plots, privacy
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment, TransportFn
 from fedguard.experiment.config import ConfigError, ExperimentConfig
@@ -34,6 +34,7 @@ log = logging.getLogger("fedguard")
 TIMING_FIELDS = ("seconds",)
 NOISE_MULTIPLIERS = "noise_multipliers"  # checkpoint info: the DP noise multiplier of each round
 DP_SGD_REPORTS = "dp_sgd_reports"  # checkpoint info: what each local-DP client reported it ran
+CONTRIBUTIONS = "contributions.json"  # the run folder's contribution scores
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -157,10 +158,15 @@ def run(
         exp = Experiment(
             cfg, model_fn=model_fn, data_fn=data_fn, transport_fn=transport_fn, privacy_spent=spent
         )
+    tracker = contribution.Tracker(
+        cfg.contribution, exp.strategy, exp.contribution_utility(), seed=cfg.experiment.seed
+    )
+    if tracker.enabled:
+        exp.driver.before_aggregate = tracker.before_aggregate
     folder.create()
     handler = _attach_log(folder)
     try:
-        return _run_rounds(exp, folder, finished if resume else None, console, progress)
+        return _run_rounds(exp, folder, finished if resume else None, console, progress, tracker)
     finally:
         logging.getLogger("fedguard").removeHandler(handler)
         handler.close()
@@ -186,6 +192,7 @@ def _run_rounds(
     finished: checkpoint.Checkpoint | None,
     console: Console,
     show_progress: bool,
+    tracker: contribution.Tracker,
 ) -> dict[str, Any]:
     cfg = exp.cfg
     folder.write_config(config_mod.to_toml_dict(cfg))
@@ -199,6 +206,14 @@ def _run_rounds(
         folder.rewrite_metrics(rows)
     else:
         params, state = exp.restore(finished)
+        if tracker.enabled:
+            saved = finished.info.get(contribution.CHECKPOINT_KEY)
+            if saved is None:
+                raise ConfigError(
+                    f"--resume: the checkpoint of round {finished.round} holds no contribution "
+                    "ledger; resume with the settings the run started with"
+                )
+            tracker.restore(saved, finished.round)
         start = finished.round + 1
         rows = [r for r in folder.read_metrics() if r["round"] <= finished.round]
         folder.rewrite_metrics(rows)
@@ -236,10 +251,12 @@ def _run_rounds(
                     checkpoint.Checkpoint(
                         round_,
                         exp.checkpoint_tensors(params, state),
-                        _checkpoint_info(exp, round_),
+                        _checkpoint_info(exp, round_, tracker),
                     ),
                     keep=cfg.checkpoint.keep,
                 )
+                if tracker.enabled:
+                    folder.write_json(folder.root / CONTRIBUTIONS, tracker.contributions_json())
                 bar.update(task, advance=1, stats=_stats(rows))
         except KeyboardInterrupt:
             status = "interrupted"
@@ -257,6 +274,12 @@ def _run_rounds(
         log.error("%s", error)
     plots.write_run_plots(rows, folder.plots)
     summary = _summary(exp, rows, status, error, time.perf_counter() - started, folder)
+    if tracker.enabled:
+        folder.write_json(folder.root / CONTRIBUTIONS, tracker.contributions_json())
+        plots.contributions_plot(
+            tracker.contributions_json()["cumulative"], folder.plots / "contributions.png"
+        )
+        summary["contribution"] = tracker.summary()
     summary["rounds_aborted"] = len(aborted)
     if exp.privacy is not None:
         done = rows[-1]["round"] if rows else 0
@@ -291,11 +314,16 @@ def _run_rounds(
     return summary
 
 
-def _checkpoint_info(exp: Experiment | DataFreeExperiment, round_: int) -> dict[str, Any]:
+def _checkpoint_info(
+    exp: Experiment | DataFreeExperiment, round_: int, tracker: contribution.Tracker
+) -> dict[str, Any]:
     """A checkpoint's JSON info: the model spec, what the experiment records (a data-free
-    server's registrations) and, with DP, every round's noise multiplier and the local-DP
-    clients' reports (a resumed run composes the finished rounds as they ran)."""
+    server's registrations), with DP every round's noise multiplier and the local-DP clients'
+    reports (a resumed run composes the finished rounds as they ran), and with contribution
+    scores the ledger, flags and round records."""
     info: dict[str, Any] = {"spec": exp.model.spec.to_json(), **exp.checkpoint_info()}
+    if tracker.enabled:
+        info[contribution.CHECKPOINT_KEY] = tracker.to_json()
     if exp.privacy is not None:
         info[NOISE_MULTIPLIERS] = exp.privacy.noise_multipliers(round_)
         if exp.privacy.mode == "local":

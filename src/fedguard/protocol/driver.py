@@ -39,6 +39,14 @@ from fedguard.protocol.transport import Delivered, Failed, Transport
 
 log = logging.getLogger("fedguard.round")
 
+# Called with (round, params, state, accepted replies) once a round's replies are checked and
+# before they are aggregated; returns the replies to aggregate (all, or fewer: those of clients
+# the run excludes) and metrics for the round's row. Contribution scores hook in here.
+BeforeAggregate = Callable[
+    [int, torch.Tensor, StrategyState, list[messages.FitReply]],
+    tuple[list[messages.FitReply], dict[str, float | int | str | None]],
+]
+
 
 # An update more than this many times the round's median update norm is rejected as absurd. The
 # robustness benchmark's Gaussian attack (N(0, 1) per coordinate) on its 121k-parameter X-ray CNN
@@ -150,12 +158,15 @@ class RoundDriver:
         registered_examples: Mapping[int, int] | None = None,
         max_norm_ratio: float = MAX_NORM_RATIO,
         reply_check: Callable[[messages.FitReply], str | None] | None = None,
+        before_aggregate: BeforeAggregate | None = None,
     ) -> None:
         """``registered_examples`` maps each client id to the most examples its reply may claim
         (None: claims are taken as they come, which lets one client outweigh all others in the
         mean); ``max_norm_ratio`` is the sanity bound on an update's norm against the round's
         median (``math.inf``: no bound); ``reply_check`` says why a decoded fit reply must be
-        rejected beyond the driver's own checks (the privacy plan's: what DP-SGD ran), or None."""
+        rejected beyond the driver's own checks (the privacy plan's: what DP-SGD ran), or None;
+        ``before_aggregate`` sees the accepted replies of every round (not under secure
+        aggregation, where there are none) and says which to aggregate."""
         if not 1 <= min_clients <= clients_per_round <= len(transport.client_ids):
             raise ValueError(
                 f"Need 1 <= min_clients ({min_clients}) <= clients_per_round ({clients_per_round}) "
@@ -171,6 +182,7 @@ class RoundDriver:
         self.registered_examples = registered_examples
         self.max_norm_ratio = max_norm_ratio
         self.reply_check = reply_check
+        self.before_aggregate = before_aggregate
         self.transport = transport
         self.strategy = strategy
         self.dim = dim
@@ -250,6 +262,10 @@ class RoundDriver:
             "bytes_down": bytes_down,
             "aggregate_rejected": None,
         }
+        if self.before_aggregate is not None and accepted:
+            accepted, extra = self.before_aggregate(round_, params, state, accepted)
+            metrics.update(extra)
+            metrics["clients_completed"] = len(accepted)
         if len(accepted) < self.min_clients:
             raise RoundFailedError(
                 f"Round {round_}: only {len(accepted)} usable replies of {len(sampled)} sampled, "

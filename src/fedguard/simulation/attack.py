@@ -129,8 +129,12 @@ def poison_training_data(
     num_classes: int,
     backdoor: Backdoor | None,
     generator: torch.Generator,
+    label_noise: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A malicious client's training data: labels flipped, or a share of images backdoored."""
+    """A malicious client's training data: labels flipped, labels shuffled with probability
+    ``label_noise`` (a noisy client), or a share of images backdoored."""
+    if kind is attacks.Attack.NOISY_CLIENT:
+        return x, attacks_data.shuffle_labels(y, probability=label_noise, generator=generator)
     if kind is attacks.Attack.LABEL_FLIP:
         return x, attacks_data.flip_labels(y, num_classes=num_classes)
     if kind is attacks.Attack.BACKDOOR:

@@ -28,9 +28,17 @@ class Attack(enum.StrEnum):
     MIN_SUM = "min_sum"
     LABEL_FLIP = "label_flip"
     BACKDOOR = "backdoor"
+    # Low-value behaviours, to test contribution scores with (issue 18): a free rider sends the
+    # global model back unchanged (a zero update) and claims its real example count; a noisy
+    # client trains honestly on labels shuffled with probability ``label_noise``.
+    FREE_RIDER = "free_rider"
+    NOISY_CLIENT = "noisy_client"
 
 
-DATA_POISONING = frozenset({Attack.LABEL_FLIP, Attack.BACKDOOR})
+DATA_POISONING = frozenset({Attack.LABEL_FLIP, Attack.BACKDOOR, Attack.NOISY_CLIENT})
+# Behaviours that lower a client's value rather than attack the model (not Byzantine attacks:
+# the robustness benchmark leaves them out; contribution scores are what measures them).
+LOW_VALUE = frozenset({Attack.FREE_RIDER, Attack.NOISY_CLIENT})
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,7 @@ class AttackConfig:
     epsilon: float = 0.5  # IPM
     perturbation: attacks_model.Perturbation = attacks_model.Perturbation.STD  # min-max / min-sum
     tolerance: float = 1e-5  # min-max / min-sum bisection on gamma
+    label_noise: float = 0.5  # noisy client: the probability that a label joins the shuffle
 
 
 def is_data_poisoning(kind: Attack) -> bool:
@@ -64,6 +73,8 @@ def poison_updates(
         raise robust_base.RobustnessError(
             f"{kind.value} poisons training data, not updates: use attacks_data on the client."
         )
+    if kind is Attack.FREE_RIDER:
+        return attacks_model.free_ride(own)
     if kind is Attack.SIGN_FLIP:
         return attacks_model.sign_flip(own, scale=config.scale)
     if kind is Attack.BOOST:

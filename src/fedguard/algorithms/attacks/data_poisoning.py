@@ -72,6 +72,24 @@ def flip_labels(
     return np.asarray(mapping, dtype=labels.dtype)[labels.astype(np.int64)]
 
 
+def shuffle_labels(
+    labels: torch.Tensor, *, probability: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Label noise: each label joins a shuffle with ``probability``; the chosen labels are then
+    randomly permuted among themselves (the class counts are kept, the pairing with the inputs
+    is lost). A low-quality client that trains on them is honest but worth little."""
+    if not 0.0 <= probability <= 1.0:
+        raise robust_base.RobustnessError(
+            f"The label-noise probability must be in [0, 1], got {probability}."
+        )
+    chosen = torch.nonzero(torch.rand(labels.shape[0], generator=generator) < probability)
+    chosen = chosen.flatten()
+    out = labels.clone()
+    order = torch.randperm(chosen.shape[0], generator=generator)
+    out[chosen] = labels[chosen[order]]
+    return out
+
+
 def trigger_mask(height: int, width: int, trigger: Trigger) -> tuple[slice, slice]:
     """The rows and columns the trigger covers in an image of ``height x width``."""
     end = trigger.margin + trigger.size

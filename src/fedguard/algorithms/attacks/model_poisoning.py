@@ -42,6 +42,13 @@ class Perturbation(enum.StrEnum):
     SIGN = "sign"  # -sign(mu)
 
 
+def free_ride(own: torch.Tensor) -> torch.Tensor:
+    """A free rider's update: zero, i.e. the global model sent back unchanged (Lin, Du and Liu,
+    "Free-riders in Federated Learning: Attacks and Defenses", arXiv 1911.12560, 2019). It
+    still claims its real example count, so the weighted mean is pulled towards no change."""
+    return torch.zeros_like(own)
+
+
 def sign_flip(own: torch.Tensor, *, scale: float = 1.0) -> torch.Tensor:
     """``-scale * own``."""
     _check_matrix(own, "own")

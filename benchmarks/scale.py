@@ -1,0 +1,484 @@
+"""Throughput and memory of every simulation engine, the plain PyTorch loop and Flower, side by side.
+
+Every row of one workload is measured in the same run of this script, each engine in a fresh
+child process (so one engine's heap and threads never shape the next one's), on the same
+synthetic client data of the seed image CNN (``image_cnn``, 1x28x28, 10 classes), plain SGD
+(lr 0.05, no momentum, one local epoch) and FedAvg:
+
+* ``inprocess``: fedguard's default engine, clients one after another in one process;
+* ``ray``: fedguard on a local Ray instance with one single-thread actor per core;
+* ``cohort``: fedguard's vectorised engine (``torch.func`` over a cohort of clients);
+* ``ray+cohort``: Ray actors that each train a cohort;
+* ``floor``: a plain PyTorch loop doing the same SGD steps and the same weighted average
+  (``overhead.py``'s floor), the cost of the arithmetic alone;
+* ``flower``: Flower 1.42's simulation engine with one single-thread actor per core, Flower's
+  best configuration on small clients; ``flower_1cpu``: one Flower actor holding every core.
+
+Workloads (``WORKLOADS``): W1 100 clients x 600 examples, 10 a round, batch 32; W2 1,000 clients
+x 64 examples, 100 a round, batch 16; W3 (cross-device) 10,000 clients x 32 examples, 1,000 a
+round, batch 16.
+
+A row: ``s_per_round`` is the median of the timed rounds (``samples_s``, all of them) after one
+untimed warm-up round; ``clients_per_s`` is the clients a round trains over that median;
+``peak_mib`` is the peak of the summed resident memory of the child and every process below it
+(Ray's raylet, object store and workers included), sampled every 50 ms. Flower needs its own
+environment, because it pins its own Ray::
+
+    python3 -m venv .venv-flower
+    .venv-flower/bin/pip install "flwr[simulation]==1.42.0" "torch>=2.4,<2.14"
+    python benchmarks/scale.py --flower-python .venv-flower/bin/python
+
+Without ``--flower-python`` the Flower rows are not measured and the JSON says so. Results go to
+``benchmarks/results/scale.json``: ``{"rows": [...], "machine": {...}}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+DEFAULT_OUT = HERE / "results" / "scale.json"
+SEED = 0
+LR = 0.05
+SHAPE = (1, 28, 28)
+CLASSES = 10
+WORKLOADS: dict[str, dict[str, int]] = {
+    "W1": {"num_clients": 100, "samples": 600, "per_round": 10, "batch_size": 32},
+    "W2": {"num_clients": 1000, "samples": 64, "per_round": 100, "batch_size": 16},
+    "W3": {"num_clients": 10_000, "samples": 32, "per_round": 1000, "batch_size": 16},
+}
+FEDGUARD_ENGINES = ("inprocess", "ray", "cohort", "ray+cohort")
+ENGINES = (*FEDGUARD_ENGINES, "floor", "flower", "flower_1cpu")
+
+
+# --------------------------------------------------------------------------- memory sampling
+
+
+def _tree_rss_kib(root: int) -> int:
+    """Summed VmRSS of ``root`` and all its descendants, read from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/status").read_text()
+        except OSError:
+            continue
+        ppid, kib = 0, 0
+        for line in text.splitlines():
+            if line.startswith("PPid:"):
+                ppid = int(line.split()[1])
+            elif line.startswith("VmRSS:"):
+                kib = int(line.split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+        rss[int(entry)] = kib
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+class PeakSampler:
+    """Samples the process tree's summed RSS in a thread; ``peak_mib`` after ``stop``."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kib = max(self.peak_kib, _tree_rss_kib(os.getpid()))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, _tree_rss_kib(os.getpid()))
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_kib / 1024
+
+
+# --------------------------------------------------------------------------- fedguard engines
+
+
+def runtime_table(engine: str, cores: int) -> dict[str, Any]:
+    """The ``[runtime]`` table of a fedguard engine."""
+    if engine == "inprocess":
+        return {}
+    if engine == "ray":
+        return {"kind": "ray", "actors": cores, "cpus_per_actor": 1}
+    if engine == "cohort":
+        return {"kind": "cohort"}
+    if engine == "ray+cohort":
+        return {"kind": "ray", "actors": cores, "cpus_per_actor": 1, "cohort": True}
+    raise ValueError(f"not a fedguard engine: {engine}")
+
+
+def fedguard_config(workload: str, engine: str, rounds: int, cores: int) -> dict[str, Any]:
+    w = WORKLOADS[workload]
+    table: dict[str, Any] = {
+        "experiment": {"name": f"scale-{workload}-{engine}", "seed": SEED, "rounds": rounds},
+        "data": {
+            "dataset": "synthetic",
+            "partition": "iid",
+            "num_clients": w["num_clients"],
+            "synthetic_samples": w["num_clients"] * w["samples"],
+            "synthetic_shape": list(SHAPE),
+            "synthetic_classes": CLASSES,
+            "test_fraction": 0.01,
+        },
+        "model": {"name": "image_cnn", "framework": "torch"},
+        "client": {
+            "optimizer": "sgd",
+            "lr": LR,
+            "momentum": 0.0,
+            "weight_decay": 0.0,
+            "epochs": 1,
+            "batch_size": w["batch_size"],
+        },
+        "server": {"strategy": "fedavg", "clients_per_round": w["per_round"]},
+        "evaluation": {"every": 0},
+    }
+    runtime = runtime_table(engine, cores)
+    if runtime:
+        table["runtime"] = runtime
+    return table
+
+
+def run_fedguard(workload: str, engine: str, rounds: int, cores: int) -> dict[str, Any]:
+    """Time ``rounds`` fit rounds (after one warm-up) of ``engine`` in this process."""
+    import torch
+
+    from fedguard.experiment import config as config_mod
+    from fedguard.experiment.assembly import Experiment
+
+    if engine == "inprocess":
+        torch.set_num_threads(cores)  # the default engine may use every core for its one client
+    with PeakSampler() as peak:
+        cfg = config_mod.validate(fedguard_config(workload, engine, rounds + 1, cores))
+        exp = Experiment(cfg)
+        params = exp.initial_params.clone()
+        state = exp.strategy.init(params)
+        samples = []
+        try:
+            for round_ in range(1, rounds + 2):
+                start = time.perf_counter()
+                result = exp.driver.fit_round(round_, params, state)
+                seconds = time.perf_counter() - start
+                params, state = result.params, result.state
+                _progress(workload, engine, round_, seconds)
+                if round_ > 1:
+                    samples.append(seconds)
+        finally:
+            exp.transport.close()
+    return {"samples_s": samples, "peak_mib": peak.peak_mib}
+
+
+# --------------------------------------------------------------------------- the floor
+
+
+def run_floor(workload: str, rounds: int, cores: int) -> dict[str, Any]:
+    """``overhead.py``'s plain PyTorch loop over the same clients and the same sampling."""
+    import torch
+
+    sys.path.insert(0, str(HERE))
+    import overhead  # noqa: PLC0415 - the floor lives beside this script
+
+    from fedguard.experiment import config as config_mod
+    from fedguard.experiment.assembly import Experiment
+
+    torch.set_num_threads(cores)
+    w = WORKLOADS[workload]
+    overhead.WORKLOADS.setdefault(workload, w)
+    with PeakSampler() as peak:
+        exp = Experiment(config_mod.validate(fedguard_config(workload, "inprocess", rounds, cores)))
+        floor = overhead.FloorSide(exp, workload)
+        samples = []
+        for round_ in range(1, rounds + 2):
+            start = time.perf_counter()
+            floor.round(round_)
+            seconds = time.perf_counter() - start
+            _progress(workload, "floor", round_, seconds)
+            if round_ > 1:
+                samples.append(seconds)
+    return {"samples_s": samples, "peak_mib": peak.peak_mib}
+
+
+# --------------------------------------------------------------------------- Flower
+
+
+def _torch_models() -> Any:
+    """fedguard's model file alone (it imports only torch), so Flower's environment needs no
+    fedguard install: both sides train the very same architecture."""
+    path = ROOT / "src" / "fedguard" / "models" / "torch_models.py"
+    spec = importlib.util.spec_from_file_location("fedguard_torch_models", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_flower(workload: str, engine: str, rounds: int, cores: int) -> dict[str, Any]:
+    """Flower's simulation engine on the same workload; a round is timed from the strategy's
+    ``configure_fit`` to the end of its ``aggregate_fit``."""
+    import numpy as np
+    import torch
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.common import Context, ndarrays_to_parameters
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    w = WORKLOADS[workload]
+    models = _torch_models()
+    threads = 1 if engine == "flower" else cores
+    actor_cpus = 1 if engine == "flower" else cores
+    init = models.image_cnn(SHAPE, CLASSES)
+    init_arrays = [p.detach().numpy().copy() for p in init.state_dict().values()]
+    samples: list[float] = []
+
+    class SgdClient(NumPyClient):
+        def __init__(self, partition: int) -> None:
+            torch.set_num_threads(threads)
+            generator = torch.Generator().manual_seed(SEED * 1_000_003 + partition)
+            # the same kind of data fedguard's synthetic set has: class prototypes plus noise
+            prototypes = torch.randn((CLASSES, *SHAPE), generator=torch.Generator().manual_seed(7))
+            self.y = torch.randint(0, CLASSES, (w["samples"],), generator=generator)
+            noise = torch.randn((w["samples"], *SHAPE), generator=generator)
+            self.x = prototypes[self.y] + noise
+            self.partition = partition
+            self.model = models.image_cnn(SHAPE, CLASSES)
+
+        def fit(self, parameters: list[Any], config: dict[str, Any]) -> Any:
+            keys = list(self.model.state_dict())
+            self.model.load_state_dict(
+                {k: torch.from_numpy(np.asarray(v)) for k, v in zip(keys, parameters, strict=True)}
+            )
+            optimizer = torch.optim.SGD(self.model.parameters(), lr=LR, momentum=0.0)
+            generator = torch.Generator().manual_seed(
+                int(config["round"]) * 100_003 + self.partition
+            )
+            for idx in torch.randperm(w["samples"], generator=generator).split(w["batch_size"]):
+                optimizer.zero_grad()
+                loss = torch.nn.functional.cross_entropy(self.model(self.x[idx]), self.y[idx])
+                loss.backward()
+                optimizer.step()
+            arrays = [v.detach().numpy() for v in self.model.state_dict().values()]
+            return arrays, w["samples"], {}
+
+    def client_fn(context: Context) -> Any:
+        return SgdClient(int(context.node_config["partition-id"])).to_client()
+
+    class TimedFedAvg(FedAvg):
+        def configure_fit(self, server_round: int, parameters: Any, client_manager: Any) -> Any:
+            self.started = time.perf_counter()
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round: int, results: Any, failures: Any) -> Any:
+            out = super().aggregate_fit(server_round, results, failures)
+            seconds = time.perf_counter() - self.started
+            _progress(workload, engine, server_round, seconds)
+            if failures:
+                raise RuntimeError(f"Flower round {server_round}: {len(failures)} failures")
+            if server_round > 1:
+                samples.append(seconds)
+            return out
+
+    fraction = w["per_round"] / w["num_clients"]
+
+    def server_fn(context: Context) -> Any:
+        strategy = TimedFedAvg(
+            fraction_fit=fraction,
+            min_fit_clients=w["per_round"],
+            min_available_clients=w["num_clients"],
+            fraction_evaluate=0.0,
+            initial_parameters=ndarrays_to_parameters(init_arrays),
+            on_fit_config_fn=lambda round_: {"round": round_},
+        )
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds + 1))
+
+    with PeakSampler() as peak:
+        run_simulation(
+            server_app=ServerApp(server_fn=server_fn),
+            client_app=ClientApp(client_fn=client_fn),
+            num_supernodes=w["num_clients"],
+            backend_config={"client_resources": {"num_cpus": actor_cpus, "num_gpus": 0.0}},
+        )
+    if len(samples) != rounds:
+        raise RuntimeError(f"Flower timed {len(samples)} of {rounds} rounds")
+    return {"samples_s": samples, "peak_mib": peak.peak_mib}
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _progress(workload: str, engine: str, round_: int, seconds: float) -> None:
+    warm = " (warm-up)" if round_ == 1 else ""
+    print(
+        f"  {workload} {engine} round {round_}{warm}: {seconds:.2f} s", file=sys.stderr, flush=True
+    )
+
+
+def measure(
+    workload: str, engine: str, rounds: int, cores: int, python: str, timeout_s: float
+) -> dict[str, Any]:
+    """One engine on one workload in a fresh child process; its row."""
+    command = [python, str(Path(__file__).resolve()), "--child", engine, "--workload", workload]
+    command += ["--rounds", str(rounds), "--cores", str(cores)]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        command, stdout=subprocess.PIPE, text=True, timeout=timeout_s, env=env, check=False
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("ROW ")]
+    if done.returncode != 0 or not lines:
+        raise RuntimeError(f"{engine} on {workload} failed (exit {done.returncode})")
+    raw = json.loads(lines[-1][4:])
+    per_round = WORKLOADS[workload]["per_round"]
+    median = statistics.median(raw["samples_s"])
+    return {
+        "workload": workload,
+        "engine": engine,
+        "s_per_round": median,
+        "clients_per_s": per_round / median,
+        "peak_mib": raw["peak_mib"],
+        "samples_s": raw["samples_s"],
+    }
+
+
+def machine(cores: int) -> dict[str, Any]:
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cores": os.cpu_count(),
+        "cores_used": cores,
+        "cpu": cpu,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "load_average_at_end": list(os.getloadavg()),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per workload: each engine's throughput over the in-process engine's and over Flower's
+    best row, from the rows above (anyone can recompute them)."""
+    out: dict[str, dict[str, float]] = {}
+    for workload in WORKLOADS:
+        mine = {r["engine"]: r["clients_per_s"] for r in rows if r["workload"] == workload}
+        if not mine:
+            continue
+        base = mine.get("inprocess")
+        flower = max((v for k, v in mine.items() if k.startswith("flower")), default=None)
+        table: dict[str, float] = {}
+        for engine, value in mine.items():
+            if base:
+                table[f"{engine}/inprocess"] = value / base
+            if flower:
+                table[f"{engine}/flower_best"] = value / flower
+        out[workload] = table
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workload", nargs="+", choices=list(WORKLOADS), default=["W1", "W2"])
+    parser.add_argument("--engines", nargs="+", choices=ENGINES, default=list(ENGINES))
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds after the warm-up")
+    parser.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--flower-python", help="the python of an environment with flwr 1.42")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per row")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--child", choices=ENGINES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+
+    if args.child is not None:
+        workload = args.workload[0]
+        if args.child in FEDGUARD_ENGINES:
+            raw = run_fedguard(workload, args.child, args.rounds, args.cores)
+        elif args.child == "floor":
+            raw = run_floor(workload, args.rounds, args.cores)
+        else:
+            raw = run_flower(workload, args.child, args.rounds, args.cores)
+        print("ROW " + json.dumps(raw), flush=True)
+        return 0
+
+    rows: list[dict[str, Any]] = []
+    missing: list[dict[str, str]] = []
+    for workload in args.workload:
+        for engine in args.engines:
+            python = sys.executable
+            if engine.startswith("flower"):
+                if not args.flower_python:
+                    missing.append(
+                        {"workload": workload, "engine": engine, "why": "no --flower-python"}
+                    )
+                    continue
+                python = args.flower_python
+            print(f"{workload} {engine}", file=sys.stderr, flush=True)
+            try:
+                rows.append(
+                    measure(workload, engine, args.rounds, args.cores, python, args.timeout)
+                )
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                missing.append({"workload": workload, "engine": engine, "why": str(exc)})
+                print(f"  not measured: {exc}", file=sys.stderr, flush=True)
+    result = {
+        "rows": rows,
+        "not_measured": missing,
+        "ratios": ratios(rows),
+        "machine": machine(args.cores),
+        "workloads": WORKLOADS,
+        "rounds_timed": args.rounds,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{'workload':8} {'engine':12} {'s/round':>8} {'clients/s':>10} {'peak MiB':>9}")
+    for r in rows:
+        print(
+            f"{r['workload']:8} {r['engine']:12} {r['s_per_round']:8.2f} "
+            f"{r['clients_per_s']:10.1f} {r['peak_mib']:9.0f}"
+        )
+    for workload, table in result["ratios"].items():
+        print(workload, {k: round(v, 2) for k, v in table.items()})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

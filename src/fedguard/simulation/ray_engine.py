@@ -101,24 +101,36 @@ class _Item:
 
 
 class ClientActor:
-    """The body of one actor: its clients' code, built once, and the batches it serves."""
+    """The body of one actor: its clients' code, built by :meth:`load`, and the batches it serves.
 
-    def __init__(self, build: ClientBuilder, client_ids: Sequence[int], threads: int) -> None:
+    An actor outlives one pool when its process joined Ray itself (see :meth:`RayTransport.close`):
+    :meth:`unload` drops its clients and the next pool's :meth:`load` builds others.
+    """
+
+    def __init__(self, threads: int) -> None:
         torch.set_num_threads(threads)
-        self.code = build(client_ids)
-        self.code.state.clear()
+        self.code: ClientCode | None = None
 
-    def ready(self) -> tuple[str, int]:
-        """This actor's node and process (the pool waits on it before round 1)."""
+    def load(self, build: ClientBuilder, client_ids: Sequence[int]) -> tuple[str, int]:
+        """Build the code of ``client_ids``; returns this actor's node and process."""
         import ray
 
+        self.code = None  # the previous clients' data goes before the next is built
+        self.code = build(client_ids)
+        self.code.state.clear()
         return ray.get_runtime_context().get_node_id(), os.getpid()
+
+    def unload(self) -> None:
+        self.code = None
 
     def serve(
         self, batch: Sequence[tuple[int, bytes, State | None]], deadline_at: float | None
     ) -> Iterator[_Item]:
         """Answer each ``(client id, request, state)`` in turn, yielding one item per client;
         a client not started by the wall-clock time ``deadline_at`` is skipped as timed out."""
+        code = self.code
+        if code is None:
+            raise RayEngineError("This actor holds no clients (load was not called).")
         for client_id, payload, state in batch:
             if deadline_at is not None and time.time() > deadline_at:
                 yield _Item(
@@ -126,15 +138,15 @@ class ClientActor:
                 )
                 continue
             if state is not None:
-                self.code.state[client_id] = state
+                code.state[client_id] = state
             start = time.perf_counter()
             reply, error = None, None
             try:
-                reply = self.code.handle(client_id, payload)
+                reply = code.handle(client_id, payload)
             except Exception as exc:  # a client's failure must never stop the batch
                 error = f"{type(exc).__name__}: {exc}"
             seconds = time.perf_counter() - start
-            after = self.code.state.pop(client_id, None)
+            after = code.state.pop(client_id, None)
             # The app assigns a client's entry whole whenever it changes (see ClientApp).
             yield _Item(client_id, reply, error, False, seconds, after is not state, after)
 
@@ -183,18 +195,19 @@ class RayTransport(Transport):
             )
         elif settings.address is not None:
             log.info("Ray is already initialised in this process; runtime.address is not used")
+        self._slots: list[_Slot] = []
         try:
+            self._shape = (settings.cpus_per_actor, settings.gpus_per_actor, _session(ray))
             count = self._pool_size(ray)
-            self._actor_class = ray.remote(ClientActor).options(
-                num_cpus=settings.cpus_per_actor, num_gpus=settings.gpus_per_actor
-            )
             ordered = sorted(self._client_ids)
             self._slots = [_Slot(i, tuple(ordered[i::count])) for i in range(count)]
             self._slot_of = {cid: s.index for s in self._slots for cid in s.client_ids}
             self._build = ray.put(build)
+            idle = _IDLE.pop(self._shape, [])
             for slot in self._slots:
-                self._start(slot)
-            self._wait_ready(ray, self._slots)
+                slot.handle = idle.pop() if idle else self._new_actor(ray)
+            _kill(ray, idle)  # more than this pool needs
+            self._load(ray, self._slots, retry=True)
         except BaseException:
             self.close()
             raise
@@ -203,7 +216,7 @@ class RayTransport(Transport):
         s = self.settings
         resources = ray.cluster_resources()
         cpus, gpus = float(resources.get("CPU", 0.0)), float(resources.get("GPU", 0.0))
-        fits = math.inf if s.cpus_per_actor == 0 else math.floor(cpus / s.cpus_per_actor + 1e-9)
+        fits = math.floor(cpus / s.cpus_per_actor + 1e-9)
         if s.gpus_per_actor > 0:
             fits = min(fits, math.floor(gpus / s.gpus_per_actor + 1e-9))
         count = s.actors if s.actors is not None else min(fits, len(self._client_ids))
@@ -211,30 +224,40 @@ class RayTransport(Transport):
             raise RayEngineError(
                 f"runtime.actors = {count} actors of {s.cpus_per_actor:g} CPUs and "
                 f"{s.gpus_per_actor:g} GPUs (runtime.cpus_per_actor, runtime.gpus_per_actor) do "
-                f"not fit the Ray cluster's {cpus:g} CPUs and {gpus:g} GPUs: at most "
-                f"{fits if fits != math.inf else 'any number'}"
+                f"not fit the Ray cluster's {cpus:g} CPUs and {gpus:g} GPUs: at most {fits}"
             )
         return int(count)
 
-    def _start(self, slot: _Slot) -> None:
-        threads = max(1, math.floor(self.settings.cpus_per_actor))
-        slot.handle = self._actor_class.remote(self._build, list(slot.client_ids), threads)
+    def _new_actor(self, ray: Any) -> Any:
+        s = self.settings
+        remote = ray.remote(ClientActor).options(
+            num_cpus=s.cpus_per_actor, num_gpus=s.gpus_per_actor
+        )
+        return remote.remote(max(1, math.floor(s.cpus_per_actor)))
 
-    def _wait_ready(self, ray: Any, slots: Sequence[_Slot]) -> None:
-        """Block until ``slots``' actors have built their clients; a build error is raised here."""
-        refs = [s.handle.ready.remote() for s in slots]
+    def _load(self, ray: Any, slots: Sequence[_Slot], *, retry: bool) -> None:
+        """Have ``slots``' actors build their clients and wait for them; an actor that died
+        meanwhile (a left-over one) is replaced once when ``retry``; a build error is raised."""
+        refs = [s.handle.load.remote(self._build, list(s.client_ids)) for s in slots]
         ready, _ = ray.wait(refs, num_returns=len(refs), timeout=START_TIMEOUT_S)
         if len(ready) < len(refs):
             raise RayEngineError(
                 f"{len(refs) - len(ready)} Ray actors did not start within {START_TIMEOUT_S:g} s "
                 "(the cluster may lack the resources they ask for)"
             )
-        try:
-            placed = ray.get(refs)
-        except ray.exceptions.RayActorError as exc:
-            raise RayEngineError(f"A Ray actor failed to build its clients: {exc}") from None
-        for slot, (node, _) in zip(slots, placed, strict=True):
-            slot.node = node
+        gone = []
+        for slot, ref in zip(slots, refs, strict=True):
+            try:
+                slot.node, _ = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                if not retry:
+                    raise RayEngineError(f"A Ray actor died while starting: {exc}") from None
+                slot.handle = self._new_actor(ray)
+                gone.append(slot)
+            except ray.exceptions.RayError as exc:
+                raise RayEngineError(f"A Ray actor failed to build its clients: {exc}") from None
+        if gone:
+            self._load(ray, gone, retry=False)
 
     @property
     def client_ids(self) -> Sequence[int]:
@@ -349,28 +372,57 @@ class RayTransport(Transport):
         """Start a fresh actor for each of ``slots`` (same clients) and wait until it is ready."""
         ray = require_ray()
         for slot in slots:
-            try:
-                ray.kill(slot.handle, no_restart=True)
-            except Exception as exc:  # already gone: nothing to kill
-                log.debug("killing dead actor %d: %s", slot.index, exc)
-            self._start(slot)
-        self._wait_ready(ray, slots)
+            _kill(ray, [slot.handle])
+            slot.handle = self._new_actor(ray)
+        self._load(ray, slots, retry=False)
         self.replaced += len(slots)
 
     def close(self) -> None:
-        """Stop the pool's actors, and the Ray instance if this transport started it."""
+        """Stop the pool: its actors and the Ray instance if this transport started it, else
+        (Ray joined by this process before, as a sweep or a test suite does) empty its actors
+        and keep them for the next pool of the same shape, which then starts no process
+        (:func:`release_idle_actors` stops them)."""
         ray = require_ray()
         if not ray.is_initialized():
             return
-        for slot in getattr(self, "_slots", []):
-            if slot.handle is not None:
-                try:
-                    ray.kill(slot.handle, no_restart=True)
-                except Exception as exc:  # already gone
-                    log.debug("killing actor %d: %s", slot.index, exc)
-                slot.handle = None
+        handles = [s.handle for s in self._slots if s.handle is not None]
+        for slot in self._slots:
+            slot.handle = None
+        if not handles and not self._owns_ray:
+            return
         if self._owns_ray:
+            _kill(ray, handles)
             ray.shutdown()
+            return
+        for handle in handles:  # queued behind any straggler still running on it
+            handle.unload.remote()
+        _IDLE.setdefault(self._shape, []).extend(handles)
+
+
+# Emptied actors of closed pools, by (CPUs, GPUs, Ray session), for the next pool of that shape.
+_IDLE: dict[tuple[float, float, str], list[Any]] = {}
+
+
+def _session(ray: Any) -> str:
+    """The Ray connection of this process (a new one after ``ray.shutdown`` and ``ray.init``)."""
+    return str(ray.get_runtime_context().get_job_id())
+
+
+def _kill(ray: Any, handles: Sequence[Any]) -> None:
+    for handle in handles:
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception as exc:  # already gone: nothing to stop
+            log.debug("stopping a Ray actor: %s", exc)
+
+
+def release_idle_actors() -> None:
+    """Stop the emptied actors that closed pools left for later ones (see :meth:`RayTransport.close`)."""
+    ray = require_ray()
+    while _IDLE:
+        _, handles = _IDLE.popitem()
+        if ray.is_initialized():
+            _kill(ray, handles)
 
 
 def _first_line(exc: BaseException) -> str:

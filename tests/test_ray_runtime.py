@@ -380,8 +380,45 @@ def test_bad_runtime_keys_are_refused(runtime: dict[str, Any], message: str) -> 
         config_mod.validate(tiny_config(runtime=runtime))
 
 
+def test_a_scaffold_run_resumes_on_ray_as_it_would_in_process(cluster: Cluster, tmp_path) -> None:
+    """Two rounds in-process, the third resumed on Ray (client state from the checkpoint)."""
+    cfg = tiny_config(server={"strategy": "scaffold"})
+    fedguard.run(cfg, out=tmp_path / "full", progress=False)
+    fedguard.run(
+        {**cfg, "experiment": {**cfg["experiment"], "rounds": 2}},
+        out=tmp_path / "cut",
+        progress=False,
+    )
+    fedguard.run(_on_ray(cfg), out=tmp_path / "cut", resume=True, progress=False)
+    full, cut = metric_rows(tmp_path / "full"), metric_rows(tmp_path / "cut")
+    assert [r["test_loss"] for r in cut] == pytest.approx([r["test_loss"] for r in full], abs=ATOL)
+    torch.testing.assert_close(
+        _final_params(tmp_path / "cut"), _final_params(tmp_path / "full"), rtol=0.0, atol=ATOL
+    )
+
+
+def test_runtime_flags_are_config_overrides() -> None:
+    from fedguard import cli
+
+    def runtime(*flags: str) -> config_mod.RuntimeSection:
+        args = cli._parser().parse_args(["run", "x.toml", *flags])
+        return config_mod.validate(
+            config_mod.apply_overrides(tiny_config(), cli._runtime_overrides(args))
+        ).runtime
+
+    assert runtime().kind == "inprocess"
+    assert runtime("--runtime", "ray") == config_mod.RuntimeSection(kind="ray")
+    assert runtime("--address", "10.0.0.5:6379") == config_mod.RuntimeSection(
+        kind="ray", address="10.0.0.5:6379"
+    )
+    assert runtime("--runtime", "ray", "--address", "auto").address == "auto"
+    with pytest.raises(ConfigError, match="--address joins a Ray cluster; it needs --runtime ray"):
+        runtime("--runtime", "inprocess", "--address", "auto")
+
+
 def test_the_cli_joins_a_running_cluster(cluster: Cluster, tmp_path) -> None:
-    """``fedguard run FILE --address HOST:PORT`` in a new process joins the cluster."""
+    """``fedguard run FILE --address HOST:PORT``, in a new process, joins the cluster and gives
+    the in-process run's results."""
     ray_engine.release_idle_actors()  # the cluster's CPUs for the new process's actors
     cfg = tmp_path / "exp.toml"
     cfg.write_text(
@@ -389,19 +426,20 @@ def test_the_cli_joins_a_running_cluster(cluster: Cluster, tmp_path) -> None:
         "[data]\nnum_clients = 4\nsynthetic_samples = 200\nsynthetic_shape = [1, 4, 4]\n"
         'synthetic_classes = 2\n[model]\nname = "logistic_regression"\n'
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    args = [sys.executable, "-m", "fedguard.cli", "run", str(cfg), "--quiet"]
     joined = subprocess.run(
-        [*args, "--out", str(tmp_path / "ray"), "--address", cluster.address],
-        env=env,
+        [sys.executable, "-m", "fedguard.cli", "run", str(cfg), "--quiet"]
+        + ["--out", str(tmp_path / "ray"), "--address", cluster.address],
+        env={**os.environ, "PYTHONPATH": str(REPO / "src")},
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert joined.returncode == 0, joined.stderr[-2000:]
-    subprocess.run([*args, "--out", str(tmp_path / "local")], env=env, check=True, timeout=300)
-    assert "runtime" in (tmp_path / "ray" / "config.toml").read_text()
+    fedguard.run(cfg, out=tmp_path / "local", progress=False)
+    written = config_mod.load(tmp_path / "ray" / "config.toml").runtime
+    assert written == config_mod.RuntimeSection(kind="ray", address=cluster.address)
     rows = [metric_rows(tmp_path / name) for name in ("ray", "local")]
     assert [r["test_loss"] for r in rows[0]] == pytest.approx(
         [r["test_loss"] for r in rows[1]], abs=ATOL
     )
+    assert [r["clients_completed"] for r in rows[0]] == [4, 4]

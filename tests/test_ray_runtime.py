@@ -124,7 +124,8 @@ def _rounds(cfg: dict[str, Any], rounds: int = ROUNDS) -> tuple[list[dict[str, A
             result = exp.driver.fit_round(r, params, state)
             params, state = result.params, result.state
             metrics = {k: v for k, v in result.metrics.items() if "seconds" not in k}
-            out.append({"metrics": metrics, "params": params, "eval": exp.evaluate(params)})
+            evaluated = exp.evaluate_round(r, params)  # the server's and/or the clients'
+            out.append({"metrics": metrics, "params": params, "eval": evaluated})
         return out, {cid: dict(named) for cid, named in exp.client_state.items()}
     finally:
         exp.close()
@@ -217,8 +218,9 @@ def test_scaffold_keeps_each_clients_control_variate_across_rounds(cluster: Clus
         {"privacy": {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 0.5, "delta": 1e-3}},
         {"attack": {"kind": "sign_flip", "fraction": 0.34, "scale": 4.0}},
         {"attack": {"kind": "label_flip", "fraction": 0.34}},
+        {"evaluation": {"mode": "both"}, "data": {"client_eval_fraction": 0.2}},
     ],
-    ids=["secagg", "local_dp", "central_dp", "sign_flip", "label_flip"],
+    ids=["secagg", "local_dp", "central_dp", "sign_flip", "label_flip", "federated_eval"],
 )
 def test_every_round_type_gives_the_in_process_results(
     cluster: Cluster, sections: dict[str, Any]
@@ -228,6 +230,8 @@ def test_every_round_type_gives_the_in_process_results(
     remote, _ = _rounds(_on_ray(cfg))
     _assert_same_rounds(local, remote)
     assert all(r["metrics"]["clients_completed"] == 4 for r in remote)
+    if "evaluation" in sections:  # the clients' evaluations came back from the actors
+        assert all(r["eval"]["federated_accuracy"] is not None for r in remote)
 
 
 def test_attacks_change_the_model_the_same_way_on_both_engines(cluster: Cluster) -> None:
@@ -428,7 +432,8 @@ def test_the_cli_joins_a_running_cluster(cluster: Cluster, tmp_path) -> None:
     )
     joined = subprocess.run(
         [sys.executable, "-m", "fedguard.cli", "run", str(cfg), "--quiet"]
-        + ["--out", str(tmp_path / "ray"), "--address", cluster.address],
+        + ["--out", str(tmp_path / "ray"), "--address", cluster.address]
+        + ["--set", "runtime.actors=1"],  # one new worker process is enough here
         env={**os.environ, "PYTHONPATH": str(REPO / "src")},
         capture_output=True,
         text=True,
@@ -437,7 +442,7 @@ def test_the_cli_joins_a_running_cluster(cluster: Cluster, tmp_path) -> None:
     assert joined.returncode == 0, joined.stderr[-2000:]
     fedguard.run(cfg, out=tmp_path / "local", progress=False)
     written = config_mod.load(tmp_path / "ray" / "config.toml").runtime
-    assert written == config_mod.RuntimeSection(kind="ray", address=cluster.address)
+    assert written == config_mod.RuntimeSection(kind="ray", actors=1, address=cluster.address)
     rows = [metric_rows(tmp_path / name) for name in ("ray", "local")]
     assert [r["test_loss"] for r in rows[0]] == pytest.approx(
         [r["test_loss"] for r in rows[1]], abs=ATOL

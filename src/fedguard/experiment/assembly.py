@@ -617,9 +617,9 @@ class Experiment:
         self.transport: Transport
         if transport_fn is not None:
             self.transport = transport_fn(ids)
-        elif on_ray:
-            self.transport = self._ray_transport(pins, model_fn, data_fn, ids)
+        elif on_ray:  # the driver drops its copy of the clients' data before the actors load
             self.fed = replace(self.fed, clients={})
+            self.transport = self._ray_transport(pins, model_fn, data_fn, ids)
         else:
             self.transport = InProcessTransport(self.app.handle, ids)
         self._client_ids = ids

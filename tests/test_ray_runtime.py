@@ -345,6 +345,29 @@ def test_clients_not_done_by_the_deadline_time_out(cluster: Cluster, tmp_path) -
         pool.close()
 
 
+def test_a_large_exchange_is_sent_in_batches_of_bounded_size(
+    cluster: Cluster, tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a batch holds at most 5 request bytes here: each actor gets its 6 clients 2 at a time
+    monkeypatch.setattr(ray_engine, "MAX_BATCH_BYTES", 5)
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    pool = ray_engine.RayTransport(
+        EchoClients(slow=[], release=tmp_path / "unused"), list(range(12)), state
+    )
+    try:
+        requests = {cid: b"ab" for cid in reversed(range(12))}
+        batches = list(pool._batches([0, 2, 4, 6, 8, 10], requests))
+        assert [[cid for cid, _, _ in b] for b in batches] == [[0, 2], [4, 6], [8, 10]]
+        out = pool.exchange(requests, deadline_s=None)
+        assert [o.client_id for o in out] == list(reversed(range(12)))
+        assert [o.payload for o in out if isinstance(o, Delivered)] == [
+            f"{cid}:ab".encode() for cid in reversed(range(12))
+        ]
+        assert sorted(state) == list(range(12))
+    finally:
+        pool.close()
+
+
 # ------------------------------------------------------------------------- refused before round 1
 
 

@@ -333,6 +333,10 @@ class RayTransport(Transport):
                         outcomes[cid] = Failed(cid, FailureKind.ERROR, _first_line(exc))
                     submit(index)
                     continue
+                except ray.exceptions.RayError as exc:  # its results were lost with its node
+                    del running[gen]
+                    dead[index] = _first_line(exc)
+                    continue
                 pending.remove(item.client_id)
                 outcomes[item.client_id] = self._outcome(item)
         for index, reason in dead.items():

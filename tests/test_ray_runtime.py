@@ -1,8 +1,10 @@
 """The Ray runtime (``runtime.kind = "ray"``) gives the in-process simulator's results, on a Ray
 cluster of two nodes (``ray.cluster_utils.Cluster``, one CPU each, so that the pool's two actors
 sit on different nodes), for every kind of round: plain FedAvg, SCAFFOLD (client state across
-rounds), secure aggregation, local and central DP, model and data poisoning. It survives an actor
-that dies, times out what misses the deadline and refuses what cannot run before round 1.
+rounds, and across a resume from an in-process run), secure aggregation, local and central DP,
+model and data poisoning, federated evaluation, a user's model and data functions. It survives an
+actor that dies, times out what misses the deadline, sends large exchanges in bounded batches,
+refuses what cannot run before round 1, and its command line joins a running cluster.
 
 One cluster serves the whole module (Ray starts slowly). The in-process reference runs in this
 process with torch's default thread count, each actor with one thread: the tiny models here do
@@ -46,8 +48,9 @@ ROUNDS = 3
 def cluster() -> Iterator[Cluster]:
     """Two Ray nodes of one CPU each, joined by this process; their workers import this module
     (its plug-ins) as the test process does."""
+    before = os.environ.get("PYTHONPATH")
     os.environ["PYTHONPATH"] = os.pathsep.join(
-        [str(REPO / "tests"), str(REPO / "src"), os.environ.get("PYTHONPATH", "")]
+        [str(REPO / "tests"), str(REPO / "src"), before or ""]
     )
     nodes = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
@@ -60,6 +63,10 @@ def cluster() -> Iterator[Cluster]:
         ray_engine.release_idle_actors()
         ray.shutdown()
         nodes.shutdown()
+        if before is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = before
 
 
 # ------------------------------------------------------------------------------ plug-ins / hooks

@@ -8,6 +8,7 @@ client ``tokens``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable
@@ -42,6 +43,18 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key, e.g. --set client.lr=0.05 (repeatable)",
     )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument(
+        "--runtime",
+        choices=["inprocess", "ray"],
+        default=None,
+        help="where the clients run: in this process, or on Ray actors (runtime.kind)",
+    )
+    run.add_argument(
+        "--address",
+        default=None,
+        metavar="HOST:PORT",
+        help="join this running Ray cluster (or 'auto'); implies --runtime ray (runtime.address)",
+    )
     val = sub.add_parser("validate", help="check an experiment file without running it")
     val.add_argument("config", type=Path)
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -178,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.config,
                 out=args.out,
                 resume=args.resume,
-                overrides=args.overrides,
+                overrides=[*args.overrides, *_runtime_overrides(args)],
                 progress=not args.quiet,
                 console=console,
             ),
@@ -214,6 +227,15 @@ def _readable(flag: str, path: Path | None) -> None:
         raise _config_error(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from None
 
 
+def _runtime_overrides(args: argparse.Namespace) -> list[str]:
+    """``--runtime`` and ``--address`` as the config overrides they stand for."""
+    if args.address is not None:
+        if args.runtime == "inprocess":
+            raise _config_error("--address joins a Ray cluster; it needs --runtime ray.")
+        return ['runtime.kind="ray"', f"runtime.address={json.dumps(args.address)}"]
+    return [] if args.runtime is None else [f'runtime.kind="{args.runtime}"']
+
+
 def _exit_code_of_run(start: Callable[[], object], err: Console) -> int:
     """Run a training run (simulated or served) and map how it ended to the exit code."""
     from fedguard.experiment import runner
@@ -236,8 +258,9 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
 
     cfg = config_mod.load(args.config, args.overrides)
     exp = Experiment(cfg)
+    exp.close()
     console.print(
-        f"{args.config}: valid — {len(exp.fed.clients)} clients, {cfg.clients_per_round} per round, "
+        f"{args.config}: valid — {len(exp.client_ids)} clients, {cfg.clients_per_round} per round, "
         f"{cfg.experiment.rounds} rounds, model {cfg.model.name} ({cfg.model.framework}, "
         f"{exp.model.spec.size:,} parameters), strategy {cfg.server.strategy}"
     )

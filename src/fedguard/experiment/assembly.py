@@ -28,7 +28,7 @@ from fedguard.client.app import ClientApp, ClientPins, client_pins
 from fedguard.client.trainer import ClientTrainer
 from fedguard.data import dataset
 from fedguard.data.errors import DataError
-from fedguard.experiment import checkpoint, config_checks, federation, privacy
+from fedguard.experiment import checkpoint, config_checks, federation, privacy, ray_runtime
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
@@ -548,7 +548,9 @@ class Experiment:
         self.attack = federation.attack_plan(cfg, self.fed)
         if self.attack is not None and self.attack.poisons_data:
             self.fed = federation.poison_clients(
-                self.fed, self.attack.malicious, functools.partial(self._poison, self.attack)
+                self.fed,
+                self.attack.malicious,
+                functools.partial(federation.poison_data, self.attack, self.fed.num_classes),
             )
         try:
             self.model = models.build(
@@ -589,29 +591,14 @@ class Experiment:
             built.strategy,
         )
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}
-        self.app = ClientApp(self.model, self.fed.clients, self.client_state, trainer=self.trainer)
-        # Deployment passes its own transport (gRPC); the round code is the same either way.
-        self.transport: Transport = (
-            InProcessTransport(self.app.handle, list(self.fed.clients))
-            if transport_fn is None
-            else transport_fn(list(self.fed.clients))
-        )
-        if self.attack is not None and not self.attack.poisons_data:
-            self.transport = attack.ModelPoisoning(
-                self.transport,
-                self.attack.malicious,
-                self.attack.model_attack(),
-                seed=self.attack.seed,
-            )
-        self.driver = build_driver(
-            cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
-        )
         # The clients hold the server to this config's privacy settings, as a deployed client
         # holds it to its own copy (see client_pins): a round asking for less is refused.
-        self.app.pin(
-            run_pins(
-                cfg, self.privacy, self.driver.secure_aggregation, self.fed.clients, self.aggregator
-            )
+        pins = run_pins(
+            cfg,
+            self.privacy,
+            checked_secure_aggregation(cfg, self.privacy, self.aggregator, sizes),
+            self.fed.clients,
+            self.aggregator,
         )
         # the clients that hold held-out data (their share of the evaluation split, or of their
         # own partition with data.client_eval_fraction)
@@ -620,9 +607,62 @@ class Experiment:
             for cid, d in self.fed.clients.items()
             if d.eval_y is not None and int(d.eval_y.shape[0]) > 0
         ]
+        ids = list(self.fed.clients)
+        on_ray = transport_fn is None and cfg.runtime.kind == "ray"
+        # Under Ray the actors hold the clients' data; this process keeps their ids and sizes.
+        data = {} if on_ray else self.fed.clients
+        self.app = ClientApp(self.model, data, self.client_state, pins=pins, trainer=self.trainer)
+        # Deployment passes its own transport (gRPC); the round code is the same either way.
+        self._owns_transport = transport_fn is None
+        self.transport: Transport
+        if transport_fn is not None:
+            self.transport = transport_fn(ids)
+        elif on_ray:  # the driver drops its copy of the clients' data before the actors load
+            self.fed = replace(self.fed, clients={})
+            self.transport = self._ray_transport(pins, model_fn, data_fn, ids)
+        else:
+            self.transport = InProcessTransport(self.app.handle, ids)
+        self._client_ids = ids
+        if self.attack is not None and not self.attack.poisons_data:
+            self.transport = attack.ModelPoisoning(
+                self.transport,
+                self.attack.malicious,
+                self.attack.model_attack(),
+                seed=self.attack.seed,
+            )
+        try:
+            self.driver = build_driver(
+                cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
+            )
+        except BaseException:
+            self.close()
+            raise
         self.last_federated: FederatedEvaluation | None = None
         self.initial_params = self.model.get_flat()
         self.backdoor_test = self._backdoor_test()
+
+    def _ray_transport(
+        self,
+        pins: ClientPins,
+        model_fn: Callable[..., Any] | None,
+        data_fn: federation.DataFn | None,
+        ids: list[int],
+    ) -> Transport:
+        """``runtime.kind = "ray"``: the pool of actors that build and serve the clients."""
+        client_config = client_training_config(self.cfg)
+        if self.privacy is not None:
+            client_config.update(self.privacy.client_config(self.cfg))
+        poisoning = self.attack if self.attack is not None and self.attack.poisons_data else None
+        clients = ray_runtime.SimulatedClients(
+            self.cfg, pins, client_config, model_fn, data_fn, poisoning
+        )
+        return ray_runtime.transport(clients, ids, self.client_state)
+
+    def close(self) -> None:
+        """Release the transport this experiment started (the Ray pool); one passed in through
+        ``transport_fn`` is its caller's to close."""
+        if self._owns_transport:
+            self.transport.close()
 
     def contribution_utility(self) -> Callable[[torch.Tensor], float] | None:
         """The utility of a model for contribution scores: its negative loss on the data set's
@@ -651,21 +691,6 @@ class Experiment:
             builder=model_fn,
         )
 
-    def _poison(
-        self, plan: attack.Plan, client_id: int, x: torch.Tensor, y: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if plan.config is None:
-            raise ValueError("A plug-in attack poisons updates, not training data.")
-        return attack.poison_training_data(
-            x,
-            y,
-            kind=plan.config.kind,
-            num_classes=self.fed.num_classes,
-            backdoor=plan.backdoor,
-            generator=plan.client_generator(client_id),
-            label_noise=plan.config.label_noise,
-        )
-
     def _backdoor_test(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The central test images whose label is not the target, with the trigger stamped in."""
         if self.attack is None or self.attack.backdoor is None:
@@ -682,7 +707,7 @@ class Experiment:
 
     @property
     def client_ids(self) -> list[int]:
-        return list(self.fed.clients)
+        return list(self._client_ids)
 
     @property
     def class_names(self) -> list[str]:

@@ -508,3 +508,18 @@ def contribution(cfg: ExperimentSections) -> None:
                 f"up to {most} clients per round is above the limit of "
                 f'{MAX_EXACT_SHAPLEY_CLIENTS}: use "gtg_shapley" or fewer clients per round'
             )
+
+
+RAY_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "address")
+
+
+def runtime(cfg: ExperimentSections) -> None:
+    """The Ray pool's keys belong to ``runtime.kind = "ray"``."""
+    r = cfg.runtime
+    if r.kind != "ray":
+        changed = _changed(r, RAY_KEYS)
+        if changed:
+            raise ValueError(
+                f'runtime.{changed[0]} is set but runtime.kind = "{r.kind}": it shapes the Ray '
+                'actor pool; set runtime.kind = "ray" or remove it'
+            )

@@ -7,6 +7,7 @@ which reads these sections) and the TOML loading; import from there.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -32,6 +33,8 @@ class _Section(BaseModel):
 
 
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
+# A Ray cluster's head, as `ray start --head` prints it (runtime.address).
+RAY_ADDRESS = re.compile(r"[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
 # A plug-in's options: the TOML table of its key, passed to its factory as keyword arguments.
 Options = dict[str, Any]
 
@@ -310,6 +313,31 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
 
+class RuntimeSection(_Section):
+    """Where the simulated clients run (``fedguard run`` only; a deployment runs them behind
+    gRPC). ``kind = "inprocess"``: one after another in this process. ``"ray"``: on a pool of
+    Ray actors (see ``fedguard.simulation.ray_engine``) of ``actors`` actors (default: one per
+    ``cpus_per_actor`` CPUs of the cluster), each reserving ``cpus_per_actor`` CPUs (its torch
+    threads) and ``gpus_per_actor`` GPUs, on a local Ray instance or, with ``address`` (``"auto"``
+    or ``HOST:PORT``), on the running cluster it names. Every engine gives the same results."""
+
+    kind: Literal["inprocess", "ray"] = "inprocess"
+    actors: int | None = Field(None, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0.0)
+    gpus_per_actor: float = Field(0.0, ge=0.0)
+    address: str | None = None
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is None or value == "auto" or RAY_ADDRESS.fullmatch(value):
+            return value
+        raise ValueError(
+            f'runtime.address: "auto" or HOST:PORT of a running Ray cluster\'s head (as `ray '
+            f"start --head` prints it), got {value!r}"
+        )
+
+
 class ExperimentSections(_Section):
     """Every section of an experiment, as the TOML tables give them (the cross-key rules are
     :class:`~fedguard.experiment.config.ExperimentConfig`'s)."""
@@ -326,6 +354,7 @@ class ExperimentSections(_Section):
     attack: AttackSection = AttackSection()
     registration: RegistrationSection = RegistrationSection()
     contribution: ContributionSection = ContributionSection()
+    runtime: RuntimeSection = RuntimeSection()
 
     @property
     def clients_per_round(self) -> int:

@@ -172,6 +172,8 @@ def demo_app(
     cfg = config_mod.load(config, list(overrides))
     if cfg.attack.kind != "none":
         cfg = cfg.model_copy(update={"attack": config_mod.AttackSection()})
+    # one client, in this process: the simulation's [runtime] does not apply
+    cfg = cfg.model_copy(update={"runtime": config_mod.RuntimeSection()})
     exp = assembly.Experiment(cfg)
     if client_id not in exp.fed.clients:
         raise config_mod.ConfigError(

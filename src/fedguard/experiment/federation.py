@@ -266,6 +266,24 @@ def poison_clients(
     return replace(fed, clients=clients)
 
 
+def poison_data(
+    plan: attack.Plan, num_classes: int, client_id: int, x: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training data a malicious client of the data-poisoning ``plan`` trains on instead of
+    ``x``, ``y`` (seeded per client, so every engine poisons it the same way)."""
+    if plan.config is None:
+        raise ValueError("A plug-in attack poisons updates, not training data.")
+    return attack.poison_training_data(
+        x,
+        y,
+        kind=plan.config.kind,
+        num_classes=num_classes,
+        backdoor=plan.backdoor,
+        generator=plan.client_generator(client_id),
+        label_noise=plan.config.label_noise,
+    )
+
+
 def _partition(
     cfg: ExperimentConfig, splits: DatasetSplits, rng: np.random.Generator
 ) -> tuple[list[ArrayDataset], list[str]]:

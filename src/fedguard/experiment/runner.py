@@ -19,7 +19,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from fedguard.experiment import checkpoint, contribution, federation, plots, privacy
+from fedguard.experiment import (
+    checkpoint,
+    config_checks,
+    contribution,
+    federation,
+    plots,
+    privacy,
+)
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment, TransportFn
 from fedguard.experiment.config import ConfigError, ExperimentConfig
@@ -61,6 +68,9 @@ def _check_resume_config(saved: Path, cfg: ExperimentConfig) -> None:
     b = config_mod.to_toml_dict(cfg)
     a["experiment"].pop("rounds", None)
     b["experiment"].pop("rounds", None)
+    for engine in (a, b):  # every engine gives the same results: a run may change engines
+        for key in ("kind", *config_checks.RAY_KEYS):
+            engine.get("runtime", {}).pop(key, None)
     if a != b:
         diffs = [
             f"{section}.{key}"
@@ -158,18 +168,24 @@ def run(
         exp = Experiment(
             cfg, model_fn=model_fn, data_fn=data_fn, transport_fn=transport_fn, privacy_spent=spent
         )
-    tracker = contribution.Tracker(
-        cfg.contribution, exp.strategy, exp.contribution_utility(), seed=cfg.experiment.seed
-    )
-    if tracker.enabled:
-        exp.driver.before_aggregate = tracker.before_aggregate
-    folder.create()
-    handler = _attach_log(folder)
     try:
-        return _run_rounds(exp, folder, finished if resume else None, console, progress, tracker)
+        tracker = contribution.Tracker(
+            cfg.contribution, exp.strategy, exp.contribution_utility(), seed=cfg.experiment.seed
+        )
+        if tracker.enabled:
+            exp.driver.before_aggregate = tracker.before_aggregate
+        folder.create()
+        handler = _attach_log(folder)
+        try:
+            return _run_rounds(
+                exp, folder, finished if resume else None, console, progress, tracker
+            )
+        finally:
+            logging.getLogger("fedguard").removeHandler(handler)
+            handler.close()
     finally:
-        logging.getLogger("fedguard").removeHandler(handler)
-        handler.close()
+        if isinstance(exp, Experiment):
+            exp.close()  # the Ray pool it started
 
 
 def _privacy_spent(finished: checkpoint.Checkpoint | None) -> privacy.Spent | None:

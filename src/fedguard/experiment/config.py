@@ -35,11 +35,13 @@ from fedguard.experiment.config_sections import (
     EvaluationSection,
     ExperimentSection,
     ExperimentSections,
+    LatencySection,
     ModelSection,
     Options,
     PrivacySection,
     Probability,
     RegistrationSection,
+    RuntimeSection,
     SecureAggregationSection,
     ServerSection,
 )
@@ -58,6 +60,8 @@ __all__ = [
     "SecureAggregationSection",
     "CheckpointSection",
     "ContributionSection",
+    "LatencySection",
+    "RuntimeSection",
     "Probability",
     "Options",
     "BUILTIN_AGGREGATORS",
@@ -86,6 +90,7 @@ class ExperimentConfig(ExperimentSections):
         config_checks.robustness(self)
         config_checks.builtin_composition(self)
         config_checks.contribution(self)
+        config_checks.asynchronous(self)
         return self
 
 

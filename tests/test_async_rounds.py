@@ -131,6 +131,15 @@ def test_virtual_clock_delivers_in_time_order() -> None:
     assert stream.now() == expected[-1][0]
     for g in got:
         assert g.outcome.payload == b"x" + bytes([sent[g.task][0]])
+    # with a deadline, a task slower than it arrives as a timeout at sent + deadline
+    timed = VirtualClockStream(lambda cid, payload: payload, latency, deadline_s=4.0)
+    for task, cid in enumerate(ids, start=1):
+        timed.submit(task, cid, b"y")
+    arrivals = [timed.next() for _ in ids]
+    for g in arrivals:
+        late = latency.seconds(g.outcome.client_id, g.task) > 4.0
+        assert (g.at == 4.0 and g.outcome.kind == "timeout") if late else g.outcome.payload == b"y"
+    assert any(g.at == 4.0 for g in arrivals) and any(g.at < 4.0 for g in arrivals)
     # a slow client's task takes slowdown times its base draw
     slow = min(latency.slow)
     fast = LatencyModel(ids, base=Base.EXPONENTIAL, mean_s=3.0, seed=9)
@@ -223,7 +232,6 @@ def test_local_dp_counts_every_dispatch(tmp_path) -> None:
             {"privacy": {"mode": "local", "noise_multiplier": 1.0, "max_epsilon": 5.0}},
             "max_epsilon",
         ),
-        ({"server": {"deadline_s": 5.0}}, "deadline_s"),
         ({"server": {"sampling": "poisson"}}, "sampling must be"),
         ({"server": {"strategy": "scaffold"}}, "SCAFFOLD"),
         ({"attack": {"kind": "sign_flip", "fraction": 0.2}}, "model-poisoning"),

@@ -320,7 +320,7 @@ def asynchronous(cfg: ExperimentSections) -> None:
     (``target_epsilon``, ``max_epsilon``: a client may train more than once per round, so the
     per-round calibration is not conservative), Poisson sampling, model-poisoning attacks (they
     forge a round's replies from the cohort's), contribution scores (they value a round's
-    cohort), deadlines (a slot is held until its client answers) and strategies whose replies
+    cohort) and strategies whose replies
     carry more than the update (SCAFFOLD, the Newton step). Local DP-SGD composes: each reply's
     DP-SGD is accounted per client, every dispatch counted.
     """
@@ -353,11 +353,6 @@ def asynchronous(cfg: ExperimentSections) -> None:
             )
     if s.sampling == "poisson":
         raise ValueError(f'{why} dispatches one client at a time: server.sampling must be "fixed"')
-    if s.deadline_s is not None:
-        raise ValueError(
-            f"{why} cannot run with server.deadline_s: a client keeps its slot until it "
-            "answers (stale answers are dropped by server.max_staleness)"
-        )
     poisons_data = {a.value for a in attacks.DATA_POISONING}
     if cfg.attack.kind != "none" and cfg.attack.kind not in poisons_data:
         raise ValueError(

@@ -63,11 +63,6 @@ class DataFreeExperiment:
                 f'evaluation.mode = "{self.mode}" needs evaluation.server_data on a deployed '
                 'server, which holds no data set; give a test set the server owns, or use "federated"'
             )
-        if cfg.server.mode == "async":
-            raise ConfigError(
-                'server.mode = "async" runs in simulation only for now: the gRPC server '
-                'cannot yet dispatch tasks one at a time; use server.mode = "sync"'
-            )
         if cfg.attack.kind != "none":
             raise ConfigError(
                 "attack: simulated attackers exist only in simulation; a deployed server has "
@@ -173,7 +168,8 @@ class DataFreeExperiment:
         self.driver = assembly.build_driver(
             cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
         )
-        self.async_driver = None  # refused above
+        # server.mode = "async": FedBuff over the transport's stream (the gRPC server's)
+        self.async_driver = assembly.build_async_driver(cfg, self.driver, self.aggregator)
         self.latency = None  # a deployment's latency is real
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}  # the clients keep theirs
         self.eval_clients = registry.eval_sizes

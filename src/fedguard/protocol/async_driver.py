@@ -241,7 +241,7 @@ class AsyncDriver:
         is the checkpointable state at every yield. Raises :class:`RoundFailedError` when no
         buffer fills in ``STALL_FACTOR * buffer_size + concurrency`` dispatches."""
         s = self.settings
-        stream = self.checks.transport.stream(run.clock)
+        stream = self.checks.transport.stream(run.clock, self.checks.deadline_s)
         tally = _Tally()
         # a restored buffer holds the replies as sent: cut their claims again
         run.buffer = [

@@ -95,8 +95,10 @@ class Transport(abc.ABC):
     def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
         """Send ``requests`` (client id to payload); return one outcome per request, in order."""
 
-    def stream(self, start_s: float = 0.0) -> ReplyStream:
-        """A :class:`ReplyStream` over these clients, its clock starting at ``start_s``."""
+    def stream(self, start_s: float = 0.0, deadline_s: float | None = None) -> ReplyStream:
+        """A :class:`ReplyStream` over these clients, its clock starting at ``start_s``; a task
+        unanswered ``deadline_s`` after it was sent arrives as a timeout (None: the
+        transport's default, which may be no deadline)."""
         raise AsyncUnsupportedError(
             f"{type(self).__name__} cannot dispatch tasks one at a time, which "
             'server.mode = "async" needs'
@@ -125,8 +127,8 @@ class Population(Transport):
     def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
         return self.inner.exchange(requests, deadline_s=deadline_s)
 
-    def stream(self, start_s: float = 0.0) -> ReplyStream:
-        return self.inner.stream(start_s)
+    def stream(self, start_s: float = 0.0, deadline_s: float | None = None) -> ReplyStream:
+        return self.inner.stream(start_s, deadline_s)
 
     def close(self) -> None:
         self.inner.close()

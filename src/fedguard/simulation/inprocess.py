@@ -43,8 +43,8 @@ class InProcessTransport(Transport):
         self._clock = clock
         self.latency = latency if latency is not None else LatencyModel(self._client_ids)
 
-    def stream(self, start_s: float = 0.0) -> ReplyStream:
-        return VirtualClockStream(self._handler, self.latency, start_s)
+    def stream(self, start_s: float = 0.0, deadline_s: float | None = None) -> ReplyStream:
+        return VirtualClockStream(self._handler, self.latency, start_s, deadline_s)
 
     @property
     def client_ids(self) -> Sequence[int]:

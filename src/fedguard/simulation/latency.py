@@ -98,11 +98,21 @@ Handler = Callable[[int, bytes], bytes]
 
 
 class VirtualClockStream(ReplyStream):
-    """Runs each task at dispatch and delivers its outcome in virtual-time order."""
+    """Runs each task at dispatch and delivers its outcome in virtual-time order; a task whose
+    latency exceeds ``deadline_s`` arrives as a timeout at ``sent + deadline_s``."""
 
-    def __init__(self, handler: Handler, latency: LatencyModel, start_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        latency: LatencyModel,
+        start_s: float = 0.0,
+        deadline_s: float | None = None,
+    ) -> None:
+        if deadline_s is not None and not deadline_s > 0:
+            raise ValueError(f"The task deadline must be positive, got {deadline_s}.")
         self._handler = handler
         self._latency = latency
+        self._deadline_s = deadline_s
         self._now = start_s
         self._queue: list[tuple[float, int, Outcome]] = []
 
@@ -112,6 +122,11 @@ class VirtualClockStream(ReplyStream):
         sent = self._now if sent_at is None else sent_at
         seconds = self._latency.seconds(client_id, task)
         outcome: Outcome
+        if self._deadline_s is not None and seconds > self._deadline_s:
+            reason = f"no reply within {self._deadline_s:g} s (it takes {seconds:.3g} s)"
+            outcome = Failed(client_id, FailureKind.TIMEOUT, reason)
+            heapq.heappush(self._queue, (sent + self._deadline_s, task, outcome))
+            return sent
         try:
             outcome = Delivered(client_id, self._handler(client_id, payload), seconds)
         except Exception as exc:  # a client's failure must never stop the run

@@ -8,7 +8,7 @@ evaluated on the test split after every round. Latency model (``[runtime.latency
 log-normal base of mean 1 s (sigma 0.3) per task, and 10% of the hospitals (one of ten, drawn
 with the seed) 10x slower. A synchronous round lasts as long as its slowest hospital; the
 asynchronous run keeps all ten hospitals busy (``concurrency = 10``) and steps the server every
-``buffer_size`` replies (FedBuff's staleness weight ``1/sqrt(1 + tau)``, the same server
+``buffer_size`` replies (10 and 5 by default; FedBuff's staleness weight ``1/sqrt(1 + tau)``, the same server
 optimizer, FedAvg with learning rate 1).
 
 Measured, per seed: the synchronous run's final test accuracy ``target``; the simulated seconds
@@ -99,64 +99,83 @@ def sustained(points: list[dict[str, Any]], target: float, slack: float) -> floa
     return None
 
 
+def async_run(
+    seed: int,
+    buffer_size: int,
+    updates: int,
+    factor: float,
+    epochs: int,
+    data_root: Path,
+    augment: str,
+    target: float,
+    sync: list[dict[str, Any]],
+    tmp: Path,
+) -> dict[str, Any]:
+    """One asynchronous run with ``factor`` times the synchronous run's client updates."""
+    buffers = max(1, round(factor * updates / buffer_size))
+    cfg = task_config(seed, buffers, epochs, data_root, augment)
+    cfg["server"].update(
+        {"mode": "async", "concurrency": cfg["data"]["num_clients"], "buffer_size": buffer_size}
+    )
+    t0 = time.perf_counter()
+    fedguard.run(cfg, out=tmp / f"async_{buffer_size}", progress=False)
+    real = time.perf_counter() - t0
+    points = curve(tmp / f"async_{buffer_size}")
+    at, held = reached(points, target), sustained(points, target, SLACK)
+    sync_at, sync_held = reached(sync, target), sustained(sync, target, SLACK)
+    return {
+        "buffer_size": buffer_size,
+        "rounds": len(points),
+        "updates": sum(p["updates"] for p in points),
+        "reached_s": at,
+        "sustained_s": held,
+        "total_simulated_s": points[-1]["simulated_s"],
+        "final_accuracy": points[-1]["accuracy"],
+        "best_accuracy": max(p["accuracy"] for p in points),
+        "real_s": real,
+        "ratio": None if at is None or not sync_at else at / sync_at,
+        "ratio_vs_sync_total": None if at is None else at / sync[-1]["simulated_s"],
+        "ratio_sustained": None if held is None or not sync_held else held / sync_held,
+        "curve": points,
+    }
+
+
 def one_seed(
     seed: int,
     rounds: int,
     epochs: int,
-    buffer_size: int,
+    buffer_sizes: list[int],
     factor: float,
     data_root: Path,
     augment: str,
 ) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as tmp:
-        sync_cfg = task_config(seed, rounds, epochs, data_root, augment)
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
         t0 = time.perf_counter()
-        fedguard.run(sync_cfg, out=Path(tmp) / "sync", progress=False)
-        sync_real = time.perf_counter() - t0
-        sync = curve(Path(tmp) / "sync")
-        updates = sum(p["updates"] for p in sync)
-        buffers = max(1, round(factor * updates / buffer_size))
-        async_cfg = task_config(seed, buffers, epochs, data_root, augment)
-        async_cfg["server"].update(
-            {"mode": "async", "concurrency": async_cfg["data"]["num_clients"]}
+        fedguard.run(
+            task_config(seed, rounds, epochs, data_root, augment), out=tmp / "sync", progress=False
         )
-        async_cfg["server"]["buffer_size"] = buffer_size
-        t0 = time.perf_counter()
-        fedguard.run(async_cfg, out=Path(tmp) / "async", progress=False)
-        async_real = time.perf_counter() - t0
-        asyn = curve(Path(tmp) / "async")
-    target = sync[-1]["accuracy"]
-    sync_at, async_at = reached(sync, target), reached(asyn, target)
-    sync_total = sync[-1]["simulated_s"]
-    sync_held, async_held = sustained(sync, target, SLACK), sustained(asyn, target, SLACK)
+        sync_real = time.perf_counter() - t0
+        sync = curve(tmp / "sync")
+        updates = sum(p["updates"] for p in sync)
+        target = sync[-1]["accuracy"]
+        runs = [
+            async_run(seed, k, updates, factor, epochs, data_root, augment, target, sync, tmp)
+            for k in buffer_sizes
+        ]
     return {
         "seed": seed,
         "target_accuracy": target,
         "sync": {
             "rounds": len(sync),
             "updates": updates,
-            "reached_s": sync_at,
-            "sustained_s": sync_held,
-            "total_simulated_s": sync_total,
+            "reached_s": reached(sync, target),
+            "sustained_s": sustained(sync, target, SLACK),
+            "total_simulated_s": sync[-1]["simulated_s"],
             "real_s": sync_real,
             "curve": sync,
         },
-        "async": {
-            "rounds": len(asyn),
-            "updates": sum(p["updates"] for p in asyn),
-            "reached_s": async_at,
-            "sustained_s": async_held,
-            "total_simulated_s": asyn[-1]["simulated_s"],
-            "final_accuracy": asyn[-1]["accuracy"],
-            "best_accuracy": max(p["accuracy"] for p in asyn),
-            "real_s": async_real,
-            "curve": asyn,
-        },
-        "ratio": None if async_at is None or not sync_at else async_at / sync_at,
-        "ratio_vs_sync_total": None if async_at is None else async_at / sync_total,
-        "ratio_sustained": (
-            None if async_held is None or not sync_held else async_held / sync_held
-        ),
+        "async": runs,
     }
 
 
@@ -176,7 +195,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=30, help="synchronous rounds")
     parser.add_argument("--epochs", type=int, default=2, help="local epochs (the example: 2)")
-    parser.add_argument("--buffer-size", type=int, default=5)
+    parser.add_argument("--buffer-sizes", type=int, nargs="+", default=[10, 5])
     parser.add_argument("--async-updates-factor", type=float, default=1.5)
     parser.add_argument("--augment", default="image", help='the example: "image"; or "none"')
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -190,20 +209,31 @@ def main() -> None:
             seed,
             args.rounds,
             args.epochs,
-            args.buffer_size,
+            args.buffer_sizes,
             args.async_updates_factor,
             args.data,
             args.augment,
         )
         rows.append(row)
-        print(
-            f"seed {seed}: target {row['target_accuracy']:.4f}, sync reached at "
-            f"{row['sync']['reached_s']} s (total {row['sync']['total_simulated_s']:.1f} s), "
-            f"async at {row['async']['reached_s']} s: ratio {row['ratio']}",
-            flush=True,
-        )
-    ratios = [r["ratio"] for r in rows if r["ratio"] is not None]
-    held = [r["ratio_sustained"] for r in rows if r["ratio_sustained"] is not None]
+        for a in row["async"]:
+            print(
+                f"seed {seed}: target {row['target_accuracy']:.4f}, sync reached at "
+                f"{row['sync']['reached_s']} s (total {row['sync']['total_simulated_s']:.1f} s), "
+                f"async K={a['buffer_size']} at {a['reached_s']} s: ratio {a['ratio']}, "
+                f"sustained {a['ratio_sustained']}",
+                flush=True,
+            )
+    summary = {}
+    for k in args.buffer_sizes:
+        runs = [a for r in rows for a in r["async"] if a["buffer_size"] == k]
+        ratios = [a["ratio"] for a in runs if a["ratio"] is not None]
+        held = [a["ratio_sustained"] for a in runs if a["ratio_sustained"] is not None]
+        summary[f"buffer_size={k}"] = {
+            "ratio_median": statistics.median(ratios) if ratios else None,
+            "seeds_reached": f"{len(ratios)} of {len(runs)}",
+            "ratio_sustained_median": statistics.median(held) if held else None,
+            "seeds_sustained": f"{len(held)} of {len(runs)}",
+        }
     result = {
         "task": "medical example (PneumoniaMNIST, 10 hospitals, Dirichlet 0.5, image_cnn)",
         "latency": LATENCY,
@@ -212,22 +242,19 @@ def main() -> None:
             "epochs": args.epochs,
             "augment": args.augment,
             "threads": args.threads,
-            "buffer_size": args.buffer_size,
+            "buffer_sizes": args.buffer_sizes,
             "concurrency": 10,
             "staleness_exponent": 0.5,
             "async_updates_factor": args.async_updates_factor,
         },
+        "summary": summary,
         "rows": rows,
-        "ratio_median": statistics.median(ratios) if ratios else None,
-        "seeds_reached": f"{len(ratios)} of {len(rows)}",
-        "ratio_sustained_median": statistics.median(held) if held else None,
-        "seeds_sustained": f"{len(held)} of {len(rows)}",
         "goal": "async reached_s / sync reached_s <= 0.6",
         "machine": machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"median ratio {result['ratio_median']} ({result['seeds_reached']} seeds reached)")
+    print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

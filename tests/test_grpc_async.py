@@ -7,7 +7,14 @@ from __future__ import annotations
 import json
 
 import torch
-from test_grpc_harness import Federation, final_params, make_security, wait_for, write_config
+from test_grpc_harness import (
+    Behaviour,
+    Federation,
+    final_params,
+    make_security,
+    wait_for,
+    write_config,
+)
 
 import fedguard
 
@@ -49,3 +56,25 @@ def test_deployed_async_run_equals_the_simulated_one(tmp_path) -> None:
     assert clock == sorted(clock) and clock[0] > 0
     (rd, pd), (rs, ps) = final_params(fed.out), final_params(simulated)
     assert rd == rs == 4 and torch.equal(pd, ps)
+
+
+def test_deployed_async_run_with_clients_at_once_and_federated_evaluation(tmp_path) -> None:
+    """Three clients training at once, one of them slow, and every round evaluated by the
+    clients while fit tasks are out (a client takes its open tasks in turn)."""
+    sections = {**SECTIONS, "server": {**SECTIONS["server"], "concurrency": 3}}
+    config = write_config(tmp_path / "exp.toml", **sections)
+    fed = Federation(config, tmp_path / "deployed", make_security(tmp_path / "sec", range(4)))
+    try:
+        fed.start_server()
+        fed.start_client(0, Behaviour.SLOW)
+        for cid in range(1, 4):
+            fed.start_client(cid)
+        assert fed.wait_server(120) == 0
+        assert set(fed.wait_clients(15).values()) == {0}
+    finally:
+        fed.stop()
+    rows = fed.rows()
+    assert [r["round"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["clients_completed"] == 2 and r["clients_failed"] == 0 for r in rows)
+    assert all(r["test_accuracy"] is not None for r in rows)  # the clients evaluated each round
+    assert sum(r["clients_sampled"] for r in rows) >= 4 * 2 + 1  # more than one out at a time

@@ -302,7 +302,9 @@ class GrpcServerTransport(Transport):
         self._unauthenticated = 0
         self._calls_of_client: Counter[int] = Counter()
         self._cond = threading.Condition()
-        self._mailbox: dict[int, _Task] = {}
+        # per client its open tasks, oldest first (more than one only when an evaluation round
+        # runs while an asynchronous fit task is out: the client takes them in turn)
+        self._mailbox: dict[int, list[_Task]] = {}
         self._tasks: dict[str, _Task] = {}
         self._seen: set[int] = set()
         self._told_finished: set[int] = set()
@@ -398,8 +400,7 @@ class GrpcServerTransport(Transport):
         end, next_report = start + deadline, start + self.progress_s
         with self._cond:
             for task in tasks:
-                self._mailbox[task.client_id] = task
-                self._tasks[task.task_id] = task
+                self._post(task)
             self._cond.notify_all()
             while any(t.outcome is None for t in tasks):
                 now = self._clock()
@@ -415,9 +416,7 @@ class GrpcServerTransport(Transport):
                     task.outcome = self._missed(task, deadline)
                 if task.pushing is not None:
                     in_flight.append(task.pushing)
-                self._tasks.pop(task.task_id, None)
-                if self._mailbox.get(task.client_id) is task:
-                    del self._mailbox[task.client_id]
+                self._close_task(task)
         for context in in_flight:  # a push for a closed task can only be refused: stop it now
             context.cancel()
         return [t.outcome for t in tasks if t.outcome is not None]
@@ -434,17 +433,24 @@ class GrpcServerTransport(Transport):
         info = grpc_checks.describe_task(payload)
         task_id = secrets.token_hex(8)
         task = _Task(task_id, client_id, payload, grpc_chunks.header_of(task_id, payload), info)
-        self._mailbox[client_id] = task
-        self._tasks[task_id] = task
+        self._post(task)
         self._cond.notify_all()
         return task
+
+    def _post(self, task: _Task) -> None:
+        """Open ``task``: behind its client's other open tasks (under the lock)."""
+        self._mailbox.setdefault(task.client_id, []).append(task)
+        self._tasks[task.task_id] = task
 
     def _close_task(self, task: _Task) -> grpc.ServicerContext | None:
         """Take a finished or abandoned task out of the mailboxes (under the lock); returns the
         push still in flight for it, which the caller cancels outside the lock."""
         self._tasks.pop(task.task_id, None)
-        if self._mailbox.get(task.client_id) is task:
-            del self._mailbox[task.client_id]
+        queue = [t for t in self._mailbox.get(task.client_id, []) if t is not task]
+        if queue:
+            self._mailbox[task.client_id] = queue
+        else:
+            self._mailbox.pop(task.client_id, None)
         return task.pushing
 
     @staticmethod
@@ -615,8 +621,10 @@ class GrpcServerTransport(Transport):
                     self._told_finished.add(client_id)
                     self._cond.notify_all()
                     return wire_pb2.PULL_STATUS_FINISHED
-                task = self._mailbox.get(client_id)
-                if task is not None and task.outcome is None:
+                task = next(
+                    (t for t in self._mailbox.get(client_id, []) if t.outcome is None), None
+                )
+                if task is not None:
                     if task.sent_at is None:
                         task.sent_at = self._clock()
                     return task

@@ -20,7 +20,7 @@ from fedguard.algorithms.optimizers import fedbuff
 from fedguard.experiment.config import ConfigError
 from fedguard.protocol import fedopt, messages
 from fedguard.protocol.async_driver import AsyncDriver, AsyncSettings, AsyncState
-from fedguard.protocol.driver import RoundDriver, sample_clients
+from fedguard.protocol.driver import RoundDriver, RoundFailedError, sample_clients
 from fedguard.protocol.strategy import StrategyKind
 from fedguard.simulation.inprocess import InProcessTransport
 from fedguard.simulation.latency import Base, LatencyModel, VirtualClockStream
@@ -115,6 +115,20 @@ def test_replies_beyond_max_staleness_are_dropped() -> None:
     torch.testing.assert_close(out[1].params, x2, rtol=1e-6, atol=1e-6)
     assert [r.metrics["clients_stale"] for r in out] == [0, 1]
     assert out[1].problems[0][1].startswith("stale: trained on version 0")
+
+
+def test_a_run_whose_clients_always_fail_stops_with_the_reason() -> None:
+    def broken(cid: int, payload: bytes) -> bytes:
+        raise OSError("disk full")
+
+    transport = InProcessTransport(broken, [0, 1, 2])
+    strategy = fedopt.create(StrategyKind.FEDAVG, client_config={}, num_clients=3)
+    checks = RoundDriver(transport, strategy, dim=2, clients_per_round=3, min_clients=1, seed=0)
+    driver = AsyncDriver(checks, AsyncSettings(concurrency=2, buffer_size=2, max_staleness=5))
+    run = AsyncState()
+    with pytest.raises(RoundFailedError, match="no buffer of 2 filled.*OSError: disk full"):
+        list(driver.rounds(torch.zeros(2), strategy.init(torch.zeros(2)), run, until=1))
+    assert run.version == 0 and run.next_task - 1 == 50 * 2 + 2 + 1
 
 
 def test_virtual_clock_delivers_in_time_order() -> None:

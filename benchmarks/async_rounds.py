@@ -20,6 +20,10 @@ ratio against its total time is given too (``ratio_vs_sync_total``). The asynchr
 ``factor * sync updates / buffer_size`` buffers); if it never reaches ``target`` its
 ``reached_s`` is null. Real seconds (both runs train on this machine, one client at a time) are
 recorded beside the simulated ones; they measure the compute spent, not the latency modelled.
+``summary`` gives, per buffer size, the median ratio over the seeds, and the same comparison at
+99% and 98% of the target (a run evaluated after every buffer has more chances to touch one
+evaluation's noise; a target a hair below the final accuracy shows whether a miss is a plateau).
+``--summarise FILE`` recomputes the summary from a result file's stored curves.
 
 Usage::
 
@@ -47,6 +51,8 @@ import fedguard
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
+# shares of the synchronous run's final accuracy at which the times are compared too
+FRACTIONS = (1.0, 0.99, 0.98)
 SLACK = 0.02  # sustained: later evaluations may fall this far below the target
 LATENCY = {"base": "lognormal", "mean_s": 1.0, "sigma": 0.3, "slow_fraction": 0.1, "slowdown": 10.0}
 
@@ -179,6 +185,46 @@ def one_seed(
     }
 
 
+def summarise(rows: list[dict[str, Any]], buffer_sizes: list[int]) -> dict[str, Any]:
+    """Per buffer size: the median ratios over the seeds and how many seeds reached the
+    target; and at ``FRACTIONS`` of the target (the time each run first reaches that share of
+    the synchronous run's final accuracy), from the stored curves."""
+    summary: dict[str, Any] = {}
+    for k in buffer_sizes:
+        runs = [(r, a) for r in rows for a in r["async"] if a["buffer_size"] == k]
+        ratios = [a["ratio"] for _, a in runs if a["ratio"] is not None]
+        held = [a["ratio_sustained"] for _, a in runs if a["ratio_sustained"] is not None]
+        at_fraction = {}
+        for f in FRACTIONS:
+            per_seed = []
+            for r, a in runs:
+                goal = f * r["target_accuracy"]
+                sync_at, async_at = reached(r["sync"]["curve"], goal), reached(a["curve"], goal)
+                per_seed.append(
+                    {
+                        "seed": r["seed"],
+                        "accuracy": goal,
+                        "sync_s": sync_at,
+                        "async_s": async_at,
+                        "ratio": None if async_at is None or not sync_at else async_at / sync_at,
+                    }
+                )
+            got = [p["ratio"] for p in per_seed if p["ratio"] is not None]
+            at_fraction[str(f)] = {
+                "ratio_median": statistics.median(got) if got else None,
+                "seeds_reached": f"{len(got)} of {len(per_seed)}",
+                "per_seed": per_seed,
+            }
+        summary[f"buffer_size={k}"] = {
+            "ratio_median": statistics.median(ratios) if ratios else None,
+            "seeds_reached": f"{len(ratios)} of {len(runs)}",
+            "ratio_sustained_median": statistics.median(held) if held else None,
+            "seeds_sustained": f"{len(held)} of {len(runs)}",
+            "at_fraction_of_target": at_fraction,
+        }
+    return summary
+
+
 def machine() -> dict[str, Any]:
     return {
         "cores": os.cpu_count(),
@@ -201,7 +247,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=RESULTS / "async_rounds.json")
+    parser.add_argument(
+        "--summarise", type=Path, help="recompute the summary of a saved result file, no runs"
+    )
     args = parser.parse_args()
+    if args.summarise is not None:
+        saved = json.loads(args.summarise.read_text())
+        saved["summary"] = summarise(saved["rows"], saved["settings"]["buffer_sizes"])
+        args.summarise.write_text(json.dumps(saved, indent=1) + "\n")
+        print(json.dumps(saved["summary"], indent=1))
+        return
     torch.set_num_threads(args.threads)
     rows = []
     for seed in args.seeds:
@@ -223,17 +278,7 @@ def main() -> None:
                 f"sustained {a['ratio_sustained']}",
                 flush=True,
             )
-    summary = {}
-    for k in args.buffer_sizes:
-        runs = [a for r in rows for a in r["async"] if a["buffer_size"] == k]
-        ratios = [a["ratio"] for a in runs if a["ratio"] is not None]
-        held = [a["ratio_sustained"] for a in runs if a["ratio_sustained"] is not None]
-        summary[f"buffer_size={k}"] = {
-            "ratio_median": statistics.median(ratios) if ratios else None,
-            "seeds_reached": f"{len(ratios)} of {len(runs)}",
-            "ratio_sustained_median": statistics.median(held) if held else None,
-            "seeds_sustained": f"{len(held)} of {len(runs)}",
-        }
+    summary = summarise(rows, args.buffer_sizes)
     result = {
         "task": "medical example (PneumoniaMNIST, 10 hospitals, Dirichlet 0.5, image_cnn)",
         "latency": LATENCY,

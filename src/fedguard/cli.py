@@ -259,8 +259,11 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
     cfg = config_mod.load(args.config, args.overrides)
     exp = Experiment(cfg)
     exp.close()
+    cohort = f"{cfg.clients_per_round} per round"
+    if cfg.server.mode == "async":
+        cohort = f"async: {cfg.concurrency} at once, a step every {cfg.buffer_size} replies"
     console.print(
-        f"{args.config}: valid — {len(exp.client_ids)} clients, {cfg.clients_per_round} per round, "
+        f"{args.config}: valid — {len(exp.client_ids)} clients, {cohort}, "
         f"{cfg.experiment.rounds} rounds, model {cfg.model.name} ({cfg.model.framework}, "
         f"{exp.model.spec.size:,} parameters), strategy {cfg.server.strategy}"
     )

@@ -35,12 +35,14 @@ from fedguard.models import registry as models
 from fedguard.models.adapter import ModelAdapter
 from fedguard.protocol import fedopt, messages, secagg
 from fedguard.protocol.aggregator import Aggregator
+from fedguard.protocol.async_driver import AsyncDriver, AsyncSettings
 from fedguard.protocol.central_dp import CentralPrivacy
 from fedguard.protocol.driver import FederatedEvaluation, RoundDriver
 from fedguard.protocol.strategy import CentralDP, Strategy, StrategyKind, StrategyState
 from fedguard.protocol.transport import Transport
 from fedguard.simulation import attack
 from fedguard.simulation.inprocess import InProcessTransport
+from fedguard.simulation.latency import Base, LatencyModel
 
 # Builds the transport over the federation's client ids (default: the in-process simulator).
 TransportFn = Callable[[list[int]], Transport]
@@ -262,7 +264,9 @@ def min_clients(cfg: ExperimentConfig, rule: Aggregator) -> int:
     f = cfg.server.byzantine_f
     if cfg.server.aggregator == "mean" or f is None:
         return cfg.min_clients
-    return max(cfg.min_clients, config_checks.min_updates(rule, f, cfg.clients_per_round))
+    # asynchronous rounds: the rule runs on each buffer
+    most = cfg.buffer_size if cfg.server.mode == "async" else cfg.clients_per_round
+    return max(cfg.min_clients, config_checks.min_updates(rule, f, most))
 
 
 def secure_aggregation_settings(
@@ -517,7 +521,8 @@ def build_driver(
         strategy,
         dim=model.spec.size,
         clients_per_round=cfg.clients_per_round,
-        min_clients=min_clients(cfg, aggregator),
+        # asynchronous rounds take their minimum per buffer (build_async_driver)
+        min_clients=min(min_clients(cfg, aggregator), cfg.clients_per_round),
         seed=cfg.experiment.seed,
         deadline_s=s.deadline_s,
         poisson=s.sampling == "poisson",
@@ -527,6 +532,50 @@ def build_driver(
         # Local DP: a reply must report DP-SGD that keeps to the plan (privacy.check_reply).
         reply_check=None if plan is None else plan.check_reply,
     )
+
+
+def latency_model(cfg: ExperimentConfig, client_ids: Iterable[int]) -> LatencyModel | None:
+    """The simulated latency of ``[runtime.latency]`` over ``client_ids`` (None: not set)."""
+    lat = cfg.runtime.latency
+    if lat is None:
+        return None
+    return LatencyModel(
+        tuple(client_ids),
+        base=Base(lat.base),
+        mean_s=lat.mean_s,
+        sigma=lat.sigma,
+        slow_fraction=lat.slow_fraction,
+        slowdown=lat.slowdown,
+        seed=cfg.experiment.seed if lat.seed is None else lat.seed,
+    )
+
+
+def build_async_driver(
+    cfg: ExperimentConfig, driver: RoundDriver, aggregator: Aggregator
+) -> AsyncDriver | None:
+    """FedBuff over ``driver``'s transport with ``driver``'s reply checks (None in
+    ``server.mode = "sync"``); a :class:`ConfigError` when the transport or the strategy
+    cannot run it."""
+    if cfg.server.mode != "async":
+        return None
+    if not driver.transport.supports_streams:
+        raise ConfigError(
+            f'server.mode = "async": {type(driver.transport).__name__} cannot dispatch tasks '
+            'one at a time; run in process or use server.mode = "sync"'
+        )
+    try:
+        return AsyncDriver(
+            driver,
+            AsyncSettings(
+                concurrency=cfg.concurrency,
+                buffer_size=cfg.buffer_size,
+                max_staleness=cfg.max_staleness,
+                staleness_exponent=cfg.staleness_exponent,
+                min_updates=min_clients(cfg, aggregator),
+            ),
+        )
+    except ValueError as exc:
+        raise ConfigError(f'server.mode = "async": {exc}') from None
 
 
 class Experiment:
@@ -608,6 +657,7 @@ class Experiment:
             if d.eval_y is not None and int(d.eval_y.shape[0]) > 0
         ]
         ids = list(self.fed.clients)
+        self.latency = latency_model(cfg, self.fed.clients)
         on_ray = transport_fn is None and cfg.runtime.kind == "ray"
         # Under Ray the actors hold the clients' data; this process keeps their ids and sizes.
         data = {} if on_ray else self.fed.clients
@@ -621,7 +671,7 @@ class Experiment:
             self.fed = replace(self.fed, clients={})
             self.transport = self._ray_transport(pins, model_fn, data_fn, ids)
         else:
-            self.transport = InProcessTransport(self.app.handle, ids)
+            self.transport = InProcessTransport(self.app.handle, ids, latency=self.latency)
         self._client_ids = ids
         if self.attack is not None and not self.attack.poisons_data:
             self.transport = attack.ModelPoisoning(
@@ -634,6 +684,7 @@ class Experiment:
             self.driver = build_driver(
                 cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
             )
+            self.async_driver = build_async_driver(cfg, self.driver, self.aggregator)
         except BaseException:
             self.close()
             raise

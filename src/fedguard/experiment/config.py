@@ -35,6 +35,7 @@ from fedguard.experiment.config_sections import (
     EvaluationSection,
     ExperimentSection,
     ExperimentSections,
+    LatencySection,
     ModelSection,
     Options,
     PrivacySection,
@@ -59,6 +60,7 @@ __all__ = [
     "SecureAggregationSection",
     "CheckpointSection",
     "ContributionSection",
+    "LatencySection",
     "RuntimeSection",
     "Probability",
     "Options",
@@ -89,6 +91,7 @@ class ExperimentConfig(ExperimentSections):
         config_checks.builtin_composition(self)
         config_checks.contribution(self)
         config_checks.runtime(self)
+        config_checks.asynchronous(self)
         return self
 
 

@@ -229,7 +229,9 @@ def aggregator_rules(cfg: ExperimentSections, rule: Aggregator) -> None:
     """What any aggregator but the mean must satisfy: its Byzantine condition for
     ``server.byzantine_f`` and the cohort, and nothing that hides or noises individual updates
     if it compares them."""
-    s, k, name = cfg.server, cfg.clients_per_round, cfg.server.aggregator
+    s, name = cfg.server, cfg.server.aggregator
+    # asynchronous rounds: the rule runs on each buffer of staleness-scaled updates
+    k = cfg.buffer_size if s.mode == "async" else cfg.clients_per_round
     if cfg.secure_aggregation.enabled and rule.needs_individual_updates:
         raise ValueError(
             f'secure_aggregation.enabled = true cannot run here: server.aggregator = "{name}" '
@@ -304,6 +306,85 @@ def strategy_rules(cfg: ExperimentSections, strategy: Strategy) -> None:
             raise ValueError(
                 f'privacy.mode = "{mode}" adds noise to the sum of the updates: {refusal}'
             )
+
+
+_ASYNC_KEYS = ("concurrency", "buffer_size", "max_staleness", "staleness_exponent")
+
+
+def asynchronous(cfg: ExperimentSections) -> None:
+    """``server.mode = "async"`` (FedBuff) and what composes with it; its keys only with it.
+
+    Refused: secure aggregation (it masks a fixed cohort's sum; a buffer is no cohort), user-level
+    DP (``central``, ``distributed``: no accountant here covers clients dispatched one at a time,
+    some of them twice before a server step), a privacy budget to calibrate or enforce
+    (``target_epsilon``, ``max_epsilon``: a client may train more than once per round, so the
+    per-round calibration is not conservative), Poisson sampling, model-poisoning attacks (they
+    forge a round's replies from the cohort's), contribution scores (they value a round's
+    cohort) and strategies whose replies
+    carry more than the update (SCAFFOLD, the Newton step). Local DP-SGD composes: each reply's
+    DP-SGD is accounted per client, every dispatch counted.
+    """
+    s = cfg.server
+    if s.mode == "sync":
+        changed = [k for k in _ASYNC_KEYS if getattr(s, k) is not None]
+        if changed:
+            raise ValueError(f'server.{changed[0]} is set but server.mode = "sync"')
+        return
+    why = 'server.mode = "async"'
+    if cfg.secure_aggregation.enabled:
+        raise ValueError(
+            f"{why} cannot run with secure_aggregation.enabled = true: secure aggregation "
+            "masks the sum of a fixed cohort, and a buffer of asynchronous replies is none; "
+            'use server.mode = "sync"'
+        )
+    if cfg.privacy.mode in ("central", "distributed"):
+        raise ValueError(
+            f'{why} cannot run with privacy.mode = "{cfg.privacy.mode}": user-level DP '
+            "accounting assumes a sampled cohort per round, and asynchronous dispatch is not "
+            'one; use privacy.mode = "local" (DP-SGD in each client) or server.mode = "sync"'
+        )
+    p = cfg.privacy
+    for key in ("target_epsilon", "max_epsilon"):
+        if p.mode == "local" and getattr(p, key) is not None:
+            raise ValueError(
+                f"{why} cannot run with privacy.{key}: a client may train more than once per "
+                "round, so the budget cannot be planned per round; set privacy.noise_multiplier "
+                "and read the reported epsilon"
+            )
+    if s.sampling == "poisson":
+        raise ValueError(f'{why} dispatches one client at a time: server.sampling must be "fixed"')
+    if cfg.runtime.kind != "inprocess":
+        raise ValueError(
+            f'{why} runs on runtime.kind = "inprocess" (or deployed over gRPC): the '
+            f'"{cfg.runtime.kind}" engine exchanges whole cohorts and has no reply stream yet'
+        )
+    poisons_data = {a.value for a in attacks.DATA_POISONING}
+    if cfg.attack.kind != "none" and cfg.attack.kind not in poisons_data:
+        raise ValueError(
+            f'{why} cannot simulate attack.kind = "{cfg.attack.kind}": a model-poisoning '
+            "attack forges a round's replies from its cohort; data poisoning (label_flip, "
+            "backdoor, noisy_client) runs"
+        )
+    if cfg.contribution.method != "none":
+        raise ValueError(
+            f"{why} cannot score contributions: they value a round's cohort; set "
+            'contribution.method = "none"'
+        )
+    if s.strategy == StrategyKind.SCAFFOLD or cfg.client.optimizer == "newton":
+        raise ValueError(
+            f"{why} scales each update by its staleness; SCAFFOLD's control deltas and the "
+            "Newton step's statistics cannot be scaled: use another strategy or optimizer"
+        )
+    if cfg.concurrency > cfg.data.num_clients:
+        raise ValueError(
+            f"server.concurrency = {cfg.concurrency} is more than the {cfg.data.num_clients} "
+            "clients"
+        )
+    if cfg.min_clients > cfg.buffer_size:
+        raise ValueError(
+            f"server.min_clients = {cfg.min_clients} is more than server.buffer_size = "
+            f"{cfg.buffer_size}, the replies of one server step"
+        )
 
 
 def trainer_rules(cfg: ExperimentSections, trainer: ClientTrainer, strategy: Strategy) -> None:

@@ -137,6 +137,14 @@ class ServerSection(_Section):
     weiszfeld_iterations: int = Field(1000, ge=1)  # geometric median
     weiszfeld_tolerance: float = Field(1e-6, gt=0.0)  # geometric median
     bucket_size: int = Field(1, ge=1)  # > 1: the rule runs on means of random buckets
+    # Asynchronous rounds (FedBuff; see fedguard.protocol.async_driver). Unset: the defaults
+    # of mode = "async" (concurrency: clients_per_round; buffer_size: 10, at most concurrency;
+    # max_staleness: 100); set in mode = "sync" they are refused.
+    mode: Literal["sync", "async"] = "sync"
+    concurrency: int | None = Field(None, ge=1)
+    buffer_size: int | None = Field(None, ge=1)
+    max_staleness: int | None = Field(None, ge=0)
+    staleness_exponent: float | None = Field(None, ge=0.0)  # s(tau) = (1 + tau)^-a, default 0.5
 
     @field_validator("strategy", "aggregator")
     @classmethod
@@ -309,6 +317,20 @@ class ContributionSection(_Section):
     gtg_max_cycles: int = Field(30, ge=3)
 
 
+class LatencySection(_Section):
+    """A simulated latency per client and task (``[runtime.latency]``; see
+    ``fedguard.simulation.latency``): a base duration (``constant``, ``exponential`` or
+    ``lognormal`` with mean ``mean_s`` and log-std ``sigma``) times ``slowdown`` for the
+    ``slow_fraction`` of clients drawn slow with ``seed`` (default: the experiment's)."""
+
+    base: Literal["constant", "exponential", "lognormal"] = "constant"
+    mean_s: float = Field(1.0, gt=0.0, allow_inf_nan=False)
+    sigma: float = Field(0.5, ge=0.0, allow_inf_nan=False)
+    slow_fraction: float = Field(0.0, ge=0.0, le=1.0)
+    slowdown: float = Field(10.0, ge=1.0, allow_inf_nan=False)
+    seed: int | None = None
+
+
 class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
@@ -319,13 +341,16 @@ class RuntimeSection(_Section):
     Ray actors (see ``fedguard.simulation.ray_engine``) of ``actors`` actors (default: one per
     ``cpus_per_actor`` CPUs of the cluster), each reserving ``cpus_per_actor`` CPUs (its torch
     threads) and ``gpus_per_actor`` GPUs, on a local Ray instance or, with ``address`` (``"auto"``
-    or ``HOST:PORT``), on the running cluster it names. Every engine gives the same results."""
+    or ``HOST:PORT``), on the running cluster it names. Every engine gives the same results.
+    ``latency``: a simulated latency model (simulation only); with it the metrics report
+    ``simulated_seconds``, the virtual time the run would have taken."""
 
     kind: Literal["inprocess", "ray"] = "inprocess"
     actors: int | None = Field(None, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0.0)
     gpus_per_actor: float = Field(0.0, ge=0.0)
     address: str | None = None
+    latency: LatencySection | None = None
 
     @field_validator("address")
     @classmethod
@@ -372,6 +397,30 @@ class ExperimentSections(_Section):
         if self.registration.count_bucket is not None:
             return self.registration.count_bucket
         return 1 if self.privacy.mode == "off" else DP_COUNT_BUCKET
+
+    @property
+    def concurrency(self) -> int:
+        """Asynchronous rounds: clients training at once (default: clients per round)."""
+        c = self.server.concurrency
+        return c if c is not None else self.clients_per_round
+
+    @property
+    def buffer_size(self) -> int:
+        """Asynchronous rounds: replies per server step (default: 10, at most concurrency)."""
+        b = self.server.buffer_size
+        return b if b is not None else min(10, self.concurrency)
+
+    @property
+    def max_staleness(self) -> int:
+        """Asynchronous rounds: the stalest reply kept, in model versions (default 100)."""
+        m = self.server.max_staleness
+        return m if m is not None else 100
+
+    @property
+    def staleness_exponent(self) -> float:
+        """Asynchronous rounds: ``a`` in ``s(tau) = (1 + tau)^(-a)`` (default 0.5, FedBuff's)."""
+        a = self.server.staleness_exponent
+        return a if a is not None else 0.5
 
     @property
     def min_clients(self) -> int:

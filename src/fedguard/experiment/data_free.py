@@ -168,6 +168,9 @@ class DataFreeExperiment:
         self.driver = assembly.build_driver(
             cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
         )
+        # server.mode = "async": FedBuff over the transport's stream (the gRPC server's)
+        self.async_driver = assembly.build_async_driver(cfg, self.driver, self.aggregator)
+        self.latency = None  # a deployment's latency is real
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}  # the clients keep theirs
         self.eval_clients = registry.eval_sizes
         if self.mode in ("federated", "both") and not self.eval_clients:

@@ -11,7 +11,7 @@ import importlib.metadata
 import logging
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from fedguard.experiment.assembly import Experiment, TransportFn
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.experiment.data_free import DataFreeExperiment
 from fedguard.experiment.runfolder import RunFolder
-from fedguard.protocol import secagg
+from fedguard.protocol import async_driver, secagg
 from fedguard.protocol.driver import RoundFailedError
 from fedguard.protocol.strategy import StrategyState
 
@@ -237,15 +237,21 @@ def _run_rounds(
     total = cfg.experiment.rounds
     # the rounds each client was asked to train in
     joined: dict[int, list[int]] = {cid: [] for cid in exp.client_ids}
-    for done in range(1, start):
-        for cid in exp.driver.sample(done):
-            joined[cid].append(done)
+    if exp.async_driver is None:
+        for done in range(1, start):
+            for cid in exp.driver.sample(done):
+                joined[cid].append(done)
     status, error = "completed", None
     started = time.perf_counter()
     with _progress(console) as bar:
         task = bar.add_task("rounds", total=total, completed=start - 1, stats=_stats(rows))
         try:
-            for round_ in range(start, total + 1):
+            if exp.async_driver is not None:
+                applied = _async_rounds(exp, folder, finished, params, state, rows, joined, tracker)
+                for latest in applied:
+                    params, state = latest
+                    bar.update(task, advance=1, stats=_stats(rows))
+            for round_ in range(start if exp.async_driver is None else total + 1, total + 1):
                 if _budget_spent(exp, round_, joined):
                     status = "budget_spent"
                     break
@@ -258,6 +264,11 @@ def _run_rounds(
                     row["seconds"] = time.perf_counter() - t0
                 for cid in sampled:
                     joined[cid].append(round_)
+                if exp.latency is not None:  # a round lasts as long as its slowest client
+                    before = rows[-1].get("simulated_seconds") if rows else None
+                    row["simulated_seconds"] = (before or 0.0) + exp.latency.round_seconds(
+                        round_, sampled
+                    )
                 if exp.privacy is not None:
                     row["epsilon"] = exp.privacy.epsilon(round_, joined)
                 rows.append(row)
@@ -298,7 +309,8 @@ def _run_rounds(
         summary["contribution"] = tracker.summary()
     summary["rounds_aborted"] = len(aborted)
     if exp.privacy is not None:
-        done = rows[-1]["round"] if rows else 0
+        # asynchronous rounds: the clients still training count too (round done + 1)
+        done = _rounds_joined(rows[-1]["round"] if rows else 0, joined)
         summary["epsilon"] = exp.privacy.epsilon(done, joined)
         summary["delta"] = exp.privacy.delta
         summary["privacy"] = exp.privacy.mechanism(done, joined)
@@ -328,6 +340,77 @@ def _run_rounds(
             f"{error} The finished rounds are saved; fix the cause and --resume."
         )
     return summary
+
+
+def _rounds_joined(done: int, joined: Mapping[int, list[int]]) -> int:
+    """The last round any client was asked to train for: ``done``, or in asynchronous rounds
+    the next one, for which clients are training already."""
+    return max([done, *(max(r) for r in joined.values() if r)])
+
+
+def _async_rounds(
+    exp: Experiment | DataFreeExperiment,
+    folder: RunFolder,
+    finished: checkpoint.Checkpoint | None,
+    params: torch.Tensor,
+    state: StrategyState,
+    rows: list[dict[str, Any]],
+    joined: dict[int, list[int]],
+    tracker: contribution.Tracker,
+) -> Iterator[tuple[torch.Tensor, StrategyState]]:
+    """FedBuff's applied buffers as rounds: each evaluated, accounted, written to the metrics
+    and checkpointed with the asynchronous state (:mod:`fedguard.protocol.async_driver`);
+    yields the new model and server state."""
+    driver = exp.async_driver
+    if driver is None:
+        raise ValueError("Asynchronous rounds need an asynchronous driver.")
+    cfg = exp.cfg
+    if finished is None:
+        run = async_driver.AsyncState()
+    else:
+        saved = finished.info.get(async_driver.INFO_KEY)
+        if saved is None:
+            raise ConfigError(
+                f"--resume: the checkpoint of round {finished.round} holds no asynchronous "
+                'state; it was written by a server.mode = "sync" run'
+            )
+        run = async_driver.AsyncState.restore(saved, finished.tensors)
+    for cid, r in run.dispatched:
+        joined[cid].append(r)
+    t0 = time.perf_counter()
+    for result in driver.rounds(params, state, run, until=cfg.experiment.rounds):
+        round_ = result.round
+        if exp.privacy is not None:  # local DP: compose what each reply reports it ran
+            for task_round, cid, reported in result.reported:
+                exp.privacy.record(task_round, {cid: reported})
+        for cid, r in result.dispatched:
+            joined[cid].append(r)
+        row: dict[str, Any] = {"round": round_}
+        row.update({"test_accuracy": None, "test_loss": None, "test_auc": None})
+        row["backdoor_success"] = None
+        evaluated = exp.evaluate_round(round_, result.params) if exp.should_evaluate(round_) else {}
+        row.update(
+            {k: v for k, v in evaluated.items() if k.startswith("test_") or k == "backdoor_success"}
+        )
+        row.update(result.metrics)
+        row.update({k: v for k, v in evaluated.items() if k.startswith("federated_")})
+        row["epsilon"] = None
+        if exp.privacy is not None:
+            row["epsilon"] = exp.privacy.epsilon(_rounds_joined(round_, joined), joined)
+        row["seconds"] = time.perf_counter() - t0
+        rows.append(row)
+        folder.append_metrics(row)
+        tensors = exp.checkpoint_tensors(result.params, result.state)
+        tensors.update(run.checkpoint_tensors())
+        info = _checkpoint_info(exp, round_, tracker)
+        info[async_driver.INFO_KEY] = run.checkpoint_info()
+        checkpoint.save(
+            folder.checkpoints,
+            checkpoint.Checkpoint(round_, tensors, info),
+            keep=cfg.checkpoint.keep,
+        )
+        yield result.params, result.state
+        t0 = time.perf_counter()
 
 
 def _checkpoint_info(

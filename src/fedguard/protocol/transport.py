@@ -39,8 +39,52 @@ class Failed:
 Outcome = Delivered | Failed
 
 
+@dataclass(frozen=True)
+class Arrival:
+    """What became of asynchronous task ``task``, and when (on its stream's clock, seconds)."""
+
+    task: int
+    outcome: Outcome
+    at: float
+
+
+class ReplyStream(abc.ABC):
+    """Asynchronous dispatch: tasks go out one at a time and their outcomes come back in the
+    order they arrive (FedBuff's server, :mod:`fedguard.protocol.async_driver`).
+
+    The clock is the stream's own: virtual seconds in a simulation with a latency model, wall
+    seconds since the stream opened in a deployment.
+    """
+
+    @abc.abstractmethod
+    def submit(
+        self, task: int, client_id: int, payload: bytes, *, sent_at: float | None = None
+    ) -> float:
+        """Send ``payload`` to ``client_id`` as task ``task`` (unique per stream); returns the
+        time it counts as sent. ``sent_at`` (a resumed run re-sending its in-flight tasks) is
+        the time it was first sent; a simulation keeps it, a deployment sends now."""
+
+    @abc.abstractmethod
+    def next(self) -> Arrival:
+        """Wait for the next outcome of a submitted task (a reply or a failure)."""
+
+    @abc.abstractmethod
+    def now(self) -> float:
+        """The stream's clock."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Stop waiting for the tasks still out."""
+
+
+class AsyncUnsupportedError(RuntimeError):
+    """A transport that cannot dispatch tasks one at a time (``server.mode = "async"``)."""
+
+
 class Transport(abc.ABC):
-    """Deliver one request per client and gather the outcomes."""
+    """Deliver one request per client and gather the outcomes; a transport that can also
+    dispatch one task at a time implements :meth:`stream`."""
+
+    supports_streams: bool = False
 
     @property
     @abc.abstractmethod
@@ -50,6 +94,15 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
         """Send ``requests`` (client id to payload); return one outcome per request, in order."""
+
+    def stream(self, start_s: float = 0.0, deadline_s: float | None = None) -> ReplyStream:
+        """A :class:`ReplyStream` over these clients, its clock starting at ``start_s``; a task
+        unanswered ``deadline_s`` after it was sent arrives as a timeout (None: the
+        transport's default, which may be no deadline)."""
+        raise AsyncUnsupportedError(
+            f"{type(self).__name__} cannot dispatch tasks one at a time, which "
+            'server.mode = "async" needs'
+        )
 
     def close(self) -> None:  # noqa: B027 - optional hook, most transports hold nothing
         """Release connections or workers."""
@@ -65,6 +118,7 @@ class Population(Transport):
             raise ValueError(f"Clients {unknown} are not reachable over this transport.")
         self.inner = transport
         self._client_ids = tuple(client_ids)
+        self.supports_streams = transport.supports_streams
 
     @property
     def client_ids(self) -> Sequence[int]:
@@ -72,6 +126,9 @@ class Population(Transport):
 
     def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
         return self.inner.exchange(requests, deadline_s=deadline_s)
+
+    def stream(self, start_s: float = 0.0, deadline_s: float | None = None) -> ReplyStream:
+        return self.inner.stream(start_s, deadline_s)
 
     def close(self) -> None:
         self.inner.close()

@@ -43,7 +43,15 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fedguard.protocol import messages
-from fedguard.protocol.transport import Delivered, Failed, FailureKind, Outcome, Transport
+from fedguard.protocol.transport import (
+    Arrival,
+    Delivered,
+    Failed,
+    FailureKind,
+    Outcome,
+    ReplyStream,
+    Transport,
+)
 from fedguard.runtime import auth, grpc_checks, grpc_chunks, grpc_tls
 from fedguard.runtime.proto import wire_pb2
 
@@ -87,6 +95,70 @@ class _Task:
     outcome: Outcome | None = None
     last_problem: str | None = None
     pushing: grpc.ServicerContext | None = None  # the push in flight for this task, if any
+
+
+class _GrpcStream(ReplyStream):
+    """:meth:`GrpcServerTransport.stream`: tasks in the clients' mailboxes, outcomes in the order
+    they settle (ties by task number); a task unanswered ``deadline_s`` after its submission
+    settles as failed. The clock is wall seconds since the stream opened, plus ``start_s``."""
+
+    def __init__(self, transport: GrpcServerTransport, start_s: float, deadline_s: float) -> None:
+        if not deadline_s > 0:
+            raise ValueError(f"The task deadline must be positive, got {deadline_s}.")
+        self._t = transport
+        self._origin = transport._clock() - start_s
+        self._deadline_s = deadline_s
+        self._open: dict[int, tuple[_Task, float]] = {}  # task number -> task, its end
+
+    def now(self) -> float:
+        return self._t._clock() - self._origin
+
+    def submit(
+        self, task: int, client_id: int, payload: bytes, *, sent_at: float | None = None
+    ) -> float:
+        if task in self._open:
+            raise ValueError(f"Task {task} is already in flight.")
+        with self._t._cond:
+            if any(t.client_id == client_id for t, _ in self._open.values()):
+                raise ValueError(f"Client {client_id} already has a task in flight.")
+            opened = self._t._open(client_id, payload)
+            self._open[task] = (opened, self._t._clock() + self._deadline_s)
+        return self.now()
+
+    def next(self) -> Arrival:
+        t = self._t
+        if not self._open:
+            raise RuntimeError("No task is in flight.")
+        with t._cond:
+            while True:
+                now = t._clock()
+                done = sorted(
+                    n
+                    for n, (task, end) in self._open.items()
+                    if task.outcome is not None or now >= end
+                )
+                if done:
+                    number = done[0]
+                    task, _ = self._open.pop(number)
+                    outcome = task.outcome
+                    if outcome is None:  # expired: settle it so that a late push is refused
+                        outcome = task.outcome = t._missed(task, self._deadline_s)
+                    pushing = t._close_task(task)
+                    break
+                soonest = min(end for _, end in self._open.values())
+                t._cond.wait(max(0.0, min(soonest - now, 1.0)))
+        if pushing is not None:  # a push for a closed task can only be refused: stop it now
+            pushing.cancel()
+        return Arrival(number, outcome, self.now())
+
+    def close(self) -> None:
+        t = self._t
+        with t._cond:
+            pushing = [t._close_task(task) for task, _ in self._open.values()]
+            self._open.clear()
+        for context in pushing:
+            if context is not None:
+                context.cancel()
 
 
 class _Refused(Exception):
@@ -188,6 +260,8 @@ def _peer_common_name(context: grpc.ServicerContext) -> str | None:
 class GrpcServerTransport(Transport):
     """Serves tasks to pulling clients; see the module docstring."""
 
+    supports_streams = True
+
     def __init__(
         self,
         client_ids: Sequence[int],
@@ -228,7 +302,9 @@ class GrpcServerTransport(Transport):
         self._unauthenticated = 0
         self._calls_of_client: Counter[int] = Counter()
         self._cond = threading.Condition()
-        self._mailbox: dict[int, _Task] = {}
+        # per client its open tasks, oldest first (more than one only when an evaluation round
+        # runs while an asynchronous fit task is out: the client takes them in turn)
+        self._mailbox: dict[int, list[_Task]] = {}
         self._tasks: dict[str, _Task] = {}
         self._seen: set[int] = set()
         self._told_finished: set[int] = set()
@@ -324,8 +400,7 @@ class GrpcServerTransport(Transport):
         end, next_report = start + deadline, start + self.progress_s
         with self._cond:
             for task in tasks:
-                self._mailbox[task.client_id] = task
-                self._tasks[task.task_id] = task
+                self._post(task)
             self._cond.notify_all()
             while any(t.outcome is None for t in tasks):
                 now = self._clock()
@@ -341,12 +416,42 @@ class GrpcServerTransport(Transport):
                     task.outcome = self._missed(task, deadline)
                 if task.pushing is not None:
                     in_flight.append(task.pushing)
-                self._tasks.pop(task.task_id, None)
-                if self._mailbox.get(task.client_id) is task:
-                    del self._mailbox[task.client_id]
+                self._close_task(task)
         for context in in_flight:  # a push for a closed task can only be refused: stop it now
             context.cancel()
         return [t.outcome for t in tasks if t.outcome is not None]
+
+    def stream(self, start_s: float = 0.0, deadline_s: float | None = None) -> ReplyStream:
+        """Asynchronous dispatch over the same mailboxes: each submitted task waits for its
+        client like an exchange's, up to ``deadline_s`` (default ``default_deadline_s``) from
+        its submission, and outcomes come back as they settle."""
+        deadline = self.default_deadline_s if deadline_s is None else deadline_s
+        return _GrpcStream(self, start_s, deadline)
+
+    def _open(self, client_id: int, payload: bytes) -> _Task:
+        """Put a task in ``client_id``'s mailbox (under the lock)."""
+        info = grpc_checks.describe_task(payload)
+        task_id = secrets.token_hex(8)
+        task = _Task(task_id, client_id, payload, grpc_chunks.header_of(task_id, payload), info)
+        self._post(task)
+        self._cond.notify_all()
+        return task
+
+    def _post(self, task: _Task) -> None:
+        """Open ``task``: behind its client's other open tasks (under the lock)."""
+        self._mailbox.setdefault(task.client_id, []).append(task)
+        self._tasks[task.task_id] = task
+
+    def _close_task(self, task: _Task) -> grpc.ServicerContext | None:
+        """Take a finished or abandoned task out of the mailboxes (under the lock); returns the
+        push still in flight for it, which the caller cancels outside the lock."""
+        self._tasks.pop(task.task_id, None)
+        queue = [t for t in self._mailbox.get(task.client_id, []) if t is not task]
+        if queue:
+            self._mailbox[task.client_id] = queue
+        else:
+            self._mailbox.pop(task.client_id, None)
+        return task.pushing
 
     @staticmethod
     def _report_progress(tasks: Sequence[_Task], deadline: float, left: float) -> None:
@@ -516,8 +621,10 @@ class GrpcServerTransport(Transport):
                     self._told_finished.add(client_id)
                     self._cond.notify_all()
                     return wire_pb2.PULL_STATUS_FINISHED
-                task = self._mailbox.get(client_id)
-                if task is not None and task.outcome is None:
+                task = next(
+                    (t for t in self._mailbox.get(client_id, []) if t.outcome is None), None
+                )
+                if task is not None:
                     if task.sent_at is None:
                         task.sent_at = self._clock()
                     return task

@@ -10,13 +10,25 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping, Sequence
 
-from fedguard.protocol.transport import Delivered, Failed, FailureKind, Outcome, Transport
+from fedguard.protocol.transport import (
+    Delivered,
+    Failed,
+    FailureKind,
+    Outcome,
+    ReplyStream,
+    Transport,
+)
+from fedguard.simulation.latency import LatencyModel, VirtualClockStream
 
 Handler = Callable[[int, bytes], bytes]
 
 
 class InProcessTransport(Transport):
-    """Runs ``handler(client_id, payload)`` for each request, sequentially."""
+    """Runs ``handler(client_id, payload)`` for each request, sequentially; asynchronous tasks
+    (:meth:`stream`) run at dispatch and arrive on the virtual clock of ``latency`` (default:
+    every task takes one second)."""
+
+    supports_streams = True
 
     def __init__(
         self,
@@ -24,10 +36,15 @@ class InProcessTransport(Transport):
         client_ids: Sequence[int],
         *,
         clock: Callable[[], float] = time.perf_counter,
+        latency: LatencyModel | None = None,
     ) -> None:
         self._handler = handler
         self._client_ids = tuple(client_ids)
         self._clock = clock
+        self.latency = latency if latency is not None else LatencyModel(self._client_ids)
+
+    def stream(self, start_s: float = 0.0, deadline_s: float | None = None) -> ReplyStream:
+        return VirtualClockStream(self._handler, self.latency, start_s, deadline_s)
 
     @property
     def client_ids(self) -> Sequence[int]:

@@ -40,6 +40,7 @@ from fedguard.protocol.driver import FederatedEvaluation, RoundDriver
 from fedguard.protocol.strategy import CentralDP, Strategy, StrategyKind, StrategyState
 from fedguard.protocol.transport import Transport
 from fedguard.simulation import attack
+from fedguard.simulation import cohort as cohort_engine
 from fedguard.simulation.inprocess import InProcessTransport
 
 # Builds the transport over the federation's client ids (default: the in-process simulator).
@@ -153,6 +154,21 @@ def model_io(cfg: ExperimentConfig) -> tuple[tuple[int, ...], int]:
             "num_classes = 2 for PneumoniaMNIST)"
         )
     return tuple(int(v) for v in shape), int(classes)
+
+
+def simulation_transport(cfg: ExperimentConfig, app: ClientApp, client_ids: list[int]) -> Transport:
+    """The simulator ``[runtime]`` names: in-process, or the cohort engine on its device (a
+    :class:`ConfigError` when ``cohort_device = "cuda"`` and torch sees no CUDA device)."""
+    if cfg.runtime.kind == "inprocess":
+        return InProcessTransport(app.handle, client_ids)
+    device = cohort_engine.resolve_device(cfg.runtime.cohort_device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            'runtime.cohort_device = "cuda" but torch sees no CUDA device: use "auto" or "cpu"'
+        )
+    return cohort_engine.CohortTransport(
+        app, client_ids, cohort_size=cfg.runtime.cohort_size, device=device
+    )
 
 
 def check_model_io(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:
@@ -592,7 +608,7 @@ class Experiment:
         self.app = ClientApp(self.model, self.fed.clients, self.client_state, trainer=self.trainer)
         # Deployment passes its own transport (gRPC); the round code is the same either way.
         self.transport: Transport = (
-            InProcessTransport(self.app.handle, list(self.fed.clients))
+            simulation_transport(cfg, self.app, list(self.fed.clients))
             if transport_fn is None
             else transport_fn(list(self.fed.clients))
         )

@@ -40,6 +40,7 @@ from fedguard.experiment.config_sections import (
     PrivacySection,
     Probability,
     RegistrationSection,
+    RuntimeSection,
     SecureAggregationSection,
     ServerSection,
 )
@@ -58,6 +59,7 @@ __all__ = [
     "SecureAggregationSection",
     "CheckpointSection",
     "ContributionSection",
+    "RuntimeSection",
     "Probability",
     "Options",
     "BUILTIN_AGGREGATORS",
@@ -86,6 +88,7 @@ class ExperimentConfig(ExperimentSections):
         config_checks.robustness(self)
         config_checks.builtin_composition(self)
         config_checks.contribution(self)
+        config_checks.runtime(self)
         return self
 
 

@@ -508,3 +508,18 @@ def contribution(cfg: ExperimentSections) -> None:
                 f"up to {most} clients per round is above the limit of "
                 f'{MAX_EXACT_SHAPLEY_CLIENTS}: use "gtg_shapley" or fewer clients per round'
             )
+
+
+_COHORT_KEYS = ("cohort_size", "cohort_device")
+
+
+def runtime(cfg: ExperimentSections) -> None:
+    """``[runtime]``: the cohort engine's keys only with ``kind = "cohort"`` (set elsewhere they
+    would silently do nothing)."""
+    if cfg.runtime.kind != "cohort":
+        changed = _changed(cfg.runtime, _COHORT_KEYS)
+        if changed:
+            raise ValueError(
+                f"runtime.{changed[0]} applies to the cohort engine only: set "
+                f'runtime.kind = "cohort", or remove it (runtime.kind is "{cfg.runtime.kind}")'
+            )

@@ -310,6 +310,20 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
 
+class RuntimeSection(_Section):
+    """Where a simulation's clients run (a deployment's run behind gRPC and ignore this).
+
+    ``kind = "inprocess"``: one client after another on one model. ``"cohort"``: the same
+    clients, with each round's local training vectorised (``torch.func``) over ``cohort_size``
+    clients at a time on ``cohort_device`` (``"auto"``: the accelerator torch sees, else the
+    CPU); see ``fedguard.simulation.cohort``.
+    """
+
+    kind: Literal["inprocess", "cohort"] = "inprocess"
+    cohort_size: int = Field(64, ge=1, le=100_000)
+    cohort_device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 class ExperimentSections(_Section):
     """Every section of an experiment, as the TOML tables give them (the cross-key rules are
     :class:`~fedguard.experiment.config.ExperimentConfig`'s)."""
@@ -326,6 +340,7 @@ class ExperimentSections(_Section):
     attack: AttackSection = AttackSection()
     registration: RegistrationSection = RegistrationSection()
     contribution: ContributionSection = ContributionSection()
+    runtime: RuntimeSection = RuntimeSection()
 
     @property
     def clients_per_round(self) -> int:

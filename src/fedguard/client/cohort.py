@@ -228,7 +228,9 @@ class _Run:
             grads, losses = self.batch_grad(sub, x, y, mask)
             self.loss_total.index_add_(0, rows.cpu(), losses.detach().cpu().to(torch.float32))
         else:
-            grads = self._dp_grads(active, sub, x, y, mask, [int(b[1].shape[0]) for b in batches])
+            grads = self._dp_grads(
+                self.dp, active, sub, x, y, mask, [int(b[1].shape[0]) for b in batches]
+            )
         grads = list(grads)
         if self.cfg.proximal_mu > 0:
             grads = [
@@ -285,6 +287,7 @@ class _Run:
 
     def _dp_grads(
         self,
+        dp: dp_sgd.DPSGD,
         active: list[int],
         sub: Params,
         x: torch.Tensor,
@@ -295,8 +298,6 @@ class _Run:
         """DP-SGD's noisy mean gradient of each active client: per-example gradients, each
         clipped to ``C``, summed, plus ``N(0, (sigma C)^2)`` from the client's own generator,
         over the expected batch size ``q n`` (:func:`fedguard.client.dp_sgd.noisy_mean`)."""
-        dp = self.dp
-        assert dp is not None
         grads, losses = self.example_grads(sub, x, y)
         sq = torch.stack([g.flatten(2).square().sum(2) for g in grads]).sum(0)
         factors = per_example_grads.clip_factors(sq.sqrt(), dp.max_grad_norm) * mask

@@ -223,7 +223,10 @@ class _Run:
         batches = [next(self.streams[i]) for i in active]
         x, y, mask = self._stack(batches)
         rows = torch.tensor(active, device=self.device)
-        sub = tuple(p.index_select(0, rows) for p in self.params)
+        everyone = len(active) == len(self.members)  # the common case: no gather, no scatter
+        sub = (
+            tuple(self.params) if everyone else tuple(p.index_select(0, rows) for p in self.params)
+        )
         if self.dp is None:
             grads, losses = self.batch_grad(sub, x, y, mask)
             self.loss_total.index_add_(0, rows.cpu(), losses.detach().cpu().to(torch.float32))
@@ -239,12 +242,17 @@ class _Run:
             ]
         if self.correction is not None:
             grads = [
-                g + c.index_select(0, rows) for g, c in zip(grads, self.correction, strict=True)
+                g + (c if everyone else c.index_select(0, rows))
+                for g, c in zip(grads, self.correction, strict=True)
             ]
-        full = [
-            torch.zeros_like(p).index_copy_(0, rows, g)
-            for p, g in zip(self.params, grads, strict=True)
-        ]
+        full = (
+            grads
+            if everyone
+            else [
+                torch.zeros_like(p).index_copy_(0, rows, g)
+                for p, g in zip(self.params, grads, strict=True)
+            ]
+        )
         on = torch.zeros(len(self.members), dtype=torch.bool)
         on[active] = True
         cfg = self.cfg

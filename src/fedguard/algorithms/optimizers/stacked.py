@@ -52,6 +52,13 @@ def _rows(active: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return active.to(like.device).view(-1, *([1] * (like.ndim - 1)))
 
 
+def _pick(active: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """``new`` in the ``active`` rows, ``old`` elsewhere (``new`` itself when all are active)."""
+    if bool(active.all()):
+        return new
+    return torch.where(_rows(active, new), new, old)
+
+
 def sgd(
     state: StackedState,
     params: list[torch.Tensor],
@@ -65,16 +72,15 @@ def sgd(
     """One SGD step of the ``active`` rows; returns the new state and parameters."""
     new_params, new_first = [], []
     for p, g, b in zip(params, grads, state.first, strict=True):
-        rows = _rows(active, p)
         d = g if weight_decay == 0 else g + weight_decay * p
         if momentum != 0:
             # b starts at zero, so the first step gives b = 0 * m + d = d exactly.
             b_next = b * momentum + d
-            new_first.append(torch.where(rows, b_next, b))
+            new_first.append(_pick(active, b_next, b))
             d = b_next
         else:
             new_first.append(b)
-        new_params.append(torch.where(rows, p - lr * d, p))
+        new_params.append(_pick(active, p - lr * d, p))
     return StackedState(tuple(new_first), state.second, state.steps + active.long()), new_params
 
 
@@ -97,13 +103,12 @@ def adam(
     correction2_sqrt = (1 - beta2**t) ** 0.5
     new_params, new_first, new_second = [], [], []
     for p, g, m1, m2 in zip(params, grads, state.first, state.second, strict=True):
-        rows = _rows(active, p)
         d = g if weight_decay == 0 else g + weight_decay * p
         m1_next = torch.lerp(m1, d, 1 - beta1)
         m2_next = m2 * beta2 + (1 - beta2) * d * d
         size = _rows(step_size, p).to(p)
         denom = m2_next.sqrt() / _rows(correction2_sqrt, p).to(p) + ADAM_EPS
-        new_params.append(torch.where(rows, p + size * (m1_next / denom), p))
-        new_first.append(torch.where(rows, m1_next, m1))
-        new_second.append(torch.where(rows, m2_next, m2))
+        new_params.append(_pick(active, p + size * (m1_next / denom), p))
+        new_first.append(_pick(active, m1_next, m1))
+        new_second.append(_pick(active, m2_next, m2))
     return StackedState(tuple(new_first), tuple(new_second), steps), new_params

@@ -270,3 +270,12 @@ def test_stacked_optimizers_step_like_torch_optim_and_skip_inactive_rows(kind: s
     assert torch.allclose(params[0], expected, rtol=0, atol=1e-6)
     assert state.steps.tolist() == [5, 2, 5]
     assert not torch.allclose(params[0][1], expected[0])  # rows differ: masking is visible
+
+
+def test_cohort_size_defaults_to_a_small_cpu_cohort() -> None:
+    exp = Experiment(
+        config.validate(tiny_config(runtime={"kind": "cohort", "cohort_device": "cpu"}))
+    )
+    transport = exp.transport
+    assert isinstance(transport, CohortTransport)
+    assert transport.cohort_size == 8 and transport.device == torch.device("cpu")

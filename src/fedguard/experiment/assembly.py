@@ -30,6 +30,7 @@ from fedguard.data import dataset
 from fedguard.data.errors import DataError
 from fedguard.experiment import checkpoint, config_checks, federation, privacy
 from fedguard.experiment.config import ConfigError, ExperimentConfig
+from fedguard.experiment.config_sections import COHORT_SIZE_ACCELERATOR, COHORT_SIZE_CPU
 from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
 from fedguard.models.adapter import ModelAdapter
@@ -166,9 +167,10 @@ def simulation_transport(cfg: ExperimentConfig, app: ClientApp, client_ids: list
         raise ConfigError(
             'runtime.cohort_device = "cuda" but torch sees no CUDA device: use "auto" or "cpu"'
         )
-    return cohort_engine.CohortTransport(
-        app, client_ids, cohort_size=cfg.runtime.cohort_size, device=device
-    )
+    size = cfg.runtime.cohort_size
+    if size is None:
+        size = COHORT_SIZE_CPU if device.type == "cpu" else COHORT_SIZE_ACCELERATOR
+    return cohort_engine.CohortTransport(app, client_ids, cohort_size=size, device=device)
 
 
 def check_model_io(cfg: ExperimentConfig, input_shape: tuple[int, ...], num_classes: int) -> None:

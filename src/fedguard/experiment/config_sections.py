@@ -310,17 +310,22 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
 
+COHORT_SIZE_CPU = 8
+COHORT_SIZE_ACCELERATOR = 256
+
+
 class RuntimeSection(_Section):
     """Where a simulation's clients run (a deployment's run behind gRPC and ignore this).
 
     ``kind = "inprocess"``: one client after another on one model. ``"cohort"``: the same
     clients, with each round's local training vectorised (``torch.func``) over ``cohort_size``
-    clients at a time on ``cohort_device`` (``"auto"``: the accelerator torch sees, else the
-    CPU); see ``fedguard.simulation.cohort``.
+    clients at a time (unset: :data:`COHORT_SIZE_CPU` on the CPU, where larger stacks fall out
+    of the caches, :data:`COHORT_SIZE_ACCELERATOR` on an accelerator) on ``cohort_device``
+    (``"auto"``: the accelerator torch sees, else the CPU); see ``fedguard.simulation.cohort``.
     """
 
     kind: Literal["inprocess", "cohort"] = "inprocess"
-    cohort_size: int = Field(64, ge=1, le=100_000)
+    cohort_size: int | None = Field(None, ge=1, le=100_000)
     cohort_device: Literal["auto", "cpu", "cuda"] = "auto"
 
 

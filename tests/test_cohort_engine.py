@@ -74,6 +74,7 @@ COHORT = {"kind": "cohort", "cohort_size": 3, "cohort_device": "cpu"}
 
 CASES = {
     "sgd_two_epochs": ({"client": {"epochs": 2}}, ATOL),
+    "image_augmentation": ({"client": {"augment": "image"}}, ATOL),
     "fedprox_momentum_decay": (
         {
             "server": {"strategy": "fedprox"},
@@ -111,6 +112,7 @@ def test_cohort_engine_equals_sequential_engine(case: str) -> None:
     assert isinstance(transport, CohortTransport)
     sizes = sorted(d.num_train for d in sequential.fed.clients.values())
     assert sizes[0] < sizes[-1]  # unequal clients: the masking is exercised
+    assert any(n % 8 for n in sizes)  # and smaller last batches (batch_size 8)
     expected, expected_losses = _rounds(sequential)
     got, losses = _rounds(vectorised)
     assert transport.vectorised == 5 * ROUNDS  # every client trained by the vectorised path

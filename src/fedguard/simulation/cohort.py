@@ -27,7 +27,7 @@ import torch
 from fedguard.client import cohort, trainers
 from fedguard.client.app import ClientApp, Pretrained
 from fedguard.models.adapter import TorchModel
-from fedguard.protocol import messages
+from fedguard.protocol import messages, secagg_client
 from fedguard.protocol.transport import Delivered, Failed, FailureKind, Outcome, Transport
 
 log = logging.getLogger("fedguard.cohort")
@@ -130,9 +130,7 @@ class CohortTransport(Transport):
         if isinstance(task, messages.FitTask) and self.app.pins.secure_aggregation is None:
             return task
         if isinstance(task, messages.SecAggMaskRequest):
-            return messages.FitTask(
-                task.round, task.client_id, task.parameters, task.config, task.tensors
-            )
+            return secagg_client.fit_task(task)
         return None
 
     def _members(self, decoded: Mapping[int, messages.Message | Exception]) -> list[cohort.Member]:

@@ -134,8 +134,9 @@ def train(model: TorchModel, members: Sequence[Member]) -> list[Pretrained]:
     The members share :func:`settings` and their global parameters; ``model`` (on the device
     the cohort trains on) is loaded with those, so that tensors it does not train (buffers)
     hold the members' values. Results, noise and batches stay on the CPU like the sequential
-    loop's; only the stacked training runs on the model's device. Members sorted by their
-    number of steps, longest first, waste no work on finished clients.
+    loop's; only the stacked training runs on the model's device. A finished client is left
+    out of the remaining steps' computation; members of similar sizes finish together, so the
+    engine passes them sorted by size.
     """
     if not members:
         return []

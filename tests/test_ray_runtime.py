@@ -241,6 +241,32 @@ def test_every_round_type_gives_the_in_process_results(
         assert all(r["eval"]["federated_accuracy"] is not None for r in remote)
 
 
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"client": {"momentum": 0.9}},
+        {
+            "privacy": {
+                "mode": "local",
+                "noise_multiplier": 1.3,
+                "max_grad_norm": 0.7,
+                "delta": 1e-3,
+            }
+        },
+    ],
+    ids=["sgd_momentum", "local_dp"],
+)
+def test_actors_that_train_cohorts_give_the_in_process_results(
+    cluster: Cluster, sections: dict[str, Any]
+) -> None:
+    # the engines compose: each actor trains its clients of a round as cohorts of 2
+    cfg = tiny_config(**sections)
+    local, _ = _rounds(cfg)
+    remote, _ = _rounds(_on_ray(cfg, actor_engine="cohort", cohort_size=2))
+    _assert_same_rounds(local, remote)
+    assert all(r["metrics"]["clients_completed"] == 4 for r in remote)
+
+
 def test_attacks_change_the_model_the_same_way_on_both_engines(cluster: Cluster) -> None:
     """The attacked runs above equal in-process runs; this checks the attack did act on Ray
     (so that equality is not that of two unattacked runs)."""
@@ -407,6 +433,8 @@ def test_a_pool_larger_than_the_cluster_is_refused(cluster: Cluster) -> None:
         ({"actors": 2}, 'runtime.actors is set but runtime.kind = "inprocess"'),
         ({"kind": "ray", "address": "head node"}, 'runtime.address: "auto" or HOST:PORT'),
         ({"kind": "ray", "cpus_per_actor": 0}, "runtime.cpus_per_actor: Input should be greater"),
+        ({"kind": "ray", "cohort_size": 4}, "applies to the cohort engine only"),
+        ({"kind": "cohort", "latency": {"mean_s": 2.0}}, "runtime.latency is simulated"),
     ],
 )
 def test_bad_runtime_keys_are_refused(runtime: dict[str, Any], message: str) -> None:

@@ -17,8 +17,9 @@ built-in loop each task's config names (:func:`fedguard.client.trainers.for_task
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,7 +27,7 @@ from fedguard.algorithms import binned_auc
 from fedguard.algorithms.privacy import dp_fedavg
 from fedguard.client import evaluation, trainers
 from fedguard.client.data import ClientData
-from fedguard.client.trainer import ClientTrainer, TrainTask
+from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
 from fedguard.client.trainers import local_training_from  # noqa: F401 (part of this API)
 from fedguard.models.adapter import ModelAdapter
 from fedguard.protocol import features, messages, registration, secagg, secagg_client
@@ -39,6 +40,17 @@ _SECAGG_REQUESTS = (
     messages.SecAggMaskRequest,
     messages.SecAggUnmaskRequest,
 )
+
+
+@dataclass(frozen=True)
+class Pretrained:
+    """A client's local training in round ``round``, already run by an engine that trains many
+    clients at once: its :class:`TrainResult` and the entries of the client's own state the
+    training set (SCAFFOLD's control variate), written when :meth:`ClientApp.fit` uses it."""
+
+    round: int
+    result: TrainResult
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class RefusedTaskError(RuntimeError):
@@ -183,6 +195,7 @@ class ClientApp:
         self.trainer = trainer
         self.state: MutableMapping[int, dict[str, torch.Tensor]] = {} if state is None else state
         self.secagg = secagg_client.SecAggClient(self.fit) if secagg is None else secagg
+        self._pretrained: dict[int, Pretrained] = {}
         self.pin(ClientPins() if pins is None else pins)
 
     def pin(self, pins: ClientPins) -> None:
@@ -192,7 +205,11 @@ class ClientApp:
 
     def handle(self, client_id: int, payload: bytes) -> bytes:
         """Answer one request addressed to ``client_id``."""
-        task = messages.decode(payload)
+        return messages.encode(self.answer(client_id, messages.decode(payload)))
+
+    def answer(self, client_id: int, task: messages.Message) -> messages.Message:
+        """The reply to one decoded request addressed to ``client_id`` (what :meth:`handle`
+        encodes; an engine that decodes a round's requests itself calls this)."""
         if task.client_id != client_id:
             raise messages.MessageError(
                 f"Task addressed to client {task.client_id} was delivered to client {client_id}."
@@ -206,20 +223,34 @@ class ClientApp:
                     "the server its update, its configuration sends it only under secure "
                     "aggregation."
                 )
-            return messages.encode(self.fit(task))
+            return self.fit(task)
         if isinstance(task, messages.EvaluateTask):
-            return messages.encode(self.evaluate(task))
+            return self.evaluate(task)
         if isinstance(task, messages.RegisterTask):
-            return messages.encode(self.register(task))
+            return self.register(task)
         if isinstance(task, _SECAGG_REQUESTS):
-            return messages.encode(self.secagg.handle(task))
+            return self.secagg.handle(task)
         raise messages.MessageError(f"A client cannot answer a {type(task).__name__}.")
 
     def fit(self, task: messages.FitTask) -> messages.FitReply:
         """Train with the app's trainer (or the built-in one the task names), then apply what
-        every update gets before it leaves: central DP's clip when the task carries one."""
+        every update gets before it leaves (:meth:`reply`). A result that an engine training
+        many clients at once already computed for this task (:meth:`pretrained`) stands in for
+        the training; every check and everything after the training is the same."""
+        trainer, train_task = self.start_fit(task)
+        done = self._pretrained.pop(task.client_id, None)
+        if done is not None and done.round == task.round:
+            for name, value in done.state.items():
+                train_task.state[name] = value
+            return self.reply(task, done.result)
+        self.model.set_flat(task.parameters)
+        return self.reply(task, trainer.train(self.model, self.data[task.client_id], train_task))
+
+    def start_fit(self, task: messages.FitTask) -> tuple[ClientTrainer, TrainTask]:
+        """Check ``task`` against the pins and the trainer's features, seed this task's
+        randomness and return the trainer with its :class:`TrainTask` (raises
+        :class:`RefusedTaskError` for a task the client refuses)."""
         self.pins.check_fit(task)
-        data = self.data[task.client_id]
         seed = messages.config_int(task.config, "seed", 0)
         trainer = self.trainer if self.trainer is not None else trainers.for_task(task.config)
         missing = features.asked(task.config, task.tensors) - trainer.features
@@ -233,20 +264,21 @@ class ClientApp:
         # it per task makes a resumed run repeat an uninterrupted one exactly.
         _seed_torch(seed)
         generator = torch.Generator().manual_seed(seed)
-        self.model.set_flat(task.parameters)
-        result = trainer.train(
-            self.model,
-            data,
-            TrainTask(
-                task.client_id,
-                task.round,
-                task.parameters,
-                task.config,
-                task.tensors,
-                generator,
-                _ClientState(self.state, task.client_id),
-            ),
+        return trainer, TrainTask(
+            task.client_id,
+            task.round,
+            task.parameters,
+            task.config,
+            task.tensors,
+            generator,
+            _ClientState(self.state, task.client_id),
         )
+
+    def reply(self, task: messages.FitTask, result: TrainResult) -> messages.FitReply:
+        """The reply to ``task`` from its training's ``result``: central DP's clip when the task
+        carries one, the trainer's metrics (DP-SGD's report among them) and tensors. Secure
+        aggregation masks this reply's update (:class:`~fedguard.protocol.secagg_client.SecAggClient`)
+        and :meth:`handle` encodes it, whichever engine trained."""
         update, metrics = result.update, dict(result.metrics)
         if messages.DP_CLIP_NORM in task.config:
             clip_norm = messages.config_float(task.config, messages.DP_CLIP_NORM)
@@ -261,6 +293,17 @@ class ClientApp:
             metrics=metrics,
             tensors=dict(result.tensors),
         )
+
+    @contextlib.contextmanager
+    def pretrained(self, results: Mapping[int, Pretrained]) -> Iterator[None]:
+        """Within this block, :meth:`fit` takes a client's training from ``results`` (client id
+        to the training an engine already ran for this round, e.g. the cohort engine's) instead
+        of training; entries not used are dropped at the end."""
+        self._pretrained = dict(results)
+        try:
+            yield
+        finally:
+            self._pretrained = {}
 
     def evaluate(self, task: messages.EvaluateTask) -> messages.EvaluateReply:
         """Loss and accuracy of ``task.parameters`` on the client's held-out data and, when the

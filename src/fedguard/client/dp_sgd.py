@@ -23,6 +23,7 @@ batch norm for that reason (and its running statistics, which leave the client w
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -150,6 +151,25 @@ def poisson_sample(n: int, q: float, generator: torch.Generator) -> torch.Tensor
     return torch.nonzero(torch.rand(n, generator=generator) < q).squeeze(1)
 
 
+def batch_stream(
+    x: torch.Tensor, y: torch.Tensor, cfg: training.LocalTraining, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The Poisson-sampled batches ``(x_b, y_b)`` of :func:`train`, one per step
+    (:func:`num_steps` of them, empty ones included), augmented with ``generator`` when
+    ``cfg.augment`` says so. Each draw happens when its batch is taken: a caller that draws the
+    step's noise from the same generator before taking the next batch (as :func:`dp_step` does)
+    repeats :func:`train`'s draws exactly."""
+    n = int(y.shape[0])
+    q = sampling_rate(n, cfg.batch_size)
+    augment_fn = augment.get(cfg.augment)
+    for _ in range(num_steps(n, cfg)):
+        idx = poisson_sample(n, q, generator)
+        xb = x[idx]
+        if augment_fn is not None and idx.numel() > 0:
+            xb = augment_fn(xb, generator)
+        yield xb, y[idx]
+
+
 # --- Training ------------------------------------------------------------------------------
 
 
@@ -176,19 +196,14 @@ def train(
     q = sampling_rate(n, cfg.batch_size)
     model.train_mode(True)
     optimizer = training._make_optimizer(cfg, [s.param for s in model.trainable()])
-    augment_fn = augment.get(cfg.augment)
-    steps, total, non_empty = num_steps(n, cfg), torch.zeros(()), 0
+    total, non_empty = torch.zeros(()), 0
     taken = 0
     with per_example_clipper(model) as clip:
-        for _ in range(steps):
-            idx = poisson_sample(n, q, generator)
-            xb = x[idx]
-            if augment_fn is not None and idx.numel() > 0:
-                xb = augment_fn(xb, generator)
-            loss_sum = dp_step(clip, model, optimizer, xb, y[idx], dp, q * n, generator)
+        for xb, yb in batch_stream(x, y, cfg, generator):
+            loss_sum = dp_step(clip, model, optimizer, xb, yb, dp, q * n, generator)
             taken += 1
-            if idx.numel() > 0:
-                total += loss_sum / idx.numel()
+            if yb.numel() > 0:
+                total += loss_sum / yb.numel()
                 non_empty += 1
     loss = float(total) / non_empty if non_empty else math.nan
     return DPTrainStats(loss, taken, n, q, dp.noise_multiplier, dp.max_grad_norm)
@@ -224,9 +239,16 @@ def noisy_mean(
     sums = batch.grads
     if std <= 0.0:
         return [s / expected_batch_size for s in sums]
-    noise = torch.randn(sum(s.numel() for s in sums), generator=generator, dtype=sums[0].dtype)
+    noise = draw_noise(sum(s.numel() for s in sums), sums[0].dtype, generator)
     noise = noise.to(sums[0].device).split([s.numel() for s in sums])
     return [
         torch.add(s, z.view_as(s), alpha=std).div_(expected_batch_size)
         for s, z in zip(sums, noise, strict=True)
     ]
+
+
+def draw_noise(numel: int, dtype: torch.dtype, generator: torch.Generator) -> torch.Tensor:
+    """One step's standard normal noise, ``numel`` values in the order of the trainable
+    parameters, drawn on the CPU from the client's ``generator`` (so that a seed gives the same
+    noise on every device and in every engine)."""
+    return torch.randn(numel, generator=generator, dtype=dtype)

@@ -382,7 +382,7 @@ def _sequence_book(layer: _Layer, a: torch.Tensor, g: torch.Tensor) -> _Book:
 # --- Per-example clipping: torch.func fallback ---------------------------------------------
 
 
-class _LogProbs(nn.Module):
+class LogProbs(nn.Module):
     """The adapter's log-probabilities as a module, so ``functional_call`` can swap its weights."""
 
     def __init__(self, model: ModelAdapter) -> None:
@@ -392,6 +392,19 @@ class _LogProbs(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._adapter.log_probabilities(x, training=True)
+
+
+@contextlib.contextmanager
+def kept_parameters(module: nn.Module) -> Iterator[None]:
+    """Put ``module``'s own parameters back after the block: ``functional_call`` restores a
+    submodule reached by two paths (a layer used twice) with the swapped-in tensor instead of
+    its parameter (torch 2.13)."""
+    saved = [(m, dict(m._parameters)) for m in module.modules()]
+    try:
+        yield
+    finally:
+        for m, originals in saved:
+            m._parameters.update(originals)
 
 
 def _vmap_clipped_sum(
@@ -421,7 +434,7 @@ def _per_example_grad_fn(
     model: ModelAdapter,
 ) -> Callable[[torch.Tensor, torch.Tensor], tuple[list[torch.Tensor], torch.Tensor]]:
     """``(x [B, ...], y [B]) -> (per-example grads [B, *shape] per trainable, losses [B])``."""
-    wrapper = _LogProbs(model)
+    wrapper = LogProbs(model)
     names = {id(p): name for name, p in wrapper.named_parameters()}
     order = [names[id(s.param)] for s in model.trainable()]
     params = {name: s.param.detach() for name, s in zip(order, model.trainable(), strict=True)}
@@ -435,14 +448,8 @@ def _per_example_grad_fn(
     )
 
     def per_example(x: torch.Tensor, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
-        # functional_call restores a submodule reached by two paths (a layer used twice) with
-        # the swapped-in tensor instead of its parameter (torch 2.13): put the originals back.
-        saved = [(m, dict(m._parameters)) for m in wrapper.modules()]
-        try:
+        with kept_parameters(wrapper):
             grads, losses = batched(params, x, y)
-        finally:
-            for m, originals in saved:
-                m._parameters.update(originals)
         return [grads[name] for name in order], losses
 
     return per_example

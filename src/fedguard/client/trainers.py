@@ -53,13 +53,6 @@ class OptimizerTrainer(ClientTrainer):
 
     def train(self, model: ModelAdapter, data: ClientData, task: TrainTask) -> TrainResult:
         cfg = local_training_from(task.config)
-        correction = control = None
-        server_control = task.tensors.get(features.CONTROL)
-        if server_control is not None:
-            control = task.state.get(features.CONTROL)
-            if control is None:
-                control = torch.zeros_like(server_control)
-            correction = scaffold.correction(server_control, control)
         stats = training.train(
             model,
             data.train_x,
@@ -67,18 +60,69 @@ class OptimizerTrainer(ClientTrainer):
             cfg,
             generator=task.generator,
             global_params=task.params if cfg.proximal_mu > 0 else None,
-            correction=correction,
+            correction=scaffold_correction(task),
         )
-        update = model.get_flat() - task.params
-        tensors: dict[str, torch.Tensor] = {}
-        if server_control is not None and control is not None:
-            new_control = scaffold.client_control_update(
-                server_control, control, update, local_steps=stats.steps, lr=cfg.lr
-            )
-            tensors["control_delta"] = new_control - control
-            task.state[features.CONTROL] = new_control
-        metrics = {"train_loss": stats.loss, "steps": float(stats.steps)}
-        return TrainResult(update, stats.num_examples, metrics, tensors)
+        result, state = optimizer_result(task, model.get_flat() - task.params, stats)
+        for name, value in state.items():
+            task.state[name] = value
+        return result
+
+
+def scaffold_correction(task: TrainTask) -> torch.Tensor | None:
+    """SCAFFOLD's gradient correction ``c - c_i`` for ``task`` (None without a server control
+    variate); a client without a control variate yet starts from zero."""
+    server_control = task.tensors.get(features.CONTROL)
+    if server_control is None:
+        return None
+    return scaffold.correction(server_control, _client_control(task, server_control))
+
+
+def _client_control(task: TrainTask, server_control: torch.Tensor) -> torch.Tensor:
+    control = task.state.get(features.CONTROL)
+    return torch.zeros_like(server_control) if control is None else control
+
+
+def optimizer_result(
+    task: TrainTask, update: torch.Tensor, stats: training.TrainStats
+) -> tuple[TrainResult, dict[str, torch.Tensor]]:
+    """The optimizer loop's result for ``task`` from its ``update`` and ``stats``, and the
+    entries of the client's state it sets (SCAFFOLD's new control variate, whose change the
+    reply carries as ``control_delta``). Shared by every engine that runs this loop."""
+    tensors: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    server_control = task.tensors.get(features.CONTROL)
+    if server_control is not None:
+        control = _client_control(task, server_control)
+        lr = local_training_from(task.config).lr
+        new_control = scaffold.client_control_update(
+            server_control, control, update, local_steps=stats.steps, lr=lr
+        )
+        tensors["control_delta"] = new_control - control
+        state[features.CONTROL] = new_control
+    metrics = {"train_loss": stats.loss, "steps": float(stats.steps)}
+    return TrainResult(update, stats.num_examples, metrics, tensors), state
+
+
+def dp_settings(config: Mapping[str, messages.Scalar]) -> dp_sgd.DPSGD:
+    """The DP-SGD clip and noise multiplier a fit task's ``config`` carries."""
+    return dp_sgd.DPSGD(
+        max_grad_norm=messages.config_float(config, messages.DP_SGD_CLIP),
+        noise_multiplier=messages.config_float(config, messages.DP_SGD_NOISE),
+    )
+
+
+def dp_result(update: torch.Tensor, stats: dp_sgd.DPTrainStats) -> TrainResult:
+    """DP-SGD's result: the update and what ran (sampling rate, steps, noise, clip), which the
+    server composes. Shared by every engine that runs DP-SGD."""
+    metrics = {
+        "train_loss": stats.loss,
+        "steps": float(stats.steps),
+        messages.DP_SGD_RAN_RATE: stats.sampling_rate,
+        messages.DP_SGD_RAN_STEPS: float(stats.steps),
+        messages.DP_SGD_RAN_NOISE: stats.noise_multiplier,
+        messages.DP_SGD_RAN_CLIP: stats.max_grad_norm,
+    }
+    return TrainResult(update, stats.num_examples, metrics)
 
 
 class DPSGDTrainer(ClientTrainer):
@@ -89,21 +133,9 @@ class DPSGDTrainer(ClientTrainer):
 
     def train(self, model: ModelAdapter, data: ClientData, task: TrainTask) -> TrainResult:
         cfg = local_training_from(task.config)
-        dp = dp_sgd.DPSGD(
-            max_grad_norm=messages.config_float(task.config, messages.DP_SGD_CLIP),
-            noise_multiplier=messages.config_float(task.config, messages.DP_SGD_NOISE),
-        )
+        dp = dp_settings(task.config)
         stats = dp_sgd.train(model, data.train_x, data.train_y, cfg, dp, generator=task.generator)
-        update = model.get_flat() - task.params
-        metrics = {
-            "train_loss": stats.loss,
-            "steps": float(stats.steps),
-            messages.DP_SGD_RAN_RATE: stats.sampling_rate,
-            messages.DP_SGD_RAN_STEPS: float(stats.steps),
-            messages.DP_SGD_RAN_NOISE: stats.noise_multiplier,
-            messages.DP_SGD_RAN_CLIP: stats.max_grad_norm,
-        }
-        return TrainResult(update, stats.num_examples, metrics)
+        return dp_result(model.get_flat() - task.params, stats)
 
 
 class NewtonTrainer(ClientTrainer):

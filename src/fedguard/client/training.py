@@ -8,7 +8,7 @@ vector, so any model the adapters accept gets them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -51,6 +51,33 @@ class TrainStats:
 def _batches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
     order = torch.randperm(n, generator=generator)
     return list(torch.split(order, batch_size))
+
+
+def num_steps(n: int, cfg: LocalTraining) -> int:
+    """Optimizer steps :func:`train` takes on ``n`` examples: ``ceil(n / batch_size)`` per
+    epoch (the last batch may be smaller), capped at ``max_steps``."""
+    steps = cfg.epochs * -(-n // cfg.batch_size)
+    return steps if cfg.max_steps is None else min(steps, cfg.max_steps)
+
+
+def batch_stream(
+    x: torch.Tensor, y: torch.Tensor, cfg: LocalTraining, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The batches ``(x_b, y_b)`` of :func:`train`, one per optimizer step (:func:`num_steps` of
+    them): each epoch a fresh permutation from ``generator``, cut into ``batch_size`` pieces,
+    each augmented with ``generator`` when ``cfg.augment`` says so. Every draw from the
+    generator happens when its batch is taken, so an engine that trains many clients at once
+    and takes one batch of each client per step draws exactly what this client would."""
+    n = int(y.shape[0])
+    augment_fn = augment.get(cfg.augment)
+    steps = 0
+    for _ in range(cfg.epochs):
+        for idx in _batches(n, cfg.batch_size, generator):
+            xb = x[idx] if augment_fn is None else augment_fn(x[idx], generator)
+            yield xb, y[idx]
+            steps += 1
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                return
 
 
 def _add_gradient_terms(
@@ -107,29 +134,24 @@ def train(
     if cfg.optimizer is LocalOptimizer.LBFGS:
         return _train_lbfgs(model, x, y, cfg, params, global_params, correction)
     optimizer = _make_optimizer(cfg, params)
-    augment_fn = augment.get(cfg.augment)
     extra = cfg.proximal_mu > 0.0 or correction is not None
     total, steps = torch.zeros(()), 0
-    for _ in range(cfg.epochs):
-        for idx in _batches(n, cfg.batch_size, generator):
-            # Fresh gradients from backward rather than zero-fill then accumulate: the same
-            # values, two fewer passes over the parameters per step.
-            optimizer.zero_grad(set_to_none=True)
-            xb = x[idx] if augment_fn is None else augment_fn(x[idx], generator)
-            loss = _nll(model.log_probabilities(xb, training=True), y[idx])
-            loss.backward()
-            if extra:
-                _add_gradient_terms(
-                    model,
-                    proximal_mu=cfg.proximal_mu,
-                    global_params=global_params,
-                    correction=correction,
-                )
-            optimizer.step()
-            total += loss.detach()
-            steps += 1
-            if cfg.max_steps is not None and steps >= cfg.max_steps:
-                return TrainStats(float(total) / steps, steps, n)
+    for xb, yb in batch_stream(x, y, cfg, generator):
+        # Fresh gradients from backward rather than zero-fill then accumulate: the same
+        # values, two fewer passes over the parameters per step.
+        optimizer.zero_grad(set_to_none=True)
+        loss = _nll(model.log_probabilities(xb, training=True), yb)
+        loss.backward()
+        if extra:
+            _add_gradient_terms(
+                model,
+                proximal_mu=cfg.proximal_mu,
+                global_params=global_params,
+                correction=correction,
+            )
+        optimizer.step()
+        total += loss.detach()
+        steps += 1
     return TrainStats(float(total) / max(steps, 1), steps, n)
 
 
@@ -160,7 +182,7 @@ def _train_lbfgs(
 
     for _ in range(cfg.epochs):
         last = optimizer.step(closure)
-    return TrainStats(float(last), cfg.epochs, int(y.shape[0]))
+    return TrainStats(float(last.detach()), cfg.epochs, int(y.shape[0]))
 
 
 def _total(terms: Iterable[torch.Tensor]) -> torch.Tensor:

@@ -28,7 +28,14 @@ from fedguard.client.app import ClientApp, ClientPins, client_pins
 from fedguard.client.trainer import ClientTrainer
 from fedguard.data import dataset
 from fedguard.data.errors import DataError
-from fedguard.experiment import checkpoint, config_checks, federation, privacy, ray_runtime
+from fedguard.experiment import (
+    checkpoint,
+    config_checks,
+    engines,
+    federation,
+    privacy,
+    ray_runtime,
+)
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
@@ -41,7 +48,6 @@ from fedguard.protocol.driver import FederatedEvaluation, RoundDriver
 from fedguard.protocol.strategy import CentralDP, Strategy, StrategyKind, StrategyState
 from fedguard.protocol.transport import Transport
 from fedguard.simulation import attack
-from fedguard.simulation.inprocess import InProcessTransport
 from fedguard.simulation.latency import Base, LatencyModel
 
 # Builds the transport over the federation's client ids (default: the in-process simulator).
@@ -671,7 +677,7 @@ class Experiment:
             self.fed = replace(self.fed, clients={})
             self.transport = self._ray_transport(pins, model_fn, data_fn, ids)
         else:
-            self.transport = InProcessTransport(self.app.handle, ids, latency=self.latency)
+            self.transport = engines.local_transport(cfg, self.app, ids, self.latency)
         self._client_ids = ids
         if self.attack is not None and not self.attack.poisons_data:
             self.transport = attack.ModelPoisoning(

@@ -591,11 +591,14 @@ def contribution(cfg: ExperimentSections) -> None:
             )
 
 
-RAY_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "address")
+RAY_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "address", "actor_engine")
+_COHORT_KEYS = ("cohort_size", "cohort_device")
 
 
 def runtime(cfg: ExperimentSections) -> None:
-    """The Ray pool's keys belong to ``runtime.kind = "ray"``."""
+    """``[runtime]``: the Ray pool's keys belong to ``kind = "ray"``, the cohort engine's to
+    ``kind = "cohort"`` or a Ray pool whose actors train cohorts (set elsewhere they would
+    silently do nothing)."""
     r = cfg.runtime
     if r.kind != "ray":
         changed = _changed(r, RAY_KEYS)
@@ -603,4 +606,17 @@ def runtime(cfg: ExperimentSections) -> None:
             raise ValueError(
                 f'runtime.{changed[0]} is set but runtime.kind = "{r.kind}": it shapes the Ray '
                 'actor pool; set runtime.kind = "ray" or remove it'
+            )
+    if r.latency is not None and r.kind != "inprocess":
+        raise ValueError(
+            f'runtime.latency is simulated by the in-process engine only (runtime.kind is '
+            f'"{r.kind}"): set runtime.kind = "inprocess" or remove runtime.latency'
+        )
+    if r.kind != "cohort" and not (r.kind == "ray" and r.actor_engine == "cohort"):
+        changed = _changed(r, _COHORT_KEYS)
+        if changed:
+            raise ValueError(
+                f"runtime.{changed[0]} applies to the cohort engine only: set "
+                f'runtime.kind = "cohort" (or runtime.actor_engine = "cohort" on Ray), or remove '
+                f'it (runtime.kind is "{r.kind}")'
             )

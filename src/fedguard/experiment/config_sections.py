@@ -335,21 +335,36 @@ class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
 
+COHORT_SIZE_CPU = 8
+COHORT_SIZE_ACCELERATOR = 256
+
+
 class RuntimeSection(_Section):
     """Where the simulated clients run (``fedguard run`` only; a deployment runs them behind
-    gRPC). ``kind = "inprocess"``: one after another in this process. ``"ray"``: on a pool of
-    Ray actors (see ``fedguard.simulation.ray_engine``) of ``actors`` actors (default: one per
-    ``cpus_per_actor`` CPUs of the cluster), each reserving ``cpus_per_actor`` CPUs (its torch
-    threads) and ``gpus_per_actor`` GPUs, on a local Ray instance or, with ``address`` (``"auto"``
-    or ``HOST:PORT``), on the running cluster it names. Every engine gives the same results.
-    ``latency``: a simulated latency model (simulation only); with it the metrics report
-    ``simulated_seconds``, the virtual time the run would have taken."""
+    gRPC and ignores this).
 
-    kind: Literal["inprocess", "ray"] = "inprocess"
+    ``kind = "inprocess"``: one client after another on one model. ``"cohort"``: the same
+    clients, with each round's local training vectorised (``torch.func``) over ``cohort_size``
+    clients at a time (unset: :data:`COHORT_SIZE_CPU` on the CPU, where larger stacks fall out
+    of the caches, :data:`COHORT_SIZE_ACCELERATOR` on an accelerator) on ``cohort_device``
+    (``"auto"``: the accelerator torch sees, else the CPU); see ``fedguard.simulation.cohort``.
+    ``"ray"``: on a pool of Ray actors (see ``fedguard.simulation.ray_engine``) of ``actors``
+    actors (default: one per ``cpus_per_actor`` CPUs of the cluster), each reserving
+    ``cpus_per_actor`` CPUs (its torch threads) and ``gpus_per_actor`` GPUs, on a local Ray
+    instance or, with ``address`` (``"auto"`` or ``HOST:PORT``), on the running cluster it
+    names; with ``actor_engine = "cohort"`` each actor trains its clients of a round as cohorts.
+    Every engine gives the same results. ``latency``: a simulated latency model (simulation
+    only); with it the metrics report ``simulated_seconds``, the virtual time the run would
+    have taken."""
+
+    kind: Literal["inprocess", "cohort", "ray"] = "inprocess"
+    cohort_size: int | None = Field(None, ge=1, le=100_000)
+    cohort_device: Literal["auto", "cpu", "cuda"] = "auto"
     actors: int | None = Field(None, ge=1)
     cpus_per_actor: float = Field(1.0, gt=0.0)
     gpus_per_actor: float = Field(0.0, ge=0.0)
     address: str | None = None
+    actor_engine: Literal["inprocess", "cohort"] = "inprocess"
     latency: LatencySection | None = None
 
     @field_validator("address")

@@ -5,8 +5,9 @@ store): the configuration, the run's pins and fit settings, the user's model and
 and a data-poisoning plan. Called inside the actor with the ids of its clients, it builds what the
 in-process simulator builds in the driver, for those clients only: the federation from the
 configuration and seed (the same partition, the same held-out shares, the same poisoned data),
-the model, the trainer, and a :class:`~fedguard.client.app.ClientApp` over their data. The rest
-of the federation is dropped there, so each actor keeps the data of its own clients.
+the model, the trainer, and a :class:`~fedguard.client.app.ClientApp` over their data (with the
+cohort engine over it when ``runtime.actor_engine = "cohort"``). The rest of the federation is
+dropped there, so each actor keeps the data of its own clients.
 """
 
 from __future__ import annotations
@@ -21,12 +22,29 @@ import torch
 from fedguard import plugins
 from fedguard.client.app import ClientApp, ClientPins
 from fedguard.client.trainer import ClientTrainer
-from fedguard.experiment import config_checks, federation
+from fedguard.experiment import config_checks, engines, federation
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
 from fedguard.protocol import messages
+from fedguard.protocol.transport import Transport
 from fedguard.simulation import attack, ray_engine
+
+
+@dataclass
+class ActorClients:
+    """An actor's clients: their app, and the cohort engine over it when the actors train
+    cohorts (``runtime.actor_engine = "cohort"``; None: one client after another)."""
+
+    app: ClientApp
+    batch: Transport | None = None
+
+    @property
+    def state(self) -> MutableMapping[int, dict[str, torch.Tensor]]:
+        return self.app.state
+
+    def handle(self, client_id: int, payload: bytes) -> bytes:
+        return self.app.handle(client_id, payload)
 
 
 @dataclass(frozen=True)
@@ -45,7 +63,7 @@ class SimulatedClients:
     data_fn: federation.DataFn | None = None
     poisoning: attack.Plan | None = None
 
-    def __call__(self, client_ids: Sequence[int]) -> ClientApp:
+    def __call__(self, client_ids: Sequence[int]) -> ActorClients:
         cfg = self.cfg
         fed = federation.build_federation(cfg, self.data_fn)
         fed = replace(fed, clients={cid: fed.clients[cid] for cid in client_ids})
@@ -65,7 +83,11 @@ class SimulatedClients:
             builder=self.model_fn,
         )
         model = build_model()
-        return ClientApp(model, fed.clients, {}, pins=self.pins, trainer=self._trainer(build_model))
+        app = ClientApp(model, fed.clients, {}, pins=self.pins, trainer=self._trainer(build_model))
+        together = None
+        if cfg.runtime.actor_engine == "cohort":
+            together = engines.cohort_transport(cfg, app, list(fed.clients))
+        return ActorClients(app, together)
 
     def _trainer(self, build_model: Callable[[], Any]) -> ClientTrainer:
         """``client.trainer``, made in the actor as the driver makes it (a plug-in is loaded

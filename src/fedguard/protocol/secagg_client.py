@@ -79,6 +79,13 @@ _State = _Advertised | _Shared | _Masked
 _S = TypeVar("_S", _Advertised, _Shared, _Masked)
 
 
+def fit_task(request: messages.SecAggMaskRequest) -> messages.FitTask:
+    """The fit task a masking request carries (what the client trains before it masks)."""
+    return messages.FitTask(
+        request.round, request.client_id, request.parameters, request.config, request.tensors
+    )
+
+
 class SecAggClient:
     """Answers secure-aggregation requests; ``fit`` trains and returns the plain reply.
 
@@ -233,9 +240,7 @@ class SecAggClient:
                 f"Client {cid} holds shares of {len(held)} clients, "
                 f"fewer than the threshold {setup.threshold}."
             )
-        reply = self._fit(
-            messages.FitTask(round_, cid, request.parameters, request.config, request.tensors)
-        )
+        reply = self._fit(fit_task(request))
         update = reply.update.detach().numpy()
         if mechanism is not None:  # the noise must be secret: seeded from this client's entropy
             secret = np.random.default_rng(np.frombuffer(self._random(32), dtype="<u4"))

@@ -54,9 +54,16 @@ class RayEngineError(RuntimeError):
 
 
 class ClientCode(Protocol):
-    """What an actor runs: the client function and the per-client state mapping it reads."""
+    """What an actor runs: the client function and the per-client state mapping it reads.
 
-    state: MutableMapping[int, State]
+    ``batch``: None, or a transport over the same clients that answers a whole batch at once
+    (the cohort engine, ``runtime.actor_engine = "cohort"``)."""
+
+    @property
+    def state(self) -> MutableMapping[int, State]: ...
+
+    @property
+    def batch(self) -> Transport | None: ...
 
     def handle(self, client_id: int, payload: bytes) -> bytes: ...
 
@@ -131,6 +138,9 @@ class ClientActor:
         code = self.code
         if code is None:
             raise RayEngineError("This actor holds no clients (load was not called).")
+        if code.batch is not None:
+            yield from self._serve_together(code, code.batch, batch, deadline_at)
+            return
         for client_id, payload, state in batch:
             if deadline_at is not None and time.time() > deadline_at:
                 yield _Item(
@@ -149,6 +159,34 @@ class ClientActor:
             after = code.state.pop(client_id, None)
             # The app assigns a client's entry whole whenever it changes (see ClientApp).
             yield _Item(client_id, reply, error, False, seconds, after is not state, after)
+
+    @staticmethod
+    def _serve_together(
+        code: ClientCode,
+        together: Transport,
+        batch: Sequence[tuple[int, bytes, State | None]],
+        deadline_at: float | None,
+    ) -> Iterator[_Item]:
+        """The whole batch through ``together`` (one exchange: the cohort engine trains its fit
+        tasks as cohorts), then one item per client, in the batch's order."""
+        before: dict[int, State | None] = {}
+        for client_id, _, state in batch:
+            before[client_id] = state
+            if state is not None:
+                code.state[client_id] = state
+        remaining = None if deadline_at is None else max(0.0, deadline_at - time.time())
+        outcomes = together.exchange(
+            {cid: payload for cid, payload, _ in batch}, deadline_s=remaining
+        )
+        for outcome in outcomes:
+            cid = outcome.client_id
+            after = code.state.pop(cid, None)
+            changed = after is not before[cid]
+            if isinstance(outcome, Delivered):
+                yield _Item(cid, outcome.payload, None, False, outcome.seconds, changed, after)
+            else:
+                timed_out = outcome.kind == FailureKind.TIMEOUT
+                yield _Item(cid, None, outcome.reason, timed_out, 0.0, changed, after)
 
 
 @dataclass

@@ -333,7 +333,7 @@ class ContributionSection(_Section):
     reward_floor: float = Field(0.1, ge=0.0, le=1.0)
     gtg_round_tolerance: float = Field(1e-4, ge=0.0, allow_inf_nan=False)
     gtg_walk_tolerance: float = Field(1e-4, ge=0.0, allow_inf_nan=False)
-    gtg_convergence_tolerance: float = Field(0.02, gt=0.0, allow_inf_nan=False)
+    gtg_convergence_tolerance: float = Field(0.1, gt=0.0, allow_inf_nan=False)
     gtg_max_cycles: int = Field(30, ge=3)
     gtg_max_evaluations: int | None = Field(None, ge=3)  # per scored round; None: no cap
 

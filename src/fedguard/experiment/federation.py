@@ -103,7 +103,9 @@ def load_data(
             augment_copies=d.augment_copies,
             feature_norm=d.feature_norm,
             audio=audio_settings(d),
-            validation=cfg.evaluation.split == "val",
+            # the validation split: to evaluate on it, or as contribution scores' utility
+            validation=cfg.evaluation.split == "val"
+            or cfg.contribution.method not in ("none", "cosine"),
         )
     except ValueError as exc:
         raise ConfigError(f"data.dataset: {exc}") from None

@@ -27,8 +27,12 @@ estimates have settled: for each of the last ``window`` permutations ``t``,
 running means, measured on the vector as a whole rather than averaged over participants
 (``|phi_i(t) - phi_i(now)| / |phi_i(now)|``), so that a null participant (``phi_i`` near 0) does
 not hold sampling open forever. ``max_cycles`` caps the cost at ``2 + max_cycles * K * (K - 1)``
-evaluations whatever happens. The default tolerance, 0.02, trades accuracy for evaluations; 0.01
-roughly doubles the permutations walked and is what the tests' accuracy bounds use.
+evaluations whatever happens. The default tolerance, 0.1, was chosen from the measured frontier
+of ``benchmarks/contribution.py`` (the medical example, 8 clients per round): the loosest
+tolerance of those measured whose per-round correlation with exact Shapley kept a margin above
+Pearson 0.95 and Spearman 0.9 (0.980 and 0.954), at about 70% of exact Shapley's evaluations
+where 0.02 needed 97%; 0.2 cut that to 55% but sat at the edge (0.967 and 0.938). 0.01 is what
+the tests' accuracy bounds use.
 
 **Evaluation budget** (``max_evaluations``, not in the paper, which bounds only the number of
 permutations): the estimate never costs more than ``max_evaluations`` new utility evaluations,
@@ -61,7 +65,7 @@ class GtgConfig:
 
     round_tolerance: float = 1e-3  # between rounds: skip when |v(N) - v(empty)| is below this
     walk_tolerance: float = 1e-3  # within a round: stop a walk when |v(N) - v(prefix)| is below
-    convergence_tolerance: float = 0.02  # relative L1 change of the estimates over `window`
+    convergence_tolerance: float = 0.1  # relative L1 change of the estimates over `window`
     window: int = 10  # permutations the convergence test looks back over
     min_cycles: int = 3  # cycles of K permutations walked before testing convergence
     max_cycles: int = 30  # hard cap on the permutations walked: max_cycles * K

@@ -150,3 +150,35 @@ def test_gtg_budget_refusals() -> None:
         config_mod.validate(config("leave_one_out", gtg_max_evaluations=40))
     with pytest.raises(config_mod.ConfigError, match="gtg_max_evaluations"):
         config_mod.validate(config("gtg_shapley", gtg_max_evaluations=2))
+
+
+@pytest.mark.parametrize(
+    ("method", "split", "held_out"),
+    [
+        ("leave_one_out", "test", True),
+        ("gtg_shapley", "test", True),
+        ("cosine", "test", False),
+        ("none", "test", False),
+        ("none", "val", True),
+    ],
+)
+def test_a_run_that_scores_contributions_asks_for_a_validation_split(
+    monkeypatch: pytest.MonkeyPatch, method: str, split: str, held_out: bool
+) -> None:
+    # FSDD has no official validation split and holds one out only when asked (takes 5-9)
+    from fedguard.data import registry
+    from fedguard.experiment import federation
+
+    asked: dict[str, Any] = {}
+
+    def load_dataset(name: str, **kwargs: Any) -> None:
+        asked.update(kwargs)
+
+    monkeypatch.setattr(registry, "load_dataset", load_dataset)
+    cfg = config(method)
+    cfg.pop("attack")
+    if method == "none":
+        cfg.pop("contribution")
+    cfg["evaluation"] = {"split": split}
+    federation.load_data(config_mod.validate(cfg))
+    assert asked["validation"] is held_out

@@ -21,7 +21,7 @@ every round scored. A row per (example, method): the precision and recall of the
 at the end of the run without exclusion against the ground truth (the attack's ids, from
 ``summary.json``), the same for the run with exclusion, and the final test accuracy of the clean
 run, the attacked run without exclusion and the attacked run with it. GTG-Shapley runs with the
-configuration's tolerances and ``gtg_max_evaluations`` = ``--gtg-max-evaluations`` (64).
+configuration's tolerances and ``gtg_max_evaluations`` = ``--gtg-max-evaluations`` (32: about 3 permutations of 10 clients).
 
 Usage::
 
@@ -44,11 +44,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 EXAMPLES = {
-    "medical": ("medical_imaging", "medmnist/pneumoniamnist.npz", 15),
-    "speech": ("smart_home_speech", "fsdd", 10),
+    "medical": ("medical_imaging", "medmnist/pneumoniamnist.npz", 10),
+    "speech": ("smart_home_speech", "fsdd", 6),
 }
 METHODS = ("gtg_shapley", "leave_one_out")
-GTG_BUDGET = 64  # GTG-Shapley's evaluations per round (contribution.gtg_max_evaluations)
+GTG_BUDGET = 32  # GTG-Shapley's evaluations per round (contribution.gtg_max_evaluations)
 BEHAVIOURS = {"kind": ["free_rider", "noisy_client"], "fraction": [0.2, 0.1]}
 
 
@@ -88,49 +88,59 @@ def precision_recall(flagged: set[int], bad: set[int]) -> tuple[float | None, fl
     return precision, hit / len(bad)
 
 
-def run_example(
+PLAN = (
+    ("clean", "leave_one_out", False),
+    *((m, m, False) for m in METHODS),
+    *((f"{m} exclude", m, True) for m in METHODS),
+)
+
+
+def one_run(
     example: str,
-    rounds: int,
-    data_root: Path,
+    label: str,
+    base: dict[str, Any],
     work: Path,
     *,
-    label_noise: float,
-    patience: int,
     budget: int,
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The example's five runs and its rows (one per method)."""
+) -> dict[str, Any]:
+    """One of the example's runs (``label`` from :data:`PLAN`) and what it measured."""
     import fedguard
 
-    base = example_config(example, rounds, data_root, label_noise=label_noise, patience=patience)
-    plan = [("clean", "leave_one_out", False)]
-    plan += [(f"{m}", m, False) for m in METHODS] + [(f"{m} exclude", m, True) for m in METHODS]
-    runs: dict[str, dict[str, Any]] = {}
-    for label, method, exclude in plan:
-        name = f"{example}-{label.replace(' ', '-')}"
-        cfg = variant(base, name, method, exclude=exclude, budget=budget)
-        t0 = time.perf_counter()
-        summary = fedguard.run(cfg, out=work / name, progress=False)
-        attack = summary.get("attack") or {}
-        contribution = summary["contribution"]
-        runs[label] = {
-            "example": example,
-            "run": label,
-            "method": method,
-            "exclude_flagged": exclude,
-            "rounds": rounds,
-            "test_accuracy": summary["test_accuracy"],
-            "flagged": contribution["flagged"],
-            "excluded": contribution["excluded"],
-            "by_kind": attack.get("by_kind"),
-            "num_clients": summary["num_clients"],
-            "scoring_evaluations": contribution["evaluations"],
-            "scoring_seconds": contribution["seconds"],
-            "seconds": time.perf_counter() - t0,
-        }
-        print(json.dumps(runs[label]), flush=True)
+    _, method, exclude = next(p for p in PLAN if p[0] == label)
+    name = f"{example}-{label.replace(' ', '-')}"
+    cfg = variant(base, name, method, exclude=exclude, budget=budget)
+    t0 = time.perf_counter()
+    summary = fedguard.run(cfg, out=work / name, progress=False)
+    attack = summary.get("attack") or {}
+    contribution = summary["contribution"]
+    record = {
+        "example": example,
+        "run": label,
+        "method": method,
+        "exclude_flagged": exclude,
+        "rounds": base["experiment"]["rounds"],
+        "test_accuracy": summary["test_accuracy"],
+        "flagged": contribution["flagged"],
+        "excluded": contribution["excluded"],
+        "by_kind": attack.get("by_kind"),
+        "num_clients": summary["num_clients"],
+        "scoring_evaluations": contribution["evaluations"],
+        "scoring_seconds": contribution["seconds"],
+        "seconds": time.perf_counter() - t0,
+    }
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def rows_of(
+    example: str, runs: dict[str, dict[str, Any]], *, label_noise: float, patience: int, budget: int
+) -> list[dict[str, Any]]:
+    """One row per method from the example's runs (methods missing a run are left out)."""
     rows = []
     clean = runs["clean"]
     for method in METHODS:
+        if method not in runs or f"{method} exclude" not in runs:
+            continue
         without, with_ = runs[method], runs[f"{method} exclude"]
         truth = without["by_kind"]
         bad = {c for ids in truth.values() for c in ids}
@@ -140,7 +150,7 @@ def run_example(
             {
                 "example": example,
                 "method": method,
-                "rounds": rounds,
+                "rounds": without["rounds"],
                 "clients": without["num_clients"],
                 "free_riders": truth["free_rider"],
                 "noisy_clients": truth["noisy_client"],
@@ -161,13 +171,30 @@ def run_example(
                 "gap_exclude_flagged": with_["test_accuracy"] - clean["test_accuracy"],
             }
         )
+    return rows
+
+
+def run_example(
+    example: str,
+    rounds: int,
+    data_root: Path,
+    work: Path,
+    *,
+    label_noise: float,
+    patience: int,
+    budget: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The example's five runs and its rows (one per method)."""
+    base = example_config(example, rounds, data_root, label_noise=label_noise, patience=patience)
+    runs = {label: one_run(example, label, base, work, budget=budget) for label, _, _ in PLAN}
+    rows = rows_of(example, runs, label_noise=label_noise, patience=patience, budget=budget)
     return list(runs.values()), rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", nargs="+", choices=sorted(EXAMPLES), default=list(EXAMPLES))
-    parser.add_argument("--rounds", type=int, default=None, help="default: 15 medical, 10 speech")
+    parser.add_argument("--rounds", type=int, default=None, help="default: 10 medical, 6 speech")
     parser.add_argument("--label-noise", type=float, default=1.0)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--gtg-max-evaluations", type=int, default=GTG_BUDGET)

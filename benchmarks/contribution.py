@@ -204,6 +204,7 @@ def settings() -> list[Setting]:
             ),
         )
     )
+    out.append(Setting("convergence 0.02", replace(default, convergence_tolerance=0.02)))
     for tol in (0.05, 0.1, 0.2):
         out.append(Setting(f"convergence {tol}", replace(default, convergence_tolerance=tol)))
         for window in (5, 10):

@@ -1,30 +1,40 @@
 """How close the cheap contribution scores come to exact Shapley values, and what they cost.
 
+Two stages. **Record**: the task is trained and every round's game is evaluated completely once
+(all 2^8 = 256 coalitions, each a sub-model through the run's own aggregation and optimizer
+step); the games go to ``benchmarks/results/contribution_games.json`` (per round: the ids,
+``values[mask]``, the seconds per evaluation, the cosine scores and the round's own seconds).
+**Replay** (``--replay`` skips the recording): every method reads the recorded values, so any
+GTG-Shapley configuration is scored on the same rounds at no training cost; ``evaluations``
+count the coalitions a method asked for, and ``seconds`` are those evaluations times the round's
+measured seconds per evaluation (what it would have spent alone; cosine is timed as it ran).
+
 Writes ``benchmarks/results/contribution.json``: ``{"rows": [{"task", "seed", "method",
 "scope", "pearson", "spearman", "evaluations", "exact_evaluations", "seconds",
-"round_seconds"}]}`` for ``method`` in gtg_shapley, leave_one_out and cosine and ``scope``
-``"round"`` (the correlation of one round's scores with that round's exact Shapley values,
-the mean over the run's rounds) or ``"cumulative"`` (each client's scores summed over the run,
-against its summed exact Shapley values).
+"round_seconds", "seconds_vs_round", ...}], "frontier": [...]}`` for ``method`` in gtg_shapley,
+leave_one_out and cosine and ``scope`` ``"round"`` (the correlation of one round's scores with
+that round's exact Shapley values, the mean over the rounds the method scored: a round
+truncated between rounds has no correlation and is counted in ``rounds_skipped``) or
+``"cumulative"`` (each client's scores summed over the run, against its summed exact Shapley
+values). GTG-Shapley rows name their configuration (``config``, ``max_evaluations``, the
+tolerances, ``min_cycles``, ``window``) and average ``draws`` sampling streams (the first is the
+run's own; ``pearson_worst_draw`` and ``spearman_worst_draw`` the worst of them);
+``evaluations_late`` is the mean over the second half of the rounds. ``frontier``: per
+configuration, the mean evaluations per round against the worst seed's correlations, cheapest
+first, and whether the goal (Pearson >= 0.95 and Spearman >= 0.9 per round) is met.
 
 Task ``medical``: the medical example (``examples/medical_imaging/experiment.toml``:
 PneumoniaMNIST 28x28, 10 hospitals of a Dirichlet(0.5) partition, ``image_cnn``, Adam lr 1e-3)
 with 8 hospitals sampled per round, one local epoch in batches of 32 without augmentation,
 ``ROUNDS`` rounds, FedAvg. The utility of a coalition is its sub-model's negative loss on the
-data set's validation split (524 images), as in a run with ``[contribution]``.
-
-Every round's game is evaluated once, completely (exact Shapley: all 2^8 = 256 coalitions, each
-a sub-model through the run's own aggregation and optimizer step). GTG-Shapley (the run's
-defaults) and leave-one-out then read the same memoised values: their ``evaluations`` count the
-coalitions each asked for, and their ``seconds`` are those evaluations times the round's
-measured mean seconds per evaluation (what they would have spent alone). Cosine is timed as it
-runs. ``round_seconds`` is the round's own time (sampling, local training, aggregation) without
-any scoring, the mean over rounds; ``seconds`` and ``evaluations`` are per round, the mean.
+data set's validation split, as in a run with ``[contribution]``. ``round_seconds`` is the
+round's own time (sampling, local training, aggregation) without any scoring.
 
 Usage::
 
-    python benchmarks/contribution.py                 # 3 seeds
-    python benchmarks/contribution.py --seeds 0 --rounds 2
+    python benchmarks/contribution.py                    # record seeds 0 1 2, 12 rounds; replay
+    python benchmarks/contribution.py --seeds 0          # what the committed results hold
+    python benchmarks/contribution.py --replay           # re-score the recorded games only
 """
 
 from __future__ import annotations
@@ -34,6 +44,7 @@ import json
 import statistics
 import time
 import tomllib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +54,20 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
-ROUNDS = 4
+ROUNDS = 12
 PER_ROUND = 8
 METHODS = ("gtg_shapley", "leave_one_out", "cosine")
+BUDGETS = (9, 12, 16, 20, 26, 32, 40, 48, 64, 96, 128)
+DRAWS = 5  # GTG-Shapley's sampling streams replayed per setting
+SETTING_FIELDS = (
+    "config",
+    "max_evaluations",
+    "convergence_tolerance",
+    "min_cycles",
+    "window",
+    "walk_tolerance",
+    "round_tolerance",
+)
 
 
 def task_config(seed: int, rounds: int, data_root: Path) -> dict[str, Any]:
@@ -67,13 +89,16 @@ def correlations(a: list[float], b: list[float]) -> tuple[float, float]:
     return pearson, spearman
 
 
-def run_seed(seed: int, rounds: int, data_root: Path) -> list[dict[str, Any]]:
-    """One run of the task with every method scoring every round; its rows."""
-    from fedguard.algorithms import seeding
-    from fedguard.algorithms.contribution import cosine, gtg, shapley
-    from fedguard.algorithms.contribution import leave_one_out as loo
+def record_seed(seed: int, rounds: int, data_root: Path) -> dict[str, Any]:
+    """One run of the task with every round's game evaluated completely: the recorded games.
+
+    Each round: the participants' ids, ``values[mask]`` = v(coalition ``mask``) for all 2^K
+    masks (bit ``i`` = the round's ``i``-th reply), the seconds per evaluation, the cosine scores
+    and their seconds, and the round's own seconds without any scoring.
+    """
+    from fedguard.algorithms.contribution import cosine
     from fedguard.algorithms.contribution import utility as cu
-    from fedguard.experiment import assembly, contribution
+    from fedguard.experiment import assembly
     from fedguard.experiment.config import validate
     from fedguard.protocol import coalitions
 
@@ -82,18 +107,12 @@ def run_seed(seed: int, rounds: int, data_root: Path) -> list[dict[str, Any]]:
     if exp.fed.val_x is None or exp.fed.val_y is None:
         raise SystemExit("The medical data set has no validation split.")
     evaluate = assembly.negative_loss(exp.model, exp.fed.val_x, exp.fed.val_y, cfg)
-    gtg_config = contribution.Tracker(
-        cfg.contribution.model_copy(update={"method": "gtg_shapley"}),
-        exp.strategy,
-        evaluate,
-        seed=seed,
-    ).gtg_config
-    per_round: list[dict[str, Any]] = []
+    games: list[dict[str, Any]] = []
     scoring = [0.0]
 
     def score(round_, params, state, replies):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
-        ids = [r.client_id for r in replies]
+        k = len(replies)
 
         def model_of(members: frozenset[int]) -> torch.Tensor:
             chosen = [replies[i] for i in sorted(members)]
@@ -102,87 +121,277 @@ def run_seed(seed: int, rounds: int, data_root: Path) -> list[dict[str, Any]]:
         def value(members: frozenset[int]) -> float:
             return evaluate(params if not members else model_of(members))
 
-        full = cu.Utility(value, len(replies))
-        exact = shapley.exact(full)
-        memo = {m: full(m) for m in (frozenset(s) for s in _all_subsets(len(replies)))}
-        per_eval = exact.seconds / exact.evaluations
-        out: dict[str, Any] = {"ids": ids, "exact": list(exact.values)}
-        out["exact_evaluations"] = exact.evaluations
-        out["exact_seconds"] = exact.seconds
-        game = cu.Utility(memo.__getitem__, len(replies))
-        estimate = gtg.shapley(
-            game,
-            generator=seeding.generator(seed, round_, contribution.GTG_STREAM),
-            config=gtg_config,
-        )
-        out["gtg_shapley"] = (list(estimate.values), estimate.evaluations)
-        game = cu.Utility(memo.__getitem__, len(replies))
-        left = loo.leave_one_out(game)
-        out["leave_one_out"] = (list(left.values), left.evaluations)
+        full = cu.Utility(value, k)
+        values = [full(_members(mask)) for mask in range(1 << k)]
+        spent = full.cost()
         t0 = time.perf_counter()
-        step = model_of(frozenset(range(len(replies)))) - params
+        step = model_of(frozenset(range(k))) - params
         cos = cosine.cosine_to_aggregate(torch.stack([r.update for r in replies]), step).tolist()
-        out["cosine_seconds"] = time.perf_counter() - t0
-        out["cosine"] = (cos, 0)
-        out["per_eval"] = per_eval
-        per_round.append(out)
+        games.append(
+            {
+                "round": round_,
+                "ids": [r.client_id for r in replies],
+                "values": values,
+                "per_eval": spent.seconds / spent.evaluations,
+                "cosine": cos,
+                "cosine_seconds": time.perf_counter() - t0,
+            }
+        )
         scoring[0] += time.perf_counter() - start
         return replies, {}
 
     exp.driver.before_aggregate = score
     params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
-    round_seconds = []
     for round_ in range(1, rounds + 1):
         scoring[0] = 0.0
         t0 = time.perf_counter()
         result = exp.driver.fit_round(round_, params, state)
-        round_seconds.append(time.perf_counter() - t0 - scoring[0])
+        games[-1]["round_seconds"] = time.perf_counter() - t0 - scoring[0]
         params, state = result.params, result.state
         print(
-            f"seed {seed} round {round_}: {round_seconds[-1]:.1f} s training, "
+            f"seed {seed} round {round_}: {games[-1]['round_seconds']:.1f} s training, "
             f"{scoring[0]:.1f} s scoring",
             flush=True,
         )
+    return {"task": "medical", "seed": seed, "rounds": games}
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One GTG-Shapley configuration replayed on the recorded games."""
+
+    name: str
+    config: Any  # gtg.GtgConfig
+
+    def fields(self) -> dict[str, Any]:
+        c = self.config
+        return {
+            "config": self.name,
+            "max_evaluations": c.max_evaluations,
+            "convergence_tolerance": c.convergence_tolerance,
+            "min_cycles": c.min_cycles,
+            "window": c.window,
+            "walk_tolerance": c.walk_tolerance,
+            "round_tolerance": c.round_tolerance,
+        }
+
+
+def settings() -> list[Setting]:
+    """The run's default GTG-Shapley configuration, the paper's authors' published settings and
+    a sweep of evaluation budgets and tolerances around them."""
+    from fedguard.algorithms.contribution import gtg
+    from fedguard.experiment.config_sections import ContributionSection
+
+    section = ContributionSection(method="gtg_shapley")
+    default = gtg.GtgConfig(
+        round_tolerance=section.gtg_round_tolerance,
+        walk_tolerance=section.gtg_walk_tolerance,
+        convergence_tolerance=section.gtg_convergence_tolerance,
+        max_cycles=section.gtg_max_cycles,
+        max_evaluations=section.gtg_max_evaluations,
+    )
+    out = [Setting("default", default)]
+    # The authors' code: convergence 0.05 over the last 10 permutations after at least
+    # max(30, K) permutations; walk and round truncation at 1e-3 of the utility.
+    out.append(
+        Setting(
+            "authors",
+            gtg.GtgConfig(
+                round_tolerance=1e-3,
+                walk_tolerance=1e-3,
+                convergence_tolerance=0.05,
+                min_cycles=max(30 // PER_ROUND + (30 % PER_ROUND > 0), 1),
+            ),
+        )
+    )
+    out.append(Setting("convergence 0.02", replace(default, convergence_tolerance=0.02)))
+    for tol in (0.05, 0.1, 0.2):
+        out.append(Setting(f"convergence {tol}", replace(default, convergence_tolerance=tol)))
+        for window in (5, 10):
+            out.append(
+                Setting(
+                    f"convergence {tol} window {window}",
+                    replace(default, convergence_tolerance=tol, min_cycles=1, window=window),
+                )
+            )
+    for budget in BUDGETS:
+        out.append(Setting(f"budget {budget}", replace(default, max_evaluations=budget)))
+    for walk in (1e-3, 3e-3, 1e-2):
+        for budget in (26, 64):
+            out.append(
+                Setting(
+                    f"budget {budget} walk {walk:g}",
+                    replace(default, max_evaluations=budget, walk_tolerance=walk),
+                )
+            )
+    for rt in (1e-3, 3e-3, 1e-2):
+        out.append(
+            Setting(
+                f"budget 26 round {rt:g}", replace(default, max_evaluations=26, round_tolerance=rt)
+            )
+        )
+    return out
+
+
+def replay(
+    task: dict[str, Any], setting: Setting | None, method: str, draws: int
+) -> list[dict[str, Any]]:
+    """The rows of one recorded run for one method (GTG-Shapley: one ``setting``, its scores
+    averaged over ``draws`` sampling streams, the first being the run's own)."""
+    from fedguard.algorithms import seeding
+    from fedguard.algorithms.contribution import gtg, shapley
+    from fedguard.algorithms.contribution import leave_one_out as loo
+    from fedguard.algorithms.contribution import utility as cu
+    from fedguard.experiment import contribution
+
+    seed = task["seed"]
+    games = task["rounds"]
+    exact_values = []
+    for g in games:
+        values = g["values"]
+        exact_values.append(
+            list(shapley.exact(cu.Utility(lambda m, v=values: v[_mask(m)], len(g["ids"]))).values)
+        )
+    per_draw: list[dict[str, Any]] = []
+    for draw in range(draws if method == "gtg_shapley" else 1):
+        scores, evaluations, skipped = [], [], 0
+        for g in games:
+            game = cu.Utility(lambda m, v=g["values"]: v[_mask(m)], len(g["ids"]))
+            if method == "gtg_shapley":
+                assert setting is not None
+                estimate = gtg.shapley(
+                    game,
+                    generator=seeding.generator(seed, g["round"], contribution.GTG_STREAM + draw),
+                    config=setting.config,
+                )
+                skipped += estimate.skipped
+                scores.append(list(estimate.values))
+                evaluations.append(estimate.evaluations)
+            elif method == "leave_one_out":
+                left = loo.leave_one_out(game)
+                scores.append(list(left.values))
+                evaluations.append(left.evaluations)
+            else:
+                scores.append(list(g["cosine"]))
+                evaluations.append(0)
+        per_draw.append(_measure(games, scores, exact_values, evaluations, skipped))
+    exact_evaluations = statistics.fmean(1 << len(g["ids"]) for g in games)
+    seconds = [
+        g["cosine_seconds"] if method == "cosine" else 0.0 for g in games
+    ]  # per round; utility-based methods: their evaluations times the round's seconds each
+    round_seconds = statistics.fmean(g["round_seconds"] for g in games)
     rows = []
-    for method in METHODS:
-        round_corr = []
-        cumulative: dict[int, float] = {}
-        exact_cumulative: dict[int, float] = {}
-        evaluations, seconds = [], []
-        for r in per_round:
-            values, count = r[method]
-            round_corr.append(correlations(values, r["exact"]))
-            evaluations.append(count)
-            seconds.append(r["cosine_seconds"] if method == "cosine" else count * r["per_eval"])
-            for cid, v, e in zip(r["ids"], values, r["exact"], strict=True):
-                cumulative[cid] = cumulative.get(cid, 0.0) + v
-                exact_cumulative[cid] = exact_cumulative.get(cid, 0.0) + e
-        clients = sorted(cumulative)
-        cum = correlations([cumulative[c] for c in clients], [exact_cumulative[c] for c in clients])
-        common = {
-            "task": "medical",
+    for scope in ("round", "cumulative"):
+        pearsons = [d[scope][0] for d in per_draw]
+        spearmans = [d[scope][1] for d in per_draw]
+        evals = statistics.fmean(d["evaluations"] for d in per_draw)
+        if method == "cosine":
+            secs = statistics.fmean(seconds)
+        else:
+            secs = statistics.fmean(d["seconds_per_round"] for d in per_draw)
+        row = {
+            "task": task["task"],
             "seed": seed,
             "method": method,
-            "evaluations": statistics.fmean(evaluations),
-            "exact_evaluations": statistics.fmean(r["exact_evaluations"] for r in per_round),
-            "seconds": statistics.fmean(seconds),
-            "exact_seconds": statistics.fmean(r["exact_seconds"] for r in per_round),
-            "round_seconds": statistics.fmean(round_seconds),
+            "scope": scope,
+            "pearson": statistics.fmean(pearsons),
+            "spearman": statistics.fmean(spearmans),
+            "evaluations": evals,
+            "exact_evaluations": exact_evaluations,
+            "seconds": secs,
+            "round_seconds": round_seconds,
+            "seconds_vs_round": secs / round_seconds,
+            "exact_seconds": statistics.fmean((1 << len(g["ids"])) * g["per_eval"] for g in games),
+            "rounds": len(games),
         }
-        rows.append(
-            {
-                **common,
-                "scope": "round",
-                "pearson": float(np.mean([p for p, _ in round_corr])),
-                "spearman": float(np.mean([s for _, s in round_corr])),
-            }
-        )
-        rows.append({**common, "scope": "cumulative", "pearson": cum[0], "spearman": cum[1]})
+        if method == "gtg_shapley" and setting is not None:
+            row.update(setting.fields())
+            row["draws"] = len(per_draw)
+            row["pearson_worst_draw"] = min(pearsons)
+            row["spearman_worst_draw"] = min(spearmans)
+            row["rounds_skipped"] = statistics.fmean(d["skipped"] for d in per_draw)
+            row["evaluations_late"] = statistics.fmean(d["evaluations_late"] for d in per_draw)
+        rows.append(row)
     return rows
 
 
-def _all_subsets(k: int) -> list[set[int]]:
-    return [{i for i in range(k) if mask >> i & 1} for mask in range(1 << k)]
+def _measure(
+    games: list[dict[str, Any]],
+    scores: list[list[float]],
+    exact_values: list[list[float]],
+    evaluations: list[int],
+    skipped: int,
+) -> dict[str, Any]:
+    """Correlations per round (mean over the rounds the method scored: a round truncated
+    between rounds has all-zero scores and no correlation) and cumulative; the mean cost."""
+    per_round = [
+        correlations(s, e) for s, e in zip(scores, exact_values, strict=True) if max(s) != min(s)
+    ]
+    cumulative: dict[int, float] = {}
+    exact_cumulative: dict[int, float] = {}
+    for g, s, e in zip(games, scores, exact_values, strict=True):
+        for cid, a, b in zip(g["ids"], s, e, strict=True):
+            cumulative[cid] = cumulative.get(cid, 0.0) + a
+            exact_cumulative[cid] = exact_cumulative.get(cid, 0.0) + b
+    clients = sorted(cumulative)
+    late = len(games) // 2
+    return {
+        "round": (
+            float(np.mean([p for p, _ in per_round])) if per_round else float("nan"),
+            float(np.mean([q for _, q in per_round])) if per_round else float("nan"),
+        ),
+        "cumulative": correlations(
+            [cumulative[c] for c in clients], [exact_cumulative[c] for c in clients]
+        ),
+        "evaluations": statistics.fmean(evaluations),
+        "evaluations_late": statistics.fmean(evaluations[late:]),
+        "seconds_per_round": statistics.fmean(
+            n * g["per_eval"] for n, g in zip(evaluations, games, strict=True)
+        ),
+        "skipped": skipped,
+    }
+
+
+def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per GTG-Shapley setting: mean evaluations per round against the worst seed's mean
+    per-round and cumulative correlations, cheapest first; ``meets_goal`` is Pearson >= 0.95 and
+    Spearman >= 0.9 per round on every seed, and ``within_10_percent`` its cost goal."""
+    out = []
+    names = dict.fromkeys(r["config"] for r in rows if r["method"] == "gtg_shapley")
+    for name in names:
+        mine = [r for r in rows if r.get("config") == name]
+        per_round = [r for r in mine if r["scope"] == "round"]
+        cumulative = [r for r in mine if r["scope"] == "cumulative"]
+        evaluations = statistics.fmean(r["evaluations"] for r in per_round)
+        exact = statistics.fmean(r["exact_evaluations"] for r in per_round)
+        entry = {
+            **{k: per_round[0][k] for k in SETTING_FIELDS},
+            "evaluations": evaluations,
+            "share_of_exact": evaluations / exact,
+            "evaluations_late": statistics.fmean(r["evaluations_late"] for r in per_round),
+            "pearson_round_worst_seed": min(r["pearson"] for r in per_round),
+            "spearman_round_worst_seed": min(r["spearman"] for r in per_round),
+            "pearson_round_mean": statistics.fmean(r["pearson"] for r in per_round),
+            "spearman_round_mean": statistics.fmean(r["spearman"] for r in per_round),
+            "pearson_cumulative_worst_seed": min(r["pearson"] for r in cumulative),
+            "spearman_cumulative_worst_seed": min(r["spearman"] for r in cumulative),
+            "seconds_vs_round": statistics.fmean(r["seconds_vs_round"] for r in per_round),
+            "rounds_skipped": statistics.fmean(r["rounds_skipped"] for r in per_round),
+        }
+        entry["meets_goal"] = (
+            entry["pearson_round_worst_seed"] >= 0.95 and entry["spearman_round_worst_seed"] >= 0.9
+        )
+        entry["within_10_percent"] = entry["share_of_exact"] <= 0.1
+        out.append(entry)
+    return sorted(out, key=lambda e: e["evaluations"])
+
+
+def _mask(members: frozenset[int]) -> int:
+    return sum(1 << i for i in members)
+
+
+def _members(mask: int) -> frozenset[int]:
+    return frozenset(i for i in range(mask.bit_length()) if mask >> i & 1)
 
 
 def main() -> None:
@@ -190,20 +399,53 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=ROUNDS)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--games", type=Path, default=RESULTS / "contribution_games.json")
+    parser.add_argument(
+        "--replay", action="store_true", help="score the recorded games again without training"
+    )
+    parser.add_argument("--draws", type=int, default=DRAWS)
     parser.add_argument("--out", type=Path, default=RESULTS / "contribution.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.replay:
+        recorded = json.loads(args.games.read_text())
+    else:
+        recorded = {"task": "medical", "rounds": args.rounds, "per_round": PER_ROUND, "runs": []}
+        for seed in args.seeds:
+            recorded["runs"].append(record_seed(seed, args.rounds, args.data))
+            args.games.parent.mkdir(parents=True, exist_ok=True)
+            args.games.write_text(json.dumps(recorded) + "\n")
     rows: list[dict[str, Any]] = []
-    for seed in args.seeds:
-        rows.extend(run_seed(seed, args.rounds, args.data))
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"rows": rows}, indent=1) + "\n")
-    for row in rows:
+    for task in recorded["runs"]:
+        for setting in settings():
+            rows.extend(replay(task, setting, "gtg_shapley", args.draws))
+        for method in METHODS[1:]:
+            rows.extend(replay(task, None, method, 1))
+    out = {
+        "task": "medical",
+        "rounds": recorded["rounds"],
+        "clients_per_round": recorded["per_round"],
+        "draws": args.draws,
+        "rows": rows,
+        "frontier": frontier(rows),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1) + "\n")
+    for e in out["frontier"]:
         print(
-            f"{row['seed']} {row['method']:14s} {row['scope']:10s} pearson {row['pearson']:.3f} "
-            f"spearman {row['spearman']:.3f} evals {row['evaluations']:.0f}/"
-            f"{row['exact_evaluations']:.0f} {row['seconds']:.2f} s (round {row['round_seconds']:.1f} s)"
+            f"{e['config']:34s} evals {e['evaluations']:6.1f} ({e['share_of_exact']:.3f}) "
+            f"pearson {e['pearson_round_worst_seed']:.3f} spearman "
+            f"{e['spearman_round_worst_seed']:.3f} cum {e['pearson_cumulative_worst_seed']:.3f}/"
+            f"{e['spearman_cumulative_worst_seed']:.3f} x round {e['seconds_vs_round']:.2f} "
+            f"{'GOAL' if e['meets_goal'] else ''}"
         )
+    for row in rows:
+        if row["method"] != "gtg_shapley":
+            print(
+                f"{row['seed']} {row['method']:14s} {row['scope']:10s} "
+                f"pearson {row['pearson']:.3f} spearman {row['spearman']:.3f} "
+                f"evals {row['evaluations']:.0f}/{row['exact_evaluations']:.0f}"
+            )
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ def runtime_table(engine: str, cores: int) -> dict[str, Any]:
     if engine == "cohort":
         return {"kind": "cohort"}
     if engine == "ray+cohort":
-        return {"kind": "ray", "actors": cores, "cpus_per_actor": 1, "cohort": True}
+        return {"kind": "ray", "actors": cores, "cpus_per_actor": 1, "actor_engine": "cohort"}
     raise ValueError(f"not a fedguard engine: {engine}")
 
 

@@ -138,3 +138,66 @@ def test_gtg_config_refuses_bad_settings() -> None:
         gtg.GtgConfig(min_cycles=4, max_cycles=3)
     with pytest.raises(cu.ContributionError, match="window"):
         gtg.GtgConfig(window=0)
+
+
+def _reference_budgeted(v: cu.UtilityFn, k: int, seed: int, budget: int) -> tuple[list[float], int]:
+    """The budgeted estimate by hand: guided orders drawn as the algorithm draws them, walked
+    without truncation; a permutation is kept while the distinct coalitions it needs (with
+    v(empty) and v(N)) stay within ``budget``. Returns the mean marginals and their count."""
+    gen = torch.Generator().manual_seed(seed)
+    seen = {frozenset(), frozenset(range(k))}
+    totals = [0.0] * k
+    kept = 0
+    while True:
+        lead = kept % k
+        rest = [p for p in range(k) if p != lead]
+        order = [lead] + [rest[j] for j in torch.randperm(k - 1, generator=gen).tolist()]
+        prefixes = [frozenset(order[: i + 1]) for i in range(k)]
+        if len(seen | set(prefixes)) > budget:
+            return [t / kept for t in totals], kept
+        seen |= set(prefixes)
+        for i, p in enumerate(order):
+            before = v(frozenset(order[:i]))
+            totals[p] += v(prefixes[i]) - before
+        kept += 1
+
+
+@pytest.mark.parametrize("budget", [9, 10, 17, 26, 40, 77])
+def test_an_evaluation_budget_is_never_exceeded_and_keeps_whole_permutations(budget: int) -> None:
+    k = 8
+    v = saturating_game(5, k)
+    calls: list[frozenset[int]] = []
+
+    def counted(s: frozenset[int]) -> float:
+        calls.append(s)
+        return v(s)
+
+    config = gtg.GtgConfig(walk_tolerance=0.0, max_evaluations=budget)
+    scores = run(counted, k, 3, config)
+    assert len(calls) == len(set(calls)) == scores.evaluations <= budget
+    assert scores.budget_exhausted and not scores.converged
+    expected, kept = _reference_budgeted(v, k, 3, budget)
+    assert scores.permutations == kept >= 1
+    assert scores.values == pytest.approx(expected, abs=1e-12)
+    # Every kept permutation was walked to its end: efficiency holds exactly.
+    assert math.fsum(scores.values) == pytest.approx(v(frozenset(range(k))) - v(frozenset()))
+
+
+def test_a_budget_above_the_unbounded_cost_changes_nothing() -> None:
+    v = saturating_game(6, 8)
+    free = run(v, 8, 1, gtg.GtgConfig())
+    capped = run(v, 8, 1, gtg.GtgConfig(max_evaluations=free.evaluations))
+    assert not capped.budget_exhausted and capped.converged == free.converged
+    assert capped.values == free.values and capped.evaluations == free.evaluations
+    tighter = run(v, 8, 1, gtg.GtgConfig(max_evaluations=free.evaluations - 1))
+    assert tighter.budget_exhausted and tighter.evaluations <= free.evaluations - 1
+    assert tighter.permutations < free.permutations
+
+
+def test_a_budget_too_small_for_one_permutation_is_refused() -> None:
+    with pytest.raises(cu.ContributionError, match="max_evaluations must be at least 3"):
+        gtg.GtgConfig(max_evaluations=2)
+    v = saturating_game(0, 8)
+    with pytest.raises(cu.ContributionError, match="cannot pay for one permutation of 8"):
+        run(v, 8, 0, gtg.GtgConfig(max_evaluations=8))
+    assert run(v, 8, 0, gtg.GtgConfig(max_evaluations=9)).permutations == 1

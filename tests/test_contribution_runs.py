@@ -122,7 +122,7 @@ def test_free_riders_and_the_noisy_client_rank_last_are_flagged_and_get_the_floo
     if method == "leave_one_out":
         assert per_round == [10, 10, 10, 10]
     else:
-        assert all(300 <= n <= 450 for n in per_round)
+        assert all(120 <= n <= 250 for n in per_round)
     assert contribution["seconds"] == pytest.approx(
         math.fsum(r["seconds"] for r in scores["rounds"])
     )
@@ -204,7 +204,8 @@ def test_noisy_client_attack_shuffles_that_share_of_its_labels() -> None:
     cfg.pop("contribution")
     exp = Experiment(config_mod.validate(cfg), data_fn=digits_data)
     clean = Experiment(config_mod.validate(config("none") | {"attack": {}}), data_fn=digits_data)
-    (noisy,) = exp.attack.malicious if exp.attack is not None else ()
+    (plan,) = exp.attacks
+    (noisy,) = plan.malicious
     before, after = clean.fed.clients[noisy].train_y, exp.fed.clients[noisy].train_y
     changed = float((before != after).double().mean())
     assert 0.3 < changed < 0.6  # about label_noise * (1 - 1/10) = 0.45 of the labels move
@@ -214,6 +215,7 @@ def test_noisy_client_attack_shuffles_that_share_of_its_labels() -> None:
         "fraction": 1 / CLIENTS,
         "seed": 2,
         "malicious": [noisy],
+        "by_kind": {"noisy_client": [noisy]},
     }
 
 

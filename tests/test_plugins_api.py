@@ -309,7 +309,7 @@ def test_a_plugin_attack_replaces_the_malicious_updates_like_the_builtin() -> No
         exp = assembly.Experiment(validate(ten_iid_config("a", attack=section)))
         params = exp.initial_params
         results.append(exp.driver.fit_round(1, params, exp.strategy.init(params)).params)
-        assert exp.attack is not None and len(exp.attack.malicious) == 2
+        assert len(exp.attacks) == 1 and len(exp.attacks[0].malicious) == 2
     assert torch.equal(results[0], results[1])
     secure = {"enabled": True, "clip_norm": 1.0}
     with pytest.raises(ConfigError, match="rewrites fit replies, which secure aggregation masks"):

@@ -216,10 +216,10 @@ def test_label_flipping_rewrites_only_the_malicious_clients_labels() -> None:
     cfg = validate(_config(attack={"kind": "label_flip"}))
     clean = assembly.Experiment(validate(_config()))
     exp = assembly.Experiment(cfg)
-    assert exp.attack is not None and len(exp.attack.malicious) == 2
+    assert len(exp.attacks) == 1 and len(exp.attacks[0].malicious) == 2
     for cid, data in exp.fed.clients.items():
         before = clean.fed.clients[cid].train_y
-        expected = 2 - before if cid in exp.attack.malicious else before
+        expected = 2 - before if cid in exp.attacks[0].malicious else before
         assert torch.equal(data.train_y, expected)
 
 

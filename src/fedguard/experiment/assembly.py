@@ -600,13 +600,15 @@ class Experiment:
         self.cfg = cfg
         self.fed = federation.build_federation(cfg, data_fn)
         fed_x, fed_y = self.fed.eval_x, self.fed.eval_y
-        self.attack = federation.attack_plan(cfg, self.fed)
-        if self.attack is not None and self.attack.poisons_data:
-            self.fed = federation.poison_clients(
-                self.fed,
-                self.attack.malicious,
-                functools.partial(federation.poison_data, self.attack, self.fed.num_classes),
-            )
+        # One plan per simulated behaviour (disjoint clients; at most one rewrites replies).
+        self.attacks = federation.attack_plans(cfg, self.fed)
+        for plan in self.attacks:
+            if plan.poisons_data:
+                self.fed = federation.poison_clients(
+                    self.fed,
+                    plan.malicious,
+                    functools.partial(federation.poison_data, plan, self.fed.num_classes),
+                )
         try:
             self.model = models.build(
                 cfg.model.name,
@@ -679,13 +681,11 @@ class Experiment:
         else:
             self.transport = engines.local_transport(cfg, self.app, ids, self.latency)
         self._client_ids = ids
-        if self.attack is not None and not self.attack.poisons_data:
-            self.transport = attack.ModelPoisoning(
-                self.transport,
-                self.attack.malicious,
-                self.attack.model_attack(),
-                seed=self.attack.seed,
-            )
+        for plan in self.attacks:
+            if not plan.poisons_data:
+                self.transport = attack.ModelPoisoning(
+                    self.transport, plan.malicious, plan.model_attack(), seed=plan.seed
+                )
         try:
             self.driver = build_driver(
                 cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
@@ -709,7 +709,7 @@ class Experiment:
         client_config = client_training_config(self.cfg)
         if self.privacy is not None:
             client_config.update(self.privacy.client_config(self.cfg))
-        poisoning = self.attack if self.attack is not None and self.attack.poisons_data else None
+        poisoning = tuple(plan for plan in self.attacks if plan.poisons_data)
         clients = ray_runtime.SimulatedClients(
             self.cfg, pins, client_config, model_fn, data_fn, poisoning
         )
@@ -750,9 +750,9 @@ class Experiment:
 
     def _backdoor_test(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The central test images whose label is not the target, with the trigger stamped in."""
-        if self.attack is None or self.attack.backdoor is None:
+        b = self.backdoor()
+        if b is None:
             return None
-        b = self.attack.backdoor
         keep = self.eval_y != b.target
         if not bool(keep.any()):
             raise ConfigError(
@@ -816,7 +816,7 @@ class Experiment:
         self.model.set_flat(params)
         out: dict[str, Any] = {"backdoor_success": None}
         if self.backdoor_test is not None:
-            backdoor = None if self.attack is None else self.attack.backdoor
+            backdoor = self.backdoor()
             if backdoor is None:
                 raise RuntimeError("A backdoor test set is kept without a backdoor attack.")
             x, y = self.backdoor_test
@@ -828,16 +828,26 @@ class Experiment:
             )
         return out["backdoor_success"]
 
+    def backdoor(self) -> attack.Backdoor | None:
+        """The simulated backdoor's trigger and target (None without one)."""
+        return next((p.backdoor for p in self.attacks if p.backdoor is not None), None)
+
+    def malicious(self) -> list[int]:
+        """Every simulated attacker or low-value client, whatever its behaviour, sorted."""
+        return sorted(c for plan in self.attacks for c in plan.malicious)
+
     def attack_summary(self) -> dict[str, Any] | None:
-        """What ``summary.json`` says about the simulated attack (None without one)."""
-        if self.attack is None:
+        """What ``summary.json`` says about the simulated attack (None without one): the kind(s)
+        and fraction(s) as configured, every malicious id, and the ids of each behaviour."""
+        if not self.attacks:
             return None
         a = self.cfg.attack
         return {
             "kind": a.kind,
             "fraction": a.fraction,
-            "seed": self.attack.seed,
-            "malicious": list(self.attack.malicious),
+            "seed": self.attacks[0].seed,
+            "malicious": self.malicious(),
+            "by_kind": {k: list(p.malicious) for k, p in zip(a.kinds(), self.attacks, strict=True)},
         }
 
     def final_report(self, params: torch.Tensor) -> dict[str, Any]:

@@ -15,6 +15,8 @@ round 1. The robust-aggregation helpers the runner needs (:func:`robust_rule`,
 
 from __future__ import annotations
 
+import math
+
 from pydantic import BaseModel
 
 from fedguard import plugins
@@ -436,7 +438,9 @@ def plugin_options(cfg: ExperimentSections) -> None:
 
 
 def attack(cfg: ExperimentSections) -> None:
-    """A simulated attack that can run: some client malicious, replies not masked away."""
+    """A simulated attack that can run: some client malicious, replies not masked away; a list
+    of behaviours with one fraction each, disjoint shares that fit, at most one rewriting replies.
+    """
     a = cfg.attack
     if a.kind == "none":
         changed = _changed(a, tuple(n for n in type(a).model_fields if n != "kind"))
@@ -444,23 +448,51 @@ def attack(cfg: ExperimentSections) -> None:
             name = changed[0]
             raise ValueError(f'attack.{name} is set but attack.kind = "none"')
         return
-    plugin = plugins.is_reference(a.kind)
+    kinds = a.kinds()
+    if isinstance(a.kind, list):
+        if not kinds:
+            raise ValueError('attack.kind = [] names no behaviour; set attack.kind = "none"')
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"attack.kind lists a behaviour twice: {list(kinds)}")
+        if not isinstance(a.fraction, list) or len(a.fraction) != len(kinds):
+            raise ValueError(
+                f"attack.kind lists {len(kinds)} behaviours: attack.fraction must be a list of "
+                f"{len(kinds)} shares, one per behaviour, got {a.fraction!r}"
+            )
+        if math.fsum(a.fractions()) > 1.0:
+            raise ValueError(
+                f"attack.fraction = {list(a.fractions())} adds up to more than all the clients"
+            )
+        rewriting = [k for k in kinds if not attacks.is_data_poisoning(attacks.Attack(k))]
+        if len(rewriting) > 1:
+            raise ValueError(
+                f"attack.kind: {rewriting} all rewrite fit replies; a run combines at most one "
+                "such behaviour with any number of data-poisoning ones"
+            )
+    elif isinstance(a.fraction, list):
+        raise ValueError(
+            f'attack.fraction is a list but attack.kind = "{a.kind}" is one behaviour; give one '
+            "share, or list the behaviours"
+        )
+    plugin = plugins.is_reference(kinds[0])
     if a.options and not plugin:
         raise ValueError(
             f'attack.options only applies to a plug-in attack.kind ("package.module:name"), '
             f'not "{a.kind}"'
         )
-    data_poisoning = not plugin and attacks.is_data_poisoning(attacks.Attack(a.kind))
-    if cfg.secure_aggregation.enabled and not data_poisoning:
-        raise ValueError(
-            f'attack.kind = "{a.kind}" rewrites fit replies, which secure aggregation masks; '
-            'simulate it without secure aggregation or use "label_flip" or "backdoor"'
-        )
-    if round(a.fraction * cfg.data.num_clients) == 0:
-        raise ValueError(
-            f"attack.fraction={a.fraction} of {cfg.data.num_clients} clients makes no client "
-            'malicious; raise it or set attack.kind = "none"'
-        )
+    for kind, fraction in zip(kinds, a.fractions(), strict=True):
+        data_poisoning = not plugin and attacks.is_data_poisoning(attacks.Attack(kind))
+        if cfg.secure_aggregation.enabled and not data_poisoning:
+            raise ValueError(
+                f'attack.kind = "{kind}" rewrites fit replies, which secure aggregation masks; '
+                'simulate it without secure aggregation or use "label_flip" or "backdoor"'
+            )
+        if round(fraction * cfg.data.num_clients) == 0:
+            what = f'"{kind}"' if len(kinds) > 1 else "client"
+            raise ValueError(
+                f"attack.fraction={fraction} of {cfg.data.num_clients} clients makes no "
+                f'{what} malicious; raise it or set attack.kind = "none"'
+            )
 
 
 def secure_aggregation(cfg: ExperimentSections) -> None:
@@ -588,6 +620,21 @@ def contribution(cfg: ExperimentSections) -> None:
                 f'contribution.method = "exact_shapley" evaluates all 2^K coalitions of a round; '
                 f"up to {most} clients per round is above the limit of "
                 f'{MAX_EXACT_SHAPLEY_CLIENTS}: use "gtg_shapley" or fewer clients per round'
+            )
+    budget = c.gtg_max_evaluations
+    if budget is not None:
+        if c.method != "gtg_shapley":
+            raise ValueError(
+                f"contribution.gtg_max_evaluations bounds GTG-Shapley; contribution.method = "
+                f'"{c.method}" does not sample (remove the key or use "gtg_shapley")'
+            )
+        most = cfg.data.num_clients if cfg.server.sampling == "poisson" else cfg.clients_per_round
+        if budget < most + 1:
+            raise ValueError(
+                f"contribution.gtg_max_evaluations={budget} cannot pay for one GTG-Shapley "
+                f"permutation of up to {most} clients per round ({most + 1} evaluations: the "
+                f"previous model, the full aggregate and {most - 1} coalitions between); raise "
+                f"it to at least {most + 1}"
             )
 
 

@@ -35,6 +35,7 @@ class _Section(BaseModel):
 Probability = Annotated[float, Field(gt=0.0, lt=1.0)]
 # A Ray cluster's head, as `ray start --head` prints it (runtime.address).
 RAY_ADDRESS = re.compile(r"[A-Za-z0-9.\-\[\]:]+:[0-9]{1,5}")
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 # A plug-in's options: the TOML table of its key, passed to its factory as keyword arguments.
 Options = dict[str, Any]
 
@@ -167,10 +168,17 @@ class AttackSection(_Section):
     training data; model poisoning replaces their replies (see ``fedguard.simulation.attack``), as
     a plug-in :class:`fedguard.Attack` does (``kind = "package.module:name"``, ``options`` its
     options).
+
+    Several built-in behaviours in one run: ``kind`` a list and ``fraction`` a list of the same
+    length (``kind = ["free_rider", "noisy_client"]``, ``fraction = [0.2, 0.1]``); each kind gets
+    its own ``round(fraction * num_clients)`` clients, disjoint, drawn from one seeded order (the
+    first kind's clients are those it would get alone). At most one of them may rewrite replies
+    (model poisoning, free riders); the others poison training data. The cross-key rules are
+    ``config_checks.attack``'s.
     """
 
-    kind: str = "none"
-    fraction: float = Field(0.2, ge=0.0, le=1.0)
+    kind: str | list[str] = "none"
+    fraction: Fraction | list[Fraction] = 0.2
     seed: int | None = None
     scale: float = Field(1.0, gt=0.0)  # sign_flip: -scale * u
     factor: float = Field(10.0, gt=0.0)  # boost: factor * u
@@ -186,13 +194,35 @@ class AttackSection(_Section):
 
     @field_validator("kind")
     @classmethod
-    def _kind(cls, value: str) -> str:
-        return _built_in_or_reference(value, BUILTIN_ATTACKS, "attack.kind")
+    def _kind(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, str):
+            return _built_in_or_reference(value, BUILTIN_ATTACKS, "attack.kind")
+        for kind in value:
+            if kind not in BUILTIN_ATTACKS[1:]:
+                allowed = ", ".join(repr(b) for b in BUILTIN_ATTACKS[1:])
+                raise ValueError(
+                    f"attack.kind: a list holds built-in behaviours only ({allowed}), got "
+                    f'{kind!r} (a plug-in attack or "none" stands alone)'
+                )
+        return value
 
-    def config(self) -> attacks.AttackConfig:
-        """The algorithms' view of a built-in model- or data-poisoning attack."""
+    def kinds(self) -> tuple[str, ...]:
+        """The behaviours, in the order given (one for a single ``kind``)."""
+        return (self.kind,) if isinstance(self.kind, str) else tuple(self.kind)
+
+    def fractions(self) -> tuple[float, ...]:
+        """Each behaviour's share of the clients, in :meth:`kinds`' order."""
+        return (self.fraction,) if isinstance(self.fraction, float) else tuple(self.fraction)
+
+    def config(self, kind: str | None = None) -> attacks.AttackConfig:
+        """The algorithms' view of the built-in model- or data-poisoning attack ``kind``
+        (default: the single ``kind``)."""
+        if kind is None:
+            if not isinstance(self.kind, str):
+                raise ValueError("attack.kind is a list: name the behaviour to configure.")
+            kind = self.kind
         return attacks.AttackConfig(
-            kind=attacks.Attack(self.kind),
+            kind=attacks.Attack(kind),
             scale=self.scale,
             factor=self.factor,
             std=self.std,
@@ -300,7 +330,8 @@ class ContributionSection(_Section):
     ``flag_threshold`` for ``flag_patience`` scored rounds is flagged (and with
     ``exclude_flagged`` left out of later rounds' aggregates); ``reward_total`` is divided by
     cumulative score with the share ``reward_floor`` paid equally. The ``gtg_*`` keys are
-    GTG-Shapley's tolerances (in units of the utility) and sampling limits.
+    GTG-Shapley's tolerances (in units of the utility) and sampling limits;
+    ``gtg_max_evaluations`` caps the validation evaluations of one scored round.
     """
 
     method: Literal["none", "gtg_shapley", "leave_one_out", "exact_shapley", "cosine"] = "none"
@@ -313,8 +344,9 @@ class ContributionSection(_Section):
     reward_floor: float = Field(0.1, ge=0.0, le=1.0)
     gtg_round_tolerance: float = Field(1e-4, ge=0.0, allow_inf_nan=False)
     gtg_walk_tolerance: float = Field(1e-4, ge=0.0, allow_inf_nan=False)
-    gtg_convergence_tolerance: float = Field(0.02, gt=0.0, allow_inf_nan=False)
+    gtg_convergence_tolerance: float = Field(0.1, gt=0.0, allow_inf_nan=False)
     gtg_max_cycles: int = Field(30, ge=3)
+    gtg_max_evaluations: int | None = Field(None, ge=3)  # per scored round; None: no cap
 
 
 class LatencySection(_Section):

@@ -76,6 +76,7 @@ class Tracker:
             walk_tolerance=section.gtg_walk_tolerance,
             convergence_tolerance=section.gtg_convergence_tolerance,
             max_cycles=section.gtg_max_cycles,
+            max_evaluations=section.gtg_max_evaluations,
         )
         self.ledger = contribution_ledger.empty()
         self.flags = free_riders.empty()
@@ -165,6 +166,8 @@ class Tracker:
                     config=self.gtg_config,
                 )
                 skipped = estimate.skipped
+                record["permutations"] = estimate.permutations
+                record["budget_exhausted"] = estimate.budget_exhausted
                 scores = contribution_utility.Scores(
                     estimate.values, estimate.evaluations, estimate.seconds
                 )

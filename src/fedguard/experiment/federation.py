@@ -103,7 +103,9 @@ def load_data(
             augment_copies=d.augment_copies,
             feature_norm=d.feature_norm,
             audio=audio_settings(d),
-            validation=cfg.evaluation.split == "val",
+            # the validation split: to evaluate on it, or as contribution scores' utility
+            validation=cfg.evaluation.split == "val"
+            or cfg.contribution.method not in ("none", "cosine"),
         )
     except ValueError as exc:
         raise ConfigError(f"data.dataset: {exc}") from None
@@ -201,19 +203,20 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
     )
 
 
-def attack_plan(cfg: ExperimentConfig, fed: Federation) -> attack.Plan | None:
-    """The ``[attack]`` of a simulated run: malicious clients drawn with its seed, its trigger,
-    or the plug-in attack it names (made with ``attack.options``).
+def attack_plans(cfg: ExperimentConfig, fed: Federation) -> tuple[attack.Plan, ...]:
+    """The ``[attack]`` of a simulated run, one plan per behaviour (none without an attack):
+    disjoint malicious clients drawn with its seed (:func:`attacks.choose_groups`), a backdoor's
+    trigger, or the plug-in attack it names (made with ``attack.options``).
 
     The backdoor's trigger value is the largest training pixel of the whole federation, so that
     the clients' stamps and the test set's are the same square.
     """
     a = cfg.attack
     if a.kind == "none":
-        return None
+        return ()
     seed = a.seed if a.seed is not None else cfg.experiment.seed
-    malicious = tuple(attacks.choose_malicious(list(fed.clients), a.fraction, seed))
-    if plugins.is_reference(a.kind):
+    groups = attacks.choose_groups(list(fed.clients), a.fractions(), seed)
+    if isinstance(a.kind, str) and plugins.is_reference(a.kind):
         context = PluginContext(
             seed=seed,
             num_clients=len(fed.clients),
@@ -225,27 +228,35 @@ def attack_plan(cfg: ExperimentConfig, fed: Federation) -> attack.Plan | None:
             plugins.check_kind(made, attack.Attack, spec=a.kind, what="attack.kind")
         except plugins.PluginError as exc:
             raise ConfigError(str(exc)) from None
-        return attack.Plan(None, malicious, seed, plugin=cast(attack.Attack, made))
-    backdoor = None
-    if a.kind == "backdoor":
-        if len(fed.input_shape) != 3:
-            raise ConfigError(
-                'attack.kind = "backdoor" stamps a pixel trigger into [C, H, W] images; '
-                f"{fed.dataset_name!r} has inputs of shape {fed.input_shape}"
-            )
-        if a.target_label >= fed.num_classes:
-            raise ConfigError(
-                f"attack.target_label={a.target_label} is not a class of {fed.dataset_name!r}: "
-                f"allowed 0..{fed.num_classes - 1}"
-            )
-        value = max(float(d.train_x.max()) for d in fed.clients.values())
-        trigger = attacks_data.Trigger(size=a.trigger_size, value=value)
-        try:
-            attacks_data.trigger_mask(fed.input_shape[1], fed.input_shape[2], trigger)
-        except robust_base.RobustnessError as exc:
-            raise ConfigError(f"attack.trigger_size: {exc}") from None
-        backdoor = attack.Backdoor(trigger, a.target_label, a.poisoned_fraction)
-    return attack.Plan(a.config(), malicious, seed, backdoor)
+        return (attack.Plan(None, tuple(groups[0]), seed, plugin=cast(attack.Attack, made)),)
+    return tuple(
+        attack.Plan(
+            a.config(kind), tuple(group), seed, _backdoor(cfg, fed) if kind == "backdoor" else None
+        )
+        for kind, group in zip(a.kinds(), groups, strict=True)
+    )
+
+
+def _backdoor(cfg: ExperimentConfig, fed: Federation) -> attack.Backdoor:
+    """The backdoor of ``[attack]``: its trigger, checked against the images, and its target."""
+    a = cfg.attack
+    if len(fed.input_shape) != 3:
+        raise ConfigError(
+            'attack.kind = "backdoor" stamps a pixel trigger into [C, H, W] images; '
+            f"{fed.dataset_name!r} has inputs of shape {fed.input_shape}"
+        )
+    if a.target_label >= fed.num_classes:
+        raise ConfigError(
+            f"attack.target_label={a.target_label} is not a class of {fed.dataset_name!r}: "
+            f"allowed 0..{fed.num_classes - 1}"
+        )
+    value = max(float(d.train_x.max()) for d in fed.clients.values())
+    trigger = attacks_data.Trigger(size=a.trigger_size, value=value)
+    try:
+        attacks_data.trigger_mask(fed.input_shape[1], fed.input_shape[2], trigger)
+    except robust_base.RobustnessError as exc:
+        raise ConfigError(f"attack.trigger_size: {exc}") from None
+    return attack.Backdoor(trigger, a.target_label, a.poisoned_fraction)
 
 
 def poison_clients(

@@ -2,7 +2,7 @@
 
 :class:`SimulatedClients` is the recipe each actor receives (pickled once, through the object
 store): the configuration, the run's pins and fit settings, the user's model and data functions
-and a data-poisoning plan. Called inside the actor with the ids of its clients, it builds what the
+and the data-poisoning plans. Called inside the actor with the ids of its clients, it builds what the
 in-process simulator builds in the driver, for those clients only: the federation from the
 configuration and seed (the same partition, the same held-out shares, the same poisoned data),
 the model, the trainer, and a :class:`~fedguard.client.app.ClientApp` over their data (with the
@@ -52,8 +52,8 @@ class SimulatedClients:
     """What an actor needs to build its clients (see the module docstring).
 
     ``client_config``: the fit settings every task carries (a plug-in trainer's context gets
-    them, as in the driver); ``poisoning``: the run's data-poisoning plan (None without one;
-    model poisoning rewrites replies on the driver, around the transport).
+    them, as in the driver); ``poisoning``: the run's data-poisoning plans (one per behaviour,
+    none without; model poisoning rewrites replies on the driver, around the transport).
     """
 
     cfg: ExperimentConfig
@@ -61,14 +61,13 @@ class SimulatedClients:
     client_config: Mapping[str, messages.Scalar]
     model_fn: Callable[..., Any] | None = None
     data_fn: federation.DataFn | None = None
-    poisoning: attack.Plan | None = None
+    poisoning: tuple[attack.Plan, ...] = ()
 
     def __call__(self, client_ids: Sequence[int]) -> ActorClients:
         cfg = self.cfg
         fed = federation.build_federation(cfg, self.data_fn)
         fed = replace(fed, clients={cid: fed.clients[cid] for cid in client_ids})
-        plan = self.poisoning
-        if plan is not None:
+        for plan in self.poisoning:
             poison = functools.partial(federation.poison_data, plan, fed.num_classes)
             fed = federation.poison_clients(
                 fed, [m for m in plan.malicious if m in fed.clients], poison

@@ -98,13 +98,33 @@ def choose_malicious(client_ids: Sequence[int], fraction: float, seed: int) -> l
     The draw depends on the ids as a set (they are sorted first), so the same seed and the same
     federation always give the same attackers.
     """
-    if not 0.0 <= fraction <= 1.0:
+    return choose_groups(client_ids, [fraction], seed)[0]
+
+
+def choose_groups(
+    client_ids: Sequence[int], fractions: Sequence[float], seed: int
+) -> list[list[int]]:
+    """Disjoint groups of ``round(f * n)`` clients for each share ``f``, each sorted.
+
+    One seeded order of the sorted ids is dealt out group after group, so the first group is
+    exactly what :func:`choose_malicious` draws for its share alone, and a group never depends
+    on the shares after it.
+    """
+    if any(not 0.0 <= f <= 1.0 for f in fractions):
         raise robust_base.RobustnessError(
-            f"The malicious fraction must be in [0, 1], got {fraction}."
+            f"The malicious fractions must be in [0, 1], got {list(fractions)}."
         )
     ids = sorted(client_ids)
     if len(set(ids)) != len(ids):
         raise robust_base.RobustnessError("Client ids must be distinct.")
-    count = round(fraction * len(ids))
-    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed))
-    return sorted(ids[i] for i in order[:count].tolist())
+    counts = [round(f * len(ids)) for f in fractions]
+    if sum(counts) > len(ids):
+        raise robust_base.RobustnessError(
+            f"Groups of {counts} clients do not fit in {len(ids)} clients."
+        )
+    order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()
+    groups, start = [], 0
+    for count in counts:
+        groups.append(sorted(ids[i] for i in order[start : start + count]))
+        start += count
+    return groups

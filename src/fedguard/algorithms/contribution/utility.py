@@ -96,6 +96,10 @@ class Utility:
         """The evaluations made and the seconds spent so far (a snapshot)."""
         return Cost(len(self._memo), self._seconds)
 
+    def evaluated(self, subset: frozenset[int]) -> bool:
+        """Whether ``subset``'s utility is already known (asking for it again costs nothing)."""
+        return subset in self._memo
+
     def __call__(self, subset: frozenset[int]) -> float:
         cached = self._memo.get(subset)
         if cached is not None:

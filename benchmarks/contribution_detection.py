@@ -1,0 +1,235 @@
+"""Free riders and noisy clients: are they flagged, and does leaving them out recover accuracy?
+
+Writes ``benchmarks/results/contribution_detection.json``: ``{"runs": [...], "rows": [...]}``.
+
+Per example (``medical``: ``examples/medical_imaging``, 10 hospitals; ``speech``:
+``examples/smart_home_speech``, 6 households), every run with the example's own settings except
+the number of rounds (``--rounds``; the README's table says which) and the evaluation (the test
+set after the last round only):
+
+* ``clean``: no simulated behaviour; scored with leave-one-out and never excluding anyone, so
+  that it trains on exactly the data the attacked runs' honest clients train on (FSDD holds its
+  validation takes 5-9 out of training whenever a run scores contributions) and so that its
+  flags count the honest clients flagged without any low-value client present;
+* for ``method`` in gtg_shapley and leave_one_out, the attacked run without and with
+  ``exclude_flagged``: ``[attack] kind = ["free_rider", "noisy_client"]``, ``fraction = [0.2,
+  0.1]`` (medical: 2 free riders and 1 noisy client of 10; speech: 1 and 1 of 6, the nearest
+  counts to 20% and 10%), ``label_noise`` every label shuffled (``--label-noise``).
+
+Flags: ``flag_threshold = 0`` for ``flag_patience`` scored rounds in a row (``--patience``),
+every round scored. A row per (example, method): the precision and recall of the clients flagged
+at the end of the run without exclusion against the ground truth (the attack's ids, from
+``summary.json``), the same for the run with exclusion, and the final test accuracy of the clean
+run, the attacked run without exclusion and the attacked run with it. GTG-Shapley runs with the
+configuration's tolerances and ``gtg_max_evaluations`` = ``--gtg-max-evaluations`` (32: about 3 permutations of 10 clients).
+
+Usage::
+
+    python benchmarks/contribution_detection.py                       # both examples
+    python benchmarks/contribution_detection.py --examples speech --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+EXAMPLES = {
+    "medical": ("medical_imaging", "medmnist/pneumoniamnist.npz", 10),
+    "speech": ("smart_home_speech", "fsdd", 6),
+}
+METHODS = ("gtg_shapley", "leave_one_out")
+GTG_BUDGET = 32  # GTG-Shapley's evaluations per round (contribution.gtg_max_evaluations)
+BEHAVIOURS = {"kind": ["free_rider", "noisy_client"], "fraction": [0.2, 0.1]}
+
+
+def example_config(
+    example: str, rounds: int, data_root: Path, *, label_noise: float, patience: int
+) -> dict[str, Any]:
+    """The example's configuration with ``rounds`` rounds, final evaluation only, and scores."""
+    folder, data, _ = EXAMPLES[example]
+    cfg = tomllib.loads((ROOT / "examples" / folder / "experiment.toml").read_text())
+    cfg["data"]["path"] = str(data_root / data)
+    cfg["experiment"]["rounds"] = rounds
+    cfg["evaluation"] = {"every": 0, "split": "test"}
+    cfg["contribution"] = {"method": "leave_one_out", "flag_patience": patience}
+    cfg["attack"] = {**BEHAVIOURS, "label_noise": label_noise}
+    return cfg
+
+
+def variant(
+    base: dict[str, Any], name: str, method: str, *, exclude: bool, budget: int
+) -> dict[str, Any]:
+    cfg = json.loads(json.dumps(base))
+    cfg["experiment"]["name"] = name
+    cfg["contribution"]["method"] = method
+    if method == "gtg_shapley":
+        cfg["contribution"]["gtg_max_evaluations"] = budget
+    if exclude:
+        cfg["contribution"]["exclude_flagged"] = True
+    if name.endswith("clean"):
+        cfg.pop("attack")
+    return cfg
+
+
+def precision_recall(flagged: set[int], bad: set[int]) -> tuple[float | None, float]:
+    """Precision (None when nothing is flagged) and recall of ``flagged`` against ``bad``."""
+    hit = len(flagged & bad)
+    precision = hit / len(flagged) if flagged else None
+    return precision, hit / len(bad)
+
+
+PLAN = (
+    ("clean", "leave_one_out", False),
+    *((m, m, False) for m in METHODS),
+    *((f"{m} exclude", m, True) for m in METHODS),
+)
+
+
+def one_run(
+    example: str,
+    label: str,
+    base: dict[str, Any],
+    work: Path,
+    *,
+    budget: int,
+) -> dict[str, Any]:
+    """One of the example's runs (``label`` from :data:`PLAN`) and what it measured."""
+    import fedguard
+
+    _, method, exclude = next(p for p in PLAN if p[0] == label)
+    name = f"{example}-{label.replace(' ', '-')}"
+    cfg = variant(base, name, method, exclude=exclude, budget=budget)
+    t0 = time.perf_counter()
+    summary = fedguard.run(cfg, out=work / name, progress=False)
+    attack = summary.get("attack") or {}
+    contribution = summary["contribution"]
+    record = {
+        "example": example,
+        "run": label,
+        "method": method,
+        "exclude_flagged": exclude,
+        "rounds": base["experiment"]["rounds"],
+        "test_accuracy": summary["test_accuracy"],
+        "flagged": contribution["flagged"],
+        "excluded": contribution["excluded"],
+        "by_kind": attack.get("by_kind"),
+        "num_clients": summary["num_clients"],
+        "scoring_evaluations": contribution["evaluations"],
+        "scoring_seconds": contribution["seconds"],
+        "seconds": time.perf_counter() - t0,
+    }
+    print(json.dumps(record), flush=True)
+    return record
+
+
+def rows_of(
+    example: str, runs: dict[str, dict[str, Any]], *, label_noise: float, patience: int, budget: int
+) -> list[dict[str, Any]]:
+    """One row per method from the example's runs (methods missing a run are left out)."""
+    rows = []
+    clean = runs["clean"]
+    for method in METHODS:
+        if method not in runs or f"{method} exclude" not in runs:
+            continue
+        without, with_ = runs[method], runs[f"{method} exclude"]
+        truth = without["by_kind"]
+        bad = {c for ids in truth.values() for c in ids}
+        p, r = precision_recall(set(without["flagged"]), bad)
+        pe, re = precision_recall(set(with_["flagged"]), bad)
+        rows.append(
+            {
+                "example": example,
+                "method": method,
+                "rounds": without["rounds"],
+                "clients": without["num_clients"],
+                "free_riders": truth["free_rider"],
+                "noisy_clients": truth["noisy_client"],
+                "label_noise": label_noise,
+                "flag_patience": patience,
+                "gtg_max_evaluations": budget if method == "gtg_shapley" else None,
+                "flagged": without["flagged"],
+                "precision": p,
+                "recall": r,
+                "flagged_exclude": with_["flagged"],
+                "precision_exclude": pe,
+                "recall_exclude": re,
+                "clean_flagged": clean["flagged"],
+                "accuracy_clean": clean["test_accuracy"],
+                "accuracy_attacked": without["test_accuracy"],
+                "accuracy_exclude_flagged": with_["test_accuracy"],
+                "gap_attacked": without["test_accuracy"] - clean["test_accuracy"],
+                "gap_exclude_flagged": with_["test_accuracy"] - clean["test_accuracy"],
+            }
+        )
+    return rows
+
+
+def run_example(
+    example: str,
+    rounds: int,
+    data_root: Path,
+    work: Path,
+    *,
+    label_noise: float,
+    patience: int,
+    budget: int,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The example's five runs and its rows (one per method)."""
+    base = example_config(example, rounds, data_root, label_noise=label_noise, patience=patience)
+    runs = {label: one_run(example, label, base, work, budget=budget) for label, _, _ in PLAN}
+    rows = rows_of(example, runs, label_noise=label_noise, patience=patience, budget=budget)
+    return list(runs.values()), rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--examples", nargs="+", choices=sorted(EXAMPLES), default=list(EXAMPLES))
+    parser.add_argument("--rounds", type=int, default=None, help="default: 10 medical, 6 speech")
+    parser.add_argument("--label-noise", type=float, default=1.0)
+    parser.add_argument("--patience", type=int, default=3)
+    parser.add_argument("--gtg-max-evaluations", type=int, default=GTG_BUDGET)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "contribution_detection")
+    parser.add_argument("--out", type=Path, default=RESULTS / "contribution_detection.json")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    out: dict[str, Any] = {"runs": [], "rows": []}
+    if args.out.exists():  # other examples' results are kept
+        old = json.loads(args.out.read_text())
+        out["runs"] = [r for r in old["runs"] if r["example"] not in args.examples]
+        out["rows"] = [r for r in old["rows"] if r["example"] not in args.examples]
+    for example in args.examples:
+        rounds = args.rounds if args.rounds is not None else EXAMPLES[example][2]
+        runs, rows = run_example(
+            example,
+            rounds,
+            args.data,
+            args.work,
+            label_noise=args.label_noise,
+            patience=args.patience,
+            budget=args.gtg_max_evaluations,
+        )
+        out["runs"].extend(runs)
+        out["rows"].extend(rows)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=1) + "\n")
+    for row in out["rows"]:
+        print(
+            f"{row['example']:8s} {row['method']:14s} precision {row['precision']} recall "
+            f"{row['recall']:.2f} | accuracy clean {row['accuracy_clean']:.4f} attacked "
+            f"{row['accuracy_attacked']:.4f} excluded {row['accuracy_exclude_flagged']:.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

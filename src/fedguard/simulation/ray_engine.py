@@ -56,14 +56,11 @@ class RayEngineError(RuntimeError):
 class ClientCode(Protocol):
     """What an actor runs: the client function and the per-client state mapping it reads.
 
-    ``batch``: None, or a transport over the same clients that answers a whole batch at once
-    (the cohort engine, ``runtime.actor_engine = "cohort"``)."""
+    Optional: an attribute ``batch`` holding a transport over the same clients that answers a
+    whole batch at once (the cohort engine, ``runtime.actor_engine = "cohort"``)."""
 
     @property
     def state(self) -> MutableMapping[int, State]: ...
-
-    @property
-    def batch(self) -> Transport | None: ...
 
     def handle(self, client_id: int, payload: bytes) -> bytes: ...
 
@@ -138,8 +135,9 @@ class ClientActor:
         code = self.code
         if code is None:
             raise RayEngineError("This actor holds no clients (load was not called).")
-        if code.batch is not None:
-            yield from self._serve_together(code, code.batch, batch, deadline_at)
+        together: Transport | None = getattr(code, "batch", None)
+        if together is not None:
+            yield from self._serve_together(code, together, batch, deadline_at)
             return
         for client_id, payload, state in batch:
             if deadline_at is not None and time.time() > deadline_at:

@@ -350,6 +350,9 @@ def measure(
     command += ["--rounds", str(rounds), "--cores", str(cores)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    # Ray (fedguard's engine and Flower's) starts its own local instance rather than joining a
+    # cluster some other job on this machine started
+    env["RAY_ADDRESS"] = "local"
     done = subprocess.run(
         command, stdout=subprocess.PIPE, text=True, timeout=timeout_s, env=env, check=False
     )

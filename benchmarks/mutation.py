@@ -45,6 +45,7 @@ import argparse
 import dataclasses
 import fnmatch
 import hashlib
+import importlib
 import importlib.metadata
 import json
 import os
@@ -59,6 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "mutation.json"
 REASONS = ROOT / "benchmarks" / "mutation_reasons.json"
 WORK = ROOT / "mutants-work"  # one mutmut work folder per group (git-ignored)
+PRELOAD_ENV = "FEDGUARD_MUTATION_PRELOAD"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +70,9 @@ class Group:
     modules: tuple[str, ...]  # globs of source paths relative to the checkout
     tests: tuple[str, ...]  # file names (globs) in tests/, pytest's python_files for the group
     deselect: tuple[str, ...] = ()  # test ids left out (whole runs inside a unit-test file)
+    # modules that tests import inside their bodies and that take seconds to load: imported
+    # once in the process mutmut forks each mutant's run from (see pytest_configure below)
+    preload: tuple[str, ...] = ()
 
 
 # The test selection of each group: the unit-test files of its modules (found by what they
@@ -118,6 +123,7 @@ GROUPS: dict[str, Group] = {
     "dp_sgd_client": Group(
         modules=("src/fedguard/client/dp_sgd.py", "src/fedguard/client/per_example_grads.py"),
         tests=("test_dp_sgd.py", "test_mutants_dp_sgd*.py", "test_mutants_per_example_grads*.py"),
+        preload=("keras",),  # test_keras_model_is_refused: about 10 s
     ),
     "driver": Group(
         modules=("src/fedguard/protocol/driver.py",),
@@ -313,6 +319,7 @@ def run_modules(
     path = [str(ROOT / "src"), str(Path(__file__).resolve().parent), env.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
     env["PYTEST_ADDOPTS"] = " ".join(filter(None, [env.get("PYTEST_ADDOPTS"), "-p", "mutation"]))
+    env[PRELOAD_ENV] = " ".join(GROUPS[name].preload)
     exe = Path(sys.executable).with_name("mutmut")
     cmd = [str(exe) if exe.exists() else "mutmut", "run", "--max-children", str(max_children)]
     print(f"== {name}: {', '.join(modules)}: {len(targets)} mutants or globs", flush=True)
@@ -456,8 +463,12 @@ def _natural(name: str) -> tuple[str, int]:
 
 def pytest_configure(config: object) -> None:
     """Load what a test's first ``torch.testing.assert_close`` loads (about 5 s of lazy imports
-    of torch._dynamo): mutmut forks every mutant's run from a process that collected the tests
-    and so ran this hook, and without it each run would load them again."""
+    of torch._dynamo) and the group's ``preload`` modules: mutmut forks every mutant's run from
+    a process that collected the tests and so ran this hook, and without it each run would load
+    them again. Loading modules changes no test's outcome."""
+    os.environ.setdefault("KERAS_BACKEND", "torch")  # as tests/conftest.py sets it
+    for module in os.environ.get(PRELOAD_ENV, "").split():
+        importlib.import_module(module)
     try:
         import torch
     except ImportError:

@@ -3,6 +3,7 @@ mutation testing): a resumed or deployed run must draw exactly what the simulato
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -68,6 +69,7 @@ class _Recorder(Strategy):
         self.required = required or {}
         self.calls: list[tuple] = []
         self.sums: list[tuple] = []
+        self.instructed: list = []
         self.step = torch.tensor([1.0, 2.0, -3.0])
         self.state_out: dict[str, torch.Tensor] = {"m": torch.tensor([0.25, 0.5, 0.75])}
 
@@ -75,6 +77,7 @@ class _Recorder(Strategy):
         return {}
 
     def fit_instructions(self, state):
+        self.instructed.append(state)
         return dict(CONFIG), {"extra": EXTRA}
 
     def aggregate(self, state, params, replies, *, round_=0):
@@ -142,8 +145,10 @@ def test_fit_round_sends_counts_caps_and_hands_over_the_accepted_replies() -> No
         6: junk,
         8: _fit_reply(8, [0.0, 3.0, 4.0], 10, metrics={"train_loss": 4.0}),
         10: _fit_reply(10, [2.0, -1.0, 2.0], 50, metrics={"train_loss": 1.0}),
+        12: _fit_reply(12, [1.0, 1.0, 1.0], 70, metrics={"train_loss": 3.0}),
+        14: Failed(14, FailureKind.ERROR, "RuntimeError: disk full"),
     }
-    registered = {2: 40, 4: 40, 6: 40, 8: 40, 10: 25}
+    registered = {2: 40, 4: 40, 6: 40, 8: 40, 10: 25, 12: 60, 14: 40}
     d, transport, strategy = _driver(
         answers, min_clients=2, deadline_s=7.5, registered_examples=registered
     )
@@ -157,7 +162,7 @@ def test_fit_round_sends_counts_caps_and_hands_over_the_accepted_replies() -> No
                 3, cid, PARAMS, {**CONFIG, "seed": driver.client_seed(11, 3, cid)}, {"extra": EXTRA}
             )
         )
-        for cid in (2, 4, 6, 8, 10)
+        for cid in (2, 4, 6, 8, 10, 12, 14)
     }
     assert transport.sent == expected_tasks
     task = messages.decode(transport.sent[8], messages.FitTask)
@@ -166,33 +171,42 @@ def test_fit_round_sends_counts_caps_and_hands_over_the_accepted_replies() -> No
         messages.decode(junk.payload, messages.FitReply)
     except messages.MessageError as exc:
         malformed = str(exc)
-    assert result.problems == [(4, "timeout: slow"), (6, f"rejected: {malformed}")]
+    assert result.problems == [
+        (4, "timeout: slow"),
+        (6, f"rejected: {malformed}"),
+        (14, "error: RuntimeError: disk full"),
+    ]
     delivered = [a.payload for a in answers.values() if isinstance(a, Delivered)]
     assert result.metrics == {
-        "clients_sampled": 5,
-        "clients_completed": 3,
-        "clients_failed": 1,
+        "clients_sampled": 7,
+        "clients_completed": 4,
+        "clients_failed": 2,
         "clients_rejected": 1,
-        "weights_capped": 1,
+        "weights_capped": 2,
         "bytes_up": sum(len(p) for p in delivered),
         "bytes_down": sum(len(p) for p in expected_tasks.values()),
         "aggregate_rejected": None,
-        # weighted by the capped counts 30, 10 and 25
-        "train_loss": (2.0 * 30 + 4.0 * 10 + 1.0 * 25) / 65,
+        # weighted by the capped counts 30, 10, 25 and 60
+        "train_loss": (2.0 * 30 + 4.0 * 10 + 1.0 * 25 + 3.0 * 60) / 125,
     }
+    assert strategy.instructed == [state] and strategy.instructed[0] is state
     got_state, got_params, replies, round_ = strategy.calls[0]
     assert got_state is state and got_params is PARAMS and round_ == 3
-    assert [(r.client_id, r.num_examples) for r in replies] == [(2, 30), (8, 10), (10, 25)]
+    assert [(r.client_id, r.num_examples) for r in replies] == [(2, 30), (8, 10), (10, 25), (12, 60)]
     assert torch.equal(replies[2].update, torch.tensor([2.0, -1.0, 2.0]))
     assert torch.equal(result.params, PARAMS + strategy.step)
     assert result.state is strategy.state_out
-    assert result.sampled == [2, 4, 6, 8, 10]
+    assert result.sampled == [2, 4, 6, 8, 10, 12, 14]
     # what each accepted client reported, before its weight was cut
     assert result.reported == {
         2: {"train_loss": 2.0, "dp_steps": 3.0},
         8: {"train_loss": 4.0},
         10: {"train_loss": 1.0},
+        12: {"train_loss": 3.0},
     }
+    # an accepted reply comes with no reason
+    reply, reason = d._check_fit_reply(answers[8], 3)
+    assert reason == "" and reply is not None and reply.client_id == 8
 
 
 def test_a_claim_at_the_registered_size_is_not_capped_and_without_registry_nothing_is() -> None:
@@ -219,6 +233,7 @@ def test_every_reply_check_names_its_reason() -> None:
         7: _fit_reply(7, [1.0, 0.0, 0.0], 5, tensors={"control": torch.tensor([1, math.inf, 1])}),
         8: _fit_reply(8, [1.0, 0.0, 0.0], 5, tensors={"control": good}, metrics={"sigma": 0.5}),
         9: _fit_reply(9, [1.0, 0.0, 0.0], 5, tensors={"control": good}, round_=2),
+        11: Delivered(11, messages.encode(messages.EvaluateReply(3, 11, 5, {"loss": 1.0})), 0.1),
         10: _fit_reply(10, [0.0, 2.0, 0.0], 7, tensors={"control": good}, metrics={"sigma": 1.5}),
     }
     checked = []
@@ -228,6 +243,11 @@ def test_every_reply_check_names_its_reason() -> None:
         return "noise below the plan" if reply.metrics.get("sigma") == 0.5 else None
 
     registered = {c: 9 for c in answers if c != 4}
+    try:
+        messages.decode(answers[11].payload, messages.FitReply)
+    except messages.MessageError as exc:
+        wrong_kind = str(exc)
+    assert "FitReply" in wrong_kind
     d, _, strategy = _driver(
         answers,
         strategy=_Recorder(required={"control": None}),
@@ -246,10 +266,11 @@ def test_every_reply_check_names_its_reason() -> None:
         7: "rejected: 'control' contains NaN or infinite values",
         8: "rejected: noise below the plan",
         9: "rejected: reply is for client 9 round 2, expected client 9 round 3",
+        11: f"rejected: {wrong_kind}",
     }
     assert [r.client_id for r in strategy.calls[0][2]] == [0, 10]
     assert checked == [0, 8, 10]  # the plan's check comes after the driver's own
-    assert result.metrics["clients_rejected"] == 9
+    assert result.metrics["clients_rejected"] == 10
     assert result.metrics["clients_completed"] == 2
 
 
@@ -274,8 +295,13 @@ def test_absurd_norms_are_judged_against_the_lower_median() -> None:
         3: "rejected: update norm 100 is more than 3 times the round's median update norm 2",
     }
     assert metrics["clients_rejected"] == 2 and metrics["clients_completed"] == 2
+    # three norms 1, 2, 15: the median is the middle one, 2 (not the lowest): all pass ratio 10
+    assert _norm_round([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 15.0]], 10.0)[:2] == (
+        [0, 1, 2],
+        {},
+    )
     # a norm exactly at the bound passes; two replies are judged too
-    assert _norm_round([[2.0, 0.0, 0.0], [0.0, 6.0, 0.0]], 3.0)[0] == [0, 1]
+    assert _norm_round([[2.0, 0.0, 0.0], [0.0, 6.0, 0.0]], 3.0)[:2] == ([0, 1], {})
     assert _norm_round([[1.0, 0.0, 0.0], [0.0, 3.5, 0.0]], 3.0)[0] == [0]
     # the norm is taken in float64: a finite float32 update whose float32 norm overflows
     kept, reasons, _ = _norm_round([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [3e38, 3e38, 0.0]], 10.0)
@@ -432,38 +458,47 @@ def _eval_reply(cid, n, loss, acc, *, round_=3, tensors=None) -> Delivered:
     return Delivered(cid, messages.encode(reply), 0.1)
 
 
-def test_evaluation_weights_replies_by_their_capped_counts() -> None:
+def test_evaluation_weights_replies_by_their_capped_counts(caplog) -> None:
     answers = {
-        1: _eval_reply(1, 10, 0.5, 0.8),
-        2: _eval_reply(2, 30, 1.5, 0.6),
-        3: Failed(3, FailureKind.ERROR, "down"),
-        4: _eval_reply(4, 5, math.nan, 0.5),
-        5: _eval_reply(5, 8, 0.25, 0.9),
-        6: _eval_reply(6, 4, 9.0, 0.0),  # not asked
+        1: _eval_reply(1, 8, 0.25, 0.9),
+        2: _eval_reply(2, 10, 0.5, 0.8),
+        3: _eval_reply(3, 30, 1.5, 0.6),
+        4: Failed(4, FailureKind.ERROR, "down"),
+        5: _eval_reply(5, 5, math.nan, 0.5),
+        6: _eval_reply(6, 1, 2.0, 1.0),
+        7: _eval_reply(7, 4, 9.0, 0.0),  # not asked
     }
     d, transport, _ = _driver(answers, deadline_s=2.5)
-    registered = {1: 10, 2: 20, 3: 5, 4: 5}  # 5 has none: weight 0, not counted
-    got = d.evaluate_round(3, PARAMS, clients=[1, 2, 3, 4, 5], registered=registered)
-    assert sorted(transport.sent) == [1, 2, 3, 4, 5] and transport.deadlines == [2.5]
+    registered = {2: 10, 3: 20, 4: 5, 5: 5, 6: 3}  # 1 has none: weight 0, not counted
+    with caplog.at_level(logging.WARNING, logger="fedguard.round"):
+        got = d.evaluate_round(3, PARAMS, clients=[1, 2, 3, 4, 5, 6], registered=registered)
+    assert sorted(transport.sent) == [1, 2, 3, 4, 5, 6] and transport.deadlines == [2.5]
     task = messages.decode(transport.sent[2], messages.EvaluateTask)
     assert (task.round, task.client_id, task.config) == (3, 2, {})
     assert torch.equal(task.parameters, PARAMS)
     assert got == driver.FederatedEvaluation(
-        loss=(0.5 * 10 + 1.5 * 20) / 30,
-        accuracy=(0.8 * 10 + 0.6 * 20) / 30,
+        loss=(0.5 * 10 + 1.5 * 20 + 2.0 * 1) / 31,
+        accuracy=(0.8 * 10 + 0.6 * 20 + 1.0 * 1) / 31,
         auc=None,
         confusion=None,
-        clients=2,
-        examples=30.0,
+        clients=3,
+        examples=31.0,
     )
+    # the cut is logged for the clients that claimed more than their registered count only
+    cuts = [r.getMessage() for r in caplog.records if "more than its registered" in r.getMessage()]
+    assert cuts == [
+        "round 3: client 1 evaluated 8 examples, more than its registered 0.0; weighted as 0.0",
+        "round 3: client 3 evaluated 30 examples, more than its registered 20.0; "
+        "weighted as 20.0",
+    ]
     # without a registry every reply weighs its own count; by default every client is asked
     got = d.evaluate_round(3, PARAMS)
-    assert sorted(transport.sent) == [1, 2, 3, 4, 5, 6]
-    assert got.loss == pytest.approx((0.5 * 10 + 1.5 * 30 + 0.25 * 8 + 9.0 * 4) / 52)
-    assert got.accuracy == pytest.approx((0.8 * 10 + 0.6 * 30 + 0.9 * 8) / 52)
-    assert (got.clients, got.examples) == (4, 52.0)
-    assert d.evaluate_round(3, PARAMS, clients=[3, 4]) is None
-    assert d.evaluate_round(3, PARAMS, clients=[5], registered={}) is None
+    assert sorted(transport.sent) == [1, 2, 3, 4, 5, 6, 7]
+    assert got.loss == pytest.approx((0.25 * 8 + 0.5 * 10 + 1.5 * 30 + 2.0 + 9.0 * 4) / 53)
+    assert got.accuracy == pytest.approx((0.9 * 8 + 0.8 * 10 + 0.6 * 30 + 1.0) / 53)
+    assert (got.clients, got.examples) == (5, 53.0)
+    assert d.evaluate_round(3, PARAMS, clients=[4, 5]) is None
+    assert d.evaluate_round(3, PARAMS, clients=[1], registered={}) is None
 
 
 def _histograms(positives, negatives):
@@ -502,6 +537,24 @@ def test_evaluation_adds_histograms_and_confusion_matrices() -> None:
         "num_classes": 2,
     }
     assert driver.SCORE_BINS == 1000
+
+
+def test_evaluation_adds_counts_beyond_float32_exactly() -> None:
+    """Histograms and confusion matrices are added in float64: counts above 2^24, which float32
+    rounds, give the exact accuracy and AUC."""
+    big = 2**24
+    # class 1: big + 2 examples (positives [big + 1, 0, 0, 1]), class 0: 1 example
+    h = _histograms([[0, 1, 0, 0], [big + 1, 0, 0, 1]], [[big + 1, 0, 0, 1], [0, 0, 1, 0]])
+    c = torch.tensor([[1, 0], [5, big - 3]])
+    n = big + 3
+    answers = {1: _eval_reply(1, n, 0.5, 0.5, tensors={"score_histograms": h, "confusion": c})}
+    d, _, _ = _driver(answers)
+    got = d.evaluate_round(3, PARAMS, num_classes=2, score_bins=4)
+    assert got.confusion.dtype == torch.float64 and torch.equal(got.confusion, c.double())
+    assert got.accuracy == (big - 2) / (big + 3)
+    # one positive (bin 3) above the one negative (bin 2); the other big + 1 positives below it
+    assert got.auc == pytest.approx(1 / (big + 2), rel=1e-12, abs=0)
+    assert got.examples == float(n)
 
 
 def test_every_evaluation_check_names_its_reason() -> None:
@@ -558,6 +611,15 @@ def test_every_evaluation_check_names_its_reason() -> None:
     except messages.MessageError as exc:
         malformed = str(exc)
     assert d._check_evaluate_reply(Delivered(1, b"\x00", 0.1), 3, 2, 2) == (None, malformed)
+    # a fit reply (even one with a loss and an accuracy) is not an evaluation reply
+    fit = messages.FitReply(3, 1, torch.zeros(DIM), 2, {"loss": 0.5, "accuracy": 0.5})
+    payload = messages.encode(fit)
+    try:
+        messages.decode(payload, messages.EvaluateReply)
+    except messages.MessageError as exc:
+        wrong_kind = str(exc)
+    assert "EvaluateReply" in wrong_kind
+    assert d._check_evaluate_reply(Delivered(1, payload, 0.1), 3, None, 2) == (None, wrong_kind)
 
 
 # --- secure aggregation rounds, with real secure-aggregation clients
@@ -659,6 +721,17 @@ def test_a_secure_round_hands_the_unmasked_weighted_sum_to_the_strategy() -> Non
     assert result.metrics["clients_sampled"] == 4 and result.metrics["clients_completed"] == 4
     assert result.sampled == [0, 1, 2, 3] and result.problems == [] and result.reported == {}
     assert not strategy.calls
+    assert strategy.instructed == [state] and strategy.instructed[0] is state
+
+
+def test_a_secure_round_of_two_clients() -> None:
+    counts = {0: 3, 1: 5, 2: 8, 3: 6}
+    settings = secagg.Settings(secagg.Mode.SECAGG, clip_norm=10.0, max_weight=8)
+    d, strategy, tasks, _, _ = _secure_driver(counts, settings, min_clients=2, clients_per_round=2)
+    result = d.fit_round(2, PARAMS, {})
+    sampled = driver.sample_clients([0, 1, 2, 3], 2, seed=21, round_=2)
+    assert result.sampled == sampled == sorted(tasks)
+    assert strategy.sums[0][3] == float(sum(counts[c] for c in sampled))
 
 
 def test_a_secure_round_needs_min_clients_masked_inputs() -> None:

@@ -24,7 +24,7 @@ from fedguard.algorithms.privacy import distributed_dp
 from fedguard.algorithms.secagg import crypto as secagg_crypto
 from fedguard.algorithms.secagg import quantize as secagg_quantize
 from fedguard.client.app import RefusedTaskError
-from fedguard.experiment import assembly
+from fedguard.experiment import assembly, engines
 from fedguard.experiment import config as config_mod
 from fedguard.experiment import deployment as grpc_deploy
 from fedguard.protocol import messages, secagg, secagg_client, secagg_server
@@ -473,7 +473,7 @@ def test_a_peer_advertising_an_invalid_key_is_dropped_and_the_rest_sum_exactly(
 
 
 def _dropping_rounds(monkeypatch, rounds: set[int]) -> None:
-    real = assembly.InProcessTransport
+    real = engines.InProcessTransport
 
     class Dropout(PhaseDropout):
         def exchange(self, requests, *, deadline_s):
@@ -481,7 +481,7 @@ def _dropping_rounds(monkeypatch, rounds: set[int]) -> None:
             self.drops = {Phase.MASK: {0, 1, 2, 3, 4, 5}} if first.round in rounds else {}
             return super().exchange(requests, deadline_s=deadline_s)
 
-    monkeypatch.setattr(assembly, "InProcessTransport", lambda *a, **k: Dropout(real(*a, **k), {}))
+    monkeypatch.setattr(engines, "InProcessTransport", lambda *a, **k: Dropout(real(*a, **k), {}))
 
 
 def test_a_run_whose_rounds_all_abort_fails(tmp_path, monkeypatch) -> None:

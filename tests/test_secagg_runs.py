@@ -11,7 +11,7 @@ import torch
 
 import fedguard
 from conftest import tiny_config
-from fedguard.experiment import assembly, config
+from fedguard.experiment import config, engines
 from fedguard.experiment.assembly import Experiment
 from fedguard.protocol import messages, secagg
 from fedguard.protocol.secagg import Phase
@@ -86,7 +86,7 @@ def test_central_dp_under_secure_aggregation_matches_central_dp(tmp_path) -> Non
 
 
 def test_aborted_round_leaves_the_model_and_the_run_goes_on(tmp_path, monkeypatch) -> None:
-    real = assembly.InProcessTransport
+    real = engines.InProcessTransport
 
     class RoundTwoDropout(PhaseDropout):
         def exchange(self, requests, *, deadline_s):
@@ -95,7 +95,7 @@ def test_aborted_round_leaves_the_model_and_the_run_goes_on(tmp_path, monkeypatc
             return super().exchange(requests, deadline_s=deadline_s)
 
     monkeypatch.setattr(
-        assembly, "InProcessTransport", lambda *a, **k: RoundTwoDropout(real(*a, **k), {})
+        engines, "InProcessTransport", lambda *a, **k: RoundTwoDropout(real(*a, **k), {})
     )
     sa = {"enabled": True, "clip_norm": 1.0}
     summary = fedguard.run(tiny_config(secure_aggregation=sa), out=tmp_path, progress=False)

@@ -193,7 +193,9 @@ def mutmut_config() -> dict:
 
 def group_of(module: str) -> str:
     """The one group whose globs match ``module``."""
-    hits = [g for g, group in GROUPS.items() if any(fnmatch.fnmatch(module, p) for p in group.modules)]
+    hits = [
+        g for g, group in GROUPS.items() if any(fnmatch.fnmatch(module, p) for p in group.modules)
+    ]
     if len(hits) != 1:
         sys.exit(f"{module} is in {len(hits)} groups of benchmarks/mutation.py ({hits}), not 1")
     return hits[0]
@@ -402,7 +404,9 @@ def report(modules: list[str], seconds: dict[str, float], elapsed: float | None,
             # included), and the seconds of every run since its row appeared
             row["commit"] = head
             row["seconds"] = round(seconds[module], 1)
-            row["seconds_all_runs"] = round(before.get("seconds_all_runs", 0.0) + seconds[module], 1)
+            row["seconds_all_runs"] = round(
+                before.get("seconds_all_runs", 0.0) + seconds[module], 1
+            )
         else:
             row |= {k: before[k] for k in ("commit", "seconds", "seconds_all_runs") if k in before}
         rows[module] = row
@@ -512,7 +516,9 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modules", nargs="*", help="group, file stem, dotted name or path; default all")
+    parser.add_argument(
+        "modules", nargs="*", help="group, file stem, dotted name or path; default all"
+    )
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers")
     parser.add_argument("--all", action="store_true", help="retest killed mutants too")
     parser.add_argument("--together", action="store_true", help="one mutmut run per group")
@@ -546,9 +552,7 @@ def main() -> None:
         else:
             runs = [[m] for m in chosen]
         for run in runs:
-            took = run_modules(
-                run, everything, max_children=args.max_children, rerun_all=args.all
-            )
+            took = run_modules(run, everything, max_children=args.max_children, rerun_all=args.all)
             if took is not None:
                 for entry in run:
                     module = entry.partition(":")[0]

@@ -14,7 +14,9 @@ def test_float32_weights_are_turned_into_shares_in_float64() -> None:
     updates = torch.tensor([[2.0**24], [-(2.0**24)]])
     out = aggregation.weighted_mean(updates, torch.tensor([3.0, 7.0]))
     assert out.dtype == torch.float32
-    assert out.item() == torch.tensor(-0.4 * 2**24, dtype=torch.float64).float().item() == -6710886.5
+    assert (
+        out.item() == torch.tensor(-0.4 * 2**24, dtype=torch.float64).float().item() == -6710886.5
+    )
 
 
 def test_the_sum_is_accumulated_in_float64() -> None:

@@ -96,7 +96,9 @@ def test_a_noiseless_step_draws_no_noise() -> None:
     a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.float64)
     g = torch.Generator().manual_seed(9)
     dp_sgd.noisy_mean(_batch([a]), 0.0, 4.0, g)
-    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(9)))
+    assert torch.equal(
+        torch.rand(3, generator=g), torch.rand(3, generator=torch.Generator().manual_seed(9))
+    )
 
 
 # --- train() against a hand-written loop: Poisson batches, augmentation, SGD on the clipped
@@ -179,25 +181,35 @@ def test_a_single_example_trains_and_all_empty_batches_give_a_nan_loss() -> None
     assert stats.steps == 1 and stats.num_examples == 1 and math.isfinite(stats.loss)
     assert not torch.equal(model.get_flat(), before)
     with pytest.raises(ValueError, match="This client holds no training examples"):
-        dp_sgd.train(
-            model, x[:0], y[:0], cfg, dp_sgd.DPSGD(1.0, 0.0), generator=torch.Generator()
-        )
+        dp_sgd.train(model, x[:0], y[:0], cfg, dp_sgd.DPSGD(1.0, 0.0), generator=torch.Generator())
     # 20 examples at q = 0.05, one step, a seed whose only batch is empty: the loss is NaN
     x20 = torch.randn(20, 1, 6, 6, generator=torch.Generator().manual_seed(2))
     y20 = torch.zeros(20, dtype=torch.int64)
     seed = next(
-        s for s in range(100) if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 0.05).any()
+        s
+        for s in range(100)
+        if not (torch.rand(20, generator=torch.Generator().manual_seed(s)) < 0.05).any()
     )
     one = training.LocalTraining(lr=0.3, batch_size=1, max_steps=1)
     stats = dp_sgd.train(
-        _logistic(), x20, y20, one, dp_sgd.DPSGD(1.5, 0.0), generator=torch.Generator().manual_seed(seed)
+        _logistic(),
+        x20,
+        y20,
+        one,
+        dp_sgd.DPSGD(1.5, 0.0),
+        generator=torch.Generator().manual_seed(seed),
     )
     assert stats.steps == 1 and math.isnan(stats.loss)
 
 
 def test_instance_norm_with_running_statistics_is_refused_by_name() -> None:
     tracked = TorchModel(
-        nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, affine=True, track_running_stats=True), nn.Flatten(), nn.Linear(32, 2))
+        nn.Sequential(
+            nn.Conv2d(1, 2, 3),
+            nn.InstanceNorm2d(2, affine=True, track_running_stats=True),
+            nn.Flatten(),
+            nn.Linear(32, 2),
+        )
     )
     with pytest.raises(ValueError) as info:
         dp_sgd.check_compatible(tracked)
@@ -206,6 +218,8 @@ def test_instance_norm_with_running_statistics_is_refused_by_name() -> None:
         "the batch that leave the client unnoised."
     )
     plain = TorchModel(
-        nn.Sequential(nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, affine=True), nn.Flatten(), nn.Linear(32, 2))
+        nn.Sequential(
+            nn.Conv2d(1, 2, 3), nn.InstanceNorm2d(2, affine=True), nn.Flatten(), nn.Linear(32, 2)
+        )
     )
     dp_sgd.check_compatible(plain)

@@ -192,7 +192,12 @@ def test_fit_round_sends_counts_caps_and_hands_over_the_accepted_replies() -> No
     assert strategy.instructed == [state] and strategy.instructed[0] is state
     got_state, got_params, replies, round_ = strategy.calls[0]
     assert got_state is state and got_params is PARAMS and round_ == 3
-    assert [(r.client_id, r.num_examples) for r in replies] == [(2, 30), (8, 10), (10, 25), (12, 60)]
+    assert [(r.client_id, r.num_examples) for r in replies] == [
+        (2, 30),
+        (8, 10),
+        (10, 25),
+        (12, 60),
+    ]
     assert torch.equal(replies[2].update, torch.tensor([2.0, -1.0, 2.0]))
     assert torch.equal(result.params, PARAMS + strategy.step)
     assert result.state is strategy.state_out
@@ -275,9 +280,7 @@ def test_every_reply_check_names_its_reason() -> None:
 
 
 def _norm_round(norms_updates, ratio):
-    answers = {
-        cid: _fit_reply(cid, update, 4 + cid) for cid, update in enumerate(norms_updates)
-    }
+    answers = {cid: _fit_reply(cid, update, 4 + cid) for cid, update in enumerate(norms_updates)}
     d, _, strategy = _driver(answers, max_norm_ratio=ratio)
     result = d.fit_round(3, PARAMS, {})
     return [r.client_id for r in strategy.calls[0][2]], dict(result.problems), result.metrics
@@ -488,8 +491,7 @@ def test_evaluation_weights_replies_by_their_capped_counts(caplog) -> None:
     cuts = [r.getMessage() for r in caplog.records if "more than its registered" in r.getMessage()]
     assert cuts == [
         "round 3: client 1 evaluated 8 examples, more than its registered 0.0; weighted as 0.0",
-        "round 3: client 3 evaluated 30 examples, more than its registered 20.0; "
-        "weighted as 20.0",
+        "round 3: client 3 evaluated 30 examples, more than its registered 20.0; weighted as 20.0",
     ]
     # without a registry every reply weighs its own count; by default every client is asked
     got = d.evaluate_round(3, PARAMS)
@@ -765,9 +767,7 @@ def test_a_secure_round_rejects_a_weight_no_honest_cohort_can_have() -> None:
     d.fit_round(2, PARAMS, {})
     assert strategy.sums[0][3] == 4.0
     # unweighted: every client's weight is 1 whatever it claims, so the sum must be exactly 4
-    unweighted = secagg.Settings(
-        secagg.Mode.SECAGG, clip_norm=10.0, max_weight=8, weighted=False
-    )
+    unweighted = secagg.Settings(secagg.Mode.SECAGG, clip_norm=10.0, max_weight=8, weighted=False)
     d, strategy, _, _, _ = _secure_driver(top, unweighted)
     d.fit_round(2, PARAMS, {})
     assert strategy.sums[0][3] == 4.0

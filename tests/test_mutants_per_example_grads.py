@@ -30,7 +30,10 @@ def _naive(model: TorchModel, x: torch.Tensor, y: torch.Tensor, max_norm: float)
         loss = F.nll_loss(log_probs, y[i : i + 1], reduction="sum")
         g = torch.autograd.grad(loss, params, allow_unused=True)
         flat = torch.cat(
-            [torch.zeros(p.numel()) if gi is None else gi.reshape(-1) for p, gi in zip(params, g)]
+            [
+                torch.zeros(p.numel()) if gi is None else gi.reshape(-1)
+                for p, gi in zip(params, g, strict=True)
+            ]
         )
         grads.append(flat)
         norms.append(flat.norm())
@@ -242,7 +245,9 @@ def test_tied_weights_take_vmap() -> None:
 
 def test_vmap_draws_different_dropout_masks_per_example() -> None:
     torch.manual_seed(0)
-    model = TorchModel(nn.Sequential(nn.Linear(6, 6), nn.GroupNorm(2, 6), nn.Dropout(0.5), nn.Linear(6, 3)))
+    model = TorchModel(
+        nn.Sequential(nn.Linear(6, 6), nn.GroupNorm(2, 6), nn.Dropout(0.5), nn.Linear(6, 3))
+    )
     model.train_mode(True)
     x, y = _data((6,), n=8)
     assert _hookable_layers(model) is None

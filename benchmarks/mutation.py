@@ -70,8 +70,9 @@ class Group:
     modules: tuple[str, ...]  # globs of source paths relative to the checkout
     tests: tuple[str, ...]  # file names (globs) in tests/, pytest's python_files for the group
     deselect: tuple[str, ...] = ()  # test ids left out (whole runs inside a unit-test file)
-    # modules that tests import inside their bodies and that take seconds to load: imported
-    # once in the process mutmut forks each mutant's run from (see pytest_configure below)
+    # what tests load inside their bodies and takes seconds: a module to import or a
+    # ``module:function`` to call, once, in the process mutmut forks each mutant's run from (see
+    # pytest_configure below)
     preload: tuple[str, ...] = ()
 
 
@@ -123,7 +124,9 @@ GROUPS: dict[str, Group] = {
     "dp_sgd_client": Group(
         modules=("src/fedguard/client/dp_sgd.py", "src/fedguard/client/per_example_grads.py"),
         tests=("test_dp_sgd.py", "test_mutants_dp_sgd*.py", "test_mutants_per_example_grads*.py"),
-        preload=("keras",),  # test_keras_model_is_refused: about 10 s
+        # test_keras_model_is_refused imports Keras (about 10 s); the first torch.func.vmap
+        # call takes about 1.5 s
+        preload=("keras", "mutation:warm_torch_func"),
     ),
     "driver": Group(
         modules=("src/fedguard/protocol/driver.py",),
@@ -190,7 +193,9 @@ def mutmut_config() -> dict:
 
 def group_of(module: str) -> str:
     """The one group whose globs match ``module``."""
-    hits = [g for g, group in GROUPS.items() if any(fnmatch.fnmatch(module, p) for p in group.modules)]
+    hits = [
+        g for g, group in GROUPS.items() if any(fnmatch.fnmatch(module, p) for p in group.modules)
+    ]
     if len(hits) != 1:
         sys.exit(f"{module} is in {len(hits)} groups of benchmarks/mutation.py ({hits}), not 1")
     return hits[0]
@@ -399,7 +404,9 @@ def report(modules: list[str], seconds: dict[str, float], elapsed: float | None,
             # included), and the seconds of every run since its row appeared
             row["commit"] = head
             row["seconds"] = round(seconds[module], 1)
-            row["seconds_all_runs"] = round(before.get("seconds_all_runs", 0.0) + seconds[module], 1)
+            row["seconds_all_runs"] = round(
+                before.get("seconds_all_runs", 0.0) + seconds[module], 1
+            )
         else:
             row |= {k: before[k] for k in ("commit", "seconds", "seconds_all_runs") if k in before}
         rows[module] = row
@@ -467,13 +474,34 @@ def pytest_configure(config: object) -> None:
     a process that collected the tests and so ran this hook, and without it each run would load
     them again. Loading modules changes no test's outcome."""
     os.environ.setdefault("KERAS_BACKEND", "torch")  # as tests/conftest.py sets it
-    for module in os.environ.get(PRELOAD_ENV, "").split():
-        importlib.import_module(module)
+    for entry in os.environ.get(PRELOAD_ENV, "").split():
+        module, _, function = entry.partition(":")
+        loaded = importlib.import_module(module)
+        if function:
+            getattr(loaded, function)()
     try:
         import torch
     except ImportError:
         return
     torch.testing.assert_close(torch.zeros(1), torch.zeros(1))
+
+
+def warm_torch_func() -> None:
+    """One small ``vmap(grad_and_value(...))``, as the DP-SGD fallback engine runs it."""
+    import torch
+    import torch.nn.functional as F
+
+    layer = torch.nn.Sequential(torch.nn.Conv2d(2, 2, 1, groups=2), torch.nn.Flatten())
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+
+    def loss(p: dict, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = torch.func.functional_call(layer, p, (x[None],))
+        return F.nll_loss(torch.log_softmax(out, -1), y[None], reduction="sum")
+
+    batched = torch.func.vmap(
+        torch.func.grad_and_value(loss), in_dims=(None, 0, 0), randomness="different"
+    )
+    batched(params, torch.zeros(3, 2, 1, 1), torch.zeros(3, dtype=torch.long))
 
 
 def pytest_collection_modifyitems(items: list) -> None:
@@ -488,7 +516,9 @@ def pytest_collection_modifyitems(items: list) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("modules", nargs="*", help="group, file stem, dotted name or path; default all")
+    parser.add_argument(
+        "modules", nargs="*", help="group, file stem, dotted name or path; default all"
+    )
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers")
     parser.add_argument("--all", action="store_true", help="retest killed mutants too")
     parser.add_argument("--together", action="store_true", help="one mutmut run per group")
@@ -522,9 +552,7 @@ def main() -> None:
         else:
             runs = [[m] for m in chosen]
         for run in runs:
-            took = run_modules(
-                run, everything, max_children=args.max_children, rerun_all=args.all
-            )
+            took = run_modules(run, everything, max_children=args.max_children, rerun_all=args.all)
             if took is not None:
                 for entry in run:
                     module = entry.partition(":")[0]

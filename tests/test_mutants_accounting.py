@@ -89,3 +89,37 @@ def test_calibration_on_a_closed_form_curve() -> None:
     for target in (0.0, -1.0):
         with pytest.raises(accounting.PrivacyError, match="must be > 0"):
             accounting.calibrate_noise(eps, target)
+
+
+def test_accounted_multiplier_is_the_noise_over_the_sensitivity() -> None:
+    assert accounting.accounted_multiplier(3.0, 1.5) == 2.0
+    assert accounting.accounted_multiplier(1.2, 0.4) == pytest.approx(3.0, rel=1e-15)
+    for bad in (0.0, -2.0):
+        with pytest.raises(accounting.PrivacyError, match="L2 sensitivity must be positive"):
+            accounting.accounted_multiplier(1.0, bad)
+
+
+def test_a_tuple_of_mechanisms_composes_its_parts() -> None:
+    # rounds at the same noise, split in two parts, are the rounds together
+    split = (SampledGaussian(2.5, 2, 0.2), SampledGaussian(2.5, 3, 0.2))
+    assert accounting.epsilon(split, 1e-5) == pytest.approx(
+        accounting.epsilon(SampledGaussian(2.5, 5, 0.2), 1e-5), rel=1e-9
+    )
+    parts = (
+        accounting.SkellamSum(2.0, 3.0, 40.0, 2),
+        accounting.SkellamSum(2.0, 3.0, 40.0, 3),
+        accounting.SkellamSum(2.0, 3.0, 0.0, 0),  # never ran: not counted, not noiseless
+    )
+    whole = accounting.skellam_epsilon(accounting.SkellamSum(2.0, 3.0, 40.0, 5), 1e-5)
+    assert accounting.skellam_epsilon(parts, 1e-5) == pytest.approx(whole, rel=1e-12)
+    assert 0 < whole < math.inf
+    assert accounting.skellam_epsilon(accounting.SkellamSum(2.0, 3.0, 0.0, 0), 1e-5) == 0.0
+
+
+def test_calibration_takes_a_multiplier_that_reaches_the_target_exactly() -> None:
+    # epsilon 1.0 from z = 50 on, 2.0 below: the smallest z with epsilon <= 1.0 is 50, which
+    # the bisection's first midpoint hits exactly
+    def step(z: float) -> float:
+        return 1.0 if z >= 50.0 else 2.0
+
+    assert accounting.calibrate_noise(step, 1.0) == 50.0

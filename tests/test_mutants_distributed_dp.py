@@ -151,3 +151,19 @@ def test_skellam_epsilon_is_dp_accounting_conversion_of_the_rdp_curve() -> None:
     assert accounting.skellam_epsilon(one, 1e-5) > 0.0
     more = accounting.skellam_epsilon(accounting.SkellamSum(3.0, 9.0, 50.0, 40), 1e-5)
     assert more > expected
+
+
+def test_encode_noise_and_bound_scale_with_the_clip_norm() -> None:
+    """With C = 4 the update's norm is s C levels and the noise std z s C (not z s / C)."""
+    noisy = ddp.Skellam(0.01, 1)
+    fp = ddp.fixed_point(bits=32, clip_norm=4.0, num_clients=1, mechanism=noisy)
+    levels = fp.scale * 4.0
+    enc = ddp.encode(np.zeros(20_000), fp, noisy, np.random.default_rng(3))
+    values = enc[:-1].view(np.int32).astype(np.float64)
+    assert values.std() == pytest.approx(0.01 * levels, rel=0.03)
+    # an update at the clip norm is rounded within the bound for s C levels (s / C would be
+    # 16 times smaller and refuse it)
+    quiet = ddp.Skellam(1e-9, 1)
+    fp = ddp.fixed_point(bits=32, clip_norm=4.0, num_clients=1, mechanism=quiet)
+    out = ddp.encode(np.array([2.4, 3.2]), fp, quiet, np.random.default_rng(0)).view(np.int32)
+    assert abs(out[0] - 0.6 * fp.scale * 4.0) <= 1 and abs(out[1] - 0.8 * fp.scale * 4.0) <= 1

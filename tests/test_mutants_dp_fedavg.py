@@ -80,3 +80,30 @@ def test_next_clip_norm_adds_count_noise_before_dividing() -> None:
     expected_fraction = (6.0 + 2.0 * noise) / 8.0
     assert fraction == pytest.approx(expected_fraction, rel=1e-15)
     assert clip == pytest.approx(2.0 * math.exp(-0.5 * (expected_fraction - 0.25)), rel=1e-15)
+
+
+def test_next_clip_norm_accepts_every_update_unclipped_and_refuses_more() -> None:
+    # all 5 updates within the clip, no count noise: fraction (5 - 2.5) / 5 + 0.5 = 1
+    clip, fraction = dp_fedavg.next_clip_norm(
+        2.0,
+        5.0,
+        5,
+        target_quantile=0.5,
+        denominator=5.0,
+        learning_rate=0.2,
+        count_stddev=0.0,
+        generator=torch.Generator().manual_seed(1),
+    )
+    assert fraction == 1.0 and clip == pytest.approx(2.0 * math.exp(-0.2 * 0.5), rel=1e-15)
+    for bad in (5.5, -0.5):
+        with pytest.raises(ValueError, match="must lie in 0..num_updates=5"):
+            dp_fedavg.next_clip_norm(
+                2.0,
+                bad,
+                5,
+                target_quantile=0.5,
+                denominator=5.0,
+                learning_rate=0.2,
+                count_stddev=0.0,
+                generator=torch.Generator().manual_seed(1),
+            )

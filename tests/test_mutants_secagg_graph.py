@@ -28,3 +28,22 @@ def test_check_symmetric_names_a_one_way_edge_to_an_unknown_client() -> None:
     with pytest.raises(ValueError, match="own neighbour"):
         sg.check_symmetric({1: frozenset({1})})
     sg.check_symmetric({1: frozenset({2}), 2: frozenset({1})})
+
+
+def test_feasible_degree_by_hand() -> None:
+    # (n, k) -> k capped at n - 1, and raised by one when k and n are both odd
+    cases = {
+        (2, 1): 1,
+        (2, 5): 1,
+        (4, 1): 1,
+        (4, 10): 3,
+        (5, 1): 2,
+        (5, 3): 4,
+        (5, 4): 4,
+        (6, 3): 3,
+    }
+    assert {nk: sg.feasible_degree(*nk) for nk in cases} == cases
+    with pytest.raises(ValueError, match="at least 2 clients"):
+        sg.feasible_degree(1, 1)
+    with pytest.raises(ValueError, match="neighbours must be positive"):
+        sg.feasible_degree(4, 0)

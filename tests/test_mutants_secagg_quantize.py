@@ -138,3 +138,19 @@ def test_decode_sum_recovers_the_weighted_total_and_the_total_weight() -> None:
     assert out.weight == 3
     np.testing.assert_allclose(out.total, [2 * 0.5 - 0.75, 2 * -0.25 + 0.5], atol=2 / fp.scale)
     assert out.total.dtype == np.float64
+
+
+def test_one_client_of_weight_one_in_eight_bits_has_126_levels() -> None:
+    # floor((2^7 - 1) / 1) - 1 = 126
+    assert sq.fixed_point(bits=8, clip_norm=1.0, num_clients=1, max_weight=1).scale == 126.0
+
+
+def test_every_coordinate_is_rounded_with_its_own_uniform() -> None:
+    """Values half-way between two levels round up with probability 1/2 each, independently:
+    about half of 10,000 go up (one shared uniform would move them all the same way)."""
+    fp = sq.fixed_point(bits=32, clip_norm=1.0, num_clients=1, max_weight=1)
+    update = np.full(10_000, 0.5 / fp.scale)  # half a level each; norm 50 / scale << 1
+    out = sq.encode(update, 1, fp, _gen(4))
+    ups = out[:-1].astype(np.int64)
+    assert set(ups.tolist()) == {0, 1}
+    assert abs(ups.mean() - 0.5) < 0.02

@@ -125,3 +125,14 @@ def test_share_bytes_round_trip_and_checks() -> None:
     rows = sh.shares_from_bytes([[top, bytes(4)], [bytes(4), top]], 3)
     assert rows.shape == (2, 2, 1) and rows.dtype == np.int64
     assert rows[0, 0, 0] == P - 1 and rows[1, 1, 0] == P - 1 and rows[0, 1, 0] == 0
+
+
+def test_shares_at_large_points_are_exact_int64() -> None:
+    """Points near p: the Horner steps multiply values near 2^31 by points near 2^31, exact only
+    in integers (float64 would round products of 2^62)."""
+    points = [P - 1, P - 2, 123_456_789]
+    secrets = [bytes(range(10)), bytes(range(100, 110))]
+    shares = sh.split(secrets, points, 2, _words(2**40 + 17, 99, 2**50 + 3, 5, 7, 11, 13, 1))
+    assert shares.dtype == np.int64 and shares.shape == (2, 3, sh.num_chunks(10))
+    assert sh.reconstruct(points[:2], shares[:, :2], 10) == secrets
+    assert sh.reconstruct(points[1:], shares[:, 1:], 10) == secrets

@@ -656,7 +656,7 @@ def runtime(cfg: ExperimentSections) -> None:
             )
     if r.latency is not None and r.kind != "inprocess":
         raise ValueError(
-            f'runtime.latency is simulated by the in-process engine only (runtime.kind is '
+            f"runtime.latency is simulated by the in-process engine only (runtime.kind is "
             f'"{r.kind}"): set runtime.kind = "inprocess" or remove runtime.latency'
         )
     if r.kind != "cohort" and not (r.kind == "ray" and r.actor_engine == "cohort"):

@@ -49,6 +49,29 @@ def test_fixed_size_sampling_uses_replace_one_rdp() -> None:
         accounting.epsilon(m, 1e-5, Accountant.PLD)
 
 
+@pytest.mark.parametrize("fixed_size", [True, False])
+def test_composed_parts_equal_dp_accountings_own_composition(fixed_size: bool) -> None:
+    """The cached one-step curves, scaled by each part's count, give dp-accounting's epsilon for
+    the composed event, in any order of asking (the cache must not leak one part into another)."""
+    sampling = {"population": 60, "sample_size": 9} if fixed_size else {"sampling_rate": 0.15}
+    parts = (
+        SampledGaussian(0.9, 3, **sampling),
+        SampledGaussian(1.7, 11, **sampling),
+        SampledGaussian(0.9, 5, **sampling),
+    )
+    relation = accounting.relation(fixed_size)
+    for mechanism in (parts, parts[1], parts[::-1], parts[:2]):
+        tup = mechanism if isinstance(mechanism, tuple) else (mechanism,)
+        direct = rdp.RdpAccountant(neighboring_relation=relation)
+        direct.compose(dp_accounting.ComposedDpEvent([p.event() for p in tup]))
+        assert accounting.epsilon(mechanism, 2e-6) == pytest.approx(
+            direct.get_epsilon(2e-6), rel=1e-12
+        )
+    # the same parameters with more steps cost more, never the cached value of fewer steps
+    fewer = accounting.epsilon(parts[1], 2e-6)
+    assert accounting.epsilon(parts[1].with_count(22), 2e-6) > fewer
+
+
 def test_epsilon_grows_with_steps_and_falls_with_noise() -> None:
     steps = [accounting.epsilon(SampledGaussian(1.0, s, 0.05), 1e-5) for s in (10, 100, 1000)]
     assert steps[0] < steps[1] < steps[2]

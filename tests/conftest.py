@@ -7,8 +7,18 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
+# One torch thread in the test process and in every process a test starts, unless
+# OMP_NUM_THREADS says otherwise (`OMP_NUM_THREADS=2 .venv/bin/python -m pytest` runs the suite on
+# two). The suite's models are tiny, and while another job keeps the cores busy two intra-op
+# threads wait on each other at every small op: an 8-example MLP step took 0.5 ms on one thread
+# and 5-19 ms on two on a loaded 2-core machine. Tests that compare engines or thread counts do so
+# with stated tolerances, so nothing here depends on the count.
+THREADS = int(os.environ.setdefault("OMP_NUM_THREADS", "1"))
+os.environ.setdefault("MKL_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

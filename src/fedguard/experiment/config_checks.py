@@ -642,6 +642,27 @@ RAY_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "address", "actor_engi
 _COHORT_KEYS = ("cohort_size", "cohort_device")
 
 
+def audit(cfg: ExperimentSections) -> None:
+    """``[audit]``: canaries are inserted by the in-process engine's clients (the cohort engine
+    and Ray actors build their clients elsewhere), in synchronous rounds."""
+    if cfg.audit.canaries == 0:
+        return
+    if cfg.runtime.kind != "inprocess":
+        raise ValueError(
+            f"audit.canaries: canaries are inserted by the in-process engine only (runtime.kind "
+            f'is "{cfg.runtime.kind}"): set runtime.kind = "inprocess" for the audit run'
+        )
+    if cfg.server.mode != "sync":
+        raise ValueError(
+            'audit.canaries needs server.mode = "sync" (the audit run\'s rounds are synchronous)'
+        )
+    if cfg.attack.kind != "none":
+        raise ValueError(
+            "audit.canaries: an audit run measures privacy, not robustness; set "
+            'attack.kind = "none"'
+        )
+
+
 def runtime(cfg: ExperimentSections) -> None:
     """``[runtime]``: the Ray pool's keys belong to ``kind = "ray"``, the cohort engine's to
     ``kind = "cohort"`` or a Ray pool whose actors train cohorts (set elsewhere they would

@@ -7,7 +7,7 @@ score every record (higher: more likely a member):
 * the loss-threshold attack (Yeom et al. 2018): minus the final model's loss on the record;
 * offline LiRA (Carlini et al., S&P 2022, "Membership Inference Attacks From First
   Principles"): ``K`` reference models are trained by the run's own recipe (its config, the
-  same federated training through :func:`fedguard.experiment.runner.run`) on random halves of
+  same clients, strategy and round driver, :func:`train_reference`) on random halves of
   a second, disjoint part of the evaluation split, so every reference model is OUT for every
   scored record. The score is the one-sided z-score of the target model's logit-scaled
   confidence ``phi = log p_y - log(1 - p_y)`` against the reference models' ``phi`` on the same
@@ -21,7 +21,6 @@ them). With an evaluation split too small to hold out a reference part, LiRA is 
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,11 @@ from sklearn.metrics import roc_auc_score, roc_curve
 
 from fedguard.audit.target import AuditedRun
 from fedguard.data.dataset import ArrayDataset, FederatedDataset
-from fedguard.experiment import checkpoint, federation, runner
 from fedguard.experiment import config as config_mod
+from fedguard.experiment import federation
+from fedguard.experiment.assembly import Experiment
 from fedguard.models.adapter import ModelAdapter
+from fedguard.protocol import secagg
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -126,7 +127,6 @@ def _reference_phi(
     toml["audit"] = {"canaries": 0}
     toml["evaluation"] = {**toml.get("evaluation", {}), "every": 0}
     toml["data"] = {**toml["data"], "num_clients": n_clients}
-    toml["checkpoint"] = {"keep": 1}
     model = run.exp.model
     rows = []
     for k in range(count):
@@ -139,16 +139,28 @@ def _reference_phi(
             num_classes=run.exp.fed.num_classes,
         )
         toml["experiment"] = {**toml["experiment"], "seed": run.cfg.experiment.seed + 1 + k}
-        with tempfile.TemporaryDirectory() as tmp:
-            runner.run(
-                dict(toml), out=Path(tmp) / "reference", data_fn=lambda d=data: d, progress=False
-            )
-            ck = checkpoint.latest(Path(tmp) / "reference" / "checkpoints")
-            if ck is None:
-                raise RuntimeError("A reference model's run saved no checkpoint.")
-            model.set_flat(ck.tensors["params"])
+        model.set_flat(train_reference(config_mod.validate(toml), data))
         rows.append(phi(model, x, y))
     return np.stack(rows)
+
+
+def train_reference(cfg: config_mod.ExperimentConfig, data: FederatedDataset) -> torch.Tensor:
+    """The final parameters of ``cfg``'s federated training on ``data``: the run's recipe
+    (its clients' trainer, privacy, secure aggregation, strategy and round driver), without a
+    run folder, evaluation or accounting; a round whose secure aggregation aborts leaves the
+    model as it was, as in a run."""
+    exp = Experiment(cfg, data_fn=lambda: data)
+    try:
+        params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
+        for round_ in range(1, cfg.experiment.rounds + 1):
+            try:
+                result = exp.driver.fit_round(round_, params, state)
+            except secagg.SecAggAbortedError:
+                continue
+            params, state = result.params, result.state
+    finally:
+        exp.close()
+    return params
 
 
 def _roc_plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path) -> None:

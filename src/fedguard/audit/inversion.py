@@ -33,6 +33,7 @@ of uniformly random images (the baseline an attacker gets without the update).
 
 from __future__ import annotations
 
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from fedguard.algorithms.privacy import accounting
 from fedguard.audit.target import AuditedRun, AuditError
 from fedguard.client.app import ClientApp
 from fedguard.client.data import ClientData
@@ -178,8 +180,8 @@ def invert(
             schedule.step()
             with torch.no_grad():
                 x.clamp_(low, high)
-        if float(cos) > best_cos:
-            best_x, best_cos = x.detach().clone(), float(cos)
+        if float(cos.detach()) > best_cos:
+            best_x, best_cos = x.detach().clone(), float(cos.detach())
     if best_x is None:
         raise ValueError("The attack needs at least one restart.")
     return best_x, best_cos
@@ -206,11 +208,20 @@ def score(
     reconstructions: torch.Tensor,
     value_range: tuple[float, float],
     seed: int = 0,
+    mean_image: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """PSNR and SSIM (scikit-image) of each reconstruction against the original it is assigned
-    to (the assignment that maximises the total PSNR), their medians, and the median PSNR of
-    uniformly random images against the originals."""
+    to (the assignment that maximises the total PSNR), their medians, the median PSNR of
+    uniformly random images against the originals (``baseline_psnr``) and, given the
+    population's ``mean_image``, its median PSNR against them (``mean_image_psnr``: the best
+    guess without the update for data that sits in a narrow part of its range)."""
     a, b = _unit(originals, value_range), _unit(reconstructions, value_range)
+    prior = None
+    if mean_image is not None:
+        m = _unit(mean_image[None], value_range)[0]
+        prior = float(
+            np.median([peak_signal_noise_ratio(a[i], m, data_range=1.0) for i in range(len(a))])
+        )
     psnr = np.array(
         [
             [peak_signal_noise_ratio(a[i], b[j], data_range=1.0) for j in range(len(b))]
@@ -231,6 +242,7 @@ def score(
         "psnr": float(np.median(psnrs)),
         "ssim": float(np.median(ssims)),
         "baseline_psnr": float(np.median(baseline)),
+        "mean_image_psnr": prior,
         "psnr_each": psnrs,
         "ssim_each": ssims,
         "order": [j for _, j in pairs],
@@ -240,7 +252,7 @@ def score(
 def _grid(originals: np.ndarray, recon: np.ndarray, path: Path, title: str) -> None:
     """Originals (top row) over their reconstructions (bottom row), at most 16 columns."""
     n = min(len(originals), MAX_PICTURES)
-    fig, axes = plt.subplots(2, n, figsize=(1.2 * n + 0.6, 2.9), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(max(1.2 * n + 0.6, 4.0), 3.2), squeeze=False)
     for k in range(n):
         for row, images in enumerate((originals, recon)):
             img = images[k]
@@ -254,18 +266,30 @@ def _grid(originals: np.ndarray, recon: np.ndarray, path: Path, title: str) -> N
         if k == 0:
             axes[0][0].set_ylabel("original")
             axes[1][0].set_ylabel("attack")
-    fig.suptitle(title, fontsize=8)
+    fig.suptitle(textwrap.fill(title, 60), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def observed_update(
-    run: AuditedRun, settings: InversionSettings
-) -> tuple[torch.Tensor, torch.Tensor, ClientData, int, str]:
-    """The update the server observes from the attacked client in ``settings.round`` (or, under
-    secure aggregation, the round's sum), the round's starting parameters, the attacked
-    records, the client id, and what the attacker sees (a name)."""
+@dataclass(frozen=True)
+class Observation:
+    """What the server observes in the attacked round: ``update`` (the attacked client's, or
+    under secure aggregation the round's sum), the round's starting ``params``, the fit-task
+    ``config`` the clients trained with, and (for scoring) the ``attacked`` records of client
+    ``client``; ``seen`` names what the attacker sees."""
+
+    update: torch.Tensor
+    params: torch.Tensor
+    config: dict[str, messages.Scalar]
+    attacked: ClientData
+    client: int
+    seen: str
+
+
+def observed_update(run: AuditedRun, settings: InversionSettings) -> Observation:
+    """Re-create what the server observes from the attacked client in ``settings.round`` with
+    the run's client code (see the module docstring)."""
     exp, round_ = run.exp, settings.round
     if round_ < 1 or round_ > run.final_round + 1:
         raise AuditError(f"{run.name}: no round {round_} to attack (1..{run.final_round + 1}).")
@@ -301,7 +325,7 @@ def observed_update(
     reply = fit(cid, attacked, local)
     if not run.cfg.secure_aggregation.enabled:
         seen = "the clipped update" if messages.DP_CLIP_NORM in config else "the update"
-        return reply.update, params, attacked, cid, seen
+        return Observation(reply.update, params, dict(config), attacked, cid, seen)
     settings_ = exp.driver.secure_aggregation
     weighted = settings_ is not None and settings_.weighted
     total = reply.update * (reply.num_examples if weighted else 1)
@@ -310,7 +334,8 @@ def observed_update(
             continue
         r = fit(other, exp.fed.clients[other], {})
         total = total + r.update * (r.num_examples if weighted else 1)
-    return total, params, attacked, cid, f"the sum of {len(sampled)} updates"
+    seen = f"the sum of {len(sampled)} updates"
+    return Observation(total, params, dict(config), attacked, cid, seen)
 
 
 def audit(run: AuditedRun, png: Path, settings: InversionSettings) -> dict[str, Any]:
@@ -322,13 +347,16 @@ def audit(run: AuditedRun, png: Path, settings: InversionSettings) -> dict[str, 
             f"{run.name}: gradient inversion reconstructs images [C, H, W]; the data's records "
             f"have shape {list(shape)}"
         )
-    update, params, attacked, cid, seen = observed_update(run, settings)
+    seen = observed_update(run, settings)
+    update, params, attacked, cid = seen.update, seen.params, seen.attacked, seen.client
     xs = [d.train_x for d in run.exp.fed.clients.values()]
     value_range = (min(float(x.min()) for x in xs), max(float(x.max()) for x in xs))
     model = run.exp.model
     labels = recover_labels(model, update, settings.batch_size, run.exp.fed.num_classes)
     recon, cos = invert(model, params, update, labels, shape, value_range, settings)
-    scored = score(attacked.train_x, recon, value_range, seed=settings.seed)
+    others = [d.train_x for c, d in run.exp.fed.clients.items() if c != cid]
+    mean_image = torch.cat(others).mean(dim=0) if others else None
+    scored = score(attacked.train_x, recon, value_range, seed=settings.seed, mean_image=mean_image)
     ordered = recon[torch.tensor(scored["order"])]
     _grid(
         _unit(attacked.train_x, value_range),
@@ -338,15 +366,21 @@ def audit(run: AuditedRun, png: Path, settings: InversionSettings) -> dict[str, 
         f"{settings.local_steps} step(s), {run.protection}: PSNR {scored['psnr']:.1f} dB",
     )
     true_labels = sorted(attacked.train_y.tolist())
+    update_epsilon = None
+    if messages.DP_SGD_NOISE in seen.config:  # the attacked update's own DP-SGD: full batches
+        z = messages.config_float(seen.config, messages.DP_SGD_NOISE)
+        mechanism = accounting.SampledGaussian(z, settings.local_steps, 1.0)
+        update_epsilon = accounting.epsilon(mechanism, run.delta, accounting.Accountant.PLD)
     return {
         "attack": "inversion",
         "round": settings.round,
         "client": cid,
         "batch_size": settings.batch_size,
         "local_steps": settings.local_steps,
-        "observed": seen,
+        "observed": seen.seen,
         "iterations": settings.iterations,
         "gradient_cosine": cos,
         "labels_recovered": sorted(labels.tolist()) == true_labels,
+        "update_epsilon": update_epsilon,
         **{k: v for k, v in scored.items() if k != "order"},
     }

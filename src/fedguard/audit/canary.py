@@ -9,7 +9,9 @@ guesses are about inclusion alone (:mod:`fedguard.audit.one_run`).
   out-of-distribution image of uniform noise over the training data's value range with a
   random label, so that the model can only fit it by memorising it; an included canary joins
   the training data of a seeded random client. Its score is the final model's logit-scaled
-  confidence in the canary's label, ``log p - log(1 - p)`` (Carlini et al. 2022).
+  confidence in the canary's label, ``log p - log(1 - p)`` (Carlini et al. 2022), minus the
+  same on the initial model (rebuilt from the seed): the difference removes each canary's own
+  starting confidence, which would otherwise drown the signal of a short run.
 * User level (central or distributed DP, which protect a whole client): a canary is a client
   whose update is always the same random unit direction times the round's clip norm (Andrew et
   al., ICLR 2024); included canaries join the population (and are sampled like any client).
@@ -95,6 +97,17 @@ def plan(
     else:
         clients = tuple(range(first_new_id, first_new_id + int(included.sum())))
     return CanaryPlan(kind, count, seed, tuple(bool(b) for b in included), clients)
+
+
+def included_count(count: int, seed: int) -> int:
+    """How many of ``count`` canaries drawn from ``seed`` are included (as :func:`plan` draws)."""
+    return int((_rng(seed, 0).random(count) < 0.5).sum())
+
+
+def user_level(privacy_mode: str) -> bool:
+    """Whether a run in ``privacy_mode`` gets user-level canaries (central and distributed DP
+    protect whole clients) rather than record-level ones."""
+    return privacy_mode in ("central", "distributed")
 
 
 def record_canaries(

@@ -37,8 +37,10 @@ def scores(run: AuditedRun) -> tuple[canary.CanaryPlan, np.ndarray]:
         if records is None or canary.digest(*records) != recorded.get("digest"):
             raise AuditError(f"{run.name}: the record canaries do not regenerate ({canary.FILE})")
         model = run.exp.model
+        model.set_flat(run.exp.initial_params)
+        before = canary.record_scores(model, *records)
         model.set_flat(run.final)
-        return plan, canary.record_scores(model, *records)
+        return plan, canary.record_scores(model, *records) - before
     change = run.final - run.exp.initial_params
     return plan, canary.user_scores(change, plan.seed, plan.count)
 

@@ -593,7 +593,7 @@ def canary_plan(cfg: ExperimentConfig, clients: Mapping[int, Any]) -> canary.Can
     a = cfg.audit
     if a.canaries == 0:
         return None
-    kind = canary.USER if cfg.privacy.mode in ("central", "distributed") else canary.RECORD
+    kind = canary.USER if canary.user_level(cfg.privacy.mode) else canary.RECORD
     seed = a.canary_seed if a.canary_seed is not None else cfg.experiment.seed
     ids = sorted(clients)
     return canary.plan(kind, a.canaries, seed, ids, first_new_id=max(ids) + 1)

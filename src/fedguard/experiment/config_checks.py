@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from fedguard import plugins
 from fedguard.algorithms import attacks, robust
 from fedguard.algorithms.contribution import shapley as contribution_shapley
+from fedguard.audit import canary
 from fedguard.client import trainers
 from fedguard.client.trainer import ClientTrainer
 from fedguard.experiment.config_sections import ExperimentSections, ServerSection
@@ -120,6 +121,10 @@ def builtin_strategy(cfg: ExperimentSections, aggregator: Aggregator | None = No
 def strategy_and_optimizer(cfg: ExperimentSections) -> None:
     """Client counts, and the strategies and optimizers that need one another."""
     s, c, n = cfg.server, cfg.client, cfg.data.num_clients
+    a = cfg.audit
+    if a.canaries and canary.user_level(cfg.privacy.mode):  # canary clients join the population
+        seed = a.canary_seed if a.canary_seed is not None else cfg.experiment.seed
+        n += canary.included_count(a.canaries, seed)
     if s.clients_per_round is not None and s.fraction is not None:
         raise ValueError("server.clients_per_round and server.fraction both set: give one of them")
     if s.clients_per_round is not None and s.clients_per_round > n:

@@ -45,8 +45,14 @@ def _audit(tmp_path, name: str, **sections) -> dict:
     return report.rows[0]
 
 
-def test_unprotected_one_image_update_gives_the_image_back(tmp_path):
-    row = _audit(tmp_path, "plain", server={"clients_per_round": 4})
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory) -> dict:
+    """The inversion row of the run without protection (shared by two tests)."""
+    return _audit(tmp_path_factory.mktemp("plain"), "plain", server={"clients_per_round": 4})
+
+
+def test_unprotected_one_image_update_gives_the_image_back(plain):
+    row = plain
     assert row["observed"] == "the update" and row["labels_recovered"]
     assert row["batch_size"] == 1 and row["local_steps"] == 1
     assert row["gradient_cosine"] > 0.99
@@ -54,7 +60,7 @@ def test_unprotected_one_image_update_gives_the_image_back(tmp_path):
     assert row["psnr"] > row["mean_image_psnr"] + 20.0
     assert row["ssim"] > 0.9
     assert row["baseline_psnr"] < 12.0
-    assert (tmp_path / "plain" / "audit" / "inversion.png").stat().st_size > 5_000
+    assert row["run"].endswith("plain")
 
 
 def test_dp_sgd_at_epsilon_one_leaves_only_the_random_baseline(tmp_path):
@@ -82,7 +88,7 @@ def test_dp_sgd_at_epsilon_one_leaves_only_the_random_baseline(tmp_path):
     assert row["psnr"] < row["mean_image_psnr"] - 3.0
 
 
-def test_under_secure_aggregation_the_attacker_has_only_the_sum(tmp_path):
+def test_under_secure_aggregation_the_attacker_has_only_the_sum(tmp_path, plain):
     row = _audit(
         tmp_path,
         "secagg",
@@ -90,8 +96,8 @@ def test_under_secure_aggregation_the_attacker_has_only_the_sum(tmp_path):
         secure_aggregation={"enabled": True, "clip_norm": 100.0},
     )
     assert row["protection"] == "secagg" and row["observed"] == "the sum of 4 updates"
-    plain = _audit(tmp_path, "plain", server={"clients_per_round": 4})
     assert row["psnr"] < plain["psnr"] - 20.0
+    assert (tmp_path / "secagg" / "audit" / "inversion.png").stat().st_size > 5_000
 
 
 def test_labels_of_one_record_come_from_the_output_bias():

@@ -119,14 +119,17 @@ def _reference_phi(
 ) -> np.ndarray | None:
     """``phi`` on ``x, y`` of ``count`` reference models, each trained by the run's recipe on a
     random half of the pool split over the run's number of clients (None: too small a pool)."""
-    n_clients = len(run.exp.client_ids)
+    n_clients = run.cfg.data.num_clients  # the run's own clients, without canary clients
     half = len(pool_y) // 2
     if count == 0 or half < 2 * n_clients:
         return None
     toml = config_mod.to_toml_dict(run.cfg)
     toml["audit"] = {"canaries": 0}
     toml["evaluation"] = {**toml.get("evaluation", {}), "every": 0}
-    toml["data"] = {**toml["data"], "num_clients": n_clients}
+    server = {k: v for k, v in toml["server"].items() if k != "fraction"}
+    # the run's cohort, less the canary clients that joined it
+    server["clients_per_round"] = min(run.cfg.clients_per_round, n_clients)
+    toml["server"] = server
     model = run.exp.model
     rows = []
     for k in range(count):

@@ -62,10 +62,15 @@ def _line(run: AuditedRun, row: dict[str, Any]) -> str:
             f"{row['correct_guesses']}/{row['guesses']} guesses right), {accounted}{verdict}"
         )
     if row["attack"] == "membership":
+        lira = (
+            f"LiRA AUC {row['lira']['auc']:.3f} ({row['reference_models']} reference models)"
+            if row["lira"] is not None
+            else "no LiRA (no reference models, or too few non-members to train them)"
+        )
         return (
-            f"membership: loss attack AUC {row['loss']['auc']:.3f}, LiRA AUC "
-            f"{row['auc']:.3f}, TPR at 1% FPR {row['tpr_at_1pct_fpr']:.3f} "
-            f"({row['members']} members, {row['non_members']} non-members), {accounted}"
+            f"membership: loss attack AUC {row['loss']['auc']:.3f}, {lira}, TPR at 1% FPR "
+            f"{row['tpr_at_1pct_fpr']:.3f} ({row['scored_by']}; {row['members']} members, "
+            f"{row['non_members']} non-members), {accounted}"
         )
     return (
         f"inversion: PSNR {row['psnr']:.1f} dB (random images {row['baseline_psnr']:.1f} dB), "

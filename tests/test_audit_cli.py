@@ -22,9 +22,9 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _run(tmp_path, canaries: int) -> str:
+def _run(tmp_path, canaries: int, rounds: int = 2) -> str:
     cfg = tiny_config(
-        experiment={"rounds": 2, "seed": 5},
+        experiment={"rounds": rounds, "seed": 5},
         data={"num_clients": 2, "synthetic_samples": 200, "synthetic_shape": [1, 8, 8]},
         server={"clients_per_round": 2},
         audit={"canaries": canaries},
@@ -51,7 +51,7 @@ def test_audit_all_writes_one_row_and_one_line_per_attack(tmp_path, capsys):
 
 
 def test_all_skips_the_canary_audit_of_a_run_without_canaries_and_canary_refuses(tmp_path, capsys):
-    run = _run(tmp_path, canaries=0)
+    run = _run(tmp_path, canaries=0, rounds=3)
     out_dir = tmp_path / "elsewhere"
     args = ["audit", run, "--attack", "membership", "--reference-models", "0"]
     assert cli.main([*args, "--out", str(out_dir)]) == 0
@@ -60,6 +60,13 @@ def test_all_skips_the_canary_audit_of_a_run_without_canaries_and_canary_refuses
     capsys.readouterr()
     assert cli.main(["audit", run, "--attack", "canary"]) == cli.EXIT_CONFIG
     assert "--audit-canaries" in capsys.readouterr().err
+    # checkpoint.keep = 2 keeps rounds 2 and 3: round 2 started from round 1's, which is gone
+    inversion = ["audit", run, "--attack", "inversion", "--iterations", "5"]
+    assert cli.main([*inversion, "--round", "2"]) == cli.EXIT_CONFIG
+    assert "checkpoint of round 1" in capsys.readouterr().err
+    assert cli.main([*inversion, "--round", "3"]) == 0
+    assert cli.main([*inversion, "--batch-size", "0"]) == cli.EXIT_CONFIG
+    assert "--batch-size must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_audit_of_a_folder_that_is_no_run_says_so(tmp_path, capsys):

@@ -309,15 +309,16 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     from fedguard.audit import inversion, runner
     from fedguard.audit.target import AuditError
 
-    for flag, value in (
-        ("--reference-models", args.reference_models),
-        ("--max-members", args.max_members - 1),
-        ("--batch-size", args.batch_size - 1),
-        ("--local-steps", args.local_steps - 1),
-        ("--iterations", args.iterations - 1),
+    for flag, value, least in (
+        ("--reference-models", args.reference_models, 0),
+        ("--max-members", args.max_members, 1),
+        ("--round", args.round, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--local-steps", args.local_steps, 1),
+        ("--iterations", args.iterations, 1),
     ):
-        if value < 0:
-            raise _config_error(f"{flag} is too small.")
+        if value < least:
+            raise _config_error(f"{flag} must be at least {least}, got {value}.")
     options = runner.AuditOptions(
         reference_models=args.reference_models,
         max_members=args.max_members,

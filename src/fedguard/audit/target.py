@@ -65,21 +65,6 @@ class AuditedRun:
             return mode
         return "secagg" if self.cfg.secure_aggregation.enabled else "none"
 
-    def params_before(self, round_: int) -> torch.Tensor:
-        """The global parameters round ``round_`` started from: the initial model for round 1,
-        else the checkpoint of round ``round_ - 1`` (which must still be kept)."""
-        if round_ == 1:
-            return self.exp.initial_params.clone()
-        try:
-            ck = checkpoint.load(self.folder.checkpoints, round_ - 1)
-        except (OSError, ValueError) as exc:
-            raise AuditError(
-                f"{self.name}: round {round_} started from the checkpoint of round "
-                f"{round_ - 1}, which is not kept ({exc}); attack round 1 or a round after a "
-                "kept checkpoint (checkpoint.keep)"
-            ) from None
-        return ck.tensors["params"]
-
 
 def load(run_dir: str | Path) -> AuditedRun:
     """Rebuild the run in ``run_dir`` (see the module docstring); an :class:`AuditError` names

@@ -83,3 +83,17 @@ def test_run_audit_canaries_flag_sets_the_config_key(tmp_path):
     out = tmp_path / "r"
     assert cli.main(["run", str(toml), "--out", str(out), "--quiet", "--audit-canaries", "7"]) == 0
     assert json.loads((out / "canaries.json").read_text())["count"] == 7
+
+
+def test_a_run_of_the_cohort_engine_is_rebuilt_in_process(tmp_path, capsys):
+    cfg = tiny_config(
+        experiment={"rounds": 1, "seed": 5},
+        data={"num_clients": 2, "synthetic_samples": 100, "synthetic_shape": [1, 8, 8]},
+        server={"clients_per_round": 2},
+        runtime={"kind": "cohort", "cohort_size": 2},
+    )
+    out = tmp_path / "cohort"
+    fedguard.run(cfg, out=out, progress=False)
+    args = ["audit", str(out), "--attack", "membership", "--reference-models", "0"]
+    assert cli.main(args) == 0
+    assert "membership: loss attack AUC" in capsys.readouterr().out

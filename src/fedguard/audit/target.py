@@ -73,6 +73,10 @@ def load(run_dir: str | Path) -> AuditedRun:
     if not folder.config.exists():
         raise AuditError(f"{folder.root}: no config.toml; is it a run folder of `fedguard run`?")
     cfg = config_mod.load(folder.config)
+    if cfg.runtime.kind != "inprocess":  # every engine gives the same results; rebuild in process
+        toml = config_mod.to_toml_dict(cfg)
+        toml["runtime"] = {}
+        cfg = config_mod.validate(toml)
     ck = checkpoint.latest(folder.checkpoints, max_round=cfg.experiment.rounds)
     if ck is None:
         raise AuditError(f"{folder.root}: no usable checkpoint; the run finished no round")

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from fedguard.audit import canary, canary_audit, inversion, membership, target
-from fedguard.audit.target import AuditedRun
 
 ATTACKS = ("canary", "membership", "inversion")
 
@@ -50,7 +49,7 @@ class AuditReport:
         return [r for r in self.rows if r.get("violation")]
 
 
-def _line(run: AuditedRun, row: dict[str, Any]) -> str:
+def _line(row: dict[str, Any]) -> str:
     """One summary line of an attack's row."""
     eps = row.get("accounted_epsilon")
     accounted = "no DP" if eps is None else f"accounted epsilon {eps:.3g}"
@@ -124,7 +123,7 @@ def audit(
             **row,
         }
         rows.append(row)
-        lines.append(_line(run, row))
+        lines.append(_line(row))
     path = folder / "audit.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"run": run.name, "rows": rows}, indent=2) + "\n")

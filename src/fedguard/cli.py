@@ -55,11 +55,55 @@ def _parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         help="join this running Ray cluster (or 'auto'); implies --runtime ray (runtime.address)",
     )
+    run.add_argument(
+        "--audit-canaries",
+        type=int,
+        default=None,
+        metavar="M",
+        help="insert M canaries for `fedguard audit --attack canary` (audit.canaries)",
+    )
+    _audit_parser(sub)
     val = sub.add_parser("validate", help="check an experiment file without running it")
     val.add_argument("config", type=Path)
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _deploy_parsers(sub)
     return parser
+
+
+def _audit_parser(sub) -> None:
+    audit = sub.add_parser(
+        "audit", help="attack a finished run: canary epsilon bound, membership, inversion"
+    )
+    audit.add_argument("run_dir", type=Path, help="the run folder `fedguard run` wrote")
+    audit.add_argument(
+        "--attack",
+        action="append",
+        choices=["inversion", "membership", "canary", "all"],
+        default=None,
+        help="attack to run (repeatable; default all: canary only where the run has canaries)",
+    )
+    audit.add_argument("--out", type=Path, default=None, help="folder (default RUN_DIR/audit)")
+    audit.add_argument(
+        "--reference-models",
+        type=int,
+        default=4,
+        metavar="K",
+        help="membership: LiRA reference models trained by the run's recipe (0: loss attack only)",
+    )
+    audit.add_argument(
+        "--max-members", type=int, default=2000, help="membership: training records scored"
+    )
+    audit.add_argument("--round", type=int, default=1, help="inversion: the round attacked")
+    audit.add_argument("--client", type=int, default=None, help="inversion: the client attacked")
+    audit.add_argument(
+        "--batch-size", type=int, default=1, help="inversion: records in the attacked update"
+    )
+    audit.add_argument(
+        "--local-steps", type=int, default=1, help="inversion: local steps of the attacked update"
+    )
+    audit.add_argument(
+        "--iterations", type=int, default=1000, help="inversion: optimisation steps of the attack"
+    )
 
 
 def _overrides(p: argparse.ArgumentParser) -> None:
@@ -182,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "validate":
             return _validate(args, console)
+        if args.command == "audit":
+            return _audit(args, console, err)
         if args.command in _DEPLOY:
             return _DEPLOY[args.command](args, console, err)
         from fedguard.experiment import runner
@@ -191,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.config,
                 out=args.out,
                 resume=args.resume,
-                overrides=[*args.overrides, *_runtime_overrides(args)],
+                overrides=[*args.overrides, *_runtime_overrides(args), *_audit_overrides(args)],
                 progress=not args.quiet,
                 console=console,
             ),
@@ -236,6 +282,11 @@ def _runtime_overrides(args: argparse.Namespace) -> list[str]:
     return [] if args.runtime is None else [f'runtime.kind="{args.runtime}"']
 
 
+def _audit_overrides(args: argparse.Namespace) -> list[str]:
+    """``--audit-canaries M`` as the config override it stands for."""
+    return [] if args.audit_canaries is None else [f"audit.canaries={args.audit_canaries}"]
+
+
 def _exit_code_of_run(start: Callable[[], object], err: Console) -> int:
     """Run a training run (simulated or served) and map how it ended to the exit code."""
     from fedguard.experiment import runner
@@ -250,6 +301,59 @@ def _exit_code_of_run(start: Callable[[], object], err: Console) -> int:
         err.print(f"[red]error:[/red] {exc}")
         return EXIT_FAILED
     return 0
+
+
+def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
+    """``fedguard audit``: one line per attack; exit 1 when a canary lower bound exceeds the
+    accounted epsilon, 2 when the run cannot be audited."""
+    from fedguard.audit import inversion, runner
+    from fedguard.audit.target import AuditError
+
+    for flag, value, least in (
+        ("--reference-models", args.reference_models, 0),
+        ("--max-members", args.max_members, 1),
+        ("--round", args.round, 1),
+        ("--batch-size", args.batch_size, 1),
+        ("--local-steps", args.local_steps, 1),
+        ("--iterations", args.iterations, 1),
+    ):
+        if value < least:
+            raise _config_error(f"{flag} must be at least {least}, got {value}.")
+    options = runner.AuditOptions(
+        reference_models=args.reference_models,
+        max_members=args.max_members,
+        inversion=inversion.InversionSettings(
+            round=args.round,
+            client=args.client,
+            batch_size=args.batch_size,
+            local_steps=args.local_steps,
+            iterations=args.iterations,
+        ),
+    )
+    try:
+        report = runner.audit(
+            args.run_dir,
+            args.attack or ["all"],
+            out=args.out,
+            options=options,
+            progress=lambda name: err.print(f"[dim]{name} attack ...[/dim]"),
+        )
+    except AuditError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        return EXIT_CONFIG
+    for line in report.lines:
+        console.print(line, highlight=False, soft_wrap=True)
+    console.print(f"Audit in [bold]{report.path}[/bold]")
+    for row in report.violations:
+        err.print(
+            f"[red]error:[/red] run {row['run']}: the canary epsilon lower bound "
+            f"{row['epsilon_lower_bound']:.3g} exceeds the accounted epsilon "
+            f"{row['accounted_epsilon']:.3g}: the privacy accounting or its implementation is "
+            "wrong",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return EXIT_FAILED if report.violations else 0
 
 
 def _validate(args: argparse.Namespace, console: Console) -> int:

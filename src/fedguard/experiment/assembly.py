@@ -23,8 +23,10 @@ import torch
 
 from fedguard import plugins
 from fedguard.algorithms.attacks import data_poisoning as attacks_data
+from fedguard.audit import canary
 from fedguard.client import evaluation
 from fedguard.client.app import ClientApp, ClientPins, client_pins
+from fedguard.client.data import ClientData
 from fedguard.client.trainer import ClientTrainer
 from fedguard.data import dataset
 from fedguard.data.errors import DataError
@@ -584,6 +586,41 @@ def build_async_driver(
         raise ConfigError(f'server.mode = "async": {exc}') from None
 
 
+def canary_plan(cfg: ExperimentConfig, clients: Mapping[int, Any]) -> canary.CanaryPlan | None:
+    """The run's ``audit.canaries`` (None: none): user-level canary clients under central or
+    distributed DP, record-level canaries otherwise; the canary clients take the ids after the
+    federation's."""
+    a = cfg.audit
+    if a.canaries == 0:
+        return None
+    kind = canary.USER if canary.user_level(cfg.privacy.mode) else canary.RECORD
+    seed = a.canary_seed if a.canary_seed is not None else cfg.experiment.seed
+    ids = sorted(clients)
+    return canary.plan(kind, a.canaries, seed, ids, first_new_id=max(ids) + 1)
+
+
+def record_canaries(
+    cfg: ExperimentConfig, fed: federation.Federation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The record-level canaries of ``cfg`` over ``fed``'s training data's value range."""
+    xs = [d.train_x for d in fed.clients.values()]
+    low = min(float(x.min()) for x in xs)
+    high = max(float(x.max()) for x in xs)
+    seed = cfg.audit.canary_seed if cfg.audit.canary_seed is not None else cfg.experiment.seed
+    return canary.record_canaries(
+        seed, cfg.audit.canaries, fed.input_shape, fed.num_classes, low, high
+    )
+
+
+def user_canary_directions(plan: canary.CanaryPlan, dim: int) -> dict[int, torch.Tensor]:
+    """The included user-level canaries' directions, by the client id each canary has."""
+    chosen = [i for i, inc in enumerate(plan.included) if inc]
+    return {
+        cid: canary.direction(plan.seed, i, dim)
+        for cid, i in zip(plan.clients, chosen, strict=True)
+    }
+
+
 class Experiment:
     """One configured experiment, set up and ready to run rounds."""
 
@@ -620,6 +657,25 @@ class Experiment:
             )
         except (ValueError, ImportError) as exc:
             raise ConfigError(f"model.name: {exc}") from None
+        # audit.canaries: record-level canaries join the clients' data, user-level canary clients
+        # the population (their trainer is set below), before sizes and privacy are planned
+        self.canaries = canary_plan(cfg, self.fed.clients)
+        self.canary_digest: str | None = None
+        self.canary_records: tuple[torch.Tensor, torch.Tensor] | None = None
+        if self.canaries is not None and self.canaries.kind == canary.RECORD:
+            x, y = record_canaries(cfg, self.fed)
+            self.canary_digest = canary.digest(x, y)
+            self.canary_records = (x, y)
+            self.fed = replace(
+                self.fed, clients=canary.insert_records(self.fed.clients, self.canaries, x, y)
+            )
+        elif self.canaries is not None:
+            host = next(iter(self.fed.clients.values()))
+            stand_in = ClientData(
+                host.train_x[:1], host.train_y[:1], host.train_x[:0], host.train_y[:0]
+            )
+            added = dict.fromkeys(self.canaries.clients, stand_in)
+            self.fed = replace(self.fed, clients={**self.fed.clients, **added})
         first = next(iter(self.fed.clients.values())).train_x[:1]
         check_output_width(
             self.model, first, self.fed.num_classes, f"model.name {cfg.model.name!r}"
@@ -647,6 +703,12 @@ class Experiment:
             built.aggregator,
             built.strategy,
         )
+        if self.canaries is not None and self.canaries.kind == canary.USER:
+            self.trainer = canary.CanaryClientTrainer(
+                self.trainer,
+                user_canary_directions(self.canaries, self.model.spec.size),
+                cfg.privacy.clip_norm,
+            )
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}
         # The clients hold the server to this config's privacy settings, as a deployed client
         # holds it to its own copy (see client_pins): a round asking for less is refused.

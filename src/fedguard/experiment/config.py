@@ -27,6 +27,7 @@ from fedguard.experiment.config_sections import (
     BUILTIN_ATTACKS,
     DP_COUNT_BUCKET,
     AttackSection,
+    AuditSection,
     CheckpointSection,
     ClientSection,
     ConfigError,
@@ -54,6 +55,7 @@ __all__ = [
     "ClientSection",
     "ServerSection",
     "AttackSection",
+    "AuditSection",
     "EvaluationSection",
     "RegistrationSection",
     "PrivacySection",
@@ -92,6 +94,7 @@ class ExperimentConfig(ExperimentSections):
         config_checks.contribution(self)
         config_checks.runtime(self)
         config_checks.asynchronous(self)
+        config_checks.audit(self)
         return self
 
 

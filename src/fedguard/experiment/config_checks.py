@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from fedguard import plugins
 from fedguard.algorithms import attacks, robust
 from fedguard.algorithms.contribution import shapley as contribution_shapley
+from fedguard.audit import canary
 from fedguard.client import trainers
 from fedguard.client.trainer import ClientTrainer
 from fedguard.experiment.config_sections import ExperimentSections, ServerSection
@@ -120,6 +121,10 @@ def builtin_strategy(cfg: ExperimentSections, aggregator: Aggregator | None = No
 def strategy_and_optimizer(cfg: ExperimentSections) -> None:
     """Client counts, and the strategies and optimizers that need one another."""
     s, c, n = cfg.server, cfg.client, cfg.data.num_clients
+    a = cfg.audit
+    if a.canaries and canary.user_level(cfg.privacy.mode):  # canary clients join the population
+        seed = a.canary_seed if a.canary_seed is not None else cfg.experiment.seed
+        n += canary.included_count(a.canaries, seed)
     if s.clients_per_round is not None and s.fraction is not None:
         raise ValueError("server.clients_per_round and server.fraction both set: give one of them")
     if s.clients_per_round is not None and s.clients_per_round > n:
@@ -640,6 +645,27 @@ def contribution(cfg: ExperimentSections) -> None:
 
 RAY_KEYS = ("actors", "cpus_per_actor", "gpus_per_actor", "address", "actor_engine")
 _COHORT_KEYS = ("cohort_size", "cohort_device")
+
+
+def audit(cfg: ExperimentSections) -> None:
+    """``[audit]``: canaries are inserted by the in-process engine's clients (the cohort engine
+    and Ray actors build their clients elsewhere), in synchronous rounds."""
+    if cfg.audit.canaries == 0:
+        return
+    if cfg.runtime.kind != "inprocess":
+        raise ValueError(
+            f"audit.canaries: canaries are inserted by the in-process engine only (runtime.kind "
+            f'is "{cfg.runtime.kind}"): set runtime.kind = "inprocess" for the audit run'
+        )
+    if cfg.server.mode != "sync":
+        raise ValueError(
+            'audit.canaries needs server.mode = "sync" (the audit run\'s rounds are synchronous)'
+        )
+    if cfg.attack.kind != "none":
+        raise ValueError(
+            "audit.canaries: an audit run measures privacy, not robustness; set "
+            'attack.kind = "none"'
+        )
 
 
 def runtime(cfg: ExperimentSections) -> None:

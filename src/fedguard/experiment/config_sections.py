@@ -349,6 +349,22 @@ class ContributionSection(_Section):
     gtg_max_evaluations: int | None = Field(None, ge=3)  # per scored round; None: no cap
 
 
+class AuditSection(_Section):
+    """Canaries for the one-run privacy audit (``fedguard audit --attack canary``).
+
+    ``canaries`` candidate canaries are drawn from ``canary_seed`` (default: the experiment's
+    seed) and each is inserted with probability 1/2; the audit scores all of them on the final
+    model and turns its guesses into an empirical lower bound on epsilon (Steinke, Nasr and
+    Jagielski, NeurIPS 2023). Record level (``privacy.mode`` off or local): mislabelled
+    out-of-distribution examples added to the clients' training data. User level (central or
+    distributed DP): canary clients whose update is a fixed random direction of norm
+    ``privacy.clip_norm`` (Andrew et al., ICLR 2024). Canaries change the run: they are for an
+    audit run, not a production one. 0: none."""
+
+    canaries: int = Field(0, ge=0, le=1_000_000)
+    canary_seed: int | None = None
+
+
 class LatencySection(_Section):
     """A simulated latency per client and task (``[runtime.latency]``; see
     ``fedguard.simulation.latency``): a base duration (``constant``, ``exponential`` or
@@ -427,6 +443,7 @@ class ExperimentSections(_Section):
     registration: RegistrationSection = RegistrationSection()
     contribution: ContributionSection = ContributionSection()
     runtime: RuntimeSection = RuntimeSection()
+    audit: AuditSection = AuditSection()
 
     @property
     def clients_per_round(self) -> int:

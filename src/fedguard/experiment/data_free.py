@@ -56,6 +56,11 @@ class DataFreeExperiment:
     ) -> None:
         """``recorded``: the info of the checkpoint a resumed run continues from;
         ``registration_deadline_s``: how long registration waits (default ``server.deadline_s``)."""
+        if cfg.audit.canaries:
+            raise ConfigError(
+                "audit.canaries: a deployed server holds no data and cannot insert canaries; "
+                "run the audit run in simulation (fedguard run)"
+            )
         self.cfg = cfg
         self.mode = cfg.evaluation.resolved_mode(deployed=True)
         if self.mode in ("server", "both") and cfg.evaluation.server_data is None:

@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from fedguard.audit import canary
 from fedguard.experiment import (
     checkpoint,
     config_checks,
@@ -213,6 +214,10 @@ def _run_rounds(
     cfg = exp.cfg
     folder.write_config(config_mod.to_toml_dict(cfg))
     folder.write_json(folder.partition, exp.partition())
+    canaries = getattr(exp, "canaries", None)
+    if canaries is not None:  # audit.canaries: what `fedguard audit --attack canary` scores
+        record = {**canaries.to_json(), "digest": getattr(exp, "canary_digest", None)}
+        folder.write_json(folder.root / canary.FILE, record)
     plots.partition_plot(
         exp.partition_histogram(), exp.histogram_names, folder.plots / "partition.png"
     )

@@ -1,0 +1,244 @@
+"""Privacy audits of the medical example under each protection: what an attacker gets.
+
+For each protection (none; record-level DP-SGD at each target epsilon; user-level central DP;
+secure aggregation without DP, 10 clients) and seed, the medical-imaging example (PneumoniaMNIST,
+10 hospitals) is trained with ``--audit-canaries`` canaries, then attacked with ``fedguard
+audit``'s three attacks:
+
+* ``canary``: the one-run empirical epsilon lower bound at 95% beside the accounted epsilon;
+* ``membership``: offline LiRA (and the loss attack) on the final model: AUC, TPR at 1% FPR;
+* ``inversion``: gradient inversion of one client's update in round 1 for each batch size and
+  number of local steps, the median PSNR/SSIM over ``--targets`` attacked clients.
+
+Rows go to ``benchmarks/results/audit.json`` (``{"rows": [...]}``, the issue's schema: ``task``,
+``attack``, ``protection``, ``target_epsilon``, ``accounted_epsilon``, ``seed`` and per attack
+``psnr``/``ssim``/``baseline_psnr``/``batch_size``/``local_steps``, ``auc``/``tpr_at_1pct_fpr``,
+``epsilon_lower_bound``/``canaries``), written after every run (a rerun replaces the rows of the
+protections and seeds it runs and keeps the others); ``--small`` is the quick version
+(3 rounds, 200 canaries, one reference model, 300 attack iterations, 2 targets) that the README
+quotes; the full version is the default:
+
+    python benchmarks/audit.py --small --seeds 0
+    python benchmarks/audit.py --seeds 0 1 2        # hours on 2 CPU cores; a GPU helps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fedguard
+from fedguard.audit import canary, canary_audit, inversion, membership, target
+from fedguard.experiment import config as config_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+MEDICAL = ROOT / "examples" / "medical_imaging" / "experiment.toml"
+RESULTS = Path(__file__).resolve().parent / "results"
+OUT = RESULTS / "audit.json"
+DELTA = 1e-5
+# The record-level DP recipe of benchmarks/dp_tradeoff.py (full-batch DP-GD in each hospital,
+# the GroupNorm/tanh CNN, server momentum, PLD accounting).
+LOCAL_DP = [
+    "model.name=dp_image_cnn",
+    "client.optimizer=sgd",
+    "client.lr=0.5",
+    "client.epochs=1",
+    "client.batch_size=1000",
+    "client.augment=none",
+    "server.strategy=fedavgm",
+    "server.server_momentum=0.9",
+    'privacy.mode="local"',
+    'privacy.accountant="pld"',
+    f"privacy.delta={DELTA}",
+    "privacy.max_grad_norm=1.0",
+]
+# User-level DP-FedAvg over the hospitals and the canary clients, all of them every round.
+CENTRAL_DP = [
+    "client.optimizer=sgd",
+    "client.lr=0.05",
+    "client.augment=none",
+    'privacy.mode="central"',
+    "privacy.noise_multiplier=1.0",
+    "privacy.clip_norm=0.5",
+    f"privacy.delta={DELTA}",
+]
+SECAGG = [
+    "client.optimizer=sgd",
+    "client.lr=0.05",
+    "client.augment=none",
+    "secure_aggregation.enabled=true",
+    "secure_aggregation.clip_norm=10.0",
+]
+PLAIN = ["client.optimizer=sgd", "client.lr=0.05", "client.augment=none"]
+
+
+@dataclass(frozen=True)
+class Scale:
+    """How big a benchmark: rounds of training, canaries, LiRA reference models, inversion
+    optimisation steps, attacked clients, and the inversion sweep."""
+
+    rounds: int
+    canaries: int
+    reference_models: int
+    iterations: int
+    targets: int
+    batch_sizes: tuple[int, ...]
+    local_steps: tuple[int, ...]
+
+
+FULL = Scale(30, 1000, 4, 2000, 16, (1, 16), (1, 10))
+SMALL = Scale(3, 200, 1, 300, 2, (1, 16), (1,))
+
+
+def protections(epsilons: list[float]) -> list[tuple[str, float | None, list[str]]]:
+    """(protection, target epsilon, overrides) of every protection benchmarked."""
+    out: list[tuple[str, float | None, list[str]]] = [("none", None, PLAIN)]
+    for eps in epsilons:
+        out.append(("local", eps, [*LOCAL_DP, f"privacy.target_epsilon={eps}"]))
+    out.append(("central", None, CENTRAL_DP))
+    out.append(("secagg", None, SECAGG))
+    return out
+
+
+def _full_participation(overrides: list[str], seed: int, canaries: int) -> list[str]:
+    """Central DP: every hospital and every included canary client in each round."""
+    if 'privacy.mode="central"' not in overrides:
+        return []
+    cfg = config_mod.load(MEDICAL, [*overrides, f"experiment.seed={seed}"])
+    everyone = cfg.data.num_clients + canary.included_count(canaries, seed)
+    return [f"server.clients_per_round={everyone}"]
+
+
+def _common(row: dict[str, Any], run: target.AuditedRun, task: str, eps: float | None) -> dict:
+    return {
+        "task": task,
+        "protection": run.protection if run.protection != "distributed" else "central",
+        "target_epsilon": eps,
+        "accounted_epsilon": run.accounted_epsilon,
+        "seed": run.cfg.experiment.seed,
+        **row,
+    }
+
+
+def audit_one(
+    protection: str,
+    eps: float | None,
+    overrides: list[str],
+    seed: int,
+    scale: Scale,
+    runs: Path,
+) -> list[dict[str, Any]]:
+    """Train one audit run and attack it; the rows of the three attacks."""
+    name = f"{protection}{'' if eps is None else f'_eps{eps:g}'}_seed{seed}"
+    folder = runs / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    settings = [
+        *overrides,
+        f"experiment.seed={seed}",
+        f"experiment.rounds={scale.rounds}",
+        f"audit.canaries={scale.canaries}",
+        "evaluation.every=0",
+    ]
+    settings += _full_participation(settings, seed, scale.canaries)
+    t0 = time.perf_counter()
+    fedguard.run(MEDICAL, out=folder, overrides=settings, progress=False)
+    trained = time.perf_counter() - t0
+    run = target.load(folder)
+    rows = []
+    c = canary_audit.audit(run)
+    rows.append(_common(c, run, "medical", eps))
+    m = membership.audit(
+        run, folder / "membership_roc.png", reference_models=scale.reference_models
+    )
+    rows.append(
+        _common(
+            {k: v for k, v in m.items() if k not in ("loss", "lira")}
+            | {"loss_auc": m["loss"]["auc"], "lira_auc": (m["lira"] or {}).get("auc")},
+            run,
+            "medical",
+            eps,
+        )
+    )
+    for b in scale.batch_sizes:
+        for steps in scale.local_steps:
+            per_target = []
+            for client in range(scale.targets):
+                s = inversion.InversionSettings(
+                    client=client, batch_size=b, local_steps=steps, iterations=scale.iterations
+                )
+                png = folder / f"inversion_b{b}_s{steps}_c{client}.png"
+                per_target.append(inversion.audit(run, png, s))
+            rows.append(
+                _common(
+                    {
+                        "attack": "inversion",
+                        "batch_size": b,
+                        "local_steps": steps,
+                        "targets": len(per_target),
+                        "psnr": statistics.median(r["psnr"] for r in per_target),
+                        "ssim": statistics.median(r["ssim"] for r in per_target),
+                        "baseline_psnr": statistics.median(r["baseline_psnr"] for r in per_target),
+                        "mean_image_psnr": statistics.median(
+                            r["mean_image_psnr"] for r in per_target
+                        ),
+                        "observed": per_target[0]["observed"],
+                        "update_epsilon": per_target[0]["update_epsilon"],
+                        "iterations": scale.iterations,
+                    },
+                    run,
+                    "medical",
+                    eps,
+                )
+            )
+    for r in rows:
+        r["seconds_training"] = trained
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[8.0, 3.0, 1.0])
+    parser.add_argument("--small", action="store_true", help="the quick version (see above)")
+    parser.add_argument("--only", nargs="+", default=None, help="protections to run")
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "audit_benchmark")
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    scale = SMALL if args.small else FULL
+    rows: list[dict[str, Any]] = []
+    if args.out.exists():  # rows of other protections and seeds are kept
+        rows = json.loads(args.out.read_text()).get("rows", [])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for protection, eps, overrides in protections(args.epsilons):
+            if args.only is not None and protection not in args.only:
+                continue
+            t0 = time.perf_counter()
+            key = ("medical", protection, eps, seed)
+            rows = [
+                r
+                for r in rows
+                if (r["task"], r["protection"], r["target_epsilon"], r["seed"]) != key
+            ]
+            rows += audit_one(protection, eps, overrides, seed, scale, args.runs)
+            print(
+                f"{protection} eps={eps} seed={seed}: {time.perf_counter() - t0:.0f} s", flush=True
+            )
+            meta = {"scale": scale.__dict__, "small": args.small}
+            args.out.write_text(json.dumps({"settings": meta, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -115,6 +115,8 @@ GROUPS: dict[str, Group] = {
             "test_mutants_aggregation*.py",
             "test_mutants_server_optimizers*.py",
             "test_mutants_scaffold_newton*.py",
+            "test_mutants_fedbuff*.py",
+            "test_mutants_stacked*.py",
         ),
     ),
     "paramspec": Group(

@@ -327,6 +327,12 @@ def run_modules(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
     env["PYTEST_ADDOPTS"] = " ".join(filter(None, [env.get("PYTEST_ADDOPTS"), "-p", "mutation"]))
     env[PRELOAD_ENV] = " ".join(GROUPS[name].preload)
+    # mutmut forks every mutant's run from a process that has already run tests; a child that
+    # enters an OpenMP parallel region its parent had started (oneDNN's convolutions) waits
+    # forever at libgomp's team barrier for threads that fork did not copy. One thread per
+    # process avoids that hang (which mutmut would count as a timeout, i.e. killed) and suits
+    # max_children workers anyway.
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     exe = Path(sys.executable).with_name("mutmut")
     cmd = [str(exe) if exe.exists() else "mutmut", "run", "--max-children", str(max_children)]
     print(f"== {name}: {', '.join(modules)}: {len(targets)} mutants or globs", flush=True)

@@ -144,3 +144,55 @@ def test_a_first_adam_step_moves_every_coordinate_by_about_lr() -> None:
     ]
     assert params[0].tolist() == [pytest.approx(row, rel=1e-5) for row in want]
     assert state.steps.tolist() == [1, 1]
+
+
+def test_a_state_of_another_parameter_list_is_refused() -> None:
+    p, q = P0.clone(), torch.ones(3, 4, dtype=torch.float64)
+    on = torch.tensor([True, True, True])
+    sgd_state = stacked.init([p], adam=False)  # one parameter, two given
+    with pytest.raises(ValueError, match="zip"):
+        stacked.sgd(sgd_state, [p, q], [p, q], on, lr=0.1, momentum=0.5, weight_decay=0)
+    adam_state = stacked.init([p], adam=True)
+    with pytest.raises(ValueError, match="zip"):
+        stacked.adam(adam_state, [p, q], [p, q], on, lr=0.1, weight_decay=0)
+    # Adam's first and second moments are checked alike
+    half = stacked.StackedState(adam_state.first + (torch.zeros_like(q),), (), adam_state.steps)
+    with pytest.raises(ValueError, match="zip"):
+        stacked.adam(half, [p, q], [p, q], on, lr=0.1, weight_decay=0)
+
+
+@pytest.mark.parametrize("adam", [False, True])
+def test_without_weight_decay_an_infinite_parameter_stays_infinite_as_in_torch_optim(
+    adam: bool,
+) -> None:
+    """torch.optim adds ``wd * p`` only for ``wd != 0``: with ``wd = 0`` an infinite entry stays
+    infinite (``0 * inf`` would make it NaN) and the other entries take the plain step."""
+    p = torch.tensor([[float("inf"), 1.0], [2.0, -3.0]], dtype=torch.float64)
+    g = torch.tensor([[0.5, -0.25], [1.0, 2.0]], dtype=torch.float64)
+    on = torch.tensor([True, True])
+    state = stacked.init([p], adam=adam)
+    if adam:
+        state, params = stacked.adam(state, [p], [g], on, lr=0.1, weight_decay=0.0)
+        ref = torch.nn.Parameter(p.clone())
+        opt: torch.optim.Optimizer = torch.optim.Adam([ref], lr=0.1, weight_decay=0.0)
+    else:
+        state, params = stacked.sgd(state, [p], [g], on, lr=0.1, momentum=0.9, weight_decay=0.0)
+        ref = torch.nn.Parameter(p.clone())
+        opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9, weight_decay=0.0)
+    ref.grad = g.clone()
+    opt.step()
+    assert not bool(params[0].isnan().any()) and not bool(state.first[0].isnan().any())
+    assert params[0][0, 0].item() == float("inf")
+    torch.testing.assert_close(params[0], ref.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_a_weight_decay_of_one_is_applied() -> None:
+    state, params = stacked.init([P0], adam=False), [P0.clone()]
+    on = torch.tensor([True, True, True])
+    state, params = stacked.sgd(state, params, [GRADS[0]], on, lr=0.1, momentum=0.0, weight_decay=1)
+    torch.testing.assert_close(params[0], P0 - 0.1 * (GRADS[0] + P0), rtol=1e-15, atol=0)
+    state, params = stacked.init([P0], adam=True), [P0.clone()]
+    state, params = stacked.adam(state, params, [GRADS[0]], on, lr=0.1, weight_decay=1)
+    # first Adam step: m1 = 0.1 d, m2 = 0.001 d^2, bias-corrected: p - lr d / (|d| + eps)
+    d = GRADS[0] + P0
+    torch.testing.assert_close(params[0], P0 - 0.1 * d / (d.abs() + 1e-8), rtol=1e-9, atol=1e-12)

@@ -26,13 +26,17 @@ its diff and the reviewed reason it is harmless, taken from ``benchmarks/mutatio
     python benchmarks/mutation.py robust                   # every module of a group
     python benchmarks/mutation.py --report-only            # rewrite the JSON from mutants-work/
     python benchmarks/mutation.py --all accounting         # retest killed mutants too
+    python benchmarks/mutation.py --fresh-stats dp_sgd     # re-record which tests reach what
     python benchmarks/mutation.py "driver:x_*sample*"      # only some functions of a module
     python benchmarks/mutation.py --groups                 # list the groups and their tests
 
 Mutants already killed stay killed across runs (mutmut keeps its results in the work folder and
 resets those of every function whose source changed); untested and surviving ones are tested
-again, so that new tests count. Delete ``mutants-work/`` (or one group's folder) for a run from
-scratch.
+again, so that new tests count. mutmut records which tests reach which function once per work folder and afterwards only for
+new tests: a test that has started to reach a new or renamed function is not run against its
+mutants, which then survive. ``--fresh-stats`` deletes the group's record (``mutmut-stats.json``)
+so that mutmut records it again from all tests; verdicts are kept. Delete ``mutants-work/`` (or
+one group's folder) for a run from scratch.
 
 A reason in ``mutation_reasons.json`` is keyed by ``module:function:hash``, the hash being that
 of the mutant's diff without line numbers, so that it survives renumbering when other code of the
@@ -115,6 +119,8 @@ GROUPS: dict[str, Group] = {
             "test_mutants_aggregation*.py",
             "test_mutants_server_optimizers*.py",
             "test_mutants_scaffold_newton*.py",
+            "test_mutants_fedbuff*.py",
+            "test_mutants_stacked*.py",
         ),
     ),
     "paramspec": Group(
@@ -325,6 +331,12 @@ def run_modules(
     env["PYTHONPATH"] = os.pathsep.join(filter(None, path))
     env["PYTEST_ADDOPTS"] = " ".join(filter(None, [env.get("PYTEST_ADDOPTS"), "-p", "mutation"]))
     env[PRELOAD_ENV] = " ".join(GROUPS[name].preload)
+    # mutmut forks every mutant's run from a process that has already run tests; a child that
+    # enters an OpenMP parallel region its parent had started (oneDNN's convolutions) waits
+    # forever at libgomp's team barrier for threads that fork did not copy. One thread per
+    # process avoids that hang (which mutmut would count as a timeout, i.e. killed) and suits
+    # max_children workers anyway.
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     exe = Path(sys.executable).with_name("mutmut")
     cmd = [str(exe) if exe.exists() else "mutmut", "run", "--max-children", str(max_children)]
     print(f"== {name}: {', '.join(modules)}: {len(targets)} mutants or globs", flush=True)
@@ -521,6 +533,11 @@ def main() -> None:
     )
     parser.add_argument("--max-children", type=int, default=2, help="parallel mutant workers")
     parser.add_argument("--all", action="store_true", help="retest killed mutants too")
+    parser.add_argument(
+        "--fresh-stats",
+        action="store_true",
+        help="record again which tests reach which function (after new or renamed functions)",
+    )
     parser.add_argument("--together", action="store_true", help="one mutmut run per group")
     parser.add_argument("--report-only", action="store_true", help="only rewrite the JSON")
     parser.add_argument("--groups", action="store_true", help="list the groups and exit")
@@ -539,6 +556,9 @@ def main() -> None:
     for module in everything:
         group_of(module)  # every module in scope is in exactly one group
     chosen = select(args.modules, everything)
+    if args.fresh_stats and not args.report_only:
+        for name in sorted({group_of(m.partition(":")[0]) for m in chosen}):
+            (WORK / name / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {}
     seconds: dict[str, float] = {}
     start = time.perf_counter()

@@ -90,6 +90,14 @@ def test_noisy_mean_is_one_draw_in_parameter_order_scaled_by_std() -> None:
     assert not torch.equal(tiny[0], a)
 
 
+def test_draw_noise_is_standard_normal_from_the_generator_in_the_dtype() -> None:
+    torch.manual_seed(0)  # the global generator is not the one drawn from
+    for dtype in (torch.float64, torch.float32):
+        z = dp_sgd.draw_noise(5, dtype, torch.Generator().manual_seed(11))
+        want = torch.randn(5, generator=torch.Generator().manual_seed(11), dtype=dtype)
+        assert z.dtype == dtype and torch.equal(z, want)
+
+
 def test_a_noiseless_step_draws_no_noise() -> None:
     """std 0 returns the plain mean without touching the generator, so that the Poisson samples
     of later steps are those of a run without noise."""

@@ -101,6 +101,20 @@ def test_empty_and_one_example_batches_on_both_engines() -> None:
     assert _close(batch.factors, clip_factors(batch.norms, C), 0)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_vmap_takes_the_batch_size_from_the_first_dimension() -> None:
+    """Examples without features (``x [4, 0]``, a model that is its bias) still form a batch of
+    four: each gets the bias gradient, clipped where above C, as in the naive loop."""
+    model = _model(nn.Linear(0, 3))
+    x, y = torch.zeros(4, 0), torch.tensor([0, 2, 1, 2])
+    norms, factors, total, loss = _naive(model, x, y, 0.5)
+    batch = _vmap_clipped_sum(model, x, y, 0.5)
+    assert batch.norms.shape == (4,) and _close(batch.norms, norms)
+    assert _close(batch.factors, factors) and bool((factors < 1).any())
+    assert _close(_flat(batch.grads), total) and float(total.abs().max()) > 0.1
+    assert float(batch.loss_sum) == pytest.approx(loss, rel=1e-5)
+
+
 class _Doubled(TorchModel):
     """An adapter whose training behaviour differs (logits doubled in training only): the
     clippers must ask for it."""

@@ -42,6 +42,38 @@ def test_mean_around_median_keeps_1_to_k_values() -> None:
             robust_coordinate.mean_around_median(u, keep=keep)
 
 
+def test_the_kept_values_are_summed_in_float64() -> None:
+    """float32 sums would lose the small kept values next to large ones of opposite sign:
+    2^25 + 1 is 2^25 in float32 (its spacing there is 4)."""
+    big = 2.0**25
+    # median 1; the five values closest to it are 2^25, 1, 1, -2^25 and the tied pair
+    # -2^26, 2^26 (distance 2^26 - 1 and 2^26 + 1, both 2^26 in float32) sharing one place:
+    # (2^25 + 1 + 1 - 2^25 + (2^26 - 2^26) / 2) / 5 = 0.4, not 0
+    column = torch.tensor([[big], [1.0], [1.0], [-big], [2.0**26], [-(2.0**26)]])
+    got = robust_coordinate.mean_around_median(column, keep=5)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(0.4, rel=1e-6)
+    # median 1; five values inside and three tied at float32 distance 2^25 (-(2^25 - 2), 2^25,
+    # 2^25) fill the three places left: (5 + 2^25 + 2) / 8 = 4194304.875, 4194305 in float32;
+    # a float32 tied sum (2^25 + 2 is 2^25 there) would give 4194304.5
+    rows = [-(2.0**28), -(big - 2), 0.5, 0.75, 1.0, 1.25, 1.5, big, big]
+    got = robust_coordinate.mean_around_median(torch.tensor(rows).unsqueeze(1), keep=8)
+    assert got.item() == 4194305.0
+    # f = 1: -2^30 and 2^30 are trimmed, -3e8 and 3e8 are the kept extremes; the values strictly
+    # between them sum to 2^25 + 1 + 1 - 2^25 = 2: mean 2 / 6
+    rows = [-(2.0**30), -3e8, big, 1.0, 1.0, -big, 3e8, 2.0**30]
+    got = robust_coordinate.trimmed_mean(torch.tensor(rows).unsqueeze(1), f=1)
+    assert got.item() == pytest.approx(1 / 3, rel=1e-6)
+
+
+def test_the_kept_copies_of_the_extremes_are_counted_in_float64() -> None:
+    """Three copies each of -(2^24 + 2) and 2^24 + 2 kept: 3 (2^24 + 2) = 50331654 is not a
+    float32 (spacing 4 there), so a float32 product would leave 2 of the exact 0 behind."""
+    v = 2.0**24 + 2
+    rows = [-(2.0**26), -v, -v, -v, v, v, v, 2.0**26]
+    got = robust_coordinate.trimmed_mean(torch.tensor(rows).unsqueeze(1), f=1)
+    assert got.item() == 0.0
+
+
 def test_krum_scores_take_0_to_k_minus_1_neighbours() -> None:
     d = torch.tensor([[0.0, 1.0, 4.0], [1.0, 0.0, 9.0], [4.0, 9.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(

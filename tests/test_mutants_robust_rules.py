@@ -151,6 +151,18 @@ def test_the_gram_matrix_is_centred_at_the_lower_median_norm_row() -> None:
     assert torch.equal(got.gram, b @ b.T)
 
 
+def test_tied_norms_centre_the_gram_matrix_at_the_lower_median_index() -> None:
+    """Ties in the norms are broken by row index (a stable sort), so the centre does not depend on
+    the sort algorithm: 17 unit rows, the lower median of indices 0..16 is row 8 (an unstable CPU
+    sort of 17 equal keys puts row 9 there)."""
+    axes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]])
+    updates = axes.repeat(5, 1)[:17]
+    got = robust_gram.centered_gram(updates)
+    assert got.center == 8
+    b = updates.double() - updates[8].double()
+    assert torch.equal(got.gram, b @ b.T)
+
+
 def test_the_gram_matrix_adds_every_column_block() -> None:
     d = robust_base.CHUNK + 5
     g = torch.Generator().manual_seed(1)

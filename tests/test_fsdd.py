@@ -185,19 +185,22 @@ def test_validation_split_holds_out_takes_5_to_9(full: FullLoad, no_features: li
 def test_short_federated_run_recognises_spoken_digits(
     full: FullLoad, no_features: list[Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Four rounds over the six real households: far above the 10 % that guessing gets."""
+    """Three rounds over the six real households: far above the 10 % that guessing gets.
+
+    A linear model on the cached log-mel features keeps this end-to-end check to seconds (the
+    example's speech CNN took minutes here; its accuracy is the examples' benchmark)."""
     monkeypatch.chdir(full.cwd)
     config = {
-        "experiment": {"name": "speech", "seed": 0, "rounds": 4},
+        "experiment": {"name": "speech", "seed": 0, "rounds": 3},
         "data": {"dataset": "fsdd", "path": str(FSDD), "partition": "natural", "num_clients": 6},
-        "model": {"name": "speech_cnn"},
+        "model": {"name": "logistic_regression"},
         "client": {"optimizer": "adam", "lr": 1e-3, "batch_size": 32, "epochs": 2},
         "server": {"strategy": "fedavgm", "server_momentum": 0.5},
-        "evaluation": {"every": 4},
+        "evaluation": {"every": 3},
     }
     summary = fedguard.run(config, out=tmp_path / "run", progress=False)
-    print(f"FSDD federated, 4 rounds: test accuracy {summary['test_accuracy']:.4f}")
-    assert summary["test_accuracy"] >= 0.35  # measured 0.48; guessing gives 0.10
+    print(f"FSDD federated, 3 rounds: test accuracy {summary['test_accuracy']:.4f}")
+    assert summary["test_accuracy"] >= 0.55  # measured 0.72; guessing gives 0.10
     assert set(summary["accuracy_by_group"]) == set(SPEAKERS)
     assert np.asarray(summary["confusion_matrix"]).sum() == 300
 

@@ -50,6 +50,7 @@ def test_validate_then_run_with_set_override(tmp_path) -> None:
         "run", str(path), "--out", str(out), "--set", "experiment.rounds=2", "--quiet", cwd=tmp_path
     )
     assert proc.returncode == 0, proc.stderr
+    assert "round" not in proc.stdout + proc.stderr  # --quiet: no progress bar
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
     assert "rounds = 2" in (out / "config.toml").read_text()

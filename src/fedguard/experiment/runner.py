@@ -98,7 +98,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, show: bool) -> Progress:
+    """The round bar; ``show=False`` (``--quiet``) draws nothing even on a console that prints."""
     return Progress(
         TextColumn("[bold]round"),
         MofNCompleteColumn(),
@@ -108,6 +109,7 @@ def _progress(console: Console) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
+        disable=not show,
     )
 
 
@@ -248,7 +250,7 @@ def _run_rounds(
                 joined[cid].append(done)
     status, error = "completed", None
     started = time.perf_counter()
-    with _progress(console) as bar:
+    with _progress(console, show_progress) as bar:
         task = bar.add_task("rounds", total=total, completed=start - 1, stats=_stats(rows))
         try:
             if exp.async_driver is not None:

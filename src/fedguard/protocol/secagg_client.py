@@ -192,9 +192,7 @@ class SecAggClient:
             )
         return state
 
-    def _verify(
-        self, cid: int, signer: int, signature: bytes, payload: bytes, what: str
-    ) -> None:
+    def _verify(self, cid: int, signer: int, signature: bytes, payload: bytes, what: str) -> None:
         """Raise :class:`SecAggError` unless ``signer``'s registered identity signed
         ``payload``; each (signer, signature, payload) is checked once per round."""
         if self.identities is None:
@@ -362,9 +360,7 @@ class SecAggClient:
         self.states[cid] = _Shared(setup, state.c, state.s, peers, share_keys, b_seed, own, known)
         return messages.SecAggShares(round_, cid, ciphertexts, commitments)
 
-    def _committed_setup(
-        self, cid: int, state: _Revealed, reveals: messages.ByteMap
-    ) -> RoundSetup:
+    def _committed_setup(self, cid: int, state: _Revealed, reveals: messages.ByteMap) -> RoundSetup:
         """The setup with the graph seed of the revealed randomness, each reveal checked
         against its signed commitment and this client's own among them."""
         setup = state.setup
@@ -376,7 +372,9 @@ class SecAggClient:
         for v, r in reveals.items():
             committed = state.advertised.get(v)
             if committed is None:
-                raise SecAggError(f"Client {cid} was sent a reveal of client {v}, who committed none.")
+                raise SecAggError(
+                    f"Client {cid} was sent a reveal of client {v}, who committed none."
+                )
             if len(r) != secagg_crypto.REVEAL_BYTES or (
                 secagg_crypto.commitment(setup.round, setup.nonce, v, r) != committed[2]
             ):

@@ -283,9 +283,7 @@ def _reveal(
     requests = {
         u: messages.SecAggRevealRequest(setup.round, u, advertised, signatures) for u in keys
     }
-    replies = _replies(
-        transport, Phase.REVEAL, requests, messages.SecAggReveal, ledger, deadline_s
-    )
+    replies = _replies(transport, Phase.REVEAL, requests, messages.SecAggReveal, ledger, deadline_s)
     reveals: dict[int, bytes] = {}
     for u, reply in replies:
         opened = secagg_crypto.commitment(setup.round, setup.nonce, u, reply.reveal)
@@ -349,12 +347,8 @@ def _consistency(
 ) -> dict[int, bytes]:
     """The consistency check: every survivor signs ``U3``; the valid signatures by survivor."""
     survivors = sorted(u3)
-    requests = {
-        u: messages.SecAggConsistencyRequest(setup.round, u, survivors) for u in survivors
-    }
-    payload = secagg_crypto.survivors_message(
-        setup.round, setup.nonce, setup.transcript, survivors
-    )
+    requests = {u: messages.SecAggConsistencyRequest(setup.round, u, survivors) for u in survivors}
+    payload = secagg_crypto.survivors_message(setup.round, setup.nonce, setup.transcript, survivors)
     replies = _replies(
         transport,
         Phase.CONSISTENCY,

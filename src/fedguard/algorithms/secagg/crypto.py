@@ -250,7 +250,10 @@ def share_commitment(
     if kind not in (b"b", b"s"):
         raise ValueError(f"A share is of kind b or s, got {kind!r}.")
     return hashlib.sha256(
-        _session(_SHARE_HASH_LABEL, round_, nonce) + struct.pack("<qq", owner, holder) + kind + share
+        _session(_SHARE_HASH_LABEL, round_, nonce)
+        + struct.pack("<qq", owner, holder)
+        + kind
+        + share
     ).digest()
 
 
@@ -285,9 +288,7 @@ def verify(
     try:
         identity.verify(signature, message)
     except InvalidSignature:
-        raise CryptoError(
-            f"The {what} of client {client_id} carry an invalid signature."
-        ) from None
+        raise CryptoError(f"The {what} of client {client_id} carry an invalid signature.") from None
 
 
 def ring_dtype(bits: int) -> np.dtype:

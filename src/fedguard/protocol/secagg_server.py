@@ -167,6 +167,12 @@ def secure_sum(
     if setup.verified and identities is None:
         raise ValueError("A verified round needs the clients' registered identities.")
     ledger = _Ledger(setup.round, len(setup.sampled))
+    log.info(
+        "round %d: secure aggregation of %d clients, %s",
+        setup.round,
+        len(setup.sampled),
+        "verified (signed keys, consistency check)" if setup.verified else "semi-honest server",
+    )
     everyone = set(setup.sampled)
     _require(setup, Phase.ADVERTISE, everyone, everyone, ledger)
     keys = _advertise(transport, setup, ledger, deadline_s, identities)

@@ -3,11 +3,12 @@
 The server learns only the sum of the clients' updates (Bonawitz et al., "Practical Secure
 Aggregation for Privacy-Preserving Machine Learning", CCS 2017), over the complete graph or, in
 SecAgg+, over a sparse random graph (Bell et al., "Secure Single-Server Aggregation with
-(Poly)Logarithmic Overhead", CCS 2020). A round is four exchanges over any transport:
+(Poly)Logarithmic Overhead", CCS 2020). A semi-honest round is four exchanges over any transport
+(a verified round adds two, below):
 
 0. advertise keys: every sampled client answers the round's public setup with two X25519 public
    keys, ``c`` (to encrypt shares) and ``s`` (to agree masks), signed where clients have
-   identities;
+   identities (see verified rounds below);
 1. share keys: every client Shamir-shares its self-mask seed ``b_u`` and its private key
    ``s_u^SK`` among its share holders (its neighbours and itself), encrypts each holder's bundle
    under their agreed key, and the server relays the ciphertexts;
@@ -28,10 +29,36 @@ Skellam noise to its encoded update in phase 2, before masking; the fit config c
 mechanism (:func:`distributed_config`), and the server aborts, and every client refuses to
 unmask, a round with fewer masked inputs than the mechanism's noise shares.
 
+**Verified rounds** (a setup with a fresh 32-byte ``nonce``; the default wherever clients have
+:class:`Identities`) are the protocol of Bonawitz et al. secure against a malicious server:
+
+* phase 0: each client signs ``(round, nonce, id, c, s, commitment)`` with its long-term Ed25519
+  key; every peer and the server check it against the registry of identities, which the clients
+  obtain outside the server's control;
+* reveal (SecAgg+ only, between phases 0 and 1): the SecAgg+ graph comes from randomness the server
+  cannot choose alone. Each client commits to 32 random bytes ``r`` in its signed advertisement;
+  the server sends every advertiser all signed advertisements (the commitments are fixed), then
+  each reveals ``r``; the graph seed is ``H(round, nonce, sorted (id, r))`` over the clients whose
+  reveal arrived, sent to every client with the share request. A client refuses reveals that do
+  not open their signed commitments or leave out its own ``r``, and keys from anyone outside the
+  neighbourhood the seed gives. A client that drops between commit and reveal is left out of the
+  seed and of the round. **Residual bias:** the server sees all reveals before it decides whom to
+  keep, so by dropping ``d`` revealers (each a dropout of the round, which must still leave every
+  neighbourhood ``t`` holders and the quorum of clients) it chooses among up to ``2^d`` graphs; a
+  colluding client can likewise withhold its reveal after seeing the others'. The probability of a
+  bad graph in Bell et al.'s analysis grows by at most that factor (union bound);
+* consistency check (between phases 2 and 3): the server sends each survivor the set ``U3`` of
+  clients whose masked inputs it holds; each signs ``(round, nonce, transcript, U3)`` (the
+  transcript binds the cohort, graph and threshold it saw); the unmasking request carries the
+  signatures, and a client reveals shares only if ``alive`` is exactly the set it signed and it
+  verifies :attr:`RoundSetup.quorum` signatures by distinct survivors over that set;
+* replay: every signed payload binds the round and its nonce; a client refuses an older round than
+  one it has begun and a nonce it has seen.
+
 This module holds the pieces that both halves (:mod:`.secagg_client`, :mod:`.secagg_server`)
-need: the phases, the settings, the round setup and the errors. The server in this protocol is
-honest but curious; the consistency check round of the paper's actively secure variant is not
-implemented.
+need: the phases, the settings, the round setup, the identities and the errors. Without
+identities (``[secure_aggregation] server = "semi-honest"``, or a deployed client without its key)
+the server is trusted to be honest but curious.
 """
 
 from __future__ import annotations

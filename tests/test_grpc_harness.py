@@ -21,7 +21,7 @@ import pytest
 import tomli_w
 
 from conftest import tiny_config
-from fedguard.runtime import auth, certs, grpc_chunks, grpc_launch, grpc_tls
+from fedguard.runtime import auth, certs, grpc_chunks, grpc_launch, grpc_tls, identities
 from fedguard.runtime.proto import wire_pb2, wire_pb2_grpc
 
 CTX = multiprocessing.get_context("forkserver")
@@ -108,7 +108,7 @@ def make_security(
     if mutual:
         certs.make_dev_pki(directory, client_ids=ids)
         return Security(directory, tls=True, mutual=True)
-    auth.make_tokens(directory, ids)
+    identities.make_credentials(directory, ids)  # tokens and identity keys, as `fedguard tokens`
     if tls:
         certs.make_dev_pki(directory, client_ids=[])
     return Security(directory, tls)

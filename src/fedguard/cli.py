@@ -463,7 +463,7 @@ def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
 
 
 def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from fedguard.runtime import auth, certs
+    from fedguard.runtime import certs, identities
 
     pki = certs.make_dev_pki(args.directory, client_ids=range(args.clients), hosts=args.host)
     console.print(f"CA {pki.ca_cert}, server {pki.server_cert}, {args.clients} client certificates")
@@ -479,7 +479,7 @@ def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
             soft_wrap=True,
         )
     if args.tokens:
-        auth.make_tokens(args.directory, range(args.clients))
+        identities.make_credentials(args.directory, range(args.clients))
         console.print(
             f"tokens in {args.directory / 'tokens.json'} and client-N.token; identity keys in "
             "client-N.identity, their public keys in identities.json"
@@ -488,10 +488,10 @@ def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
 
 
 def _tokens(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from fedguard.runtime import auth
+    from fedguard.runtime import auth, identities
 
     if args.clients:
-        auth.make_tokens(args.directory, range(args.clients))
+        identities.make_credentials(args.directory, range(args.clients))
         console.print(
             f"tokens and identity keys for clients 0..{args.clients - 1} in {args.directory} "
             "(hand each client its client-N.token, client-N.identity and identities.json; the "

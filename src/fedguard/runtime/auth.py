@@ -119,16 +119,11 @@ def read_records(path: Path) -> dict[int, TokenRecord]:
 
 
 def make_tokens(directory: Path, client_ids: Iterable[int]) -> dict[int, Path]:
-    """Write ``tokens.json`` (server side) and ``client-N.token`` (one per client) in ``directory``,
-    and each client's long-term identity key with the public registry of them
-    (:func:`fedguard.runtime.identities.make_identities`).
+    """Write ``tokens.json`` (server side) and ``client-N.token`` (one per client) in ``directory``.
 
     Returns the token file of each client. An existing ``tokens.json`` keeps its other entries.
+    (:func:`fedguard.runtime.identities.make_credentials` also writes identity keys.)
     """
-    from fedguard.runtime import identities  # it imports this module's write_private
-
-    client_ids = list(client_ids)
-    identities.make_identities(directory, client_ids)
     directory.mkdir(parents=True, exist_ok=True)
     server_file = directory / "tokens.json"
     records = read_records(server_file) if server_file.exists() else {}

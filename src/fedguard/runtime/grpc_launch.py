@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedguard.runtime import auth, certs, identities
+from fedguard.runtime import certs, identities
 
 STOP_GRACE_S = 5.0
 
@@ -47,7 +47,7 @@ def stop_all(processes: Sequence[subprocess.Popen]) -> None:
 
 def security_args(directory: Path, client_ids: Sequence[int], *, insecure: bool):
     """Make dev certificates and tokens in ``directory``; the server's and each client's flags."""
-    tokens = auth.make_tokens(directory, client_ids)
+    tokens = identities.make_credentials(directory, client_ids)
     registry = str(directory / identities.REGISTRY_FILE)
     server = ["--tokens", str(directory / "tokens.json"), "--identities", registry]
     clients = {

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fedguard.protocol.secagg import Identities
-from fedguard.runtime.auth import write_private
+from fedguard.runtime.auth import make_tokens, write_private
 
 REGISTRY_FILE = "identities.json"
 
@@ -56,6 +56,14 @@ def make_identities(directory: Path, client_ids: Iterable[int]) -> Path:
     body = {"clients": dict(sorted(entries.items(), key=lambda item: int(item[0])))}
     write_private(registry_path, (json.dumps(body, indent=1) + "\n").encode())
     return registry_path
+
+
+def make_credentials(directory: Path, client_ids: Iterable[int]) -> dict[int, Path]:
+    """What ``fedguard tokens`` writes: each client's token (:func:`.auth.make_tokens`) and,
+    registered alongside it, its identity key (:func:`make_identities`); the token files."""
+    ids = list(client_ids)
+    make_identities(directory, ids)
+    return make_tokens(directory, ids)
 
 
 def load_registry(path: Path) -> Identities:

@@ -23,6 +23,15 @@ round failure probability below 1e-6 (``secagg_graph.tolerant_degree``; ``k = 30
 ``n = 100``), so that the cost of the larger ``k`` is measured in the same run. Every row
 records its ``neighbours`` and ``threshold``.
 
+Every variant runs twice in the same process, interleaved: against a semi-honest server
+(``"server": "semi-honest"``: no identities) and in verified rounds secure against a malicious
+server (``"server": "malicious"``: Ed25519 identities, signed keys bound to the round's nonce,
+committed graph randomness in SecAgg+, the consistency check, share commitments); each verified
+row holds ``verified_ratio`` and ``verified_parallel_ratio``, its round time over the
+semi-honest row's of the same run. The simulator serves every client from one object, which checks
+each signature once (see :mod:`fedguard.protocol.secagg_client`); ``parallel_round_seconds``
+counts the slowest client per phase, which verifies every signature it needs itself.
+
 The dropout part runs ``--dropout-rounds`` rounds at ``n = 100`` in which 10% of the clients,
 drawn afresh each round, vanish after sharing their keys (before the masked-input phase), and
 reports the share of rounds that still complete.
@@ -71,7 +80,10 @@ class FixedClients:
         self.updates = {
             c: torch.from_numpy(rng.normal(0, 0.01, dim).astype(np.float32)) for c in range(n)
         }
-        self.secagg = secagg_client.SecAggClient(self.fit)
+        self.semi_honest = secagg_client.SecAggClient(self.fit)
+        self.identities = secagg.Identities.simulated(0, range(n))
+        self.verified = secagg_client.SecAggClient(self.fit, identities=self.identities)
+        self.secagg = self.semi_honest  # the one the round being timed talks to
         self.seconds = 0.0
         self.slowest: dict[str, float] = {}  # request kind -> the slowest client's seconds
 
@@ -93,17 +105,25 @@ class FixedClients:
         return reply
 
 
-Variant = tuple[Mode, float]  # the mode and the dropout rate its default degree tolerates
-VARIANTS: list[Variant] = [(Mode.SECAGG_PLUS, 0.1), (Mode.SECAGG_PLUS, 0.0), (Mode.SECAGG, 0.1)]
+# the mode, the dropout rate its default degree tolerates, and whether rounds are verified
+Variant = tuple[Mode, float, bool]
+VARIANTS: list[Variant] = [
+    (mode, rate, verified)
+    for mode, rate in [(Mode.SECAGG_PLUS, 0.1), (Mode.SECAGG_PLUS, 0.0), (Mode.SECAGG, 0.1)]
+    for verified in (False, True)
+]
 
 
 def _settings(variant: Variant) -> secagg.Settings:
-    mode, rate = variant
+    mode, rate, _ = variant
     return secagg.Settings(mode, clip_norm=1.0, max_weight=EXAMPLES, dropout_rate=rate)
 
 
-def _driver(transport, n: int, dim: int, variant: Variant | None) -> RoundDriver:
+def _driver(
+    transport, n: int, dim: int, variant: Variant | None, clients: FixedClients
+) -> RoundDriver:
     strategy = fedopt.create(StrategyKind.FEDAVG, client_config={}, num_clients=n)
+    verified = variant is not None and variant[2]
     return RoundDriver(
         transport,
         strategy,
@@ -112,6 +132,7 @@ def _driver(transport, n: int, dim: int, variant: Variant | None) -> RoundDriver
         min_clients=1,
         seed=0,
         secure_aggregation=None if variant is None else _settings(variant),
+        identities=clients.identities if verified else None,
     )
 
 
@@ -123,6 +144,7 @@ def _graph(n: int, variant: Variant) -> dict[str, int]:
 def _time_round(driver: RoundDriver, clients: FixedClients, round_: int, params) -> dict:
     clients.seconds = 0.0
     clients.slowest = {}
+    clients.secagg = clients.semi_honest if driver.identities is None else clients.verified
     start = time.perf_counter()
     result = driver.fit_round(round_, params, driver.strategy.init(params))
     seconds = time.perf_counter() - start
@@ -178,8 +200,8 @@ def crypto_floor(n: int, neighbours: int, primitives: dict[str, float]) -> dict[
 def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[dict[str, Any]]:
     clients = FixedClients(n, dim)
     transport = InProcessTransport(clients.handle, list(range(n)))
-    drivers: dict[Variant | None, RoundDriver] = {None: _driver(transport, n, dim, None)}
-    drivers.update({v: _driver(transport, n, dim, v) for v in variants})
+    drivers: dict[Variant | None, RoundDriver] = {None: _driver(transport, n, dim, None, clients)}
+    drivers.update({v: _driver(transport, n, dim, v, clients) for v in variants})
     params = torch.zeros(dim)
     samples: dict[Variant | None, list[dict]] = {k: [] for k in drivers}
     for repeat in range(repeats + 1):  # repeat 0 warms up
@@ -210,6 +232,7 @@ def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[
                 "mode": str(variant[0]),
                 **graph,
                 "dropout_rate": variant[1],
+                "server": "malicious" if variant[2] else "semi-honest",
                 "round_seconds": median(variant, "round_seconds"),
                 "plain_round_seconds": median(None, "round_seconds"),
                 "client_seconds": median(variant, "client_seconds"),
@@ -234,6 +257,15 @@ def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[
                 "parallel_floor_ratio": (plain_parallel + floor["parallel"]) / plain_parallel,
             }
         )
+        if variant[2]:  # against the semi-honest row of the same mode, in the same run
+            honest = (variant[0], variant[1], False)
+            if honest in samples:
+                rows[-1]["verified_ratio"] = median(variant, "round_seconds") / median(
+                    honest, "round_seconds"
+                )
+                rows[-1]["verified_parallel_ratio"] = median(
+                    variant, "parallel_round_seconds"
+                ) / median(honest, "parallel_round_seconds")
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -243,7 +275,8 @@ def bench_dropout(
 ) -> dict[str, Any]:
     clients = FixedClients(n, dim)
     transport = PhaseDropout(InProcessTransport(clients.handle, list(range(n))), {})
-    driver = _driver(transport, n, dim, variant)
+    driver = _driver(transport, n, dim, variant, clients)
+    clients.secagg = clients.semi_honest if driver.identities is None else clients.verified
     params = torch.zeros(dim)
     rng = np.random.default_rng(1)
     completed = 0
@@ -261,6 +294,7 @@ def bench_dropout(
         "mode": str(variant[0]),
         **_graph(n, variant),
         "dropout_rate": variant[1],
+        "server": "malicious" if variant[2] else "semi-honest",
         "drop_fraction": fraction,
         "dropped_before": "masked input",
         "rounds": rounds,

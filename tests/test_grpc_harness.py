@@ -21,7 +21,7 @@ import pytest
 import tomli_w
 
 from conftest import tiny_config
-from fedguard.runtime import auth, certs, grpc_chunks, grpc_launch, grpc_tls
+from fedguard.runtime import auth, certs, grpc_chunks, grpc_launch, grpc_tls, identities
 from fedguard.runtime.proto import wire_pb2, wire_pb2_grpc
 
 CTX = multiprocessing.get_context("forkserver")
@@ -90,6 +90,11 @@ class Security:
             d / "ca.pem", d / f"client-{client_id}.pem", d / f"client-{client_id}.key"
         )
 
+    def identities(self) -> Path | None:
+        """The public identity registry ``fedguard tokens`` wrote (None under mutual TLS)."""
+        path = self.directory / "identities.json"
+        return None if self.mutual or not path.exists() else path
+
     def token(self, client_id: int) -> bytes:
         if self.mutual:
             return b""
@@ -103,7 +108,7 @@ def make_security(
     if mutual:
         certs.make_dev_pki(directory, client_ids=ids)
         return Security(directory, tls=True, mutual=True)
-    auth.make_tokens(directory, ids)
+    identities.make_credentials(directory, ids)  # tokens and identity keys, as `fedguard tokens`
     if tls:
         certs.make_dev_pki(directory, client_ids=[])
     return Security(directory, tls)
@@ -133,7 +138,12 @@ def server_main(
         filename=log_path, level=logging.INFO, force=True, format="%(relativeCreated)d %(message)s"
     )
     options = grpc_deploy.ServerOptions(
-        address, sec.server_tls(), sec.tokens(), insecure=not sec.tls, poll_s=2.0
+        address,
+        sec.server_tls(),
+        sec.tokens(),
+        insecure=not sec.tls,
+        poll_s=2.0,
+        identities=sec.identities(),
     )
     grpc_deploy.serve(config, options, out=out, resume=resume)
 
@@ -148,6 +158,10 @@ def client_main(
 
     _quiet_torch()
     app = grpc_deploy.demo_app(config, client_id)
+    registry = sec.identities()
+    if registry is not None:  # as `fedguard client --identity ... --identities ...`
+        key = sec.directory / f"client-{client_id}.identity"
+        grpc_deploy.identify(app, key, registry, client_id)
 
     def handler(cid: int, payload: bytes) -> bytes:
         kind = messages.kind_of(payload)

@@ -259,7 +259,9 @@ def test_clients_under_secure_aggregation_refuse_a_plain_fit_task_and_a_lower_th
     plain = messages.FitTask(1, 0, exp.initial_params, {"seed": 1})
     with pytest.raises(RefusedTaskError, match="only under secure aggregation"):
         exp.app.handle(0, messages.encode(plain))
-    setup = pins.settings.setup(1, [0, 1, 2, 3], graph_seed=9, dim=exp.model.spec.size)
+    setup = pins.settings.setup(
+        1, [0, 1, 2, 3], graph_seed=9, dim=exp.model.spec.size, nonce=bytes(32)
+    )
     assert (setup.neighbours, setup.threshold) == (3, 3)
     exp.app.handle(0, messages.encode(setup.to_message(0)))
     lowered = replace(setup, threshold=2)

@@ -160,10 +160,10 @@ def test_signatures_bind_keys_to_identities() -> None:
     from cryptography.hazmat.primitives.asymmetric import ed25519
 
     identity = ed25519.Ed25519PrivateKey.generate()
-    message = secagg_crypto.keys_message(1, 4, b"c" * 32, b"s" * 32)
+    message = secagg_crypto.keys_message(1, bytes(32), 4, b"c" * 32, b"s" * 32)
     signature = secagg_crypto.sign(identity, message)
     secagg_crypto.verify(identity.public_key(), signature, message, client_id=4)
-    other = secagg_crypto.keys_message(1, 4, b"c" * 32, b"S" * 32)
+    other = secagg_crypto.keys_message(1, bytes(32), 4, b"c" * 32, b"S" * 32)
     with pytest.raises(secagg_crypto.CryptoError, match="client 4 carry an invalid signature"):
         secagg_crypto.verify(identity.public_key(), signature, other, client_id=4)
 

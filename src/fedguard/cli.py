@@ -120,6 +120,12 @@ def _deploy_parsers(sub) -> None:
     server.add_argument("--tls-key", type=Path, help="server private key (PEM)")
     server.add_argument("--client-ca", type=Path, help="CA of client certificates (mutual TLS)")
     server.add_argument("--tokens", type=Path, help="tokens file made by `fedguard tokens`")
+    server.add_argument(
+        "--identities",
+        type=Path,
+        help="the clients' public identity keys (identities.json made by `fedguard tokens`): "
+        "secure aggregation then runs rounds secure against a malicious server",
+    )
     server.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
     server.add_argument("--resume", action="store_true", help="continue after the last round")
     server.add_argument("--insecure", action="store_true", help="plain text (loopback only)")
@@ -159,6 +165,18 @@ def _deploy_parsers(sub) -> None:
     client.add_argument("--ca", type=Path, help="CA that signed the server's certificate")
     client.add_argument("--cert", type=Path, help="client certificate (mutual TLS)")
     client.add_argument("--key", type=Path, help="client private key (mutual TLS)")
+    client.add_argument(
+        "--identity",
+        type=Path,
+        help="this client's identity key (client-N.identity), with --identities",
+    )
+    client.add_argument(
+        "--identities",
+        type=Path,
+        help="the federation's public identity keys (identities.json, handed out with the "
+        "tokens, not by the server): secure aggregation only in rounds safe against a "
+        "malicious server",
+    )
     client.add_argument("--data", type=Path, help=".npz with x, y (and x_eval, y_eval)")
     client.add_argument(
         "--eval-data", type=Path, help="held-out .npz with x, y to evaluate on, with --data"
@@ -385,6 +403,7 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
         ("--tls-key", args.tls_key),
         ("--client-ca", args.client_ca),
         ("--tokens", args.tokens),
+        ("--identities", args.identities),
     ):
         _readable(flag, path)
     tls = None
@@ -409,6 +428,7 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
         wait_for_clients_s=args.wait_clients,
         round_deadline_s=args.round_deadline,
         max_payload_bytes=args.max_payload_mib << 20,
+        identities=args.identities,
     )
     if not args.quiet:  # the deadline in force and, while a round waits, who has replied
         logging.getLogger("fedguard.grpc").setLevel(logging.INFO)
@@ -440,8 +460,12 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
         ("--ca", args.ca),
         ("--cert", args.cert),
         ("--key", args.key),
+        ("--identity", args.identity),
+        ("--identities", args.identities),
     ):
         _readable(flag, path)
+    if (args.identity is None) != (args.identities is None):
+        raise _config_error("--identity and --identities go together.")
     try:
         if args.ca is None:  # refuse before loading anything
             grpc_tls.refuse_plaintext(args.server, args.insecure)
@@ -483,6 +507,19 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
         )
     else:
         raise _config_error("The client needs its data: --data FILE.npz, or an experiment file.")
+    if args.identity is not None:
+        try:
+            grpc_deploy.identify(app, args.identity, args.identities, args.client_id)
+        except ValueError as exc:
+            raise _config_error(str(exc)) from None
+    elif app.pins.secure_aggregation is not None:
+        err.print(
+            "[yellow]warning:[/yellow] without --identity and --identities this client takes "
+            "part in secure aggregation only against an honest-but-curious server (no signed "
+            "keys or consistency check).",
+            highlight=False,
+            soft_wrap=True,
+        )
     token = b"" if args.token_file is None else args.token_file.read_bytes().strip()
     tls = None if args.ca is None else grpc_tls.ClientTls(args.ca, args.cert, args.key)
     settings = grpc_client.ClientSettings(
@@ -530,7 +567,7 @@ def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
 
 
 def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from fedguard.runtime import auth, certs
+    from fedguard.runtime import certs, identities
 
     pki = certs.make_dev_pki(args.directory, client_ids=range(args.clients), hosts=args.host)
     console.print(f"CA {pki.ca_cert}, server {pki.server_cert}, {args.clients} client certificates")
@@ -546,17 +583,24 @@ def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
             soft_wrap=True,
         )
     if args.tokens:
-        auth.make_tokens(args.directory, range(args.clients))
-        console.print(f"tokens in {args.directory / 'tokens.json'} and client-N.token")
+        identities.make_credentials(args.directory, range(args.clients))
+        console.print(
+            f"tokens in {args.directory / 'tokens.json'} and client-N.token; identity keys in "
+            "client-N.identity, their public keys in identities.json"
+        )
     return 0
 
 
 def _tokens(args: argparse.Namespace, console: Console, err: Console) -> int:
-    from fedguard.runtime import auth
+    from fedguard.runtime import auth, identities
 
     if args.clients:
-        auth.make_tokens(args.directory, range(args.clients))
-        console.print(f"tokens for clients 0..{args.clients - 1} in {args.directory}")
+        identities.make_credentials(args.directory, range(args.clients))
+        console.print(
+            f"tokens and identity keys for clients 0..{args.clients - 1} in {args.directory} "
+            "(hand each client its client-N.token, client-N.identity and identities.json; the "
+            "server gets tokens.json and identities.json)"
+        )
     for cid in args.revoke:
         try:
             auth.revoke(args.directory / "tokens.json", cid)

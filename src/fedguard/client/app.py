@@ -36,8 +36,10 @@ CONTROL = features.CONTROL
 MAX_SCORE_BINS = 100_000  # the most histogram bins an evaluation task may ask for
 _SECAGG_REQUESTS = (
     messages.SecAggSetup,
+    messages.SecAggRevealRequest,
     messages.SecAggShareRequest,
     messages.SecAggMaskRequest,
+    messages.SecAggConsistencyRequest,
     messages.SecAggUnmaskRequest,
 )
 
@@ -188,13 +190,20 @@ class ClientApp:
         secagg: secagg_client.SecAggClient | None = None,
         pins: ClientPins | None = None,
         trainer: ClientTrainer | None = None,
+        identities: secagg.Identities | None = None,
     ) -> None:
-        """``trainer``: the client's local training (None: the built-in loop each task names)."""
+        """``trainer``: the client's local training (None: the built-in loop each task names);
+        ``identities``: the long-term keys of this node's clients and the registry of their
+        peers' (with them, secure aggregation runs only verified rounds)."""
         self.model = model
         self.data = data
         self.trainer = trainer
         self.state: MutableMapping[int, dict[str, torch.Tensor]] = {} if state is None else state
-        self.secagg = secagg_client.SecAggClient(self.fit) if secagg is None else secagg
+        self.secagg = (
+            secagg_client.SecAggClient(self.fit, identities=identities)
+            if secagg is None
+            else secagg
+        )
         self._pretrained: dict[int, Pretrained] = {}
         self.pin(ClientPins() if pins is None else pins)
 

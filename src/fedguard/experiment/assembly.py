@@ -520,9 +520,11 @@ def build_driver(
     model: ModelAdapter,
     plan: privacy.PrivacyPlan | None,
     sizes: Mapping[int, int],
+    identities: secagg.Identities | None = None,
 ) -> RoundDriver:
     """The round driver over ``transport``; ``sizes`` are the most examples each client's reply
-    may claim (its partition in simulation, its registration in deployment)."""
+    may claim (its partition in simulation, its registration in deployment); ``identities``
+    the clients' registered identity keys (secure aggregation then runs verified rounds)."""
     s = cfg.server
     return RoundDriver(
         transport,
@@ -539,6 +541,7 @@ def build_driver(
         registered_examples=sizes,
         # Local DP: a reply must report DP-SGD that keeps to the plan (privacy.check_reply).
         reply_check=None if plan is None else plan.check_reply,
+        identities=identities if cfg.secure_aggregation.server == "malicious" else None,
     )
 
 
@@ -632,8 +635,11 @@ class Experiment:
         data_fn: federation.DataFn | None = None,
         transport_fn: TransportFn | None = None,
         privacy_spent: privacy.Spent | None = None,
+        identities: secagg.Identities | None = None,
     ) -> None:
-        """``privacy_spent``: a resumed run's finished rounds and their DP noise multipliers."""
+        """``privacy_spent``: a resumed run's finished rounds and their DP noise multipliers;
+        ``identities``: the registered identity keys of the clients behind ``transport_fn``
+        (a simulated federation derives its own: :func:`simulated_identities`)."""
         self.cfg = cfg
         self.fed = federation.build_federation(cfg, data_fn)
         fed_x, fed_y = self.fed.eval_x, self.fed.eval_y
@@ -731,7 +737,16 @@ class Experiment:
         on_ray = transport_fn is None and cfg.runtime.kind == "ray"
         # Under Ray the actors hold the clients' data; this process keeps their ids and sizes.
         data = {} if on_ray else self.fed.clients
-        self.app = ClientApp(self.model, data, self.client_state, pins=pins, trainer=self.trainer)
+        if transport_fn is None:
+            identities = config_checks.simulated_identities(cfg)
+        self.app = ClientApp(
+            self.model,
+            data,
+            self.client_state,
+            pins=pins,
+            trainer=self.trainer,
+            identities=identities if transport_fn is None else None,
+        )
         # Deployment passes its own transport (gRPC); the round code is the same either way.
         self._owns_transport = transport_fn is None
         self.transport: Transport
@@ -750,7 +765,14 @@ class Experiment:
                 )
         try:
             self.driver = build_driver(
-                cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
+                cfg,
+                self.transport,
+                self.strategy,
+                self.aggregator,
+                self.model,
+                self.privacy,
+                sizes,
+                identities,
             )
             self.async_driver = build_async_driver(cfg, self.driver, self.aggregator)
         except BaseException:

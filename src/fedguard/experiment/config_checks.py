@@ -27,7 +27,7 @@ from fedguard.client import trainers
 from fedguard.client.trainer import ClientTrainer
 from fedguard.experiment.config_sections import ExperimentSections, ServerSection
 from fedguard.protocol import aggregator as aggregators
-from fedguard.protocol import features, fedopt, robust_rules
+from fedguard.protocol import features, fedopt, robust_rules, secagg
 from fedguard.protocol.aggregator import Aggregator
 from fedguard.protocol.strategy import Strategy, StrategyKind
 
@@ -693,3 +693,14 @@ def runtime(cfg: ExperimentSections) -> None:
                 f'runtime.kind = "cohort" (or runtime.actor_engine = "cohort" on Ray), or remove '
                 f'it (runtime.kind is "{r.kind}")'
             )
+
+
+def simulated_identities(cfg: ExperimentSections) -> secagg.Identities | None:
+    """The identities of a simulated federation: under secure aggregation against a malicious
+    server (the default), one Ed25519 key per client derived from the run's seed
+    (:meth:`~fedguard.protocol.secagg.Identities.simulated`); None otherwise. Never for a
+    deployment, whose clients hold keys of their own."""
+    sa = cfg.secure_aggregation
+    if not sa.enabled or sa.server != "malicious":
+        return None
+    return secagg.Identities.simulated(cfg.experiment.seed, range(cfg.data.num_clients))

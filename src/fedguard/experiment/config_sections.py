@@ -304,9 +304,15 @@ class SecureAggregationSection(_Section):
     largest local training set, known in simulation; set it in a deployment). ``dropout_rate`` is
     the largest share of a round's clients that may drop while the round still completes (with
     distributed DP each client's noise share assumes that many may be missing).
+    ``server = "malicious"`` (the default) runs the protocol secure against a malicious server
+    wherever the clients have identities (always in simulation; in a deployment, with the keys
+    ``fedguard tokens`` writes): signed keys, a consistency check and a SecAgg+ graph from the
+    clients' committed randomness. ``"semi-honest"`` trusts the server to follow the protocol
+    and saves those messages.
     """
 
     enabled: bool = False
+    server: Literal["malicious", "semi-honest"] = "malicious"
     mode: Literal["secagg", "secagg+"] = "secagg"
     bits: int = Field(32, ge=8, le=64)
     clip_norm: float | None = Field(None, gt=0.0)

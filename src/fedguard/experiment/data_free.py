@@ -34,7 +34,7 @@ from fedguard.experiment.assembly import TransportFn
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.models import registry as models
 from fedguard.models.adapter import ModelAdapter
-from fedguard.protocol import registration
+from fedguard.protocol import registration, secagg
 from fedguard.protocol.driver import FederatedEvaluation, RoundFailedError
 from fedguard.protocol.strategy import StrategyState
 from fedguard.protocol.transport import Population, Transport
@@ -53,15 +53,19 @@ class DataFreeExperiment:
         privacy_spent: privacy.Spent | None = None,
         recorded: Mapping[str, Any] | None = None,
         registration_deadline_s: float | None = None,
+        identities: secagg.Identities | None = None,
     ) -> None:
         """``recorded``: the info of the checkpoint a resumed run continues from;
-        ``registration_deadline_s``: how long registration waits (default ``server.deadline_s``)."""
+        ``registration_deadline_s``: how long registration waits (default ``server.deadline_s``);
+        ``identities``: the clients' registered public identity keys (verified secure
+        aggregation; without them the semi-honest protocol)."""
         if cfg.audit.canaries:
             raise ConfigError(
                 "audit.canaries: a deployed server holds no data and cannot insert canaries; "
                 "run the audit run in simulation (fedguard run)"
             )
         self.cfg = cfg
+        self.identities = identities
         self.mode = cfg.evaluation.resolved_mode(deployed=True)
         if self.mode in ("server", "both") and cfg.evaluation.server_data is None:
             raise ConfigError(
@@ -171,7 +175,14 @@ class DataFreeExperiment:
         )
         self.transport: Transport = Population(inner, list(sizes))
         self.driver = assembly.build_driver(
-            cfg, self.transport, self.strategy, self.aggregator, self.model, self.privacy, sizes
+            cfg,
+            self.transport,
+            self.strategy,
+            self.aggregator,
+            self.model,
+            self.privacy,
+            sizes,
+            self.identities,
         )
         # server.mode = "async": FedBuff over the transport's stream (the gRPC server's)
         self.async_driver = assembly.build_async_driver(cfg, self.driver, self.aggregator)

@@ -43,6 +43,7 @@ from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
 from fedguard.protocol import registration
 from fedguard.runtime import auth, grpc_client, grpc_server, grpc_tls
+from fedguard.runtime import identities as identities_mod
 
 log = logging.getLogger("fedguard.grpc")
 
@@ -68,6 +69,7 @@ class ServerOptions:
     round_deadline_s: float | None = None
     max_payload_bytes: int = grpc_server.DEFAULT_MAX_PAYLOAD_BYTES
     progress_s: float = grpc_server.DEFAULT_PROGRESS_S
+    identities: Path | None = None  # the clients' public identity keys (identities.json)
 
 
 def deadline_overrides(
@@ -136,6 +138,12 @@ def serve(
             )
         return transport
 
+    registry = None
+    if options.identities is not None:
+        try:
+            registry = identities_mod.load_registry(options.identities)
+        except ValueError as exc:
+            raise config_mod.ConfigError(f"--identities: {exc}") from None
     try:
         summary = runner.run(
             config,
@@ -145,6 +153,7 @@ def serve(
             progress=progress,
             transport_fn=transport_fn,
             data_free=True,
+            identities=registry,
         )
         if holder:
             holder[0].finish()
@@ -293,6 +302,13 @@ def _hold_out(
         )
     order = np.random.default_rng([client_id, 0xE7A1]).permutation(n)
     return train.subset(order[k:]), train.subset(order[:k])
+
+
+def identify(app: ClientApp, key: Path, registry: Path, client_id: int) -> None:
+    """Give ``app`` client ``client_id``'s identity key at ``key`` and the federation's
+    registry at ``registry``: from then on it takes part only in verified secure-aggregation
+    rounds. Raises ValueError unless the key is the one registered for ``client_id``."""
+    app.secagg.identities = identities_mod.load_client(key, registry, client_id)
 
 
 def run_client(settings: grpc_client.ClientSettings, app: ClientApp) -> int:

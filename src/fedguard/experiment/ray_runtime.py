@@ -82,7 +82,14 @@ class SimulatedClients:
             builder=self.model_fn,
         )
         model = build_model()
-        app = ClientApp(model, fed.clients, {}, pins=self.pins, trainer=self._trainer(build_model))
+        app = ClientApp(
+            model,
+            fed.clients,
+            {},
+            pins=self.pins,
+            trainer=self._trainer(build_model),
+            identities=config_checks.simulated_identities(cfg),
+        )
         together = None
         if cfg.runtime.actor_engine == "cohort":
             together = engines.cohort_transport(cfg, app, list(fed.clients))

@@ -134,6 +134,7 @@ def run(
     transport_fn: TransportFn | None = None,
     data_free: bool = False,
     registration_deadline_s: float | None = None,
+    identities: secagg.Identities | None = None,
 ) -> dict[str, Any]:
     """Run an experiment end to end and return its summary (also written to ``summary.json``).
 
@@ -142,7 +143,9 @@ def run(
     ``transport_fn`` replaces the in-process simulator (the gRPC server passes its transport).
     ``data_free``: the server never loads the data set; the clients behind ``transport_fn``
     register their sizes, and evaluate (see :mod:`fedguard.experiment.data_free`; registration
-    waits ``registration_deadline_s``, default ``server.deadline_s``).
+    waits ``registration_deadline_s``, default ``server.deadline_s``). ``identities``: the
+    registered public identity keys of the clients behind ``transport_fn`` (secure aggregation
+    then runs verified rounds; a simulation derives its own).
     """
     cfg = _as_config(config, overrides or [])
     folder = RunFolder(out if out is not None else Path("runs") / cfg.experiment.name)
@@ -166,10 +169,16 @@ def run(
             privacy_spent=spent,
             recorded=finished.info if resume and finished is not None else None,
             registration_deadline_s=registration_deadline_s,
+            identities=identities,
         )
     else:
         exp = Experiment(
-            cfg, model_fn=model_fn, data_fn=data_fn, transport_fn=transport_fn, privacy_spent=spent
+            cfg,
+            model_fn=model_fn,
+            data_fn=data_fn,
+            transport_fn=transport_fn,
+            privacy_spent=spent,
+            identities=identities,
         )
     try:
         tracker = contribution.Tracker(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from fedguard.algorithms import binned_auc, finite
+from fedguard.algorithms.secagg.crypto import ROUND_NONCE_BYTES
 from fedguard.protocol import messages, secagg, secagg_server
 from fedguard.protocol.strategy import Strategy, StrategyState
 from fedguard.protocol.transport import Delivered, Failed, Transport
@@ -82,10 +84,9 @@ def client_seed(seed: int, round_: int, client_id: int) -> int:
 
 
 def graph_seed(seed: int, round_: int) -> int:
-    """The public seed of a round's SecAgg+ masking graph, derived from the run's seed.
-
-    Simulation and deployment differ here: a deployed server should publish fresh randomness (or
-    a seed the clients contribute to), so that it cannot pick a graph that suits it.
+    """The public seed of a round's SecAgg+ masking graph in the semi-honest protocol, derived
+    from the run's seed. A verified round (clients with identities) ignores it: its graph comes
+    from randomness the clients commit to and then reveal (see :mod:`fedguard.protocol.secagg`).
     """
     return int(np.random.SeedSequence([seed, round_, 0x6A5]).generate_state(1)[0] >> 1)
 
@@ -159,8 +160,12 @@ class RoundDriver:
         max_norm_ratio: float = MAX_NORM_RATIO,
         reply_check: Callable[[messages.FitReply], str | None] | None = None,
         before_aggregate: BeforeAggregate | None = None,
+        identities: secagg.Identities | None = None,
     ) -> None:
-        """``registered_examples`` maps each client id to the most examples its reply may claim
+        """``identities``: the federation's registered public identity keys; with them every
+        secure-aggregation round is a verified one, secure against a malicious server (a fresh
+        random nonce per round; see :mod:`fedguard.protocol.secagg_server`).
+        ``registered_examples`` maps each client id to the most examples its reply may claim
         (None: claims are taken as they come, which lets one client outweigh all others in the
         mean); ``max_norm_ratio`` is the sanity bound on an update's norm against the round's
         median (``math.inf``: no bound); ``reply_check`` says why a decoded fit reply must be
@@ -192,6 +197,7 @@ class RoundDriver:
         self.deadline_s = deadline_s
         self.poisson = poisson
         self.secure_aggregation = secure_aggregation
+        self.identities = None if identities is None else identities.public()
         if secure_aggregation is not None:
             refusal = strategy.secure_aggregation_refusal()
             if refusal is not None:
@@ -312,7 +318,11 @@ class RoundDriver:
         try:
             settings.fixed_point(len(sampled))
             setup = settings.setup(
-                round_, sampled, graph_seed=graph_seed(self.seed, round_), dim=self.dim
+                round_,
+                sampled,
+                graph_seed=graph_seed(self.seed, round_),
+                dim=self.dim,
+                nonce=b"" if self.identities is None else os.urandom(ROUND_NONCE_BYTES),
             )
         except ValueError as exc:
             raise secagg.SecAggAbortedError(
@@ -330,6 +340,7 @@ class RoundDriver:
             mask_request,
             deadline_s=self.deadline_s,
             min_survivors=self.min_clients,
+            identities=self.identities,
         )
         # Each honest client encodes a weight in [1, max_weight] (1 when unweighted), so the sum
         # of n is in [n, n * max_weight]; outside it a client encoded a weight it cannot have

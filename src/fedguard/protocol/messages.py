@@ -167,7 +167,10 @@ class SecAggSetup:
     ``sampled`` are the clients of the round (the share points are their positions plus one),
     ``graph_seed`` and ``neighbours`` fix the masking graph, ``threshold`` the Shamir threshold
     per neighbourhood; ``bits``, ``clip_norm``, ``max_weight``, ``weighted`` and ``dim`` fix the
-    fixed-point encoding (see :mod:`fedguard.algorithms.secagg.quantize`).
+    fixed-point encoding (see :mod:`fedguard.algorithms.secagg.quantize`). ``verified`` announces
+    the protocol that is secure against a malicious server (signed keys, a consistency check
+    and, in SecAgg+, a graph from the clients' committed randomness instead of ``graph_seed``),
+    and ``nonce`` is that round's fresh 32-byte nonce, bound into every signed payload.
     """
 
     round: int
@@ -181,36 +184,68 @@ class SecAggSetup:
     max_weight: int
     weighted: bool
     dim: int
+    verified: bool = False
+    nonce: bytes = b""
 
 
 @dataclass(frozen=True)
 class SecAggKeys:
-    """Phase 0 reply: the client's two X25519 public keys, signed if it has an identity."""
+    """Phase 0 reply: the client's two X25519 public keys, signed if it has an identity, and in
+    a verified SecAgg+ round its commitment ``H(r)`` to its share of the graph's randomness
+    (inside the signed payload)."""
 
     round: int
     client_id: int
     c_public: bytes
     s_public: bytes
     signature: bytes = b""
+    commitment: bytes = b""
+
+
+@dataclass(frozen=True)
+class SecAggRevealRequest:
+    """Verified SecAgg+ only, between phases 0 and 1, server to client: every advertisement the
+    server holds (``c || s || commitment`` per client) with its signature. A client that has
+    checked them reveals its ``r``: the commitments are fixed before any ``r`` is known."""
+
+    round: int
+    client_id: int
+    advertised: ByteMap
+    signatures: ByteMap
+
+
+@dataclass(frozen=True)
+class SecAggReveal:
+    """Reply to :class:`SecAggRevealRequest`: the client's 32-byte ``r``."""
+
+    round: int
+    client_id: int
+    reveal: bytes
 
 
 @dataclass(frozen=True)
 class SecAggShareRequest:
-    """Phase 1 (share keys), server to client: the public keys (``c || s``) of its neighbours."""
+    """Phase 1 (share keys), server to client: the public keys (``c || s``) of its neighbours,
+    their signatures and, in a verified SecAgg+ round, the ``r`` of every client that revealed
+    (the graph seed is their hash)."""
 
     round: int
     client_id: int
     public_keys: ByteMap
     signatures: ByteMap = field(default_factory=dict)
+    reveals: ByteMap = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SecAggShares:
-    """Phase 1 reply: one encrypted share bundle per receiving neighbour (receiver id to bytes)."""
+    """Phase 1 reply: one encrypted share bundle per receiving neighbour (receiver id to bytes)
+    and, in a verified round, a commitment to each holder's share bundle (the client's own
+    included), which lets the server discard a forged share in phase 3."""
 
     round: int
     client_id: int
     ciphertexts: ByteMap
+    commitments: ByteMap = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -235,13 +270,35 @@ class SecAggMaskedInput:
 
 
 @dataclass(frozen=True)
+class SecAggConsistencyRequest:
+    """Consistency check (verified rounds, between phases 2 and 3), server to client: the set
+    ``U3`` of clients whose masked inputs the server holds."""
+
+    round: int
+    client_id: int
+    survivors: list[int]
+
+
+@dataclass(frozen=True)
+class SecAggConsistencySignature:
+    """Reply to :class:`SecAggConsistencyRequest`: the client's signature over the round and
+    the survivor set it was sent."""
+
+    round: int
+    client_id: int
+    signature: bytes
+
+
+@dataclass(frozen=True)
 class SecAggUnmaskRequest:
-    """Phase 3 (unmasking), server to client: who sent a masked input and who did not."""
+    """Phase 3 (unmasking), server to client: who sent a masked input and who did not and, in a
+    verified round, the survivors' consistency signatures over that survivor set."""
 
     round: int
     client_id: int
     alive: list[int]
     dropped: list[int]
+    signatures: ByteMap = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -257,10 +314,14 @@ class SecAggUnmaskReply:
 SecAggMessage = (
     SecAggSetup
     | SecAggKeys
+    | SecAggRevealRequest
+    | SecAggReveal
     | SecAggShareRequest
     | SecAggShares
     | SecAggMaskRequest
     | SecAggMaskedInput
+    | SecAggConsistencyRequest
+    | SecAggConsistencySignature
     | SecAggUnmaskRequest
     | SecAggUnmaskReply
 )
@@ -278,18 +339,31 @@ _KINDS: dict[str, type] = {
         Registration,
         SecAggSetup,
         SecAggKeys,
+        SecAggRevealRequest,
+        SecAggReveal,
         SecAggShareRequest,
         SecAggShares,
         SecAggMaskRequest,
         SecAggMaskedInput,
+        SecAggConsistencyRequest,
+        SecAggConsistencySignature,
         SecAggUnmaskRequest,
         SecAggUnmaskReply,
     )
 }
 _TENSOR_FIELDS = {"parameters", "update"}  # float32 on the wire
 _RING_FIELDS = {"masked"}  # integer tensors, sent with their dtype
-_BYTES_FIELDS = {"c_public", "s_public", "signature"}
-_BYTE_MAP_FIELDS = {"public_keys", "signatures", "ciphertexts", "b_shares", "s_shares"}
+_BYTES_FIELDS = {"c_public", "s_public", "signature", "nonce", "commitment", "reveal"}
+_BYTE_MAP_FIELDS = {
+    "public_keys",
+    "signatures",
+    "ciphertexts",
+    "b_shares",
+    "s_shares",
+    "advertised",
+    "reveals",
+    "commitments",
+}
 
 
 # -- the schema ---------------------------------------------------------------------------------
@@ -380,6 +454,7 @@ class _SetupFields(_Fields):
     max_weight: Annotated[int, _within(1, MAX_EXAMPLES)]
     weighted: Annotated[bool, Field(strict=True)]
     dim: Annotated[int, _within(1, MAX_DIM)]
+    verified: Annotated[bool, Field(strict=True)] = False
 
 
 class _RegistrationFields(_Fields):
@@ -394,17 +469,28 @@ class _UnmaskFields(_Fields):
     dropped: _IdList
 
 
+class _ConsistencyFields(_Fields):
+    survivors: _IdList
+
+
 @dataclass(frozen=True)
 class _TensorSpec:
-    """The safetensors dtypes a tensor may have and its rank (``None``: any)."""
+    """The safetensors dtypes a tensor may have, its rank (``None``: any) and, for a byte string
+    of fixed size, the lengths it may have (``None``: any)."""
 
     dtypes: frozenset[str]
     rank: int | None = 1
+    lengths: frozenset[int] | None = None
 
 
 _FLOAT32 = _TensorSpec(frozenset({"F32"}))
 _RING = _TensorSpec(frozenset({"I32", "I64"}))
 _BYTES = _TensorSpec(frozenset({"U8"}))
+NONCE_BYTES = 32  # a secure-aggregation round's nonce, a graph reveal, a commitment
+SIGNATURE_BYTES = 64  # Ed25519
+_DIGEST = _TensorSpec(frozenset({"U8"}), lengths=frozenset({NONCE_BYTES}))
+_OPTIONAL_DIGEST = _TensorSpec(frozenset({"U8"}), lengths=frozenset({0, NONCE_BYTES}))
+_SIGNATURE = _TensorSpec(frozenset({"U8"}), lengths=frozenset({0, SIGNATURE_BYTES}))
 # ``tensors.<name>``: any numeric dtype numpy and torch share, any shape
 _EXTRA = _TensorSpec(
     frozenset({"F16", "F32", "F64", "I8", "I16", "I32", "I64", "U8", "BOOL"}), rank=None
@@ -419,19 +505,31 @@ SCHEMA: dict[type, tuple[type[_Fields], dict[str, _TensorSpec]]] = {
     EvaluateReply: (_ReplyFields, {}),
     RegisterTask: (_TaskFields, {}),
     Registration: (_RegistrationFields, {}),
-    SecAggSetup: (_SetupFields, {}),
+    SecAggSetup: (_SetupFields, {"bytes.nonce": _OPTIONAL_DIGEST}),
     SecAggKeys: (
         _Fields,
-        {"bytes.c_public": _BYTES, "bytes.s_public": _BYTES, "bytes.signature": _BYTES},
+        {
+            "bytes.c_public": _BYTES,
+            "bytes.s_public": _BYTES,
+            "bytes.signature": _SIGNATURE,
+            "bytes.commitment": _OPTIONAL_DIGEST,
+        },
     ),
-    SecAggShareRequest: (_Fields, {"map.public_keys": _BYTES, "map.signatures": _BYTES}),
-    SecAggShares: (_Fields, {"map.ciphertexts": _BYTES}),
+    SecAggRevealRequest: (_Fields, {"map.advertised": _BYTES, "map.signatures": _BYTES}),
+    SecAggReveal: (_Fields, {"bytes.reveal": _DIGEST}),
+    SecAggShareRequest: (
+        _Fields,
+        {"map.public_keys": _BYTES, "map.signatures": _BYTES, "map.reveals": _BYTES},
+    ),
+    SecAggShares: (_Fields, {"map.ciphertexts": _BYTES, "map.commitments": _BYTES}),
     SecAggMaskRequest: (
         _TaskFields,
         {"parameters": _FLOAT32, "map.ciphertexts": _BYTES},
     ),
     SecAggMaskedInput: (_Fields, {"masked": _RING}),
-    SecAggUnmaskRequest: (_UnmaskFields, {}),
+    SecAggConsistencyRequest: (_ConsistencyFields, {}),
+    SecAggConsistencySignature: (_Fields, {"bytes.signature": _SIGNATURE}),
+    SecAggUnmaskRequest: (_UnmaskFields, {"map.signatures": _BYTES}),
     SecAggUnmaskReply: (_Fields, {"map.b_shares": _BYTES, "map.s_shares": _BYTES}),
 }
 
@@ -468,6 +566,11 @@ def _check_schema(cls: type, header: Header) -> dict[str, Any]:
             )
         if spec.rank is not None and len(shape) != spec.rank:
             raise MessageError(f"{name} tensor {tensor!r} has shape {shape}, expected 1-D")
+        if spec.lengths is not None and math.prod(shape) not in spec.lengths:
+            raise MessageError(
+                f"{name} tensor {tensor!r} has {math.prod(shape)} bytes, expected "
+                f"{' or '.join(map(str, sorted(spec.lengths)))}"
+            )
     if sum(t.startswith("tensors.") for t in header.shapes) > MAX_ENTRIES:
         raise MessageError(f"{name} has more than {MAX_ENTRIES} extra tensors")
     missing = sorted(set(specs) - set(header.shapes))

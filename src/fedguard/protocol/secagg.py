@@ -3,11 +3,12 @@
 The server learns only the sum of the clients' updates (Bonawitz et al., "Practical Secure
 Aggregation for Privacy-Preserving Machine Learning", CCS 2017), over the complete graph or, in
 SecAgg+, over a sparse random graph (Bell et al., "Secure Single-Server Aggregation with
-(Poly)Logarithmic Overhead", CCS 2020). A round is four exchanges over any transport:
+(Poly)Logarithmic Overhead", CCS 2020). A semi-honest round is four exchanges over any transport
+(a verified round adds two, below):
 
 0. advertise keys: every sampled client answers the round's public setup with two X25519 public
    keys, ``c`` (to encrypt shares) and ``s`` (to agree masks), signed where clients have
-   identities;
+   identities (see verified rounds below);
 1. share keys: every client Shamir-shares its self-mask seed ``b_u`` and its private key
    ``s_u^SK`` among its share holders (its neighbours and itself), encrypts each holder's bundle
    under their agreed key, and the server relays the ciphertexts;
@@ -28,38 +29,72 @@ Skellam noise to its encoded update in phase 2, before masking; the fit config c
 mechanism (:func:`distributed_config`), and the server aborts, and every client refuses to
 unmask, a round with fewer masked inputs than the mechanism's noise shares.
 
+**Verified rounds** (a setup with a fresh 32-byte ``nonce``; the default wherever clients have
+:class:`Identities`) are the protocol of Bonawitz et al. secure against a malicious server:
+
+* phase 0: each client signs ``(round, nonce, id, c, s, commitment)`` with its long-term Ed25519
+  key; every peer and the server check it against the registry of identities, which the clients
+  obtain outside the server's control;
+* reveal (SecAgg+ only, between phases 0 and 1): the SecAgg+ graph comes from randomness the server
+  cannot choose alone. Each client commits to 32 random bytes ``r`` in its signed advertisement;
+  the server sends every advertiser all signed advertisements (the commitments are fixed), then
+  each reveals ``r``; the graph seed is ``H(round, nonce, sorted (id, r))`` over the clients whose
+  reveal arrived, sent to every client with the share request. A client refuses reveals that do
+  not open their signed commitments or leave out its own ``r``, and keys from anyone outside the
+  neighbourhood the seed gives. A client that drops between commit and reveal is left out of the
+  seed and of the round. **Residual bias:** the server sees all reveals before it decides whom to
+  keep, so by dropping ``d`` revealers (each a dropout of the round, which must still leave every
+  neighbourhood ``t`` holders and the quorum of clients) it chooses among up to ``2^d`` graphs; a
+  colluding client can likewise withhold its reveal after seeing the others'. The probability of a
+  bad graph in Bell et al.'s analysis grows by at most that factor (union bound);
+* consistency check (between phases 2 and 3): the server sends each survivor the set ``U3`` of
+  clients whose masked inputs it holds; each signs ``(round, nonce, transcript, U3)`` (the
+  transcript binds the cohort, graph and threshold it saw); the unmasking request carries the
+  signatures, and a client reveals shares only if ``alive`` is exactly the set it signed and it
+  verifies :attr:`RoundSetup.quorum` signatures by distinct survivors over that set;
+* replay: every signed payload binds the round and its nonce; a client refuses an older round than
+  one it has begun and a nonce it has seen.
+
 This module holds the pieces that both halves (:mod:`.secagg_client`, :mod:`.secagg_server`)
-need: the phases, the settings, the round setup and the errors. The server in this protocol is
-honest but curious; the consistency check round of the paper's actively secure variant is not
-implemented.
+need: the phases, the settings, the round setup, the identities and the errors. Without
+identities (``[secure_aggregation] server = "semi-honest"``, or a deployed client without its key)
+the server is trusted to be honest but curious.
 """
 
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from functools import cached_property
 
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
 from fedguard.algorithms.privacy import distributed_dp
+from fedguard.algorithms.secagg import crypto as secagg_crypto
 from fedguard.algorithms.secagg import graph as secagg_graph
 from fedguard.algorithms.secagg import quantize as secagg_quantize
 from fedguard.protocol import messages
 
 
 class Phase(enum.IntEnum):
-    """The four exchanges of a secure-aggregation round, in order."""
+    """The exchanges of a secure-aggregation round, in order (``REVEAL`` and ``CONSISTENCY``
+    only in verified rounds, ``REVEAL`` only in SecAgg+)."""
 
     ADVERTISE = 0
-    SHARE = 1
-    MASK = 2
-    UNMASK = 3
+    REVEAL = 1
+    SHARE = 2
+    MASK = 3
+    CONSISTENCY = 4
+    UNMASK = 5
 
 
 REQUEST_PHASES: dict[str, Phase] = {
     messages.SecAggSetup.__name__: Phase.ADVERTISE,
+    messages.SecAggRevealRequest.__name__: Phase.REVEAL,
     messages.SecAggShareRequest.__name__: Phase.SHARE,
     messages.SecAggMaskRequest.__name__: Phase.MASK,
+    messages.SecAggConsistencyRequest.__name__: Phase.CONSISTENCY,
     messages.SecAggUnmaskRequest.__name__: Phase.UNMASK,
 }
 
@@ -152,8 +187,17 @@ class Settings:
             max_weight=self.max_weight if self.weighted else 1,
         )
 
-    def setup(self, round_: int, sampled: list[int], *, graph_seed: int, dim: int) -> RoundSetup:
-        """The public setup of one round with ``sampled`` clients."""
+    def setup(
+        self,
+        round_: int,
+        sampled: list[int],
+        *,
+        graph_seed: int,
+        dim: int,
+        nonce: bytes = b"",
+    ) -> RoundSetup:
+        """The public setup of one round with ``sampled`` clients; a ``nonce`` (32 fresh random
+        bytes) makes it a verified round, secure against a malicious server."""
         n = len(sampled)
         if n < 2:
             raise ValueError(f"Secure aggregation needs at least 2 sampled clients, got {n}.")
@@ -181,6 +225,7 @@ class Settings:
             weighted=self.weighted,
             dim=dim,
             distributed=self.distributed,
+            nonce=nonce,
         )
 
 
@@ -199,6 +244,7 @@ class RoundSetup:
     weighted: bool
     dim: int
     distributed: distributed_dp.Skellam | None = None  # not on the wire: from the fit config
+    nonce: bytes = b""  # a verified round's fresh nonce; empty: the semi-honest protocol
 
     def __post_init__(self) -> None:
         holders = self.neighbours + 1
@@ -207,6 +253,40 @@ class RoundSetup:
                 f"The threshold must be between 1 and the {holders} share holders of a "
                 f"client, got {self.threshold}."
             )
+        if self.nonce and len(self.nonce) != secagg_crypto.ROUND_NONCE_BYTES:
+            raise ValueError(
+                f"A round nonce has {secagg_crypto.ROUND_NONCE_BYTES} bytes, got {len(self.nonce)}."
+            )
+
+    @property
+    def verified(self) -> bool:
+        """Whether this round runs the protocol secure against a malicious server."""
+        return bool(self.nonce)
+
+    @property
+    def committed_graph(self) -> bool:
+        """Whether the graph comes from the clients' committed randomness (verified SecAgg+);
+        the complete graph needs no seed."""
+        return self.verified and self.neighbours < len(self.sampled) - 1
+
+    @property
+    def quorum(self) -> int:
+        """The fewest consistency signatures over one survivor set a client needs before it
+        unmasks: at least ``t`` (Bonawitz et al.) and more than half of the sampled clients.
+
+        Each honest client signs one survivor set per round, so two groups of honest clients
+        told different sets cannot both collect a majority: every honest client that unmasks
+        was told the same set. In the complete graph ``t`` is already a majority; in SecAgg+
+        ``t`` counts one neighbourhood only, which would let a server tell disjoint groups of
+        ``t`` different stories."""
+        return max(self.threshold, len(self.sampled) // 2 + 1)
+
+    @cached_property
+    def transcript(self) -> bytes:
+        """A digest of the round's public parameters (see :func:`.crypto.transcript`)."""
+        return secagg_crypto.transcript(
+            self.round, self.nonce, self.sampled, self.neighbours, self.threshold, self.graph_seed
+        )
 
     @cached_property
     def graph(self) -> dict[int, frozenset[int]]:
@@ -271,6 +351,8 @@ class RoundSetup:
             max_weight=self.max_weight,
             weighted=self.weighted,
             dim=self.dim,
+            verified=self.verified,
+            nonce=self.nonce,
         )
 
     @classmethod
@@ -280,6 +362,8 @@ class RoundSetup:
         sampled = tuple(sorted(int(c) for c in m.sampled))
         if len(set(sampled)) != len(sampled):
             raise SecAggError("The round's sampled clients repeat an id.")
+        if m.verified != bool(m.nonce):
+            raise SecAggError("A verified round needs a nonce, and only a verified round has one.")
         try:
             return cls(
                 round=m.round,
@@ -292,9 +376,41 @@ class RoundSetup:
                 max_weight=m.max_weight,
                 weighted=m.weighted,
                 dim=m.dim,
+                nonce=m.nonce,
             )
         except ValueError as exc:
             raise SecAggError(f"The round's setup is invalid: {exc}") from None
+
+
+@dataclass(frozen=True)
+class Identities:
+    """Long-term Ed25519 identities of a federation, as one node knows them.
+
+    ``registry`` holds every member's public key, obtained outside the server's control (for a
+    deployment: the identities file handed out with the tokens; in simulation: derived from the
+    run's seed); ``own`` the private keys of the client ids this node answers for (one for a
+    deployed client, all of them in the simulator, none on the server). A client with
+    identities only takes part in verified rounds, secure against a malicious server.
+    """
+
+    registry: Mapping[int, ed25519.Ed25519PublicKey]
+    own: Mapping[int, ed25519.Ed25519PrivateKey] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for cid, key in self.own.items():
+            if self.registry.get(cid) != key.public_key():
+                raise ValueError(f"The identity of client {cid} is not the registered one.")
+
+    @classmethod
+    def simulated(cls, seed: int, client_ids: Iterable[int]) -> Identities:
+        """Deterministic identities of simulated clients from the run's ``seed`` (see
+        :func:`~fedguard.algorithms.secagg.crypto.simulated_identity`: for simulation only)."""
+        own = {cid: secagg_crypto.simulated_identity(seed, cid) for cid in client_ids}
+        return cls({cid: key.public_key() for cid, key in own.items()}, own)
+
+    def public(self) -> Identities:
+        """The same registry without any private key (what a server holds)."""
+        return Identities(self.registry)
 
 
 def check_majority(setup: RoundSetup) -> None:

@@ -10,13 +10,32 @@ dropout from then on. The server checks before each phase that every neighbourho
 the check before phase 3 means an aborted round reveals no share. A client whose advertised key
 is not a valid X25519 point (all zeros, or any point of small order) is a dropout of phase 0, so
 that its peers go on without it.
+
+A verified round (``setup.nonce`` set, with the federation's
+:class:`~fedguard.protocol.secagg.Identities`) is the protocol secure against a malicious server
+(Bonawitz et al., section 4; Bell et al. for the graph). The server checks what the clients will
+check, so that one misbehaving client is excluded and named (in the round's ``problems`` and the
+log) instead of making its honest peers refuse the round:
+
+* phase 0: an advertisement whose signature by the client's registered identity does not verify
+  (or, in SecAgg+, without a commitment) is a dropout;
+* reveal (SecAgg+): every client that advertised gets all signed advertisements and reveals its
+  ``r``; a reveal that does not open its commitment is a dropout; the graph seed is the hash of
+  the reveals that arrived, and the same reveals go to every client in phase 1;
+* phase 1: a client whose bundles or share commitments are not addressed to exactly its holders,
+  or whose ciphertexts have the wrong length, is a dropout;
+* phase 2: a masked input of the wrong shape or dtype is a dropout;
+* consistency: every survivor gets the survivor set ``U3`` and signs it; an invalid signature
+  names the client, which is then not asked to unmask (its input, already in the sum, stays);
+* phase 3: a share that does not match the commitment its owner made in phase 1 is discarded
+  and its holder named; each secret is rebuilt from ``t`` matching shares.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TypeVar
 
 import numpy as np
@@ -25,8 +44,8 @@ from fedguard.algorithms.secagg import crypto as secagg_crypto
 from fedguard.algorithms.secagg import quantize as secagg_quantize
 from fedguard.algorithms.secagg import shamir as secagg_shamir
 from fedguard.protocol import messages
-from fedguard.protocol.secagg import Phase, RoundSetup, SecAggAbortedError
-from fedguard.protocol.secagg_client import SECRET_BYTES
+from fedguard.protocol.secagg import Identities, Phase, RoundSetup, SecAggAbortedError
+from fedguard.protocol.secagg_client import SECRET_BYTES, SHARE_BYTES
 from fedguard.protocol.transport import Failed, Transport
 
 log = logging.getLogger("fedguard.round")
@@ -136,20 +155,40 @@ def secure_sum(
     *,
     deadline_s: float | None = None,
     min_survivors: int = 1,
+    identities: Identities | None = None,
 ) -> SecureSum:
-    """Run phases 0-3 with ``setup.sampled`` and return the unmasked sum.
+    """Run the phases with ``setup.sampled`` and return the unmasked sum.
 
     ``mask_request(client_id, ciphertexts)`` builds the phase-2 request (the fit task with the
     share bundles addressed to that client). Fewer than ``min_survivors`` masked inputs abort
-    the round before unmasking.
+    the round before unmasking. A verified ``setup`` (one with a nonce) needs the federation's
+    ``identities`` (public keys only) to check the clients' signatures.
     """
+    if setup.verified and identities is None:
+        raise ValueError("A verified round needs the clients' registered identities.")
     ledger = _Ledger(setup.round, len(setup.sampled))
+    log.info(
+        "round %d: secure aggregation of %d clients, %s",
+        setup.round,
+        len(setup.sampled),
+        "verified (signed keys, consistency check)" if setup.verified else "semi-honest server",
+    )
     everyone = set(setup.sampled)
     _require(setup, Phase.ADVERTISE, everyone, everyone, ledger)
-    keys = _advertise(transport, setup, ledger, deadline_s)
+    keys = _advertise(transport, setup, ledger, deadline_s, identities)
     u1 = set(keys)
     _require(setup, Phase.SHARE, u1, u1, ledger)
-    bundles = _share(transport, setup, keys, ledger, deadline_s)
+    reveals: dict[int, bytes] = {}
+    if setup.committed_graph:
+        _require(setup, Phase.REVEAL, u1, u1, ledger, setup.quorum)
+        reveals = _reveal(transport, setup, keys, ledger, deadline_s)
+        seed = secagg_crypto.graph_seed(setup.round, setup.nonce, reveals)
+        setup = replace(setup, graph_seed=seed)
+        keys = {u: keys[u] for u in sorted(reveals)}
+        u1 = set(keys)
+        _require(setup, Phase.SHARE, u1, u1, ledger, setup.quorum)
+    shared = _share(transport, setup, keys, reveals, ledger, deadline_s)
+    bundles = {u: reply.ciphertexts for u, reply in shared.items()}
     u2 = set(bundles)
     _require(setup, Phase.MASK, u2, u2, ledger)
     requests = {
@@ -164,8 +203,21 @@ def secure_sum(
         if _check_masked(setup, u, reply, ledger):
             np.add(masked_sum, reply.masked.numpy().view(masked_sum.dtype), out=masked_sum)
             u3.add(u)
-    _require(setup, Phase.UNMASK, u2, u3, ledger, max(min_survivors, setup.min_inputs))
-    b_shares, s_shares = _unmask_shares(transport, setup, u2, u3, ledger, deadline_s)
+    least = max(min_survivors, setup.min_inputs)
+    signatures: dict[int, bytes] = {}
+    holders = u3
+    if identities is not None and setup.verified:
+        _require(setup, Phase.CONSISTENCY, u2, u3, ledger, max(least, setup.quorum))
+        signatures = _consistency(transport, setup, u3, identities, ledger, deadline_s)
+        holders = set(signatures)
+        _require(setup, Phase.UNMASK, u2, holders, ledger, setup.quorum)
+    _require(setup, Phase.UNMASK, u2, u3, ledger, least)
+    b_shares, s_shares = _unmask_shares(
+        transport, setup, u2, u3, holders, signatures, ledger, deadline_s
+    )
+    if setup.verified:
+        commitments = {u: reply.commitments for u, reply in shared.items()}
+        b_shares, s_shares = _matching_shares(setup, commitments, b_shares, s_shares, ledger)
     ring_sum = _unmasked_sum(setup, keys, masked_sum, u3, u2, b_shares, s_shares, ledger)
     decoded = secagg_quantize.decode_sum(ring_sum, setup.fixed_point)
     return SecureSum(
@@ -174,7 +226,11 @@ def secure_sum(
 
 
 def _advertise(
-    transport: Transport, setup: RoundSetup, ledger: _Ledger, deadline_s: float | None
+    transport: Transport,
+    setup: RoundSetup,
+    ledger: _Ledger,
+    deadline_s: float | None,
+    identities: Identities | None,
 ) -> dict[int, messages.SecAggKeys]:
     requests = {u: setup.to_message(u) for u in setup.sampled}
     replies = dict(
@@ -188,17 +244,70 @@ def _advertise(
         except secagg_crypto.CryptoError as exc:
             ledger.drop(Phase.ADVERTISE, u, f"invalid advertised key: {exc}")
             continue
+        if identities is not None:  # the peers would refuse it: exclude it for them
+            problem = _signature_problem(setup, identities, reply)
+            if problem is not None:
+                ledger.drop(Phase.ADVERTISE, u, problem)
+                continue
         keys[u] = reply
     return keys
+
+
+def _signature_problem(
+    setup: RoundSetup, identities: Identities, reply: messages.SecAggKeys
+) -> str | None:
+    """Why the peers of ``reply``'s client would refuse its advertisement, or None."""
+    u = reply.client_id
+    if setup.committed_graph and len(reply.commitment) != secagg_crypto.DIGEST_BYTES:
+        return "no commitment to its graph randomness"
+    if not setup.committed_graph and reply.commitment:
+        return "a commitment in a round without a committed graph"
+    identity = identities.registry.get(u)
+    if identity is None:
+        return "no registered identity"
+    payload = secagg_crypto.keys_message(
+        setup.round, setup.nonce, u, reply.c_public, reply.s_public, reply.commitment
+    )
+    try:
+        secagg_crypto.verify(identity, reply.signature, payload, client_id=u)
+    except secagg_crypto.CryptoError as exc:
+        return f"bad signature: {exc}"
+    return None
+
+
+def _reveal(
+    transport: Transport,
+    setup: RoundSetup,
+    keys: Mapping[int, messages.SecAggKeys],
+    ledger: _Ledger,
+    deadline_s: float | None,
+) -> dict[int, bytes]:
+    """Verified SecAgg+: send every advertiser all signed advertisements, collect the ``r``
+    that open their commitments."""
+    advertised = {v: k.c_public + k.s_public + k.commitment for v, k in keys.items()}
+    signatures = {v: k.signature for v, k in keys.items()}
+    requests = {
+        u: messages.SecAggRevealRequest(setup.round, u, advertised, signatures) for u in keys
+    }
+    replies = _replies(transport, Phase.REVEAL, requests, messages.SecAggReveal, ledger, deadline_s)
+    reveals: dict[int, bytes] = {}
+    for u, reply in replies:
+        opened = secagg_crypto.commitment(setup.round, setup.nonce, u, reply.reveal)
+        if opened != keys[u].commitment:
+            ledger.drop(Phase.REVEAL, u, "its reveal does not open its commitment")
+            continue
+        reveals[u] = reply.reveal
+    return reveals
 
 
 def _share(
     transport: Transport,
     setup: RoundSetup,
     keys: Mapping[int, messages.SecAggKeys],
+    reveals: Mapping[int, bytes],
     ledger: _Ledger,
     deadline_s: float | None,
-) -> dict[int, messages.ByteMap]:
+) -> dict[int, messages.SecAggShares]:
     advertised = set(keys)
     public = {v: k.c_public + k.s_public for v, k in keys.items()}
     requests = {}
@@ -209,18 +318,62 @@ def _share(
             u,
             {v: public[v] for v in peers},
             {v: keys[v].signature for v in peers if keys[v].signature},
+            dict(reveals),
         )
     replies = dict(
         _replies(transport, Phase.SHARE, requests, messages.SecAggShares, ledger, deadline_s)
     )
-    bundles: dict[int, messages.ByteMap] = {}
+    bundle_bytes = secagg_crypto.NONCE_BYTES + 2 * SHARE_BYTES + 16  # nonce, bundle, GCM tag
+    shared: dict[int, messages.SecAggShares] = {}
     for u, reply in replies.items():
         expected = set(requests[u].public_keys)
         if set(reply.ciphertexts) != expected:
             ledger.drop(Phase.SHARE, u, "share bundles not addressed to exactly its neighbours")
             continue
-        bundles[u] = reply.ciphertexts
-    return bundles
+        if any(len(c) != bundle_bytes for c in reply.ciphertexts.values()):
+            ledger.drop(Phase.SHARE, u, f"share bundles not of {bundle_bytes} bytes each")
+            continue
+        if setup.verified and (
+            set(reply.commitments) != expected | {u}
+            or any(len(c) != 2 * secagg_crypto.DIGEST_BYTES for c in reply.commitments.values())
+        ):
+            ledger.drop(Phase.SHARE, u, "share commitments not one per share holder")
+            continue
+        shared[u] = reply
+    return shared
+
+
+def _consistency(
+    transport: Transport,
+    setup: RoundSetup,
+    u3: set[int],
+    identities: Identities,
+    ledger: _Ledger,
+    deadline_s: float | None,
+) -> dict[int, bytes]:
+    """The consistency check: every survivor signs ``U3``; the valid signatures by survivor."""
+    survivors = sorted(u3)
+    requests = {u: messages.SecAggConsistencyRequest(setup.round, u, survivors) for u in survivors}
+    payload = secagg_crypto.survivors_message(setup.round, setup.nonce, setup.transcript, survivors)
+    replies = _replies(
+        transport,
+        Phase.CONSISTENCY,
+        requests,
+        messages.SecAggConsistencySignature,
+        ledger,
+        deadline_s,
+    )
+    signatures: dict[int, bytes] = {}
+    for u, reply in replies:
+        try:
+            secagg_crypto.verify(
+                identities.registry[u], reply.signature, payload, client_id=u, what="survivor set"
+            )
+        except secagg_crypto.CryptoError as exc:
+            ledger.drop(Phase.CONSISTENCY, u, f"bad signature: {exc}")
+            continue
+        signatures[u] = reply.signature
+    return signatures
 
 
 def _check_masked(
@@ -244,12 +397,18 @@ def _unmask_shares(
     setup: RoundSetup,
     u2: set[int],
     u3: set[int],
+    holders: set[int],
+    signatures: Mapping[int, bytes],
     ledger: _Ledger,
     deadline_s: float | None,
 ) -> tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]]]:
-    """Shares per secret owner: ``{owner: {holder: share}}`` for ``b`` (alive) and ``s`` (dropped)."""
+    """Shares per secret owner: ``{owner: {holder: share}}`` for ``b`` (alive) and ``s``
+    (dropped), asked of ``holders`` (the survivors that passed the consistency check)."""
     alive, dropped = sorted(u3), sorted(u2 - u3)
-    requests = {u: messages.SecAggUnmaskRequest(setup.round, u, alive, dropped) for u in alive}
+    requests = {
+        u: messages.SecAggUnmaskRequest(setup.round, u, alive, dropped, dict(signatures))
+        for u in sorted(holders)
+    }
     replies = dict(
         _replies(transport, Phase.UNMASK, requests, messages.SecAggUnmaskReply, ledger, deadline_s)
     )
@@ -263,6 +422,40 @@ def _unmask_shares(
         for owner in held.intersection(reply.s_shares, gone):
             s_shares.setdefault(owner, {})[holder] = reply.s_shares[owner]
     return b_shares, s_shares
+
+
+def _matching_shares(
+    setup: RoundSetup,
+    commitments: Mapping[int, Mapping[int, bytes]],
+    b_shares: Mapping[int, Mapping[int, bytes]],
+    s_shares: Mapping[int, Mapping[int, bytes]],
+    ledger: _Ledger,
+) -> tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]]]:
+    """The revealed shares that match their owners' phase-1 commitments (``H(b share) ||
+    H(s share)`` per holder); a holder that revealed any other share is named and all its
+    shares are discarded, so that each secret is rebuilt from honest shares only."""
+    digest = secagg_crypto.DIGEST_BYTES
+    bad: dict[int, str] = {}
+    for kind, shares in ((b"b", b_shares), (b"s", s_shares)):
+        at = slice(0, digest) if kind == b"b" else slice(digest, 2 * digest)
+        for owner, by_holder in shares.items():
+            for holder, share in by_holder.items():
+                committed = commitments.get(owner, {}).get(holder, b"")[at]
+                opened = secagg_crypto.share_commitment(
+                    setup.round, setup.nonce, owner, holder, kind, share
+                )
+                if opened != committed and holder not in bad:
+                    bad[holder] = (
+                        f"its {kind.decode()}-share of client {owner} does not match the "
+                        "commitment of its owner; its shares are discarded"
+                    )
+    for holder, reason in sorted(bad.items()):
+        ledger.drop(Phase.UNMASK, holder, reason)
+
+    def keep(shares: Mapping[int, Mapping[int, bytes]]) -> dict[int, dict[int, bytes]]:
+        return {o: {h: v for h, v in hs.items() if h not in bad} for o, hs in shares.items()}
+
+    return keep(b_shares), keep(s_shares)
 
 
 def _reconstruct(

@@ -122,6 +122,7 @@ def make_tokens(directory: Path, client_ids: Iterable[int]) -> dict[int, Path]:
     """Write ``tokens.json`` (server side) and ``client-N.token`` (one per client) in ``directory``.
 
     Returns the token file of each client. An existing ``tokens.json`` keeps its other entries.
+    (:func:`fedguard.runtime.identities.make_credentials` also writes identity keys.)
     """
     directory.mkdir(parents=True, exist_ok=True)
     server_file = directory / "tokens.json"

@@ -24,8 +24,10 @@ REPLY_KIND: dict[type[messages.Message], type[messages.Message]] = {
     messages.EvaluateTask: messages.EvaluateReply,
     messages.RegisterTask: messages.Registration,
     messages.SecAggSetup: messages.SecAggKeys,
+    messages.SecAggRevealRequest: messages.SecAggReveal,
     messages.SecAggShareRequest: messages.SecAggShares,
     messages.SecAggMaskRequest: messages.SecAggMaskedInput,
+    messages.SecAggConsistencyRequest: messages.SecAggConsistencySignature,
     messages.SecAggUnmaskRequest: messages.SecAggUnmaskReply,
 }
 _KIND_BY_NAME = {cls.__name__: cls for cls in REPLY_KIND}
@@ -37,7 +39,8 @@ HEADER_MARGIN_BYTES = 1 << 20
 # One encrypted share bundle or Shamir share per peer is a few dozen bytes; this bounds one
 # entry of a secure-aggregation reply's byte map with room to spare.
 SECAGG_ENTRY_BYTES = 4096
-# A phase-0 reply: two X25519 public keys and an Ed25519 signature.
+# A phase-0 reply: two X25519 public keys, an Ed25519 signature and a commitment; also bounds a
+# graph reveal and a consistency signature (their tasks imply no larger reply).
 SECAGG_KEYS_BYTES = 4096
 
 
@@ -88,7 +91,8 @@ def _reply_bytes(kind: type, header: messages.Header) -> int:
         newton = header.fields.get("config", {}).get("optimizer") == "newton"
         return 4 * (d + sent + (d + d * d if newton else 0))
     if kind is messages.SecAggShareRequest:
-        return SECAGG_ENTRY_BYTES * len(header.maps["public_keys"])
+        # a bundle per peer and a share commitment per holder (the peers and the client)
+        return SECAGG_ENTRY_BYTES * (len(header.maps["public_keys"]) + 1)
     if kind is messages.SecAggUnmaskRequest:
         peers = len(header.fields["alive"]) + len(header.fields["dropped"])
         return SECAGG_ENTRY_BYTES * peers

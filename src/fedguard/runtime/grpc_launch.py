@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedguard.runtime import auth, certs
+from fedguard.runtime import certs, identities
 
 STOP_GRACE_S = 5.0
 
@@ -47,9 +47,20 @@ def stop_all(processes: Sequence[subprocess.Popen]) -> None:
 
 def security_args(directory: Path, client_ids: Sequence[int], *, insecure: bool):
     """Make dev certificates and tokens in ``directory``; the server's and each client's flags."""
-    tokens = auth.make_tokens(directory, client_ids)
-    server = ["--tokens", str(directory / "tokens.json")]
-    clients = {cid: ["--token-file", str(tokens[cid])] for cid in client_ids}
+    tokens = identities.make_credentials(directory, client_ids)
+    registry = str(directory / identities.REGISTRY_FILE)
+    server = ["--tokens", str(directory / "tokens.json"), "--identities", registry]
+    clients = {
+        cid: [
+            "--token-file",
+            str(tokens[cid]),
+            "--identity",
+            str(identities.identity_file(directory, cid)),
+            "--identities",
+            registry,
+        ]
+        for cid in client_ids
+    }
     if insecure:
         return [*server, "--insecure"], {cid: [*a, "--insecure"] for cid, a in clients.items()}
     pki = certs.make_dev_pki(directory, client_ids=[])

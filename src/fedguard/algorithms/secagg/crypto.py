@@ -10,16 +10,22 @@ Bonawitz et al., "Practical Secure Aggregation for Privacy-Preserving Machine Le
   round, sender and receiver, so a bundle relayed to another pair or round fails to decrypt;
 * pseudo-random generator: AES-256-CTR keystream (the encryption of zeros under the seed)
   viewed as unsigned integers, masked to ``b`` bits;
-* identities (optional): Ed25519 signatures over the advertised public keys.
+* identities: Ed25519 signatures, by a client's long-term key, over its advertised public keys
+  and over the survivor set of the consistency check (Bonawitz et al., section 4: the version
+  secure against a malicious server); every signed payload binds a label, the round and the
+  round's nonce, so that a signature never verifies in another round or for another purpose;
+* commitments: SHA-256 with a label, binding round, nonce and client id, for the randomness of
+  the SecAgg+ graph (commit, then reveal) and for the shares a client hands out.
 
 Pure functions; randomness is passed in as ``random_bytes(n)`` (``os.urandom`` in production).
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,7 +43,17 @@ _RAW = serialization.Encoding.Raw
 _SHARE_KEY_LABEL = b"fedguard/secagg/share-encryption/v1"
 _MASK_SEED_LABEL = b"fedguard/secagg/pairwise-mask/v1"
 _BUNDLE_LABEL = b"fedguard/secagg/share-bundle/v1"
-_KEYS_LABEL = b"fedguard/secagg/advertised-keys/v1"
+_KEYS_LABEL = b"fedguard/secagg/advertised-keys/v2"
+_SURVIVORS_LABEL = b"fedguard/secagg/consistency-check/v1"
+_COMMIT_LABEL = b"fedguard/secagg/graph-commitment/v1"
+_GRAPH_LABEL = b"fedguard/secagg/graph-seed/v1"
+_SHARE_HASH_LABEL = b"fedguard/secagg/share-commitment/v1"
+_TRANSCRIPT_LABEL = b"fedguard/secagg/round-transcript/v1"
+_SIMULATED_LABEL = b"fedguard/secagg/simulated-identity/v1"
+ROUND_NONCE_BYTES = 32
+REVEAL_BYTES = 32
+DIGEST_BYTES = 32
+SIGNATURE_BYTES = 64
 
 
 class CryptoError(ValueError):
@@ -150,9 +166,109 @@ def decrypt_bundle(
         ) from None
 
 
-def keys_message(round_: int, client_id: int, c_public: bytes, s_public: bytes) -> bytes:
-    """The bytes a client signs when it advertises its two public keys."""
-    return _KEYS_LABEL + struct.pack("<qq", round_, client_id) + c_public + s_public
+def _session(label: bytes, round_: int, nonce: bytes) -> bytes:
+    """The prefix of every signed or hashed payload: purpose, round and the round's nonce."""
+    if len(nonce) != ROUND_NONCE_BYTES:
+        raise CryptoError(f"A round nonce has {ROUND_NONCE_BYTES} bytes, got {len(nonce)}.")
+    return label + struct.pack("<q", round_) + nonce
+
+
+def keys_message(
+    round_: int,
+    nonce: bytes,
+    client_id: int,
+    c_public: bytes,
+    s_public: bytes,
+    commitment: bytes = b"",
+) -> bytes:
+    """The bytes a client signs when it advertises its two public keys (and, in SecAgg+, its
+    commitment to its share of the graph's randomness), bound to the round and its nonce."""
+    return (
+        _session(_KEYS_LABEL, round_, nonce)
+        + struct.pack("<qq", client_id, len(commitment))
+        + c_public
+        + s_public
+        + commitment
+    )
+
+
+def survivors_message(
+    round_: int, nonce: bytes, transcript: bytes, survivors: Sequence[int]
+) -> bytes:
+    """The bytes a survivor signs in the consistency check: the round, its nonce, the round's
+    public transcript (cohort, graph, threshold: :func:`transcript`) and the sorted survivor set
+    ``U3`` it was told about."""
+    ids = sorted(survivors)
+    return (
+        _session(_SURVIVORS_LABEL, round_, nonce)
+        + transcript
+        + struct.pack(f"<q{len(ids)}q", len(ids), *ids)
+    )
+
+
+def transcript(
+    round_: int, nonce: bytes, sampled: Sequence[int], neighbours: int, threshold: int, seed: int
+) -> bytes:
+    """A digest of a round's public parameters as one client sees them, so that a signature over
+    the survivor set is also a signature over the cohort, graph and threshold it was made in."""
+    ids = sorted(sampled)
+    body = struct.pack(f"<q{len(ids)}qqq", len(ids), *ids, neighbours, threshold)
+    return hashlib.sha256(
+        _session(_TRANSCRIPT_LABEL, round_, nonce) + body + seed.to_bytes(32, "little")
+    ).digest()
+
+
+def commitment(round_: int, nonce: bytes, client_id: int, reveal: bytes) -> bytes:
+    """``H(round, nonce, id, r)``: a client's binding, hiding commitment to its ``r``."""
+    if len(reveal) != REVEAL_BYTES:
+        raise CryptoError(f"A graph reveal has {REVEAL_BYTES} bytes, got {len(reveal)}.")
+    return hashlib.sha256(
+        _session(_COMMIT_LABEL, round_, nonce) + struct.pack("<q", client_id) + reveal
+    ).digest()
+
+
+def graph_seed(round_: int, nonce: bytes, reveals: Mapping[int, bytes]) -> int:
+    """The SecAgg+ graph seed: ``H(round, nonce, sorted (id, r_id))`` as a 256-bit integer.
+
+    Any one honest contribution makes it uniform for whoever did not know that ``r`` when its
+    commitment was fixed; see :mod:`fedguard.protocol.secagg` for what the server can still do.
+    """
+    digest = hashlib.sha256(_session(_GRAPH_LABEL, round_, nonce))
+    for cid in sorted(reveals):
+        digest.update(struct.pack("<q", cid) + reveals[cid])
+    return int.from_bytes(digest.digest(), "little")
+
+
+def share_commitment(
+    round_: int, nonce: bytes, owner: int, holder: int, kind: bytes, share: bytes
+) -> bytes:
+    """``H(round, nonce, owner, holder, kind, share)``: what the owner tells the server of the
+    ``kind`` (``b"b"`` or ``b"s"``) share it gave ``holder``, so that a holder who reveals a
+    forged share is caught. A share of a uniformly random 32-byte secret has hundreds of bits
+    of entropy even given ``t - 1`` other shares (it is fixed only by the secret), so the
+    digest hides it."""
+    if kind not in (b"b", b"s"):
+        raise ValueError(f"A share is of kind b or s, got {kind!r}.")
+    return hashlib.sha256(
+        _session(_SHARE_HASH_LABEL, round_, nonce)
+        + struct.pack("<qq", owner, holder)
+        + kind
+        + share
+    ).digest()
+
+
+def simulated_identity(seed: int, client_id: int) -> ed25519.Ed25519PrivateKey:
+    """A deterministic Ed25519 identity for a simulated client, from the run's seed.
+
+    Only for simulation: anyone who knows the seed knows every key. A deployed client holds a
+    long-term key of its own (``fedguard tokens`` writes one per client)."""
+    raw = hashlib.sha256(_SIMULATED_LABEL + struct.pack("<qq", seed, client_id)).digest()
+    return ed25519.Ed25519PrivateKey.from_private_bytes(raw)
+
+
+def public_identity(identity: ed25519.Ed25519PrivateKey) -> ed25519.Ed25519PublicKey:
+    """The public half of a long-term identity."""
+    return identity.public_key()
 
 
 def sign(identity: ed25519.Ed25519PrivateKey, message: bytes) -> bytes:
@@ -161,15 +277,18 @@ def sign(identity: ed25519.Ed25519PrivateKey, message: bytes) -> bytes:
 
 
 def verify(
-    identity: ed25519.Ed25519PublicKey, signature: bytes, message: bytes, *, client_id: int
+    identity: ed25519.Ed25519PublicKey,
+    signature: bytes,
+    message: bytes,
+    *,
+    client_id: int,
+    what: str = "advertised keys",
 ) -> None:
     """Raise :class:`CryptoError` unless ``signature`` is ``client_id``'s over ``message``."""
     try:
         identity.verify(signature, message)
     except InvalidSignature:
-        raise CryptoError(
-            f"The advertised keys of client {client_id} carry an invalid signature."
-        ) from None
+        raise CryptoError(f"The {what} of client {client_id} carry an invalid signature.") from None
 
 
 def ring_dtype(bits: int) -> np.dtype:

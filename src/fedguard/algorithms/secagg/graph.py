@@ -6,7 +6,8 @@ replace the complete graph of the original protocol with a random ``k``-regular 
 them (plus itself), so work per client is ``O(k)`` rather than ``O(n)``. Their construction is a
 Harary graph ``H(n, k)`` over a random ordering of the clients: on the random cycle every client
 is joined to the ``k // 2`` nearest on each side, and, when ``k`` is odd (``n`` then even), to the
-client opposite. The ordering comes from a public seed that the server publishes, so every client
+client opposite. The ordering comes from a public seed (in a verified round the hash of randomness
+the clients committed to and then revealed; see :mod:`fedguard.protocol.secagg`), so every client
 computes the same graph and can check the server's claims against it. ``k = n - 1`` gives the
 complete graph, the original protocol (Bonawitz et al., CCS 2017).
 

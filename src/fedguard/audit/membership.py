@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from fedguard.audit import canary
 from fedguard.audit.target import AuditedRun
 from fedguard.data.dataset import ArrayDataset, FederatedDataset
 from fedguard.experiment import config as config_mod
@@ -47,16 +48,9 @@ _SPLIT_STREAM = 0x4D49  # the seeded split of the evaluation data and member sam
 
 
 def phi(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
-    """``log p_y - log(1 - p_y)`` of ``model`` on each record (LiRA's logit scaling), and
-    ``log p_y`` is minus the record's loss."""
-    model.train_mode(False)
-    out = []
-    with torch.no_grad():
-        for xb, yb in zip(torch.split(x, 512), torch.split(y, 512), strict=True):
-            logp = model.log_probabilities(xb, training=False).double()
-            own = logp.gather(1, yb[:, None]).squeeze(1)
-            out.append((own - torch.log((-torch.expm1(own)).clamp_min(1e-300))).numpy())
-    return np.concatenate(out)
+    """``log p_y - log(1 - p_y)`` of ``model`` on each record (LiRA's logit scaling; the canary
+    audit scores its record canaries the same way), and ``log p_y`` is minus the record's loss."""
+    return canary.record_scores(model, x, y)
 
 
 def losses(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

@@ -4,12 +4,10 @@ mechanism simulated directly, and canaries inserted by a run and scored by `fedg
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import dp_accounting
 import numpy as np
 import pytest
-import torch
 from dp_accounting import pld
 
 import fedguard
@@ -19,15 +17,6 @@ from fedguard.audit import canary, one_run
 from fedguard.audit import runner as audit_runner
 
 DELTA = 1e-5
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread: intra-op threads only contend on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def gaussian_epsilon(sigma: float, delta: float) -> float:

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-
-import pytest
-import torch
 
 import fedguard
 from conftest import tiny_config
 from fedguard import cli
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread: intra-op threads only contend on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(tmp_path, canaries: int, rounds: int = 2) -> str:

@@ -4,8 +4,6 @@ better than random images; under secure aggregation the attacker works on the su
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 
@@ -15,15 +13,6 @@ from fedguard.audit import inversion
 from fedguard.audit import runner as audit_runner
 
 ITERATIONS = 300
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread: intra-op threads only contend on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _audit(tmp_path, name: str, **sections) -> dict:

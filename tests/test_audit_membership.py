@@ -4,25 +4,14 @@ members of a deliberately overfit run, and nothing much under DP-SGD at a small 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
-import torch
 
 import fedguard
 from conftest import tiny_config
 from fedguard.audit import membership
 from fedguard.audit import runner as audit_runner
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny models run fastest on one thread: intra-op threads only contend on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _run(tmp_path, name: str, **sections) -> dict:

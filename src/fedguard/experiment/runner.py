@@ -401,16 +401,7 @@ def _async_rounds(
                 exp.privacy.record(task_round, {cid: reported})
         for cid, r in result.dispatched:
             joined[cid].append(r)
-        row: dict[str, Any] = {"round": round_}
-        row.update({"test_accuracy": None, "test_loss": None, "test_auc": None})
-        row["backdoor_success"] = None
-        evaluated = exp.evaluate_round(round_, result.params) if exp.should_evaluate(round_) else {}
-        row.update(
-            {k: v for k, v in evaluated.items() if k.startswith("test_") or k == "backdoor_success"}
-        )
-        row.update(result.metrics)
-        row.update({k: v for k, v in evaluated.items() if k.startswith("federated_")})
-        row["epsilon"] = None
+        row = _metrics_row(exp, round_, result.params, result.metrics)
         if exp.privacy is not None:
             row["epsilon"] = exp.privacy.epsilon(_rounds_joined(round_, joined), joined)
         row["seconds"] = time.perf_counter() - t0
@@ -481,16 +472,7 @@ def _one_round(
     result = exp.driver.fit_round(round_, params, state)
     if exp.privacy is not None:  # local DP: compose what the clients report they ran
         exp.privacy.record(round_, result.reported)
-    row: dict[str, Any] = {"round": round_}
-    row.update({"test_accuracy": None, "test_loss": None, "test_auc": None})
-    row["backdoor_success"] = None
-    evaluated = exp.evaluate_round(round_, result.params) if exp.should_evaluate(round_) else {}
-    row.update(
-        {k: v for k, v in evaluated.items() if k.startswith("test_") or k == "backdoor_success"}
-    )
-    row.update(result.metrics)
-    row.update({k: v for k, v in evaluated.items() if k.startswith("federated_")})
-    row["epsilon"] = None
+    row = _metrics_row(exp, round_, result.params, result.metrics)
     row["seconds"] = time.perf_counter() - t0
     return row, result.params, result.state, result.sampled
 
@@ -549,3 +531,24 @@ def _summary(
         "run_dir": str(folder.root),
         "versions": _versions(),
     }
+
+
+def _metrics_row(
+    exp: Experiment | DataFreeExperiment,
+    round_: int,
+    params: torch.Tensor,
+    metrics: Mapping[str, Any],
+) -> dict[str, Any]:
+    """One metrics.jsonl row of a round (sync or async) before its epsilon and seconds: the
+    round, its evaluation (when this round evaluates), then the driver's metrics."""
+    row: dict[str, Any] = {"round": round_}
+    row.update({"test_accuracy": None, "test_loss": None, "test_auc": None})
+    row["backdoor_success"] = None
+    evaluated = exp.evaluate_round(round_, params) if exp.should_evaluate(round_) else {}
+    row.update(
+        {k: v for k, v in evaluated.items() if k.startswith("test_") or k == "backdoor_success"}
+    )
+    row.update(metrics)
+    row.update({k: v for k, v in evaluated.items() if k.startswith("federated_")})
+    row["epsilon"] = None
+    return row

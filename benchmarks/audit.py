@@ -19,6 +19,7 @@ protections and seeds it runs and keeps the others); ``--small`` is the quick ve
 quotes; the full version is the default:
 
     python benchmarks/audit.py --small --seeds 0
+    python benchmarks/audit.py --small --user-canaries --seeds 0 1 2   # user-level canaries
     python benchmarks/audit.py --seeds 0 1 2        # hours on 2 CPU cores; a GPU helps
 """
 
@@ -87,6 +88,7 @@ class Scale:
 
     rounds: int
     canaries: int
+    user_canaries: int  # canary clients of the runs without DP (cheap: they do not train)
     reference_models: int
     iterations: int
     targets: int
@@ -94,8 +96,8 @@ class Scale:
     local_steps: tuple[int, ...]
 
 
-FULL = Scale(30, 1000, 4, 2000, 16, (1, 16), (1, 10))
-SMALL = Scale(3, 200, 1, 300, 2, (1, 16), (1,))
+FULL = Scale(30, 1000, 1000, 4, 2000, 16, (1, 16), (1, 10))
+SMALL = Scale(3, 200, 1000, 1, 300, 2, (1, 16), (1,))
 
 
 def protections(epsilons: list[float]) -> list[tuple[str, float | None, list[str]]]:
@@ -109,12 +111,42 @@ def protections(epsilons: list[float]) -> list[tuple[str, float | None, list[str
 
 
 def _full_participation(overrides: list[str], seed: int, canaries: int) -> list[str]:
-    """Central DP: every hospital and every included canary client in each round."""
-    if 'privacy.mode="central"' not in overrides:
-        return []
+    """User-level canaries (central DP, or ``audit.canary_level="user"``): every hospital and
+    every included canary client in each round."""
     cfg = config_mod.load(MEDICAL, [*overrides, f"experiment.seed={seed}"])
+    if canary.level(cfg.privacy.mode, cfg.audit.canary_level) != canary.USER:
+        return []
     everyone = cfg.data.num_clients + canary.included_count(canaries, seed)
     return [f"server.clients_per_round={everyone}"]
+
+
+def user_canary_row(
+    protection: str, overrides: list[str], seed: int, scale: Scale, runs: Path
+) -> dict[str, Any]:
+    """A run with ``scale.user_canaries`` user-level canary clients, all of them in every
+    round, and its canary audit's row (``canary_only_run``: no other attack ran on it). Without
+    DP (``none``, ``secagg``): what the final model reveals about a whole client when nothing
+    protects one; under central DP: the bound with more canaries than :func:`audit_one`'s.
+    Each canary client's update has norm ``privacy.clip_norm`` (0.5, the central-DP clip)."""
+    folder = runs / f"{protection}_user_canaries_seed{seed}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    settings = [
+        *overrides,
+        f"experiment.seed={seed}",
+        f"experiment.rounds={scale.rounds}",
+        f"audit.canaries={scale.user_canaries}",
+        'audit.canary_level="user"',
+        "privacy.clip_norm=0.5",
+        "evaluation.every=0",
+    ]
+    settings += _full_participation(settings, seed, scale.user_canaries)
+    t0 = time.perf_counter()
+    fedguard.run(MEDICAL, out=folder, overrides=settings, progress=False)
+    trained = time.perf_counter() - t0
+    run = target.load(folder)
+    row = _common(canary_audit.audit(run), run, "medical", None)
+    return row | {"seconds_training": trained, "canary_only_run": True}
 
 
 def _common(row: dict[str, Any], run: target.AuditedRun, task: str, eps: float | None) -> dict:
@@ -204,6 +236,13 @@ def audit_one(
     return rows
 
 
+def _user_canary_key(row: dict[str, Any]) -> tuple[str, str, str, int] | None:
+    """The key of a row of :func:`user_canary_row` (None for the rows of :func:`audit_one`)."""
+    if not row.get("canary_only_run"):
+        return None
+    return (row["task"], row["protection"], "user", row["seed"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -213,6 +252,11 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "audit_benchmark")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--user-canaries",
+        action="store_true",
+        help="only user-level canary runs: none, secagg and central (canary_only_run rows)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -226,13 +270,21 @@ def main() -> None:
             if args.only is not None and protection not in args.only:
                 continue
             t0 = time.perf_counter()
-            key = ("medical", protection, eps, seed)
-            rows = [
-                r
-                for r in rows
-                if (r["task"], r["protection"], r["target_epsilon"], r["seed"]) != key
-            ]
-            rows += audit_one(protection, eps, overrides, seed, scale, args.runs)
+            if args.user_canaries:
+                if protection not in ("none", "secagg", "central"):
+                    continue
+                key = ("medical", protection, "user", seed)
+                rows = [r for r in rows if _user_canary_key(r) != key]
+                rows.append(user_canary_row(protection, overrides, seed, scale, args.runs))
+            else:
+                key = ("medical", protection, eps, seed)
+                rows = [
+                    r
+                    for r in rows
+                    if _user_canary_key(r) is not None
+                    or (r["task"], r["protection"], r["target_epsilon"], r["seed"]) != key
+                ]
+                rows += audit_one(protection, eps, overrides, seed, scale, args.runs)
             print(
                 f"{protection} eps={eps} seed={seed}: {time.perf_counter() - t0:.0f} s", flush=True
             )

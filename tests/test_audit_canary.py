@@ -165,3 +165,47 @@ def test_canaries_need_the_in_process_engine():
 
     with pytest.raises(config_mod.ConfigError, match="audit.canaries"):
         config_mod.validate(tiny_config(audit={"canaries": 5}, runtime={"kind": "cohort"}))
+
+
+def test_user_level_canaries_without_dp_give_a_bound_above_three(tmp_path):
+    # Nothing protects a client in a run without DP: 300 canary clients (154 included, each
+    # holding the median client's example count) and 10 real ones, all in every round, on a
+    # model of 3,075 parameters; the included canaries' directions stand out of the final
+    # change (cosine about 0.05 against about 0.003), so every guess is right: 150 of 150
+    # give a bound of 3.41 at 95% confidence.
+    seed = 3
+    n = 10 + canary.included_count(300, seed)
+    cfg = tiny_config(
+        experiment={"rounds": 3, "seed": seed},
+        data={"num_clients": 10, "synthetic_samples": 300, "synthetic_shape": [1, 32, 32]},
+        server={"clients_per_round": n},
+        privacy={"clip_norm": 0.7},
+        audit={"canaries": 300, "canary_level": "user"},
+    )
+    out = tmp_path / "plain"
+    fedguard.run(cfg, out=out, progress=False)
+    row = audit_runner.audit(out, ["canary"]).rows[0]
+    assert row["canary_kind"] == "user" and row["accounted_epsilon"] is None
+    assert row["correct_guesses"] == row["guesses"] >= 150
+    assert row["epsilon_lower_bound"] > 3.0
+    assert not row["violation"]
+
+
+def test_canary_level_is_checked():
+    from fedguard.experiment import config as config_mod
+
+    with pytest.raises(config_mod.ConfigError, match="skip DP-SGD's per-example clipping"):
+        config_mod.validate(
+            tiny_config(
+                privacy={"mode": "local", "noise_multiplier": 1.0, "max_grad_norm": 1.0},
+                audit={"canaries": 5, "canary_level": "user"},
+            )
+        )
+    with pytest.raises(config_mod.ConfigError, match="canary_level"):
+        config_mod.validate(tiny_config(audit={"canaries": 5, "canary_level": "client"}))
+    assert canary.level("central") == canary.USER
+    assert canary.level("distributed") == canary.USER
+    assert canary.level("off") == canary.RECORD
+    assert canary.level("local") == canary.RECORD
+    assert canary.level("central", canary.RECORD) == canary.RECORD
+    assert canary.level("off", canary.USER) == canary.USER

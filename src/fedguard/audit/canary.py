@@ -5,16 +5,20 @@ Each of the ``M`` candidate canaries is included with probability 1/2 (a seeded 
 excluded ones never touch the run, yet are scored like the included ones, so that the audit's
 guesses are about inclusion alone (:mod:`fedguard.audit.one_run`).
 
-* Record level (``privacy.mode`` off or local, the unit DP-SGD protects): a canary is an
+* Record level (by default when ``privacy.mode`` is off or local, the unit DP-SGD protects): a
+  canary is an
   out-of-distribution image of uniform noise over the training data's value range with a
   random label, so that the model can only fit it by memorising it; an included canary joins
   the training data of a seeded random client. Its score is the final model's logit-scaled
   confidence in the canary's label, ``log p - log(1 - p)`` (Carlini et al. 2022), minus the
   same on the initial model (rebuilt from the seed): the difference removes each canary's own
   starting confidence, which would otherwise drown the signal of a short run.
-* User level (central or distributed DP, which protect a whole client): a canary is a client
-  whose update is always the same random unit direction times the round's clip norm (Andrew et
-  al., ICLR 2024); included canaries join the population (and are sampled like any client).
+* User level (by default under central or distributed DP, which protect a whole client; on
+  request, ``audit.canary_level = "user"``, in a run without DP): a canary is a client whose
+  update is always the same random unit direction times the round's clip norm (Andrew et al.,
+  ICLR 2024) and who holds a typical (the median) client's number of examples, so that it
+  weighs in the average like a typical client; included canaries join the population (and are
+  sampled like any client).
   Its score is the cosine between its direction and the model's total change, final minus
   initial parameters.
 
@@ -104,10 +108,30 @@ def included_count(count: int, seed: int) -> int:
     return int((_rng(seed, 0).random(count) < 0.5).sum())
 
 
-def user_level(privacy_mode: str) -> bool:
-    """Whether a run in ``privacy_mode`` gets user-level canaries (central and distributed DP
-    protect whole clients) rather than record-level ones."""
-    return privacy_mode in ("central", "distributed")
+AUTO = "auto"
+
+
+def level(privacy_mode: str, requested: str = AUTO) -> str:
+    """The canary level of a run in ``privacy_mode`` (``audit.canary_level``): ``auto`` is the
+    unit the run's DP protects, user level under central or distributed DP (whole clients),
+    record level otherwise.
+
+    User-level canaries in a run without DP audit what the final model reveals about a whole
+    client; under local DP they are refused, because a canary client's fixed update would skip
+    DP-SGD's per-example clipping and noise, so the audit would not measure the run's
+    protection. Record-level canaries under central or distributed DP are allowed: a record is
+    protected at least as well as its client."""
+    if requested not in (AUTO, RECORD, USER):
+        raise ValueError(f"Canaries are {AUTO!r}, {RECORD!r} or {USER!r} level, got {requested!r}.")
+    if requested == AUTO:
+        return USER if privacy_mode in ("central", "distributed") else RECORD
+    if requested == USER and privacy_mode == "local":
+        raise ValueError(
+            'audit.canary_level = "user" under privacy.mode = "local": a canary client\'s '
+            "fixed update would skip DP-SGD's per-example clipping and noise, so the audit "
+            'would not measure the run\'s protection; use "record" (or "auto")'
+        )
+    return requested
 
 
 def record_canaries(

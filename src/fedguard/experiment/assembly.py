@@ -590,13 +590,13 @@ def build_async_driver(
 
 
 def canary_plan(cfg: ExperimentConfig, clients: Mapping[int, Any]) -> canary.CanaryPlan | None:
-    """The run's ``audit.canaries`` (None: none): user-level canary clients under central or
-    distributed DP, record-level canaries otherwise; the canary clients take the ids after the
-    federation's."""
+    """The run's ``audit.canaries`` (None: none) at ``audit.canary_level`` (``auto``: user-level
+    canary clients under central or distributed DP, record-level canaries otherwise); the canary
+    clients take the ids after the federation's."""
     a = cfg.audit
     if a.canaries == 0:
         return None
-    kind = canary.USER if canary.user_level(cfg.privacy.mode) else canary.RECORD
+    kind = canary.level(cfg.privacy.mode, a.canary_level)
     seed = a.canary_seed if a.canary_seed is not None else cfg.experiment.seed
     ids = sorted(clients)
     return canary.plan(kind, a.canaries, seed, ids, first_new_id=max(ids) + 1)
@@ -676,9 +676,16 @@ class Experiment:
                 self.fed, clients=canary.insert_records(self.fed.clients, self.canaries, x, y)
             )
         elif self.canaries is not None:
+            # A canary client holds a typical (the median) client's number of examples, so
+            # that it weighs in the average (and under any weight cap) like a typical client;
+            # the rows are views of one example, as its trainer never reads them.
+            typical = int(np.median([d.num_train for d in self.fed.clients.values()]))
             host = next(iter(self.fed.clients.values()))
             stand_in = ClientData(
-                host.train_x[:1], host.train_y[:1], host.train_x[:0], host.train_y[:0]
+                host.train_x[:1].expand(typical, *host.train_x.shape[1:]),
+                host.train_y[:1].expand(typical),
+                host.train_x[:0],
+                host.train_y[:0],
             )
             added = dict.fromkeys(self.canaries.clients, stand_in)
             self.fed = replace(self.fed, clients={**self.fed.clients, **added})

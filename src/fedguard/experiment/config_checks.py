@@ -122,7 +122,8 @@ def strategy_and_optimizer(cfg: ExperimentSections) -> None:
     """Client counts, and the strategies and optimizers that need one another."""
     s, c, n = cfg.server, cfg.client, cfg.data.num_clients
     a = cfg.audit
-    if a.canaries and canary.user_level(cfg.privacy.mode):  # canary clients join the population
+    if a.canaries and canary.level(cfg.privacy.mode, a.canary_level) == canary.USER:
+        # canary clients join the population
         seed = a.canary_seed if a.canary_seed is not None else cfg.experiment.seed
         n += canary.included_count(a.canaries, seed)
     if s.clients_per_round is not None and s.fraction is not None:
@@ -652,6 +653,7 @@ def audit(cfg: ExperimentSections) -> None:
     and Ray actors build their clients elsewhere), in synchronous rounds."""
     if cfg.audit.canaries == 0:
         return
+    canary.level(cfg.privacy.mode, cfg.audit.canary_level)  # user level is refused under local DP
     if cfg.runtime.kind != "inprocess":
         raise ValueError(
             f"audit.canaries: canaries are inserted by the in-process engine only (runtime.kind "

@@ -361,14 +361,16 @@ class AuditSection(_Section):
     ``canaries`` candidate canaries are drawn from ``canary_seed`` (default: the experiment's
     seed) and each is inserted with probability 1/2; the audit scores all of them on the final
     model and turns its guesses into an empirical lower bound on epsilon (Steinke, Nasr and
-    Jagielski, NeurIPS 2023). Record level (``privacy.mode`` off or local): mislabelled
-    out-of-distribution examples added to the clients' training data. User level (central or
-    distributed DP): canary clients whose update is a fixed random direction of norm
-    ``privacy.clip_norm`` (Andrew et al., ICLR 2024). Canaries change the run: they are for an
-    audit run, not a production one. 0: none."""
+    Jagielski, NeurIPS 2023). ``canary_level``: ``record``, mislabelled out-of-distribution
+    examples added to the clients' training data; ``user``, canary clients whose update is a
+    fixed random direction of norm ``privacy.clip_norm`` (Andrew et al., ICLR 2024), refused
+    under local DP; ``auto`` (default), the unit the run's DP protects: user level under
+    central or distributed DP, record level otherwise. Canaries change the run: they are for
+    an audit run, not a production one. 0: none."""
 
     canaries: int = Field(0, ge=0, le=1_000_000)
     canary_seed: int | None = None
+    canary_level: Literal["auto", "record", "user"] = "auto"
 
 
 class LatencySection(_Section):

@@ -209,3 +209,25 @@ def test_canary_level_is_checked():
     assert canary.level("local") == canary.RECORD
     assert canary.level("central", canary.RECORD) == canary.RECORD
     assert canary.level("off", canary.USER) == canary.USER
+
+
+def test_user_level_canary_clients_take_part_in_verified_secure_aggregation(tmp_path):
+    # Canary clients need identities like the real ones: without, a verified round drops them
+    # at the signed keys and (40 canary clients of 46) aborts.
+    seed = 4
+    n = 6 + canary.included_count(40, seed)
+    cfg = tiny_config(
+        experiment={"rounds": 2, "seed": seed},
+        data={"num_clients": 6, "synthetic_samples": 120, "synthetic_shape": [1, 16, 16]},
+        server={"clients_per_round": n},
+        privacy={"clip_norm": 0.8},
+        secure_aggregation={"enabled": True, "clip_norm": 5.0},
+        audit={"canaries": 40, "canary_level": "user"},
+    )
+    out = tmp_path / "secagg"
+    fedguard.run(cfg, out=out, progress=False)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["clients_completed"] for r in rows] == [n, n]
+    row = audit_runner.audit(out, ["canary"]).rows[0]
+    assert row["canary_kind"] == "user"
+    assert row["mean_score_included"] > row["mean_score_excluded"] + 0.05

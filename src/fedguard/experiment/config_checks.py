@@ -120,12 +120,7 @@ def builtin_strategy(cfg: ExperimentSections, aggregator: Aggregator | None = No
 
 def strategy_and_optimizer(cfg: ExperimentSections) -> None:
     """Client counts, and the strategies and optimizers that need one another."""
-    s, c, n = cfg.server, cfg.client, cfg.data.num_clients
-    a = cfg.audit
-    if a.canaries and canary.level(cfg.privacy.mode, a.canary_level) == canary.USER:
-        # canary clients join the population
-        seed = a.canary_seed if a.canary_seed is not None else cfg.experiment.seed
-        n += canary.included_count(a.canaries, seed)
+    s, c, n = cfg.server, cfg.client, simulated_population(cfg)
     if s.clients_per_round is not None and s.fraction is not None:
         raise ValueError("server.clients_per_round and server.fraction both set: give one of them")
     if s.clients_per_round is not None and s.clients_per_round > n:
@@ -697,12 +692,24 @@ def runtime(cfg: ExperimentSections) -> None:
             )
 
 
+def simulated_population(cfg: ExperimentSections) -> int:
+    """The clients of a simulated federation: the data's ``num_clients`` and, with user-level
+    audit canaries, the included canary clients, who take the ids after them."""
+    a = cfg.audit
+    n = cfg.data.num_clients
+    if a.canaries and canary.level(cfg.privacy.mode, a.canary_level) == canary.USER:
+        seed = a.canary_seed if a.canary_seed is not None else cfg.experiment.seed
+        n += canary.included_count(a.canaries, seed)
+    return n
+
+
 def simulated_identities(cfg: ExperimentSections) -> secagg.Identities | None:
     """The identities of a simulated federation: under secure aggregation against a malicious
-    server (the default), one Ed25519 key per client derived from the run's seed
+    server (the default), one Ed25519 key per client (canary clients included) derived from the
+    run's seed
     (:meth:`~fedguard.protocol.secagg.Identities.simulated`); None otherwise. Never for a
     deployment, whose clients hold keys of their own."""
     sa = cfg.secure_aggregation
     if not sa.enabled or sa.server != "malicious":
         return None
-    return secagg.Identities.simulated(cfg.experiment.seed, range(cfg.data.num_clients))
+    return secagg.Identities.simulated(cfg.experiment.seed, range(simulated_population(cfg)))

@@ -208,3 +208,45 @@ def test_keras_after_torch_in_one_process_uses_the_torch_backend(tmp_path) -> No
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().endswith("completed")
+
+
+class _ThreadsSeen(torch.nn.Module):
+    """A linear model that records torch's intra-op threads at each forward pass."""
+
+    seen: list[int] = []
+
+    def __init__(self, features: int, classes: int) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(features, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _ThreadsSeen.seen.append(torch.get_num_threads())
+        return self.linear(x.flatten(1))
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_runtime_threads_hold_for_the_run_and_are_restored_after(tmp_path, threads):
+    before = torch.get_num_threads()
+    other = 5 if threads != 5 else 4
+    torch.set_num_threads(other)
+    _ThreadsSeen.seen = []
+    try:
+        fedguard.run(
+            tiny_config(experiment={"rounds": 2}, runtime={"threads": threads}),
+            out=tmp_path / "run",
+            progress=False,
+            model_fn=lambda input_shape, num_classes: _ThreadsSeen(
+                int(torch.tensor(input_shape).prod()), num_classes
+            ),
+        )
+        assert _ThreadsSeen.seen and set(_ThreadsSeen.seen) == {threads}
+        assert torch.get_num_threads() == other  # the caller's setting is back
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_runtime_threads_must_be_positive():
+    from fedguard.experiment import config as config_mod
+
+    with pytest.raises(config_mod.ConfigError, match="runtime.threads"):
+        config_mod.validate(tiny_config(runtime={"threads": 0}))

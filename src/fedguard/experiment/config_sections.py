@@ -411,7 +411,10 @@ class RuntimeSection(_Section):
     names; with ``actor_engine = "cohort"`` each actor trains its clients of a round as cohorts.
     Every engine gives the same results. ``latency``: a simulated latency model (simulation
     only); with it the metrics report ``simulated_seconds``, the virtual time the run would
-    have taken."""
+    have taken. ``threads``: torch's intra-op threads in the process that runs the rounds
+    (default: torch's, one per core); on a machine shared with other CPU-bound work, 1 avoids
+    threads that wait on each other at every small operation (Ray actors take
+    ``cpus_per_actor`` threads each)."""
 
     kind: Literal["inprocess", "cohort", "ray"] = "inprocess"
     cohort_size: int | None = Field(None, ge=1, le=100_000)
@@ -422,6 +425,7 @@ class RuntimeSection(_Section):
     address: str | None = None
     actor_engine: Literal["inprocess", "cohort"] = "inprocess"
     latency: LatencySection | None = None
+    threads: int | None = Field(None, ge=1, le=1024)
 
     @field_validator("address")
     @classmethod

@@ -7,6 +7,7 @@ resumes after the last finished round, and on Ctrl-C or a failed round stops aft
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import platform
@@ -121,6 +122,20 @@ def _attach_log(folder: RunFolder) -> logging.Handler:
     return handler
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (``runtime.threads``; None: unchanged) for
+    the run, and the caller's setting restored after it: a run inside a notebook or a sweep
+    must not change the threads of what comes next."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run(
     config: ExperimentConfig | Mapping[str, Any] | str | Path,
     *,
@@ -148,56 +163,59 @@ def run(
     then runs verified rounds; a simulation derives its own).
     """
     cfg = _as_config(config, overrides or [])
-    folder = RunFolder(out if out is not None else Path("runs") / cfg.experiment.name)
-    console = console or Console(stderr=False, quiet=not progress)
-    finished = checkpoint.resume_point(folder.checkpoints, max_round=cfg.experiment.rounds)
-    if finished is not None and not resume:
-        raise ConfigError(
-            f"--out {folder.root}: this run folder already holds round {finished.round}; "
-            "pass --resume to continue it or choose another folder"
-        )
-    if resume:
-        _check_resume_config(folder.config, cfg)
-    spent = _privacy_spent(finished) if resume else None
-    exp: Experiment | DataFreeExperiment
-    if data_free:
-        if transport_fn is None or model_fn is not None or data_fn is not None:
-            raise ValueError("A data-free run takes a transport_fn, and no model_fn or data_fn.")
-        exp = DataFreeExperiment(
-            cfg,
-            transport_fn=transport_fn,
-            privacy_spent=spent,
-            recorded=finished.info if resume and finished is not None else None,
-            registration_deadline_s=registration_deadline_s,
-            identities=identities,
-        )
-    else:
-        exp = Experiment(
-            cfg,
-            model_fn=model_fn,
-            data_fn=data_fn,
-            transport_fn=transport_fn,
-            privacy_spent=spent,
-            identities=identities,
-        )
-    try:
-        tracker = contribution.Tracker(
-            cfg.contribution, exp.strategy, exp.contribution_utility(), seed=cfg.experiment.seed
-        )
-        if tracker.enabled:
-            exp.driver.before_aggregate = tracker.before_aggregate
-        folder.create()
-        handler = _attach_log(folder)
-        try:
-            return _run_rounds(
-                exp, folder, finished if resume else None, console, progress, tracker
+    with torch_threads(cfg.runtime.threads):
+        folder = RunFolder(out if out is not None else Path("runs") / cfg.experiment.name)
+        console = console or Console(stderr=False, quiet=not progress)
+        finished = checkpoint.resume_point(folder.checkpoints, max_round=cfg.experiment.rounds)
+        if finished is not None and not resume:
+            raise ConfigError(
+                f"--out {folder.root}: this run folder already holds round {finished.round}; "
+                "pass --resume to continue it or choose another folder"
             )
+        if resume:
+            _check_resume_config(folder.config, cfg)
+        spent = _privacy_spent(finished) if resume else None
+        exp: Experiment | DataFreeExperiment
+        if data_free:
+            if transport_fn is None or model_fn is not None or data_fn is not None:
+                raise ValueError(
+                    "A data-free run takes a transport_fn, and no model_fn or data_fn."
+                )
+            exp = DataFreeExperiment(
+                cfg,
+                transport_fn=transport_fn,
+                privacy_spent=spent,
+                recorded=finished.info if resume and finished is not None else None,
+                registration_deadline_s=registration_deadline_s,
+                identities=identities,
+            )
+        else:
+            exp = Experiment(
+                cfg,
+                model_fn=model_fn,
+                data_fn=data_fn,
+                transport_fn=transport_fn,
+                privacy_spent=spent,
+                identities=identities,
+            )
+        try:
+            tracker = contribution.Tracker(
+                cfg.contribution, exp.strategy, exp.contribution_utility(), seed=cfg.experiment.seed
+            )
+            if tracker.enabled:
+                exp.driver.before_aggregate = tracker.before_aggregate
+            folder.create()
+            handler = _attach_log(folder)
+            try:
+                return _run_rounds(
+                    exp, folder, finished if resume else None, console, progress, tracker
+                )
+            finally:
+                logging.getLogger("fedguard").removeHandler(handler)
+                handler.close()
         finally:
-            logging.getLogger("fedguard").removeHandler(handler)
-            handler.close()
-    finally:
-        if isinstance(exp, Experiment):
-            exp.close()  # the Ray pool it started
+            if isinstance(exp, Experiment):
+                exp.close()  # the Ray pool it started
 
 
 def _privacy_spent(finished: checkpoint.Checkpoint | None) -> privacy.Spent | None:

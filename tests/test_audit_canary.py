@@ -8,6 +8,7 @@ import json
 import dp_accounting
 import numpy as np
 import pytest
+import torch
 from dp_accounting import pld
 
 import fedguard
@@ -231,3 +232,70 @@ def test_user_level_canary_clients_take_part_in_verified_secure_aggregation(tmp_
     row = audit_runner.audit(out, ["canary"]).rows[0]
     assert row["canary_kind"] == "user"
     assert row["mean_score_included"] > row["mean_score_excluded"] + 0.05
+
+
+def _gradient_canary_run(tmp_path, name):
+    # DP-SGD at sigma 4 with a high sampling rate (batch 25 of about 50 examples, 4 steps a
+    # round), so that almost every included canary is sampled; 1,000 canaries among 3,075
+    # parameters, each a record whose clipped gradient is 0.8 e_c.
+    cfg = tiny_config(
+        experiment={"rounds": 2, "seed": 5},
+        data={"num_clients": 4, "synthetic_samples": 200, "synthetic_shape": [1, 32, 32]},
+        client={"lr": 0.5, "batch_size": 25, "epochs": 2},
+        privacy={"mode": "local", "noise_multiplier": 4.0, "max_grad_norm": 0.8, "delta": 1e-5},
+        audit={"canaries": 1000, "canary_level": "gradient"},
+    )
+    out = tmp_path / name
+    fedguard.run(cfg, out=out, progress=False)
+    return audit_runner.audit(out, ["canary"]).rows[0]
+
+
+def test_gradient_canaries_bound_stays_below_dp_sgd_accounted_epsilon(tmp_path):
+    row = _gradient_canary_run(tmp_path, "honest")
+    assert row["canary_kind"] == "gradient"
+    assert 1.5 < row["accounted_epsilon"] < 2.5  # 1.90
+    assert row["epsilon_lower_bound"] <= row["accounted_epsilon"]  # 0.06 measured
+    assert not row["violation"]
+
+
+def test_gradient_canaries_catch_dp_sgd_without_its_noise(tmp_path, monkeypatch):
+    # A DP-SGD that forgets its noise while reporting (and accounting) sigma 4: the white-box
+    # canaries stand out of the final model (483 of 500 guesses right) and the audit's bound,
+    # 2.77, exceeds the accounted 1.90: the audit calls the run broken.
+    from fedguard.client import dp_sgd
+
+    real = dp_sgd.noisy_mean
+    monkeypatch.setattr(
+        dp_sgd, "noisy_mean", lambda batch, std, size, generator: real(batch, 0.0, size, generator)
+    )
+    row = _gradient_canary_run(tmp_path, "noiseless")
+    assert row["correct_guesses"] >= 0.9 * row["guesses"]
+    assert row["epsilon_lower_bound"] > row["accounted_epsilon"]
+    assert row["violation"]
+
+
+def test_gradient_canaries_are_added_where_they_belong():
+    from fedguard.client import dp_sgd
+    from fedguard.models import registry
+
+    model = registry.build(
+        "logistic_regression", framework="torch", input_shape=(1, 4, 4), num_classes=3, seed=0
+    )  # weight [3, 16], bias [3]
+    pieces = model.trainable()
+    assert [(p.offset, p.numel) for p in pieces] == [(0, 48), (48, 3)]
+    coordinates = torch.tensor([5, 49, 47, 20])
+    positions = dp_sgd.canary_positions(model, coordinates)
+    assert [(j, int(pos)) for j, pos in positions] == [(0, 5), (1, 1), (0, 47), (0, 20)]
+    sums = [torch.full((3, 16), 0.25), torch.zeros(3)]
+    dp_sgd.add_gradient_canaries(sums, positions, torch.tensor([True, True, False, True]), 0.7)
+    expected_weight = torch.full((3, 16), 0.25)
+    expected_weight.view(-1)[5] += 0.7
+    expected_weight.view(-1)[20] += 0.7
+    torch.testing.assert_close(sums[0], expected_weight, rtol=0, atol=1e-7)
+    torch.testing.assert_close(sums[1], torch.tensor([0.0, 0.7, 0.0]), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="not in a trainable parameter"):
+        dp_sgd.canary_positions(model, torch.tensor([51]))
+    picked = canary.gradient_coordinates(7, 51, model)
+    assert sorted(picked.tolist()) == list(range(51))  # distinct, all trainable
+    with pytest.raises(ValueError, match="trainable parameters"):
+        canary.gradient_coordinates(7, 52, model)

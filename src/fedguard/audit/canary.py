@@ -22,6 +22,14 @@ guesses are about inclusion alone (:mod:`fedguard.audit.one_run`).
   Its score is the cosine between its direction and the model's total change, final minus
   initial parameters.
 
+* Gradient level (white-box, on request under local DP: ``audit.canary_level = "gradient"``;
+  Steinke, Nasr and Jagielski's white-box setting with Dirac gradient canaries): a canary is a
+  record of a seeded random client whose clipped gradient is ``C e_c`` at its own random
+  coordinate ``c`` of the model; DP-SGD samples it with the examples' rate and adds it to the
+  clipped sum before the noise, so it is protected exactly as an example is, and its score is
+  minus the model's total change at ``c``. It measures DP-SGD's protection as an attacker who
+  may craft any gradient would, without the run having to memorise an image.
+
 Every canary is regenerated from ``(seed, index)`` alone, so the audit needs only the seed and
 the inclusion bits that ``canaries.json`` in the run folder records.
 """
@@ -36,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fedguard.client import dp_sgd, trainers
 from fedguard.client.data import ClientData
 from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
 from fedguard.models.adapter import ModelAdapter
@@ -43,6 +52,8 @@ from fedguard.protocol import messages
 
 RECORD = "record"
 USER = "user"
+GRADIENT = "gradient"
+KINDS = (RECORD, USER, GRADIENT)
 FILE = "canaries.json"
 _STREAM = 0xCA7A  # separates the canaries' random stream from the run's others
 
@@ -91,11 +102,11 @@ def plan(
     """The seeded plan of ``count`` canaries: each included with probability 1/2; a
     record-level canary joins one of ``client_ids`` at random, an included user-level canary
     becomes client ``first_new_id``, ``first_new_id + 1``, ..."""
-    if kind not in (RECORD, USER):
-        raise ValueError(f"Canaries are {RECORD!r} or {USER!r} level, got {kind!r}.")
+    if kind not in KINDS:
+        raise ValueError(f"Canaries are one of {KINDS}, got {kind!r}.")
     rng = _rng(seed, 0)
     included = rng.random(count) < 0.5
-    if kind == RECORD:
+    if kind in (RECORD, GRADIENT):
         hosts = rng.choice(np.asarray(client_ids), size=int(included.sum()))
         clients = tuple(int(c) for c in hosts)
     else:
@@ -121,15 +132,21 @@ def level(privacy_mode: str, requested: str = AUTO) -> str:
     DP-SGD's per-example clipping and noise, so the audit would not measure the run's
     protection. Record-level canaries under central or distributed DP are allowed: a record is
     protected at least as well as its client."""
-    if requested not in (AUTO, RECORD, USER):
-        raise ValueError(f"Canaries are {AUTO!r}, {RECORD!r} or {USER!r} level, got {requested!r}.")
+    if requested not in (AUTO, *KINDS):
+        raise ValueError(f"Canaries are one of {(AUTO, *KINDS)}, got {requested!r}.")
     if requested == AUTO:
         return USER if privacy_mode in ("central", "distributed") else RECORD
     if requested == USER and privacy_mode == "local":
         raise ValueError(
             'audit.canary_level = "user" under privacy.mode = "local": a canary client\'s '
             "fixed update would skip DP-SGD's per-example clipping and noise, so the audit "
-            'would not measure the run\'s protection; use "record" (or "auto")'
+            'would not measure the run\'s protection; use "record", "gradient" or "auto"'
+        )
+    if requested == GRADIENT and privacy_mode != "local":
+        raise ValueError(
+            'audit.canary_level = "gradient" needs privacy.mode = "local": gradient canaries '
+            "are records of DP-SGD, added to its clipped per-example gradients; use "
+            '"record" or "user" here'
         )
     return requested
 
@@ -154,6 +171,41 @@ def direction(seed: int, index: int, dim: int) -> torch.Tensor:
     """User-level canary ``index``'s unit direction ``[dim]`` (Gaussian, normalised)."""
     v = _rng(seed, 2, index).standard_normal(dim).astype(np.float32)
     return torch.from_numpy(v / np.linalg.norm(v))
+
+
+def gradient_coordinates(seed: int, count: int, model: ModelAdapter) -> torch.Tensor:
+    """The ``count`` gradient canaries' flat coordinates ``[M]``: distinct positions drawn
+    uniformly among ``model``'s trainable parameters (canary ``i`` is the record whose clipped
+    gradient is ``C e_{c_i}``)."""
+    slices = model.trainable()
+    trainable = sum(piece.numel for piece in slices)
+    if count > trainable:
+        raise ValueError(
+            f"{count} gradient canaries need as many trainable parameters; the model has "
+            f"{trainable}."
+        )
+    picks = _rng(seed, 3).choice(trainable, size=count, replace=False)
+    starts = np.cumsum([0] + [piece.numel for piece in slices])
+    offsets = np.asarray([piece.offset for piece in slices])
+    which = np.searchsorted(starts, picks, side="right") - 1
+    return torch.from_numpy((offsets[which] + picks - starts[which]).astype(np.int64))
+
+
+def hosted_coordinates(
+    canary_plan: CanaryPlan, coordinates: torch.Tensor
+) -> dict[int, torch.Tensor]:
+    """The included gradient canaries' coordinates by the client that holds them."""
+    chosen = [i for i, inc in enumerate(canary_plan.included) if inc]
+    hosted: dict[int, list[int]] = {}
+    for index, host in zip(chosen, canary_plan.clients, strict=True):
+        hosted.setdefault(host, []).append(int(coordinates[index]))
+    return {host: torch.tensor(c, dtype=torch.int64) for host, c in hosted.items()}
+
+
+def gradient_scores(change: torch.Tensor, coordinates: torch.Tensor) -> np.ndarray:
+    """Each gradient canary's score: minus the model's total ``change`` at its coordinate
+    (a descent step moves a parameter against the gradient the canary adds there)."""
+    return (-change.double()[coordinates]).numpy()
 
 
 def digest(x: torch.Tensor, y: torch.Tensor) -> str:
@@ -201,6 +253,33 @@ class CanaryClientTrainer(ClientTrainer):
         if messages.DP_CLIP_NORM in task.config:
             clip = messages.config_float(task.config, messages.DP_CLIP_NORM)
         return TrainResult(d * clip, data.num_train, {"steps": 0.0})
+
+
+class GradientCanaryTrainer(ClientTrainer):
+    """The run's trainer, except that a DP-SGD task of a client that holds gradient canaries
+    trains with them (:func:`fedguard.client.dp_sgd.train`'s ``gradient_canaries``); the
+    reply reports what ran exactly as without them."""
+
+    def __init__(self, inner: ClientTrainer, hosted: Mapping[int, torch.Tensor]) -> None:
+        self.inner = inner
+        self.hosted = dict(hosted)
+        self.features = inner.features
+
+    def train(self, model: ModelAdapter, data: ClientData, task: TrainTask) -> TrainResult:
+        coordinates = self.hosted.get(task.client_id)
+        if coordinates is None or messages.DP_SGD_NOISE not in task.config:
+            return self.inner.train(model, data, task)
+        cfg = trainers.local_training_from(task.config)
+        stats = dp_sgd.train(
+            model,
+            data.train_x,
+            data.train_y,
+            cfg,
+            trainers.dp_settings(task.config),
+            generator=task.generator,
+            gradient_canaries=coordinates,
+        )
+        return trainers.dp_result(model.get_flat() - task.params, stats)
 
 
 def record_scores(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

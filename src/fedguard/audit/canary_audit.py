@@ -42,6 +42,9 @@ def scores(run: AuditedRun) -> tuple[canary.CanaryPlan, np.ndarray]:
         model.set_flat(run.final)
         return plan, canary.record_scores(model, *records) - before
     change = run.final - run.exp.initial_params
+    if plan.kind == canary.GRADIENT:
+        coordinates = canary.gradient_coordinates(plan.seed, plan.count, run.exp.model)
+        return plan, canary.gradient_scores(change, coordinates)
     return plan, canary.user_scores(change, plan.seed, plan.count)
 
 

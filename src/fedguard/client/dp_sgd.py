@@ -181,12 +181,20 @@ def train(
     dp: DPSGD,
     *,
     generator: torch.Generator,
+    gradient_canaries: torch.Tensor | None = None,
 ) -> DPTrainStats:
     """Train in place with DP-SGD; returns what ran: ``steps`` = optimizer steps taken at sampling
     rate ``sampling_rate`` with ``dp``'s noise and clip (what the accountant composes).
 
     ``loss`` is the mean over non-empty batches of the batch-mean NLL (NaN if every batch was
     empty); it is reported as is, without privacy.
+
+    ``gradient_canaries`` (a privacy audit's white-box canaries; see
+    :mod:`fedguard.audit.canary`): flat coordinates of the model's parameters, one per canary
+    record this client holds. Each step, each canary joins the batch with the examples' rate
+    ``q`` (a coin from ``generator`` after the batch's draws) and contributes the gradient
+    ``C e_c`` (norm ``C``: clipping leaves it as it is) to the clipped sum before the noise, so
+    each canary is a record that DP-SGD protects exactly as it protects an example.
     """
     _check_training(cfg)
     check_compatible(model)
@@ -199,6 +207,10 @@ def train(
     total, non_empty = torch.zeros(()), 0
     taken = 0
     with per_example_clipper(model) as clip:
+        if gradient_canaries is not None and gradient_canaries.numel() > 0:
+            clip = with_gradient_canaries(
+                clip, canary_positions(model, gradient_canaries), q, generator
+            )
         for xb, yb in batch_stream(x, y, cfg, generator):
             loss_sum = dp_step(clip, model, optimizer, xb, yb, dp, q * n, generator)
             taken += 1
@@ -226,6 +238,53 @@ def dp_step(
         s.param.grad = g
     optimizer.step()
     return batch.loss_sum
+
+
+def canary_positions(
+    model: ModelAdapter, coordinates: torch.Tensor
+) -> list[tuple[int, torch.Tensor]]:
+    """Where flat ``coordinates`` of ``model`` fall among its trainable parameters: for each
+    canary, ``(index into model.trainable(), position in that parameter's flattened tensor)``;
+    a coordinate outside every trainable parameter is an error (it would add nothing)."""
+    out: list[tuple[int, torch.Tensor]] = []
+    for c in coordinates.tolist():
+        for j, piece in enumerate(model.trainable()):
+            if piece.offset <= c < piece.offset + piece.numel:
+                out.append((j, torch.tensor(c - piece.offset)))
+                break
+        else:
+            raise ValueError(f"Canary coordinate {c} is not in a trainable parameter.")
+    return out
+
+
+def with_gradient_canaries(
+    clip: ClipFn, canaries: list[tuple[int, torch.Tensor]], q: float, generator: torch.Generator
+) -> ClipFn:
+    """``clip`` whose clipped sum also holds the gradient canaries at ``canaries``
+    (:func:`canary_positions`) that this step samples, each with probability ``q`` (one coin
+    per canary from ``generator``, after the batch's draws and before the noise's): a canary's
+    clipped gradient is the clip bound times its coordinate vector."""
+
+    def clip_with_canaries(xb: torch.Tensor, yb: torch.Tensor, bound: float) -> ClippedBatch:
+        batch = clip(xb, yb, bound)
+        joined = torch.rand(len(canaries), generator=generator) < q
+        add_gradient_canaries(batch.grads, canaries, joined, bound)
+        return batch
+
+    return clip_with_canaries
+
+
+def add_gradient_canaries(
+    sums: list[torch.Tensor],
+    canaries: list[tuple[int, torch.Tensor]],
+    joined: torch.Tensor,
+    value: float,
+) -> None:
+    """Add ``value`` at each ``joined`` canary's position of the per-parameter gradient sums
+    (in place): the clipped gradient ``value e_c`` of a canary record that this step sampled."""
+    for (j, position), taken in zip(canaries, joined.tolist(), strict=True):
+        if taken:
+            sums[j].view(-1)[position] += value
 
 
 def noisy_mean(

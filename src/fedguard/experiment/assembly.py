@@ -722,6 +722,13 @@ class Experiment:
                 user_canary_directions(self.canaries, self.model.spec.size),
                 cfg.privacy.clip_norm,
             )
+        elif self.canaries is not None and self.canaries.kind == canary.GRADIENT:
+            coordinates = canary.gradient_coordinates(
+                self.canaries.seed, self.canaries.count, self.model
+            )
+            self.trainer = canary.GradientCanaryTrainer(
+                self.trainer, canary.hosted_coordinates(self.canaries, coordinates)
+            )
         self.client_state: dict[int, dict[str, torch.Tensor]] = {}
         # The clients hold the server to this config's privacy settings, as a deployed client
         # holds it to its own copy (see client_pins): a round asking for less is refused.

@@ -364,13 +364,14 @@ class AuditSection(_Section):
     Jagielski, NeurIPS 2023). ``canary_level``: ``record``, mislabelled out-of-distribution
     examples added to the clients' training data; ``user``, canary clients whose update is a
     fixed random direction of norm ``privacy.clip_norm`` (Andrew et al., ICLR 2024), refused
-    under local DP; ``auto`` (default), the unit the run's DP protects: user level under
-    central or distributed DP, record level otherwise. Canaries change the run: they are for
+    under local DP; ``gradient`` (local DP only), white-box records whose clipped gradient is
+    a fixed coordinate vector, added to DP-SGD's clipped sum; ``auto`` (default), the unit the
+    run's DP protects: user level under central or distributed DP, record level otherwise. Canaries change the run: they are for
     an audit run, not a production one. 0: none."""
 
     canaries: int = Field(0, ge=0, le=1_000_000)
     canary_seed: int | None = None
-    canary_level: Literal["auto", "record", "user"] = "auto"
+    canary_level: Literal["auto", "record", "user", "gradient"] = "auto"
 
 
 class LatencySection(_Section):

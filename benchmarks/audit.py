@@ -19,7 +19,7 @@ protections and seeds it runs and keeps the others); ``--small`` is the quick ve
 quotes; the full version is the default:
 
     python benchmarks/audit.py --small --seeds 0
-    python benchmarks/audit.py --small --user-canaries --seeds 0 1 2   # user-level canaries
+    python benchmarks/audit.py --small --strong-canaries --seeds 0 1 2   # canary runs only
     python benchmarks/audit.py --seeds 0 1 2        # hours on 2 CPU cores; a GPU helps
 """
 
@@ -88,7 +88,7 @@ class Scale:
 
     rounds: int
     canaries: int
-    user_canaries: int  # canary clients of the runs without DP (cheap: they do not train)
+    strong_canaries: int  # user-level or gradient canaries (cheap: they do not train)
     reference_models: int
     iterations: int
     targets: int
@@ -120,35 +120,6 @@ def _full_participation(overrides: list[str], seed: int, canaries: int) -> list[
     return [f"server.clients_per_round={everyone}"]
 
 
-def user_canary_row(
-    protection: str, overrides: list[str], seed: int, scale: Scale, runs: Path
-) -> dict[str, Any]:
-    """A run with ``scale.user_canaries`` user-level canary clients, all of them in every
-    round, and its canary audit's row (``canary_only_run``: no other attack ran on it). Without
-    DP (``none``, ``secagg``): what the final model reveals about a whole client when nothing
-    protects one; under central DP: the bound with more canaries than :func:`audit_one`'s.
-    Each canary client's update has norm ``privacy.clip_norm`` (0.5, the central-DP clip)."""
-    folder = runs / f"{protection}_user_canaries_seed{seed}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    settings = [
-        *overrides,
-        f"experiment.seed={seed}",
-        f"experiment.rounds={scale.rounds}",
-        f"audit.canaries={scale.user_canaries}",
-        'audit.canary_level="user"',
-        "privacy.clip_norm=0.5",
-        "evaluation.every=0",
-    ]
-    settings += _full_participation(settings, seed, scale.user_canaries)
-    t0 = time.perf_counter()
-    fedguard.run(MEDICAL, out=folder, overrides=settings, progress=False)
-    trained = time.perf_counter() - t0
-    run = target.load(folder)
-    row = _common(canary_audit.audit(run), run, "medical", None)
-    return row | {"seconds_training": trained, "canary_only_run": True}
-
-
 def _common(row: dict[str, Any], run: target.AuditedRun, task: str, eps: float | None) -> dict:
     return {
         "task": task,
@@ -158,6 +129,48 @@ def _common(row: dict[str, Any], run: target.AuditedRun, task: str, eps: float |
         "seed": run.cfg.experiment.seed,
         **row,
     }
+
+
+def canary_only_row(
+    protection: str,
+    eps: float | None,
+    overrides: list[str],
+    seed: int,
+    scale: Scale,
+    runs: Path,
+) -> dict[str, Any]:
+    """A run with ``scale.strong_canaries`` of the strongest canaries its protection allows and
+    its canary audit's row (``canary_only_run``: no other attack ran on it).
+
+    * Without DP (``none``, ``secagg``) and under central DP: user-level canary clients, all of
+      them in every round, each update of norm ``privacy.clip_norm`` (0.5, the central-DP
+      clip): what the final model reveals about a whole client.
+    * Under local DP: white-box gradient canaries, records whose clipped gradient is the clip
+      bound times a coordinate vector, sampled and noised by DP-SGD like the examples: the
+      bound an attacker who may craft a record's gradient could prove.
+    """
+    level = "gradient" if protection == "local" else "user"
+    suffix = "" if eps is None else f"_eps{eps:g}"
+    folder = runs / f"{protection}{suffix}_{level}_canaries_seed{seed}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    settings = [
+        *overrides,
+        f"experiment.seed={seed}",
+        f"experiment.rounds={scale.rounds}",
+        f"audit.canaries={scale.strong_canaries}",
+        f'audit.canary_level="{level}"',
+        "evaluation.every=0",
+    ]
+    if level == "user":
+        settings.append("privacy.clip_norm=0.5")
+    settings += _full_participation(settings, seed, scale.strong_canaries)
+    t0 = time.perf_counter()
+    fedguard.run(MEDICAL, out=folder, overrides=settings, progress=False)
+    trained = time.perf_counter() - t0
+    run = target.load(folder)
+    row = _common(canary_audit.audit(run), run, "medical", eps)
+    return row | {"seconds_training": trained, "canary_only_run": True}
 
 
 def audit_one(
@@ -236,11 +249,11 @@ def audit_one(
     return rows
 
 
-def _user_canary_key(row: dict[str, Any]) -> tuple[str, str, str, int] | None:
-    """The key of a row of :func:`user_canary_row` (None for the rows of :func:`audit_one`)."""
+def _canary_only_key(row: dict[str, Any]) -> tuple[str, str, float | None, int] | None:
+    """The key of a row of :func:`canary_only_row` (None for the rows of :func:`audit_one`)."""
     if not row.get("canary_only_run"):
         return None
-    return (row["task"], row["protection"], "user", row["seed"])
+    return (row["task"], row["protection"], row["target_epsilon"], row["seed"])
 
 
 def main() -> None:
@@ -253,9 +266,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument(
-        "--user-canaries",
+        "--strong-canaries",
         action="store_true",
-        help="only user-level canary runs: none, secagg and central (canary_only_run rows)",
+        help="only canary runs with user-level or gradient canaries (canary_only_run rows)",
     )
     args = parser.parse_args()
     if args.threads is not None:
@@ -270,18 +283,16 @@ def main() -> None:
             if args.only is not None and protection not in args.only:
                 continue
             t0 = time.perf_counter()
-            if args.user_canaries:
-                if protection not in ("none", "secagg", "central"):
-                    continue
-                key = ("medical", protection, "user", seed)
-                rows = [r for r in rows if _user_canary_key(r) != key]
-                rows.append(user_canary_row(protection, overrides, seed, scale, args.runs))
+            if args.strong_canaries:
+                key = ("medical", protection, eps, seed)
+                rows = [r for r in rows if _canary_only_key(r) != key]
+                rows.append(canary_only_row(protection, eps, overrides, seed, scale, args.runs))
             else:
                 key = ("medical", protection, eps, seed)
                 rows = [
                     r
                     for r in rows
-                    if _user_canary_key(r) is not None
+                    if _canary_only_key(r) is not None
                     or (r["task"], r["protection"], r["target_epsilon"], r["seed"]) != key
                 ]
                 rows += audit_one(protection, eps, overrides, seed, scale, args.runs)

@@ -151,26 +151,42 @@ def canary_only_row(
     """
     level = "gradient" if protection == "local" else "user"
     suffix = "" if eps is None else f"_eps{eps:g}"
-    folder = runs / f"{protection}{suffix}_{level}_canaries_seed{seed}"
+    extra = [f'audit.canary_level="{level}"']
+    if level == "user":
+        extra.append("privacy.clip_norm=0.5")
+    run, _, trained = _train(
+        f"{protection}{suffix}_{level}_canaries_seed{seed}",
+        [*overrides, *extra],
+        seed,
+        scale.rounds,
+        scale.strong_canaries,
+        runs,
+    )
+    row = _common(canary_audit.audit(run), run, "medical", eps)
+    return row | {"seconds_training": trained, "canary_only_run": True}
+
+
+def _train(
+    name: str, overrides: list[str], seed: int, rounds: int, canaries: int, runs: Path
+) -> tuple[target.AuditedRun, Path, float]:
+    """Train the medical example with ``overrides`` and ``canaries`` canaries (every canary
+    client in every round) into ``runs/name``; the run loaded for the audit, its folder and
+    the seconds it trained."""
+    folder = runs / name
     if folder.exists():
         shutil.rmtree(folder)
     settings = [
         *overrides,
         f"experiment.seed={seed}",
-        f"experiment.rounds={scale.rounds}",
-        f"audit.canaries={scale.strong_canaries}",
-        f'audit.canary_level="{level}"',
+        f"experiment.rounds={rounds}",
+        f"audit.canaries={canaries}",
         "evaluation.every=0",
     ]
-    if level == "user":
-        settings.append("privacy.clip_norm=0.5")
-    settings += _full_participation(settings, seed, scale.strong_canaries)
+    settings += _full_participation(settings, seed, canaries)
     t0 = time.perf_counter()
     fedguard.run(MEDICAL, out=folder, overrides=settings, progress=False)
     trained = time.perf_counter() - t0
-    run = target.load(folder)
-    row = _common(canary_audit.audit(run), run, "medical", eps)
-    return row | {"seconds_training": trained, "canary_only_run": True}
+    return target.load(folder), folder, trained
 
 
 def audit_one(
@@ -183,21 +199,7 @@ def audit_one(
 ) -> list[dict[str, Any]]:
     """Train one audit run and attack it; the rows of the three attacks."""
     name = f"{protection}{'' if eps is None else f'_eps{eps:g}'}_seed{seed}"
-    folder = runs / name
-    if folder.exists():
-        shutil.rmtree(folder)
-    settings = [
-        *overrides,
-        f"experiment.seed={seed}",
-        f"experiment.rounds={scale.rounds}",
-        f"audit.canaries={scale.canaries}",
-        "evaluation.every=0",
-    ]
-    settings += _full_participation(settings, seed, scale.canaries)
-    t0 = time.perf_counter()
-    fedguard.run(MEDICAL, out=folder, overrides=settings, progress=False)
-    trained = time.perf_counter() - t0
-    run = target.load(folder)
+    run, folder, trained = _train(name, overrides, seed, scale.rounds, scale.canaries, runs)
     rows = []
     c = canary_audit.audit(run)
     rows.append(_common(c, run, "medical", eps))

@@ -36,6 +36,23 @@ def test_events_describe_the_sampling() -> None:
 def test_with_noise_keeps_everything_else() -> None:
     m = SampledGaussian(1.5, 7, 0.3, population=40, sample_size=12)
     assert m.with_noise(2.5) == SampledGaussian(2.5, 7, 0.3, population=40, sample_size=12)
+    assert m.with_count(3) == SampledGaussian(1.5, 3, 0.3, population=40, sample_size=12)
+
+
+def test_the_cached_one_step_curve_is_read_only_and_that_of_one_step() -> None:
+    """The cache hands out the same arrays to every caller, so they must be read-only; the
+    curve is dp-accounting's for one step of the mechanism."""
+    step = SampledGaussian(1.3, 1, 0.2)
+    orders, curve = accounting._unit_rdp(step, False)
+    direct = rdp.RdpAccountant()
+    direct.compose(step.event())
+    assert list(orders) == list(direct.orders) and len(orders) > 10
+    assert curve.tolist() == list(direct.rdp)
+    for array in (orders, curve):
+        assert not array.flags.writeable
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 7.0
+    assert accounting._unit_rdp(step, False)[1] is curve
 
 
 def test_accountants() -> None:

@@ -815,3 +815,51 @@ def test_a_non_finite_secure_aggregate_leaves_the_model_unchanged() -> None:
     result = d.fit_round(2, PARAMS, state)
     assert result.metrics["aggregate_rejected"] == "the aggregate is not finite"
     assert result.params is PARAMS and result.state is state
+
+
+def test_with_identities_every_secure_round_is_verified_with_a_fresh_nonce() -> None:
+    """Identities make each secure round a verified one: a fresh 32-byte nonce per round, the
+    server holding the registry without private keys, and the same weighted sum as a
+    semi-honest round."""
+    counts = {0: 3, 1: 5, 2: 8, 3: 6}
+    identities = secagg.Identities.simulated(21, [0, 1, 2, 3])
+    settings = secagg.Settings(secagg.Mode.SECAGG, clip_norm=10.0, max_weight=8)
+    setups: list[messages.SecAggSetup] = []
+
+    def fit(task: messages.FitTask) -> messages.FitReply:
+        update = torch.tensor(SECURE_UPDATES[task.client_id])
+        return messages.FitReply(task.round, task.client_id, update, counts[task.client_id])
+
+    client = secagg_client.SecAggClient(fit, identities=identities)
+
+    def handler(cid: int, payload: bytes) -> bytes:
+        request = messages.decode(payload)
+        if isinstance(request, messages.SecAggSetup):
+            setups.append(request)
+        return messages.encode(client.handle(request))
+
+    strategy = _Recorder()
+    d = driver.RoundDriver(
+        InProcessTransport(handler, [0, 1, 2, 3]),
+        strategy,
+        dim=DIM,
+        clients_per_round=4,
+        min_clients=3,
+        seed=21,
+        secure_aggregation=settings,
+        identities=identities,
+    )
+    assert d.identities is not None and not d.identities.own
+    assert dict(d.identities.registry) == dict(identities.registry)
+    expected = sum(counts[c] * torch.tensor(SECURE_UPDATES[c], dtype=torch.float64) for c in counts)
+    nonces = []
+    for round_ in (2, 3):
+        d.fit_round(round_, PARAMS, {})
+        _, _, total, weight, got_round = strategy.sums[-1]
+        assert got_round == round_ and weight == 22.0
+        assert float((total - expected).abs().max()) < 1e-4  # fixed point: 2^-16 steps
+        this = [s for s in setups if s.round == round_]
+        assert len(this) == 4 and all(s.verified for s in this)
+        assert len({s.nonce for s in this}) == 1 and len(this[0].nonce) == 32
+        nonces.append(this[0].nonce)
+    assert nonces[0] != nonces[1]

@@ -32,7 +32,9 @@ its diff and the reviewed reason it is harmless, taken from ``benchmarks/mutatio
 
 Mutants already killed stay killed across runs (mutmut keeps its results in the work folder and
 resets those of every function whose source changed); untested and surviving ones are tested
-again, so that new tests count. mutmut records which tests reach which function once per work folder and afterwards only for
+again, so that new tests count. The mutants of a changed or new function have names mutmut's old
+results do not know, so every module gets a second mutmut pass for the mutants still without a
+result. mutmut records which tests reach which function once per work folder and afterwards only for
 new tests: a test that has started to reach a new or renamed function is not run against its
 mutants, which then survive. ``--fresh-stats`` deletes the group's record (``mutmut-stats.json``)
 so that mutmut records it again from all tests; verdicts are kept. Delete ``mutants-work/`` (or
@@ -296,13 +298,19 @@ def load_meta(module: str) -> dict[str, int | None] | None:
 
 
 def run_modules(
-    modules: list[str], everything: list[str], *, max_children: int, rerun_all: bool
+    modules: list[str],
+    everything: list[str],
+    *,
+    max_children: int,
+    rerun_all: bool,
+    unchecked_only: bool = False,
 ) -> float | None:
     """Test the mutants of ``modules`` (all of one group) in one mutmut run in the group's work
     folder; the wall seconds, None if none pending.
 
     Killed mutants are kept unless ``rerun_all``; the rest (untested, surviving, untested by
-    any test) are tested again."""
+    any test) are tested again; with ``unchecked_only``, only those mutmut has no result for
+    (see :func:`run_until_checked`)."""
     (name,) = {group_of(entry.partition(":")[0]) for entry in modules}
     targets: list[str] = []
     for entry in modules:
@@ -315,6 +323,9 @@ def run_modules(
             targets.append(pattern)
             continue
         codes = {k: c for k, c in codes.items() if fnmatch.fnmatch(k, pattern)}
+        if unchecked_only:
+            targets += [k for k, c in codes.items() if c is None]
+            continue
         pending = [k for k, c in codes.items() if STATUS.get(c, "suspicious") != "killed"]
         targets += pending if len(pending) < len(codes) else [pattern]
     if not targets:
@@ -346,6 +357,23 @@ def run_modules(
     if proc.returncode != 0:
         print(f"mutmut run exited with {proc.returncode}", file=sys.stderr)
     return seconds
+
+
+def run_until_checked(
+    modules: list[str], everything: list[str], *, max_children: int, rerun_all: bool
+) -> float | None:
+    """:func:`run_modules`, then once more for the mutants left without a result.
+
+    The first run picks its targets from mutmut's results before mutmut regenerates the
+    mutants: the mutants of a function whose source changed (or of a new function) get new
+    names there, which no target matched, so they are left unchecked until a second run."""
+    took = run_modules(modules, everything, max_children=max_children, rerun_all=rerun_all)
+    if took is None:
+        return None
+    again = run_modules(
+        modules, everything, max_children=max_children, rerun_all=False, unchecked_only=True
+    )
+    return took + (again or 0.0)
 
 
 def diff_of(name: str, module: str) -> str:
@@ -572,7 +600,9 @@ def main() -> None:
         else:
             runs = [[m] for m in chosen]
         for run in runs:
-            took = run_modules(run, everything, max_children=args.max_children, rerun_all=args.all)
+            took = run_until_checked(
+                run, everything, max_children=args.max_children, rerun_all=args.all
+            )
             if took is not None:
                 for entry in run:
                     module = entry.partition(":")[0]

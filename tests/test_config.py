@@ -94,3 +94,13 @@ def test_toml_round_trip(tmp_path) -> None:
     path = tmp_path / "c.toml"
     path.write_text(tomli_w.dumps(config.to_toml_dict(cfg)))
     assert config.load(path) == cfg
+
+
+@pytest.mark.parametrize(
+    "section, key", [("experiment", "seed"), ("attack", "seed"), ("audit", "canary_seed")]
+)
+def test_negative_seeds_are_refused_before_the_run(section: str, key: str) -> None:
+    # numpy's SeedSequence refuses them, which used to surface only inside the first round
+    assert _error({section: {key: -3}}).startswith(
+        f"{section}.{key}: Input should be greater than or equal to 0"
+    )

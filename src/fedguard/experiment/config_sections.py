@@ -52,7 +52,7 @@ def _built_in_or_reference(value: str, built_in: tuple[str, ...], key: str) -> s
 
 class ExperimentSection(_Section):
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)  # numpy's seeding takes no negative seed
     rounds: int = Field(10, ge=1, le=100_000)
 
 
@@ -179,7 +179,7 @@ class AttackSection(_Section):
 
     kind: str | list[str] = "none"
     fraction: Fraction | list[Fraction] = 0.2
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     scale: float = Field(1.0, gt=0.0)  # sign_flip: -scale * u
     factor: float = Field(10.0, gt=0.0)  # boost: factor * u
     std: float = Field(1.0, gt=0.0)  # gaussian
@@ -370,7 +370,7 @@ class AuditSection(_Section):
     an audit run, not a production one. 0: none."""
 
     canaries: int = Field(0, ge=0, le=1_000_000)
-    canary_seed: int | None = None
+    canary_seed: int | None = Field(None, ge=0, lt=2**63)
     canary_level: Literal["auto", "record", "user", "gradient"] = "auto"
 
 
@@ -385,7 +385,7 @@ class LatencySection(_Section):
     sigma: float = Field(0.5, ge=0.0, allow_inf_nan=False)
     slow_fraction: float = Field(0.0, ge=0.0, le=1.0)
     slowdown: float = Field(10.0, ge=1.0, allow_inf_nan=False)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
 
 
 class CheckpointSection(_Section):

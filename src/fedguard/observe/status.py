@@ -40,8 +40,8 @@ def client_statuses(
     problem replied and was used. A client can both reply (a latency) and be rejected.
     """
     by_client: dict[int, str] = {}
-    for cid, text in problems:
-        by_client.setdefault(int(cid), str(text))
+    for cid, problem in problems:
+        by_client.setdefault(int(cid), str(problem))
     out = []
     for cid in sampled:
         text = by_client.get(int(cid))

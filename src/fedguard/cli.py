@@ -252,6 +252,12 @@ def _deploy_parsers(sub) -> None:
         metavar="SECONDS",
         help="the server's --round-deadline",
     )
+    launch.add_argument(
+        "--dashboard",
+        default=None,
+        metavar="HOST:PORT",
+        help="the server serves the live dashboard here (a loopback address)",
+    )
     _overrides(launch)
     certs = sub.add_parser("certs", help="make a development CA and certificates")
     certs.add_argument("directory", type=Path)
@@ -489,7 +495,8 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
         if out is None:
             out = Path("runs") / config_mod.load(args.config, args.overrides).experiment.name
         dashboard = _start_dashboard(args, [out], serve)
-        err.print(f"dashboard on http://{args.dashboard}/", highlight=False)
+        scheme = "https" if args.tls_cert is not None else "http"
+        err.print(f"dashboard on {scheme}://{args.dashboard}/", highlight=False)
     elif args.viewer_tokens is not None:
         raise _config_error("--viewer-tokens goes with --dashboard HOST:PORT.")
     try:
@@ -694,6 +701,7 @@ def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
             resume=args.resume,
             overrides=args.overrides,
             round_deadline_s=args.round_deadline,
+            dashboard=args.dashboard,
         )
     except KeyboardInterrupt:
         err.print("[yellow]Stopped; every launched process was stopped too.[/yellow]")

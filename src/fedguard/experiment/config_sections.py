@@ -445,7 +445,7 @@ class TrackingSection(_Section):
     or store at URI, in the MLflow experiment ``mlflow_experiment`` (default: experiment.name;
     needs the ``mlflow`` extra)."""
 
-    tensorboard: bool = False
+    tensorboard: bool = Field(False, strict=True)  # TOML true or false, not "yes"
     tensorboard_dir: str | None = None
     mlflow: str | None = None
     mlflow_experiment: str | None = None

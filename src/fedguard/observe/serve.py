@@ -83,7 +83,13 @@ class Background:
 
     def __init__(self, run_dirs: Sequence[Path], options: DashboardOptions) -> None:
         self._server = _server(run_dirs, options)
-        self._thread = threading.Thread(target=self._server.run, name="dashboard", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="dashboard", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._server.run()
+        except SystemExit:  # uvicorn's way of saying it could not start; start() reports it
+            pass
 
     def start(self, wait_s: float = 10.0) -> None:
         """Start serving; returns once the socket listens (or after ``wait_s``)."""

@@ -291,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False)],
     )
+    if args.command in _OBSERVE:  # only reads run folders: no torch in a process serving pages
+        try:
+            return _OBSERVE[args.command](args, console, err)
+        except _Refused as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            return EXIT_CONFIG
     from fedguard.experiment.config import ConfigError
 
     try:
@@ -298,8 +304,6 @@ def main(argv: list[str] | None = None) -> int:
             return _validate(args, console)
         if args.command == "audit":
             return _audit(args, console, err)
-        if args.command in _OBSERVE:
-            return _OBSERVE[args.command](args, console, err)
         if args.command in _DEPLOY:
             return _DEPLOY[args.command](args, console, err)
         from fedguard.experiment import runner
@@ -330,19 +334,31 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
-def _readable(flag: str, path: Path | None) -> None:
-    """Refuse, before anything starts, a file option naming a missing or unreadable file."""
+class _Refused(Exception):
+    """A refusal of ``dashboard`` or ``report`` (which never import the experiment stack)."""
+
+
+def _unreadable(flag: str, path: Path | None) -> str | None:
+    """Why a file option's file cannot be read, or None when it can (or none was given)."""
     if path is None:
-        return
+        return None
     try:
         with open(path, "rb") as fh:
             fh.read(1)
     except FileNotFoundError:
-        raise _config_error(f"{flag} {path}: no such file") from None
+        return f"{flag} {path}: no such file"
     except IsADirectoryError:
-        raise _config_error(f"{flag} {path}: is a directory, not a file") from None
+        return f"{flag} {path}: is a directory, not a file"
     except OSError as exc:
-        raise _config_error(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from None
+        return f"{flag} {path}: cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def _readable(flag: str, path: Path | None) -> None:
+    """Refuse, before anything starts, a file option naming a missing or unreadable file."""
+    problem = _unreadable(flag, path)
+    if problem is not None:
+        raise _config_error(problem)
 
 
 def _runtime_overrides(args: argparse.Namespace) -> list[str]:
@@ -546,15 +562,17 @@ def _dashboard(args: argparse.Namespace, console: Console, err: Console) -> int:
         ("--tls-cert", args.tls_cert),
         ("--tls-key", args.tls_key),
     ):
-        _readable(flag, path)
+        problem = _unreadable(flag, path)
+        if problem is not None:
+            raise _Refused(problem)
     for run_dir in args.run_dirs:
         if run_dir.exists():
             try:
                 runview.check_run_dir(run_dir)
             except runview.NotARunError as exc:
-                raise _config_error(str(exc)) from None
+                raise _Refused(str(exc)) from None
     if args.poll_ms < 100:
-        raise _config_error(f"--poll-ms must be at least 100, got {args.poll_ms}.")
+        raise _Refused(f"--poll-ms must be at least 100, got {args.poll_ms}.")
     options = serve.DashboardOptions(
         address=args.dashboard,
         viewers=args.viewer_tokens,
@@ -570,7 +588,7 @@ def _dashboard(args: argparse.Namespace, console: Console, err: Console) -> int:
     try:
         serve.serve_forever(args.run_dirs, options)
     except serve.DashboardConfigError as exc:
-        raise _config_error(str(exc)) from None
+        raise _Refused(str(exc)) from None
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return 0
@@ -584,7 +602,7 @@ def _report(args: argparse.Namespace, console: Console, err: Console) -> int:
         runview.check_run_dir(args.run_dir)
         path = report.write_report(args.run_dir, args.out)
     except runview.NotARunError as exc:
-        raise _config_error(str(exc)) from None
+        raise _Refused(str(exc)) from None
     console.print(f"report in [bold]{path}[/bold]")
     return 0
 

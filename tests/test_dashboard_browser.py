@@ -24,7 +24,7 @@ from fedguard.protocol.transport import Outcome
 from fedguard.runtime.grpc_launch import free_port
 from fedguard.simulation.inprocess import InProcessTransport
 
-ROUNDS = 4
+ROUNDS = 3
 
 
 class GatedTransport(InProcessTransport):

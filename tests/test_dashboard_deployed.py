@@ -19,7 +19,7 @@ from test_grpc_harness import CTX, Federation, make_security, wait_for, write_co
 from fedguard.observe import access
 from fedguard.runtime import grpc_launch
 
-ROUNDS = 3
+ROUNDS = 2
 SECTIONS = {
     "experiment": {"rounds": ROUNDS, "name": "deployed"},
     "data": {"num_clients": 2},

@@ -17,7 +17,7 @@ CENTRAL = {"mode": "central", "noise_multiplier": 1.0, "clip_norm": 0.5, "delta"
 
 def test_report_of_a_dp_run_opens_offline_in_chromium(tmp_path: Path, browser) -> None:  # noqa: F811
     cfg = tiny_config(
-        experiment={"name": "reported", "rounds": 3},
+        experiment={"name": "reported", "rounds": 2},
         privacy=CENTRAL,
         contribution={"method": "cosine"},
     )
@@ -42,7 +42,7 @@ def test_report_of_a_dp_run_opens_offline_in_chromium(tmp_path: Path, browser) -
     )
     by_title = {title: data for title, data in charts}
     accuracy = by_title["test accuracy"][0]
-    assert accuracy[0] == [1, 2, 3] and accuracy[1] == [r["test_accuracy"] for r in rows]
+    assert accuracy[0] == [1, 2] and accuracy[1] == [r["test_accuracy"] for r in rows]
     epsilon = by_title["epsilon spent after each round"][0]
     assert epsilon[1] == [r["epsilon"] for r in rows]
     matrix = next(d for t, d in by_title.items() if t.startswith("confusion matrix"))[0][2]

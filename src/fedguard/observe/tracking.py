@@ -34,6 +34,22 @@ class TrackingError(ValueError):
     """A tracking setting that cannot work (a missing package); raised before round 1."""
 
 
+class TrackingSettings(Protocol):
+    """What the sinks read of the config's ``[tracking]`` table."""
+
+    @property
+    def tensorboard(self) -> bool: ...
+
+    @property
+    def tensorboard_dir(self) -> str | None: ...
+
+    @property
+    def mlflow(self) -> str | None: ...
+
+    @property
+    def mlflow_experiment(self) -> str | None: ...
+
+
 class Sink(Protocol):
     """Receives a run's rows as they are written."""
 
@@ -169,7 +185,9 @@ class Sinks:
                 self.sinks.remove(sink)
 
 
-def open_sinks(settings: Any, run_dir: Path, name: str, config: Mapping[str, Any]) -> Sinks:
+def open_sinks(
+    settings: TrackingSettings, run_dir: Path, name: str, config: Mapping[str, Any]
+) -> Sinks:
     """The sinks ``settings`` (the config's ``[tracking]`` table) asks for; raises
     :class:`TrackingError` when a needed package is missing, before anything is written."""
     sinks: list[Sink] = []

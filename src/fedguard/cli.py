@@ -2,7 +2,7 @@
 
 ``run`` an experiment in simulation, ``validate`` a config file; deploy it over gRPC with
 ``server`` and ``client`` (or ``launch`` both on loopback); make development ``certs`` and
-client ``tokens``.
+client (or viewer) ``tokens``; watch runs live with ``dashboard``; write a run's ``report``.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
@@ -67,7 +68,43 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("config", type=Path)
     val.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _deploy_parsers(sub)
+    _observe_parsers(sub)
     return parser
+
+
+def _dashboard_options(p: argparse.ArgumentParser, address_flag: str, default: str | None) -> None:
+    p.add_argument(
+        address_flag,
+        dest="dashboard",
+        default=default,
+        metavar="HOST:PORT",
+        help="serve the live dashboard here (loopback by default; any other address needs "
+        "--viewer-tokens)",
+    )
+    p.add_argument(
+        "--viewer-tokens",
+        type=Path,
+        default=None,
+        metavar="VIEWERS_JSON",
+        help="viewers.json made by `fedguard tokens DIR --viewer NAME`: the dashboard then "
+        "needs a viewer token",
+    )
+
+
+def _observe_parsers(sub) -> None:
+    dash = sub.add_parser("dashboard", help="follow run folders live in a web page")
+    dash.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN_DIR", help="run folders")
+    _dashboard_options(dash, "--address", "127.0.0.1:8050")
+    dash.add_argument("--tls-cert", type=Path, help="serve HTTPS with this certificate (PEM)")
+    dash.add_argument("--tls-key", type=Path, help="the certificate's private key (PEM)")
+    dash.add_argument(
+        "--poll-ms", type=int, default=1000, help="how often the page refreshes (milliseconds)"
+    )
+    report = sub.add_parser("report", help="one self-contained HTML file of a run")
+    report.add_argument("run_dir", type=Path, help="the run folder")
+    report.add_argument(
+        "-o", "--out", type=Path, default=None, help="HTML file (default RUN_DIR/report.html)"
+    )
 
 
 def _audit_parser(sub) -> None:
@@ -151,6 +188,7 @@ def _deploy_parsers(sub) -> None:
         help="largest client reply accepted, in MiB (default 1024)",
     )
     server.add_argument("--quiet", action="store_true", help="no progress bar or waiting reports")
+    _dashboard_options(server, "--dashboard", None)
     _overrides(server)
     client = sub.add_parser("client", help="join a server as one client")
     client.add_argument(
@@ -214,6 +252,12 @@ def _deploy_parsers(sub) -> None:
         metavar="SECONDS",
         help="the server's --round-deadline",
     )
+    launch.add_argument(
+        "--dashboard",
+        default=None,
+        metavar="HOST:PORT",
+        help="the server serves the live dashboard here (a loopback address)",
+    )
     _overrides(launch)
     certs = sub.add_parser("certs", help="make a development CA and certificates")
     certs.add_argument("directory", type=Path)
@@ -224,6 +268,14 @@ def _deploy_parsers(sub) -> None:
     tokens.add_argument("directory", type=Path)
     tokens.add_argument("--clients", type=int, default=0, help="tokens for clients 0..N-1")
     tokens.add_argument("--revoke", type=int, action="append", default=[], metavar="ID")
+    tokens.add_argument(
+        "--viewer",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="make a read-only dashboard token viewer-NAME.token (hashes in viewers.json)",
+    )
+    tokens.add_argument("--revoke-viewer", action="append", default=[], metavar="NAME")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +291,12 @@ def main(argv: list[str] | None = None) -> int:
         format="%(message)s",
         handlers=[RichHandler(console=err, show_path=False)],
     )
+    if args.command in _OBSERVE:  # only reads run folders: no torch in a process serving pages
+        try:
+            return _OBSERVE[args.command](args, console, err)
+        except _Refused as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            return EXIT_CONFIG
     from fedguard.experiment.config import ConfigError
 
     try:
@@ -276,19 +334,31 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
 
 
-def _readable(flag: str, path: Path | None) -> None:
-    """Refuse, before anything starts, a file option naming a missing or unreadable file."""
+class _Refused(Exception):
+    """A refusal of ``dashboard`` or ``report`` (which never import the experiment stack)."""
+
+
+def _unreadable(flag: str, path: Path | None) -> str | None:
+    """Why a file option's file cannot be read, or None when it can (or none was given)."""
     if path is None:
-        return
+        return None
     try:
         with open(path, "rb") as fh:
             fh.read(1)
     except FileNotFoundError:
-        raise _config_error(f"{flag} {path}: no such file") from None
+        return f"{flag} {path}: no such file"
     except IsADirectoryError:
-        raise _config_error(f"{flag} {path}: is a directory, not a file") from None
+        return f"{flag} {path}: is a directory, not a file"
     except OSError as exc:
-        raise _config_error(f"{flag} {path}: cannot be read ({exc.strerror or exc})") from None
+        return f"{flag} {path}: cannot be read ({exc.strerror or exc})"
+    return None
+
+
+def _readable(flag: str, path: Path | None) -> None:
+    """Refuse, before anything starts, a file option naming a missing or unreadable file."""
+    problem = _unreadable(flag, path)
+    if problem is not None:
+        raise _config_error(problem)
 
 
 def _runtime_overrides(args: argparse.Namespace) -> list[str]:
@@ -432,6 +502,19 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
     )
     if not args.quiet:  # the deadline in force and, while a round waits, who has replied
         logging.getLogger("fedguard.grpc").setLevel(logging.INFO)
+    dashboard = None
+    if args.dashboard is not None:
+        from fedguard.experiment import config as config_mod
+        from fedguard.observe import serve
+
+        out = args.out
+        if out is None:
+            out = Path("runs") / config_mod.load(args.config, args.overrides).experiment.name
+        dashboard = _start_dashboard(args, [out], serve)
+        scheme = "https" if args.tls_cert is not None else "http"
+        err.print(f"dashboard on {scheme}://{args.dashboard}/", highlight=False)
+    elif args.viewer_tokens is not None:
+        raise _config_error("--viewer-tokens goes with --dashboard HOST:PORT.")
     try:
         return _exit_code_of_run(
             lambda: grpc_deploy.serve(
@@ -446,6 +529,82 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
         )
     except grpc_tls.TlsConfigError as exc:
         raise _config_error(str(exc)) from None
+    finally:
+        if dashboard is not None:
+            dashboard.stop()
+
+
+def _start_dashboard(args: argparse.Namespace, run_dirs: list[Path], serve) -> Any:
+    """The deployment server's dashboard, on a background thread (its TLS certificate, when
+    it has one, serves HTTPS)."""
+    _readable("--viewer-tokens", args.viewer_tokens)
+    options = serve.DashboardOptions(
+        address=args.dashboard,
+        viewers=args.viewer_tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    try:
+        background = serve.Background(run_dirs, options)
+        background.start()
+    except serve.DashboardConfigError as exc:
+        raise _config_error(str(exc)) from None
+    return background
+
+
+def _dashboard(args: argparse.Namespace, console: Console, err: Console) -> int:
+    """``fedguard dashboard``: serve the page until Ctrl-C; a folder that is not a run is
+    refused (one that does not exist yet is followed: a run about to start)."""
+    from fedguard.observe import runview, serve
+
+    for flag, path in (
+        ("--viewer-tokens", args.viewer_tokens),
+        ("--tls-cert", args.tls_cert),
+        ("--tls-key", args.tls_key),
+    ):
+        problem = _unreadable(flag, path)
+        if problem is not None:
+            raise _Refused(problem)
+    for run_dir in args.run_dirs:
+        if run_dir.exists():
+            try:
+                runview.check_run_dir(run_dir)
+            except runview.NotARunError as exc:
+                raise _Refused(str(exc)) from None
+    if args.poll_ms < 100:
+        raise _Refused(f"--poll-ms must be at least 100, got {args.poll_ms}.")
+    options = serve.DashboardOptions(
+        address=args.dashboard,
+        viewers=args.viewer_tokens,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        poll_ms=args.poll_ms,
+    )
+    scheme = "https" if args.tls_cert is not None else "http"
+    console.print(
+        f"dashboard of {len(args.run_dirs)} run(s) on {scheme}://{args.dashboard}/ (Ctrl-C stops)",
+        highlight=False,
+    )
+    try:
+        serve.serve_forever(args.run_dirs, options)
+    except serve.DashboardConfigError as exc:
+        raise _Refused(str(exc)) from None
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return 0
+
+
+def _report(args: argparse.Namespace, console: Console, err: Console) -> int:
+    """``fedguard report``: one self-contained HTML file of a run folder."""
+    from fedguard.observe import report, runview
+
+    try:
+        runview.check_run_dir(args.run_dir)
+        path = report.write_report(args.run_dir, args.out)
+    except runview.NotARunError as exc:
+        raise _Refused(str(exc)) from None
+    console.print(f"report in [bold]{path}[/bold]")
+    return 0
 
 
 def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
@@ -560,6 +719,7 @@ def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
             resume=args.resume,
             overrides=args.overrides,
             round_deadline_s=args.round_deadline,
+            dashboard=args.dashboard,
         )
     except KeyboardInterrupt:
         err.print("[yellow]Stopped; every launched process was stopped too.[/yellow]")
@@ -607,6 +767,20 @@ def _tokens(args: argparse.Namespace, console: Console, err: Console) -> int:
         except ValueError as exc:
             raise _config_error(str(exc)) from None
         console.print(f"client {cid} revoked")
+    from fedguard.observe import access
+
+    try:
+        for name in args.viewer:
+            path = access.make_viewer(args.directory, name)
+            console.print(
+                f"viewer token in {path} (read-only: opens the dashboard, never a client "
+                f"session); the dashboard gets {args.directory / access.VIEWERS_FILE}"
+            )
+        for name in args.revoke_viewer:
+            access.revoke_viewer(args.directory / access.VIEWERS_FILE, name)
+            console.print(f"viewer {name} revoked")
+    except ValueError as exc:
+        raise _config_error(str(exc)) from None
     return 0
 
 
@@ -623,6 +797,9 @@ _DEPLOY = {
     "certs": _certs,
     "tokens": _tokens,
 }
+
+
+_OBSERVE = {"dashboard": _dashboard, "report": _report}
 
 
 if __name__ == "__main__":

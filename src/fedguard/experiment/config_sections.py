@@ -439,6 +439,45 @@ class RuntimeSection(_Section):
         )
 
 
+# The tracking URI schemes MLflow's client takes (a plain path is a local file store).
+MLFLOW_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "databricks")
+
+
+class TrackingSection(_Section):
+    """Where every metrics row also goes, besides the run folder (``fedguard.observe.tracking``).
+
+    ``tensorboard = true``: TensorBoard scalars in ``tensorboard_dir`` (default
+    RUN_DIR/tensorboard; needs the ``tensorboard`` extra). ``mlflow = "URI"``: the parameters,
+    each round's metrics and, at the end, the run folder's files, to the MLflow tracking server
+    or store at URI, in the MLflow experiment ``mlflow_experiment`` (default: experiment.name;
+    needs the ``mlflow`` extra)."""
+
+    tensorboard: bool = Field(False, strict=True)  # TOML true or false, not "yes"
+    tensorboard_dir: str | None = None
+    mlflow: str | None = None
+    mlflow_experiment: str | None = None
+
+    @field_validator("mlflow")
+    @classmethod
+    def _mlflow(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        scheme, sep, rest = value.partition("://")
+        if not value.strip() or (sep and (scheme.split("+")[0] not in MLFLOW_SCHEMES or not rest)):
+            raise ValueError(
+                f"tracking.mlflow: an MLflow tracking URI ({', '.join(s + '://' for s in MLFLOW_SCHEMES)}"
+                f" or a folder), got {value!r}"
+            )
+        return value
+
+    @field_validator("tensorboard_dir", "mlflow_experiment")
+    @classmethod
+    def _not_empty(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"tracking.{info.field_name}: must not be empty")
+        return value
+
+
 class ExperimentSections(_Section):
     """Every section of an experiment, as the TOML tables give them (the cross-key rules are
     :class:`~fedguard.experiment.config.ExperimentConfig`'s)."""
@@ -457,6 +496,7 @@ class ExperimentSections(_Section):
     contribution: ContributionSection = ContributionSection()
     runtime: RuntimeSection = RuntimeSection()
     audit: AuditSection = AuditSection()
+    tracking: TrackingSection = TrackingSection()
 
     @property
     def clients_per_round(self) -> int:

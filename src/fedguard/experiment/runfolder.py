@@ -1,4 +1,9 @@
-"""The run folder: the files every entry point writes (see ARCHITECTURE.md)."""
+"""The run folder: the files every entry point writes (see ARCHITECTURE.md).
+
+Besides those, a run keeps ``status.json`` (where it is now: the round in progress and its
+clients, the time left; :mod:`fedguard.observe.status`) for the live dashboard, and with
+``[tracking] tensorboard = true`` a ``tensorboard/`` folder of event files.
+"""
 
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ from fedguard.experiment.assembly import Experiment, TransportFn
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.experiment.data_free import DataFreeExperiment
 from fedguard.experiment.runfolder import RunFolder
+from fedguard.observe import status as status_file
+from fedguard.observe import tracking
 from fedguard.protocol import async_driver, secagg
 from fedguard.protocol.driver import RoundFailedError
 from fedguard.protocol.strategy import StrategyState
@@ -70,8 +72,10 @@ def _check_resume_config(saved: Path, cfg: ExperimentConfig) -> None:
     b = config_mod.to_toml_dict(cfg)
     a["experiment"].pop("rounds", None)
     b["experiment"].pop("rounds", None)
-    for engine in (a, b):  # every engine gives the same results: a run may change engines
-        for key in ("kind", *config_checks.RAY_KEYS):
+    a.pop("tracking", None)  # where the rows also go may change between the parts of a run
+    b.pop("tracking", None)
+    for engine in (a, b):  # every engine (and thread count) gives the same results
+        for key in ("kind", "threads", *config_checks.RAY_KEYS):
             engine.get("runtime", {}).pop(key, None)
     if a != b:
         diffs = [
@@ -204,11 +208,17 @@ def run(
             )
             if tracker.enabled:
                 exp.driver.before_aggregate = tracker.before_aggregate
+            try:
+                sinks = tracking.open_sinks(
+                    cfg.tracking, folder.root, cfg.experiment.name, config_mod.to_toml_dict(cfg)
+                )
+            except tracking.TrackingError as exc:
+                raise ConfigError(str(exc)) from None
             folder.create()
             handler = _attach_log(folder)
             try:
                 return _run_rounds(
-                    exp, folder, finished if resume else None, console, progress, tracker
+                    exp, folder, finished if resume else None, console, progress, tracker, sinks
                 )
             finally:
                 logging.getLogger("fedguard").removeHandler(handler)
@@ -239,6 +249,37 @@ def _run_rounds(
     console: Console,
     show_progress: bool,
     tracker: contribution.Tracker,
+    sinks: tracking.Sinks,
+) -> dict[str, Any]:
+    cfg = exp.cfg
+    live = status_file.StatusWriter(
+        folder.root,
+        name=cfg.experiment.name,
+        rounds_planned=cfg.experiment.rounds,
+        max_epsilon=cfg.privacy.max_epsilon if exp.privacy is not None else None,
+        delta=exp.privacy.delta if exp.privacy is not None else None,
+        mode="async" if exp.async_driver is not None else "sync",
+    )
+    try:
+        return _rounds_and_summary(
+            exp, folder, finished, console, show_progress, tracker, sinks, live
+        )
+    except BaseException as exc:  # the page says how the run ended, whatever ended it
+        if live.status["state"] in ("starting", "running"):
+            state = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            live.finished(state, str(exc) or type(exc).__name__, None)
+        raise
+
+
+def _rounds_and_summary(
+    exp: Experiment | DataFreeExperiment,
+    folder: RunFolder,
+    finished: checkpoint.Checkpoint | None,
+    console: Console,
+    show_progress: bool,
+    tracker: contribution.Tracker,
+    sinks: tracking.Sinks,
+    live: status_file.StatusWriter,
 ) -> dict[str, Any]:
     cfg = exp.cfg
     folder.write_config(config_mod.to_toml_dict(cfg))
@@ -268,6 +309,7 @@ def _run_rounds(
         rows = [r for r in folder.read_metrics() if r["round"] <= finished.round]
         folder.rewrite_metrics(rows)
         log.info("resuming after round %d", finished.round)
+        live.resumed(finished.round, rows[-1].get("epsilon") if rows else None)
     total = cfg.experiment.rounds
     # the rounds each client was asked to train in
     joined: dict[int, list[int]] = {cid: [] for cid in exp.client_ids}
@@ -284,18 +326,23 @@ def _run_rounds(
                 applied = _async_rounds(exp, folder, finished, params, state, rows, joined, tracker)
                 for latest in applied:
                     params, state = latest
+                    live.round_finished(rows[-1]["round"], rows[-1], [], rows[-1]["seconds"])
+                    sinks.log_row(rows[-1])
                     bar.update(task, advance=1, stats=_stats(rows))
             for round_ in range(start if exp.async_driver is None else total + 1, total + 1):
                 if _budget_spent(exp, round_, joined):
                     status = "budget_spent"
                     break
                 t0 = time.perf_counter()
+                live.round_started(round_, exp.driver.sample(round_))
                 try:
-                    row, params, state, sampled = _one_round(exp, round_, params, state)
+                    row, params, state, sampled, clients = _one_round(exp, round_, params, state)
                 except secagg.SecAggAbortedError as exc:
                     log.warning("%s The model is unchanged; the run goes on.", exc)
                     row, sampled = _aborted_row(round_, exc), exp.driver.sample(round_)
                     row["seconds"] = time.perf_counter() - t0
+                    aborted_as = [(c, "error: secure aggregation aborted") for c in sampled]
+                    clients = status_file.client_statuses(sampled, aborted_as, {})
                 for cid in sampled:
                     joined[cid].append(round_)
                 if exp.latency is not None:  # a round lasts as long as its slowest client
@@ -307,6 +354,8 @@ def _run_rounds(
                     row["epsilon"] = exp.privacy.epsilon(round_, joined)
                 rows.append(row)
                 folder.append_metrics(row)
+                live.round_finished(round_, row, clients, row["seconds"])
+                sinks.log_row(row)
                 checkpoint.save(
                     folder.checkpoints,
                     checkpoint.Checkpoint(
@@ -356,6 +405,8 @@ def _run_rounds(
             )
         summary.update(report)
     folder.write_json(folder.summary, summary)
+    live.finished(status, error, summary.get("epsilon"))
+    sinks.finish(folder.root, summary)
     if show_progress:
         if status == "budget_spent":
             console.print(
@@ -485,14 +536,17 @@ def _one_round(
     round_: int,
     params: torch.Tensor,
     state: StrategyState,
-) -> tuple[dict[str, Any], torch.Tensor, StrategyState, list[int]]:
+) -> tuple[dict[str, Any], torch.Tensor, StrategyState, list[int], list[dict[str, Any]]]:
+    """One synchronous round: its metrics row, the new model and server state, the sampled
+    clients and what became of each (:func:`fedguard.observe.status.client_statuses`)."""
     t0 = time.perf_counter()
     result = exp.driver.fit_round(round_, params, state)
     if exp.privacy is not None:  # local DP: compose what the clients report they ran
         exp.privacy.record(round_, result.reported)
     row = _metrics_row(exp, round_, result.params, result.metrics)
     row["seconds"] = time.perf_counter() - t0
-    return row, result.params, result.state, result.sampled
+    clients = status_file.client_statuses(result.sampled, result.problems, result.latencies)
+    return row, result.params, result.state, result.sampled, clients
 
 
 def _aborted_row(round_: int, exc: secagg.SecAggAbortedError) -> dict[str, Any]:

@@ -76,6 +76,8 @@ class RoundResult:
     sampled: list[int] = field(default_factory=list)
     # the metrics of each reply that passed the checks (what a DP client reports it ran)
     reported: dict[int, dict[str, float]] = field(default_factory=dict)
+    # the seconds each delivered reply took (what a live view shows per client)
+    latencies: dict[int, float] = field(default_factory=dict)
 
 
 def client_seed(seed: int, round_: int, client_id: int) -> int:
@@ -229,6 +231,7 @@ class RoundDriver:
         accepted: list[messages.FitReply] = []
         reported: dict[int, dict[str, float]] = {}
         problems: list[tuple[int, str]] = []
+        latencies: dict[int, float] = {}
         failed = rejected = capped = bytes_up = 0
         for outcome in outcomes:
             if isinstance(outcome, Failed):
@@ -243,6 +246,7 @@ class RoundDriver:
                 )
                 continue
             bytes_up += len(outcome.payload)
+            latencies[outcome.client_id] = outcome.seconds
             reply, reason = self._check_fit_reply(outcome, round_)
             if reply is None:
                 rejected += 1
@@ -292,7 +296,7 @@ class RoundDriver:
         ]
         n = sum(k for _, k in losses)
         metrics["train_loss"] = sum(v * k for v, k in losses) / n if n else None
-        return RoundResult(new_params, new_state, metrics, problems, sampled, reported)
+        return RoundResult(new_params, new_state, metrics, problems, sampled, reported, latencies)
 
     def _secure_fit_round(
         self,

@@ -77,8 +77,10 @@ def launch(
     resume: bool = False,
     overrides: Sequence[str] = (),
     round_deadline_s: float | None = None,
+    dashboard: str | None = None,
 ) -> int:
-    """Run the experiment with ``clients`` client processes; the server's exit code."""
+    """Run the experiment with ``clients`` client processes; the server's exit code.
+    ``dashboard``: HOST:PORT where the server serves the live dashboard (loopback)."""
     python = [sys.executable, "-m", "fedguard.cli"]
     sets = [a for o in overrides for a in ("--set", o)]
     address = f"127.0.0.1:{free_port()}"
@@ -93,6 +95,8 @@ def launch(
                 command.append("--resume")
             if round_deadline_s is not None:
                 command += ["--round-deadline", repr(float(round_deadline_s))]
+            if dashboard is not None:
+                command += ["--dashboard", dashboard]
             server = subprocess.Popen(command)
             processes.append(server)
             for cid in range(clients):

@@ -1,0 +1,191 @@
+"""The pieces the dashboard and the report stand on: the status file, reading run folders in
+any state, viewer tokens and the refusals of `fedguard dashboard`. No run, no browser."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from fedguard import cli
+from fedguard.observe import access, runview, serve, status
+from fedguard.runtime.grpc_launch import free_port
+
+
+def test_client_statuses_name_each_outcome_with_its_reason_and_latency() -> None:
+    got = status.client_statuses(
+        [4, 1, 7, 2],
+        [(1, "timeout: replied after 9.00 s"), (7, "rejected: Update norm 1e+30 is absurd")],
+        {4: 0.123456, 7: 0.5},
+    )
+    assert got == [
+        {"client": 4, "status": "replied", "reason": None, "seconds": 0.1235},
+        {
+            "client": 1,
+            "status": "failed",
+            "reason": "timeout: replied after 9.00 s",
+            "seconds": None,
+        },
+        {
+            "client": 7,
+            "status": "rejected",
+            "reason": "Update norm 1e+30 is absurd",
+            "seconds": 0.5,
+        },
+        {"client": 2, "status": "replied", "reason": None, "seconds": None},
+    ]
+
+
+def test_status_writer_tracks_rounds_time_left_and_budget(tmp_path: Path) -> None:
+    now = [1000.0]
+    writer = status.StatusWriter(
+        tmp_path,
+        name="s",
+        rounds_planned=5,
+        max_epsilon=8.0,
+        delta=1e-5,
+        mode="sync",
+        clock=lambda: now[0],
+    )
+    writer.round_started(1, [3, 0])
+    read = json.loads((tmp_path / status.FILE).read_text())
+    assert read["state"] == "running" and read["current"]["phase"] == "training"
+    assert [c["status"] for c in read["current"]["clients"]] == ["sampled", "sampled"]
+    for r, seconds in ((1, 2.0), (2, 4.0)):
+        row = {
+            "round": r,
+            "epsilon": 1.5 * r,
+            "clients_sampled": 2,
+            "bytes_up": 10 * r,
+            "test_loss": float("nan"),
+        }
+        writer.round_finished(r, row, [], seconds)
+    read = json.loads((tmp_path / status.FILE).read_text())
+    assert read["rounds_done"] == 2 and read["seconds_per_round"] == 3.0
+    assert read["seconds_left"] == 9.0  # 3 rounds left at 3 s
+    assert read["privacy"] == {"max_epsilon": 8.0, "delta": 1e-5, "epsilon": 3.0}
+    assert read["last"]["bytes_up"] == 20
+    writer.round_started(3, [1])
+    writer.finished("budget_spent", None, 3.0)
+    read = json.loads((tmp_path / status.FILE).read_text())
+    assert read["state"] == "budget_spent" and read["current"]["round"] == 2  # 3 never ran
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_json_safe_makes_what_a_browser_refuses_plain() -> None:
+    import torch
+
+    got = status.json_safe({"a": float("inf"), "b": [float("nan"), 1], 3: torch.tensor(2.5)})
+    assert got == {"a": None, "b": [None, 1], "3": 2.5}
+
+
+def test_metrics_being_written_and_malformed_lines(tmp_path: Path) -> None:
+    text = '{"round": 1, "x": 1}\nnot json\n[1, 2]\n{"round": 2, "x": NaN}\n{"round": 3, "x"'
+    rows, problems = runview.parse_metrics(text)
+    assert rows == [{"round": 1, "x": 1}, {"round": 2, "x": None}]  # NaN shown as null
+    assert problems == [
+        "metrics.jsonl line 2 is not JSON; skipped",
+        "metrics.jsonl line 3 has no integer round; skipped",
+    ]  # the cut last line is a row being written, not a problem
+
+
+def test_reader_shows_what_it_can_of_a_broken_folder(tmp_path: Path) -> None:
+    reader = runview.RunReader()
+    missing = reader.read(tmp_path / "later")
+    assert missing["is_run"] is False and "no such folder" in missing["problems"][0]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 1, "test_accuracy": 0.5}\n')
+    (run / "summary.json").write_text("{ half")
+    (run / "config.toml").write_text("[experiment]\nname = 'named'\n")
+    got = reader.read(run)
+    assert got["is_run"] and got["metrics"] == [{"round": 1, "test_accuracy": 0.5}]
+    assert got["summary"] is None and any(
+        "summary.json cannot be read" in p for p in got["problems"]
+    )
+    assert got["config"] == {"experiment": {"name": "named"}}
+    (run / "metrics.jsonl").write_text('{"round": 1}\n{"round": 2}\n')
+    assert [r["round"] for r in reader.read(run)["metrics"]] == [1, 2]  # re-read on change
+    with pytest.raises(runview.NotARunError, match="not a run folder"):
+        (tmp_path / "other").mkdir()
+        (tmp_path / "other" / "x.txt").write_text("x")
+        runview.check_run_dir(tmp_path / "other")
+
+
+def test_viewer_tokens_open_the_dashboard_and_nothing_else(tmp_path: Path) -> None:
+    token = access.make_viewer(tmp_path, "ops").read_text().strip()
+    assert (tmp_path / "viewer-ops.token").stat().st_mode & 0o077 == 0
+    check = access.ViewerCheck(tmp_path / access.VIEWERS_FILE)
+    assert check.accepts(token) and not check.accepts(token + "x") and not check.accepts(None)
+    assert not (tmp_path / "tokens.json").exists()  # never a client credential
+    port = free_port()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"round": 1}\n')
+    options = serve.DashboardOptions(f"127.0.0.1:{port}", viewers=tmp_path / access.VIEWERS_FILE)
+    dashboard = serve.Background([run], options)
+    dashboard.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        assert _status(f"{base}/api/runs") == 401
+        assert _status(f"{base}/static/plotly.min.js") == 401
+        assert _status(f"{base}/api/runs", token) == 200
+        assert _status(f"{base}/?token={token}") == 200
+        access.revoke_viewer(tmp_path / access.VIEWERS_FILE, "ops")
+        assert _status(f"{base}/api/runs", token) == 401  # revoked without a restart
+    finally:
+        dashboard.stop()
+
+
+def _status(url: str, token: str | None = None) -> int:
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("localhost", True),
+        ("::1", True),
+        ("0.0.0.0", False),
+        ("10.1.2.3", False),
+    ],
+)
+def test_loopback_addresses(address: str, loopback: bool) -> None:
+    assert access.is_loopback(address) is loopback
+
+
+def test_dashboard_command_refusals_are_one_line(tmp_path: Path, capsys) -> None:
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("a")
+    assert cli.main(["dashboard", str(tmp_path / "notes")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    assert cli.main(["dashboard", str(run), "--address", "0.0.0.0:8050"]) == 2
+    assert "--viewer-tokens" in capsys.readouterr().err
+    assert cli.main(["dashboard", str(run), "--address", "nowhere"]) == 2
+    assert "HOST:PORT" in capsys.readouterr().err
+    assert cli.main(["tokens", str(tmp_path / "t"), "--viewer", "a b"]) == 2
+    assert "--viewer 'a b'" in capsys.readouterr().err
+
+
+def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
+    port = free_port()
+    first = serve.Background([tmp_path], serve.DashboardOptions(f"127.0.0.1:{port}"))
+    first.start()
+    try:
+        with pytest.raises(serve.DashboardConfigError, match="could not listen"):
+            serve.Background([tmp_path], serve.DashboardOptions(f"127.0.0.1:{port}")).start()
+    finally:
+        first.stop()

@@ -28,7 +28,7 @@ that returns the global model sends exactly zero, whatever the partition; an hon
 trains at all does not (measured there: the smallest honest hospital, 24 images, 0.26 to 0.41 of
 the median norm over 10 rounds of seed 0). The cosine test is off by default because on
 non-IID data honest clients disagree with the rest: hospitals holding mostly one class had
-cosines with the others' mean down to -0.81 (measured), as low as a label-flipping attacker's
+cosines with the others' mean down to -0.92 (measured), as low as a label-flipping attacker's
 would be on IID data.
 
 What the test can see under privacy mechanisms: under secure aggregation nothing (the server

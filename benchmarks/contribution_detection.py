@@ -11,22 +11,33 @@ set after the last round only):
   that it trains on exactly the data the attacked runs' honest clients train on (FSDD holds its
   validation takes 5-9 out of training whenever a run scores contributions) and so that its
   flags count the honest clients flagged without any low-value client present;
-* for ``method`` in gtg_shapley and leave_one_out, the attacked run without and with
-  ``exclude_flagged``: ``[attack] kind = ["free_rider", "noisy_client"]``, ``fraction = [0.2,
-  0.1]`` (medical: 2 free riders and 1 noisy client of 10; speech: 1 and 1 of 6, the nearest
-  counts to 20% and 10%), ``label_noise`` every label shuffled (``--label-noise``).
+* for ``method`` in gtg_shapley and leave_one_out, the attacked run without exclusion:
+  ``[attack] kind = ["free_rider", "noisy_client"]``, ``fraction = [0.2, 0.1]`` (medical: 2
+  free riders and 1 noisy client of 10; speech: 1 and 1 of 6, the nearest counts to 20% and
+  10%), ``label_noise`` every label shuffled (``--label-noise``);
+* the attacked run with ``exclude_flagged`` once per flag rule: ``flag_rule = "score"`` with
+  each method, and ``flag_rule = "update"`` with ``method = "cosine"`` (the update test needs no
+  evaluation, and its flags do not depend on the method).
 
-Flags: ``flag_threshold = 0`` for ``flag_patience`` scored rounds in a row (``--patience``),
-every round scored. A row per (example, method): the precision and recall of the clients flagged
-at the end of the run without exclusion against the ground truth (the attack's ids, from
-``summary.json``), the same for the run with exclusion, and the final test accuracy of the clean
-run, the attacked run without exclusion and the attacked run with it. GTG-Shapley runs with the
-configuration's tolerances and ``gtg_max_evaluations`` = ``--gtg-max-evaluations`` (32: about 3 permutations of 10 clients).
+Flags: every round scored; a client is flagged after ``flag_patience`` (``--patience``) rounds in
+a row with a score below ``flag_threshold = 0`` (rule ``score``) or with a suspect update (rule
+``update``: norm below ``flag_min_norm_ratio = 0.01`` of the round's median). The runs without
+exclusion and the clean run use ``flag_rule = "either"``, which keeps both rules' flags apart in
+``summary.json`` (``flagged_by``); without exclusion the flags do not change the training, so one
+run serves both rules. A row per (example, rule, method): the precision and recall of the
+clients the rule flagged by the end of the run without exclusion against the ground truth (the
+attack's ids, from ``summary.json``), the same for the run with exclusion, the clients the rule
+flagged in the clean run, and the final test accuracy of the clean run, the attacked run without
+exclusion and the attacked run with it. GTG-Shapley runs with the configuration's tolerances and
+``gtg_max_evaluations`` = ``--gtg-max-evaluations`` (32: about 3 permutations of 10 clients).
+``--seeds`` runs the whole plan once per experiment seed (the partition and the attacked clients
+follow it).
 
 Usage::
 
     python benchmarks/contribution_detection.py                       # both examples
     python benchmarks/contribution_detection.py --examples speech --rounds 5
+    python benchmarks/contribution_detection.py --examples medical --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -53,13 +64,15 @@ BEHAVIOURS = {"kind": ["free_rider", "noisy_client"], "fraction": [0.2, 0.1]}
 
 
 def example_config(
-    example: str, rounds: int, data_root: Path, *, label_noise: float, patience: int
+    example: str, rounds: int, data_root: Path, *, label_noise: float, patience: int, seed: int
 ) -> dict[str, Any]:
-    """The example's configuration with ``rounds`` rounds, final evaluation only, and scores."""
+    """The example's configuration with ``rounds`` rounds and experiment seed ``seed``, final
+    evaluation only, and scores."""
     folder, data, _ = EXAMPLES[example]
     cfg = tomllib.loads((ROOT / "examples" / folder / "experiment.toml").read_text())
     cfg["data"]["path"] = str(data_root / data)
     cfg["experiment"]["rounds"] = rounds
+    cfg["experiment"]["seed"] = seed
     cfg["evaluation"] = {"every": 0, "split": "test"}
     cfg["contribution"] = {"method": "leave_one_out", "flag_patience": patience}
     cfg["attack"] = {**BEHAVIOURS, "label_noise": label_noise}
@@ -67,11 +80,13 @@ def example_config(
 
 
 def variant(
-    base: dict[str, Any], name: str, method: str, *, exclude: bool, budget: int
+    base: dict[str, Any], name: str, method: str, rule: str, *, exclude: bool, budget: int
 ) -> dict[str, Any]:
+    """``base`` scored with ``method``, flagging by ``rule``, with or without exclusion."""
     cfg = json.loads(json.dumps(base))
     cfg["experiment"]["name"] = name
     cfg["contribution"]["method"] = method
+    cfg["contribution"]["flag_rule"] = rule
     if method == "gtg_shapley":
         cfg["contribution"]["gtg_max_evaluations"] = budget
     if exclude:
@@ -88,10 +103,13 @@ def precision_recall(flagged: set[int], bad: set[int]) -> tuple[float | None, fl
     return precision, hit / len(bad)
 
 
+RULES = ("score", "update")
+# (label, method, flag rule, exclude_flagged)
 PLAN = (
-    ("clean", "leave_one_out", False),
-    *((m, m, False) for m in METHODS),
-    *((f"{m} exclude", m, True) for m in METHODS),
+    ("clean", "leave_one_out", "either", False),
+    *((m, m, "either", False) for m in METHODS),
+    *((f"{m} exclude", m, "score", True) for m in METHODS),
+    ("update exclude", "cosine", "update", True),
 )
 
 
@@ -106,9 +124,10 @@ def one_run(
     """One of the example's runs (``label`` from :data:`PLAN`) and what it measured."""
     import fedguard
 
-    _, method, exclude = next(p for p in PLAN if p[0] == label)
-    name = f"{example}-{label.replace(' ', '-')}"
-    cfg = variant(base, name, method, exclude=exclude, budget=budget)
+    _, method, rule, exclude = next(p for p in PLAN if p[0] == label)
+    seed = base["experiment"]["seed"]
+    name = f"{example}-seed{seed}-{label.replace(' ', '-')}"
+    cfg = variant(base, name, method, rule, exclude=exclude, budget=budget)
     t0 = time.perf_counter()
     summary = fedguard.run(cfg, out=work / name, progress=False)
     attack = summary.get("attack") or {}
@@ -117,10 +136,13 @@ def one_run(
         "example": example,
         "run": label,
         "method": method,
+        "flag_rule": rule,
         "exclude_flagged": exclude,
+        "seed": seed,
         "rounds": base["experiment"]["rounds"],
         "test_accuracy": summary["test_accuracy"],
         "flagged": contribution["flagged"],
+        "flagged_by": contribution["flagged_by"],
         "excluded": contribution["excluded"],
         "by_kind": attack.get("by_kind"),
         "num_clients": summary["num_clients"],
@@ -135,35 +157,40 @@ def one_run(
 def rows_of(
     example: str, runs: dict[str, dict[str, Any]], *, label_noise: float, patience: int, budget: int
 ) -> list[dict[str, Any]]:
-    """One row per method from the example's runs (methods missing a run are left out)."""
+    """One row per (rule, method) from the example's runs of one seed: the score rule with each
+    method, the update rule once (its flags do not depend on the method)."""
     rows = []
     clean = runs["clean"]
-    for method in METHODS:
-        if method not in runs or f"{method} exclude" not in runs:
-            continue
-        without, with_ = runs[method], runs[f"{method} exclude"]
+    plan = [("score", m, m, f"{m} exclude") for m in METHODS]
+    plan.append(("update", "any", METHODS[0], "update exclude"))
+    for rule, method, plain, excluded in plan:
+        without, with_ = runs[plain], runs[excluded]
         truth = without["by_kind"]
         bad = {c for ids in truth.values() for c in ids}
-        p, r = precision_recall(set(without["flagged"]), bad)
+        flagged = without["flagged_by"][rule]
+        p, r = precision_recall(set(flagged), bad)
         pe, re = precision_recall(set(with_["flagged"]), bad)
         rows.append(
             {
                 "example": example,
+                "flag_rule": rule,
                 "method": method,
+                "seed": without["seed"],
                 "rounds": without["rounds"],
                 "clients": without["num_clients"],
                 "free_riders": truth["free_rider"],
                 "noisy_clients": truth["noisy_client"],
                 "label_noise": label_noise,
                 "flag_patience": patience,
+                "flag_min_norm_ratio": 0.01 if rule == "update" else None,
                 "gtg_max_evaluations": budget if method == "gtg_shapley" else None,
-                "flagged": without["flagged"],
+                "flagged": flagged,
                 "precision": p,
                 "recall": r,
                 "flagged_exclude": with_["flagged"],
                 "precision_exclude": pe,
                 "recall_exclude": re,
-                "clean_flagged": clean["flagged"],
+                "clean_flagged": clean["flagged_by"][rule],
                 "accuracy_clean": clean["test_accuracy"],
                 "accuracy_attacked": without["test_accuracy"],
                 "accuracy_exclude_flagged": with_["test_accuracy"],
@@ -183,10 +210,13 @@ def run_example(
     label_noise: float,
     patience: int,
     budget: int,
+    seed: int,
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The example's five runs and its rows (one per method)."""
-    base = example_config(example, rounds, data_root, label_noise=label_noise, patience=patience)
-    runs = {label: one_run(example, label, base, work, budget=budget) for label, _, _ in PLAN}
+    """The example's six runs for one seed and its rows (one per rule and method)."""
+    base = example_config(
+        example, rounds, data_root, label_noise=label_noise, patience=patience, seed=seed
+    )
+    runs = {label: one_run(example, label, base, work, budget=budget) for label, *_ in PLAN}
     rows = rows_of(example, runs, label_noise=label_noise, patience=patience, budget=budget)
     return list(runs.values()), rows
 
@@ -198,34 +228,43 @@ def main() -> None:
     parser.add_argument("--label-noise", type=float, default=1.0)
     parser.add_argument("--patience", type=int, default=3)
     parser.add_argument("--gtg-max-evaluations", type=int, default=GTG_BUDGET)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "contribution_detection")
     parser.add_argument("--out", type=Path, default=RESULTS / "contribution_detection.json")
     args = parser.parse_args()
     torch.set_num_threads(1)
     out: dict[str, Any] = {"runs": [], "rows": []}
-    if args.out.exists():  # other examples' results are kept
+    if args.out.exists():  # other examples' and seeds' results are kept
         old = json.loads(args.out.read_text())
-        out["runs"] = [r for r in old["runs"] if r["example"] not in args.examples]
-        out["rows"] = [r for r in old["rows"] if r["example"] not in args.examples]
+        out = {k: v for k, v in old.items() if k not in ("runs", "rows")}
+
+        def kept(r: dict[str, Any]) -> bool:
+            return r["example"] not in args.examples or r.get("seed", 0) not in args.seeds
+
+        out["runs"] = [r for r in old["runs"] if kept(r)]
+        out["rows"] = [r for r in old["rows"] if kept(r)]
     for example in args.examples:
         rounds = args.rounds if args.rounds is not None else EXAMPLES[example][2]
-        runs, rows = run_example(
-            example,
-            rounds,
-            args.data,
-            args.work,
-            label_noise=args.label_noise,
-            patience=args.patience,
-            budget=args.gtg_max_evaluations,
-        )
-        out["runs"].extend(runs)
-        out["rows"].extend(rows)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(out, indent=1) + "\n")
+        for seed in args.seeds:
+            runs, rows = run_example(
+                example,
+                rounds,
+                args.data,
+                args.work,
+                label_noise=args.label_noise,
+                patience=args.patience,
+                budget=args.gtg_max_evaluations,
+                seed=seed,
+            )
+            out["runs"].extend(runs)
+            out["rows"].extend(rows)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(out, indent=1) + "\n")
     for row in out["rows"]:
         print(
-            f"{row['example']:8s} {row['method']:14s} precision {row['precision']} recall "
+            f"{row['example']:8s} seed {row.get('seed', 0)} {row.get('flag_rule', 'score'):6s} "
+            f"{row['method']:14s} precision {row['precision']} recall "
             f"{row['recall']:.2f} | accuracy clean {row['accuracy_clean']:.4f} attacked "
             f"{row['accuracy_attacked']:.4f} excluded {row['accuracy_exclude_flagged']:.4f}"
         )

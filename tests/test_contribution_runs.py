@@ -93,7 +93,7 @@ def last_three(cumulative: dict[str, float]) -> set[int]:
 def test_free_riders_and_the_noisy_client_rank_last_are_flagged_and_get_the_floor(
     tmp_path: Path, method: str
 ) -> None:
-    summary = run(tmp_path, method, config(method, flag_patience=2))
+    summary = run(tmp_path, method, config(method, flag_rule="score", flag_patience=2))
     folder = tmp_path / method
     scores = read(folder, "contributions.json")
     assert summary["attack"]["kind"] == "free_rider"
@@ -158,9 +158,9 @@ def test_exact_shapley_is_efficient_and_symmetric_on_a_real_run(tmp_path: Path) 
 
 
 def test_resume_keeps_the_ledger_flags_and_round_records(tmp_path: Path) -> None:
-    cfg = config("leave_one_out", rounds=4, flag_patience=3)
+    cfg = config("leave_one_out", rounds=4, flag_rule="score", flag_patience=3)
     run(tmp_path, "full", cfg)
-    run(tmp_path, "cut", config("leave_one_out", rounds=2, flag_patience=3))
+    run(tmp_path, "cut", config("leave_one_out", rounds=2, flag_rule="score", flag_patience=3))
     resumed = run(tmp_path, "cut", cfg, resume=True)
     full, cut = (read(tmp_path / n, "contributions.json") for n in ("full", "cut"))
     assert cut["cumulative"] == full["cumulative"]  # the exact floats
@@ -175,7 +175,7 @@ def test_exclude_flagged_leaves_them_out_of_later_aggregates(tmp_path: Path) -> 
     # Threshold -0.005, not 0: once the three are out, six IID honest clients are redundant
     # and their leave-one-out scores hover around 0 (measured: -0.0033..0.0025 in rounds 2-3),
     # while the three bad clients score -0.0121..-0.0090 in round 1.
-    flags = {"flag_patience": 1, "flag_threshold": -0.005}
+    flags = {"flag_rule": "score", "flag_patience": 1, "flag_threshold": -0.005}
     summary = run(tmp_path, "ex", config("leave_one_out", rounds=3, exclude_flagged=True, **flags))
     folder = tmp_path / "ex"
     rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]

@@ -607,6 +607,19 @@ def contribution(cfg: ExperimentSections) -> None:
         if changed:
             raise ValueError(f'contribution.{changed[0]} is set but contribution.method = "none"')
         return
+    if c.flag_rule == "update" and _changed(c, ("flag_threshold",)):
+        raise ValueError(
+            'contribution.flag_threshold is a bound on the score; contribution.flag_rule = "update" '
+            'flags on the updates alone: set flag_rule = "score" or "either", or remove the key'
+        )
+    if c.flag_rule == "score":
+        unused = _changed(c, ("flag_min_norm_ratio", "flag_min_cosine"))
+        if unused:
+            raise ValueError(
+                f"contribution.{unused[0]} bounds the update test; contribution.flag_rule = "
+                '"score" flags on the scores alone: set flag_rule = "update" or "either", or '
+                "remove the key"
+            )
     if cfg.secure_aggregation.enabled:
         raise ValueError(
             f'contribution.method = "{c.method}" scores each client\'s update, which secure '

@@ -332,9 +332,13 @@ class ContributionSection(_Section):
     utility of a coalition is the negative validation loss of the model the server would have
     built from its updates alone (its aggregator and optimizer step from the round's starting
     state); ``validation = "val"`` is the data set's validation split in simulation, and
-    ``evaluation.server_data`` on a deployed server. A client whose round score stays below
-    ``flag_threshold`` for ``flag_patience`` scored rounds is flagged (and with
-    ``exclude_flagged`` left out of later rounds' aggregates); ``reward_total`` is divided by
+    ``evaluation.server_data`` on a deployed server. ``flag_rule`` says what flags a client
+    after ``flag_patience`` scored rounds in a row (and with ``exclude_flagged`` leaves it out of
+    later rounds' aggregates): ``"update"`` (the default) its update, suspect when its norm is
+    below ``flag_min_norm_ratio`` times the round's median norm (a zero update always is) or,
+    with ``flag_min_cosine`` set, its cosine with the others' weighted mean is below that;
+    ``"score"`` its round score below ``flag_threshold``; ``"either"`` whichever comes first
+    (see ``fedguard.algorithms.contribution.free_riders``). ``reward_total`` is divided by
     cumulative score with the share ``reward_floor`` paid equally. The ``gtg_*`` keys are
     GTG-Shapley's tolerances (in units of the utility) and sampling limits;
     ``gtg_max_evaluations`` caps the validation evaluations of one scored round.
@@ -343,7 +347,10 @@ class ContributionSection(_Section):
     method: Literal["none", "gtg_shapley", "leave_one_out", "exact_shapley", "cosine"] = "none"
     every: int = Field(1, ge=1)
     validation: Literal["val"] = "val"
-    flag_threshold: float = 0.0
+    flag_rule: Literal["update", "score", "either"] = "update"
+    flag_threshold: float = Field(0.0, allow_inf_nan=False)
+    flag_min_norm_ratio: float = Field(0.01, ge=0.0, lt=1.0, allow_inf_nan=False)
+    flag_min_cosine: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False)
     flag_patience: int = Field(3, ge=1)
     exclude_flagged: bool = False
     reward_total: float = Field(100.0, ge=0.0, allow_inf_nan=False)

@@ -14,10 +14,18 @@ configured method over the round's game (:mod:`fedguard.algorithms.contribution`
   coalition where it rarely flips a prediction, so accuracy ties where the loss separates;
 * ``cosine`` needs no validation set: the cosine of each update to the step the server took.
 
-The round's scores are added to a :class:`~fedguard.algorithms.contribution.ledger.Ledger`; a
-client whose round score stays below ``flag_threshold`` for ``flag_patience`` scored rounds in
-which it took part is flagged (logged; with ``exclude_flagged`` its replies are left out of every
-later round's aggregate and so are not scored again: the flag then stays for the run). The reward
+The round's scores are added to a :class:`~fedguard.algorithms.contribution.ledger.Ledger`. A
+client is flagged after ``flag_patience`` scored rounds in a row in which it took part and was
+suspect (logged; with ``exclude_flagged`` its replies are left out of every later round's
+aggregate and so are not tested again: the flag then stays for the run). ``flag_rule`` says what
+makes a round suspect: ``"update"`` the update test of
+:func:`~fedguard.algorithms.contribution.free_riders.update_evidence` on the round's accepted
+updates and claimed example counts (a norm far below the round's median, or with
+``flag_min_cosine`` a low cosine with the others' weighted mean; no evaluation, so it holds on
+non-IID data where a free rider's zero update can *raise* the validation utility); ``"score"``
+the round score below ``flag_threshold``; ``"either"`` keeps both streaks and flags on the first
+to reach the patience. The update test's per-client norm ratios and cosines are recorded with
+every scored round. The reward
 split divides ``reward_total`` by cumulative score with the ``reward_floor`` share paid equally
 to every scored client; a flagged client is paid the floor only (its score counts as 0). The
 ledger, the flags and the per-round records travel in every checkpoint, so ``--resume``
@@ -71,6 +79,10 @@ class Tracker:
         self.utility = utility
         self.seed = seed
         self.flag_config = free_riders.FlagConfig(section.flag_threshold, section.flag_patience)
+        self.flag_rule = free_riders.Rule(section.flag_rule)
+        self.update_test = free_riders.UpdateTest(
+            min_norm_ratio=section.flag_min_norm_ratio, min_cosine=section.flag_min_cosine
+        )
         self.gtg_config = gtg.GtgConfig(
             round_tolerance=section.gtg_round_tolerance,
             walk_tolerance=section.gtg_walk_tolerance,
@@ -79,7 +91,8 @@ class Tracker:
             max_evaluations=section.gtg_max_evaluations,
         )
         self.ledger = contribution_ledger.empty()
-        self.flags = free_riders.empty()
+        self.flags = free_riders.empty()  # streaks of rounds with a score below the threshold
+        self.update_flags = free_riders.empty()  # streaks of rounds with a suspect update
         self.rounds: list[dict[str, Any]] = []
         self.excluded: dict[int, list[int]] = {}  # client -> rounds it was left out of
 
@@ -87,9 +100,18 @@ class Tracker:
     def enabled(self) -> bool:
         return self.section.method != "none"
 
+    def flagged_by(self) -> dict[str, list[int]]:
+        """The clients flagged so far by each rule the run uses (``"score"``, ``"update"``)."""
+        by: dict[str, list[int]] = {}
+        if self.flag_rule is not free_riders.Rule.UPDATE:
+            by["score"] = sorted(free_riders.flagged(self.flag_config, self.flags))
+        if self.flag_rule is not free_riders.Rule.SCORE:
+            by["update"] = sorted(free_riders.reached(self.flag_config.patience, self.update_flags))
+        return by
+
     def flagged(self) -> list[int]:
-        """The clients flagged so far, sorted."""
-        return sorted(free_riders.flagged(self.flag_config, self.flags))
+        """The clients flagged so far, sorted (by any rule the run uses)."""
+        return sorted({c for ids in self.flagged_by().values() for c in ids})
 
     def before_aggregate(
         self,
@@ -181,19 +203,44 @@ class Tracker:
         record["evaluations"] = evaluations
         record["seconds"] = time.perf_counter() - start
         record["skipped"] = skipped
-        before = set(self.flagged())
+        evidence = free_riders.update_evidence(
+            torch.stack([r.update for r in replies]),
+            torch.tensor([float(r.num_examples) for r in replies], dtype=torch.float64),
+            self.update_test,
+        )
+        record["update_norm_ratio"] = dict(zip(map(str, ids), evidence.norm_ratios, strict=True))
+        record["update_cosine"] = dict(zip(map(str, ids), evidence.cosines, strict=True))
+        record["update_suspect"] = [c for c, bad in zip(ids, evidence.suspect, strict=True) if bad]
+        before = self.flagged_by()
         if not skipped:  # a truncated round measured nothing (see gtg): not recorded
             self.ledger = contribution_ledger.record(self.ledger, round_, by_client)
             self.flags = free_riders.update(self.flag_config, self.flags, round_, by_client)
-        for cid in sorted(set(self.flagged()) - before):
-            log.warning(
-                "round %d: client %d flagged: its contribution score stayed below %g for %d "
-                "scored rounds",
-                round_,
-                cid,
-                self.flag_config.threshold,
-                self.flag_config.patience,
-            )
+        # the update test measured the round even when GTG-Shapley skipped dividing it
+        self.update_flags = free_riders.record(
+            self.update_flags, round_, dict(zip(ids, evidence.suspect, strict=True))
+        )
+        why = {
+            "score": f"its contribution score stayed below {self.flag_config.threshold:g}",
+            "update": (
+                f"its update's norm stayed below {self.update_test.min_norm_ratio:g} of the "
+                "round's median"
+                + (
+                    f" or its cosine with the others' mean below {self.update_test.min_cosine:g}"
+                    if self.update_test.min_cosine is not None
+                    else ""
+                )
+            ),
+        }
+        for rule, ids_now in self.flagged_by().items():
+            for cid in sorted(set(ids_now) - set(before.get(rule, []))):
+                log.warning(
+                    "round %d: client %d flagged (flag_rule %s): %s for %d scored rounds",
+                    round_,
+                    cid,
+                    rule,
+                    why[rule],
+                    self.flag_config.patience,
+                )
         self.rounds.append(record)
         return record
 
@@ -231,7 +278,9 @@ class Tracker:
             "rounds_scored": len(self.rounds),
             "evaluations": self.evaluations(),
             "seconds": self.seconds(),
+            "flag_rule": self.flag_rule.value,
             "flagged": self.flagged(),
+            "flagged_by": self.flagged_by(),
             "excluded": {str(c): r for c, r in sorted(self.excluded.items())},
             "rewards": {str(c): v for c, v in sorted(self.rewards().items())},
             "reward_total": self.section.reward_total,
@@ -245,6 +294,7 @@ class Tracker:
         return {
             "ledger": contribution_ledger.to_json(self.ledger),
             "flags": free_riders.to_json(self.flags),
+            "update_flags": free_riders.to_json(self.update_flags),
             "rounds": self.rounds,
             "excluded": {str(c): r for c, r in self.excluded.items()},
         }
@@ -253,5 +303,8 @@ class Tracker:
         """The state :meth:`to_json` saved (a resumed run continues after ``finished_round``)."""
         self.ledger = contribution_ledger.from_json(data["ledger"])
         self.flags = free_riders.from_json(data["flags"])
+        # a checkpoint written before the update test existed holds no update streaks
+        saved = data.get("update_flags")
+        self.update_flags = free_riders.empty() if saved is None else free_riders.from_json(saved)
         self.rounds = [r for r in data["rounds"] if r["round"] <= finished_round]
         self.excluded = {int(c): list(r) for c, r in data["excluded"].items()}

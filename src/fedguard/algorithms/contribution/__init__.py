@@ -13,7 +13,9 @@ reconstructed from the updates, never retrained). The scores, each citing its pa
 
 Over rounds: ``ledger`` sums each client's scores (with a JSON form for checkpoints), ``rewards``
 divides a reward by cumulative score with a floor share for every participant, and
-``free_riders`` flags clients whose score stays below a threshold for several scored rounds.
+``free_riders`` flags clients whose score stays below a threshold, or whose update stays
+suspect (a norm far below the round's median, optionally a low cosine with the others' mean),
+for several scored rounds.
 
 Every utility-based score reports its cost (distinct coalitions evaluated, seconds); every
 Monte-Carlo one takes its ``torch.Generator`` as an argument.

@@ -8,7 +8,6 @@ import json
 import dp_accounting
 import numpy as np
 import pytest
-import torch
 from dp_accounting import pld
 
 import fedguard

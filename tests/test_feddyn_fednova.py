@@ -11,15 +11,17 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import tiny_config
 from fedguard.algorithms import robust
 from fedguard.algorithms.optimizers import feddyn, fednova
 from fedguard.client.app import ClientApp
 from fedguard.client.data import ClientData
-from fedguard.experiment import config
+from fedguard.experiment import checkpoint, config
+from fedguard.experiment.assembly import Experiment
 from fedguard.models.adapter import TorchModel
 from fedguard.protocol import features, fedopt, messages
 from fedguard.protocol.driver import RoundDriver
-from fedguard.protocol.strategy import StrategyKind
+from fedguard.protocol.strategy import FEDDYN_H, StrategyKind
 from fedguard.simulation.inprocess import InProcessTransport
 
 
@@ -297,6 +299,36 @@ def test_feddyn_reaches_the_global_optimum_where_fedavg_drifts() -> None:
     # h is the mean of the clients' gradient states (the paper's invariant)
     _assert_close(state.h, grads.mean(0))
     assert float((fedavg - optimum).norm()) > 0.3
+
+
+def test_feddyn_state_of_server_and_clients_survives_a_checkpoint() -> None:
+    """Two rounds, a checkpoint's tensors (the server's ``h``, every client's ``g_k``) restored
+    into a fresh experiment, a third round: the same model and client states as three rounds
+    without a stop."""
+    cfg = config.validate(
+        tiny_config(
+            server={"strategy": "feddyn", "feddyn_alpha": 0.2, "clients_per_round": 3},
+            evaluation={"every": 0},
+        )
+    )
+    whole = Experiment(cfg)
+    params, state = whole.initial_params, whole.strategy.init(whole.initial_params)
+    for r in (1, 2):
+        result = whole.driver.fit_round(r, params, state)
+        params, state = result.params, result.state
+    saved = checkpoint.Checkpoint(2, whole.checkpoint_tensors(params, state), {})
+    assert any(k.endswith(features.FEDDYN_GRADIENT) for k in saved.tensors)
+    assert float(saved.tensors["server." + FEDDYN_H].abs().sum()) > 0
+    resumed = Experiment(cfg)
+    p2, s2 = resumed.restore(saved)
+    after_stop = resumed.driver.fit_round(3, p2, s2)
+    straight = whole.driver.fit_round(3, params, state)
+    assert torch.equal(after_stop.params, straight.params)
+    assert whole.client_state.keys() == resumed.client_state.keys()
+    for cid, named in whole.client_state.items():
+        assert torch.equal(
+            named[features.FEDDYN_GRADIENT], resumed.client_state[cid][features.FEDDYN_GRADIENT]
+        )
 
 
 # ------------------------------------------------------------------------------ configuration

@@ -70,7 +70,7 @@ def test_same_seed_same_metrics(tmp_path) -> None:
     assert _rows(tmp_path / "a") != _rows(tmp_path / "c")
 
 
-@pytest.mark.parametrize("strategy", ["fedadam", "scaffold", "feddyn"])
+@pytest.mark.parametrize("strategy", ["fedadam", "scaffold"])
 def test_resume_equals_uninterrupted(tmp_path, strategy) -> None:
     cfg = tiny_config(experiment={"rounds": 5}, server={"strategy": strategy})
     fedguard.run(cfg, out=tmp_path / "full", progress=False)

@@ -91,6 +91,8 @@ CASES = {
         ATOL,
     ),
     "scaffold": ({"server": {"strategy": "scaffold"}}, ATOL),
+    "feddyn": ({"server": {"strategy": "feddyn", "feddyn_alpha": 0.1}}, ATOL),
+    "fednova": ({"server": {"strategy": "fednova"}, "client": {"momentum": 0.5}}, ATOL),
     "secure_aggregation": (
         {"secure_aggregation": {"enabled": True, "clip_norm": 0.5, "bits": 64}},
         ATOL,

@@ -54,6 +54,7 @@ MODELS = {
     "image_cnn": (lambda: torch_models.image_cnn((1, 28, 28), 2), (1, 28, 28), 2),
     "dp_image_cnn": (lambda: torch_models.dp_image_cnn((1, 28, 28), 2), (1, 28, 28), 2),
     "speech_cnn": (lambda: torch_models.speech_cnn((1, 40, 20), 5), (1, 40, 20), 5),
+    "brief_speech_cnn": (lambda: torch_models.brief_speech_cnn((1, 40, 20), 5), (1, 40, 20), 5),
     "logistic_regression": (lambda: torch_models.logistic_regression((1, 6, 6), 3), (1, 6, 6), 3),
     "tokens_mlp": (_tokens_mlp, (4, 16), 3),
     "strided_convs": (_strided_convs, (3, 20), 2),

@@ -67,6 +67,27 @@ def test_builtin_matches_its_torch_twin() -> None:
     torch.testing.assert_close(keras_net.forward(x, training=False), expected)
 
 
+def test_speech_cnns_match_their_torch_twins() -> None:
+    """Both speech models exist in both registries with the same weights and, given the torch
+    weights (Conv1D kernels ``[k, in, out]``), the Keras ``speech_cnn`` computes the same function
+    (its GroupNormalization has torch's epsilon)."""
+    shape = (1, 12, 16)
+    for name in ("speech_cnn", "brief_speech_cnn"):
+        torch_size = TorchModel(torch_models.BUILTIN[name](shape, 3)).spec.size
+        assert KerasModel(keras_models.BUILTIN[name](shape, 3)).spec.size == torch_size, name
+    torch.manual_seed(0)
+    torch_net = torch_models.speech_cnn(shape, 3)
+    keras_net = KerasModel(keras_models.speech_cnn(shape, 3))
+    to_keras = [
+        w.detach().permute(2, 1, 0) if w.ndim == 3 else w.detach().T if w.ndim == 2 else w
+        for w in torch_net.state_dict().values()
+    ]
+    keras_net.set_flat(torch.cat([w.reshape(-1) for w in to_keras]))
+    x = torch.randn(5, *shape)
+    expected = torch.softmax(torch_net(x), dim=-1)
+    torch.testing.assert_close(keras_net.forward(x, training=False), expected)
+
+
 def test_training_learns_two_blobs() -> None:
     keras.utils.set_random_seed(0)
     g = torch.Generator().manual_seed(0)

@@ -13,8 +13,8 @@ one model). The semantics are those of the sequential loops, step for step:
   padded and its padding masked out of the loss; a client whose batches ran out takes no more
   steps (its parameters and optimizer state stay as they are: see
   :mod:`fedguard.algorithms.optimizers.stacked`); nobody is dropped;
-* FedProx adds ``mu (w - w_global)`` and SCAFFOLD ``c - c_i`` to each client's gradient, then the
-  same SGD or Adam arithmetic steps;
+* FedProx adds ``mu (w - w_global)``, SCAFFOLD ``c - c_i`` and FedDyn ``alpha (w - w_global) - g_k``
+  to each client's gradient, then the same SGD or Adam arithmetic steps;
 * DP-SGD takes per-example gradients with a second ``vmap`` inside the first, clips each to
   ``C`` (:func:`fedguard.client.per_example_grads.clip_factors`), sums them and adds noise drawn
   from each client's own generator right after its batch, as :func:`fedguard.client.dp_sgd.train`
@@ -95,11 +95,12 @@ def _is_dp(trainer: ClientTrainer) -> bool:
 
 def settings(member: Member) -> tuple[object, ...]:
     """What clients trained together must share: the loop, its settings, DP-SGD's clip and
-    noise, and whether SCAFFOLD corrects the gradients."""
+    noise, and whether SCAFFOLD or FedDyn corrects the gradients."""
     config = member.task.config
     dp = trainers.dp_settings(config) if _is_dp(member.trainer) else None
-    scaffold = features.CONTROL in member.task.tensors
-    return (type(member.trainer), trainers.local_training_from(config), dp, scaffold)
+    asked = features.asked(config, member.task.tensors)
+    corrected = (features.CONTROL_VARIATE in asked, features.DYNAMIC_REGULARIZER in asked)
+    return (type(member.trainer), trainers.local_training_from(config), dp, corrected)
 
 
 class _Functional:
@@ -204,8 +205,9 @@ class _Run:
         self.example_grads = torch.func.vmap(per_example, randomness="different")
 
     def _corrections(self) -> list[torch.Tensor] | None:
-        """SCAFFOLD's ``c - c_i`` per client, stacked per parameter (None without SCAFFOLD)."""
-        terms = [trainers.scaffold_correction(m.task) for m in self.members]
+        """SCAFFOLD's ``c - c_i`` or FedDyn's ``-g_k`` per client, stacked per parameter (None
+        without either)."""
+        terms = [trainers.gradient_correction(m.task) for m in self.members]
         if terms[0] is None:
             return None
         flat = torch.stack([t for t in terms if t is not None]).to(self.device)

@@ -1,8 +1,10 @@
 """fedguard's local training loops as :class:`~fedguard.client.trainer.ClientTrainer` objects.
 
 * :class:`OptimizerTrainer`: ``client.optimizer``'s loop (SGD, Adam, full-batch L-BFGS;
-  :mod:`fedguard.client.training`), with FedProx's proximal term and SCAFFOLD's correction and
-  control variate (:mod:`fedguard.algorithms.optimizers.scaffold`) when the task asks for them.
+  :mod:`fedguard.client.training`), with FedProx's proximal term, SCAFFOLD's correction and
+  control variate (:mod:`fedguard.algorithms.optimizers.scaffold`), FedDyn's dynamic regulariser
+  and gradient state (:mod:`fedguard.algorithms.optimizers.feddyn`) and FedNova's normalised
+  update (:mod:`fedguard.algorithms.optimizers.fednova`) when the task asks for them.
 * :class:`DPSGDTrainer`: DP-SGD at the task's noise multiplier and clip
   (:mod:`fedguard.client.dp_sgd`); the reply reports what ran, for the server to compose.
 * :class:`NewtonTrainer`: the gradient and Hessian sums of a convex model, and the client's own
@@ -19,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedguard.algorithms.optimizers import newton, scaffold
+from fedguard.algorithms.optimizers import feddyn, fednova, newton, scaffold
 from fedguard.client import dp_sgd, training
 from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
 from fedguard.models.adapter import ModelAdapter
@@ -30,7 +32,9 @@ if TYPE_CHECKING:
 
 
 def local_training_from(config: Mapping[str, messages.Scalar]) -> training.LocalTraining:
-    """The local training settings carried in a fit task's config."""
+    """The local training settings carried in a fit task's config. FedDyn's quadratic term
+    ``alpha/2 ||w - w_global||^2`` is a proximal term, so its ``feddyn_alpha`` enters as
+    ``proximal_mu`` (the strategies never send both)."""
     number, count = messages.config_float, messages.config_int
     return training.LocalTraining(
         optimizer=training.LocalOptimizer(str(config.get("optimizer", "sgd"))),
@@ -39,7 +43,7 @@ def local_training_from(config: Mapping[str, messages.Scalar]) -> training.Local
         weight_decay=number(config, "weight_decay", 0.0),
         epochs=count(config, "epochs", 1),
         batch_size=count(config, "batch_size", 32),
-        proximal_mu=number(config, "proximal_mu", 0.0),
+        proximal_mu=number(config, "proximal_mu", 0.0) + number(config, features.FEDDYN_ALPHA, 0.0),
         max_steps=None if config.get("max_steps") is None else count(config, "max_steps"),
         augment=str(config.get("augment", "none")),
     )
@@ -47,9 +51,17 @@ def local_training_from(config: Mapping[str, messages.Scalar]) -> training.Local
 
 class OptimizerTrainer(ClientTrainer):
     """SGD, Adam or L-BFGS as the task's ``optimizer`` says, with FedProx's proximal term
-    (``proximal_mu > 0``) and SCAFFOLD's correction ``c - c_i`` (a ``control`` tensor)."""
+    (``proximal_mu > 0``), SCAFFOLD's correction ``c - c_i`` (a ``control`` tensor), FedDyn's
+    regulariser (``feddyn_alpha > 0``) and FedNova's normalisation (``fednova`` true)."""
 
-    features = frozenset({features.PROXIMAL_TERM, features.CONTROL_VARIATE})
+    features = frozenset(
+        {
+            features.PROXIMAL_TERM,
+            features.CONTROL_VARIATE,
+            features.DYNAMIC_REGULARIZER,
+            features.NORMALIZED_UPDATE,
+        }
+    )
 
     def train(self, model: ModelAdapter, data: ClientData, task: TrainTask) -> TrainResult:
         cfg = local_training_from(task.config)
@@ -60,7 +72,7 @@ class OptimizerTrainer(ClientTrainer):
             cfg,
             generator=task.generator,
             global_params=task.params if cfg.proximal_mu > 0 else None,
-            correction=scaffold_correction(task),
+            correction=gradient_correction(task),
         )
         result, state = optimizer_result(task, model.get_flat() - task.params, stats)
         for name, value in state.items():
@@ -68,13 +80,27 @@ class OptimizerTrainer(ClientTrainer):
         return result
 
 
-def scaffold_correction(task: TrainTask) -> torch.Tensor | None:
-    """SCAFFOLD's gradient correction ``c - c_i`` for ``task`` (None without a server control
-    variate); a client without a control variate yet starts from zero."""
+def gradient_correction(task: TrainTask) -> torch.Tensor | None:
+    """The fixed term added to every local gradient of ``task``: SCAFFOLD's ``c - c_i`` (with a
+    server control variate), FedDyn's ``-g_k`` (with ``feddyn_alpha``), else None. A client
+    without a control variate or gradient state yet starts from zero."""
     server_control = task.tensors.get(features.CONTROL)
-    if server_control is None:
+    if server_control is not None:
+        return scaffold.correction(server_control, _client_control(task, server_control))
+    if _feddyn_alpha(task) is not None:
+        return feddyn.correction(_feddyn_gradient(task))
+    return None
+
+
+def _feddyn_alpha(task: TrainTask) -> float | None:
+    if features.DYNAMIC_REGULARIZER not in features.asked(task.config, task.tensors):
         return None
-    return scaffold.correction(server_control, _client_control(task, server_control))
+    return messages.config_float(task.config, features.FEDDYN_ALPHA)
+
+
+def _feddyn_gradient(task: TrainTask) -> torch.Tensor:
+    g = task.state.get(features.FEDDYN_GRADIENT)
+    return torch.zeros_like(task.params) if g is None else g
 
 
 def _client_control(task: TrainTask, server_control: torch.Tensor) -> torch.Tensor:
@@ -87,9 +113,26 @@ def optimizer_result(
 ) -> tuple[TrainResult, dict[str, torch.Tensor]]:
     """The optimizer loop's result for ``task`` from its ``update`` and ``stats``, and the
     entries of the client's state it sets (SCAFFOLD's new control variate, whose change the
-    reply carries as ``control_delta``). Shared by every engine that runs this loop."""
+    reply carries as ``control_delta``; FedDyn's new gradient state). Under FedNova the reply's
+    update is the normalised ``delta / ||a_i||_1``, with ``||a_i||_1`` as its ``step_norm``.
+    Shared by every engine that runs this loop."""
     tensors: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
+    alpha = _feddyn_alpha(task)
+    if alpha is not None:
+        state[features.FEDDYN_GRADIENT] = feddyn.client_gradient_update(
+            _feddyn_gradient(task), update, alpha=alpha
+        )
+    if features.NORMALIZED_UPDATE in features.asked(task.config, task.tensors):
+        cfg = local_training_from(task.config)
+        if cfg.optimizer is not training.LocalOptimizer.SGD:
+            raise ValueError(
+                f'FedNova normalises by the weights SGD gives its local gradients; optimizer "'
+                f'{cfg.optimizer}" has none: use "sgd" (with or without momentum).'
+            )
+        norm = fednova.step_norm(stats.steps, cfg.momentum)
+        update = fednova.normalise(update, norm)
+        tensors[features.STEP_NORM] = torch.tensor([norm], dtype=torch.float32)
     server_control = task.tensors.get(features.CONTROL)
     if server_control is not None:
         control = _client_control(task, server_control)

@@ -483,6 +483,7 @@ def _strategy(
             beta1=s.beta1,
             beta2=s.beta2,
             tau=s.tau,
+            feddyn_alpha=s.feddyn_alpha,
             aggregator=aggregator,
             seed=cfg.experiment.seed,
         )

@@ -153,6 +153,21 @@ def strategy_and_optimizer(cfg: ExperimentSections) -> None:
             'client.momentum must be 0 with server.strategy = "scaffold" (option II of its '
             f"control variate update assumes plain SGD steps), got {c.momentum}"
         )
+    if s.strategy != "feddyn" and _changed(s, ("feddyn_alpha",)):
+        raise ValueError(
+            f'server.feddyn_alpha is only used by server.strategy = "feddyn", not "{s.strategy}"'
+        )
+    if s.strategy == "feddyn" and _changed(s, ("server_lr",)):
+        raise ValueError(
+            'server.server_lr does not apply to server.strategy = "feddyn": it sets the model '
+            "to the mean of the clients' models minus h / alpha, no server step; leave it at 1"
+        )
+    if s.strategy == "fednova" and c.optimizer != "sgd":
+        raise ValueError(
+            'server.strategy = "fednova" needs client.optimizer = "sgd": it normalises each '
+            "update by the weights SGD (with or without client.momentum) gives its local "
+            f'gradients, and "{c.optimizer}" has no such weights; use fedavg or fedprox instead'
+        )
     if c.optimizer == "newton" and cfg.model.framework != "torch":
         raise ValueError(
             'client.optimizer = "newton" needs model.framework = "torch"; '
@@ -378,6 +393,12 @@ def asynchronous(cfg: ExperimentSections) -> None:
             f"{why} scales each update by its staleness; SCAFFOLD's control deltas and the "
             "Newton step's statistics cannot be scaled: use another strategy or optimizer"
         )
+    if s.strategy in (StrategyKind.FEDDYN, StrategyKind.FEDNOVA):
+        raise ValueError(
+            f'{why} scales each update by its staleness; server.strategy = "{s.strategy}" '
+            "needs a synchronous cohort (FedDyn's h counts the round's participants, FedNova "
+            'rescales by the cohort\'s step norms): use server.mode = "sync"'
+        )
     if cfg.concurrency > cfg.data.num_clients:
         raise ValueError(
             f"server.concurrency = {cfg.concurrency} is more than the {cfg.data.num_clients} "
@@ -563,10 +584,11 @@ def privacy(cfg: ExperimentSections) -> None:
                 f'privacy.mode = "local" (DP-SGD) needs client.optimizer "sgd" or "adam", '
                 f'got "{c.optimizer}"'
             )
-        if s.strategy in ("fedprox", "scaffold"):
+        if s.strategy in ("fedprox", "scaffold", "feddyn", "fednova"):
             raise ValueError(
                 f'privacy.mode = "local" does not support server.strategy = "{s.strategy}" '
-                "(its client term is not privatised); use fedavg, fedavgm or an adaptive one"
+                "(DP-SGD does not apply its client term or normalisation); use fedavg, fedavgm "
+                "or an adaptive one"
             )
         if cfg.data.augment_copies > 0:
             raise ValueError(

@@ -125,6 +125,7 @@ class ServerSection(_Section):
     beta1: float = Field(0.9, ge=0.0, lt=1.0)
     beta2: float = Field(0.99, ge=0.0, lt=1.0)
     tau: float = Field(1e-3, gt=0.0)
+    feddyn_alpha: float = Field(0.01, gt=0.0)  # FedDyn's regulariser weight (strategy "feddyn")
     deadline_s: float | None = Field(None, gt=0.0)
     sampling: Literal["fixed", "poisson"] = "fixed"
     # Byzantine robustness: the rule that replaces the weighted mean, and what it must tolerate.

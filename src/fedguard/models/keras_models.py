@@ -16,6 +16,8 @@ from fedguard.models import keras_adapter  # noqa: F401
 
 import keras
 
+from fedguard.models import torch_models
+
 _FIRST = "channels_first"
 # Flatten in torch's (C, H, W) order: a plain reshape, so the Dense kernels match torch_models'.
 _TORCH_ORDER = "channels_last"
@@ -48,7 +50,39 @@ def image_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
 
 
 def speech_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
-    """Conv 32 3x3 same padding relu, max-pool 2, Dense 128 relu, Dense softmax.
+    """:func:`fedguard.models.torch_models.speech_cnn` in Keras: the mel bands as the channels
+    of three blocks of (Conv1D 64 3 same padding, GroupNormalization 4 groups without centre or
+    scale, relu, max-pool 2), global max pooling over time, Dense softmax.
+
+    ``input_shape`` is ``(1, mel_bands, frames)`` of the log-mel features (at least 8 frames).
+    GroupNormalization's epsilon is torch's (1e-5), so both compute the same function.
+    """
+    channels, bands, frames = input_shape
+    if frames < 8:
+        raise ValueError(f"speech_cnn needs at least 8 frames, got {input_shape}.")
+    layers: list[keras.layers.Layer] = [
+        keras.Input(shape=input_shape),
+        keras.layers.Reshape((channels * bands, frames)),
+    ]
+    for i, out in enumerate(torch_models.SPEECH_CHANNELS, start=1):
+        layers += [
+            keras.layers.Conv1D(out, 3, padding="same", data_format=_FIRST, name=f"conv{i}"),
+            keras.layers.GroupNormalization(
+                torch_models.SPEECH_GROUPS, axis=1, epsilon=1e-5, center=False, scale=False
+            ),
+            keras.layers.ReLU(),
+            keras.layers.MaxPooling1D(2, data_format=_FIRST),
+        ]
+    layers += [
+        keras.layers.GlobalMaxPooling1D(data_format=_FIRST),
+        keras.layers.Dense(num_classes, activation="softmax", name="output"),
+    ]
+    return keras.Sequential(layers, name="speech_cnn")
+
+
+def brief_speech_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
+    """The project brief's speech model: Conv 32 3x3 same padding relu, max-pool 2, Dense 128
+    relu, Dense softmax (:func:`fedguard.models.torch_models.brief_speech_cnn`).
 
     ``input_shape`` is ``(1, mel_bands, frames)`` of the log-mel features.
     """
@@ -63,7 +97,7 @@ def speech_cnn(input_shape: tuple[int, ...], num_classes: int) -> keras.Model:
             keras.layers.Dense(128, activation="relu", name="fc1"),
             keras.layers.Dense(num_classes, activation="softmax", name="output"),
         ],
-        name="speech_cnn",
+        name="brief_speech_cnn",
     )
 
 
@@ -82,5 +116,6 @@ def logistic_regression(input_shape: tuple[int, ...], num_classes: int) -> keras
 BUILTIN = {
     "image_cnn": image_cnn,
     "speech_cnn": speech_cnn,
+    "brief_speech_cnn": brief_speech_cnn,
     "logistic_regression": logistic_regression,
 }

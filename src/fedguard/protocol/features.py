@@ -1,7 +1,9 @@
 """What a fit task asks of the client's trainer, by name.
 
 A strategy's client half is more than a learning rate: FedProx adds a proximal term to the local
-objective, SCAFFOLD corrects every gradient and sends back a control delta, the Newton step sends
+objective, SCAFFOLD corrects every gradient and sends back a control delta, FedDyn adds its dynamic
+regulariser and keeps its gradient state, FedNova's clients normalise their update by their local
+steps and report the norm, the Newton step sends
 gradient and Hessian sums, and local DP trains with DP-SGD and reports what it ran. A
 :class:`~fedguard.client.trainer.ClientTrainer` lists the ones it applies in its ``features``; a
 strategy lists the ones its clients need in ``client_features()``. A run whose trainer lacks one
@@ -21,6 +23,14 @@ CONTROL_VARIATE = "control_variate"  # SCAFFOLD: gradients + c - c_i; reply tens
 NEWTON_STATISTICS = "newton_statistics"  # reply tensors "gradient_sum" and "hessian_sum"
 DP_SGD = "dp_sgd"  # local DP: DP-SGD at the task's noise and clip, reported in the reply metrics
 CONTROL = "control"  # the fit task tensor that carries SCAFFOLD's server control variate
+# FedDyn: -<g_k, w> + alpha/2 ||w - w_global||^2, alpha = config "feddyn_alpha"; state "feddyn_gradient"
+DYNAMIC_REGULARIZER = "dynamic_regularizer"
+FEDDYN_ALPHA = "feddyn_alpha"  # the fit config entry with FedDyn's alpha
+FEDDYN_GRADIENT = "feddyn_gradient"  # the client state entry with FedDyn's g_k
+# FedNova: the update divided by ||a_i||_1 of the local steps; reply tensor "step_norm" [1]
+NORMALIZED_UPDATE = "normalized_update"
+FEDNOVA = "fednova"  # the fit config entry (true) that asks for FedNova's normalised update
+STEP_NORM = "step_norm"  # the reply tensor with FedNova's ||a_i||_1
 
 
 def asked(
@@ -33,6 +43,11 @@ def asked(
         out.add(PROXIMAL_TERM)
     if CONTROL in tensors:
         out.add(CONTROL_VARIATE)
+    alpha = config.get(FEDDYN_ALPHA)
+    if isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha > 0:
+        out.add(DYNAMIC_REGULARIZER)
+    if config.get(FEDNOVA) is True:
+        out.add(NORMALIZED_UPDATE)
     if config.get("optimizer") == "newton":
         out.add(NEWTON_STATISTICS)
     if messages.DP_SGD_NOISE in config:

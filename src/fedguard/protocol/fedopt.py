@@ -6,6 +6,12 @@
   (Li et al. 2020: FedAvg whose clients add a proximal term, ``proximal_mu`` in their config).
 * :class:`Scaffold`: a FedAvg whose clients correct their gradients by control variates, and
   whose server moves its own (Karimireddy et al. 2020; :mod:`fedguard.algorithms.optimizers.scaffold`).
+* :class:`FedDyn`: clients minimise a dynamically regularised objective and keep their gradient
+  state; the server keeps ``h`` and sets the model to the mean of the clients' models minus
+  ``h / alpha`` (Acar et al. 2021; :mod:`fedguard.algorithms.optimizers.feddyn`).
+* :class:`FedNova`: clients send their update normalised by their local steps, the server
+  rescales the mean by the effective step count (Wang et al. 2020;
+  :mod:`fedguard.algorithms.optimizers.fednova`), then steps the server optimizer (FedAvg).
 * :class:`Newton`: the exact Newton step of the pooled objective from the clients' gradient and
   Hessian sums (convex models; :mod:`fedguard.algorithms.optimizers.newton`).
 
@@ -21,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fedguard.algorithms import robust, seeding
-from fedguard.algorithms.optimizers import newton, scaffold
+from fedguard.algorithms.optimizers import feddyn, fednova, newton, scaffold
 from fedguard.algorithms.optimizers import server as server_optimizers
 from fedguard.protocol import features, messages, robust_rules
 from fedguard.protocol.aggregator import Aggregator, Mean, RoundContext
@@ -41,6 +47,16 @@ AGGREGATOR_STREAM = 0xA66  # the seeding stream of the aggregator's round genera
 SCAFFOLD_REFUSAL = (
     "SCAFFOLD's control deltas have no norm bound, so they cannot be quantised for masking"
 )
+FEDDYN_REFUSAL = (
+    "FedDyn's server state h must stay the mean of the clients' gradient states, which each "
+    "client moves by its exact, unweighted update; a sum of clipped (and example-weighted) "
+    "updates would make h drift from them"
+)
+FEDNOVA_REFUSAL = (
+    "FedNova rescales the mean of the normalised updates by tau_eff, the example-weighted mean "
+    "of each client's local step norm, which travels beside each update and not in the sum; "
+    "use fedavg or fedprox"
+)
 NEWTON_REFUSAL = (
     "the Newton step needs per-client gradient and Hessian sums, which are not clipped "
     "updates; use a first-order client optimizer"
@@ -50,6 +66,8 @@ _SERVER_OPTIMIZER = {
     StrategyKind.FEDAVG: server_optimizers.ServerOptimizer.FEDAVG,
     StrategyKind.FEDPROX: server_optimizers.ServerOptimizer.FEDAVG,
     StrategyKind.SCAFFOLD: server_optimizers.ServerOptimizer.FEDAVG,
+    StrategyKind.FEDDYN: server_optimizers.ServerOptimizer.FEDAVG,
+    StrategyKind.FEDNOVA: server_optimizers.ServerOptimizer.FEDAVG,
     StrategyKind.FEDAVGM: server_optimizers.ServerOptimizer.FEDAVGM,
     StrategyKind.FEDADAM: server_optimizers.ServerOptimizer.FEDADAM,
     StrategyKind.FEDYOGI: server_optimizers.ServerOptimizer.FEDYOGI,
@@ -194,6 +212,113 @@ class Scaffold(Strategy):
 
 
 @dataclass(frozen=True)
+class FedDyn(Strategy):
+    """FedDyn (Acar et al. 2021, Algorithm 1): every client is told ``alpha`` (its fit config's
+    ``feddyn_alpha``) and adds the dynamic regulariser; the server moves ``h`` by the
+    participants' updates over the population of ``num_clients`` and sets the model to the mean
+    of the participants' models minus ``h / alpha``. The means are unweighted, as in the paper,
+    and the model is set, not stepped: no server optimizer or aggregator applies."""
+
+    client_config: Mapping[str, messages.Scalar]
+    alpha: float
+    num_clients: int
+
+    def __post_init__(self) -> None:
+        if not self.alpha > 0:
+            raise ValueError(f"FedDyn's alpha must be positive, got {self.alpha}.")
+        if self.num_clients < 1:
+            raise ValueError(f"FedDyn needs at least one client, got {self.num_clients}.")
+
+    def init(self, params: torch.Tensor) -> ServerState:
+        empty = torch.zeros(0, dtype=torch.float32)
+        return ServerState(
+            server_optimizers.ServerOptimizerState(empty, empty), h=torch.zeros_like(params)
+        )
+
+    def restore(self, named: Mapping[str, torch.Tensor]) -> ServerState:
+        return ServerState.from_tensors(named)
+
+    def fit_instructions(
+        self, state: StrategyState
+    ) -> tuple[dict[str, messages.Scalar], dict[str, torch.Tensor]]:
+        return {**self.client_config, features.FEDDYN_ALPHA: self.alpha}, {}
+
+    def client_features(self) -> frozenset[str]:
+        return frozenset({features.DYNAMIC_REGULARIZER})
+
+    def sum_refusal(self) -> str | None:
+        return FEDDYN_REFUSAL
+
+    def aggregate(
+        self,
+        state: StrategyState,
+        params: torch.Tensor,
+        replies: Sequence[messages.FitReply],
+        *,
+        round_: int = 0,
+    ) -> tuple[ServerState, torch.Tensor]:
+        current = ServerState.of(state)
+        h, new_params = feddyn.server_update(
+            params,
+            current.h,
+            torch.stack([r.update for r in replies]),
+            alpha=self.alpha,
+            num_clients=self.num_clients,
+        )
+        return replace(current, h=h), new_params
+
+
+@dataclass(frozen=True)
+class FedNova(Strategy):
+    """FedNova (Wang et al. 2020): every client is told to normalise (its fit config's
+    ``fednova``) and sends ``d_i = delta_i / ||a_i||_1`` with ``||a_i||_1`` as its ``step_norm``
+    tensor; the server takes ``tau_eff sum_i p_i d_i`` (``p_i`` by example counts) through the
+    server optimizer ``server``. Only the weighted mean is FedNova's average: no robust rule."""
+
+    server: server_optimizers.ServerOptimizerConfig
+    client_config: Mapping[str, messages.Scalar]
+
+    def init(self, params: torch.Tensor) -> ServerState:
+        return ServerState(server_optimizers.init(self.server, params))
+
+    def restore(self, named: Mapping[str, torch.Tensor]) -> ServerState:
+        return ServerState.from_tensors(named)
+
+    def fit_instructions(
+        self, state: StrategyState
+    ) -> tuple[dict[str, messages.Scalar], dict[str, torch.Tensor]]:
+        return {**self.client_config, features.FEDNOVA: True}, {}
+
+    def required_tensors(self, dim: int) -> dict[str, int]:
+        return {features.STEP_NORM: 1}
+
+    def client_features(self) -> frozenset[str]:
+        return frozenset({features.NORMALIZED_UPDATE})
+
+    def sum_refusal(self) -> str | None:
+        return FEDNOVA_REFUSAL
+
+    def aggregate(
+        self,
+        state: StrategyState,
+        params: torch.Tensor,
+        replies: Sequence[messages.FitReply],
+        *,
+        round_: int = 0,
+    ) -> tuple[ServerState, torch.Tensor]:
+        current = ServerState.of(state)
+        delta = fednova.aggregate(
+            torch.stack([r.update for r in replies]),
+            torch.cat([r.tensors[features.STEP_NORM].reshape(1) for r in replies]),
+            torch.tensor([float(r.num_examples) for r in replies], dtype=torch.float64),
+        )
+        opt_state, new_params = server_optimizers.apply(
+            self.server, current.optimizer, params, delta
+        )
+        return replace(current, optimizer=opt_state), new_params
+
+
+@dataclass(frozen=True)
 class Newton(Strategy):
     """The pooled Newton step: ``-H^-1 g`` of the sums of the clients' gradients and Hessians
     over their examples, through the server optimizer (FedAvg or FedAvgM)."""
@@ -242,7 +367,7 @@ class Newton(Strategy):
         return replace(current, optimizer=opt_state), new_params
 
 
-BuiltinStrategy = FedOpt | Scaffold | Newton | CentralPrivacy
+BuiltinStrategy = FedOpt | Scaffold | FedDyn | FedNova | Newton | CentralPrivacy
 
 
 def create(
@@ -255,6 +380,7 @@ def create(
     beta1: float = 0.9,
     beta2: float = 0.99,
     tau: float = 1e-3,
+    feddyn_alpha: float = 0.01,
     central_dp: CentralDP | None = None,
     robust_rule: robust.RobustConfig | None = None,
     aggregator: Aggregator | None = None,
@@ -263,8 +389,10 @@ def create(
     """The built-in strategy ``kind`` with these settings.
 
     ``client_config`` with ``optimizer = "newton"`` makes it the Newton step. The updates are
-    combined by ``aggregator``, else the robust rule ``robust_rule``, else the weighted mean;
-    ``central_dp`` wraps the result in user-level DP-FedAvg.
+    combined by ``aggregator``, else the robust rule ``robust_rule``, else the weighted mean
+    (FedDyn and FedNova combine them their own way and take only the mean);
+    ``feddyn_alpha`` is FedDyn's ``alpha``; ``central_dp`` wraps the result in user-level
+    DP-FedAvg.
     """
     if robust_rule is not None and aggregator is not None:
         raise ValueError("Give a robust_rule or an aggregator, not both.")
@@ -282,7 +410,12 @@ def create(
     config = dict(client_config)
     if kind is not StrategyKind.FEDPROX:
         config["proximal_mu"] = 0.0
-    base: FedOpt | Scaffold | Newton
+    base: FedOpt | Scaffold | FedDyn | FedNova | Newton
+    if kind in (StrategyKind.FEDDYN, StrategyKind.FEDNOVA) and not isinstance(rule, Mean):
+        raise ValueError(
+            f'server.strategy = "{kind}" averages the updates its own way (its defining '
+            'step); a robust server.aggregator cannot replace it: use "mean"'
+        )
     if config.get("optimizer") == "newton":
         if not isinstance(rule, Mean):
             raise ValueError(
@@ -292,6 +425,10 @@ def create(
         base = Newton(server, config)
     elif kind is StrategyKind.SCAFFOLD:
         base = Scaffold(FedOpt(server, config, rule, seed), num_clients)
+    elif kind is StrategyKind.FEDDYN:
+        base = FedDyn(config, feddyn_alpha, num_clients)
+    elif kind is StrategyKind.FEDNOVA:
+        base = FedNova(server, config)
     else:
         base = FedOpt(server, config, rule, seed)
     return base if central_dp is None else CentralPrivacy(base, central_dp)

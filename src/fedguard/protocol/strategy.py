@@ -10,7 +10,8 @@ named tensors, which the run checkpoints under ``server.<name>`` and gives back 
 :meth:`Strategy.restore` on ``--resume``.
 
 fedguard's own strategies implement the same protocol (:mod:`fedguard.protocol.fedopt`: FedAvg,
-FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, SCAFFOLD and the Newton step), and user-level
+FedAvgM, FedProx, FedAdam, FedYogi, FedAdagrad, SCAFFOLD, FedDyn, FedNova and the Newton step),
+and user-level
 central DP is a layer that wraps any strategy with a sum path
 (:mod:`fedguard.protocol.central_dp`). A strategy combines updates with an
 :class:`~fedguard.protocol.aggregator.Aggregator`: the weighted mean, or a Byzantine-robust rule
@@ -41,6 +42,7 @@ from fedguard.protocol import messages
 from fedguard.protocol.aggregator import Aggregator, AggregatorState, label
 
 CONTROL = "control"
+FEDDYN_H = "feddyn.h"  # FedDyn's server state h
 CLIP_NORM = messages.DP_CLIP_NORM
 AGGREGATOR_PREFIX = "robust."  # checkpoint names of the aggregator's state
 ROBUST_REFERENCE = "robust.reference"
@@ -59,6 +61,8 @@ class StrategyKind(enum.StrEnum):
     FEDYOGI = "fedyogi"
     FEDADAGRAD = "fedadagrad"
     SCAFFOLD = "scaffold"
+    FEDDYN = "feddyn"
+    FEDNOVA = "fednova"
 
 
 class Strategy(abc.ABC):
@@ -151,13 +155,14 @@ def _empty() -> torch.Tensor:
 @dataclass(frozen=True)
 class ServerState(Mapping[str, torch.Tensor]):
     """The built-in strategies' state: the server optimizer's moments, SCAFFOLD's control variate,
-    central DP's clip and the aggregator's state; a mapping of named tensors like any
-    strategy's state (empty tensors for the parts a strategy does not use)."""
+    central DP's clip, the aggregator's state and FedDyn's ``h``; a mapping of named tensors like
+    any strategy's state (empty tensors for the parts a strategy does not use)."""
 
     optimizer: server_optimizers.ServerOptimizerState
     control: torch.Tensor = field(default_factory=_empty)
     clip_norm: torch.Tensor = field(default_factory=_empty)  # central DP: [1]
     aggregator: AggregatorState = field(default_factory=dict)  # centered clipping: reference [D]
+    h: torch.Tensor = field(default_factory=_empty)  # FedDyn: [D]
 
     @property
     def robust_reference(self) -> torch.Tensor:
@@ -171,6 +176,7 @@ class ServerState(Mapping[str, torch.Tensor]):
             "optimizer.v": self.optimizer.v,
             CONTROL: self.control,
             CLIP_NORM: self.clip_norm,
+            FEDDYN_H: self.h,
         }
         named.update({AGGREGATOR_PREFIX + k: v for k, v in self.aggregator.items()})
         return named
@@ -194,7 +200,13 @@ class ServerState(Mapping[str, torch.Tensor]):
             for k, v in named.items()
             if k.startswith(AGGREGATOR_PREFIX)
         }
-        return cls(opt, named[CONTROL], named.get(CLIP_NORM, _empty()), aggregator)
+        return cls(
+            opt,
+            named[CONTROL],
+            named.get(CLIP_NORM, _empty()),
+            aggregator,
+            named.get(FEDDYN_H, _empty()),
+        )
 
     @classmethod
     def of(cls, state: StrategyState) -> ServerState:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from fedguard.algorithms import finite
-from fedguard.protocol import messages
+from fedguard.protocol import features, messages
 
 # The reply kind each task kind expects.
 REPLY_KIND: dict[type[messages.Message], type[messages.Message]] = {
@@ -77,7 +77,8 @@ def _reply_bytes(kind: type, header: messages.Header) -> int:
 
     A fit reply: the update (float32, the parameters' length), one float32 tensor the size of
     each tensor the task sent (SCAFFOLD's control variate comes back as ``control_delta``) and,
-    for a Newton client, the gradient and Hessian sums (``d + d * d`` floats). A masked input:
+    for a Newton client, the gradient and Hessian sums (``d + d * d`` floats), for a FedNova
+    client its step norm (one float). A masked input:
     ``d + 1`` ring elements of at most 8 bytes. Shares: one bounded entry per peer named in the
     task. An evaluation reply: the int64 score histograms and confusion matrix its task asks
     for (``C * 2 * bins + C * C`` counts). Keys and registrations carry no tensor of the model's
@@ -88,8 +89,10 @@ def _reply_bytes(kind: type, header: messages.Header) -> int:
         if kind is messages.SecAggMaskRequest:
             return 8 * (d + 1)
         sent = sum(math.prod(s) for n, s in header.shapes.items() if n.startswith("tensors."))
-        newton = header.fields.get("config", {}).get("optimizer") == "newton"
-        return 4 * (d + sent + (d + d * d if newton else 0))
+        config = header.fields.get("config", {})
+        newton = config.get("optimizer") == "newton"
+        fednova = config.get(features.FEDNOVA) is True  # its step norm, one float
+        return 4 * (d + sent + (d + d * d if newton else 0) + (1 if fednova else 0))
     if kind is messages.SecAggShareRequest:
         # a bundle per peer and a share commitment per holder (the peers and the client)
         return SECAGG_ENTRY_BYTES * (len(header.maps["public_keys"]) + 1)

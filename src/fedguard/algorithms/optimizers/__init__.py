@@ -1,1 +1,2 @@
-"""Federated optimizers as pure functions: weighted means, server optimizers, SCAFFOLD, Newton steps."""
+"""Federated optimizers as pure functions: weighted means, server optimizers, SCAFFOLD, FedDyn,
+FedNova, Newton steps."""

@@ -124,6 +124,7 @@ GROUPS: dict[str, Group] = {
             "test_mutants_fedbuff*.py",
             "test_mutants_stacked*.py",
             "test_feddyn_fednova.py",
+            "test_mutants_feddyn_fednova*.py",
         ),
         deselect=(  # a whole experiment twice, checkpointed: the unit tests above cover the math
             "tests/test_feddyn_fednova.py::test_feddyn_state_of_server_and_clients_survives_a_checkpoint",

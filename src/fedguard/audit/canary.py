@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedguard.client import dp_sgd, trainers
+from fedguard.client import trainers
 from fedguard.client.data import ClientData
 from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
 from fedguard.models.adapter import ModelAdapter
@@ -269,17 +269,7 @@ class GradientCanaryTrainer(ClientTrainer):
         coordinates = self.hosted.get(task.client_id)
         if coordinates is None or messages.DP_SGD_NOISE not in task.config:
             return self.inner.train(model, data, task)
-        cfg = trainers.local_training_from(task.config)
-        stats = dp_sgd.train(
-            model,
-            data.train_x,
-            data.train_y,
-            cfg,
-            trainers.dp_settings(task.config),
-            generator=task.generator,
-            gradient_canaries=coordinates,
-        )
-        return trainers.dp_result(model.get_flat() - task.params, stats)
+        return trainers.run_dp_sgd(model, data, task, gradient_canaries=coordinates)
 
 
 def record_scores(model: ModelAdapter, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:

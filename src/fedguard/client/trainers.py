@@ -175,10 +175,29 @@ class DPSGDTrainer(ClientTrainer):
     features = frozenset({features.DP_SGD})
 
     def train(self, model: ModelAdapter, data: ClientData, task: TrainTask) -> TrainResult:
-        cfg = local_training_from(task.config)
-        dp = dp_settings(task.config)
-        stats = dp_sgd.train(model, data.train_x, data.train_y, cfg, dp, generator=task.generator)
-        return dp_result(model.get_flat() - task.params, stats)
+        return run_dp_sgd(model, data, task)
+
+
+def run_dp_sgd(
+    model: ModelAdapter,
+    data: ClientData,
+    task: TrainTask,
+    *,
+    gradient_canaries: torch.Tensor | None = None,
+) -> TrainResult:
+    """DP-SGD on ``task`` at its config's noise and clip, and its result (the update and what
+    ran). ``gradient_canaries``: a privacy audit's white-box canaries that this client holds
+    (see :func:`fedguard.client.dp_sgd.train`)."""
+    stats = dp_sgd.train(
+        model,
+        data.train_x,
+        data.train_y,
+        local_training_from(task.config),
+        dp_settings(task.config),
+        generator=task.generator,
+        gradient_canaries=gradient_canaries,
+    )
+    return dp_result(model.get_flat() - task.params, stats)
 
 
 class NewtonTrainer(ClientTrainer):

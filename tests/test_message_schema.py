@@ -36,21 +36,18 @@ METRIC_OK = {"nan", "inf", "negative", "huge"}  # numbers: a metric may hold the
 
 def _mutate(payload: bytes, target: str, value: object) -> bytes:
     """``payload`` with ``target`` replaced by ``value`` in its JSON header: a scalar field
-    (``"num_examples"``), a metric (``"metrics.loss"``), a tensor, byte field or byte map
-    (removed from the tensors and put among the fields instead), or a byte map's layout
-    (``"maps.ciphertexts"``)."""
+    (``"num_examples"``), a metric (``"metrics.loss"``), or a tensor, byte field or byte map
+    (removed from the tensors, with a byte map's index, and put among the fields instead)."""
     table = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
     head = json.loads(table["__metadata__"]["message"])
     tensors = dict(st_load(payload))
     section, dot, name = target.partition(".")
     if dot and section == "metrics":
         head["fields"]["metrics"][name] = value
-    elif dot and section == "maps":
-        head["maps"][name] = value
     else:
-        for key in (target, f"bytes.{target}", f"map.{target}"):
+        for key in (target, f"bytes.{target}", f"map.{target}", f"map_ids.{target}"):
             tensors.pop(key, None)
-        head.get("maps", {}).pop(target, None)
+        tensors.pop(f"map_lengths.{target}", None)
         head["fields"][target] = value
     return st_save(tensors, metadata={"message": json.dumps(head)})
 
@@ -61,8 +58,6 @@ def _targets(message: messages.Message) -> list[str]:
         out.append(f.name)
         if f.name == "metrics":
             out += [f"metrics.{k}" for k in message.metrics]
-        if f.name in messages._BYTE_MAP_FIELDS:
-            out.append(f"maps.{f.name}")
     return out
 
 
@@ -97,6 +92,50 @@ def test_decode_refuses_every_field_of_the_wrong_type_or_range(message) -> None:
         with pytest.raises(messages.MessageError):
             messages.decode(payload, type(message))
     assert type(messages.decode(messages.encode(message), type(message))) is type(message)
+
+
+def _with_tensor(payload: bytes, name: str, value: np.ndarray | None) -> bytes:
+    """``payload`` with its tensor ``name`` replaced by ``value`` (None: removed)."""
+    table = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
+    tensors = dict(st_load(payload))
+    if value is None:
+        tensors.pop(name)
+    else:
+        tensors[name] = value
+    return st_save(tensors, metadata=table["__metadata__"])
+
+
+def test_byte_map_indexes_are_checked() -> None:
+    """A byte map's ids must be distinct valid client ids in increasing order and its lengths
+    add up to its data; a map without its index, or with one of another dtype or size, is
+    refused; the valid one decodes to the map that was sent."""
+    shares = messages.SecAggShares(3, 5, {9: b"abc", 2: b"defg", 40: b""})
+    good = messages.encode(shares)
+    assert messages.decode(good, messages.SecAggShares).ciphertexts == {
+        2: b"defg",
+        9: b"abc",
+        40: b"",
+    }
+    i64 = np.int64
+    cases = {
+        "repeats a client id": ("map_ids.ciphertexts", np.array([2, 2, 40], i64)),
+        "out of order": ("map_ids.ciphertexts", np.array([9, 2, 40], i64)),
+        "client id outside": ("map_ids.ciphertexts", np.array([-3, 2, 40], i64)),
+        "outside \\[0, 2147483647\\]": ("map_ids.ciphertexts", np.array([2, 9, 2**40], i64)),
+        "lengths do not add up": ("map_lengths.ciphertexts", np.array([4, 3, 1], i64)),
+        "length outside": ("map_lengths.ciphertexts", np.array([9, -2, 0], i64)),
+        "dtype": ("map_ids.ciphertexts", np.array([2, 9, 40], np.float64)),
+        "2 ids and 3 lengths": ("map_ids.ciphertexts", np.array([2, 9], i64)),
+        "lacks its 'map_lengths.ciphertexts'": ("map_lengths.ciphertexts", None),
+        "unexpected tensor 'map_ids.public_keys'": ("map_ids.public_keys", np.zeros(1, i64)),
+    }
+    for reason, (name, value) in cases.items():
+        with pytest.raises(messages.MessageError, match=reason):
+            messages.decode(_with_tensor(good, name, value), messages.SecAggShares)
+    # lengths that wrap around int64 to the data's size are refused, not sliced
+    wrap = np.array([2**62, 2**62, 2**63 - 2**62 - 2**62 + 7], dtype=np.uint64).astype(i64)
+    with pytest.raises(messages.MessageError, match="length outside"):
+        messages.decode(_with_tensor(good, "map_lengths.ciphertexts", wrap), messages.SecAggShares)
 
 
 def test_schema_refuses_bool_counts_floats_for_ints_and_unknown_fields() -> None:

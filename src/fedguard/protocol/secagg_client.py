@@ -39,11 +39,17 @@ server, and refuses, revealing nothing:
 
 One object may serve many client ids (the simulator); it checks each signature once: the
 verification of one signature over one payload by one key is a pure function, so a node that
-hosts many clients need not repeat it for each of them.
+hosts many clients need not repeat it for each of them. For the same reason it checks each
+broadcast set once per round: the advertisements of a reveal request, the reveals against
+their commitments and the consistency signatures of an unmasking request are the same bytes for
+every client of a round, so a node remembers, by a digest of those bytes, the outcome of a set
+it has checked (a simulator of a thousand clients would otherwise repeat a thousand checks for
+each of them). A deployed client checks each set itself, once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -132,6 +138,19 @@ class _Seen:
     nonces: set[bytes] = field(default_factory=set)
 
 
+_SetKey = tuple[int, bytes, bytes, bytes]  # round, nonce and the digests of two byte maps
+
+
+def map_digest(byte_map: messages.ByteMap) -> bytes:
+    """A digest of a byte map's ids, lengths and bytes in id order: equal digests, equal maps."""
+    ids = sorted(byte_map)
+    values = [byte_map[i] for i in ids]
+    digest = hashlib.sha256(np.array(ids, dtype="<i8").tobytes())
+    digest.update(np.fromiter(map(len, values), dtype="<i8", count=len(values)).tobytes())
+    digest.update(b"".join(values))
+    return digest.digest()
+
+
 def fit_task(request: messages.SecAggMaskRequest) -> messages.FitTask:
     """The fit task a masking request carries (what the client trains before it masks)."""
     return messages.FitTask(
@@ -165,6 +184,11 @@ class SecAggClient:
         self.states: dict[int, _State] = {}
         self._seen: dict[int, _Seen] = {}
         self._checked: set[tuple[int, bytes, bytes]] = set()  # (signer, signature, payload)
+        # broadcast sets checked this round, by digest: the advertisements, the graph seed of
+        # the reveals, the valid signers of a survivor set
+        self._advertisements: dict[_SetKey, dict[int, tuple[bytes, bytes, bytes]]] = {}
+        self._seeds: dict[_SetKey, int] = {}
+        self._signers: dict[tuple[bytes, bytes], frozenset[int]] = {}
         self._checked_round = -1
 
     def handle(self, request: messages.SecAggMessage) -> messages.SecAggMessage:
@@ -239,6 +263,9 @@ class SecAggClient:
                 del self.states[other]  # a later round began: earlier rounds ended
         if setup.round > self._checked_round:  # signatures bind their round: older ones are moot
             self._checked.clear()
+            self._advertisements.clear()
+            self._seeds.clear()
+            self._signers.clear()
             self._checked_round = setup.round
 
     def advertise(self, request: messages.SecAggSetup) -> messages.SecAggKeys:
@@ -277,15 +304,7 @@ class SecAggClient:
                 f"Client {cid} was sent advertisements of clients {strangers}, who were not "
                 f"sampled in round {round_}."
             )
-        key_bytes = secagg_crypto.KEY_BYTES
-        advertised: dict[int, tuple[bytes, bytes, bytes]] = {}
-        for v, blob in request.advertised.items():
-            if len(blob) != 2 * key_bytes + secagg_crypto.DIGEST_BYTES:
-                raise SecAggError(f"The advertisement of client {v} has the wrong length.")
-            c_pk, s_pk, commitment = blob[:key_bytes], blob[key_bytes:-32], blob[-32:]
-            payload = secagg_crypto.keys_message(round_, setup.nonce, v, c_pk, s_pk, commitment)
-            self._verify(cid, v, request.signatures.get(v, b""), payload, "advertised keys")
-            advertised[v] = (c_pk, s_pk, commitment)
+        advertised = self._checked_advertisements(cid, setup, request)
         mine = advertised.get(cid)
         expected = (state.c.public, state.s.public)
         if mine is None or mine[:2] != expected:
@@ -299,6 +318,35 @@ class SecAggClient:
             )
         self.states[cid] = _Revealed(setup, state.c, state.s, state.reveal, advertised)
         return messages.SecAggReveal(round_, cid, state.reveal)
+
+    def _checked_advertisements(
+        self, cid: int, setup: RoundSetup, request: messages.SecAggRevealRequest
+    ) -> dict[int, tuple[bytes, bytes, bytes]]:
+        """Every advertisement of the request, each signature checked against its sender's
+        identity over this round and nonce: ``client -> (c_pk, s_pk, commitment)``; a set this
+        node has checked in this round is not checked again."""
+        key = (
+            setup.round,
+            setup.nonce,
+            map_digest(request.advertised),
+            map_digest(request.signatures),
+        )
+        known = self._advertisements.get(key)
+        if known is not None:
+            return known
+        key_bytes = secagg_crypto.KEY_BYTES
+        advertised: dict[int, tuple[bytes, bytes, bytes]] = {}
+        for v, blob in request.advertised.items():
+            if len(blob) != 2 * key_bytes + secagg_crypto.DIGEST_BYTES:
+                raise SecAggError(f"The advertisement of client {v} has the wrong length.")
+            c_pk, s_pk, commitment = blob[:key_bytes], blob[key_bytes:-32], blob[-32:]
+            payload = secagg_crypto.keys_message(
+                setup.round, setup.nonce, v, c_pk, s_pk, commitment
+            )
+            self._verify(cid, v, request.signatures.get(v, b""), payload, "advertised keys")
+            advertised[v] = (c_pk, s_pk, commitment)
+        self._advertisements[key] = advertised
+        return advertised
 
     def share(self, request: messages.SecAggShareRequest) -> messages.SecAggShares:
         """Phase 1: Shamir-share ``b_u`` and ``s_u^SK``; one encrypted bundle per neighbour."""
@@ -369,25 +417,33 @@ class SecAggClient:
                 f"Client {cid}'s own graph randomness is missing from the reveals it was sent: "
                 "the server would choose the graph without it."
             )
-        for v, r in reveals.items():
-            committed = state.advertised.get(v)
-            if committed is None:
-                raise SecAggError(
-                    f"Client {cid} was sent a reveal of client {v}, who committed none."
-                )
-            if len(r) != secagg_crypto.REVEAL_BYTES or (
-                secagg_crypto.commitment(setup.round, setup.nonce, v, r) != committed[2]
-            ):
-                raise SecAggError(
-                    f"Client {cid} was sent a reveal of client {v} that does not match its "
-                    "signed commitment."
-                )
         if len(reveals) < setup.quorum:
             raise SecAggError(
                 f"Client {cid} was sent {len(reveals)} reveals, fewer than the {setup.quorum} "
                 "a round needs."
             )
-        seed = secagg_crypto.graph_seed(setup.round, setup.nonce, reveals)
+        key = (
+            setup.round,
+            setup.nonce,
+            map_digest({v: b"".join(a) for v, a in state.advertised.items()}),
+            map_digest(reveals),
+        )
+        seed = self._seeds.get(key)
+        if seed is None:
+            for v, r in reveals.items():
+                committed = state.advertised.get(v)
+                if committed is None:
+                    raise SecAggError(
+                        f"Client {cid} was sent a reveal of client {v}, who committed none."
+                    )
+                if len(r) != secagg_crypto.REVEAL_BYTES or (
+                    secagg_crypto.commitment(setup.round, setup.nonce, v, r) != committed[2]
+                ):
+                    raise SecAggError(
+                        f"Client {cid} was sent a reveal of client {v} that does not match its "
+                        "signed commitment."
+                    )
+            seed = self._seeds[key] = secagg_crypto.graph_seed(setup.round, setup.nonce, reveals)
         return replace(setup, graph_seed=seed)
 
     def _check_peers(
@@ -531,16 +587,21 @@ class SecAggClient:
         payload = secagg_crypto.survivors_message(
             request.round, setup.nonce, setup.transcript, sorted(state.survivors)
         )
-        valid = 0
-        for v in sorted(state.survivors & set(request.signatures)):
-            try:
-                self._verify(cid, v, request.signatures[v], payload, "survivor set")
-            except SecAggError:
-                continue
-            valid += 1
-        if valid < setup.quorum:
+        key = (hashlib.sha256(payload).digest(), map_digest(request.signatures))
+        signers = self._signers.get(key)
+        if signers is None:
+            valid: set[int] = set()
+            for v in sorted(state.survivors & set(request.signatures)):
+                try:
+                    self._verify(cid, v, request.signatures[v], payload, "survivor set")
+                except SecAggError:
+                    continue
+                valid.add(v)
+            signers = self._signers[key] = frozenset(valid)
+        valid_count = len(signers)
+        if valid_count < setup.quorum:
             raise SecAggError(
-                f"Client {cid} holds {valid} valid signatures over the survivor set it was "
+                f"Client {cid} holds {valid_count} valid signatures over the survivor set it was "
                 f"sent, fewer than the quorum of {setup.quorum}: the survivors may have been told "
                 "different sets; it refuses to unmask."
             )

@@ -95,7 +95,7 @@ def _reply_bytes(kind: type, header: messages.Header) -> int:
         return 4 * (d + sent + (d + d * d if newton else 0) + (1 if fednova else 0))
     if kind is messages.SecAggShareRequest:
         # a bundle per peer and a share commitment per holder (the peers and the client)
-        return SECAGG_ENTRY_BYTES * (len(header.maps["public_keys"]) + 1)
+        return SECAGG_ENTRY_BYTES * (header.shapes["map_ids.public_keys"][0] + 1)
     if kind is messages.SecAggUnmaskRequest:
         peers = len(header.fields["alive"]) + len(header.fields["dropped"])
         return SECAGG_ENTRY_BYTES * peers

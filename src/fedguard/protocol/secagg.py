@@ -64,6 +64,7 @@ the server is trusted to be honest but curious.
 from __future__ import annotations
 
 import enum
+import functools
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -230,6 +231,34 @@ class Settings:
 
 
 @dataclass(frozen=True)
+class _Structure:
+    """What a round's clients, degree and seed fix: the graph, the share holders of each client
+    and the Shamir points."""
+
+    graph: dict[int, frozenset[int]]
+    holders: dict[int, frozenset[int]]
+    points: dict[int, int]
+
+
+@functools.lru_cache(maxsize=16)
+def _structure(sampled: tuple[int, ...], neighbours: int, seed: int) -> _Structure:
+    """The :class:`_Structure` of a round, computed once for all the setups that share it (a
+    simulator holds one setup per client, each of which would otherwise rebuild ``O(n)``
+    dictionaries: ``O(n^2)`` per round at a thousand clients)."""
+    graph = secagg_graph.harary_graph(sampled, neighbours, seed)
+    holders = {u: peers | {u} for u, peers in graph.items()}
+    return _Structure(graph, holders, {cid: i + 1 for i, cid in enumerate(sampled)})
+
+
+@functools.lru_cache(maxsize=16)
+def _transcript(
+    round_: int, nonce: bytes, sampled: tuple[int, ...], neighbours: int, threshold: int, seed: int
+) -> bytes:
+    """:func:`.crypto.transcript`, once per round for all of a node's clients."""
+    return secagg_crypto.transcript(round_, nonce, sampled, neighbours, threshold, seed)
+
+
+@dataclass(frozen=True)
 class RoundSetup:
     """The public parameters of one round, as the server publishes them in phase 0."""
 
@@ -284,27 +313,24 @@ class RoundSetup:
     @cached_property
     def transcript(self) -> bytes:
         """A digest of the round's public parameters (see :func:`.crypto.transcript`)."""
-        return secagg_crypto.transcript(
+        return _transcript(
             self.round, self.nonce, self.sampled, self.neighbours, self.threshold, self.graph_seed
         )
 
-    @cached_property
+    @property
     def graph(self) -> dict[int, frozenset[int]]:
-        """Every sampled client's neighbours (the complete graph when ``k = n - 1``)."""
-        return secagg_graph.harary_graph(self.sampled, self.neighbours, self.graph_seed)
+        """Every sampled client's neighbours (the complete graph when ``k = n - 1``); shared
+        by every setup of the same clients, degree and seed: read it, never change it."""
+        return _structure(self.sampled, self.neighbours, self.graph_seed).graph
 
-    @cached_property
+    @property
     def points(self) -> dict[int, int]:
         """Each client's Shamir x-coordinate: its position among the sampled clients plus one."""
-        return {cid: i + 1 for i, cid in enumerate(self.sampled)}
+        return _structure(self.sampled, self.neighbours, self.graph_seed).points
 
     def holders(self, client_id: int) -> frozenset[int]:
         """Who holds shares of ``client_id``'s secrets: its neighbours and itself."""
-        return self._holders[client_id]
-
-    @cached_property
-    def _holders(self) -> dict[int, frozenset[int]]:
-        return {u: peers | {u} for u, peers in self.graph.items()}
+        return _structure(self.sampled, self.neighbours, self.graph_seed).holders[client_id]
 
     @property
     def min_inputs(self) -> int:
@@ -359,7 +385,7 @@ class RoundSetup:
     def from_message(cls, m: messages.SecAggSetup) -> RoundSetup:
         if m.client_id not in m.sampled:
             raise SecAggError(f"Client {m.client_id} is not among the round's sampled clients.")
-        sampled = tuple(sorted(int(c) for c in m.sampled))
+        sampled = tuple(sorted(m.sampled))  # integers: checked by the message schema
         if len(set(sampled)) != len(sampled):
             raise SecAggError("The round's sampled clients repeat an id.")
         if m.verified != bool(m.nonce):

@@ -96,6 +96,7 @@ class _Revealed:
     s: secagg_crypto.KeyPair
     reveal: bytes
     advertised: dict[int, tuple[bytes, bytes, bytes]]  # client -> (c_pk, s_pk, commitment)
+    digest: bytes  # of the advertisements as they were sent (the signed bytes)
 
 
 @dataclass(frozen=True)
@@ -139,16 +140,6 @@ class _Seen:
 
 
 _SetKey = tuple[int, bytes, bytes, bytes]  # round, nonce and the digests of two byte maps
-
-
-def map_digest(byte_map: messages.ByteMap) -> bytes:
-    """A digest of a byte map's ids, lengths and bytes in id order: equal digests, equal maps."""
-    ids = sorted(byte_map)
-    values = [byte_map[i] for i in ids]
-    digest = hashlib.sha256(np.array(ids, dtype="<i8").tobytes())
-    digest.update(np.fromiter(map(len, values), dtype="<i8", count=len(values)).tobytes())
-    digest.update(b"".join(values))
-    return digest.digest()
 
 
 def fit_task(request: messages.SecAggMaskRequest) -> messages.FitTask:
@@ -258,10 +249,11 @@ class SecAggClient:
                     "(a replayed setup)."
                 )
             seen.nonces.add(setup.nonce)
-        for other, state in list(self.states.items()):
-            if state.setup.round < setup.round:
-                del self.states[other]  # a later round began: earlier rounds ended
-        if setup.round > self._checked_round:  # signatures bind their round: older ones are moot
+        if setup.round > self._checked_round:  # a later round began: earlier rounds ended
+            for other, state in list(self.states.items()):
+                if state.setup.round < setup.round:
+                    del self.states[other]
+            # signatures bind their round: older ones are moot
             self._checked.clear()
             self._advertisements.clear()
             self._seeds.clear()
@@ -316,7 +308,14 @@ class SecAggClient:
                 f"Client {cid} was sent {len(advertised)} advertisements, fewer than the "
                 f"{setup.quorum} a round needs."
             )
-        self.states[cid] = _Revealed(setup, state.c, state.s, state.reveal, advertised)
+        self.states[cid] = _Revealed(
+            setup,
+            state.c,
+            state.s,
+            state.reveal,
+            advertised,
+            messages.map_digest(request.advertised),
+        )
         return messages.SecAggReveal(round_, cid, state.reveal)
 
     def _checked_advertisements(
@@ -328,8 +327,8 @@ class SecAggClient:
         key = (
             setup.round,
             setup.nonce,
-            map_digest(request.advertised),
-            map_digest(request.signatures),
+            messages.map_digest(request.advertised),
+            messages.map_digest(request.signatures),
         )
         known = self._advertisements.get(key)
         if known is not None:
@@ -425,8 +424,8 @@ class SecAggClient:
         key = (
             setup.round,
             setup.nonce,
-            map_digest({v: b"".join(a) for v, a in state.advertised.items()}),
-            map_digest(reveals),
+            state.digest,
+            messages.map_digest(reveals),
         )
         seed = self._seeds.get(key)
         if seed is None:
@@ -587,7 +586,7 @@ class SecAggClient:
         payload = secagg_crypto.survivors_message(
             request.round, setup.nonce, setup.transcript, sorted(state.survivors)
         )
-        key = (hashlib.sha256(payload).digest(), map_digest(request.signatures))
+        key = (hashlib.sha256(payload).digest(), messages.map_digest(request.signatures))
         signers = self._signers.get(key)
         if signers is None:
             valid: set[int] = set()

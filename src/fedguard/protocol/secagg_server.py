@@ -284,8 +284,10 @@ def _reveal(
 ) -> dict[int, bytes]:
     """Verified SecAgg+: send every advertiser all signed advertisements, collect the ``r``
     that open their commitments."""
-    advertised = {v: k.c_public + k.s_public + k.commitment for v, k in keys.items()}
-    signatures = {v: k.signature for v, k in keys.items()}
+    # the same two maps go to every client: packed once, written without a per-entry step
+    pack = messages.PackedByteMap.pack
+    advertised = pack({v: k.c_public + k.s_public + k.commitment for v, k in keys.items()})
+    signatures = pack({v: k.signature for v, k in keys.items()})
     requests = {
         u: messages.SecAggRevealRequest(setup.round, u, advertised, signatures) for u in keys
     }
@@ -310,6 +312,7 @@ def _share(
 ) -> dict[int, messages.SecAggShares]:
     advertised = set(keys)
     public = {v: k.c_public + k.s_public for v, k in keys.items()}
+    revealed = messages.PackedByteMap.pack(reveals)  # the same for every client
     requests = {}
     for u in sorted(keys):
         peers = sorted(setup.graph[u] & advertised)
@@ -318,7 +321,7 @@ def _share(
             u,
             {v: public[v] for v in peers},
             {v: keys[v].signature for v in peers if keys[v].signature},
-            dict(reveals),
+            revealed,
         )
     replies = dict(
         _replies(transport, Phase.SHARE, requests, messages.SecAggShares, ledger, deadline_s)
@@ -405,8 +408,9 @@ def _unmask_shares(
     """Shares per secret owner: ``{owner: {holder: share}}`` for ``b`` (alive) and ``s``
     (dropped), asked of ``holders`` (the survivors that passed the consistency check)."""
     alive, dropped = sorted(u3), sorted(u2 - u3)
+    signed = messages.PackedByteMap.pack(signatures)  # the same for every holder
     requests = {
-        u: messages.SecAggUnmaskRequest(setup.round, u, alive, dropped, dict(signatures))
+        u: messages.SecAggUnmaskRequest(setup.round, u, alive, dropped, signed)
         for u in sorted(holders)
     }
     replies = dict(

@@ -114,6 +114,11 @@ VARIANTS: list[Variant] = [
 ]
 
 
+def _variants(n: int, complete_up_to: int) -> list[Variant]:
+    """The variants measured at ``n`` clients: the complete graph only up to ``complete_up_to``."""
+    return [v for v in VARIANTS if v[0] is not Mode.SECAGG or n <= complete_up_to]
+
+
 def _settings(variant: Variant) -> secagg.Settings:
     mode, rate, _ = variant
     return secagg.Settings(mode, clip_norm=1.0, max_weight=EXAMPLES, dropout_rate=rate)
@@ -141,6 +146,12 @@ def _graph(n: int, variant: Variant) -> dict[str, int]:
     return {"neighbours": setup.neighbours, "threshold": setup.threshold}
 
 
+def _quorum(n: int, variant: Variant) -> int:
+    """The consistency signatures a client of a verified round checks before it unmasks."""
+    threshold = _graph(n, variant)["threshold"]
+    return max(threshold, n // 2 + 1)
+
+
 def _time_round(driver: RoundDriver, clients: FixedClients, round_: int, params) -> dict:
     clients.seconds = 0.0
     clients.slowest = {}
@@ -161,14 +172,19 @@ def _time_round(driver: RoundDriver, clients: FixedClients, round_: int, params)
 def primitive_seconds(dim: int, repeats: int = 50) -> dict[str, float]:
     """Median seconds of the primitives every client and the server cannot avoid: one AES-CTR
     mask expansion added into a ``dim + 1`` vector, one X25519 agreement with its HKDF, one
-    key pair."""
+    key pair and, for verified rounds, one Ed25519 signature and one verification."""
     out = np.zeros(dim + 1, dtype=np.uint32)
     pair, peer = secagg_crypto.key_pair(os.urandom), secagg_crypto.key_pair(os.urandom)
     seed = os.urandom(secagg_crypto.KEY_BYTES)
+    identity = secagg_crypto.simulated_identity(0, 0)
+    public = secagg_crypto.public_identity(identity)
+    signed = secagg_crypto.sign(identity, bytes(200))
     work = {
         "expand": lambda: secagg_crypto.add_mask(out, seed),
         "agree": lambda: secagg_crypto.mask_seed(pair.private, peer.public, 1, 0, 1),
         "key_pair": lambda: secagg_crypto.key_pair(os.urandom),
+        "sign": lambda: secagg_crypto.sign(identity, bytes(200)),
+        "verify": lambda: secagg_crypto.verify(public, signed, bytes(200), client_id=0),
     }
     seconds: dict[str, float] = {}
     for name, fn in work.items():
@@ -181,20 +197,41 @@ def primitive_seconds(dim: int, repeats: int = 50) -> dict[str, float]:
     return seconds
 
 
-def crypto_floor(n: int, neighbours: int, primitives: dict[str, float]) -> dict[str, float]:
+def crypto_floor(
+    n: int,
+    neighbours: int,
+    primitives: dict[str, float],
+    *,
+    verified: bool = False,
+    quorum: int = 0,
+) -> dict[str, float]:
     """The protocol's unavoidable cryptographic work in a round without dropouts.
 
     Each client: 2 key pairs, ``k`` agreements for the share keys and ``k`` for the mask seeds,
     ``k + 1`` mask expansions (pairwise and self); the server: one self-mask expansion per
-    client. ``sequential``: all of it one after another (the simulator); ``parallel``: the
-    server's part plus one client's (every client on its own device).
+    client. A verified round adds, per client, 2 signatures (its keys, the survivor set) and the
+    checks of the signatures it relies on: the advertisements it uses (every client's in SecAgg+,
+    whose graph comes from all of their committed randomness; its ``k`` neighbours' in the
+    complete graph) and the ``quorum`` survivor signatures before it unmasks; the server checks
+    every advertisement and every survivor signature once (``2n``), which is how it names a
+    client whose signature its peers would refuse. ``sequential``: all of it one after another
+    in one process that checks each signature once (the simulator); ``parallel``: the server's
+    part plus one client's (every client on its own device).
     """
     k = neighbours
     client = (
         2 * primitives["key_pair"] + 2 * k * primitives["agree"] + (k + 1) * primitives["expand"]
     )
     server = n * primitives["expand"]
-    return {"sequential": n * client + server, "parallel": client + server}
+    sequential = n * client + server
+    parallel = client + server
+    if verified:
+        committed = k < n - 1
+        checks = (n if committed else k) + quorum
+        server += 2 * n * primitives["verify"]
+        sequential = n * (client + 2 * primitives["sign"]) + server + 2 * n * primitives["verify"]
+        parallel = client + 2 * primitives["sign"] + checks * primitives["verify"] + server
+    return {"sequential": sequential, "parallel": parallel}
 
 
 def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[dict[str, Any]]:
@@ -220,7 +257,13 @@ def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[
     rows = []
     for variant in variants:
         graph = _graph(n, variant)
-        floor = crypto_floor(n, graph["neighbours"], primitives)
+        floor = crypto_floor(
+            n,
+            graph["neighbours"],
+            primitives,
+            verified=variant[2],
+            quorum=_quorum(n, variant) if variant[2] else 0,
+        )
         plain, plain_parallel = (
             median(None, "round_seconds"),
             median(None, "parallel_round_seconds"),
@@ -253,6 +296,9 @@ def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[
                 "primitive_seconds": primitives,
                 "crypto_floor_seconds": floor["sequential"],
                 "floor_ratio": (plain + floor["sequential"]) / plain,
+                "over_floor": median(variant, "round_seconds") / (plain + floor["sequential"]),
+                "parallel_over_floor": median(variant, "parallel_round_seconds")
+                / (plain_parallel + floor["parallel"]),
                 "parallel_crypto_floor_seconds": floor["parallel"],
                 "parallel_floor_ratio": (plain_parallel + floor["parallel"]) / plain_parallel,
             }
@@ -280,12 +326,15 @@ def bench_dropout(
     params = torch.zeros(dim)
     rng = np.random.default_rng(1)
     completed = 0
+    seconds = []
     for r in range(1, rounds + 1):
         drop = rng.choice(n, size=round(fraction * n), replace=False)
         transport.drops = {Phase.MASK: frozenset(int(c) for c in drop)}
+        start = time.perf_counter()
         try:
             driver.fit_round(r, params, driver.strategy.init(params))
             completed += 1
+            seconds.append(time.perf_counter() - start)
         except secagg.SecAggAbortedError:
             pass
     row = {
@@ -299,6 +348,7 @@ def bench_dropout(
         "dropped_before": "masked input",
         "rounds": rounds,
         "completed_share": completed / rounds,
+        "completed_round_seconds": statistics.median(seconds) if seconds else None,
     }
     print(json.dumps(row), flush=True)
     return row
@@ -312,14 +362,39 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 50, 100, 200])
     parser.add_argument("--dim", type=int, default=100_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--complete-up-to",
+        type=int,
+        default=200,
+        help="run the complete graph (SecAgg) only up to this many clients: its n^2 agreements "
+        "and expansions take minutes a round beyond",
+    )
+    parser.add_argument("--dropout-sizes", type=int, nargs="*", default=[100])
     parser.add_argument("--dropout-rounds", type=int, default=20)
+    parser.add_argument(
+        "--dropout-rounds-large",
+        type=int,
+        default=5,
+        help="dropout rounds at 500 clients or more",
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
     for n in args.sizes:
-        rows += bench_size(n, args.dim, args.repeats, VARIANTS)
-    dropout = [bench_dropout(100, args.dim, args.dropout_rounds, 0.1, v) for v in VARIANTS]
+        rows += bench_size(n, args.dim, args.repeats, _variants(n, args.complete_up_to))
+    dropout = [
+        bench_dropout(
+            n,
+            args.dim,
+            args.dropout_rounds if n < 500 else args.dropout_rounds_large,
+            0.1,
+            v,
+        )
+        for n in args.dropout_sizes
+        for v in _variants(n, args.complete_up_to)
+        if v[1] > 0  # the default degree, the one chosen to survive 10% dropouts
+    ]
     result = {
         "machine": {"python": platform.python_version(), "processor": platform.processor()},
         "repeats": args.repeats,

@@ -138,6 +138,33 @@ def test_byte_map_indexes_are_checked() -> None:
         messages.decode(_with_tensor(good, "map_lengths.ciphertexts", wrap), messages.SecAggShares)
 
 
+def test_packed_byte_maps_read_as_dicts_and_digest_their_contents() -> None:
+    """A decoded byte map reads like the dict that was sent (items, lookups, membership,
+    equality); its digest is the same for equal contents however built, and differs when
+    one byte moves from one entry to the next (the lengths are in it) or an id changes."""
+    sent = {7: b"\x00xy", 3: b"", 11: b"pq\x00"}
+    packed = messages.decode(
+        messages.encode(messages.SecAggShares(2, 4, sent)), messages.SecAggShares
+    ).ciphertexts
+    assert isinstance(packed, messages.PackedByteMap)
+    assert packed == sent and dict(packed) == sent and list(packed) == [3, 7, 11]
+    assert packed[11] == b"pq\x00" and packed.get(5) is None and 7 in packed and 8 not in packed
+    assert len(packed) == 3 and packed.ids.tolist() == [3, 7, 11]
+    with pytest.raises(KeyError):
+        packed[4]
+    again = messages.PackedByteMap.pack(dict(reversed(list(sent.items()))))
+    assert messages.map_digest(sent) == packed.digest() == again.digest()
+    assert messages.PackedByteMap.pack(packed) is packed
+    moved = {7: b"\x00x", 3: b"", 11: b"ypq\x00"}  # the same bytes in id order
+    assert b"".join(moved[i] for i in sorted(moved)) == b"".join(sent[i] for i in sorted(sent))
+    assert messages.map_digest(moved) != packed.digest()
+    assert messages.map_digest({**sent, 12: sent.pop(11)}) != packed.digest()
+    # a packed map written again is the same payload as the dict it came from
+    assert messages.encode(messages.SecAggShares(2, 4, packed)) == messages.encode(
+        messages.SecAggShares(2, 4, dict(packed))
+    )
+
+
 def test_schema_refuses_bool_counts_floats_for_ints_and_unknown_fields() -> None:
     good = messages.encode(FIT)
     for target, value in [("num_examples", True), ("num_examples", 7.0), ("round", "1")]:

@@ -8,6 +8,8 @@ detected and the round ends with no share revealed by any honest client. Malicio
 signature, a malformed share bundle or share, a masked vector of the wrong shape) are excluded and
 named by :func:`~fedguard.protocol.secagg_server.secure_sum`, and the others' weighted sum stays
 exact (compared with a reference sum computed here from the raw updates and unequal weights).
+Every test runs with one client object per id and with one object serving every id, whose
+per-round memory of checked broadcast sets must not let a tampered set through.
 """
 
 from __future__ import annotations
@@ -46,8 +48,25 @@ def _nonce(round_: int) -> bytes:
     return bytes([round_]) * 32
 
 
+_ONE_NODE = {"on": False}  # set per test by the ``node`` fixture
+
+
+@pytest.fixture(autouse=True, params=["one device per client", "one node for all clients"])
+def node(request: pytest.FixtureRequest) -> None:
+    """Every test runs twice: with one client object per id (a deployment) and with one object
+    answering for every id (the simulator), which checks each broadcast set once per round and
+    nonce and reuses the outcome for the other ids: each attack must be caught either way."""
+    _ONE_NODE["on"] = request.param == "one node for all clients"
+
+
 def _clients() -> dict[int, secagg_client.SecAggClient]:
-    """One client object (one device) per id, each with only its own private key."""
+    """One client object (one device) per id, each with only its own private key; or, under
+    the ``node`` fixture's second setting, one object holding every id's key."""
+    if _ONE_NODE["on"]:
+        shared = secagg_client.SecAggClient(
+            _fit, identities=IDENTITIES, random_bytes=np.random.default_rng(100).bytes
+        )
+        return dict.fromkeys(IDS, shared)
     return {
         cid: secagg_client.SecAggClient(
             _fit,
@@ -363,6 +382,66 @@ def test_a_commitment_set_with_a_client_missing_or_forged_is_refused() -> None:
     few = {v: advertised[v] for v in (3, 4, 5)}
     server.ask(3, messages.SecAggRevealRequest(5, 3, few, sigs))
     assert "fewer than the 5" in server.refusals[3]
+
+
+# --- what a node remembers of the sets it checked -------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", list(Mode))
+def test_a_majoritys_signatures_do_not_unmask_a_minority_told_another_set(mode: Mode) -> None:
+    """Five clients are told that all eight survived and three that client 7 dropped. The five sign, reach the quorum and unmask (b-shares, 7's included); the three are
+    then sent the same five signatures, over the other set: had a client reused what it learnt
+    of those signatures for the five, it would count a quorum and reveal 7's mask-key share,
+    which with 7's b-share unmasks ``x_7``."""
+    server = Scripted(mode)
+    server.through_mask()
+    majority, minority = [0, 1, 2, 3, 7], [4, 5, 6]
+    told = [u for u in IDS if u != 7]
+    sigs = server.consistency(IDS, majority)
+    server.consistency(told, minority)
+    for u in majority:
+        server.unmask(u, IDS, [], sigs)
+    assert sorted(server.revealed) == majority  # the five unmasked, 7's b-share among theirs
+    for u in minority:
+        assert server.unmask(u, told, [7], sigs) is None
+        assert "0 valid signatures" in server.refusals[u]
+    assert not any(r.s_shares for r in server.revealed.values())
+
+
+def test_each_client_derives_the_graph_from_the_reveals_it_was_sent() -> None:
+    """The server sends client 0 every reveal and client 1 all but client 6's (both above the
+    quorum): each derives its graph seed from its own set, whatever a node computed before."""
+    server = _plus_through_reveal()
+    every = dict(server.reveals)
+    fewer = {v: r for v, r in every.items() if v != 6}
+    crypto = secagg_server.secagg_crypto
+    for u, reveals in ((0, every), (1, fewer)):
+        seed = crypto.graph_seed(server.setup.round, server.setup.nonce, reveals)
+        graph = replace(server.setup, graph_seed=seed).graph
+        server.reveals = reveals
+        reply = server.ask(u, server.share_request(u, graph))
+        assert isinstance(reply, messages.SecAggShares), server.refusals
+        assert set(reply.ciphertexts) == set(graph[u]) & set(server.keys)
+        state = server.clients[u].states[u]
+        assert state.setup.graph_seed == seed  # type: ignore[union-attr]
+    assert crypto.graph_seed(5, server.setup.nonce, every) != crypto.graph_seed(
+        5, server.setup.nonce, fewer
+    )
+
+
+def test_a_set_checked_once_is_refused_when_sent_with_a_bad_signature() -> None:
+    """Client 0 checks the advertisements; client 2 is sent the same advertisements with client
+    4's signature replaced: refused, as a client on its own device would refuse it."""
+    server = Scripted(Mode.SECAGG_PLUS)
+    server.advertise()
+    sigs = {v: k.signature for v, k in server.keys.items()}
+    advertised = server.advertised()
+    assert isinstance(
+        server.ask(0, messages.SecAggRevealRequest(5, 0, advertised, sigs)), (messages.SecAggReveal)
+    )
+    bad = {**sigs, 4: sigs[5]}
+    assert server.ask(2, messages.SecAggRevealRequest(5, 2, advertised, bad)) is None
+    assert "client 4 carry an invalid signature" in server.refusals[2]
 
 
 def test_a_client_with_an_identity_refuses_a_semi_honest_round() -> None:

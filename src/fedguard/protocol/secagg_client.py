@@ -324,6 +324,9 @@ class SecAggClient:
         """Every advertisement of the request, each signature checked against its sender's
         identity over this round and nonce: ``client -> (c_pk, s_pk, commitment)``; a set this
         node has checked in this round is not checked again."""
+        # The round and nonce are belt and braces: a set checked under another nonce cannot
+        # hold this client's own fresh keys, which the caller requires, so its digest differs.
+        # The signatures are in the key so that a node refuses a bad one as a device would.
         key = (
             setup.round,
             setup.nonce,

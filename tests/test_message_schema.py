@@ -138,6 +138,33 @@ def test_byte_map_indexes_are_checked() -> None:
         messages.decode(_with_tensor(good, "map_lengths.ciphertexts", wrap), messages.SecAggShares)
 
 
+def test_client_id_lists_are_checked() -> None:
+    """The alive, dropped, survivor and sampled lists travel as int64 vectors: ids out of range,
+    repeated or of another dtype or rank are refused; valid ones keep their order."""
+    good = messages.encode(messages.SecAggUnmaskRequest(4, 2, [9, 2, 40], [7], {}))
+    back = messages.decode(good, messages.SecAggUnmaskRequest)
+    assert back.alive == [9, 2, 40] and back.dropped == [7] and back.signatures == {}
+    i64 = np.int64
+    cases = {
+        "client ids must be distinct": ("ids.alive", np.array([9, 2, 9], i64)),
+        "client id outside": ("ids.dropped", np.array([-1], i64)),
+        "outside \\[0, 2147483647\\]": ("ids.alive", np.array([2**31], i64)),
+        "dtype F64": ("ids.alive", np.array([9.0, 2.0], np.float64)),
+        "expected 1-D": ("ids.alive", np.array([[9, 2]], i64)),
+        "lacks its 'ids.dropped'": ("ids.dropped", None),
+    }
+    for reason, (name, value) in cases.items():
+        with pytest.raises(messages.MessageError, match=reason):
+            messages.decode(_with_tensor(good, name, value), messages.SecAggUnmaskRequest)
+    survivors = messages.encode(messages.SecAggConsistencyRequest(4, 2, [5, 3]))
+    assert messages.decode(survivors, messages.SecAggConsistencyRequest).survivors == [5, 3]
+    with pytest.raises(messages.MessageError, match="must be distinct"):
+        messages.decode(
+            _with_tensor(survivors, "ids.survivors", np.array([3, 3], i64)),
+            messages.SecAggConsistencyRequest,
+        )
+
+
 def test_packed_byte_maps_read_as_dicts_and_digest_their_contents() -> None:
     """A decoded byte map reads like the dict that was sent (items, lookups, membership,
     equality); its digest is the same for equal contents however built, and differs when

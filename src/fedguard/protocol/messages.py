@@ -444,6 +444,7 @@ _KINDS: dict[str, type] = {
 _TENSOR_FIELDS = {"parameters", "update"}  # float32 on the wire
 _RING_FIELDS = {"masked"}  # integer tensors, sent with their dtype
 _BYTES_FIELDS = {"c_public", "s_public", "signature", "nonce", "commitment", "reveal"}
+_ID_LIST_FIELDS = {"sampled", "alive", "dropped", "survivors"}  # distinct client ids, as int64
 _BYTE_MAP_FIELDS = {
     "public_keys",
     "signatures",
@@ -473,12 +474,6 @@ def _finite(value: float) -> float:
     return value
 
 
-def _unique(ids: list[int]) -> list[int]:
-    if len(set(ids)) != len(ids):
-        raise ValueError("client ids must be distinct")
-    return ids
-
-
 def _within(lo: int, hi: int) -> Any:
     """The metadata of a strict integer field in ``[lo, hi]``: ``Annotated[int, _within(lo, hi)]``."""
     return Field(strict=True, ge=lo, le=hi)
@@ -488,9 +483,6 @@ _Round: TypeAlias = Annotated[int, _within(0, MAX_ROUND)]
 _ClientId: TypeAlias = Annotated[int, _within(0, MAX_CLIENT_ID)]
 _Count: TypeAlias = Annotated[int, _within(0, MAX_EXAMPLES)]
 _Name: TypeAlias = Annotated[str, StringConstraints(strict=True, max_length=MAX_NAME)]
-_IdList: TypeAlias = Annotated[
-    list[_ClientId], Field(strict=True, max_length=MAX_CLIENTS), AfterValidator(_unique)
-]
 # NaN is how a client says "not measured" (a DP-SGD client whose batches were all empty);
 # the driver decides what a non-finite metric means. Integers are read as floats.
 _Metrics: TypeAlias = Annotated[
@@ -527,7 +519,6 @@ class _ReplyFields(_Fields):
 
 
 class _SetupFields(_Fields):
-    sampled: _IdList
     neighbours: Annotated[int, _within(0, MAX_CLIENTS)]
     threshold: Annotated[int, _within(1, MAX_CLIENTS)]
     graph_seed: Annotated[int, _within(0, 2**63 - 1)]
@@ -544,15 +535,6 @@ class _RegistrationFields(_Fields):
     eval_examples: _Count
     count_bucket: Annotated[int, _within(1, MAX_EXAMPLES)]
     model_signature: Annotated[str, StringConstraints(strict=True, max_length=MAX_NAME)]
-
-
-class _UnmaskFields(_Fields):
-    alive: _IdList
-    dropped: _IdList
-
-
-class _ConsistencyFields(_Fields):
-    survivors: _IdList
 
 
 @dataclass(frozen=True)
@@ -573,6 +555,7 @@ SIGNATURE_BYTES = 64  # Ed25519
 _DIGEST = _TensorSpec(frozenset({"U8"}), lengths=frozenset({NONCE_BYTES}))
 _OPTIONAL_DIGEST = _TensorSpec(frozenset({"U8"}), lengths=frozenset({0, NONCE_BYTES}))
 _SIGNATURE = _TensorSpec(frozenset({"U8"}), lengths=frozenset({0, SIGNATURE_BYTES}))
+_IDS = _TensorSpec(frozenset({"I64"}))  # ``ids.<name>``: a list of distinct client ids
 # ``map_ids.<name>`` and ``map_lengths.<name>``: the index of the byte map ``map.<name>``
 _MAP_INDEX = _TensorSpec(frozenset({"I64"}))
 _MAP_INDEX_PREFIXES = ("map_ids.", "map_lengths.")
@@ -590,7 +573,7 @@ SCHEMA: dict[type, tuple[type[_Fields], dict[str, _TensorSpec]]] = {
     EvaluateReply: (_ReplyFields, {}),
     RegisterTask: (_TaskFields, {}),
     Registration: (_RegistrationFields, {}),
-    SecAggSetup: (_SetupFields, {"bytes.nonce": _OPTIONAL_DIGEST}),
+    SecAggSetup: (_SetupFields, {"ids.sampled": _IDS, "bytes.nonce": _OPTIONAL_DIGEST}),
     SecAggKeys: (
         _Fields,
         {
@@ -612,9 +595,12 @@ SCHEMA: dict[type, tuple[type[_Fields], dict[str, _TensorSpec]]] = {
         {"parameters": _FLOAT32, "map.ciphertexts": _BYTES},
     ),
     SecAggMaskedInput: (_Fields, {"masked": _RING}),
-    SecAggConsistencyRequest: (_ConsistencyFields, {}),
+    SecAggConsistencyRequest: (_Fields, {"ids.survivors": _IDS}),
     SecAggConsistencySignature: (_Fields, {"bytes.signature": _SIGNATURE}),
-    SecAggUnmaskRequest: (_UnmaskFields, {"map.signatures": _BYTES}),
+    SecAggUnmaskRequest: (
+        _Fields,
+        {"ids.alive": _IDS, "ids.dropped": _IDS, "map.signatures": _BYTES},
+    ),
     SecAggUnmaskReply: (_Fields, {"map.b_shares": _BYTES, "map.s_shares": _BYTES}),
 }
 
@@ -752,6 +738,8 @@ def encode(message: Message) -> bytes:
             tensors[f.name] = _array(value)
         elif f.name in _BYTES_FIELDS:
             tensors[f"bytes.{f.name}"] = _bytes_array(value)
+        elif f.name in _ID_LIST_FIELDS:
+            tensors[f"ids.{f.name}"] = np.array(value, dtype=np.int64).reshape(-1)
         elif f.name in _BYTE_MAP_FIELDS:
             packed = PackedByteMap.pack(value)
             tensors[f"map.{f.name}"] = _bytes_array(packed.data)
@@ -804,6 +792,8 @@ def decode(payload: bytes, expected: type | None = None) -> Message:
         kwargs[name] = torch.from_numpy(raw[name])
     for name in _BYTES_FIELDS & names:
         kwargs[name] = raw[f"bytes.{name}"].tobytes()
+    for name in _ID_LIST_FIELDS & names:
+        kwargs[name] = _id_list(f"{cls.__name__} {name!r}", raw[f"ids.{name}"])
     for name in _BYTE_MAP_FIELDS & names:
         kwargs[name] = _byte_map(
             f"{cls.__name__} byte map {name!r}",
@@ -812,6 +802,18 @@ def decode(payload: bytes, expected: type | None = None) -> Message:
             raw[f"map_lengths.{name}"],
         )
     return cls(**kwargs)
+
+
+def _id_list(what: str, ids: np.ndarray) -> list[int]:
+    """A list of distinct client ids (an int64 vector, dtype and rank checked by the schema);
+    raises :class:`MessageError` for an id out of range, a repeated one or too many."""
+    if len(ids) > MAX_CLIENTS:
+        raise MessageError(f"{what} lists {len(ids)} clients, more than {MAX_CLIENTS}")
+    if len(ids) and (int(ids.min()) < 0 or int(ids.max()) > MAX_CLIENT_ID):
+        raise MessageError(f"{what} has a client id outside [0, {MAX_CLIENT_ID}]")
+    if len(np.unique(ids)) != len(ids):
+        raise MessageError(f"{what}: client ids must be distinct")
+    return ids.tolist()
 
 
 def _byte_map(what: str, blob: np.ndarray, ids: np.ndarray, lengths: np.ndarray) -> PackedByteMap:

@@ -321,16 +321,20 @@ class RoundSetup:
     def graph(self) -> dict[int, frozenset[int]]:
         """Every sampled client's neighbours (the complete graph when ``k = n - 1``); shared
         by every setup of the same clients, degree and seed: read it, never change it."""
-        return _structure(self.sampled, self.neighbours, self.graph_seed).graph
+        return self._structure.graph
 
     @property
     def points(self) -> dict[int, int]:
         """Each client's Shamir x-coordinate: its position among the sampled clients plus one."""
-        return _structure(self.sampled, self.neighbours, self.graph_seed).points
+        return self._structure.points
 
     def holders(self, client_id: int) -> frozenset[int]:
         """Who holds shares of ``client_id``'s secrets: its neighbours and itself."""
-        return _structure(self.sampled, self.neighbours, self.graph_seed).holders[client_id]
+        return self._structure.holders[client_id]
+
+    @cached_property
+    def _structure(self) -> _Structure:
+        return _structure(self.sampled, self.neighbours, self.graph_seed)
 
     @property
     def min_inputs(self) -> int:

@@ -594,6 +594,8 @@ class SecAggClient:
         if signers is None:
             valid: set[int] = set()
             for v in sorted(state.survivors & set(request.signatures)):
+                if len(valid) == setup.quorum:
+                    break  # the quorum is all it needs: the rest need not be checked
                 try:
                     self._verify(cid, v, request.signatures[v], payload, "survivor set")
                 except SecAggError:

@@ -97,7 +97,7 @@ def _reply_bytes(kind: type, header: messages.Header) -> int:
         # a bundle per peer and a share commitment per holder (the peers and the client)
         return SECAGG_ENTRY_BYTES * (header.shapes["map_ids.public_keys"][0] + 1)
     if kind is messages.SecAggUnmaskRequest:
-        peers = len(header.fields["alive"]) + len(header.fields["dropped"])
+        peers = header.shapes["ids.alive"][0] + header.shapes["ids.dropped"][0]
         return SECAGG_ENTRY_BYTES * peers
     if kind is messages.SecAggSetup:
         return SECAGG_KEYS_BYTES

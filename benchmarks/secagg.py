@@ -36,14 +36,23 @@ The dropout part runs ``--dropout-rounds`` rounds at ``n = 100`` in which 10% of
 drawn afresh each round, vanish after sharing their keys (before the masked-input phase), and
 reports the share of rounds that still complete.
 
-Every row also holds the medians of the three primitives no implementation of the protocol can
-skip (``primitive_seconds``: an AES-CTR mask expansion, an X25519 agreement, a key pair) and the
-round's minimum of them (``crypto_floor_seconds``: per client 2 key pairs, ``2k`` agreements and
-``k + 1`` expansions, plus one expansion per client on the server), so that ``floor_ratio``, the
-plain round plus that floor over the plain round, says how close any ratio can come to 1 on this
-machine; ``parallel_floor_ratio`` is the same for ``parallel_round_seconds``.
+Every row also holds the medians of the primitives no implementation of the protocol can skip
+(``primitive_seconds``: an AES-CTR mask expansion, an X25519 agreement, a key pair, an Ed25519
+signature and its check) and the round's minimum of them (``crypto_floor_seconds``: per client 2
+key pairs, ``2k`` agreements and ``k + 1`` expansions, plus one expansion per client on the
+server; in verified rounds also the signatures and the checks :func:`crypto_floor` lists), so
+that ``floor_ratio``, the plain round plus that floor over the plain round, says how close any
+ratio can come to 1 on this machine; ``parallel_floor_ratio`` is the same for
+``parallel_round_seconds``. ``over_floor`` and ``parallel_over_floor`` are the round over its
+floor (the plain round plus the cryptographic floor): 1 would be an implementation that spends
+nothing beyond the plain round and the primitives.
 
-    python benchmarks/secagg.py --sizes 10 50 100 200 --dim 100000 --repeats 3
+The complete graph runs up to ``--complete-up-to`` clients (its ``n^2`` agreements and expansions
+take minutes a round beyond); the dropout rows run at every ``--dropout-sizes`` cohort, at the
+default degree of each mode (the one sized for 10% dropouts).
+
+    python benchmarks/secagg.py --sizes 10 50 100 200 500 1000 --repeats 3 \
+        --dropout-sizes 100 500 1000
 """
 
 from __future__ import annotations

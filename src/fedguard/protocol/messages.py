@@ -4,17 +4,20 @@ A message is a frozen dataclass of scalars plus named tensors. On the wire it is
 blob whose metadata holds the scalars as JSON, so the in-process transport, Ray and gRPC carry
 exactly the same bytes, and tests of the simulator exercise the real encoding. Model tensors
 (``parameters``, ``update``) travel as ``float32``; the masked vector of secure aggregation keeps
-its integer dtype; byte strings (keys, ciphertexts) travel as ``uint8`` tensors, and a mapping
-from client id to byte string as one concatenated ``uint8`` tensor (``map.<name>``) beside two
-``int64`` tensors of its ids in increasing order and their lengths (``map_ids.<name>``,
-``map_lengths.<name>``): a map with an entry per client of a round of a thousand is read and
-checked in a few vectorised steps instead of a JSON list of a thousand pairs.
+its integer dtype; byte strings (keys, ciphertexts) travel as ``uint8`` tensors, a list of
+client ids (the sampled, alive, dropped and surviving clients) as one ``int64`` tensor
+(``ids.<name>``), and a mapping from client id to byte string as one concatenated ``uint8``
+tensor (``map.<name>``) beside two ``int64`` tensors of its ids in increasing order and their
+lengths (``map_ids.<name>``, ``map_lengths.<name>``): a message with an entry per client of a
+round of a thousand is read and checked in a few vectorised steps instead of a JSON list of a
+thousand entries, and decoded byte maps stay packed (:class:`PackedByteMap`).
 
 Every payload is checked against its kind's schema before a message is built (:func:`decode`):
 the scalar fields have the types and ranges of :data:`SCHEMA` (pydantic models in strict mode:
-no string for a number, no float for a count, no field the kind does not declare), a byte map's
-ids are distinct valid client ids in increasing order and its lengths add up to its data, and
-each tensor has the name, dtype and rank its kind expects. Any violation is a :class:`MessageError`, so a peer's reply of the wrong shape is
+no string for a number, no float for a count, no field the kind does not declare), id lists hold
+distinct valid client ids, a byte map's ids are distinct valid client ids in increasing order and
+its lengths add up to its data, and each tensor has the name, dtype and rank its kind expects.
+Any violation is a :class:`MessageError`, so a peer's reply of the wrong shape is
 one kind of error for the receiver, never a ``TypeError`` deep inside a round.
 """
 

@@ -21,21 +21,24 @@ def test_client_statuses_name_each_outcome_with_its_reason_and_latency() -> None
         [(1, "timeout: replied after 9.00 s"), (7, "rejected: Update norm 1e+30 is absurd")],
         {4: 0.123456, 7: 0.5},
     )
+    none = {"left_out_by": None, "trimmed_share": None}  # no robust rule said anything
     assert got == [
-        {"client": 4, "status": "replied", "reason": None, "seconds": 0.1235},
+        {"client": 4, "status": "replied", "reason": None, "seconds": 0.1235, **none},
         {
             "client": 1,
             "status": "failed",
             "reason": "timeout: replied after 9.00 s",
             "seconds": None,
+            **none,
         },
         {
             "client": 7,
             "status": "rejected",
             "reason": "Update norm 1e+30 is absurd",
             "seconds": 0.5,
+            **none,
         },
-        {"client": 2, "status": "replied", "reason": None, "seconds": None},
+        {"client": 2, "status": "replied", "reason": None, "seconds": None, **none},
     ]
 
 

@@ -181,6 +181,9 @@ def test_dashboard_command_refusals_are_one_line(tmp_path: Path, capsys) -> None
     assert "HOST:PORT" in capsys.readouterr().err
     assert cli.main(["tokens", str(tmp_path / "t"), "--viewer", "a b"]) == 2
     assert "--viewer 'a b'" in capsys.readouterr().err
+    (tmp_path / "c.pem").write_text("a certificate")
+    assert cli.main(["dashboard", str(run), "--tls-cert", str(tmp_path / "c.pem")]) == 2
+    assert "certificate and key go together" in capsys.readouterr().err
 
 
 def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
@@ -192,3 +195,178 @@ def test_a_busy_port_is_a_clear_error(tmp_path: Path) -> None:
             serve.Background([tmp_path], serve.DashboardOptions(f"127.0.0.1:{port}")).start()
     finally:
         first.stop()
+
+
+def _shown(folder: Path) -> dict[int, tuple]:
+    """The current round's clients as the status file shows them."""
+    current = json.loads((folder / status.FILE).read_text())["current"]
+    return {c["client"]: (c["status"], c["reason"], c["seconds"]) for c in current["clients"]}
+
+
+def test_replies_reach_the_status_file_as_they_arrive_at_most_every_half_second(
+    tmp_path: Path,
+) -> None:
+    now = [100.0]
+    writer = status.StatusWriter(
+        tmp_path,
+        name="live",
+        rounds_planned=2,
+        max_epsilon=None,
+        delta=None,
+        mode="sync",
+        clock=lambda: now[0],
+    )
+    writer.round_started(1, [4, 2, 9, 7])
+    assert writer.writes == 1
+    now[0] = 100.2  # 0.2 s after the last write: held back, kept in memory
+    writer.client_arrived(1, 2, seconds=0.2)
+    assert writer.writes == 1 and writer.pending
+    assert _shown(tmp_path)[2] == ("sampled", None, None)
+    assert writer.status["current"]["clients"][1]["status"] == "replied"
+    now[0] = 100.6  # 0.6 s: this arrival writes, with the one held back
+    writer.client_arrived(1, 9, failed="timeout: no reply within 0.5 s")
+    assert writer.writes == 2 and not writer.pending
+    assert _shown(tmp_path) == {
+        4: ("sampled", None, None),
+        2: ("replied", None, 0.2),
+        9: ("failed", "timeout: no reply within 0.5 s", None),
+        7: ("sampled", None, None),
+    }
+    now[0] = 100.7
+    writer.client_arrived(1, 4, seconds=0.6543217)  # held back
+    writer.client_arrived(2, 7, seconds=1.0)  # another round's: ignored
+    writer.client_arrived(1, 99, seconds=1.0)  # not sampled: ignored
+    assert writer.writes == 2 and _shown(tmp_path)[4] == ("sampled", None, None)
+    assert writer.status["current"]["clients"][0]["seconds"] == 0.6543
+    assert writer.status["current"]["clients"][3]["status"] == "sampled"
+    now[0] = 100.8  # the round's end always writes, whatever the interval
+    clients = status.client_statuses(
+        [4, 2, 9, 7],
+        [(9, "timeout: no reply within 0.5 s")],
+        {4: 0.6543217, 2: 0.2, 7: 0.75},
+        rule="krum",
+        left_out=[2, 4],
+    )
+    writer.round_finished(
+        1, {"round": 1, "robust_rule": "krum", "clients_left_out": 2}, clients, 0.8
+    )
+    assert writer.writes == 3 and not writer.pending
+    read = json.loads((tmp_path / status.FILE).read_text())
+    assert read["current"]["robust_rule"] == "krum" and read["current"]["clients_left_out"] == 2
+    assert [(c["client"], c["status"], c["left_out_by"]) for c in read["current"]["clients"]] == [
+        (4, "replied", "krum"),
+        (2, "replied", "krum"),
+        (9, "failed", None),
+        (7, "replied", None),
+    ]
+    now[0] = 105.0
+    writer.client_arrived(1, 7, seconds=2.0)  # after the round's end: nothing to change
+    assert writer.writes == 3
+
+
+def test_task_statuses_give_each_reply_of_a_buffer_its_own_verdict() -> None:
+    tasks = [
+        {"client": 3, "status": "replied", "seconds": 0.25, "staleness": 1},
+        {"client": 3, "status": "replied", "seconds": 1.5, "staleness": 0},
+        {"client": 5, "status": "stale", "reason": "stale: trained on version 0", "seconds": 2},
+        {"client": 1, "status": "training"},
+    ]
+    got = status.task_statuses(tasks, rule="krum", verdicts=[(True, None), (False, None)])
+    assert [(e["client"], e["status"], e["left_out_by"], e["staleness"]) for e in got] == [
+        (3, "replied", "krum", 1),
+        (3, "replied", None, 0),
+        (5, "stale", None, None),
+        (1, "training", None, None),
+    ]
+    assert got[2]["reason"] == "stale: trained on version 0" and got[2]["seconds"] == 2.0
+    assert got[3]["seconds"] is None
+    trimmed = status.task_statuses(tasks[:2], rule="trimmed_mean", verdicts=[(False, 0.123456)] * 2)
+    assert [e["trimmed_share"] for e in trimmed] == [0.1235, 0.1235]
+
+
+def test_the_in_process_transport_tells_each_outcome_before_the_next_client_runs() -> None:
+    from fedguard.protocol.transport import Delivered, Failed
+    from fedguard.simulation.inprocess import InProcessTransport
+
+    events: list[tuple] = []
+
+    def handler(cid: int, payload: bytes) -> bytes:
+        events.append(("ran", cid))
+        if cid == 2:
+            raise ConnectionError("unplugged")
+        return payload[::-1]
+
+    transport = InProcessTransport(handler, [1, 2, 3])
+    transport.watch(
+        lambda o: events.append(
+            ("told", o.client_id, type(o).__name__, getattr(o, "payload", None))
+        )
+    )
+    outcomes = transport.exchange({1: b"ab", 2: b"cd", 3: b"ef"}, deadline_s=None)
+    assert events == [
+        ("ran", 1),
+        ("told", 1, "Delivered", b"ba"),
+        ("ran", 2),
+        ("told", 2, "Failed", None),
+        ("ran", 3),
+        ("told", 3, "Delivered", b"fe"),
+    ]
+    assert isinstance(outcomes[0], Delivered) and isinstance(outcomes[1], Failed)
+    assert outcomes[1].reason == "ConnectionError: unplugged"
+    transport.watch(None)
+    transport.exchange({1: b"x"}, deadline_s=None)
+    assert events[-1] == ("ran", 1)  # no watcher, nothing told
+
+
+def test_the_driver_passes_a_rounds_fit_outcomes_to_its_watcher() -> None:
+    from conftest import tiny_config
+    from fedguard.experiment import config as config_mod
+    from fedguard.experiment.assembly import Experiment
+
+    exp = Experiment(config_mod.validate(tiny_config()))
+    seen: list[tuple[int, int, float]] = []
+    exp.driver.watch(lambda r, o: seen.append((r, o.client_id, o.seconds)))
+    params = exp.initial_params
+    result = exp.driver.fit_round(1, params, exp.strategy.init(params))
+    assert [(r, c) for r, c, _ in seen] == [(1, c) for c in result.sampled]
+    assert {c: s for _, c, s in seen} == result.latencies
+    exp.driver.watch(None)
+    exp.driver.fit_round(2, params, exp.strategy.init(params))
+    assert len(seen) == len(result.sampled)  # not watched any more
+
+
+def test_the_dashboard_over_https_answers_with_its_ca_and_refuses_plain_http(
+    tmp_path: Path,
+) -> None:
+    import http.client
+    import ssl
+
+    from fedguard.runtime import certs
+
+    pki = certs.make_dev_pki(tmp_path / "pki", client_ids=[])
+    run = tmp_path / "run"
+    run.mkdir()
+    writer = status.StatusWriter(
+        run, name="tls-run", rounds_planned=7, max_epsilon=None, delta=None, mode="sync"
+    )
+    writer.round_started(1, [0, 1])
+    port = free_port()
+    options = serve.DashboardOptions(
+        f"127.0.0.1:{port}", tls_cert=pki.server_cert, tls_key=pki.server_key
+    )
+    dashboard = serve.Background([run], options)
+    dashboard.start()
+    try:
+        trusted = ssl.create_default_context(cafile=str(pki.ca_cert))
+        url = f"https://127.0.0.1:{port}/api/runs"
+        with urllib.request.urlopen(url, timeout=10, context=trusted) as response:
+            body = json.loads(response.read())
+        (seen,) = body["runs"]
+        assert seen["name"] == "tls-run" and seen["status"]["rounds_planned"] == 7
+        assert [c["client"] for c in seen["status"]["current"]["clients"]] == [0, 1]
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            urllib.request.urlopen(url, timeout=10, context=ssl.create_default_context())
+        with pytest.raises((http.client.HTTPException, ConnectionError, urllib.error.URLError)):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/runs", timeout=10)
+    finally:
+        dashboard.stop()

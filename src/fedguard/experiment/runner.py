@@ -449,10 +449,23 @@ def _reply_watcher(live: status_file.StatusWriter) -> ReplyWatcher:
 
 
 def _verdict(left_out: LeftOut | None) -> dict[str, Any]:
-    """The live status's keyword arguments for what the robust rule left out (none: {})."""
+    """:func:`fedguard.observe.status.client_statuses`'s keyword arguments for what the robust
+    rule did to each client (none: {})."""
     if left_out is None:
         return {}
-    return {"rule": left_out.rule, "left_out": left_out.clients, "trimmed": left_out.trimmed}
+    return {
+        "rule": left_out.rule,
+        "left_out": left_out.clients,
+        "trimmed": left_out.trimmed_by_client(),
+    }
+
+
+def _task_verdicts(left_out: LeftOut | None) -> dict[str, Any]:
+    """:func:`fedguard.observe.status.task_statuses`'s keyword arguments: the rule's verdict on
+    each reply of the buffer, in order (none: {})."""
+    if left_out is None:
+        return {}
+    return {"rule": left_out.rule, "verdicts": left_out.row_verdicts()}
 
 
 def _rounds_joined(done: int, joined: Mapping[int, list[int]]) -> int:
@@ -520,7 +533,7 @@ def _async_rounds(
         yield (
             result.params,
             result.state,
-            status_file.task_statuses(tasks, **_verdict(result.left_out)),
+            status_file.task_statuses(tasks, **_task_verdicts(result.left_out)),
         )
         t0 = time.perf_counter()
 

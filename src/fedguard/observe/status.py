@@ -107,28 +107,34 @@ def task_statuses(
     tasks: Sequence[Mapping[str, Any]],
     *,
     rule: str | None = None,
-    left_out: Sequence[int] = (),
-    trimmed: Mapping[int, float] | None = None,
+    verdicts: Sequence[tuple[bool, float | None]] = (),
 ) -> list[dict[str, Any]]:
     """The entries of an asynchronous round: one per task since the previous applied buffer,
-    ``{"client", "status", "reason", "seconds", "staleness", "left_out_by", "trimmed_share"}``
-    (``tasks``: the async driver's records, :class:`fedguard.protocol.async_driver.TaskRecord`
-    as mappings). Only a task whose reply was in the applied buffer can be left out by the rule.
+    ``{"client", "status", "reason", "seconds", "staleness", "left_out_by", "trimmed_share"}``.
+
+    ``tasks`` are the async driver's records
+    (:class:`fedguard.protocol.async_driver.TaskRecord` as mappings), the buffer's replies
+    (``replied``) first in the order they were aggregated; ``verdicts`` is the rule ``rule``'s
+    ``(left out, share trimmed)`` of each of those replies, in the same order (a client may
+    have two replies in one buffer, so the verdict goes by reply, not by client).
     """
     out = []
+    used = 0
     for task in tasks:
-        cid = int(task["client"])
         seconds = task.get("seconds")
-        used = task["status"] == "replied"
-        verdict = _verdict(cid, rule, left_out if used else (), trimmed if used else None)
+        left_out, share = False, None
+        if task["status"] == "replied" and used < len(verdicts):
+            left_out, share = verdicts[used]
+            used += 1
         out.append(
             {
-                "client": cid,
+                "client": int(task["client"]),
                 "status": str(task["status"]),
                 "reason": task.get("reason"),
                 "seconds": None if seconds is None else round(float(seconds), 4),
                 "staleness": task.get("staleness"),
-                **verdict,
+                "left_out_by": rule if left_out else None,
+                "trimmed_share": None if share is None else round(float(share), 4),
             }
         )
     return out

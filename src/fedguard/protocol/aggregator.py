@@ -83,36 +83,61 @@ class RuleReport:
 
     def by_client(self, client_ids: Sequence[int]) -> LeftOut:
         """The report with each row named by its client (``client_ids[row]``)."""
-        ids = [int(c) for c in client_ids]
-        trimmed = None
-        if self.trimmed is not None:
-            trimmed = {ids[row]: share for row, share in enumerate(self.trimmed)}
         return LeftOut(
-            self.rule, self.selects, tuple(sorted(ids[r] for r in self.excluded)), trimmed
+            self.rule,
+            self.selects,
+            tuple(int(c) for c in client_ids),
+            tuple(sorted(self.excluded)),
+            self.trimmed,
         )
 
 
 @dataclass(frozen=True)
 class LeftOut:
-    """A :class:`RuleReport` by client id: which clients' updates the round's rule left out
-    (``clients``) and, for a coordinate-wise trim, the share of each client's coordinates cut."""
+    """A :class:`RuleReport` with each row's client: ``rows`` names the client of each
+    aggregated update, in order (a client appears twice when two of its replies were in one
+    asynchronous buffer); ``excluded`` and ``trimmed`` are by row, as in the report."""
 
     rule: str
     selects: bool
-    clients: tuple[int, ...] = ()
-    trimmed: Mapping[int, float] | None = None
+    rows: tuple[int, ...]
+    excluded: tuple[int, ...] = ()
+    trimmed: tuple[float, ...] | None = None
+
+    @property
+    def clients(self) -> tuple[int, ...]:
+        """The clients whose update the rule left out, ascending (once per update)."""
+        return tuple(sorted(self.rows[r] for r in self.excluded))
+
+    def trimmed_by_client(self) -> dict[int, float] | None:
+        """Each client's share of coordinates cut (the mean over its updates), or None."""
+        if self.trimmed is None:
+            return None
+        shares: dict[int, list[float]] = {}
+        for cid, share in zip(self.rows, self.trimmed, strict=True):
+            shares.setdefault(cid, []).append(share)
+        return {cid: sum(v) / len(v) for cid, v in shares.items()}
+
+    def row_verdicts(self) -> list[tuple[bool, float | None]]:
+        """Per row: whether its update was left out, and its share of coordinates cut."""
+        out = set(self.excluded)
+        return [
+            (row in out, None if self.trimmed is None else self.trimmed[row])
+            for row in range(len(self.rows))
+        ]
 
     def metrics(self) -> dict[str, object]:
         """The fields a round's metrics row carries: ``robust_rule``, ``clients_left_out`` (a
         count; None for a rule that picks no whole update), ``left_out_clients`` (their ids) and
-        ``trimmed_share`` (client id to share, for a trimming rule)."""
+        ``trimmed_share`` (client id to share, for a trimming rule; None for the others)."""
+        trimmed = self.trimmed_by_client()
         return {
             "robust_rule": self.rule,
             "clients_left_out": len(self.clients) if self.selects else None,
             "left_out_clients": list(self.clients),
             "trimmed_share": None
-            if self.trimmed is None
-            else {str(c): round(v, 6) for c, v in sorted(self.trimmed.items())},
+            if trimmed is None
+            else {str(c): round(v, 6) for c, v in sorted(trimmed.items())},
         }
 
 

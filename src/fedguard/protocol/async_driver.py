@@ -177,6 +177,7 @@ class TaskRecord:
     staleness: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """The record as the live status reads it (:func:`fedguard.observe.status.task_statuses`)."""
         return {
             "client": self.client,
             "status": self.status,
@@ -335,8 +336,8 @@ class AsyncDriver:
         seconds = run.clock - sent.sent_at  # run.clock is this outcome's arrival
         if isinstance(outcome, Failed):
             tally.failed += 1
-            tally.problems.append((sent.client_id, f"{outcome.kind}: {outcome.reason}"))
             failure = f"{outcome.kind}: {outcome.reason}"
+            tally.problems.append((sent.client_id, failure))
             tally.records.append(TaskRecord(sent.client_id, "failed", failure, seconds))
             log.warning(
                 "round %d: client %d failed (%s): %s",

@@ -71,7 +71,9 @@ function runCard(run, i) {
   const totalRejected = run.metrics.reduce((a, r) => a + (r.clients_rejected || 0), 0);
   const totalFailed = run.metrics.reduce((a, r) => a + (r.clients_failed || 0), 0);
   const totalLeftOut = run.metrics.reduce((a, r) => a + (r.clients_left_out || 0), 0);
-  const rule = run.metrics.length ? run.metrics[run.metrics.length - 1].robust_rule : null;
+  // a rule that picks whole updates (Krum, Multi-Krum, Bulyan) counts the updates it left out
+  const selecting = run.metrics.filter(r => typeof r.clients_left_out === "number");
+  const rule = selecting.length ? selecting[selecting.length - 1].robust_rule : null;
   const problems = (run.problems || []).map(p => `<div>${esc(p)}</div>`).join("");
   const inRound = cur && cur.phase === "training" ? ` · round ${cur.round} in progress` : "";
   return `<div class="run" data-run="${i}">

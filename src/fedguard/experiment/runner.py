@@ -261,6 +261,7 @@ def _run_rounds(
         max_epsilon=cfg.privacy.max_epsilon if exp.privacy is not None else None,
         delta=exp.privacy.delta if exp.privacy is not None else None,
         mode="async" if exp.async_driver is not None else "sync",
+        min_interval_s=status_file.MIN_INTERVAL_S,
     )
     try:
         return _rounds_and_summary(

@@ -4,6 +4,7 @@ any state, viewer tokens and the refusals of `fedguard dashboard`. No run, no br
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -207,6 +208,13 @@ def test_replies_reach_the_status_file_as_they_arrive_at_most_every_half_second(
     tmp_path: Path,
 ) -> None:
     now = [100.0]
+    timers: list[list] = []  # [delay, action, cancelled]: the writer's scripted timers
+
+    def schedule(delay: float, action):
+        timers.append([round(delay, 9), action, False])
+        entry = timers[-1]
+        return lambda: entry.__setitem__(2, True)
+
     writer = status.StatusWriter(
         tmp_path,
         name="live",
@@ -215,16 +223,20 @@ def test_replies_reach_the_status_file_as_they_arrive_at_most_every_half_second(
         delta=None,
         mode="sync",
         clock=lambda: now[0],
+        schedule=schedule,
     )
     writer.round_started(1, [4, 2, 9, 7])
     assert writer.writes == 1
-    now[0] = 100.2  # 0.2 s after the last write: held back, kept in memory
+    now[0] = 100.2  # 0.2 s after the last write: held back, a timer for the 0.3 s left
     writer.client_arrived(1, 2, seconds=0.2)
     assert writer.writes == 1 and writer.pending
     assert _shown(tmp_path)[2] == ("sampled", None, None)
     assert writer.status["current"]["clients"][1]["status"] == "replied"
-    now[0] = 100.6  # 0.6 s: this arrival writes, with the one held back
-    writer.client_arrived(1, 9, failed="timeout: no reply within 0.5 s")
+    now[0] = 100.3
+    writer.client_arrived(1, 9, failed="timeout: no reply within 0.5 s")  # held back too
+    assert writer.writes == 1 and [t[0] for t in timers] == [0.3]  # one timer at a time
+    now[0] = 100.5  # the timer fires: both arrivals are written
+    timers[0][1]()
     assert writer.writes == 2 and not writer.pending
     assert _shown(tmp_path) == {
         4: ("sampled", None, None),
@@ -232,25 +244,29 @@ def test_replies_reach_the_status_file_as_they_arrive_at_most_every_half_second(
         9: ("failed", "timeout: no reply within 0.5 s", None),
         7: ("sampled", None, None),
     }
-    now[0] = 100.7
-    writer.client_arrived(1, 4, seconds=0.6543217)  # held back
+    now[0] = 101.2  # 0.7 s after that write: this arrival writes at once, no timer
+    writer.client_arrived(1, 4, seconds=0.6543217)
+    assert writer.writes == 3 and len(timers) == 1
+    assert _shown(tmp_path)[4] == ("replied", None, 0.6543)
+    now[0] = 101.3
+    writer.client_arrived(1, 7, seconds=1.3)  # held back: a second timer, for 0.4 s
     writer.client_arrived(2, 7, seconds=1.0)  # another round's: ignored
     writer.client_arrived(1, 99, seconds=1.0)  # not sampled: ignored
-    assert writer.writes == 2 and _shown(tmp_path)[4] == ("sampled", None, None)
-    assert writer.status["current"]["clients"][0]["seconds"] == 0.6543
-    assert writer.status["current"]["clients"][3]["status"] == "sampled"
-    now[0] = 100.8  # the round's end always writes, whatever the interval
+    assert writer.writes == 3 and [t[0] for t in timers] == [0.3, 0.4]
+    assert _shown(tmp_path)[7] == ("sampled", None, None)
+    now[0] = 101.4  # the round's end writes at once and cancels the timer
     clients = status.client_statuses(
         [4, 2, 9, 7],
         [(9, "timeout: no reply within 0.5 s")],
-        {4: 0.6543217, 2: 0.2, 7: 0.75},
+        {4: 0.6543217, 2: 0.2, 7: 1.3},
         rule="krum",
         left_out=[2, 4],
     )
-    writer.round_finished(
-        1, {"round": 1, "robust_rule": "krum", "clients_left_out": 2}, clients, 0.8
-    )
-    assert writer.writes == 3 and not writer.pending
+    row = {"round": 1, "robust_rule": "krum", "clients_left_out": 2}
+    writer.round_finished(1, row, clients, 1.4)
+    assert writer.writes == 4 and not writer.pending and timers[1][2] is True
+    timers[1][1]()  # a timer that fires anyway (cancelled too late) writes nothing
+    assert writer.writes == 4
     read = json.loads((tmp_path / status.FILE).read_text())
     assert read["current"]["robust_rule"] == "krum" and read["current"]["clients_left_out"] == 2
     assert [(c["client"], c["status"], c["left_out_by"]) for c in read["current"]["clients"]] == [
@@ -261,7 +277,20 @@ def test_replies_reach_the_status_file_as_they_arrive_at_most_every_half_second(
     ]
     now[0] = 105.0
     writer.client_arrived(1, 7, seconds=2.0)  # after the round's end: nothing to change
-    assert writer.writes == 3
+    assert writer.writes == 4 and len(timers) == 2
+
+
+def test_a_held_back_reply_is_written_by_a_real_timer(tmp_path: Path) -> None:
+    writer = status.StatusWriter(
+        tmp_path, name="t", rounds_planned=1, max_epsilon=None, delta=None, mode="sync"
+    )
+    writer.round_started(1, [0, 1])
+    writer.client_arrived(1, 0, seconds=0.01)  # within 0.5 s of the round's start: held back
+    assert _shown(tmp_path)[0] == ("sampled", None, None)
+    deadline = time.monotonic() + 30  # a wait for the timer, not an assertion on time
+    while writer.pending and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _shown(tmp_path) == {0: ("replied", None, 0.01), 1: ("sampled", None, None)}
 
 
 def test_task_statuses_give_each_reply_of_a_buffer_its_own_verdict() -> None:

@@ -5,8 +5,9 @@ is happening now: the round in progress and its sampled clients, the run's state
 completed, failed, ...), the time per round and the time left, the privacy budget. The runner
 writes this file at the start and the end of every round, and as the clients' replies arrive
 during a round (at most every ``min_interval_s``, half a second by default, so a round of a
-thousand quick replies does not write a thousand files; what is left is written at the round's
-end), always atomically (a temporary file, then ``os.replace``), so a reader never sees half of it.
+thousand quick replies does not write a thousand files; a reply held back is written when the
+interval has passed, by a timer, so a burst followed by a straggler does not leave the page
+behind), always atomically (a temporary file, then ``os.replace``), so a reader never sees half of it.
 
 Each client of the current round has a status (``sampled`` until its reply or failure arrives,
 then ``replied`` or ``failed``; at the round's end ``rejected`` if the checks refused its reply),
@@ -140,10 +141,23 @@ def task_statuses(
     return out
 
 
+# Runs ``action`` after ``delay`` seconds; returns what cancels it.
+Scheduler = Callable[[float, Callable[[], None]], Callable[[], None]]
+
+
+def _timer(delay: float, action: Callable[[], None]) -> Callable[[], None]:
+    """:data:`Scheduler` on a daemon :class:`threading.Timer` (a run that ends never waits)."""
+    timer = threading.Timer(delay, action)
+    timer.daemon = True
+    timer.start()
+    return timer.cancel
+
+
 class StatusWriter:
     """Writes ``status.json`` in a run folder as the run goes (one instance per run).
 
-    ``clock`` is passed in (wall seconds since the epoch) so that tests can fix it.
+    ``clock`` (wall seconds since the epoch) and ``schedule`` (how a held-back reply's write is
+    run later: a timer) are passed in so that tests can script them.
     """
 
     def __init__(
@@ -157,10 +171,13 @@ class StatusWriter:
         mode: str,
         clock: Callable[[], float] = time.time,
         min_interval_s: float = MIN_INTERVAL_S,
+        schedule: Scheduler = _timer,
     ) -> None:
         self.path = Path(root) / FILE
         self._clock = clock
         self._min_interval_s = min_interval_s
+        self._schedule = schedule
+        self._cancel: Callable[[], None] | None = None  # the held-back write's timer
         self._last_write: float | None = None
         self._pending = False  # a reply arrived that the file does not show yet
         self._lock = threading.RLock()  # replies may arrive on a transport's threads
@@ -205,8 +222,9 @@ class StatusWriter:
         """A client of round ``round_`` answered (``seconds``: its latency) or failed
         (``failed``: ``"kind: reason"``), before the round's end. The file is rewritten if the
         last write is ``min_interval_s`` old, else at the next chance (a later reply past the
-        interval, or the round's end: :meth:`round_finished` always writes). An outcome of another round than the current one (a late
-        one) is ignored."""
+        interval, the timer set for the interval's end, or the round's end:
+        :meth:`round_finished` always writes). An outcome of another round than the current
+        one (a late one) is ignored."""
         with self._lock:
             current = self._status["current"]
             if current is None or current.get("round") != round_:
@@ -225,8 +243,18 @@ class StatusWriter:
             now = self._clock()
             if self._last_write is not None and now - self._last_write < self._min_interval_s:
                 self._pending = True
+                if self._cancel is None:
+                    wait = self._min_interval_s - (now - self._last_write)
+                    self._cancel = self._schedule(wait, self._write_held_back)
                 return
             self._write_locked()
+
+    def _write_held_back(self) -> None:
+        """The timer's write of the replies held back (nothing if a write came first)."""
+        with self._lock:
+            self._cancel = None
+            if self._pending:
+                self._write_locked()
 
     def resumed(self, rounds_done: int, epsilon: float | None) -> None:
         """A resumed run starts after ``rounds_done`` finished rounds."""
@@ -330,6 +358,9 @@ class StatusWriter:
         os.replace(tmp, self.path)
         self._last_write = now
         self._pending = False
+        if self._cancel is not None:  # this write carries what the timer was to write
+            self._cancel()
+            self._cancel = None
         self.writes += 1
 
 

@@ -42,11 +42,11 @@ def _server_cli(argv: list[str], log_path: Path) -> None:
     sys.exit(cli.main(argv))
 
 
-def _gated_client(
-    config: Path, address: str, client_id: int, token: bytes, gate: Path | None
-) -> None:
-    """``fedguard client`` that trains round 2 and later only once ``gate`` exists (None: at
-    once)."""
+def _clients(config: Path, address: str, tokens: dict[int, bytes], gate: Path) -> None:
+    """``fedguard client`` for each of ``tokens``' clients, on threads of one process (one
+    process start, not two); client 1 trains round 2 and later only once ``gate`` exists."""
+    import threading
+
     import torch
 
     from fedguard.experiment import deployment as grpc_deploy
@@ -54,20 +54,34 @@ def _gated_client(
     from fedguard.runtime import grpc_client
 
     torch.set_num_threads(1)
-    app = grpc_deploy.demo_app(config, client_id)
 
-    def handler(cid: int, payload: bytes) -> bytes:
-        fit = messages.kind_of(payload) == "FitTask"
-        if gate is not None and fit and messages.decode(payload).round >= 2:
-            end = time.monotonic() + 120
-            while not gate.exists() and time.monotonic() < end:
-                time.sleep(0.05)
-        return app.handle(cid, payload)
+    def serve(client_id: int) -> None:
+        app = grpc_deploy.demo_app(config, client_id)
 
-    settings = grpc_client.ClientSettings(
-        address, client_id, token, None, insecure=True, backoff_max_s=1.0, give_up_after_s=60.0
-    )
-    grpc_client.serve(settings, handler)
+        def handler(cid: int, payload: bytes) -> bytes:
+            fit = messages.kind_of(payload) == "FitTask"
+            if cid == 1 and fit and messages.decode(payload).round >= 2:
+                end = time.monotonic() + 120
+                while not gate.exists() and time.monotonic() < end:
+                    time.sleep(0.05)
+            return app.handle(cid, payload)
+
+        settings = grpc_client.ClientSettings(
+            address,
+            client_id,
+            tokens[client_id],
+            None,
+            insecure=True,
+            backoff_max_s=1.0,
+            give_up_after_s=60.0,
+        )
+        grpc_client.serve(settings, handler)
+
+    threads = [threading.Thread(target=serve, args=(cid,)) for cid in tokens]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _get(url: str, token: str | None) -> tuple[int, dict | None]:
@@ -108,14 +122,8 @@ def test_a_deployed_run_is_watched_live_with_a_viewer_token(tmp_path: Path) -> N
         str(tmp_path / "sec" / access.VIEWERS_FILE),
     ]
     server = CTX.Process(target=_server_cli, args=(argv, fed.log), daemon=True)
-    clients = [
-        CTX.Process(
-            target=_gated_client,
-            args=(config, fed.address, cid, sec.token(cid), gate if cid == 1 else None),
-            daemon=True,
-        )
-        for cid in range(2)
-    ]
+    tokens = {cid: sec.token(cid) for cid in range(2)}
+    clients = [CTX.Process(target=_clients, args=(config, fed.address, tokens, gate), daemon=True)]
     seen: dict = {}
     try:
         server.start()

@@ -348,20 +348,36 @@ def test_the_in_process_transport_tells_each_outcome_before_the_next_client_runs
 
 
 def test_the_driver_passes_a_rounds_fit_outcomes_to_its_watcher() -> None:
-    from conftest import tiny_config
-    from fedguard.experiment import config as config_mod
-    from fedguard.experiment.assembly import Experiment
+    import torch
 
-    exp = Experiment(config_mod.validate(tiny_config()))
-    seen: list[tuple[int, int, float]] = []
-    exp.driver.watch(lambda r, o: seen.append((r, o.client_id, o.seconds)))
-    params = exp.initial_params
-    result = exp.driver.fit_round(1, params, exp.strategy.init(params))
-    assert [(r, c) for r, c, _ in seen] == [(1, c) for c in result.sampled]
-    assert {c: s for _, c, s in seen} == result.latencies
-    exp.driver.watch(None)
-    exp.driver.fit_round(2, params, exp.strategy.init(params))
-    assert len(seen) == len(result.sampled)  # not watched any more
+    from fedguard.algorithms.optimizers import server as server_optimizers
+    from fedguard.protocol import messages
+    from fedguard.protocol.driver import RoundDriver
+    from fedguard.protocol.fedopt import FedOpt
+    from fedguard.simulation.inprocess import InProcessTransport
+
+    def handler(cid: int, payload: bytes) -> bytes:
+        task = messages.decode(payload, messages.FitTask)
+        if cid == 3:
+            raise ConnectionError("unplugged")
+        update = torch.full((4,), float(cid))
+        return messages.encode(messages.FitReply(task.round, cid, update, 10, {"train_loss": 0.5}))
+
+    transport = InProcessTransport(handler, [0, 1, 2, 3, 4])
+    strategy = FedOpt(server_optimizers.ServerOptimizerConfig(), {})
+    driver = RoundDriver(transport, strategy, dim=4, clients_per_round=5, min_clients=1, seed=0)
+    seen: list[tuple[int, int, str]] = []
+    driver.watch(lambda r, o: seen.append((r, o.client_id, type(o).__name__)))
+    params = torch.zeros(4)
+    result = driver.fit_round(7, params, strategy.init(params))
+    # every client, in the order they answered, client 3's failure among them
+    assert result.sampled == [0, 1, 2, 3, 4]
+    assert seen == [(7, c, "Failed" if c == 3 else "Delivered") for c in range(5)]
+    assert result.problems == [(3, "error: ConnectionError: unplugged")]
+    assert torch.equal(result.params, torch.full((4,), 1.75))  # the mean of 0, 1, 2 and 4
+    # the round's end took the driver's watcher off the transport
+    (late,) = transport.exchange({0: b"not a task"}, deadline_s=None)
+    assert late.client_id == 0 and len(seen) == 5
 
 
 def test_the_dashboard_over_https_answers_with_its_ca_and_refuses_plain_http(

@@ -101,15 +101,15 @@ function verdict(c) {
 function clientTable(run, i) {
   const cur = run.status && run.status.current;
   if (!cur || !cur.clients) return "";
-  const async = run.status.mode === "async";
+  const isAsync = run.status.mode === "async";
   const rows = cur.clients.map(c => `<tr class="client-row"><td>${c.client}</td><td class="st-${esc(c.status)}">${esc(c.status)}</td>` +
     `<td>${c.seconds === null || c.seconds === undefined ? "–" : c.seconds.toFixed(3) + " s"}</td><td>${esc(c.reason || "")}</td>` +
-    `<td class="verdict">${esc(verdict(c))}</td>` + (async ? `<td>${text(c.staleness)}</td>` : "") + `</tr>`).join("");
-  const what = async ? `tasks of buffer ${cur.round}` : `clients of round ${cur.round}`;
+    `<td class="verdict">${esc(verdict(c))}</td>` + (isAsync ? `<td>${text(c.staleness)}</td>` : "") + `</tr>`).join("");
+  const what = isAsync ? `tasks of buffer ${cur.round}` : `clients of round ${cur.round}`;
   const rule = cur.robust_rule ? ` · rule ${esc(cur.robust_rule)}` +
     (cur.clients_left_out !== null && cur.clients_left_out !== undefined ? `, ${cur.clients_left_out} left out` : ", no whole update left out") : "";
   return `<div class="panel" id="clients-${i}"><h3>${esc(run.name)}: ${what} (${esc(cur.phase)})${rule}</h3>
-    <table><tr><th>client</th><th>status</th><th>latency</th><th>reason</th><th>robust rule</th>${async ? "<th>staleness</th>" : ""}</tr>${rows}</table></div>`;
+    <table><tr><th>client</th><th>status</th><th>latency</th><th>reason</th><th>robust rule</th>${isAsync ? "<th>staleness</th>" : ""}</tr>${rows}</table></div>`;
 }
 
 function contributionTraces(runs) {

@@ -19,7 +19,7 @@ from fedguard.experiment import config as config_mod
 from fedguard.experiment import runner
 from fedguard.observe import report
 from fedguard.protocol import messages, robust_rules
-from fedguard.protocol.aggregator import LeftOut, RuleReport
+from fedguard.protocol.aggregator import Aggregator, Condition, LeftOut, RuleReport
 from fedguard.protocol.fedopt import FedOpt
 
 K, D, OUTLIER = 7, 4, 5  # seven updates, row 5 far from the others
@@ -135,6 +135,39 @@ def test_the_strategy_names_the_clients_the_rule_left_out() -> None:
         "trimmed_share": None,
     }
     assert torch.equal(new, strategy.aggregate(state, params, _replies(_updates(), ids))[1])
+
+
+class _DropFirst(Aggregator):
+    """A plug-in rule that leaves out its first update and averages the rest."""
+
+    name = "drop_first"
+
+    def condition(self, n: int, f: int) -> Condition:
+        return Condition(n >= 2, "K >= 2")
+
+    def aggregate(self, updates, weights, *, state, context):
+        return self.aggregate_reporting(updates, weights, state=state, context=context)[:2]
+
+    def aggregate_reporting(self, updates, weights, *, state, context):
+        return state, updates[1:].mean(dim=0), RuleReport(self.name, True, (0,))
+
+
+def test_a_plug_in_rules_report_reaches_the_strategys_left_out() -> None:
+    fedavg = server_optimizers.ServerOptimizerConfig(server_optimizers.ServerOptimizer.FEDAVG)
+    strategy = FedOpt(fedavg, {}, aggregator=_DropFirst())
+    params = torch.zeros(D)
+    updates = torch.arange(12, dtype=torch.float32).reshape(3, D)
+    _, new, left_out = strategy.aggregate_reporting(
+        strategy.init(params), params, _replies(updates, [9, 4, 6])
+    )
+    assert left_out is not None and left_out.clients == (9,) and left_out.rule == "drop_first"
+    assert new.tolist() == [6.0, 7.0, 8.0, 9.0]  # the mean of the last two rows
+    # an aggregator that says nothing (the mean) leaves the report out
+    plain = FedOpt(fedavg, {})
+    assert (
+        plain.aggregate_reporting(plain.init(params), params, _replies(updates, [9, 4, 6]))[2]
+        is None
+    )
 
 
 def test_a_report_by_client_averages_a_clients_two_replies_and_keeps_each_verdict() -> None:

@@ -110,7 +110,16 @@ GROUPS: dict[str, Group] = {
     ),
     "robust": Group(
         modules=("src/fedguard/algorithms/robust/*.py",),
-        tests=("test_robust.py", "test_robust_bucketing.py", "test_mutants_robust*.py"),
+        tests=(
+            "test_robust.py",
+            "test_robust_bucketing.py",
+            "test_robust_left_out.py",
+            "test_mutants_robust*.py",
+        ),
+        deselect=(  # whole runs: the unit tests of the same file cover the selections
+            "tests/test_robust_left_out.py::test_a_run_under_multi_krum_shows_the_boosting_client_left_out",
+            "tests/test_robust_left_out.py::test_a_run_under_the_trimmed_mean_shows_the_share_cut_of_each_client",
+        ),
     ),
     "optimizers": Group(
         modules=("src/fedguard/algorithms/optimizers/*.py",),

@@ -1,5 +1,6 @@
 """Asynchronous rounds (FedBuff): staleness weights and buffer steps against a hand computation,
-the virtual clock's ordering, resume equality, local DP's accounting and the refusals."""
+the virtual clock's ordering, resume equality, local DP's accounting, the live status's table of
+tasks and the refusals."""
 
 from __future__ import annotations
 
@@ -267,3 +268,41 @@ def test_what_does_not_compose_is_refused(tmp_path, sections, match) -> None:
 def test_async_keys_are_refused_in_sync_mode(tmp_path) -> None:
     with pytest.raises(ConfigError, match='server.buffer_size is set but server.mode = "sync"'):
         fedguard.run(tiny_config(server={"buffer_size": 2}), out=tmp_path / "r", progress=False)
+
+
+def test_the_status_file_lists_every_task_of_the_last_buffer(tmp_path) -> None:
+    cfg = tiny_config(
+        experiment={"rounds": 3},
+        server={
+            "mode": "async",
+            "concurrency": 4,
+            "buffer_size": 3,
+            "aggregator": "trimmed_mean",
+            "byzantine_f": 1,
+            "deadline_s": 4.0,  # the slow clients time out
+        },
+        runtime={"latency": LATENCY},
+    )
+    fedguard.run(cfg, out=tmp_path / "r", progress=False)
+    last = _rows(tmp_path / "r")[-1]
+    status = json.loads((tmp_path / "r" / "status.json").read_text())
+    assert status["mode"] == "async" and status["state"] == "completed"
+    current = status["current"]
+    assert current["round"] == 3 and current["phase"] == "done"
+    assert current["robust_rule"] == "trimmed_mean" and current["clients_left_out"] is None
+    tasks = current["clients"]
+    by_status = Counter(t["status"] for t in tasks)
+    assert by_status["replied"] == last["clients_completed"] == 3
+    assert by_status["failed"] == last["clients_failed"] >= 1
+    assert by_status["training"] == 3  # every slot but the one whose reply filled the buffer
+    assert set(by_status) <= {"replied", "failed", "rejected", "stale", "training"}
+    replied = [t for t in tasks if t["status"] == "replied"]
+    assert max(t["staleness"] for t in replied) == last["staleness_max"]
+    assert all(t["seconds"] > 0 for t in replied)
+    # the trim cuts 2f = 2 of the 3 values of every coordinate (no ties in float updates)
+    assert sum(t["trimmed_share"] for t in replied) == pytest.approx(2.0, abs=1e-3)
+    for t in tasks:
+        if t["status"] == "failed":
+            assert t["reason"].startswith("timeout: ") and t["seconds"] == 4.0
+        if t["status"] == "training":
+            assert t["seconds"] is None and t["trimmed_share"] is None

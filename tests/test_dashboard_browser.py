@@ -4,17 +4,19 @@ The run's rounds are released one at a time by the test (its transport waits on 
 so the page is checked at known points of the run without any timing: after round 1, while
 round 2 is in progress (its sampled clients listed as such), and at the end, where the charts
 hold exactly the rounds of metrics.jsonl and the client table shows the failed and the rejected
-client of the last round.
+client of the last round. The same browser then opens a finished run whose boosting client Krum
+left out, and finds it so marked in the client table.
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from browser import browser, full_page_screenshot, wait_for  # noqa: F401 (fixture)
-from conftest import metric_rows, tiny_config
+from conftest import metric_rows, ten_iid_config, tiny_config
 from fedguard.client.app import ClientApp
 from fedguard.experiment import config as config_mod
 from fedguard.experiment import runner
@@ -134,11 +136,56 @@ def test_dashboard_follows_a_live_run_in_chromium(tmp_path: Path, browser) -> No
         assert metrics[-1]["clients_failed"] == 1 and metrics[-1]["clients_rejected"] == 1
         shot = full_page_screenshot(browser, tmp_path / "dashboard.png")
         assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        _krum_page_shows_the_outlier_left_out(browser, tmp_path)
     finally:
         for _ in range(ROUNDS):
             gate.release()
         thread.join(timeout=120)
         dashboard.stop()
+
+
+def _krum_page_shows_the_outlier_left_out(browser, tmp_path: Path) -> None:  # noqa: F811
+    """The same browser on a run whose one boosting client Krum leaves out: the client table
+    says so for that client (and for every other client but the one Krum returned)."""
+    cfg = config_mod.validate(
+        ten_iid_config(
+            "krum",
+            experiment={"rounds": 2},
+            server={"aggregator": "krum", "byzantine_f": 1},
+            attack={"kind": "boost", "fraction": 0.1, "factor": 50.0},
+        )
+    )
+    summary = runner.run(cfg, out=tmp_path / "krum", progress=False)
+    (outlier,) = summary["attack"]["malicious"]
+    status = json.loads((tmp_path / "krum" / "status.json").read_text())
+    verdicts = {c["client"]: c["left_out_by"] for c in status["current"]["clients"]}
+    kept = [c for c, v in verdicts.items() if v is None]
+    assert len(kept) == 1 and kept[0] != outlier and verdicts[outlier] == "krum"
+    assert metric_rows(tmp_path / "krum")[-1]["left_out_clients"] == sorted(
+        c for c in verdicts if c != kept[0]
+    )
+    port = free_port()
+    page = serve.Background(
+        [tmp_path / "krum"], serve.DashboardOptions(f"127.0.0.1:{port}", poll_ms=200)
+    )
+    page.start()
+    try:
+        browser.get(f"http://127.0.0.1:{port}/")
+        heading, rows = wait_for(
+            browser,
+            lambda d: "round 2 (done)" in _clients_table(d)[0] and _clients_table(d),
+            "the Krum run's client table",
+        )
+        assert "rule krum, 9 left out" in heading
+        shown = {int(r[0]): r[4] for r in rows}
+        assert shown[outlier] == "left out by krum" and shown[kept[0]] == ""
+        assert sum(v == "left out by krum" for v in shown.values()) == 9
+        total = browser.execute_script(
+            "return document.querySelector('.left-out-total').textContent"
+        )
+        assert total == "18"  # 9 in each of the 2 rounds
+    finally:
+        page.stop()
 
 
 def _round_of(payload: bytes) -> int:

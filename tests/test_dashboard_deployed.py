@@ -1,9 +1,10 @@
 """A deployed run watched live: ``fedguard server --dashboard`` with viewer tokens, a client
 process, and the test reading the dashboard's JSON (what the page draws) mid-run.
 
-The client holds round 2's training until the test creates a file, so the test sees the run
-at a known point without timing: round 1 finished, round 2 in progress with its client
-sampled. The dashboard refuses a request without the viewer token.
+Client 1 holds round 2's training until the test creates a file, so the test sees the run at a
+known point without timing: round 1 finished, round 2 in progress, client 0's reply of round 2
+already shown as it arrived over gRPC (before the round's end) and client 1 still sampled. The
+dashboard refuses a request without the viewer token.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from fedguard.runtime import grpc_launch
 ROUNDS = 2
 SECTIONS = {
     "experiment": {"rounds": ROUNDS, "name": "deployed"},
-    "data": {"num_clients": 1},
-    "server": {"clients_per_round": 1, "deadline_s": 120.0},
+    "data": {"num_clients": 2},
+    "server": {"clients_per_round": 2, "deadline_s": 120.0},
 }
 
 
@@ -41,8 +42,11 @@ def _server_cli(argv: list[str], log_path: Path) -> None:
     sys.exit(cli.main(argv))
 
 
-def _gated_client(config: Path, address: str, client_id: int, token: bytes, gate: Path) -> None:
-    """``fedguard client`` that trains round 2 and later only once ``gate`` exists."""
+def _clients(config: Path, address: str, tokens: dict[int, bytes], gate: Path) -> None:
+    """``fedguard client`` for each of ``tokens``' clients, on threads of one process (one
+    process start, not two); client 1 trains round 2 and later only once ``gate`` exists."""
+    import threading
+
     import torch
 
     from fedguard.experiment import deployment as grpc_deploy
@@ -50,19 +54,34 @@ def _gated_client(config: Path, address: str, client_id: int, token: bytes, gate
     from fedguard.runtime import grpc_client
 
     torch.set_num_threads(1)
-    app = grpc_deploy.demo_app(config, client_id)
 
-    def handler(cid: int, payload: bytes) -> bytes:
-        if messages.kind_of(payload) == "FitTask" and messages.decode(payload).round >= 2:
-            end = time.monotonic() + 120
-            while not gate.exists() and time.monotonic() < end:
-                time.sleep(0.05)
-        return app.handle(cid, payload)
+    def serve(client_id: int) -> None:
+        app = grpc_deploy.demo_app(config, client_id)
 
-    settings = grpc_client.ClientSettings(
-        address, client_id, token, None, insecure=True, backoff_max_s=1.0, give_up_after_s=60.0
-    )
-    grpc_client.serve(settings, handler)
+        def handler(cid: int, payload: bytes) -> bytes:
+            fit = messages.kind_of(payload) == "FitTask"
+            if cid == 1 and fit and messages.decode(payload).round >= 2:
+                end = time.monotonic() + 120
+                while not gate.exists() and time.monotonic() < end:
+                    time.sleep(0.05)
+            return app.handle(cid, payload)
+
+        settings = grpc_client.ClientSettings(
+            address,
+            client_id,
+            tokens[client_id],
+            None,
+            insecure=True,
+            backoff_max_s=1.0,
+            give_up_after_s=60.0,
+        )
+        grpc_client.serve(settings, handler)
+
+    threads = [threading.Thread(target=serve, args=(cid,)) for cid in tokens]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def _get(url: str, token: str | None) -> tuple[int, dict | None]:
@@ -80,7 +99,7 @@ def _get(url: str, token: str | None) -> tuple[int, dict | None]:
 
 def test_a_deployed_run_is_watched_live_with_a_viewer_token(tmp_path: Path) -> None:
     config = write_config(tmp_path / "exp.toml", **SECTIONS)
-    sec = make_security(tmp_path / "sec", range(1), tls=False)
+    sec = make_security(tmp_path / "sec", range(2), tls=False)
     viewer = access.make_viewer(tmp_path / "sec", "ops").read_text().strip()
     fed = Federation(config, tmp_path / "run", sec)
     dashboard = f"127.0.0.1:{grpc_launch.free_port()}"
@@ -103,38 +122,35 @@ def test_a_deployed_run_is_watched_live_with_a_viewer_token(tmp_path: Path) -> N
         str(tmp_path / "sec" / access.VIEWERS_FILE),
     ]
     server = CTX.Process(target=_server_cli, args=(argv, fed.log), daemon=True)
-    clients = [
-        CTX.Process(
-            target=_gated_client,
-            args=(config, fed.address, cid, sec.token(cid), gate),
-            daemon=True,
-        )
-        for cid in range(1)
-    ]
+    tokens = {cid: sec.token(cid) for cid in range(2)}
+    clients = [CTX.Process(target=_clients, args=(config, fed.address, tokens, gate), daemon=True)]
     seen: dict = {}
     try:
         server.start()
         for c in clients:
             c.start()
 
-        def round_2_in_progress() -> bool:
+        def round_2_with_client_0_replied() -> bool:
             code, body = _get(url, viewer)
             if code != 200 or body is None:
                 return False
             run = body["runs"][0]
             current = (run.get("status") or {}).get("current") or {}
             seen.update(run)
-            return current.get("round") == 2 and current.get("phase") == "training"
+            replied = [c["client"] for c in current.get("clients", []) if c["status"] != "sampled"]
+            in_round_2 = current.get("round") == 2 and current.get("phase") == "training"
+            return in_round_2 and replied == [0]
 
-        wait_for(round_2_in_progress, 120, "round 2 in progress on the dashboard")
+        wait_for(round_2_with_client_0_replied, 120, "client 0's reply of round 2 on the dashboard")
         assert _get(url, None)[0] == 401  # no viewer token, nothing shown
         assert _get(url, "not-a-token")[0] == 401
         assert seen["status"]["rounds_done"] == 1 and seen["status"]["state"] == "running"
         assert [r["round"] for r in seen["metrics"]] == [1]
         clients_now = seen["status"]["current"]["clients"]
-        assert [(c["client"], c["status"]) for c in clients_now] == [(0, "sampled")]
+        assert [(c["client"], c["status"]) for c in clients_now] == [(0, "replied"), (1, "sampled")]
+        assert clients_now[0]["seconds"] > 0 and clients_now[1]["seconds"] is None
         last = seen["status"]["last"]
-        assert [c["status"] for c in last["clients"]] == ["replied"]
+        assert [c["status"] for c in last["clients"]] == ["replied", "replied"]
         assert all(c["seconds"] > 0 for c in last["clients"])
         gate.write_text("go")
         server.join(120)

@@ -81,3 +81,23 @@ def test_problems_by_client_reads_the_drivers_log_lines() -> None:
         ],
         0: [{"round": 4, "kind": "failed (error)", "reason": "ConnectionError: gone"}],
     }
+
+
+def test_left_out_by_client_counts_the_rounds_and_averages_the_trim() -> None:
+    rows = [
+        {"round": 1, "robust_rule": "multi_krum", "left_out_clients": [5, 2]},
+        {"round": 2, "robust_rule": "multi_krum", "left_out_clients": [5]},
+        {"round": 3},  # a row without a rule (an older run, or an aborted round)
+    ]
+    assert report.left_out_by_client(rows) == {
+        5: {"rule": "multi_krum", "rounds": [1, 2], "trimmed": None},
+        2: {"rule": "multi_krum", "rounds": [1], "trimmed": None},
+    }
+    trimmed = [
+        {"round": 1, "robust_rule": "trimmed_mean", "trimmed_share": {"0": 0.25, "1": 1.0}},
+        {"round": 2, "robust_rule": "trimmed_mean", "trimmed_share": {"0": 0.75, "1": 1.0}},
+    ]
+    assert report.left_out_by_client(trimmed) == {
+        0: {"rule": "trimmed_mean", "rounds": [], "trimmed": 0.5},
+        1: {"rule": "trimmed_mean", "rounds": [], "trimmed": 1.0},
+    }

@@ -37,8 +37,10 @@ from fedguard.experiment.runfolder import RunFolder
 from fedguard.observe import status as status_file
 from fedguard.observe import tracking
 from fedguard.protocol import async_driver, secagg
-from fedguard.protocol.driver import RoundFailedError
+from fedguard.protocol.aggregator import LeftOut
+from fedguard.protocol.driver import ReplyWatcher, RoundFailedError
 from fedguard.protocol.strategy import StrategyState
+from fedguard.protocol.transport import Failed, Outcome
 
 log = logging.getLogger("fedguard")
 
@@ -259,6 +261,7 @@ def _run_rounds(
         max_epsilon=cfg.privacy.max_epsilon if exp.privacy is not None else None,
         delta=exp.privacy.delta if exp.privacy is not None else None,
         mode="async" if exp.async_driver is not None else "sync",
+        min_interval_s=status_file.MIN_INTERVAL_S,
     )
     try:
         return _rounds_and_summary(
@@ -325,10 +328,12 @@ def _rounds_and_summary(
             if exp.async_driver is not None:
                 applied = _async_rounds(exp, folder, finished, params, state, rows, joined, tracker)
                 for latest in applied:
-                    params, state = latest
-                    live.round_finished(rows[-1]["round"], rows[-1], [], rows[-1]["seconds"])
+                    params, state, tasks = latest
+                    live.round_finished(rows[-1]["round"], rows[-1], tasks, rows[-1]["seconds"])
                     sinks.log_row(rows[-1])
                     bar.update(task, advance=1, stats=_stats(rows))
+            else:  # the page shows each reply of a round as it arrives
+                exp.driver.watch(_reply_watcher(live))
             for round_ in range(start if exp.async_driver is None else total + 1, total + 1):
                 if _budget_spent(exp, round_, joined):
                     status = "budget_spent"
@@ -373,6 +378,8 @@ def _rounds_and_summary(
         except RoundFailedError as exc:
             status, error = "failed", str(exc)
             log.error("%s", exc)
+        finally:
+            exp.driver.watch(None)
     # Secure aggregation: a run in which every round aborted never changed the model.
     aborted = [r["round"] for r in rows if r.get("secure_aggregation_aborted")]
     if status == "completed" and rows and len(aborted) == len(rows):
@@ -427,6 +434,41 @@ def _rounds_and_summary(
     return summary
 
 
+def _reply_watcher(live: status_file.StatusWriter) -> ReplyWatcher:
+    """The round driver's watcher that puts each reply or failure in the live status as it
+    arrives (the round's checks and the rule's verdict come with its end)."""
+
+    def arrived(round_: int, outcome: Outcome) -> None:
+        if isinstance(outcome, Failed):
+            live.client_arrived(
+                round_, outcome.client_id, failed=f"{outcome.kind}: {outcome.reason}"
+            )
+        else:
+            live.client_arrived(round_, outcome.client_id, seconds=outcome.seconds)
+
+    return arrived
+
+
+def _verdict(left_out: LeftOut | None) -> dict[str, Any]:
+    """:func:`fedguard.observe.status.client_statuses`'s keyword arguments for what the robust
+    rule did to each client (none: {})."""
+    if left_out is None:
+        return {}
+    return {
+        "rule": left_out.rule,
+        "left_out": left_out.clients,
+        "trimmed": left_out.trimmed_by_client(),
+    }
+
+
+def _task_verdicts(left_out: LeftOut | None) -> dict[str, Any]:
+    """:func:`fedguard.observe.status.task_statuses`'s keyword arguments: the rule's verdict on
+    each reply of the buffer, in order (none: {})."""
+    if left_out is None:
+        return {}
+    return {"rule": left_out.rule, "verdicts": left_out.row_verdicts()}
+
+
 def _rounds_joined(done: int, joined: Mapping[int, list[int]]) -> int:
     """The last round any client was asked to train for: ``done``, or in asynchronous rounds
     the next one, for which clients are training already."""
@@ -442,10 +484,11 @@ def _async_rounds(
     rows: list[dict[str, Any]],
     joined: dict[int, list[int]],
     tracker: contribution.Tracker,
-) -> Iterator[tuple[torch.Tensor, StrategyState]]:
+) -> Iterator[tuple[torch.Tensor, StrategyState, list[dict[str, Any]]]]:
     """FedBuff's applied buffers as rounds: each evaluated, accounted, written to the metrics
     and checkpointed with the asynchronous state (:mod:`fedguard.protocol.async_driver`);
-    yields the new model and server state."""
+    yields the new model and server state, and the live status's entry of every task since the
+    previous buffer (:func:`fedguard.observe.status.task_statuses`)."""
     driver = exp.async_driver
     if driver is None:
         raise ValueError("Asynchronous rounds need an asynchronous driver.")
@@ -471,6 +514,8 @@ def _async_rounds(
         for cid, r in result.dispatched:
             joined[cid].append(r)
         row = _metrics_row(exp, round_, result.params, result.metrics)
+        if result.left_out is not None:
+            row.update(result.left_out.metrics())
         if exp.privacy is not None:
             row["epsilon"] = exp.privacy.epsilon(_rounds_joined(round_, joined), joined)
         row["seconds"] = time.perf_counter() - t0
@@ -485,7 +530,12 @@ def _async_rounds(
             checkpoint.Checkpoint(round_, tensors, info),
             keep=cfg.checkpoint.keep,
         )
-        yield result.params, result.state
+        tasks = [t.as_dict() for t in result.tasks]
+        yield (
+            result.params,
+            result.state,
+            status_file.task_statuses(tasks, **_task_verdicts(result.left_out)),
+        )
         t0 = time.perf_counter()
 
 
@@ -544,8 +594,12 @@ def _one_round(
     if exp.privacy is not None:  # local DP: compose what the clients report they ran
         exp.privacy.record(round_, result.reported)
     row = _metrics_row(exp, round_, result.params, result.metrics)
+    if result.left_out is not None:
+        row.update(result.left_out.metrics())
     row["seconds"] = time.perf_counter() - t0
-    clients = status_file.client_statuses(result.sampled, result.problems, result.latencies)
+    clients = status_file.client_statuses(
+        result.sampled, result.problems, result.latencies, **_verdict(result.left_out)
+    )
     return row, result.params, result.state, result.sampled, clients
 
 

@@ -4,9 +4,10 @@ The file inlines everything it shows: the plotly.js of the ``plotly`` package, t
 the tables; it opens offline, can be mailed or archived with the run. Sections: configuration,
 partition, learning curves, final metrics with the confusion matrix, privacy (mechanism, epsilon
 per round and the inputs anyone needs to recompute it with dp-accounting, from
-``summary.json``), secure-aggregation and robustness settings, failures and rejections by
-client (from ``run.log``, which has every round's, across resumes), contribution scores, audit
-results. A section whose file is missing says so; a run still being written is reported as far
+``summary.json``), secure-aggregation and robustness settings with what the robust rule did to
+each client (left out, or a share of its coordinates trimmed; from metrics.jsonl), failures and
+rejections by client (from ``run.log``, which has every round's, across resumes), contribution
+scores, audit results. A section whose file is missing says so; a run still being written is reported as far
 as it got.
 """
 
@@ -53,6 +54,28 @@ def problems_by_client(log_text: str) -> dict[int, list[dict[str, Any]]]:
         out.setdefault(int(m["client"]), []).append(
             {"round": int(m["round"]), "kind": kind, "reason": m["reason"].strip()}
         )
+    return out
+
+
+def left_out_by_client(rows: Sequence[Mapping[str, Any]]) -> dict[int, dict[str, Any]]:
+    """What the robust rule did to each client over the rounds of metrics.jsonl: ``{"rule",
+    "rounds"}`` (the rounds its update was left out of the aggregate) and, for a trimming rule,
+    ``"trimmed"`` (the mean share of its coordinates cut over the rounds it was in)."""
+    out: dict[int, dict[str, Any]] = {}
+    shares: dict[int, list[float]] = {}
+    for row in rows:
+        rule = row.get("robust_rule")
+        if not rule:
+            continue
+        for cid in row.get("left_out_clients") or []:
+            entry = out.setdefault(int(cid), {"rule": rule, "rounds": [], "trimmed": None})
+            entry["rounds"].append(int(row["round"]))
+        for cid, share in (row.get("trimmed_share") or {}).items():
+            if isinstance(share, int | float):
+                shares.setdefault(int(cid), []).append(float(share))
+                out.setdefault(int(cid), {"rule": rule, "rounds": [], "trimmed": None})
+    for cid, values in shares.items():
+        out[cid]["trimmed"] = sum(values) / len(values)
     return out
 
 
@@ -321,6 +344,26 @@ def build_report(run_dir: Path) -> str:
     parts.append("<h3>robust aggregation</h3>" + _kv(robust))
     if config.get("attack"):
         parts.append("<h3>simulated attack</h3>" + _kv(config["attack"]))
+    verdicts = left_out_by_client(rows)
+    if verdicts:
+        parts.append("<h3>what the robust rule did to each client</h3>")
+        parts.append(
+            _table(
+                [
+                    (
+                        cid,
+                        v["rule"],
+                        len(v["rounds"]),
+                        ", ".join(str(r) for r in v["rounds"]) or "–",
+                        "–" if v["trimmed"] is None else f"{100 * v['trimmed']:.1f}%",
+                    )
+                    for cid, v in sorted(verdicts.items())
+                ],
+                ["client", "rule", "rounds left out", "which rounds", "coordinates trimmed (mean)"],
+            )
+        )
+    elif any(r.get("robust_rule") for r in rows):
+        parts.append('<p class="note">the robust rule left no client out</p>')
     refused = [(r["round"], r["aggregate_rejected"]) for r in rows if r.get("aggregate_rejected")]
     if refused:
         parts.append(

@@ -20,6 +20,10 @@ and a user's alike (:mod:`fedguard.experiment.config_checks`):
   FedAvg's mean does; a robust rule gives every update the same weight, so that a claimed size
   buys no influence (see :mod:`fedguard.protocol.strategy`).
 
+A rule that picks whole updates can also say which it left out
+(:meth:`Aggregator.aggregate_reporting`, a :class:`RuleReport`); the strategy turns the rows into
+client ids (:class:`LeftOut`) for the round's metrics and the live view.
+
 The strategy calls :meth:`Aggregator.aggregate` once per round where FedAvg would take the
 weighted mean, so FedAvgM, FedAdam, FedYogi and FedAdagrad run unchanged on top of any rule.
 """
@@ -27,7 +31,7 @@ weighted mean, so FedAvgM, FedAdam, FedYogi and FedAdagrad run unchanged on top 
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +65,80 @@ class RoundContext:
     round: int
     params: torch.Tensor
     generator: torch.Generator
+
+
+@dataclass(frozen=True)
+class RuleReport:
+    """What a rule says of one round's updates besides their aggregate, by row of ``[K, D]``.
+
+    ``selects``: whether the rule picks whole updates (else an empty ``excluded`` means it
+    leaves none out by design). ``excluded``: the rows that took no part in the aggregate.
+    ``trimmed``: each row's share of coordinates a coordinate-wise trim cut, or None.
+    """
+
+    rule: str
+    selects: bool
+    excluded: tuple[int, ...] = ()
+    trimmed: tuple[float, ...] | None = None
+
+    def by_client(self, client_ids: Sequence[int]) -> LeftOut:
+        """The report with each row named by its client (``client_ids[row]``)."""
+        return LeftOut(
+            self.rule,
+            self.selects,
+            tuple(int(c) for c in client_ids),
+            tuple(sorted(self.excluded)),
+            self.trimmed,
+        )
+
+
+@dataclass(frozen=True)
+class LeftOut:
+    """A :class:`RuleReport` with each row's client: ``rows`` names the client of each
+    aggregated update, in order (a client appears twice when two of its replies were in one
+    asynchronous buffer); ``excluded`` and ``trimmed`` are by row, as in the report."""
+
+    rule: str
+    selects: bool
+    rows: tuple[int, ...]
+    excluded: tuple[int, ...] = ()
+    trimmed: tuple[float, ...] | None = None
+
+    @property
+    def clients(self) -> tuple[int, ...]:
+        """The clients whose update the rule left out, ascending (once per update)."""
+        return tuple(sorted(self.rows[r] for r in self.excluded))
+
+    def trimmed_by_client(self) -> dict[int, float] | None:
+        """Each client's share of coordinates cut (the mean over its updates), or None."""
+        if self.trimmed is None:
+            return None
+        shares: dict[int, list[float]] = {}
+        for cid, share in zip(self.rows, self.trimmed, strict=True):
+            shares.setdefault(cid, []).append(share)
+        return {cid: sum(v) / len(v) for cid, v in shares.items()}
+
+    def row_verdicts(self) -> list[tuple[bool, float | None]]:
+        """Per row: whether its update was left out, and its share of coordinates cut."""
+        out = set(self.excluded)
+        return [
+            (row in out, None if self.trimmed is None else self.trimmed[row])
+            for row in range(len(self.rows))
+        ]
+
+    def metrics(self) -> dict[str, object]:
+        """The fields a round's metrics row carries: ``robust_rule``, ``clients_left_out`` (a
+        count; None for a rule that picks no whole update), ``left_out_clients`` (their ids) and
+        ``trimmed_share`` (client id to share, for a trimming rule; None for the others)."""
+        trimmed = self.trimmed_by_client()
+        return {
+            "robust_rule": self.rule,
+            "clients_left_out": len(self.clients) if self.selects else None,
+            "left_out_clients": list(self.clients),
+            "trimmed_share": None
+            if trimmed is None
+            else {str(c): round(v, 6) for c, v in sorted(trimmed.items())},
+        }
 
 
 class Aggregator(abc.ABC):
@@ -101,6 +179,19 @@ class Aggregator(abc.ABC):
 
         ``weights [K]`` are the example counts when ``weighs_by_examples``, else ones.
         """
+
+    def aggregate_reporting(
+        self,
+        updates: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        state: AggregatorState,
+        context: RoundContext,
+    ) -> tuple[AggregatorState, torch.Tensor, RuleReport | None]:
+        """:meth:`aggregate` and what the rule left out (None: it does not say). Rules that
+        select among the updates override this and have :meth:`aggregate` call it."""
+        new_state, out = self.aggregate(updates, weights, state=state, context=context)
+        return new_state, out, None
 
 
 def label(aggregator: Aggregator) -> str:

@@ -8,12 +8,17 @@ reply check) joins the buffer with its staleness ``tau = version now - version s
 staler than ``max_staleness`` is dropped and logged. Every ``buffer_size`` replies the server
 aggregates the buffer's staleness-scaled updates ``s(tau_i) u_i`` (see
 :mod:`fedguard.algorithms.optimizers.fedbuff`) with the strategy's aggregator and takes one server
-optimizer step (:meth:`Strategy.aggregate`): with the weighted mean that is the paper's
+optimizer step (:meth:`Strategy.aggregate_reporting`, which also says which clients a robust
+rule left out): with the weighted mean that is the paper's
 ``x <- x + eta_g (1/K) sum_i s(tau_i) u_i`` for clients of equal size. The absurd-norm sanity
 bound runs over the buffer before it is applied. Each applied buffer is a *round* (a new model
 version): it gets a metrics row, an evaluation and a checkpoint like a synchronous round. After
 each arrival the server dispatches new clients, drawn uniformly (seeded by the task number) from
 those not already training, to keep ``concurrency`` busy.
+
+Each applied buffer also lists what became of every task since the previous one
+(:class:`TaskRecord`: replied and applied, failed, rejected, stale, or still training), for the
+live view's per-client table.
 
 State and resume (:class:`AsyncState`): the model version, the next task number, the stream's
 clock, the buffer (the raw reply bytes of the buffered replies) and the in-flight tasks (their
@@ -36,6 +41,7 @@ import torch
 
 from fedguard.algorithms.optimizers import fedbuff
 from fedguard.protocol import messages
+from fedguard.protocol.aggregator import LeftOut
 from fedguard.protocol.driver import RoundDriver, RoundFailedError, _unusable, client_seed
 from fedguard.protocol.strategy import StrategyState
 from fedguard.protocol.transport import Failed, Outcome, ReplyStream
@@ -158,10 +164,36 @@ class AsyncState:
 
 
 @dataclass(frozen=True)
+class TaskRecord:
+    """What became of one task by the time a buffer was applied: ``status`` is ``replied``
+    (its reply was in the applied buffer), ``failed``, ``rejected``, ``stale`` or ``training``
+    (still out); ``seconds`` from its sending to its outcome on the stream's clock (None while
+    training, or for a reply restored from a checkpoint); ``staleness`` of a used reply."""
+
+    client: int
+    status: str
+    reason: str | None = None
+    seconds: float | None = None
+    staleness: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as the live status reads it (:func:`fedguard.observe.status.task_statuses`)."""
+        return {
+            "client": self.client,
+            "status": self.status,
+            "reason": self.reason,
+            "seconds": self.seconds,
+            "staleness": self.staleness,
+        }
+
+
+@dataclass(frozen=True)
 class AsyncRound:
     """One applied buffer: the new version ``round``, model, server state and metrics, the tasks
-    dispatched since the previous one as (client, round) and what the accepted replies reported
-    as (round of the task, client, metrics) for the privacy plan."""
+    dispatched since the previous one as (client, round), what the accepted replies reported
+    as (round of the task, client, metrics) for the privacy plan, what became of each task since
+    the previous buffer (``tasks``) and which clients the robust rule left out (``left_out``;
+    None when the aggregator does not say)."""
 
     round: int
     params: torch.Tensor
@@ -170,6 +202,8 @@ class AsyncRound:
     problems: list[tuple[int, str]]
     dispatched: list[tuple[int, int]]
     reported: list[tuple[int, int, dict[str, float]]]
+    tasks: list[TaskRecord] = field(default_factory=list)
+    left_out: LeftOut | None = None
 
 
 def _as_tensor(data: bytes) -> torch.Tensor:
@@ -192,6 +226,9 @@ class _Tally:
     capped: int = 0
     bytes_up: int = 0
     bytes_down: int = 0
+    # the outcomes that did not join the buffer, and when each buffered reply arrived
+    records: list[TaskRecord] = field(default_factory=list)
+    arrived_after: dict[int, float] = field(default_factory=dict)  # task -> seconds
 
 
 class AsyncDriver:
@@ -296,9 +333,12 @@ class AsyncDriver:
     def _receive(self, sent: InFlight, outcome: Outcome, run: AsyncState, tally: _Tally) -> None:
         """Check one outcome and buffer it, or count why not."""
         version_now = run.version + 1
+        seconds = run.clock - sent.sent_at  # run.clock is this outcome's arrival
         if isinstance(outcome, Failed):
             tally.failed += 1
-            tally.problems.append((sent.client_id, f"{outcome.kind}: {outcome.reason}"))
+            failure = f"{outcome.kind}: {outcome.reason}"
+            tally.problems.append((sent.client_id, failure))
+            tally.records.append(TaskRecord(sent.client_id, "failed", failure, seconds))
             log.warning(
                 "round %d: client %d failed (%s): %s",
                 version_now,
@@ -313,16 +353,19 @@ class AsyncDriver:
             tally.stale += 1
             reason = f"stale: trained on version {sent.version}, {staleness} versions old"
             tally.problems.append((sent.client_id, reason))
+            tally.records.append(TaskRecord(sent.client_id, "stale", reason, seconds, staleness))
             log.warning("round %d: client %d dropped, %s", version_now, sent.client_id, reason)
             return
         reply, reason = self.checks._check_fit_reply(outcome, sent.version + 1)
         if reply is None:
             tally.rejected += 1
             tally.problems.append((sent.client_id, f"rejected: {reason}"))
+            tally.records.append(TaskRecord(sent.client_id, "rejected", reason, seconds))
             log.warning("round %d: client %d rejected: %s", version_now, sent.client_id, reason)
             return
         reply, was_capped = self.checks._capped(reply, version_now)
         tally.capped += was_capped
+        tally.arrived_after[sent.task] = seconds
         run.buffer.append(Buffered(sent.task, sent.version, reply, outcome.payload))
 
     def _apply(
@@ -339,6 +382,7 @@ class AsyncDriver:
             for cid, reason in absurd:
                 tally.rejected += 1
                 tally.problems.append((cid, f"rejected: {reason}"))
+                tally.records.append(TaskRecord(cid, "rejected", reason))
                 log.warning("round %d: client %d rejected: %s", round_, cid, reason)
         if len(run.buffer) < self.settings.min_updates:
             return None
@@ -349,7 +393,9 @@ class AsyncDriver:
             self.settings.staleness_exponent,
         )
         scaled = [replace(b.reply, update=row) for b, row in zip(run.buffer, rows, strict=True)]
-        new_state, new_params = self.checks.strategy.aggregate(state, params, scaled, round_=round_)
+        new_state, new_params, left_out = self.checks.strategy.aggregate_reporting(
+            state, params, scaled, round_=round_
+        )
         metrics: dict[str, float | int | str | None] = {
             "clients_sampled": len(tally.dispatched),
             "clients_completed": len(run.buffer),
@@ -377,8 +423,37 @@ class AsyncDriver:
         n = sum(k for _, k in losses)
         metrics["train_loss"] = sum(v * k for v, k in losses) / n if n else None
         reported = [(b.version + 1, b.reply.client_id, dict(b.reply.metrics)) for b in run.buffer]
+        tasks = _task_records(run, tally)
         run.buffer = []
         run.version = round_
         return AsyncRound(
-            round_, new_params, new_state, metrics, tally.problems, tally.dispatched, reported
+            round_,
+            new_params,
+            new_state,
+            metrics,
+            tally.problems,
+            tally.dispatched,
+            reported,
+            tasks,
+            left_out,
         )
+
+
+def _task_records(run: AsyncState, tally: _Tally) -> list[TaskRecord]:
+    """Every task since the previous applied buffer, as the buffer is applied: the buffered
+    replies (used), the outcomes that were not, then the tasks still out."""
+    used = [
+        TaskRecord(
+            b.reply.client_id,
+            "replied",
+            None,
+            tally.arrived_after.get(b.task),
+            run.version - b.version,
+        )
+        for b in run.buffer
+    ]
+    training = [
+        TaskRecord(f.client_id, "training")
+        for f in sorted(run.in_flight.values(), key=lambda f: f.task)
+    ]
+    return used + tally.records + training

@@ -36,8 +36,9 @@ import torch
 from fedguard.algorithms import binned_auc, finite
 from fedguard.algorithms.secagg.crypto import ROUND_NONCE_BYTES
 from fedguard.protocol import messages, secagg, secagg_server
+from fedguard.protocol.aggregator import LeftOut
 from fedguard.protocol.strategy import Strategy, StrategyState
-from fedguard.protocol.transport import Delivered, Failed, Transport
+from fedguard.protocol.transport import Delivered, Failed, Outcome, Transport
 
 log = logging.getLogger("fedguard.round")
 
@@ -49,6 +50,10 @@ BeforeAggregate = Callable[
     tuple[list[messages.FitReply], dict[str, float | int | str | None]],
 ]
 
+
+# Called with (round, outcome) as each fit reply or failure of a round arrives, before the round's
+# checks: what a live view shows while the round runs (see RoundDriver.watch).
+ReplyWatcher = Callable[[int, Outcome], None]
 
 # An update more than this many times the round's median update norm is rejected as absurd. The
 # robustness benchmark's Gaussian attack (N(0, 1) per coordinate) on its 121k-parameter X-ray CNN
@@ -78,6 +83,8 @@ class RoundResult:
     reported: dict[int, dict[str, float]] = field(default_factory=dict)
     # the seconds each delivered reply took (what a live view shows per client)
     latencies: dict[int, float] = field(default_factory=dict)
+    # which clients' updates the robust rule left out (None: the aggregator does not say)
+    left_out: LeftOut | None = None
 
 
 def client_seed(seed: int, round_: int, client_id: int) -> int:
@@ -200,10 +207,27 @@ class RoundDriver:
         self.poisson = poisson
         self.secure_aggregation = secure_aggregation
         self.identities = None if identities is None else identities.public()
+        self._reply_watcher: ReplyWatcher | None = None
         if secure_aggregation is not None:
             refusal = strategy.secure_aggregation_refusal()
             if refusal is not None:
                 raise ValueError(f"Secure aggregation cannot serve this strategy: {refusal}.")
+
+    def watch(self, watcher: ReplyWatcher | None) -> None:
+        """Call ``watcher(round, outcome)`` as each fit outcome of a (not secure-aggregation)
+        round arrives, where the transport can tell (:meth:`Transport.watch`); None: stop."""
+        self._reply_watcher = watcher
+
+    def _exchange_fit(self, round_: int, requests: _Requests) -> list[Outcome]:
+        """The fit exchange, the watcher (if any) told of each outcome as it arrives."""
+        watcher = self._reply_watcher
+        if watcher is None:
+            return self.transport.exchange(requests, deadline_s=self.deadline_s)
+        self.transport.watch(lambda outcome: watcher(round_, outcome))
+        try:
+            return self.transport.exchange(requests, deadline_s=self.deadline_s)
+        finally:
+            self.transport.watch(None)
 
     def sample(self, round_: int) -> list[int]:
         """The clients asked to train in ``round_``: a fixed-size sample, or Poisson with rate
@@ -226,7 +250,7 @@ class RoundDriver:
             return messages.encode(messages.FitTask(round_, cid, params, seeded, tensors))
 
         requests = _Requests(sampled, task)
-        outcomes = self.transport.exchange(requests, deadline_s=self.deadline_s)
+        outcomes = self._exchange_fit(round_, requests)
         bytes_down = requests.bytes_sent
         accepted: list[messages.FitReply] = []
         reported: dict[int, dict[str, float]] = {}
@@ -282,7 +306,9 @@ class RoundDriver:
                 f"min_clients is {self.min_clients}. Problems: "
                 + "; ".join(f"client {c}: {r}" for c, r in problems)
             )
-        new_state, new_params = self.strategy.aggregate(state, params, accepted, round_=round_)
+        new_state, new_params, left_out = self.strategy.aggregate_reporting(
+            state, params, accepted, round_=round_
+        )
         refusal = _unusable(new_params, new_state)
         if refusal is not None:
             log.warning("round %d: %s; the model is unchanged, the run goes on", round_, refusal)
@@ -296,7 +322,9 @@ class RoundDriver:
         ]
         n = sum(k for _, k in losses)
         metrics["train_loss"] = sum(v * k for v, k in losses) / n if n else None
-        return RoundResult(new_params, new_state, metrics, problems, sampled, reported, latencies)
+        return RoundResult(
+            new_params, new_state, metrics, problems, sampled, reported, latencies, left_out
+        )
 
     def _secure_fit_round(
         self,

@@ -30,7 +30,7 @@ from fedguard.algorithms import robust, seeding
 from fedguard.algorithms.optimizers import feddyn, fednova, newton, scaffold
 from fedguard.algorithms.optimizers import server as server_optimizers
 from fedguard.protocol import features, messages, robust_rules
-from fedguard.protocol.aggregator import Aggregator, Mean, RoundContext
+from fedguard.protocol.aggregator import Aggregator, LeftOut, Mean, RoundContext
 from fedguard.protocol.central_dp import CentralPrivacy
 from fedguard.protocol.strategy import (
     CONTROL,
@@ -114,6 +114,18 @@ class FedOpt(Strategy):
     ) -> tuple[ServerState, torch.Tensor]:
         """Aggregate with the rule, weighing each update by its reply's ``num_examples`` if the
         rule weighs by examples (the mean), else equally (see the strategy module's docstring)."""
+        new_state, new_params, _ = self.aggregate_reporting(state, params, replies, round_=round_)
+        return new_state, new_params
+
+    def aggregate_reporting(
+        self,
+        state: StrategyState,
+        params: torch.Tensor,
+        replies: Sequence[messages.FitReply],
+        *,
+        round_: int = 0,
+    ) -> tuple[ServerState, torch.Tensor, LeftOut | None]:
+        """:meth:`aggregate` and what the rule left out, by client id."""
         current = ServerState.of(state)
         rule = self.aggregator
         if rule.weighs_by_examples:
@@ -123,13 +135,15 @@ class FedOpt(Strategy):
         context = RoundContext(
             round_, params, seeding.generator(self.seed, round_, AGGREGATOR_STREAM)
         )
-        rule_state, delta = rule.aggregate(
+        rule_state, delta, report = rule.aggregate_reporting(
             torch.stack([r.update for r in replies]),
             weights,
             state=current.aggregator,
             context=context,
         )
-        return self.step(replace(current, aggregator=rule_state), params, delta)
+        new_state, new_params = self.step(replace(current, aggregator=rule_state), params, delta)
+        left_out = None if report is None else report.by_client([r.client_id for r in replies])
+        return new_state, new_params, left_out
 
     def aggregate_sum(
         self,
@@ -203,12 +217,26 @@ class Scaffold(Strategy):
         *,
         round_: int = 0,
     ) -> tuple[ServerState, torch.Tensor]:
-        new_state, new_params = self.inner.aggregate(state, params, replies, round_=round_)
+        new_state, new_params, _ = self.aggregate_reporting(state, params, replies, round_=round_)
+        return new_state, new_params
+
+    def aggregate_reporting(
+        self,
+        state: StrategyState,
+        params: torch.Tensor,
+        replies: Sequence[messages.FitReply],
+        *,
+        round_: int = 0,
+    ) -> tuple[ServerState, torch.Tensor, LeftOut | None]:
+        """FedAvg's aggregate (with what its rule left out), then the control variate's move."""
+        new_state, new_params, left_out = self.inner.aggregate_reporting(
+            state, params, replies, round_=round_
+        )
         deltas = torch.stack([r.tensors["control_delta"] for r in replies])
         control = scaffold.server_control_update(
             new_state.control, deltas, num_clients=self.num_clients
         )
-        return replace(new_state, control=control), new_params
+        return replace(new_state, control=control), new_params, left_out
 
 
 @dataclass(frozen=True)

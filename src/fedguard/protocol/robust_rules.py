@@ -12,7 +12,13 @@ from __future__ import annotations
 import torch
 
 from fedguard.algorithms import robust
-from fedguard.protocol.aggregator import Aggregator, AggregatorState, Condition, RoundContext
+from fedguard.protocol.aggregator import (
+    Aggregator,
+    AggregatorState,
+    Condition,
+    RoundContext,
+    RuleReport,
+)
 
 REFERENCE = "reference"  # centered clipping's reference point in the aggregator state
 
@@ -58,8 +64,21 @@ class RobustRule(Aggregator):
         state: AggregatorState,
         context: RoundContext,
     ) -> tuple[AggregatorState, torch.Tensor]:
+        new_state, out, _ = self.aggregate_reporting(updates, weights, state=state, context=context)
+        return new_state, out
+
+    def aggregate_reporting(
+        self,
+        updates: torch.Tensor,
+        weights: torch.Tensor,
+        *,
+        state: AggregatorState,
+        context: RoundContext,
+    ) -> tuple[AggregatorState, torch.Tensor, RuleReport]:
+        """The aggregate and the rule's :class:`~fedguard.algorithms.robust.Selection` by row."""
         reference = state.get(REFERENCE, torch.zeros(0, dtype=torch.float32))
-        new, out = robust.apply(
+        new, out, selection = robust.apply_selecting(
             self.config, robust.RobustState(reference), updates, weights, round_=context.round
         )
-        return {**state, REFERENCE: new.reference}, out
+        report = RuleReport(self.name, selection.selects, selection.excluded, selection.trimmed)
+        return {**state, REFERENCE: new.reference}, out, report

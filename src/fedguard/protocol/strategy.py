@@ -39,7 +39,7 @@ from fedguard.algorithms import seeding
 from fedguard.algorithms.optimizers import server as server_optimizers
 from fedguard.algorithms.privacy import dp_fedavg
 from fedguard.protocol import messages
-from fedguard.protocol.aggregator import Aggregator, AggregatorState, label
+from fedguard.protocol.aggregator import Aggregator, AggregatorState, LeftOut, label
 
 CONTROL = "control"
 FEDDYN_H = "feddyn.h"  # FedDyn's server state h
@@ -106,6 +106,20 @@ class Strategy(abc.ABC):
         The replies are checked (finite, the right size, with :meth:`required_tensors`) and
         their ``num_examples`` capped at the clients' registered sizes by the round driver.
         """
+
+    def aggregate_reporting(
+        self,
+        state: StrategyState,
+        params: torch.Tensor,
+        replies: Sequence[messages.FitReply],
+        *,
+        round_: int = 0,
+    ) -> tuple[StrategyState, torch.Tensor, LeftOut | None]:
+        """:meth:`aggregate`, and which clients' updates its aggregator left out (None: it does
+        not say). The round driver calls this; a strategy whose aggregator selects overrides it
+        (fedguard's own do) and has :meth:`aggregate` drop the report."""
+        new_state, new_params = self.aggregate(state, params, replies, round_=round_)
+        return new_state, new_params, None
 
     def aggregate_sum(
         self,

@@ -2,13 +2,20 @@
 
 A transport sends encoded messages to clients and returns what comes back before the deadline.
 The in-process simulator, Ray and gRPC implement it; the round driver is written once against it.
+
+A live view wants each outcome as it arrives, not the whole list at the end of an exchange:
+:meth:`Transport.watch` installs a callback that a transport able to tell calls with every
+outcome as it settles (the in-process simulator after each client, Ray as each result comes
+back, gRPC as each reply lands). A transport that cannot tell calls nothing; the exchange's
+return value stays the one authority on a round's outcomes.
 """
 
 from __future__ import annotations
 
 import abc
 import enum
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 
@@ -80,11 +87,33 @@ class AsyncUnsupportedError(RuntimeError):
     """A transport that cannot dispatch tasks one at a time (``server.mode = "async"``)."""
 
 
+OutcomeWatcher = Callable[[Outcome], None]
+
+
 class Transport(abc.ABC):
     """Deliver one request per client and gather the outcomes; a transport that can also
     dispatch one task at a time implements :meth:`stream`."""
 
     supports_streams: bool = False
+    _watcher: OutcomeWatcher | None = None
+
+    def watch(self, watcher: OutcomeWatcher | None) -> None:
+        """Call ``watcher`` with each outcome of the following exchanges as it arrives (None:
+        stop). It may be called from the transport's own threads and must return quickly.
+        A wrapper around another transport passes it on (and reports the outcomes it makes up
+        itself)."""
+        self._watcher = watcher
+
+    def _arrived(self, outcome: Outcome) -> None:
+        """Tell the watcher, if any, that ``outcome`` arrived; a watcher's failure is not the
+        exchange's, so it is swallowed."""
+        watcher = self._watcher
+        if watcher is None:
+            return
+        try:
+            watcher(outcome)
+        except Exception:  # noqa: BLE001 - a live view must never break a round
+            logging.getLogger("fedguard.transport").exception("an outcome watcher failed")
 
     @property
     @abc.abstractmethod
@@ -126,6 +155,10 @@ class Population(Transport):
 
     def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
         return self.inner.exchange(requests, deadline_s=deadline_s)
+
+    def watch(self, watcher: OutcomeWatcher | None) -> None:
+        super().watch(watcher)
+        self.inner.watch(watcher)
 
     def stream(self, start_s: float = 0.0, deadline_s: float | None = None) -> ReplyStream:
         return self.inner.stream(start_s, deadline_s)

@@ -398,11 +398,13 @@ class GrpcServerTransport(Transport):
             )
         start = self._clock()
         end, next_report = start + deadline, start + self.progress_s
+        told: set[str] = set()  # the tasks whose outcome the watcher has seen
         with self._cond:
             for task in tasks:
                 self._post(task)
             self._cond.notify_all()
             while any(t.outcome is None for t in tasks):
+                self._tell_arrivals(tasks, told)
                 now = self._clock()
                 if now >= end:
                     break
@@ -417,9 +419,18 @@ class GrpcServerTransport(Transport):
                 if task.pushing is not None:
                     in_flight.append(task.pushing)
                 self._close_task(task)
+            self._tell_arrivals(tasks, told)
         for context in in_flight:  # a push for a closed task can only be refused: stop it now
             context.cancel()
         return [t.outcome for t in tasks if t.outcome is not None]
+
+    def _tell_arrivals(self, tasks: Sequence[_Task], told: set[str]) -> None:
+        """Pass the outcomes settled since the last call to the watcher (under the lock; the
+        watcher returns quickly, see :meth:`Transport.watch`)."""
+        for task in tasks:
+            if task.outcome is not None and task.task_id not in told:
+                told.add(task.task_id)
+                self._arrived(task.outcome)
 
     def stream(self, start_s: float = 0.0, deadline_s: float | None = None) -> ReplyStream:
         """Asynchronous dispatch over the same mailboxes: each submitted task waits for its

@@ -28,7 +28,7 @@ from fedguard.algorithms import attacks, seeding
 from fedguard.algorithms.attacks import data_poisoning as attacks_data
 from fedguard.algorithms.robust import base as robust_base
 from fedguard.protocol import messages
-from fedguard.protocol.transport import Delivered, Outcome, Transport
+from fedguard.protocol.transport import Delivered, Outcome, OutcomeWatcher, Transport
 
 # (honest [N, D], own [M, D], generator) -> what the M malicious clients send [M, D].
 Poison = Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
@@ -177,6 +177,12 @@ class ModelPoisoning(Transport):
     @property
     def client_ids(self) -> Sequence[int]:
         return self.inner.client_ids
+
+    def watch(self, watcher: OutcomeWatcher | None) -> None:
+        """Outcomes arrive through ``inner`` (a live view sees who replied and when; the
+        replaced payloads are the driver's business)."""
+        super().watch(watcher)
+        self.inner.watch(watcher)
 
     def exchange(self, requests: Mapping[int, bytes], *, deadline_s: float | None) -> list[Outcome]:
         outcomes = self.inner.exchange(requests, deadline_s=deadline_s)

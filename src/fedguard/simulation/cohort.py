@@ -122,6 +122,8 @@ class CohortTransport(Transport):
                     )
                     continue
                 outcomes.append(Delivered(client_id, reply, seconds))
+        for outcome in outcomes:  # trained together, the cohort's outcomes settle together
+            self._arrived(outcome)
         return outcomes
 
     def _fit_task(self, task: messages.Message | Exception) -> messages.FitTask | None:

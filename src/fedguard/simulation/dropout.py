@@ -13,7 +13,7 @@ from collections.abc import Collection, Mapping, Sequence
 
 from fedguard.protocol import messages
 from fedguard.protocol.secagg import REQUEST_PHASES, Phase
-from fedguard.protocol.transport import Failed, FailureKind, Outcome, Transport
+from fedguard.protocol.transport import Failed, FailureKind, Outcome, OutcomeWatcher, Transport
 
 
 class PhaseDropout(Transport):
@@ -45,9 +45,18 @@ class PhaseDropout(Transport):
             self.delivered.extend((phase, cid) for cid in passed)
         outcomes = {o.client_id: o for o in self.inner.exchange(passed, deadline_s=deadline_s)}
         reason = "dropped out" if phase is None else f"dropped out before {phase.name.lower()}"
-        return [
-            outcomes.get(cid) or Failed(cid, FailureKind.UNREACHABLE, reason) for cid in requests
-        ]
+        out: list[Outcome] = []
+        for cid in requests:
+            outcome = outcomes.get(cid)
+            if outcome is None:
+                outcome = Failed(cid, FailureKind.UNREACHABLE, reason)
+                self._arrived(outcome)  # the inner transport never saw this client
+            out.append(outcome)
+        return out
+
+    def watch(self, watcher: OutcomeWatcher | None) -> None:
+        super().watch(watcher)
+        self.inner.watch(watcher)
 
     def close(self) -> None:
         self.inner.close()

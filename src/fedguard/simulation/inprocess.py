@@ -57,15 +57,17 @@ class InProcessTransport(Transport):
             try:
                 reply = self._handler(client_id, payload)
             except Exception as exc:  # a client's failure must never stop the round
-                outcomes.append(
-                    Failed(client_id, FailureKind.ERROR, f"{type(exc).__name__}: {exc}")
+                outcome: Outcome = Failed(
+                    client_id, FailureKind.ERROR, f"{type(exc).__name__}: {exc}"
                 )
-                continue
-            seconds = self._clock() - start
-            if deadline_s is not None and seconds > deadline_s:
-                outcomes.append(
-                    Failed(client_id, FailureKind.TIMEOUT, f"replied after {seconds:.2f} s")
-                )
-                continue
-            outcomes.append(Delivered(client_id, reply, seconds))
+            else:
+                seconds = self._clock() - start
+                if deadline_s is not None and seconds > deadline_s:
+                    outcome = Failed(
+                        client_id, FailureKind.TIMEOUT, f"replied after {seconds:.2f} s"
+                    )
+                else:
+                    outcome = Delivered(client_id, reply, seconds)
+            outcomes.append(outcome)
+            self._arrived(outcome)
         return outcomes

@@ -367,6 +367,7 @@ class RayTransport(Transport):
                     del running[gen]
                     for cid in pending:
                         outcomes[cid] = Failed(cid, FailureKind.ERROR, _first_line(exc))
+                        self._arrived(outcomes[cid])
                     submit(index)
                     continue
                 except ray.exceptions.RayError as exc:  # its results were lost with its node
@@ -375,6 +376,7 @@ class RayTransport(Transport):
                     continue
                 pending.remove(item.client_id)
                 outcomes[item.client_id] = self._outcome(item)
+                self._arrived(outcomes[item.client_id])
         for index, reason in dead.items():
             lost = [cid for cid in by_slot[index] if cid not in outcomes]
             log.warning(

@@ -17,6 +17,12 @@ each rule refuses a ``(K, f)`` outside its guarantee with one sentence (``Robust
 Centered clipping carries state across rounds: its reference point is the previous aggregate, kept
 in ``RobustState``; the other rules leave the state empty.
 
+:func:`apply_selecting` also says which updates the rule left out (:class:`Selection`): Krum keeps
+one update, Multi-Krum ``m`` and Bulyan's repeated Krum ``K - 2f``, the others take no part in
+the aggregate; on bucket means, every update of a bucket left out is. The coordinate-wise rules
+and the damping ones (geometric median, centered clipping, norm bounding) leave no whole update
+out; the trimmed mean reports instead the share of each update's coordinates it cut.
+
 Only norm bounding can run under secure aggregation: its clip is applied by each client to its own
 update, and the server needs nothing but the sum. Every other rule compares individual updates.
 
@@ -133,6 +139,26 @@ def init(config: RobustConfig, dim: int) -> RobustState:
     return RobustState(torch.zeros(0, dtype=torch.float32))
 
 
+@dataclass(frozen=True)
+class Selection:
+    """What a rule left out of one round's aggregate, by row of the ``[K, D]`` updates it got.
+
+    ``selects``: whether the rule picks whole updates (Krum, Multi-Krum, Bulyan). When it does not,
+    an empty ``excluded`` means "this rule leaves no whole update out", not "every update was
+    chosen on its merits". ``excluded``: the rows that took no part in the aggregate, ascending.
+    ``trimmed``: for the trimmed mean, each row's share of coordinates cut (with buckets, the
+    share of its bucket mean's coordinates); None for the other rules.
+    """
+
+    selects: bool
+    excluded: tuple[int, ...] = ()
+    trimmed: tuple[float, ...] | None = None
+
+
+# The rules that pick whole updates, so that the others are left out.
+SELECTING = frozenset({RobustAggregator.KRUM, RobustAggregator.MULTI_KRUM, RobustAggregator.BULYAN})
+
+
 def apply(
     config: RobustConfig,
     state: RobustState,
@@ -146,13 +172,30 @@ def apply(
     ``round_`` picks the round's bucket shuffle (with ``bucket_size > 1``), so a resumed run
     aggregates as an uninterrupted one.
     """
+    new, out, _ = apply_selecting(config, state, updates, weights, round_=round_)
+    return new, out
+
+
+def apply_selecting(
+    config: RobustConfig,
+    state: RobustState,
+    updates: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    round_: int = 0,
+) -> tuple[RobustState, torch.Tensor, Selection]:
+    """:func:`apply`, and which of the ``K`` updates the rule left out (:class:`Selection`)."""
     robust_base.check_updates(updates)
     robust_base.normalised_weights(weights, updates.shape[0])
+    k = updates.shape[0]
+    members = [[row] for row in range(k)]
     if config.bucket_size > 1:
         shuffle = seeding.generator(config.seed, round_, BUCKET_STREAM)
         updates, weights = robust_bucketing.bucket_means(
             updates, weights, config.bucket_size, shuffle
         )
+        again = seeding.generator(config.seed, round_, BUCKET_STREAM)  # the same shuffle
+        members = robust_bucketing.bucket_members(k, config.bucket_size, again)
     if config.kind is RobustAggregator.CENTERED_CLIPPING:
         out = robust_iterative.centered_clipping(
             updates,
@@ -162,23 +205,62 @@ def apply(
             tau=config.tau,
             iterations=config.clipping_iterations,
         )
-        return RobustState(out), out
-    return state, _stateless(config, updates, weights)
+        return RobustState(out), out, Selection(selects=False)
+    out, kept, trimmed = _stateless(config, updates, weights)
+    return state, out, _by_row(config.kind, k, members, kept, trimmed)
 
 
-def _stateless(config: RobustConfig, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _by_row(
+    kind: RobustAggregator,
+    k: int,
+    members: list[list[int]],
+    kept: list[int] | None,
+    trimmed: torch.Tensor | None,
+) -> Selection:
+    """A rule's choice among its inputs (updates or bucket means) as a :class:`Selection` of
+    the ``k`` updates, each bucket's verdict going to every row in it."""
+    excluded: tuple[int, ...] = ()
+    if kept is not None:
+        chosen = set(kept)
+        left = [row for b, rows in enumerate(members) if b not in chosen for row in rows]
+        excluded = tuple(sorted(left))
+    shares = None
+    if trimmed is not None:
+        by_row = [0.0] * k
+        for b, rows in enumerate(members):
+            for row in rows:
+                by_row[row] = float(trimmed[b])
+        shares = tuple(by_row)
+    return Selection(selects=kind in SELECTING, excluded=excluded, trimmed=shares)
+
+
+def _stateless(
+    config: RobustConfig, updates: torch.Tensor, weights: torch.Tensor
+) -> tuple[torch.Tensor, list[int] | None, torch.Tensor | None]:
+    """The aggregate, the input rows a selecting rule kept (None for the others) and the
+    trimmed mean's cut share per input row (None for the others)."""
     kind, f = config.kind, config.f
     if kind is RobustAggregator.KRUM:
-        return robust_distance.krum(updates, f=f)
+        out, kept = robust_distance.krum_selecting(updates, f=f)
+        return out, kept, None
     if kind is RobustAggregator.MULTI_KRUM:
         m = config.multi_krum_m if config.multi_krum_m is not None else updates.shape[0] - f
-        return robust_distance.multi_krum(updates, weights, f=f, m=m)
+        out, kept = robust_distance.multi_krum_selecting(updates, weights, f=f, m=m)
+        return out, kept, None
+    if kind is RobustAggregator.BULYAN:
+        out, kept = robust_distance.bulyan_selecting(updates, f=f)
+        return out, kept, None
+    if kind is RobustAggregator.TRIMMED_MEAN:
+        out, shares = robust_coordinate.trimmed_mean_reporting(updates, f=f)
+        return out, None, shares
+    return _damping(config, updates, weights), None, None
+
+
+def _damping(config: RobustConfig, updates: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """The rules that leave no update out: the median, the geometric median, norm bounding."""
+    kind, f = config.kind, config.f
     if kind is RobustAggregator.MEDIAN:
         return robust_coordinate.coordinate_median(updates, f=f)
-    if kind is RobustAggregator.TRIMMED_MEAN:
-        return robust_coordinate.trimmed_mean(updates, f=f)
-    if kind is RobustAggregator.BULYAN:
-        return robust_distance.bulyan(updates, f=f)
     if kind is RobustAggregator.GEOMETRIC_MEDIAN:
         return robust_iterative.geometric_median(
             updates,

@@ -56,3 +56,12 @@ def bucket_means(
         member / member.sum(dim=1, keepdim=True),
     )
     return coefficients.to(updates.dtype) @ updates, mass
+
+
+def bucket_members(k: int, size: int, generator: torch.Generator) -> list[list[int]]:
+    """The rows of each bucket that :func:`bucket_means` forms from a generator in the same
+    state: the same permutation, cut the same way (bucket ``b`` holds positions ``b * size`` to
+    ``(b + 1) * size - 1`` of it). What a rule does to a bucket mean it does to these rows."""
+    check_size(size)
+    order = torch.randperm(k, generator=generator).tolist()
+    return [order[start : start + size] for start in range(0, k, size)]

@@ -51,8 +51,14 @@ def krum_order(sq_distances: torch.Tensor, *, neighbours: int) -> torch.Tensor:
 
 def krum(updates: torch.Tensor, *, f: int) -> torch.Tensor:
     """The update with the lowest Krum score; needs ``K > 2f + 2``. Unweighted, as in the paper."""
+    return krum_selecting(updates, f=f)[0]
+
+
+def krum_selecting(updates: torch.Tensor, *, f: int) -> tuple[torch.Tensor, list[int]]:
+    """:func:`krum` and the row it chose (a list of one): every other row is left out."""
     order = _order(updates, f, "Krum")
-    return updates[int(order[0])].clone()
+    chosen = int(order[0])
+    return updates[chosen].clone(), [chosen]
 
 
 def multi_krum(updates: torch.Tensor, weights: torch.Tensor, *, f: int, m: int) -> torch.Tensor:
@@ -61,6 +67,13 @@ def multi_krum(updates: torch.Tensor, weights: torch.Tensor, *, f: int, m: int) 
     Selection ignores the weights (a reported example count cannot buy a place); the selected
     updates are then averaged with their weights, renormalised over the selection.
     """
+    return multi_krum_selecting(updates, weights, f=f, m=m)[0]
+
+
+def multi_krum_selecting(
+    updates: torch.Tensor, weights: torch.Tensor, *, f: int, m: int
+) -> tuple[torch.Tensor, list[int]]:
+    """:func:`multi_krum` and the ``m`` rows it averaged, by increasing Krum score."""
     order = _order(updates, f, "Multi-Krum")
     w = robust_base.normalised_weights(weights, updates.shape[0])
     if not 1 <= m <= updates.shape[0]:
@@ -72,7 +85,8 @@ def multi_krum(updates: torch.Tensor, weights: torch.Tensor, *, f: int, m: int) 
     coefficients[chosen] = w[chosen]
     if not float(coefficients.sum()) > 0.0:
         raise robust_base.RobustnessError("Every update Multi-Krum selected has weight zero.")
-    return robust_base.combine(coefficients / coefficients.sum(), updates)
+    aggregate = robust_base.combine(coefficients / coefficients.sum(), updates)
+    return aggregate, [int(i) for i in chosen]
 
 
 def bulyan(updates: torch.Tensor, *, f: int) -> torch.Tensor:
@@ -81,6 +95,12 @@ def bulyan(updates: torch.Tensor, *, f: int) -> torch.Tensor:
     The repeated Krum uses ``max(n - f - 2, 1)`` neighbours for ``n`` remaining candidates: near
     the end of the selection ``n - f - 2`` drops below one and the paper's score is undefined.
     """
+    return bulyan_selecting(updates, f=f)[0]
+
+
+def bulyan_selecting(updates: torch.Tensor, *, f: int) -> tuple[torch.Tensor, list[int]]:
+    """:func:`bulyan` and the ``theta = K - 2f`` rows its repeated Krum selected (the other
+    ``2f`` rows take no part in its second, coordinate-wise step)."""
     robust_base.check_updates(updates)
     robust_base.check_f(f)
     k = updates.shape[0]
@@ -91,7 +111,8 @@ def bulyan(updates: torch.Tensor, *, f: int) -> torch.Tensor:
     sq_distances = robust_gram.distances_from_gram(robust_gram.centered_gram(updates).gram)
     selected = bulyan_selection(sq_distances, f=f)
     theta = len(selected)
-    return robust_coordinate.mean_around_median(updates[selected], keep=theta - 2 * f)
+    aggregate = robust_coordinate.mean_around_median(updates[selected], keep=theta - 2 * f)
+    return aggregate, selected
 
 
 def bulyan_selection(sq_distances: torch.Tensor, *, f: int) -> list[int]:

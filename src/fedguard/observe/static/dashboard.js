@@ -70,6 +70,10 @@ function runCard(run, i) {
   const rej = run.metrics.filter(r => r.aggregate_rejected).map(r => r.round);
   const totalRejected = run.metrics.reduce((a, r) => a + (r.clients_rejected || 0), 0);
   const totalFailed = run.metrics.reduce((a, r) => a + (r.clients_failed || 0), 0);
+  const totalLeftOut = run.metrics.reduce((a, r) => a + (r.clients_left_out || 0), 0);
+  // a rule that picks whole updates (Krum, Multi-Krum, Bulyan) counts the updates it left out
+  const selecting = run.metrics.filter(r => typeof r.clients_left_out === "number");
+  const rule = selecting.length ? selecting[selecting.length - 1].robust_rule : null;
   const problems = (run.problems || []).map(p => `<div>${esc(p)}</div>`).join("");
   const inRound = cur && cur.phase === "training" ? ` · round ${cur.round} in progress` : "";
   return `<div class="run" data-run="${i}">
@@ -79,20 +83,33 @@ function runCard(run, i) {
     <div class="kv">time left ${duration(st.seconds_left)} · ${st.seconds_per_round ? st.seconds_per_round.toFixed(2) + " s/round" : ""}</div>
     ${eps}
     <div class="kv">last round: ${text(last.clients_completed)} used of ${text(last.clients_sampled)} sampled · bytes ↑ ${text(last.bytes_up)} ↓ ${text(last.bytes_down)}</div>
-    <div class="kv">all rounds: ${totalFailed} client failures, ${totalRejected} rejected updates${rej.length ? ", aggregate refused in rounds " + rej.join(", ") : ""}</div>
+    <div class="kv">all rounds: ${totalFailed} client failures, ${totalRejected} rejected updates${rule ? `, <span class="left-out-total">${totalLeftOut}</span> left out by ${esc(rule)}` : ""}${rej.length ? ", aggregate refused in rounds " + rej.join(", ") : ""}</div>
     ${st.error ? `<div class="problems">${esc(st.error)}</div>` : ""}
     <div class="problems">${problems}</div>
     <div class="kv" style="font-size:11px;color:#6b7280">${esc(run.path)}</div>
   </div>`;
 }
 
+// What the round's robust rule did to one client: left its update out, or cut a share of its
+// coordinates (a trimmed mean); empty when the rule said nothing of it.
+function verdict(c) {
+  if (c.left_out_by) return "left out by " + c.left_out_by;
+  if (c.trimmed_share !== null && c.trimmed_share !== undefined) return (100 * c.trimmed_share).toFixed(1) + "% of coordinates trimmed";
+  return "";
+}
+
 function clientTable(run, i) {
   const cur = run.status && run.status.current;
   if (!cur || !cur.clients) return "";
+  const isAsync = run.status.mode === "async";
   const rows = cur.clients.map(c => `<tr class="client-row"><td>${c.client}</td><td class="st-${esc(c.status)}">${esc(c.status)}</td>` +
-    `<td>${c.seconds === null ? "–" : c.seconds.toFixed(3) + " s"}</td><td>${esc(c.reason || "")}</td></tr>`).join("");
-  return `<div class="panel" id="clients-${i}"><h3>${esc(run.name)}: clients of round ${cur.round} (${esc(cur.phase)})</h3>
-    <table><tr><th>client</th><th>status</th><th>latency</th><th>reason</th></tr>${rows}</table></div>`;
+    `<td>${c.seconds === null || c.seconds === undefined ? "–" : c.seconds.toFixed(3) + " s"}</td><td>${esc(c.reason || "")}</td>` +
+    `<td class="verdict">${esc(verdict(c))}</td>` + (isAsync ? `<td>${text(c.staleness)}</td>` : "") + `</tr>`).join("");
+  const what = isAsync ? `tasks of buffer ${cur.round}` : `clients of round ${cur.round}`;
+  const rule = cur.robust_rule ? ` · rule ${esc(cur.robust_rule)}` +
+    (cur.clients_left_out !== null && cur.clients_left_out !== undefined ? `, ${cur.clients_left_out} left out` : ", no whole update left out") : "";
+  return `<div class="panel" id="clients-${i}"><h3>${esc(run.name)}: ${what} (${esc(cur.phase)})${rule}</h3>
+    <table><tr><th>client</th><th>status</th><th>latency</th><th>reason</th><th>robust rule</th>${isAsync ? "<th>staleness</th>" : ""}</tr>${rows}</table></div>`;
 }
 
 function contributionTraces(runs) {
@@ -137,7 +154,7 @@ function render(data) {
   });
   draw("chart-epsilon", epsTraces, layout("privacy: epsilon spent", "ε"), "no differential privacy in these runs");
   draw("chart-bytes", series(runs, "bytes_up", "up").concat(series(runs, "bytes_down", "down", "dot")), layout("bytes per round", "bytes"));
-  draw("chart-clients", series(runs, "clients_completed", "used").concat(series(runs, "clients_failed", "failed", "dot"), series(runs, "clients_rejected", "rejected", "dash")), layout("clients per round", "clients"));
+  draw("chart-clients", series(runs, "clients_completed", "used").concat(series(runs, "clients_failed", "failed", "dot"), series(runs, "clients_rejected", "rejected", "dash"), series(runs, "clients_left_out", "left out by the rule", "dashdot")), layout("clients per round", "clients"));
   draw("chart-contributions", contributionTraces(runs), layout("contribution scores (cumulative)", "score", { xaxis: {} }), "no contribution scores ([contribution] is off)");
   draw("chart-partition", partitionTraces(runs), layout("partition: examples per client and class", "examples", { barmode: "stack", xaxis: { title: { text: "client" }, type: "category" } }), "no partition.json yet");
   document.getElementById("updated").textContent = "updated " + new Date(data.time * 1000).toLocaleTimeString();

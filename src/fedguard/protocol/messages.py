@@ -177,7 +177,7 @@ class PackedByteMap(Mapping[int, bytes]):
     contents (see :func:`map_digest`).
     """
 
-    __slots__ = ("_data", "_digest", "_ends", "_ids", "_index", "_lengths")
+    __slots__ = ("_data", "_digest", "_ids", "_index", "_lengths")
 
     def __init__(self, ids: np.ndarray, lengths: np.ndarray, data: bytes) -> None:
         """``ids`` strictly increasing and ``lengths`` adding up to ``len(data)`` (int64 vectors
@@ -186,8 +186,7 @@ class PackedByteMap(Mapping[int, bytes]):
         self._ids = ids
         self._lengths = lengths
         self._data = data
-        self._ends = np.cumsum(lengths)
-        self._index: dict[int, int] | None = None
+        self._index: dict[int, tuple[int, int]] | None = None  # id -> (start, end), on demand
         self._digest: bytes | None = None
 
     @classmethod
@@ -225,15 +224,16 @@ class PackedByteMap(Mapping[int, bytes]):
             self._digest = h.digest()
         return self._digest
 
-    def _position(self) -> dict[int, int]:
+    def _position(self) -> dict[int, tuple[int, int]]:
         if self._index is None:
-            self._index = dict(zip(self._ids.tolist(), range(len(self._ids)), strict=True))
+            ends = np.cumsum(self._lengths)
+            bounds = zip((ends - self._lengths).tolist(), ends.tolist(), strict=True)
+            self._index = dict(zip(self._ids.tolist(), bounds, strict=True))
         return self._index
 
     def __getitem__(self, key: int) -> bytes:
-        at = self._position()[key]
-        end = int(self._ends[at])
-        return self._data[end - int(self._lengths[at]) : end]
+        start, end = self._position()[key]
+        return self._data[start:end]
 
     def __contains__(self, key: object) -> bool:
         return key in self._position()
@@ -814,7 +814,8 @@ def _id_list(what: str, ids: np.ndarray) -> list[int]:
         raise MessageError(f"{what} lists {len(ids)} clients, more than {MAX_CLIENTS}")
     if len(ids) and (int(ids.min()) < 0 or int(ids.max()) > MAX_CLIENT_ID):
         raise MessageError(f"{what} has a client id outside [0, {MAX_CLIENT_ID}]")
-    if len(np.unique(ids)) != len(ids):
+    ordered = np.sort(ids)
+    if len(ids) > 1 and not bool((ordered[1:] != ordered[:-1]).all()):
         raise MessageError(f"{what}: client ids must be distinct")
     return ids.tolist()
 

@@ -265,3 +265,51 @@ def test_a_head_that_names_no_layer_or_no_held_out_split_is_refused(tmp_path) ->
         fedguard.run(
             tiny_config(personalization={"method": "ditto"}), out=tmp_path / "c", progress=False
         )
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"secure_aggregation": {"enabled": True, "clip_norm": 5.0}},
+        {"server": {"aggregator": "median", "byzantine_f": 1}},
+        {"privacy": {"mode": "local", "noise_multiplier": 1.0, "delta": 1e-3}},
+    ],
+    ids=["secure_aggregation", "median", "local_dp"],
+)
+def test_fedper_composes_with_secure_robust_and_private_aggregation(tmp_path, sections) -> None:
+    cfg = _personal_config("fedper")
+    cfg["experiment"]["rounds"] = 2
+    for table, values in sections.items():
+        cfg.setdefault(table, {}).update(values)
+    summary = fedguard.run(cfg, out=tmp_path / "r", progress=False, model_fn=tiny_mlp)
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 2
+    params = _final(tmp_path / "r")["params"]
+    first = _final_initial(cfg)
+    head = torch.zeros_like(first, dtype=torch.bool)
+    head[-18:] = True
+    assert torch.equal(params[head], first[head])  # only the body was aggregated
+    assert float((params[~head] - first[~head]).abs().max()) > 1e-4
+    assert summary["personal_accuracy_mean"] is not None
+    if "privacy" in sections:
+        assert summary["epsilon"] > 0  # the planned DP-SGD ran and was composed
+
+
+def test_a_deployed_clients_personal_model_survives_a_restart(tmp_path) -> None:
+    from fedguard.client.app import ClientApp
+    from fedguard.client.state_store import DiskState
+
+    model = _two_layer_model()
+    w = model.get_flat().clone()
+    settings = personal.PersonalSettings(personal.Method.DITTO, epochs=2, ditto_lambda=0.2)
+    config = {"lr": 0.2, "batch_size": 4, "epochs": 1, "seed": 9, **settings.config()}
+    data = {3: _data()}
+    app = ClientApp(model, data, DiskState(tmp_path / "state"))
+    app.handle(3, messages.encode(messages.FitTask(1, 3, w, config)))
+    kept = app.state[3][personal.STATE]
+    assert float((kept - w).abs().max()) > 1e-3
+    evaluate = messages.encode(messages.EvaluateTask(1, 3, w, config))
+    before = messages.decode(app.handle(3, evaluate), messages.EvaluateReply).metrics
+    restarted = ClientApp(_two_layer_model(), data, DiskState(tmp_path / "state"))
+    assert torch.equal(restarted.state[3][personal.STATE], kept)
+    after = messages.decode(restarted.handle(3, evaluate), messages.EvaluateReply).metrics
+    assert after == before and "personal_accuracy" in after

@@ -19,11 +19,19 @@ from fedguard.client.data import ClientData
 from fedguard.client.trainer import TrainTask
 from fedguard.client.trainers import OptimizerTrainer
 from fedguard.data.dataset import ArrayDataset, DatasetSplits
+from fedguard.experiment import plots
 from fedguard.experiment.config import ConfigError, validate
 from fedguard.models.registry import adapt
 from fedguard.protocol import fedopt, messages
 from fedguard.protocol.shared_part import SharedPart
 from fedguard.protocol.strategy import StrategyKind
+
+
+@pytest.fixture(autouse=True)
+def _no_plots(monkeypatch) -> None:
+    """These runs test numbers, not pictures: drawing a run's PNGs costs more than its rounds."""
+    for name in ("write_run_plots", "partition_plot", "confusion_plot"):
+        monkeypatch.setattr(plots, name, lambda *args, **kwargs: None)
 
 
 def tiny_mlp(input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
@@ -273,8 +281,12 @@ def test_a_head_that_names_no_layer_or_no_held_out_split_is_refused(tmp_path) ->
         {"secure_aggregation": {"enabled": True, "clip_norm": 5.0}},
         {"server": {"aggregator": "median", "byzantine_f": 1}},
         {"privacy": {"mode": "local", "noise_multiplier": 1.0, "delta": 1e-3}},
+        {
+            "privacy": {"mode": "central", "noise_multiplier": 0.5, "clip_norm": 2.0},
+            "personalization": {"method": "fedrep", "epochs": 2},
+        },
     ],
-    ids=["secure_aggregation", "median", "local_dp"],
+    ids=["secure_aggregation", "median", "local_dp", "fedrep_central_dp"],
 )
 def test_fedper_composes_with_secure_robust_and_private_aggregation(tmp_path, sections) -> None:
     cfg = _personal_config("fedper")

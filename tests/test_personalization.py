@@ -325,3 +325,34 @@ def test_a_deployed_clients_personal_model_survives_a_restart(tmp_path) -> None:
     assert torch.equal(restarted.state[3][personal.STATE], kept)
     after = messages.decode(restarted.handle(3, evaluate), messages.EvaluateReply).metrics
     assert after == before and "personal_accuracy" in after
+
+
+def test_fedrep_trains_the_head_then_the_body_as_two_hand_written_sgd_steps() -> None:
+    model = _two_layer_model()
+    module = model.module
+    w = model.get_flat().clone()
+    settings = personal.PersonalSettings(personal.Method.FEDREP, epochs=1)
+    lr = 0.4
+    config = {"lr": lr, "batch_size": 64, "epochs": 1, **settings.config()}  # one step each
+    data = _data()
+    state: dict[str, torch.Tensor] = {}
+    result = personal.PersonalizedTrainer(OptimizerTrainer()).train(
+        model, data, _task(model, config, state)
+    )
+    names = [n for n, _ in module.named_parameters()]
+    sizes = [p.numel() for _, p in module.named_parameters()]
+
+    def grads(flat: torch.Tensor) -> torch.Tensor:
+        p = flat.clone().requires_grad_(True)
+        tensors = dict(zip(names, torch.split(p, sizes), strict=True))
+        shaped = {n: t.view_as(dict(module.named_parameters())[n]) for n, t in tensors.items()}
+        logits = torch.func.functional_call(module, shaped, (data.train_x,))
+        (g,) = torch.autograd.grad(nn.functional.cross_entropy(logits, data.train_y), p)
+        return g
+
+    head = personal.head_mask(model, settings)
+    after_head = torch.where(head, w - lr * grads(w), w)  # the head's step, the body frozen
+    after_body = torch.where(head, after_head, after_head - lr * grads(after_head))
+    torch.testing.assert_close(state[personal.STATE], after_body, rtol=1e-5, atol=1e-6)
+    expected_update = torch.where(head, torch.zeros_like(w), after_body - w)
+    torch.testing.assert_close(result.update, expected_update, rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ from fedguard.client.data import ClientData
 from fedguard.client.trainer import TrainTask
 from fedguard.client.trainers import OptimizerTrainer
 from fedguard.data.dataset import ArrayDataset, DatasetSplits
-from fedguard.experiment import plots
+from fedguard.experiment import federation, plots
 from fedguard.experiment.config import ConfigError, validate
 from fedguard.models.registry import adapt
 from fedguard.protocol import fedopt, messages
@@ -205,6 +205,9 @@ def test_finetune_beats_the_global_model_on_a_skewed_partition(tmp_path) -> None
     assert last["personal_accuracy_worst"] == min(personal_acc)
     assert last["global_accuracy_worst"] == min(global_acc)
     assert summary["personal_accuracy_mean"] == last["personal_accuracy_mean"]
+    # only clients that hold out examples of their own evaluate their personal model
+    held = [federation.holds_out(n, f) for n, f in ((1, 0.3), (2, 0.3), (2, 0.8))]
+    assert held == [False, True, False]  # round(0.3), round(0.6), round(1.6) of 1, 2, 2
     # measured: personal 0.646 mean / 0.333 worst, global 0.452 / 0.0
     assert last["personal_accuracy_mean"] >= last["global_accuracy_mean"] + 0.15
     assert last["personal_accuracy_worst"] > last["global_accuracy_worst"]

@@ -919,7 +919,9 @@ class Experiment:
                 self.driver.transport,
                 round_,
                 params,
-                self.eval_clients,
+                # a client too small to hold out its own examples would evaluate its personal
+                # model on a share of the central split, not on its own distribution
+                [c for c in self.eval_clients if c in self.fed.own_eval],
                 client_training_config(self.cfg),
                 self.driver.deadline_s,
             )

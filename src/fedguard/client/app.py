@@ -12,7 +12,7 @@ Secure-aggregation requests go to a :class:`~fedguard.protocol.secagg_client.Sec
 which keeps each client id's keys and shares in memory for the length of one round only.
 :class:`ClientPins`, from the client's own configuration, are what it holds the server to.
 Local training is a :class:`~fedguard.client.trainer.ClientTrainer`: the one configured, or the
-built-in loop each task's config names (:func:`fedguard.client.trainers.for_task`).
+built-in loop each task's config names (:func:`fedguard.client.personal.for_task`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 
 from fedguard.algorithms import binned_auc
 from fedguard.algorithms.privacy import dp_fedavg
-from fedguard.client import evaluation, trainers
+from fedguard.client import evaluation, personal
 from fedguard.client.data import ClientData
 from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
 from fedguard.client.trainers import local_training_from  # noqa: F401 (part of this API)
@@ -261,7 +261,7 @@ class ClientApp:
         :class:`RefusedTaskError` for a task the client refuses)."""
         self.pins.check_fit(task)
         seed = messages.config_int(task.config, "seed", 0)
-        trainer = self.trainer if self.trainer is not None else trainers.for_task(task.config)
+        trainer = self.trainer if self.trainer is not None else personal.for_task(task.config)
         missing = features.asked(task.config, task.tensors) - trainer.features
         if missing:
             raise RefusedTaskError(
@@ -345,13 +345,36 @@ class ClientApp:
                 (y, probabilities.argmax(dim=1)), torch.ones_like(y), accumulate=True
             )
             tensors[messages.EVAL_CONFUSION] = confusion
+        metrics = {"loss": result.loss, "accuracy": result.accuracy}
+        metrics.update(self._personal_metrics(task, data))
         return messages.EvaluateReply(
             round=task.round,
             client_id=task.client_id,
             num_examples=result.num_examples,
-            metrics={"loss": result.loss, "accuracy": result.accuracy},
+            metrics=metrics,
             tensors=tensors,
         )
+
+    def _personal_metrics(self, task: messages.EvaluateTask, data: ClientData) -> dict[str, float]:
+        """``personal_loss`` and ``personal_accuracy``: the client's personal model (see
+        :mod:`fedguard.client.personal`) on the same held-out data, when the task names a
+        personalisation method ({} otherwise). Fine-tuning draws from the task's seed."""
+        if personal.PersonalSettings.from_config(task.config) is None:
+            return {}
+        if data.eval_x is None or data.eval_y is None:
+            raise ValueError(f"Client {task.client_id} holds no held-out data.")
+        generator = torch.Generator().manual_seed(messages.config_int(task.config, "seed", 0))
+        own = personal.personal_params(
+            self.model,
+            data,
+            task.parameters,
+            _ClientState(self.state, task.client_id),
+            task.config,
+            generator,
+        )
+        self.model.set_flat(own)
+        result = evaluation.evaluate(self.model, data.eval_x, data.eval_y)
+        return {"personal_loss": result.loss, "personal_accuracy": result.accuracy}
 
     def register(self, task: messages.RegisterTask) -> messages.Registration:
         """This client's registration: its counts (rounded up) and its model's signature."""

@@ -8,7 +8,7 @@ vector, so any model the adapters accept gets them.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,14 +122,24 @@ def train(
     generator: torch.Generator,
     global_params: torch.Tensor | None = None,
     correction: torch.Tensor | None = None,
+    trained: Sequence[bool] | None = None,
 ) -> TrainStats:
-    """Train ``model`` in place on ``(x, y)``; returns the mean loss over the steps taken."""
+    """Train ``model`` in place on ``(x, y)``; returns the mean loss over the steps taken.
+
+    ``trained``: one flag per entry of ``model.trainable()``, the tensors the optimizer moves
+    (None: all); the others stay as they are (personalisation trains a model's head and body
+    in turn, :mod:`fedguard.client.personal`)."""
     if cfg.optimizer is LocalOptimizer.NEWTON:
         raise ValueError("The Newton solver computes statistics instead: use newton_statistics.")
     n = int(y.shape[0])
     if n == 0:
         raise ValueError("This client holds no training examples.")
-    params = [s.param for s in model.trainable()]
+    slices = model.trainable()
+    if trained is not None and len(trained) != len(slices):
+        raise ValueError(f"{len(trained)} trained flags for {len(slices)} trainable tensors.")
+    params = [s.param for i, s in enumerate(slices) if trained is None or trained[i]]
+    if not params:
+        raise ValueError("No trainable tensor is left to train.")
     model.train_mode(True)
     if cfg.optimizer is LocalOptimizer.LBFGS:
         return _train_lbfgs(model, x, y, cfg, params, global_params, correction)

@@ -24,7 +24,7 @@ import torch
 from fedguard import plugins
 from fedguard.algorithms.attacks import data_poisoning as attacks_data
 from fedguard.audit import canary
-from fedguard.client import evaluation
+from fedguard.client import evaluation, personal
 from fedguard.client.app import ClientApp, ClientPins, client_pins
 from fedguard.client.data import ClientData
 from fedguard.client.trainer import ClientTrainer
@@ -35,6 +35,7 @@ from fedguard.experiment import (
     config_checks,
     engines,
     federation,
+    personalization,
     privacy,
     ray_runtime,
 )
@@ -390,6 +391,7 @@ def client_training_config(cfg: ExperimentConfig) -> dict[str, messages.Scalar]:
         "proximal_mu": c.proximal_mu,
         "max_steps": c.max_steps,
         "augment": c.augment,
+        **personalization.task_config(cfg),
     }
 
 
@@ -451,6 +453,14 @@ def build_server_plugins(
         config_checks.composition(cfg, strategy=base, rule=aggregator, trainer=trainer)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+    chosen = personalization.settings(cfg)
+    if chosen is not None and chosen.method in personal.BODY_ONLY:
+        if build_model is None:
+            raise ConfigError(
+                f'personalization.method = "{chosen.method}": the server needs the model to '
+                "find its head"
+            )
+        base = personalization.shared_part(cfg, base, build_model())
     strategy = base if central_dp is None else CentralPrivacy(base, central_dp)
     return ServerPlugins(trainer, aggregator, strategy)
 
@@ -695,6 +705,8 @@ class Experiment:
             self.model, first, self.fed.num_classes, f"model.name {cfg.model.name!r}"
         )
         check_model_io(cfg, self.fed.input_shape, self.fed.num_classes)
+        personalization.check_simulation(cfg)
+        personalization.check_model(cfg, self.model)
         self.mode = cfg.evaluation.resolved_mode(deployed=False)
         owned = server_data(cfg, self.fed.input_shape, self.fed.num_classes)
         # The evaluation set the server owns: evaluation.server_data, else the data set's split.
@@ -901,6 +913,19 @@ class Experiment:
             out.update(federated_metrics(fed, "test" if self.mode == "federated" else "federated"))
         if self.mode == "federated":
             out["backdoor_success"] = self._backdoor_success(params)
+        out.update(
+            personalization.evaluate(
+                self.cfg,
+                self.driver.transport,
+                round_,
+                params,
+                # a client too small to hold out its own examples would evaluate its personal
+                # model on a share of the central split, not on its own distribution
+                [c for c in self.eval_clients if c in self.fed.own_eval],
+                client_training_config(self.cfg),
+                self.driver.deadline_s,
+            )
+        )
         return out
 
     def evaluate(self, params: torch.Tensor) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from fedguard.experiment.config_sections import (
     LatencySection,
     ModelSection,
     Options,
+    PersonalizationSection,
     PrivacySection,
     Probability,
     RegistrationSection,
@@ -52,6 +53,7 @@ __all__ = [
     "ExperimentSection",
     "DataSection",
     "ModelSection",
+    "PersonalizationSection",
     "ClientSection",
     "ServerSection",
     "AttackSection",
@@ -87,6 +89,7 @@ class ExperimentConfig(ExperimentSections):
     def _cross_checks(self) -> ExperimentConfig:
         config_checks.plugin_options(self)
         config_checks.strategy_and_optimizer(self)
+        config_checks.personalization(self)
         config_checks.privacy(self)
         config_checks.secure_aggregation(self)
         config_checks.robustness(self)

@@ -23,7 +23,7 @@ from fedguard import plugins
 from fedguard.algorithms import attacks, robust
 from fedguard.algorithms.contribution import shapley as contribution_shapley
 from fedguard.audit import canary
-from fedguard.client import trainers
+from fedguard.client import personal, trainers
 from fedguard.client.trainer import ClientTrainer
 from fedguard.experiment.config_sections import ExperimentSections, ServerSection
 from fedguard.protocol import aggregator as aggregators
@@ -98,12 +98,16 @@ def builtin_aggregator(server: ServerSection, seed: int = 0) -> Aggregator:
 
 def builtin_trainer(cfg: ExperimentSections) -> ClientTrainer:
     """The built-in trainer of ``[client]``: DP-SGD under local DP, the Newton statistics for
-    ``optimizer = "newton"``, else ``client.optimizer``'s loop."""
+    ``optimizer = "newton"``, else ``client.optimizer``'s loop; wrapped in
+    ``[personalization]``'s method when there is one."""
     if cfg.client.optimizer == "newton":
         return trainers.NewtonTrainer()
-    if cfg.privacy.mode == "local":
-        return trainers.DPSGDTrainer()
-    return trainers.OptimizerTrainer()
+    base: ClientTrainer = (
+        trainers.DPSGDTrainer() if cfg.privacy.mode == "local" else trainers.OptimizerTrainer()
+    )
+    if cfg.personalization.method != "none":
+        return personal.PersonalizedTrainer(base)
+    return base
 
 
 def builtin_strategy(cfg: ExperimentSections, aggregator: Aggregator | None = None) -> Strategy:
@@ -416,6 +420,8 @@ def trainer_rules(cfg: ExperimentSections, trainer: ClientTrainer, strategy: Str
     needs = {f: f'server.strategy = "{cfg.server.strategy}"' for f in strategy.client_features()}
     if cfg.privacy.mode == "local":
         needs[features.DP_SGD] = 'privacy.mode = "local"'
+    if cfg.personalization.method != "none":
+        needs[features.PERSONALIZATION] = f'personalization.method = "{cfg.personalization.method}"'
     for feature, owner in sorted(needs.items()):
         if feature not in trainer.features:
             applied = ", ".join(sorted(trainer.features)) or "none"
@@ -697,6 +703,69 @@ def audit(cfg: ExperimentSections) -> None:
         raise ValueError(
             "audit.canaries: an audit run measures privacy, not robustness; set "
             'attack.kind = "none"'
+        )
+
+
+# Strategies whose client half spans the whole vector (a control variate, a gradient state, a
+# normalisation by all local steps): with a head kept on the client they would mix its values in.
+_WHOLE_VECTOR_STRATEGIES = ("scaffold", "feddyn", "fednova")
+
+
+def personalization(cfg: ExperimentSections) -> None:
+    """``[personalization]``: what each method composes with (see the README's section).
+
+    Refused: the Newton step (a closed-form statistic, no local model to personalise); FedRep
+    and FedPer with SCAFFOLD, FedDyn or FedNova (their client state or normalisation covers the
+    head too) and in asynchronous rounds; under local DP every method but FedPer (FedPer's
+    training is the planned DP-SGD itself, with the client's head in the model; fine-tuning,
+    Ditto's personal model and FedRep's head phase would take DP-SGD steps the plan does not
+    count, or train outside DP a model whose evaluation leaves the client); keys of a method
+    not chosen."""
+    p = cfg.personalization
+    changed = _changed(p, ("epochs", "ditto_lambda", "head", "finetune_layers"))
+    owners = {
+        "epochs": ("finetune", "ditto", "fedrep"),
+        "ditto_lambda": ("ditto",),
+        "head": ("fedrep", "fedper"),
+        "finetune_layers": ("finetune",),
+    }
+    for key in changed:
+        if p.method not in owners[key]:
+            allowed = " or ".join(f'"{m}"' for m in owners[key])
+            raise ValueError(
+                f"personalization.{key} is set but personalization.method is "
+                f'"{p.method}"; it applies to method = {allowed}'
+            )
+    if p.method == "none":
+        return
+    prefix = f'personalization.method = "{p.method}"'
+    if cfg.client.optimizer == "newton":
+        raise ValueError(
+            f'{prefix} trains a local model; client.optimizer = "newton" sends closed-form '
+            'statistics instead: use "sgd", "adam" or "lbfgs"'
+        )
+    body_only = p.method in ("fedrep", "fedper")
+    if body_only and cfg.server.strategy in _WHOLE_VECTOR_STRATEGIES:
+        raise ValueError(
+            f'{prefix} keeps the head on the client, but server.strategy = "'
+            f'{cfg.server.strategy}" keeps client state over the whole model (head included): '
+            'use fedavg, fedavgm, fedprox, fedadam, fedyogi or fedadagrad, or method = "ditto"'
+        )
+    if body_only and cfg.server.mode == "async":
+        raise ValueError(
+            f'{prefix} needs server.mode = "sync" (the body-only aggregation is built for '
+            'synchronous rounds); use method = "ditto" or "finetune" in asynchronous rounds'
+        )
+    if cfg.privacy.mode == "local" and p.method != "fedper":
+        why = {
+            "finetune": "fine-tuning trains on the client's records outside DP-SGD",
+            "ditto": "Ditto's personal model trains on the client's records outside DP-SGD",
+            "fedrep": "FedRep's head phase adds DP-SGD steps the privacy plan does not count",
+        }[p.method]
+        raise ValueError(
+            f'{prefix} cannot run under privacy.mode = "local": {why}, and its evaluation would '
+            'leave the client uncovered by the accounting. Use method = "fedper" (its training '
+            "is the planned DP-SGD, with the client's head inside the model)"
         )
 
 

@@ -396,6 +396,27 @@ class LatencySection(_Section):
     seed: int | None = Field(None, ge=0, lt=2**63)
 
 
+class PersonalizationSection(_Section):
+    """Each client's own model beside the global one (see ``fedguard.client.personal``).
+
+    ``method``: ``"none"``; ``"finetune"`` (the global model fine-tuned for ``epochs`` epochs on
+    the client's data, only the tensors whose names start with ``finetune_layers``' prefixes,
+    or all); ``"ditto"`` (a personal model trained for ``epochs`` epochs per round with the
+    proximal term ``ditto_lambda/2 ||v - w_global||^2``, the global model as usual);
+    ``"fedrep"`` (the head, the tensors whose names start with ``head``'s prefixes, default the
+    model's last layer, trained ``epochs`` epochs with the body frozen, then the body
+    ``client.epochs`` with the head frozen); ``"fedper"`` (body and head together). Under FedRep
+    and FedPer the head never leaves the client and only the body is aggregated. Each client's
+    personal model is evaluated on its held-out split (``data.client_eval_fraction`` in
+    simulation) beside the global model."""
+
+    method: Literal["none", "finetune", "ditto", "fedrep", "fedper"] = "none"
+    epochs: int = Field(1, ge=1, le=1000)
+    ditto_lambda: float = Field(0.1, gt=0.0, allow_inf_nan=False)
+    head: list[Annotated[str, Field(min_length=1)]] = []
+    finetune_layers: list[Annotated[str, Field(min_length=1)]] = []
+
+
 class CheckpointSection(_Section):
     keep: int = Field(2, ge=1)
 
@@ -497,6 +518,7 @@ class ExperimentSections(_Section):
     server: ServerSection = ServerSection()
     evaluation: EvaluationSection = EvaluationSection()
     checkpoint: CheckpointSection = CheckpointSection()
+    personalization: PersonalizationSection = PersonalizationSection()
     privacy: PrivacySection = PrivacySection()
     secure_aggregation: SecureAggregationSection = SecureAggregationSection()
     attack: AttackSection = AttackSection()

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from fedguard.experiment import assembly, checkpoint, privacy
+from fedguard.experiment import assembly, checkpoint, personalization, privacy
 from fedguard.experiment.assembly import TransportFn
 from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.models import registry as models
@@ -286,6 +286,18 @@ class DataFreeExperiment:
             self.last_federated = fed
             prefix = "test" if self.mode == "federated" else "federated"
             out.update(assembly.federated_metrics(fed, prefix))
+        # each client's personal model beside the global one, on the client's held-out data
+        out.update(
+            personalization.evaluate(
+                self.cfg,
+                self.driver.transport,
+                round_,
+                params,
+                list(self.eval_clients),
+                assembly.client_training_config(self.cfg),
+                self.driver.deadline_s,
+            )
+        )
         return out
 
     def final_report(self, params: torch.Tensor) -> dict[str, Any]:

@@ -42,6 +42,8 @@ class Federation:
     # the data set's validation split (None when it has none): contribution scores' utility
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
+    # the clients whose held-out data is their own (data.client_eval_fraction of their partition)
+    own_eval: frozenset[int] = frozenset()
 
 
 def _tensor(d: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,11 +63,18 @@ def _client_data(
     x, y = _tensor(d)
     n = len(d)
     k = int(round(eval_fraction * n))
-    if eval_fraction == 0.0 or k == 0 or k >= n:
+    if not holds_out(n, eval_fraction):
         return ClientData(x, y, *share)
     order = torch.from_numpy(rng.permutation(n))
     held, kept = order[:k], order[k:]
     return ClientData(x[kept], y[kept], x[held], y[held])
+
+
+def holds_out(n: int, eval_fraction: float) -> bool:
+    """Whether a partition of ``n`` examples keeps ``eval_fraction`` of them out of training:
+    at least one held out and one left to train on (else the client evaluates on its share of
+    the evaluation split)."""
+    return 0 < int(round(eval_fraction * n)) < n
 
 
 def evaluation_shares(
@@ -200,6 +209,11 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
         eval_groups,
         val_x,
         val_y,
+        frozenset(
+            i
+            for i, part in enumerate(parts_data)
+            if holds_out(len(part), cfg.data.client_eval_fraction)
+        ),
     )
 
 

@@ -656,6 +656,25 @@ def _summary(
         "clients_rejected": sum(int(r.get("clients_rejected", 0)) for r in rows),
         "run_dir": str(folder.root),
         "versions": _versions(),
+        **_personal_summary(exp, evaluated),
+    }
+
+
+# A metrics row's personalisation entries (fedguard.protocol.personal_eval.summarise).
+_PERSONAL_KEYS = ("personal_", "global_accuracy_")
+
+
+def _personal_summary(
+    exp: Experiment | DataFreeExperiment, evaluated: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """The personalisation method and the last personal evaluation's entries ({} without)."""
+    method = exp.cfg.personalization.method
+    if method == "none":
+        return {}
+    last: dict[str, Any] = next((r for r in reversed(evaluated) if "personal_clients" in r), {})
+    return {
+        "personalization": method,
+        **{k: v for k, v in last.items() if k.startswith(_PERSONAL_KEYS)},
     }
 
 
@@ -676,5 +695,6 @@ def _metrics_row(
     )
     row.update(metrics)
     row.update({k: v for k, v in evaluated.items() if k.startswith("federated_")})
+    row.update({k: v for k, v in evaluated.items() if k.startswith(_PERSONAL_KEYS)})
     row["epsilon"] = None
     return row

@@ -3,7 +3,8 @@
 A strategy's client half is more than a learning rate: FedProx adds a proximal term to the local
 objective, SCAFFOLD corrects every gradient and sends back a control delta, FedDyn adds its dynamic
 regulariser and keeps its gradient state, FedNova's clients normalise their update by their local
-steps and report the norm, the Newton step sends
+steps and report the norm, personalisation keeps a personal model on the client (and, for FedRep
+and FedPer, sends only the shared body), the Newton step sends
 gradient and Hessian sums, and local DP trains with DP-SGD and reports what it ran. A
 :class:`~fedguard.client.trainer.ClientTrainer` lists the ones it applies in its ``features``; a
 strategy lists the ones its clients need in ``client_features()``. A run whose trainer lacks one
@@ -31,6 +32,9 @@ FEDDYN_GRADIENT = "feddyn_gradient"  # the client state entry with FedDyn's g_k
 NORMALIZED_UPDATE = "normalized_update"
 FEDNOVA = "fednova"  # the fit config entry (true) that asks for FedNova's normalised update
 STEP_NORM = "step_norm"  # the reply tensor with FedNova's ||a_i||_1
+# Personalisation (fedguard.client.personal): the fit config's "personalization" names the
+# method; the client keeps a personal model and, for FedRep / FedPer, sends only the body.
+PERSONALIZATION = "personalization"
 
 
 def asked(
@@ -52,4 +56,6 @@ def asked(
         out.add(NEWTON_STATISTICS)
     if messages.DP_SGD_NOISE in config:
         out.add(DP_SGD)
+    if config.get(PERSONALIZATION) not in (None, "none"):
+        out.add(PERSONALIZATION)
     return frozenset(out)

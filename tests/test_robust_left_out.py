@@ -21,6 +21,7 @@ from fedguard.observe import report
 from fedguard.protocol import messages, robust_rules
 from fedguard.protocol.aggregator import Aggregator, Condition, LeftOut, RuleReport
 from fedguard.protocol.fedopt import FedOpt
+from fedguard.protocol.shared_part import SharedPart
 
 K, D, OUTLIER = 7, 4, 5  # seven updates, row 5 far from the others
 
@@ -219,3 +220,23 @@ def test_a_run_under_the_trimmed_mean_shows_the_share_cut_of_each_client(tmp_pat
     assert sum(shares.values()) == pytest.approx(2.0, abs=1e-4)  # 2f values per coordinate
     table = {c["client"]: c for c in status["current"]["clients"]}
     assert table[outlier]["trimmed_share"] == 1.0 and table[outlier]["left_out_by"] is None
+
+
+def test_fedper_keeps_the_rules_report_of_the_bodies_it_aggregates() -> None:
+    """Under FedRep/FedPer (only the body aggregated) the rule still names the client it left
+    out: here the outlier differs only in the body (positions 0-1), the head (2-3) is masked."""
+    ids = [30, 31, 32, 33, 34, 35, 36]
+    rule = robust_rules.RobustRule(robust.RobustConfig(robust.RobustAggregator.MULTI_KRUM, f=1))
+    fedavg = server_optimizers.ServerOptimizerConfig(server_optimizers.ServerOptimizer.FEDAVG)
+    head = torch.tensor([False, False, True, True])
+    strategy = SharedPart(FedOpt(fedavg, {}, aggregator=rule), head)
+    updates = _updates()
+    updates[2, 2:] += 500.0  # a wild head on client 32: masked, so not an outlier
+    params = torch.full((D,), 0.25)
+    _, new, left_out = strategy.aggregate_reporting(
+        strategy.init(params), params, _replies(updates, ids)
+    )
+    assert left_out is not None and left_out.clients == (35,)
+    honest = torch.cat([updates[:OUTLIER], updates[OUTLIER + 1 :]]).mean(dim=0)
+    assert torch.allclose(new[:2], params[:2] + honest[:2].float(), atol=1e-6)
+    assert torch.equal(new[2:], params[2:])  # the head is kept

@@ -21,7 +21,7 @@ import torch
 
 from fedguard.algorithms import personalization
 from fedguard.protocol import messages
-from fedguard.protocol.strategy import Strategy, StrategyState
+from fedguard.protocol.strategy import LeftOut, Strategy, StrategyState
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,26 @@ class SharedPart(Strategy):
         *,
         round_: int = 0,
     ) -> tuple[StrategyState, torch.Tensor]:
+        new_state, new_params, _ = self.aggregate_reporting(state, params, replies, round_=round_)
+        return new_state, new_params
+
+    def aggregate_reporting(
+        self,
+        state: StrategyState,
+        params: torch.Tensor,
+        replies: Sequence[messages.FitReply],
+        *,
+        round_: int = 0,
+    ) -> tuple[StrategyState, torch.Tensor, LeftOut | None]:
+        """:meth:`aggregate`, with the inner aggregator's report of what it left out (a robust
+        rule compares the bodies)."""
         bodies = [
             replace(r, update=personalization.body_only(r.update, self.head)) for r in replies
         ]
-        new_state, new_params = self.inner.aggregate(state, params, bodies, round_=round_)
-        return new_state, self._keep_head(params, new_params)
+        new_state, new_params, left_out = self.inner.aggregate_reporting(
+            state, params, bodies, round_=round_
+        )
+        return new_state, self._keep_head(params, new_params), left_out
 
     def aggregate_sum(
         self,

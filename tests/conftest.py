@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The browser tests' one Chromium for the whole session (their ``browser`` fixture starts from
+# it); a session fixture is shared only when it is defined here.
+from browser import _chromium  # noqa: F401 (fixture)
+
 os.environ.setdefault("KERAS_BACKEND", "torch")
 # One torch thread in the test process and in every process a test starts, unless
 # OMP_NUM_THREADS says otherwise (`OMP_NUM_THREADS=2 .venv/bin/python -m pytest` runs the suite on

@@ -193,10 +193,11 @@ def client_main(
 def cli_main(argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> None:
     """``fedguard ARGV`` (``cli.main``) as a process of its own, run from ``cwd`` with its
     standard output and error written to ``stdout`` and ``stderr`` (the same file if they are
-    equal); its exit code is the command's. Started through :data:`CTX`, the process is a fresh
-    interpreter in which torch and fedguard are already imported, which is all that it saves
-    over ``python -m fedguard.cli`` (about 5 s of imports per process on two loaded cores;
-    ``test_grpc_launch.py`` still starts every process with ``python -m fedguard.cli``)."""
+    equal); its exit code is the command's. Started through :data:`CTX`, the process is forked
+    from the forkserver, a fresh interpreter that has imported torch and fedguard and holds
+    nothing of the test process; the imports are all that it saves over ``python -m
+    fedguard.cli`` (about 5 s per process on two loaded cores; ``test_grpc_launch.py`` still
+    starts every process of a deployment with ``python -m fedguard.cli``)."""
     import sys
 
     _quiet_torch()

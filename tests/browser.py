@@ -47,9 +47,13 @@ def _skip_loudly() -> None:
     pytest.skip(message)
 
 
-@pytest.fixture
-def browser() -> Iterator[Any]:
-    """A headless Chromium (Selenium WebDriver), 1400x1000, quit after the test."""
+WINDOW = (1400, 1000)
+
+
+@pytest.fixture(scope="session")
+def _chromium() -> Iterator[Any]:
+    """One headless Chromium (Selenium WebDriver) for the session's browser tests, quit at its
+    end (starting one takes seconds on a busy machine)."""
     paths = chromium_paths()
     if paths is None:
         _skip_loudly()
@@ -65,7 +69,7 @@ def browser() -> Iterator[Any]:
         "--no-sandbox",  # root in a container
         "--disable-gpu",
         "--disable-dev-shm-usage",
-        "--window-size=1400,1000",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
         "--hide-scrollbars",
     ):
         options.add_argument(arg)
@@ -74,6 +78,18 @@ def browser() -> Iterator[Any]:
         yield driver
     finally:
         driver.quit()
+
+
+@pytest.fixture
+def browser(_chromium: Any) -> Iterator[Any]:
+    """The session's headless Chromium on a blank page at 1400x1000, as a test starts it; after
+    the test it is left on a blank page again (no page of one test runs into the next)."""
+    _chromium.get("about:blank")
+    _chromium.set_window_size(*WINDOW)
+    try:
+        yield _chromium
+    finally:
+        _chromium.get("about:blank")
 
 
 def wait_for(driver: Any, condition: Callable[[Any], Any], what: str) -> Any:

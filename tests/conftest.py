@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from matplotlib.figure import Figure
+
+# The browser tests' one Chromium for the whole session (their ``browser`` fixture starts from
+# it); a session fixture is shared only when it is defined here.
+from browser import _chromium  # noqa: F401 (fixture)
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 # One torch thread in the test process and in every process a test starts, unless
@@ -33,6 +41,58 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "shared_data: reads the real data sets in ../shared/data beside the project"
     )
+    config.addinivalue_line(
+        "markers", "plots: draws the PNG pictures it makes (the other tests only build them)"
+    )
+
+
+# A white 1x1 PNG: what a picture's file holds in a test that does not draw its pictures.
+UNDRAWN_PNG = base64.b64decode(
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4//8/AAX+Av4N70a4AAAAAElFTkSuQmCC"
+)
+
+
+REAL_SAVEFIG, REAL_TIGHT_LAYOUT = Figure.savefig, Figure.tight_layout
+
+
+def _save_undrawn(figure: Any, fname: Any, *args: Any, **kwargs: Any) -> None:
+    """``Figure.savefig`` without drawing: the figure's lines convert their data (as drawing
+    would, so that data a line cannot show still fails) and the file gets :data:`UNDRAWN_PNG`."""
+    for ax in figure.axes:
+        for line in ax.get_lines():
+            line.recache(always=True)
+    if isinstance(fname, str | os.PathLike):
+        Path(fname).write_bytes(UNDRAWN_PNG)
+    else:
+        fname.write(UNDRAWN_PNG)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _pictures_built_not_drawn() -> Iterator[None]:
+    """Every run writes PNG plots (accuracy, loss, partition, confusion matrix, privacy, ...),
+    and drawing them with matplotlib was about 1 s of the 1.3 s of CPU that one small run takes,
+    hundreds of times a session, in tests that never look at them. Those tests still build every
+    figure (the plotting code runs, the lines convert their data) and still write each file, but
+    the figure is not laid out or drawn: the file holds a 1x1 PNG. The tests that check pictures
+    are marked ``plots`` and draw them for real (``test_runner.py``'s run folder contract draws
+    the accuracy, loss, partition and confusion-matrix plots; the privacy, contributions and
+    audit pictures are drawn in their tests). Processes that tests start draw for real."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", _save_undrawn)
+        patch.setattr(Figure, "tight_layout", lambda figure, *args, **kwargs: None)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _pictures_drawn_where_marked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked ``plots`` lays out and draws its pictures as a run outside the tests does."""
+    if request.node.get_closest_marker("plots") is None:
+        yield
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Figure, "savefig", REAL_SAVEFIG)
+        patch.setattr(Figure, "tight_layout", REAL_TIGHT_LAYOUT)
+        yield
 
 
 MISSING_DATA = pytest.StashKey[str]()

@@ -71,6 +71,7 @@ def test_dp_sgd_at_epsilon_one_leaves_only_the_random_baseline(tmp_path):
     assert row["psnr"] < row["mean_image_psnr"] - 3.0
 
 
+@pytest.mark.plots  # its pictures are drawn (conftest)
 def test_under_secure_aggregation_the_attacker_has_only_the_sum(tmp_path, plain):
     row = _audit(
         tmp_path,

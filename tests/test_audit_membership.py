@@ -30,6 +30,7 @@ def _run(tmp_path, name: str, **sections) -> dict:
     return audit_runner.audit(out, ["membership"], options=options).rows[0]
 
 
+@pytest.mark.plots  # its pictures are drawn (conftest)
 def test_overfit_run_members_are_visible(tmp_path):
     row = _run(tmp_path, "overfit")
     assert row["members"] == 80 and row["non_members"] == 80 and row["reference_models"] == 2

@@ -89,6 +89,7 @@ def last_three(cumulative: dict[str, float]) -> set[int]:
     return {int(c) for c in sorted(cumulative, key=cumulative.__getitem__)[:3]}
 
 
+@pytest.mark.plots  # its pictures are drawn (conftest)
 @pytest.mark.parametrize("method", ["gtg_shapley", "leave_one_out"])
 def test_free_riders_and_the_noisy_client_rank_last_are_flagged_and_get_the_floor(
     tmp_path: Path, method: str

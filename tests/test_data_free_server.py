@@ -10,14 +10,17 @@ equals the in-process simulation of the same three clients: the same parameters 
 the same accuracy in every round (counted from the clients' confusion matrices), the loss
 within 1e-6 relatively (the same losses summed in another order) and the AUC within 2e-3 (the
 clients report score histograms of 1,000 bins; the simulation computes the exact AUC).
+
+The server and the clients run their ``fedguard server`` and ``fedguard client`` command lines
+(``cli.main``) as separate processes, each in its own folder with its output in its own log,
+forked from the harness's interpreter that has torch and fedguard imported (five fresh
+``python -m fedguard.cli`` interpreters took most of a minute to import them on two busy cores).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
+import multiprocessing
 import time
 from pathlib import Path
 
@@ -25,7 +28,7 @@ import numpy as np
 import pytest
 import tomli_w
 import torch
-from test_grpc_harness import final_params, losses_match, make_security
+from test_grpc_harness import final_params, losses_match, make_security, start_cli
 
 import fedguard
 from conftest import SHARED_DATA, metric_rows
@@ -81,19 +84,14 @@ def export_clients(cfg: dict, folder: Path) -> list[Path]:
     return files
 
 
-def _cli(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(
-        [str(Path(fedguard.__file__).parents[1]), env.get("PYTHONPATH", "")]
-    )
-    out = open(log, "w")  # noqa: SIM115 - closed by the process's end
-    return subprocess.Popen(
-        [sys.executable, "-m", "fedguard.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=out,
-        stderr=subprocess.STDOUT,
-    )
+def _cli(*args: str, cwd: Path, log: Path) -> multiprocessing.process.BaseProcess:
+    """``fedguard ARGS`` in a process of its own, run from ``cwd``, its output in ``log``."""
+    return start_cli(list(args), cwd, log)
+
+
+def _wait(process: multiprocessing.process.BaseProcess, timeout_s: float) -> int | None:
+    process.join(timeout_s)
+    return process.exitcode
 
 
 @pytest.mark.shared_data
@@ -157,13 +155,13 @@ def test_a_data_free_server_over_tls_matches_the_simulation(tmp_path) -> None:
         )
     started = time.monotonic()
     try:
-        code = server.wait(TIMEOUT_S)
-        exits = {cid: p.wait(30) for cid, p in clients.items()}
+        code = _wait(server, TIMEOUT_S)
+        exits = {cid: _wait(p, 30) for cid, p in clients.items()}
     finally:
         for p in [server, *clients.values()]:
-            if p.poll() is None:
+            if p.is_alive():
                 p.kill()
-                p.wait(10)
+                p.join(10)
     seconds = time.monotonic() - started
     server_log = (tmp_path / "server.log").read_text()
     assert code == 0, server_log

@@ -11,6 +11,7 @@ import enum
 import json
 import multiprocessing
 import os
+import tempfile
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -187,6 +188,60 @@ def client_main(
         give_up_after_s=60.0,
     )
     grpc_client.serve(settings, handler)
+
+
+def cli_main(argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> None:
+    """``fedguard ARGV`` (``cli.main``) as a process of its own, run from ``cwd`` with its
+    standard output and error written to ``stdout`` and ``stderr`` (the same file if they are
+    equal); its exit code is the command's. Started through :data:`CTX`, the process is forked
+    from the forkserver, a fresh interpreter that has imported torch and fedguard and holds
+    nothing of the test process; the imports are all that it saves over ``python -m
+    fedguard.cli`` (about 5 s per process on two loaded cores; ``test_grpc_launch.py`` still
+    starts every process of a deployment with ``python -m fedguard.cli``)."""
+    import sys
+
+    _quiet_torch()
+    os.chdir(cwd)
+    for fd, path in ((1, stdout), (2, stderr)):
+        flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if stdout == stderr else os.O_TRUNC)
+        target = os.open(path, flags, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    from fedguard import cli
+
+    sys.exit(cli.main(argv))
+
+
+def start_cli(argv: list[str], cwd: Path, log: Path) -> multiprocessing.process.BaseProcess:
+    """Start ``fedguard ARGV`` in its own process (:func:`cli_main`), output and errors to
+    ``log``."""
+    log.write_bytes(b"")
+    process = CTX.Process(target=cli_main, args=(argv, cwd, log, log), daemon=True)
+    process.start()
+    return process
+
+
+@dataclass(frozen=True)
+class CliResult:
+    """What a ``fedguard`` command run by :func:`run_cli` left: as ``subprocess.run`` reports."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*argv: str, cwd: Path, timeout_s: float = 300.0) -> CliResult:
+    """Run ``fedguard ARGV`` from ``cwd`` in its own process (:func:`cli_main`) to its end."""
+    with tempfile.TemporaryDirectory(prefix="fedguard-cli-") as folder:
+        out, err = Path(folder) / "stdout", Path(folder) / "stderr"
+        process = CTX.Process(target=cli_main, args=(list(argv), cwd, out, err), daemon=True)
+        process.start()
+        process.join(timeout_s)
+        if process.exitcode is None:
+            process.kill()
+            process.join(5)
+            raise AssertionError(f"fedguard {' '.join(argv)} did not finish in {timeout_s} s")
+        return CliResult(process.exitcode, out.read_text(), err.read_text())
 
 
 @dataclass

@@ -37,6 +37,7 @@ def _fixed_size_epsilon(z: float, n: int, m: int, rounds: int, delta: float) -> 
     return acc.get_epsilon(delta)
 
 
+@pytest.mark.plots  # its pictures are drawn (conftest)
 def test_central_dp_epsilon_per_round_matches_dp_accounting(tmp_path) -> None:
     summary = fedguard.run(tiny_config(privacy=CENTRAL), out=tmp_path / "r", progress=False)
     rows = _rows(tmp_path / "r")

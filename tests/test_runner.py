@@ -25,6 +25,7 @@ def _final_params(folder) -> torch.Tensor:
     return load_file(str(last / "tensors.safetensors"))["params"]
 
 
+@pytest.mark.plots  # its pictures are drawn (conftest)
 def test_run_folder_contract(tmp_path) -> None:
     summary = fedguard.run(tiny_config(), out=tmp_path / "r", progress=False)
     folder = tmp_path / "r"

@@ -232,15 +232,16 @@ def crypto_floor(
         2 * primitives["key_pair"] + 2 * k * primitives["agree"] + (k + 1) * primitives["expand"]
     )
     server = n * primitives["expand"]
-    sequential = n * client + server
-    parallel = client + server
+    node_checks = client_checks = 0  # signature checks: once for all clients / by one client
     if verified:
-        committed = k < n - 1
-        checks = (n if committed else k) + quorum
+        client += 2 * primitives["sign"]
         server += 2 * n * primitives["verify"]
-        sequential = n * (client + 2 * primitives["sign"]) + server + 2 * n * primitives["verify"]
-        parallel = client + 2 * primitives["sign"] + checks * primitives["verify"] + server
-    return {"sequential": sequential, "parallel": parallel}
+        node_checks = 2 * n
+        client_checks = (n if k < n - 1 else k) + quorum  # SecAgg+: every commitment
+    return {
+        "sequential": n * client + server + node_checks * primitives["verify"],
+        "parallel": client + client_checks * primitives["verify"] + server,
+    }
 
 
 def bench_size(n: int, dim: int, repeats: int, variants: list[Variant]) -> list[dict[str, Any]]:

@@ -296,7 +296,8 @@ class SecAggClient:
                 f"Client {cid} was sent advertisements of clients {strangers}, who were not "
                 f"sampled in round {round_}."
             )
-        advertised = self._checked_advertisements(cid, setup, request)
+        digest = messages.map_digest(request.advertised)
+        advertised = self._checked_advertisements(cid, setup, request, digest)
         mine = advertised.get(cid)
         expected = (state.c.public, state.s.public)
         if mine is None or mine[:2] != expected:
@@ -314,25 +315,21 @@ class SecAggClient:
             state.s,
             state.reveal,
             advertised,
-            messages.map_digest(request.advertised),
+            digest,
         )
         return messages.SecAggReveal(round_, cid, state.reveal)
 
     def _checked_advertisements(
-        self, cid: int, setup: RoundSetup, request: messages.SecAggRevealRequest
+        self, cid: int, setup: RoundSetup, request: messages.SecAggRevealRequest, digest: bytes
     ) -> dict[int, tuple[bytes, bytes, bytes]]:
         """Every advertisement of the request, each signature checked against its sender's
         identity over this round and nonce: ``client -> (c_pk, s_pk, commitment)``; a set this
-        node has checked in this round is not checked again."""
+        node has checked in this round is not checked again. ``digest`` is the advertisements'
+        :func:`~fedguard.protocol.messages.map_digest`, which the caller keeps."""
         # The round and nonce are belt and braces: a set checked under another nonce cannot
         # hold this client's own fresh keys, which the caller requires, so its digest differs.
         # The signatures are in the key so that a node refuses a bad one as a device would.
-        key = (
-            setup.round,
-            setup.nonce,
-            messages.map_digest(request.advertised),
-            messages.map_digest(request.signatures),
-        )
+        key = (setup.round, setup.nonce, digest, messages.map_digest(request.signatures))
         known = self._advertisements.get(key)
         if known is not None:
             return known

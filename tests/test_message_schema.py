@@ -210,6 +210,34 @@ def test_schema_refuses_bool_counts_floats_for_ints_and_unknown_fields() -> None
     assert "\n" not in str(exc.value) and "\\n" in str(exc.value)
 
 
+def _with_format(payload: bytes, wire_format: object) -> bytes:
+    """``payload`` with its header's wire format set to ``wire_format`` (``...``: removed)."""
+    table = json.loads(payload[8 : 8 + int.from_bytes(payload[:8], "little")])
+    head = json.loads(table["__metadata__"]["message"])
+    if wire_format is ...:
+        del head["format"]
+    else:
+        head["format"] = wire_format
+    return st_save(dict(st_load(payload)), metadata={"message": json.dumps(head)})
+
+
+def test_a_payload_of_another_wire_format_is_refused_with_both_formats_named() -> None:
+    good = messages.encode(FIT)
+    assert messages.read_header(good).format == messages.WIRE_FORMAT == 2
+    assert messages.decode(_with_format(good, 2), messages.FitReply).num_examples == 7
+    # a header without a format is the first layout (JSON id lists), written before versioning
+    for wire_format, shown in [(..., "1"), (1, "1"), (3, "3")]:
+        with pytest.raises(
+            messages.MessageError, match=f"wire format {shown}; this fedguard reads format 2"
+        ):
+            messages.decode(_with_format(good, wire_format), messages.FitReply)
+    for junk in ["2", True, 2.0, None]:
+        with pytest.raises(
+            messages.MessageError, match="Malformed message payload: the wire format"
+        ):
+            messages.decode(_with_format(good, junk), messages.FitReply)
+
+
 def test_config_numbers_are_read_by_type_not_coerced() -> None:
     config: dict[str, messages.Scalar] = {
         "lr": 0.5,

@@ -19,6 +19,10 @@ distinct valid client ids, a byte map's ids are distinct valid client ids in inc
 its lengths add up to its data, and each tensor has the name, dtype and rank its kind expects.
 Any violation is a :class:`MessageError`, so a peer's reply of the wrong shape is
 one kind of error for the receiver, never a ``TypeError`` deep inside a round.
+
+Every header carries the :data:`WIRE_FORMAT` its writer speaks. A payload of another format (a
+server and clients of different fedguard versions) is refused with both formats named, before its
+fields are read: a changed layout is never misread as a malformed message of the current one.
 """
 
 from __future__ import annotations
@@ -39,6 +43,11 @@ from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
 Scalar = bool | int | float | str | None
+
+# The layout of the encoding. Raise it whenever a kind's fields or tensors change meaning.
+# 1: byte maps and id lists as JSON lists of the scalars (headers without "format").
+# 2: byte maps packed into uint8 data with int64 id and length tensors; id lists as int64 tensors.
+WIRE_FORMAT = 2
 
 
 def printable(text: str, limit: int = 500) -> str:
@@ -691,6 +700,7 @@ class Header:
     fields: dict[str, Any]
     shapes: dict[str, tuple[int, ...]]
     dtypes: dict[str, str] = field(default_factory=dict)  # safetensors' names: "F32", "U8"
+    format: int = WIRE_FORMAT  # the writer's :data:`WIRE_FORMAT` (1 when the header has none)
 
 
 def read_header(payload: bytes) -> Header:
@@ -705,7 +715,10 @@ def read_header(payload: bytes) -> Header:
         fields_ = head["fields"]
         if not isinstance(fields_, dict):
             raise TypeError("the message's fields are not a JSON object")
-        return Header(str(head["kind"]), fields_, shapes, dtypes)
+        wire_format = head.get("format", 1)
+        if isinstance(wire_format, bool) or not isinstance(wire_format, int):
+            raise TypeError(f"the wire format is {wire_format!r}, not an integer")
+        return Header(str(head["kind"]), fields_, shapes, dtypes, wire_format)
     except Exception as exc:  # any malformed payload is one kind of error for the caller
         raise MessageError(f"Malformed message payload: {exc}") from exc
 
@@ -753,7 +766,7 @@ def encode(message: Message) -> bytes:
                 tensors[f"tensors.{key}"] = _array(t)
         else:
             scalars[f.name] = value
-    header = json.dumps({"kind": type(message).__name__, "fields": scalars})
+    header = json.dumps({"kind": type(message).__name__, "format": WIRE_FORMAT, "fields": scalars})
     return _st_save(tensors, metadata={"message": header})
 
 
@@ -774,6 +787,12 @@ def decode(payload: bytes, expected: type | None = None) -> Message:
     :class:`MessageError`.
     """
     header = read_header(payload)
+    if header.format != WIRE_FORMAT:
+        raise MessageError(
+            f"A {header.kind} message in wire format {header.format}; this fedguard reads "
+            f"format {WIRE_FORMAT}. The server and its clients must run fedguard versions of "
+            "the same wire format."
+        )
     cls = _KINDS.get(header.kind)
     if cls is None:
         raise MessageError(f"Unknown message kind {header.kind!r}.")

@@ -109,15 +109,18 @@ def _observe_parsers(sub) -> None:
 
 def _audit_parser(sub) -> None:
     audit = sub.add_parser(
-        "audit", help="attack a finished run: canary epsilon bound, membership, inversion"
+        "audit",
+        help="attack a finished run: canary epsilon bounds (final model, one update), "
+        "membership, inversion",
     )
     audit.add_argument("run_dir", type=Path, help="the run folder `fedguard run` wrote")
     audit.add_argument(
         "--attack",
         action="append",
-        choices=["inversion", "membership", "canary", "all"],
+        choices=["inversion", "membership", "canary", "update", "all"],
         default=None,
-        help="attack to run (repeatable; default all: canary only where the run has canaries)",
+        help="attack to run (repeatable; default all: canary only where the run has canaries, "
+        "update only under local DP)",
     )
     audit.add_argument("--out", type=Path, default=None, help="folder (default RUN_DIR/audit)")
     audit.add_argument(
@@ -130,8 +133,22 @@ def _audit_parser(sub) -> None:
     audit.add_argument(
         "--max-members", type=int, default=2000, help="membership: training records scored"
     )
-    audit.add_argument("--round", type=int, default=1, help="inversion: the round attacked")
-    audit.add_argument("--client", type=int, default=None, help="inversion: the client attacked")
+    audit.add_argument(
+        "--round", type=int, default=1, help="inversion and update: the round attacked"
+    )
+    audit.add_argument(
+        "--client", type=int, default=None, help="inversion and update: the client attacked"
+    )
+    audit.add_argument(
+        "--update-canaries",
+        type=int,
+        default=1000,
+        metavar="M",
+        help="update: gradient canaries put in the attacked client's replayed update",
+    )
+    audit.add_argument(
+        "--seed", type=int, default=0, help="update: seed of the canaries and their coins"
+    )
     audit.add_argument(
         "--batch-size", type=int, default=1, help="inversion: records in the attacked update"
     )
@@ -394,7 +411,7 @@ def _exit_code_of_run(start: Callable[[], object], err: Console) -> int:
 def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
     """``fedguard audit``: one line per attack; exit 1 when a canary lower bound exceeds the
     accounted epsilon, 2 when the run cannot be audited."""
-    from fedguard.audit import inversion, runner
+    from fedguard.audit import inversion, runner, update_canary
     from fedguard.audit.target import AuditError
 
     for flag, value, least in (
@@ -404,6 +421,7 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
         ("--batch-size", args.batch_size, 1),
         ("--local-steps", args.local_steps, 1),
         ("--iterations", args.iterations, 1),
+        ("--update-canaries", args.update_canaries, 2),
     ):
         if value < least:
             raise _config_error(f"{flag} must be at least {least}, got {value}.")
@@ -416,6 +434,9 @@ def _audit(args: argparse.Namespace, console: Console, err: Console) -> int:
             batch_size=args.batch_size,
             local_steps=args.local_steps,
             iterations=args.iterations,
+        ),
+        update=update_canary.UpdateCanarySettings(
+            round=args.round, client=args.client, canaries=args.update_canaries, seed=args.seed
         ),
     )
     try:

@@ -14,17 +14,16 @@ of a softmax layer moves up for exactly the labels present, so the label of one 
 bias entry that grew most; for several records the labels are dealt in proportion to the
 entries that grew (a heuristic, exact for one record).
 
-The observed update is re-created with the run's own client code: the round's fit task as the
-driver builds it (from the checkpoint the round started from, with the run's strategy state
-and the client's seed) answered by a :class:`~fedguard.client.app.ClientApp` with the run's
-trainer, so DP-SGD's clipping and noise and central DP's update clip are the run's. The
-attacked client holds ``batch_size`` of its records (the first of its partition) and trains
-``local_steps`` full-batch steps on them: the worst case for the client (with DP-SGD its
-sampling rate is 1, so the update is less protected than in the run, and the attack result is
-an upper bound on what the server learns). Under secure aggregation the server observes only
-the sum of the round's updates: the other sampled clients' updates, re-created from their own
-data, are added (the masks cancel in the sum; the fixed-point rounding and distributed DP's
-noise shares are left out, which again favours the attacker).
+The observed update is re-created with the run's own client code (:mod:`fedguard.audit.replay`):
+the round's fit task as the driver builds it (from the checkpoint the round started from, with
+the run's strategy state and the client's seed) answered with the run's trainer, so DP-SGD's
+clipping and noise and central DP's update clip are the run's. The attacked client holds
+``batch_size`` of its records (the first of its partition) and trains ``local_steps``
+full-batch steps on them: the worst case for the client (with DP-SGD its sampling rate is 1,
+so the update is less protected than in the run, and the attack result is an upper bound on
+what the server learns). Under secure aggregation the server observes only the sum of the
+round's updates, re-created the same way (the masks cancel in the sum; the fixed-point
+rounding and distributed DP's noise shares are left out, which again favours the attacker).
 
 Scored with scikit-image: PSNR and SSIM of each reconstruction against the original it matches
 best (an optimal assignment), on images scaled to [0, 1] by the data's range, beside the PSNR
@@ -45,13 +44,11 @@ from scipy.optimize import linear_sum_assignment
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fedguard.algorithms.privacy import accounting
+from fedguard.audit.replay import RoundReplay
 from fedguard.audit.target import AuditedRun, AuditError
-from fedguard.client.app import ClientApp
 from fedguard.client.data import ClientData
-from fedguard.experiment import checkpoint
 from fedguard.models.adapter import ModelAdapter
 from fedguard.protocol import messages
-from fedguard.protocol.driver import client_seed
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -289,53 +286,18 @@ class Observation:
 
 def observed_update(run: AuditedRun, settings: InversionSettings) -> Observation:
     """Re-create what the server observes from the attacked client in ``settings.round`` with
-    the run's client code (see the module docstring)."""
-    exp, round_ = run.exp, settings.round
-    if round_ < 1 or round_ > run.final_round + 1:
-        raise AuditError(f"{run.name}: no round {round_} to attack (1..{run.final_round + 1}).")
-    if round_ == 1:
-        params, state = exp.initial_params.clone(), exp.strategy.init(exp.initial_params)
-    else:
-        try:
-            ck = checkpoint.load(run.folder.checkpoints, round_ - 1)
-        except (OSError, ValueError) as exc:
-            raise AuditError(
-                f"{run.name}: round {round_} starts from the checkpoint of round {round_ - 1}, "
-                f"which is not kept ({exc}); attack round 1 or the round after a kept checkpoint"
-            ) from None
-        params, state = exp.restore(ck)
-    sampled = exp.driver.sample(round_)
-    cid = settings.client if settings.client is not None else min(sampled)
-    if cid not in exp.fed.clients:
-        raise AuditError(f"{run.name}: no client {cid}.")
-    config, tensors = exp.driver.strategy.fit_instructions(state)
-    own = exp.fed.clients[cid]
+    the run's client code (see the module docstring and :mod:`fedguard.audit.replay`)."""
+    replay = RoundReplay.load(run, settings.round)
+    cid = replay.client(settings.client)
+    own = run.exp.fed.clients[cid]
     b = settings.batch_size
     if own.num_train < b:
         raise AuditError(f"{run.name}: client {cid} holds {own.num_train} records, fewer than {b}.")
     attacked = ClientData(own.train_x[:b], own.train_y[:b], own.eval_x, own.eval_y)
     steps = settings.local_steps
     local: dict[str, messages.Scalar] = {"batch_size": b, "epochs": steps, "max_steps": steps}
-
-    def fit(client: int, data: ClientData, extra: dict[str, messages.Scalar]) -> messages.FitReply:
-        app = ClientApp(exp.model, {client: data}, {}, trainer=exp.trainer)
-        seeded = {**config, **extra, "seed": client_seed(run.cfg.experiment.seed, round_, client)}
-        return app.fit(messages.FitTask(round_, client, params.clone(), seeded, tensors))
-
-    reply = fit(cid, attacked, local)
-    if not run.cfg.secure_aggregation.enabled:
-        seen = "the clipped update" if messages.DP_CLIP_NORM in config else "the update"
-        return Observation(reply.update, params, dict(config), attacked, cid, seen)
-    settings_ = exp.driver.secure_aggregation
-    weighted = settings_ is not None and settings_.weighted
-    total = reply.update * (reply.num_examples if weighted else 1)
-    for other in sampled:
-        if other == cid:
-            continue
-        r = fit(other, exp.fed.clients[other], {})
-        total = total + r.update * (r.num_examples if weighted else 1)
-    seen = f"the sum of {len(sampled)} updates"
-    return Observation(total, params, dict(config), attacked, cid, seen)
+    update, seen = replay.observed(cid, replay.fit(cid, attacked, local))
+    return Observation(update, replay.params, dict(replay.config), attacked, cid, seen)
 
 
 def audit(run: AuditedRun, png: Path, settings: InversionSettings) -> dict[str, Any]:

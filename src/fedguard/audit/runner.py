@@ -20,19 +20,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedguard.audit import canary, canary_audit, inversion, membership, target
+from fedguard.audit import canary, canary_audit, inversion, membership, target, update_canary
 
-ATTACKS = ("canary", "membership", "inversion")
+ATTACKS = ("canary", "update", "membership", "inversion")
 
 
 @dataclass(frozen=True)
 class AuditOptions:
     """What to attack: the membership attack's reference models and evaluated members, the
-    inversion's round, client, records, local steps and optimisation iterations."""
+    inversion's round, client, records, local steps and optimisation iterations, and the
+    update-level canary audit's round, client, canaries and seed."""
 
     reference_models: int = membership.DEFAULT_REFERENCE_MODELS
     max_members: int = membership.DEFAULT_MAX_MEMBERS
     inversion: inversion.InversionSettings = field(default_factory=inversion.InversionSettings)
+    update: update_canary.UpdateCanarySettings = field(
+        default_factory=update_canary.UpdateCanarySettings
+    )
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,17 @@ def _line(row: dict[str, Any]) -> str:
             f"canary: epsilon lower bound {row['epsilon_lower_bound']:.3g} at "
             f"{row['confidence']:.0%} ({row['canaries']} {row['canary_kind']}-level canaries, "
             f"{row['correct_guesses']}/{row['guesses']} guesses right), {accounted}{verdict}"
+        )
+    if row["attack"] == "update":
+        verdict = " — ERROR: above this update's accounted epsilon" if row["violation"] else ""
+        run_eps = row.get("run_epsilon")
+        whole = "" if run_eps is None else f"; the whole run's {run_eps:.3g}"
+        return (
+            f"update: epsilon lower bound {row['epsilon_lower_bound']:.3g} at "
+            f"{row['confidence']:.0%} ({row['canaries']} gradient canaries in client "
+            f"{row['client']}'s round-{row['round']} update, attacker sees {row['observed']}; "
+            f"{row['correct_guesses']}/{row['guesses']} guesses right), this update's accounted "
+            f"epsilon {row['accounted_epsilon']:.3g}{whole}{verdict}"
         )
     if row["attack"] == "membership":
         lira = (
@@ -96,6 +111,8 @@ def audit(
     chosen = list(ATTACKS) if "all" in attacks else list(dict.fromkeys(attacks))
     if "all" in attacks and not (run.folder.root / canary.FILE).exists():
         chosen.remove("canary")  # all: the canary audit only where the run has canaries
+    if "all" in attacks and run.cfg.privacy.mode != "local":
+        chosen.remove("update")  # all: the update-level audit only where DP-SGD protects updates
     rows: list[dict[str, Any]] = []
     lines: list[str] = []
     for name in chosen:
@@ -103,6 +120,8 @@ def audit(
             progress(name)
         if name == "canary":
             row = canary_audit.audit(run)
+        elif name == "update":
+            row = update_canary.audit(run, options.update)
         elif name == "membership":
             row = membership.audit(
                 run,

@@ -1,0 +1,103 @@
+"""A past round's fit replies, re-created with the run's own client code.
+
+The attacks on individual updates (gradient inversion, the update-level canary audit) need what
+the server observed in one round. Run folders keep the model after every round, not the
+updates, so the round is replayed: its fit task as the driver builds it (from the checkpoint the
+round started from, with the run's strategy state and each client's seed), answered by a
+:class:`~fedguard.client.app.ClientApp` with the run's trainer (or a wrapper of it), so that
+DP-SGD's clipping and noise and central DP's update clip are the run's. Under secure
+aggregation the server observes only the sum of the round's updates: :meth:`RoundReplay.observed`
+adds the other sampled clients' re-created updates (the masks cancel in the sum; the
+fixed-point rounding and distributed DP's noise shares are left out, which favours the
+attacker).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fedguard.audit.target import AuditedRun, AuditError
+from fedguard.client.app import ClientApp
+from fedguard.client.data import ClientData
+from fedguard.client.trainer import ClientTrainer
+from fedguard.experiment import checkpoint
+from fedguard.protocol import messages
+from fedguard.protocol.driver import client_seed
+
+
+@dataclass(frozen=True)
+class RoundReplay:
+    """Round ``round`` of ``run``: its starting ``params``, the fit ``config`` and ``tensors``
+    every client received, and the ``sampled`` clients."""
+
+    run: AuditedRun
+    round: int
+    params: torch.Tensor
+    config: dict[str, messages.Scalar]
+    tensors: dict[str, torch.Tensor]
+    sampled: list[int]
+
+    @classmethod
+    def load(cls, run: AuditedRun, round_: int) -> RoundReplay:
+        """Round ``round_`` (1: from the initial model) rebuilt from the run folder; an
+        :class:`AuditError` when the checkpoint it starts from is not kept."""
+        exp = run.exp
+        if round_ < 1 or round_ > run.final_round + 1:
+            raise AuditError(f"{run.name}: no round {round_} to attack (1..{run.final_round + 1}).")
+        if round_ == 1:
+            params, state = exp.initial_params.clone(), exp.strategy.init(exp.initial_params)
+        else:
+            try:
+                ck = checkpoint.load(run.folder.checkpoints, round_ - 1)
+            except (OSError, ValueError) as exc:
+                raise AuditError(
+                    f"{run.name}: round {round_} starts from the checkpoint of round "
+                    f"{round_ - 1}, which is not kept ({exc}); attack round 1 or the round "
+                    "after a kept checkpoint"
+                ) from None
+            params, state = exp.restore(ck)
+        config, tensors = exp.driver.strategy.fit_instructions(state)
+        return cls(run, round_, params, dict(config), dict(tensors), exp.driver.sample(round_))
+
+    def client(self, requested: int | None) -> int:
+        """The attacked client: ``requested``, or the lowest id sampled in the round."""
+        cid = requested if requested is not None else min(self.sampled)
+        if cid not in self.run.exp.fed.clients:
+            raise AuditError(f"{self.run.name}: no client {cid}.")
+        return cid
+
+    def fit(
+        self,
+        client: int,
+        data: ClientData,
+        extra: dict[str, messages.Scalar] | None = None,
+        trainer: ClientTrainer | None = None,
+    ) -> messages.FitReply:
+        """Client ``client``'s reply to the round's fit task, trained on ``data`` with the
+        run's trainer (or ``trainer``) and the task's config updated by ``extra``."""
+        exp = self.run.exp
+        app = ClientApp(exp.model, {client: data}, {}, trainer=trainer or exp.trainer)
+        seed = client_seed(self.run.cfg.experiment.seed, self.round, client)
+        config = {**self.config, **(extra or {}), "seed": seed}
+        return app.fit(
+            messages.FitTask(self.round, client, self.params.clone(), config, self.tensors)
+        )
+
+    def observed(self, client: int, reply: messages.FitReply) -> tuple[torch.Tensor, str]:
+        """What the server observes of ``client``'s ``reply``, and its description: the update
+        itself, or under secure aggregation the round's (weighted) sum with the other sampled
+        clients' updates re-created on their own data."""
+        if not self.run.cfg.secure_aggregation.enabled:
+            seen = "the clipped update" if messages.DP_CLIP_NORM in self.config else "the update"
+            return reply.update, seen
+        settings = self.run.exp.driver.secure_aggregation
+        weighted = settings is not None and settings.weighted
+        total = reply.update * (reply.num_examples if weighted else 1)
+        for other in self.sampled:
+            if other == client:
+                continue
+            r = self.fit(other, self.run.exp.fed.clients[other])
+            total = total + r.update * (r.num_examples if weighted else 1)
+        return total, f"the sum of {len(self.sampled)} updates"

@@ -85,10 +85,16 @@ class RoundReplay:
             messages.FitTask(self.round, client, self.params.clone(), config, self.tensors)
         )
 
-    def observed(self, client: int, reply: messages.FitReply) -> tuple[torch.Tensor, str]:
+    def observed(
+        self,
+        client: int,
+        reply: messages.FitReply,
+        extra: dict[str, messages.Scalar] | None = None,
+    ) -> tuple[torch.Tensor, str]:
         """What the server observes of ``client``'s ``reply``, and its description: the update
         itself, or under secure aggregation the round's (weighted) sum with the other sampled
-        clients' updates re-created on their own data."""
+        clients' updates re-created on their own data (their task's config updated by
+        ``extra``)."""
         if not self.run.cfg.secure_aggregation.enabled:
             seen = "the clipped update" if messages.DP_CLIP_NORM in self.config else "the update"
             return reply.update, seen
@@ -98,6 +104,6 @@ class RoundReplay:
         for other in self.sampled:
             if other == client:
                 continue
-            r = self.fit(other, self.run.exp.fed.clients[other])
+            r = self.fit(other, self.run.exp.fed.clients[other], extra)
             total = total + r.update * (r.num_examples if weighted else 1)
         return total, f"the sum of {len(self.sampled)} updates"

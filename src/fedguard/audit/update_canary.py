@@ -16,6 +16,14 @@ release (Steinke, Nasr and Jagielski's white-box setting with Dirac gradient can
   the noise (:func:`fedguard.client.dp_sgd.train`), so it is protected exactly as a record is;
 * the server's view is the update (under secure aggregation the round's sum), and each
   canary's score is minus that view at its coordinate (descent moves against the gradient);
+* when the client's DP-SGD took full batches (sampling rate 1: every record in every step, as in
+  DP-GD), the scores are *informed*: the adversary that DP guards against knows every record
+  but the canary and the round's model, so it computes the update the client's own records
+  give without noise (the same replay with noise multiplier 0 and no canaries; under secure
+  aggregation, the noiseless sum) and subtracts it. What is left at a canary's coordinate is
+  its push, if included, plus DP-SGD's noise, which is what the accounting bounds. The
+  reference depends on neither the coins nor the noise, so the bound stays valid. With Poisson
+  sampling (rate below 1) the records a step took are secret, so the scores stay *blind*;
 * the bound at 95% confidence (:mod:`fedguard.audit.one_run`) is set beside the epsilon of that
   one release, composed by dp-accounting's PLD accountant from what the reply reports it ran
   (noise multiplier, steps, sampling rate): not the run's epsilon over all rounds, which is
@@ -100,8 +108,14 @@ def audit(run: AuditedRun, settings: UpdateCanarySettings) -> dict[str, Any]:
     if isinstance(inner, canary.GradientCanaryTrainer):
         inner = inner.inner  # the run's own canaries belong to the final-model audit
     trainer = canary.GradientCanaryTrainer(inner, {cid: coordinates[torch.from_numpy(included)]})
-    reply = replay.fit(cid, run.exp.fed.clients[cid], trainer=trainer)
+    data = run.exp.fed.clients[cid]
+    reply = replay.fit(cid, data, trainer=trainer)
     view, seen = replay.observed(cid, reply)
+    informed = float(reply.metrics.get(messages.DP_SGD_RAN_RATE, 0.0)) >= 1.0
+    if informed:
+        quiet: dict[str, messages.Scalar] = {messages.DP_SGD_NOISE: 0.0}
+        reference, _ = replay.observed(cid, replay.fit(cid, data, quiet, trainer=inner), quiet)
+        view = view - reference
     scores = canary.gradient_scores(view, coordinates)
     result = one_run.audit(scores, included, run.delta, confidence=CONFIDENCE)
     eps = release_epsilon(reply, run.delta)
@@ -111,6 +125,7 @@ def audit(run: AuditedRun, settings: UpdateCanarySettings) -> dict[str, Any]:
         "round": settings.round,
         "client": cid,
         "observed": seen,
+        "scoring": "informed" if informed else "blind",
         "canaries": settings.canaries,
         "canaries_included": int(included.sum()),
         "audit_seed": settings.seed,

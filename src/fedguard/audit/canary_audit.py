@@ -48,19 +48,17 @@ def scores(run: AuditedRun) -> tuple[canary.CanaryPlan, np.ndarray]:
     return plan, canary.user_scores(change, plan.seed, plan.count)
 
 
-def audit(run: AuditedRun) -> dict[str, Any]:
-    """The canary audit's row: the lower bound, the guesses behind it, the accounted epsilon
-    and whether the bound exceeds it (``violation``)."""
-    plan, s = scores(run)
-    included = np.asarray(plan.included, dtype=bool)
-    result = one_run.audit(s, included, run.delta, confidence=CONFIDENCE)
-    accounted = run.accounted_epsilon
+def bound_fields(
+    result: one_run.AuditResult,
+    scores: np.ndarray,
+    included: np.ndarray,
+    accounted: float | None,
+) -> dict[str, Any]:
+    """The fields every canary row has: the bound and the guesses behind it, the ``accounted``
+    epsilon it is set beside, the tightness, whether the bound exceeds it (``violation``), and
+    the mean score of the included and of the excluded canaries."""
     limit = math.inf if accounted is None else accounted
     return {
-        "attack": "canary",
-        "canary_kind": plan.kind,
-        "canaries": plan.count,
-        "canaries_included": int(included.sum()),
         "epsilon_lower_bound": result.epsilon_lower_bound,
         "confidence": result.confidence,
         "delta": result.delta,
@@ -68,8 +66,25 @@ def audit(run: AuditedRun) -> dict[str, Any]:
         "correct_guesses": result.correct,
         "guess_counts_tried": result.tried,
         "accounted_epsilon": accounted,
-        "tightness": None if accounted is None else result.epsilon_lower_bound / accounted,
+        "tightness": (
+            None if accounted is None or accounted <= 0 else result.epsilon_lower_bound / accounted
+        ),
         "violation": bool(result.epsilon_lower_bound > limit),
-        "mean_score_included": float(s[included].mean()) if included.any() else None,
-        "mean_score_excluded": float(s[~included].mean()) if (~included).any() else None,
+        "mean_score_included": float(scores[included].mean()) if included.any() else None,
+        "mean_score_excluded": float(scores[~included].mean()) if (~included).any() else None,
+    }
+
+
+def audit(run: AuditedRun) -> dict[str, Any]:
+    """The canary audit's row: the lower bound, the guesses behind it, the accounted epsilon
+    and whether the bound exceeds it (``violation``)."""
+    plan, s = scores(run)
+    included = np.asarray(plan.included, dtype=bool)
+    result = one_run.audit(s, included, run.delta, confidence=CONFIDENCE)
+    return {
+        "attack": "canary",
+        "canary_kind": plan.kind,
+        "canaries": plan.count,
+        "canaries_included": int(included.sum()),
+        **bound_fields(result, s, included, run.accounted_epsilon),
     }

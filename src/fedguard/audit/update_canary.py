@@ -45,12 +45,11 @@ import numpy as np
 import torch
 
 from fedguard.algorithms.privacy import accounting
-from fedguard.audit import canary, one_run
+from fedguard.audit import canary, canary_audit, one_run
 from fedguard.audit.replay import RoundReplay
 from fedguard.audit.target import AuditedRun, AuditError
 from fedguard.protocol import messages
 
-CONFIDENCE = 0.95
 _SEED_STREAM = 0xA0D17  # the audit's canaries: a stream apart from the run's own canaries
 
 
@@ -117,7 +116,7 @@ def audit(run: AuditedRun, settings: UpdateCanarySettings) -> dict[str, Any]:
         reference, _ = replay.observed(cid, replay.fit(cid, data, quiet, trainer=inner), quiet)
         view = view - reference
     scores = canary.gradient_scores(view, coordinates)
-    result = one_run.audit(scores, included, run.delta, confidence=CONFIDENCE)
+    result = one_run.audit(scores, included, run.delta, confidence=canary_audit.CONFIDENCE)
     eps = release_epsilon(reply, run.delta)
     return {
         "attack": "update",
@@ -129,19 +128,9 @@ def audit(run: AuditedRun, settings: UpdateCanarySettings) -> dict[str, Any]:
         "canaries": settings.canaries,
         "canaries_included": int(included.sum()),
         "audit_seed": settings.seed,
-        "epsilon_lower_bound": result.epsilon_lower_bound,
-        "confidence": result.confidence,
-        "delta": result.delta,
-        "guesses": result.guesses,
-        "correct_guesses": result.correct,
-        "guess_counts_tried": result.tried,
-        "accounted_epsilon": eps,
         "run_epsilon": run.accounted_epsilon,
         "dp_sgd_steps": round(float(reply.metrics[messages.DP_SGD_RAN_STEPS])),
         "dp_sgd_sampling_rate": float(reply.metrics[messages.DP_SGD_RAN_RATE]),
         "dp_sgd_noise_multiplier": float(reply.metrics[messages.DP_SGD_RAN_NOISE]),
-        "tightness": result.epsilon_lower_bound / eps if eps > 0 else None,
-        "violation": bool(result.epsilon_lower_bound > eps),
-        "mean_score_included": float(scores[included].mean()) if included.any() else None,
-        "mean_score_excluded": float(scores[~included].mean()) if (~included).any() else None,
+        **canary_audit.bound_fields(result, scores, included, eps),
     }

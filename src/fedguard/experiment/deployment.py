@@ -309,6 +309,7 @@ def identify(app: ClientApp, key: Path, registry: Path, client_id: int) -> None:
     registry at ``registry``: from then on it takes part only in verified secure-aggregation
     rounds. Raises ValueError unless the key is the one registered for ``client_id``."""
     app.secagg.identities = identities_mod.load_client(key, registry, client_id)
+    app.he.identities = app.secagg.identities
 
 
 def run_client(settings: grpc_client.ClientSettings, app: ClientApp) -> int:

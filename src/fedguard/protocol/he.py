@@ -119,7 +119,8 @@ class Settings:
 
     def fixed_point(self, num_clients: int) -> secagg_quantize.FixedPoint:
         """BFV's encoding for ``num_clients`` (as masking's); raises ValueError if too small."""
-        return encoding(self.bits, self.clip_norm, num_clients, self.max_weight, self.distributed)
+        weight_cap = self.max_weight if self.weighted else 1
+        return encoding(self.bits, self.clip_norm, num_clients, weight_cap, self.distributed)
 
     def request(
         self,

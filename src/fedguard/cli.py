@@ -743,10 +743,12 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
 
 
 def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
+    from fedguard.experiment import config as config_mod
     from fedguard.runtime import grpc_launch
 
     if args.clients < 1:
         raise _config_error(f"--clients must be at least 1, got {args.clients}.")
+    sa = config_mod.load(args.config, args.overrides).secure_aggregation
     try:
         return grpc_launch.launch(
             args.config,
@@ -757,6 +759,7 @@ def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
             overrides=args.overrides,
             round_deadline_s=args.round_deadline,
             dashboard=args.dashboard,
+            he_scheme=sa.he_scheme if sa.enabled and sa.mode == "ckks" else None,
         )
     except KeyboardInterrupt:
         err.print("[yellow]Stopped; every launched process was stopped too.[/yellow]")

@@ -84,8 +84,8 @@ def test_a_simulated_he_run_trains_like_the_plain_run(tmp_path) -> None:
     assert abs(secure["test_accuracy"] - plain["test_accuracy"]) < 0.02
     assert secure["test_accuracy"] > 0.5  # 3 classes: chance is 1/3
     rows = [json.loads(x) for x in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
-    # the upload is the ciphertexts: about 3.9x the float32 update of the 111-parameter model
-    # rounds up to one 4096-slot ciphertext per client (62 kB)
+    # each client uploads one 4096-slot BFV ciphertext (about 62 kB) for the model's 111
+    # parameters and its weight, whatever the model's size below 4096
     assert all(r["bytes_up"] > 4 * 50_000 for r in rows)
     assert not list((tmp_path / "s").rglob("*.key"))
 

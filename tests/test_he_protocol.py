@@ -350,3 +350,39 @@ def test_parameters_are_128_bit_secure_and_the_plain_modulus_prime() -> None:
     assert sympy.isprime(t) and encryption.is_prime(t) and not encryption.is_prime(t - 2)
     with pytest.raises(ValueError, match="128-bit"):
         encryption.Params("bfv", 4096, (60, 60), plain_modulus=t)
+
+
+def test_a_client_refuses_what_its_pins_and_the_protocol_forbid() -> None:
+    key = encryption.secret_context(encryption.BFV)
+    pins = he.Settings("bfv", clip_norm=CLIP, max_weight=MAX_W, weighted=False)
+    client = he_client.HEClient(_fit, key, pins=pins, min_inputs=3)
+    ok = pins.request(1, 0, N, torch.zeros(DIM), {"seed": 0}, {}, b"")
+    with pytest.raises(he.HEProtocolError, match="clip norm 4, its configuration allows at most 2"):
+        client.encrypt(
+            he.Settings("bfv", clip_norm=4.0, max_weight=1, weighted=False).request(
+                1, 0, N, torch.zeros(DIM), {}, {}, b""
+            )
+        )
+    with pytest.raises(he.HEProtocolError, match="a weighted sum"):
+        client.encrypt(
+            he.Settings("bfv", clip_norm=CLIP, max_weight=MAX_W).request(
+                1, 0, N, torch.zeros(DIM), {}, {}, b""
+            )
+        )
+    blobs = client.encrypt(ok).ciphertexts
+    with pytest.raises(he.HEProtocolError, match="has encrypted in round 1"):
+        client.encrypt(ok)  # a replayed round
+    with pytest.raises(he.HEProtocolError, match="did not encrypt an update in that round"):
+        client.decrypt(messages.HeDecryptRequest(2, 0, blobs, [0, 1, 2], "bfv", DIM))
+    with pytest.raises(he.HEProtocolError, match="decrypts sums of at least 3"):
+        client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1], "bfv", DIM))
+    with pytest.raises(he.HEProtocolError, match="uses bfv"):
+        client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1, 2], "ckks", DIM))
+    plain = client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1, 2], "bfv", DIM)).plain
+    assert int(plain[-1]) == 1  # its own unweighted encoding: weight 1
+    with pytest.raises(he.HEProtocolError, match="decrypted that round's sum already"):
+        client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1, 2], "bfv", DIM))
+    ids = secagg.Identities.simulated(1, [0])
+    signed = he_client.HEClient(_fit, key, identities=ids)
+    with pytest.raises(he.HEProtocolError, match="only verified rounds"):
+        signed.encrypt(ok)

@@ -110,7 +110,13 @@ def test_distributed_dp_under_bfv_runs_and_is_accounted(tmp_path) -> None:
         tiny_config(privacy=privacy, secure_aggregation=sa), out=tmp_path / "d", progress=False
     )
     assert out["status"] == "completed" and out["rounds_completed"] == 3
-    assert out["epsilon"] is not None and 0 < out["epsilon"] < 1000
+    # accounted exactly as the same Skellam noise under masking
+    masked = fedguard.run(
+        tiny_config(privacy=privacy, secure_aggregation={"enabled": True}),
+        out=tmp_path / "m",
+        progress=False,
+    )
+    assert out["epsilon"] == pytest.approx(masked["epsilon"]) and 0 < out["epsilon"] < 1000
 
 
 @pytest.mark.parametrize(

@@ -160,3 +160,16 @@ def test_a_cohort_too_large_for_the_plain_modulus_is_refused() -> None:
     sa = {"enabled": True, "mode": "ckks", "clip_norm": 1.0, "bits": 38}
     with pytest.raises(ConfigError, match="set bits to at most"):
         Experiment(config.validate(tiny_config(secure_aggregation=sa)))
+
+
+def test_the_cohort_engine_runs_he_rounds_like_the_in_process_simulator(tmp_path) -> None:
+    sa = _he("bfv", clip_norm=5.0)
+    cohort = fedguard.run(
+        tiny_config(runtime={"kind": "cohort"}, secure_aggregation=sa),
+        out=tmp_path / "c",
+        progress=False,
+    )
+    inprocess = fedguard.run(tiny_config(secure_aggregation=sa), out=tmp_path / "i", progress=False)
+    assert cohort["status"] == "completed" and cohort["rounds_completed"] == 3
+    # the vectorised training differs from the sequential one in float rounding only
+    assert cohort["test_loss"] == pytest.approx(inprocess["test_loss"], rel=1e-4)

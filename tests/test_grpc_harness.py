@@ -96,6 +96,16 @@ class Security:
         path = self.directory / "identities.json"
         return None if self.mutual or not path.exists() else path
 
+    def he_params(self) -> Path | None:
+        """The server's HE parameter file, where `fedguard he-keys` wrote one here."""
+        path = self.directory / "he-server.params"
+        return path if path.exists() else None
+
+    def he_key(self) -> Path | None:
+        """The clients' HE key file, where `fedguard he-keys` wrote one here."""
+        path = self.directory / "he-client.key"
+        return path if path.exists() else None
+
     def token(self, client_id: int) -> bytes:
         if self.mutual:
             return b""
@@ -145,6 +155,7 @@ def server_main(
         insecure=not sec.tls,
         poll_s=2.0,
         identities=sec.identities(),
+        he_params=sec.he_params(),
     )
     grpc_deploy.serve(config, options, out=out, resume=resume)
 
@@ -163,6 +174,11 @@ def client_main(
     if registry is not None:  # as `fedguard client --identity ... --identities ...`
         key = sec.directory / f"client-{client_id}.identity"
         grpc_deploy.identify(app, key, registry, client_id)
+    he_key = sec.he_key()
+    if he_key is not None:  # as `fedguard client --he-key he-client.key`
+        from fedguard.experiment import config as config_mod
+
+        grpc_deploy.give_he_key(app, he_key, config_mod.load(config))
 
     def handler(cid: int, payload: bytes) -> bytes:
         kind = messages.kind_of(payload)

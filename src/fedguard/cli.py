@@ -180,6 +180,12 @@ def _deploy_parsers(sub) -> None:
         help="the clients' public identity keys (identities.json made by `fedguard tokens`): "
         "secure aggregation then runs rounds secure against a malicious server",
     )
+    server.add_argument(
+        "--he-params",
+        type=Path,
+        help='secure_aggregation.mode = "ckks": the key-less HE parameters '
+        "(he-server.params made by `fedguard he-keys`)",
+    )
     server.add_argument("--out", type=Path, default=None, help="run folder (default runs/NAME)")
     server.add_argument("--resume", action="store_true", help="continue after the last round")
     server.add_argument("--insecure", action="store_true", help="plain text (loopback only)")
@@ -232,6 +238,12 @@ def _deploy_parsers(sub) -> None:
         "tokens, not by the server): secure aggregation only in rounds safe against a "
         "malicious server",
     )
+    client.add_argument(
+        "--he-key",
+        type=Path,
+        help='secure_aggregation.mode = "ckks": the federation\'s HE secret key '
+        "(he-client.key made by `fedguard he-keys`; never give it to the server)",
+    )
     client.add_argument("--data", type=Path, help=".npz with x, y (and x_eval, y_eval)")
     client.add_argument(
         "--eval-data", type=Path, help="held-out .npz with x, y to evaluate on, with --data"
@@ -281,6 +293,18 @@ def _deploy_parsers(sub) -> None:
     certs.add_argument("--clients", type=int, default=0, help="client certificates 0..N-1")
     certs.add_argument("--host", action="append", default=[], help="extra server host name/IP")
     certs.add_argument("--tokens", action="store_true", help="also make client tokens")
+    he_keys = sub.add_parser(
+        "he-keys",
+        help='make the federation\'s HE key (secure_aggregation.mode = "ckks"): a key file for '
+        "the clients and a key-less parameter file for the server",
+    )
+    he_keys.add_argument("directory", type=Path)
+    he_keys.add_argument(
+        "--scheme",
+        choices=["bfv", "ckks"],
+        default="bfv",
+        help="secure_aggregation.he_scheme of the experiment (default bfv)",
+    )
     tokens = sub.add_parser("tokens", help="make (or revoke) client tokens")
     tokens.add_argument("directory", type=Path)
     tokens.add_argument("--clients", type=int, default=0, help="tokens for clients 0..N-1")
@@ -495,6 +519,7 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
         ("--client-ca", args.client_ca),
         ("--tokens", args.tokens),
         ("--identities", args.identities),
+        ("--he-params", args.he_params),
     ):
         _readable(flag, path)
     tls = None
@@ -520,6 +545,7 @@ def _server(args: argparse.Namespace, console: Console, err: Console) -> int:
         round_deadline_s=args.round_deadline,
         max_payload_bytes=args.max_payload_mib << 20,
         identities=args.identities,
+        he_params=args.he_params,
     )
     if not args.quiet:  # the deadline in force and, while a round waits, who has replied
         logging.getLogger("fedguard.grpc").setLevel(logging.INFO)
@@ -642,6 +668,7 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
         ("--key", args.key),
         ("--identity", args.identity),
         ("--identities", args.identities),
+        ("--he-key", args.he_key),
     ):
         _readable(flag, path)
     if (args.identity is None) != (args.identities is None):
@@ -692,7 +719,17 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
             grpc_deploy.identify(app, args.identity, args.identities, args.client_id)
         except ValueError as exc:
             raise _config_error(str(exc)) from None
-    elif app.pins.secure_aggregation is not None:
+    if args.he_key is not None:
+        from fedguard.experiment import config as config_mod
+
+        known = None if args.config is None else config_mod.load(args.config, args.overrides)
+        grpc_deploy.give_he_key(app, args.he_key, known)
+    elif app.pins.homomorphic is not None:
+        raise _config_error(
+            'secure_aggregation.mode = "ckks" needs --he-key: the federation\'s key file '
+            "(he-client.key made by fedguard he-keys)"
+        )
+    if args.identity is None and app.pins.secure_aggregation is not None:
         err.print(
             "[yellow]warning:[/yellow] without --identity and --identities this client takes "
             "part in secure aggregation only against an honest-but-curious server (no signed "
@@ -727,10 +764,12 @@ def _client(args: argparse.Namespace, console: Console, err: Console) -> int:
 
 
 def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
+    from fedguard.experiment import config as config_mod
     from fedguard.runtime import grpc_launch
 
     if args.clients < 1:
         raise _config_error(f"--clients must be at least 1, got {args.clients}.")
+    sa = config_mod.load(args.config, args.overrides).secure_aggregation
     try:
         return grpc_launch.launch(
             args.config,
@@ -741,6 +780,7 @@ def _launch(args: argparse.Namespace, console: Console, err: Console) -> int:
             overrides=args.overrides,
             round_deadline_s=args.round_deadline,
             dashboard=args.dashboard,
+            he_scheme=sa.he_scheme if sa.enabled and sa.mode == "ckks" else None,
         )
     except KeyboardInterrupt:
         err.print("[yellow]Stopped; every launched process was stopped too.[/yellow]")
@@ -769,6 +809,21 @@ def _certs(args: argparse.Namespace, console: Console, err: Console) -> int:
             f"tokens in {args.directory / 'tokens.json'} and client-N.token; identity keys in "
             "client-N.identity, their public keys in identities.json"
         )
+    return 0
+
+
+def _he_keys(args: argparse.Namespace, console: Console, err: Console) -> int:
+    """``fedguard he-keys DIR``: one secret key for the federation, two files."""
+    from fedguard.runtime import he_keys
+
+    client, server = he_keys.make_keys(args.directory, args.scheme)
+    console.print(
+        f"HE key ({args.scheme}) for every client in {client} (hand it to each client over a "
+        f"channel the server does not control: --he-key); the server gets {server} "
+        "(--he-params), which decrypts nothing",
+        highlight=False,
+        soft_wrap=True,
+    )
     return 0
 
 
@@ -817,6 +872,7 @@ _DEPLOY = {
     "launch": _launch,
     "certs": _certs,
     "tokens": _tokens,
+    "he-keys": _he_keys,
 }
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator, Mapping, MutableMapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ from fedguard.client.data import ClientData
 from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
 from fedguard.client.trainers import local_training_from  # noqa: F401 (part of this API)
 from fedguard.models.adapter import ModelAdapter
-from fedguard.protocol import features, messages, registration, secagg, secagg_client
+from fedguard.protocol import features, he, he_client, messages, registration, secagg, secagg_client
 
 CONTROL = features.CONTROL
 MAX_SCORE_BINS = 100_000  # the most histogram bins an evaluation task may ask for
@@ -42,6 +43,7 @@ _SECAGG_REQUESTS = (
     messages.SecAggConsistencyRequest,
     messages.SecAggUnmaskRequest,
 )
+_HE_REQUESTS = (messages.HeEncryptRequest, messages.HeDecryptRequest)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class ClientPins:
 
     ``secure_aggregation``: the client sends updates only under secure aggregation, refusing a
     plain fit task, and refuses rounds that break these pins (see :class:`.secagg.Pins`).
+    ``homomorphic`` (``[secure_aggregation] mode = "ckks"``): likewise only encrypted, and it
+    refuses HE rounds that ask for less (see :class:`.he_client.HEClient`);
+    ``homomorphic_inputs``: the fewest contributors of a sum it decrypts.
     ``dp_sgd_noise`` and ``dp_sgd_clip`` (local DP): a fit task must train with DP-SGD at a noise
     multiplier of at least the one and a per-example clip of at most the other.
     ``count_bucket``: the client registers its example counts rounded up to a multiple of at
@@ -73,6 +78,8 @@ class ClientPins:
     """
 
     secure_aggregation: secagg.Pins | None = None
+    homomorphic: he.Settings | None = None
+    homomorphic_inputs: int = 1
     dp_sgd_noise: float | None = None
     dp_sgd_clip: float | None = None
     count_bucket: int = 1
@@ -102,7 +109,7 @@ class ClientPins:
 
 
 def client_pins(
-    settings: secagg.Settings | None,
+    settings: secagg.Settings | he.Settings | None,
     dp_config: Mapping[str, messages.Scalar],
     client_ids: Iterable[int],
     *,
@@ -114,6 +121,14 @@ def client_pins(
     entries of its privacy mode (``dp_config``, as the server would send them) and the rounding
     of its registered counts."""
     pinned = None
+    if isinstance(settings, he.Settings):
+        return ClientPins(
+            homomorphic=settings,
+            homomorphic_inputs=max(min_inputs, 1),
+            dp_sgd_noise=_optional_float(dp_config, messages.DP_SGD_NOISE),
+            dp_sgd_clip=_optional_float(dp_config, messages.DP_SGD_CLIP),
+            count_bucket=count_bucket,
+        )
     if settings is not None:
         pinned = secagg.Pins(
             settings,
@@ -191,10 +206,12 @@ class ClientApp:
         pins: ClientPins | None = None,
         trainer: ClientTrainer | None = None,
         identities: secagg.Identities | None = None,
+        he_key: Any = None,
     ) -> None:
         """``trainer``: the client's local training (None: the built-in loop each task names);
         ``identities``: the long-term keys of this node's clients and the registry of their
-        peers' (with them, secure aggregation runs only verified rounds)."""
+        peers' (with them, secure aggregation runs only verified rounds); ``he_key``: the
+        federation's HE secret key (a TenSEAL context), for ``mode = "ckks"``."""
         self.model = model
         self.data = data
         self.trainer = trainer
@@ -204,6 +221,7 @@ class ClientApp:
             if secagg is None
             else secagg
         )
+        self.he = he_client.HEClient(self.fit, he_key, identities=identities)
         self._pretrained: dict[int, Pretrained] = {}
         self.pin(ClientPins() if pins is None else pins)
 
@@ -211,6 +229,8 @@ class ClientApp:
         """Hold the server to ``pins`` from now on (the secure-aggregation client too)."""
         self.pins = pins
         self.secagg.pins = pins.secure_aggregation
+        self.he.pins = pins.homomorphic
+        self.he.min_inputs = pins.homomorphic_inputs
 
     def handle(self, client_id: int, payload: bytes) -> bytes:
         """Answer one request addressed to ``client_id``."""
@@ -226,7 +246,7 @@ class ClientApp:
         if client_id not in self.data:
             raise KeyError(f"No data for client {client_id} on this node.")
         if isinstance(task, messages.FitTask):
-            if self.pins.secure_aggregation is not None:
+            if self.pins.secure_aggregation is not None or self.pins.homomorphic is not None:
                 raise RefusedTaskError(
                     f"Client {client_id} refuses round {task.round}: a plain fit task would show "
                     "the server its update, its configuration sends it only under secure "
@@ -239,6 +259,8 @@ class ClientApp:
             return self.register(task)
         if isinstance(task, _SECAGG_REQUESTS):
             return self.secagg.handle(task)
+        if isinstance(task, _HE_REQUESTS):
+            return self.he.handle(task)
         raise messages.MessageError(f"A client cannot answer a {type(task).__name__}.")
 
     def fit(self, task: messages.FitTask) -> messages.FitReply:

@@ -23,6 +23,7 @@ import torch
 
 from fedguard import plugins
 from fedguard.algorithms.attacks import data_poisoning as attacks_data
+from fedguard.algorithms.he import encryption as he_encryption
 from fedguard.audit import canary
 from fedguard.client import evaluation, personal
 from fedguard.client.app import ClientApp, ClientPins, client_pins
@@ -43,7 +44,7 @@ from fedguard.experiment.config import ConfigError, ExperimentConfig
 from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
 from fedguard.models.adapter import ModelAdapter
-from fedguard.protocol import fedopt, messages, secagg
+from fedguard.protocol import fedopt, he, messages, secagg
 from fedguard.protocol.aggregator import Aggregator
 from fedguard.protocol.async_driver import AsyncDriver, AsyncSettings
 from fedguard.protocol.central_dp import CentralPrivacy
@@ -280,10 +281,11 @@ def min_clients(cfg: ExperimentConfig, rule: Aggregator) -> int:
 
 def secure_aggregation_settings(
     cfg: ExperimentConfig, plan: privacy.PrivacyPlan | None, rule: Aggregator, *, max_weight: int
-) -> secagg.Settings | None:
+) -> secagg.Settings | he.Settings | None:
     """The ``[secure_aggregation]`` settings (None: off) under the privacy ``plan`` and the
     aggregator ``rule``, a client's integer weight capped at ``max_weight``; the fixed-point
-    range is not checked here."""
+    range is not checked here. ``mode = "ckks"``: the settings of aggregation under
+    homomorphic encryption (:class:`fedguard.protocol.he.Settings`)."""
     a = cfg.secure_aggregation
     if not a.enabled:
         return None
@@ -295,6 +297,19 @@ def secure_aggregation_settings(
         raise ConfigError(f"Secure aggregation needs a clip: {where} is not set.")
     if rule.norm_bound is not None:  # norm bounding: each client clips its own update
         clip = min(clip, rule.norm_bound)
+    if a.mode == "ckks":
+        try:
+            return he.Settings(
+                scheme=a.he_scheme,
+                clip_norm=clip,
+                max_weight=max_weight,
+                bits=a.bits,
+                weighted=not user_dp and rule.weighs_by_examples,
+                decryptors=a.decryptors,
+                distributed=distributed,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"secure_aggregation: {exc}") from None
     return secagg.Settings(
         mode=secagg.Mode(a.mode),
         clip_norm=clip,
@@ -313,7 +328,7 @@ def secure_aggregation_settings(
 def run_pins(
     cfg: ExperimentConfig,
     plan: privacy.PrivacyPlan | None,
-    settings: secagg.Settings | None,
+    settings: secagg.Settings | he.Settings | None,
     client_ids: Iterable[int],
     rule: Aggregator | None,
 ) -> ClientPins:
@@ -506,10 +521,10 @@ def checked_secure_aggregation(
     plan: privacy.PrivacyPlan | None,
     rule: Aggregator,
     sizes: Mapping[int, int],
-) -> secagg.Settings | None:
+) -> secagg.Settings | he.Settings | None:
     """The ``[secure_aggregation]`` settings for clients of ``sizes`` (a client's weight capped
-    at ``max_examples``, else the largest size), the fixed-point range checked for the largest
-    cohort a round can have."""
+    at ``max_examples``, else the largest size), the fixed-point range (and, under homomorphic
+    encryption, the plaintext space) checked for the largest cohort a round can have."""
     settings = secure_aggregation_settings(
         cfg, plan, rule, max_weight=cfg.secure_aggregation.max_examples or max(sizes.values())
     )
@@ -517,7 +532,10 @@ def checked_secure_aggregation(
         return None
     largest = len(sizes) if cfg.server.sampling == "poisson" else cfg.clients_per_round
     try:  # the largest cohort a round can have must fit the ring
-        settings.fixed_point(largest)
+        if isinstance(settings, he.Settings):
+            settings.check_cohort(largest)
+        else:
+            settings.fixed_point(largest)
     except ValueError as exc:
         raise ConfigError(f"secure_aggregation.bits: {exc}") from None
     return settings
@@ -532,10 +550,12 @@ def build_driver(
     plan: privacy.PrivacyPlan | None,
     sizes: Mapping[int, int],
     identities: secagg.Identities | None = None,
+    he_context: Any = None,
 ) -> RoundDriver:
     """The round driver over ``transport``; ``sizes`` are the most examples each client's reply
     may claim (its partition in simulation, its registration in deployment); ``identities``
-    the clients' registered identity keys (secure aggregation then runs verified rounds)."""
+    the clients' registered identity keys (secure aggregation then runs verified rounds);
+    ``he_context`` the key-less HE parameters under ``mode = "ckks"``."""
     s = cfg.server
     return RoundDriver(
         transport,
@@ -553,7 +573,23 @@ def build_driver(
         # Local DP: a reply must report DP-SGD that keeps to the plan (privacy.check_reply).
         reply_check=None if plan is None else plan.check_reply,
         identities=identities if cfg.secure_aggregation.server == "malicious" else None,
+        he_context=he_context,
     )
+
+
+def he_key(cfg: ExperimentConfig) -> Any:
+    """A fresh HE secret key (a TenSEAL context) of ``[secure_aggregation] he_scheme``, for a
+    simulated federation's clients under ``mode = "ckks"`` (None otherwise). Made once per run
+    and handed to the client side only: the server gets :func:`server_context` of it."""
+    a = cfg.secure_aggregation
+    if not a.enabled or a.mode != "ckks":
+        return None
+    return he_encryption.secret_context(he_encryption.PARAMS[a.he_scheme])
+
+
+def server_context(key: Any) -> Any:
+    """The key-less context of ``key``: what a server needs to add ciphertexts."""
+    return he_encryption.context_from_bytes(he_encryption.server_bytes(key), secret=False)
 
 
 def latency_model(cfg: ExperimentConfig, client_ids: Iterable[int]) -> LatencyModel | None:
@@ -647,10 +683,13 @@ class Experiment:
         transport_fn: TransportFn | None = None,
         privacy_spent: privacy.Spent | None = None,
         identities: secagg.Identities | None = None,
+        he_context: Any = None,
     ) -> None:
         """``privacy_spent``: a resumed run's finished rounds and their DP noise multipliers;
         ``identities``: the registered identity keys of the clients behind ``transport_fn``
-        (a simulated federation derives its own: :func:`simulated_identities`)."""
+        (a simulated federation derives its own: :func:`simulated_identities`);
+        ``he_context``: under ``mode = "ckks"``, the key-less HE parameters the clients behind
+        ``transport_fn`` were provisioned with (a simulated federation makes its own key)."""
         self.cfg = cfg
         self.fed = federation.build_federation(cfg, data_fn)
         fed_x, fed_y = self.fed.eval_x, self.fed.eval_y
@@ -764,8 +803,14 @@ class Experiment:
         on_ray = transport_fn is None and cfg.runtime.kind == "ray"
         # Under Ray the actors hold the clients' data; this process keeps their ids and sizes.
         data = {} if on_ray else self.fed.clients
+        key = None
         if transport_fn is None:
             identities = config_checks.simulated_identities(cfg)
+            # mode = "ckks": the federation's key, made once per run, goes to the clients only;
+            # the server gets the key-less parameters
+            key = he_key(cfg)
+            if key is not None:
+                he_context = server_context(key)
         self.app = ClientApp(
             self.model,
             data,
@@ -773,7 +818,9 @@ class Experiment:
             pins=pins,
             trainer=self.trainer,
             identities=identities if transport_fn is None else None,
+            he_key=key if transport_fn is None else None,
         )
+        del key
         # Deployment passes its own transport (gRPC); the round code is the same either way.
         self._owns_transport = transport_fn is None
         self.transport: Transport
@@ -800,6 +847,7 @@ class Experiment:
                 self.privacy,
                 sizes,
                 identities,
+                he_context,
             )
             self.async_driver = build_async_driver(cfg, self.driver, self.aggregator)
         except BaseException:

@@ -551,6 +551,15 @@ def secure_aggregation(cfg: ExperimentSections) -> None:
     per_round = cfg.clients_per_round
     if per_round < 2:
         raise ValueError(f"secure aggregation needs at least 2 clients per round, got {per_round}")
+    if a.mode == "ckks":
+        homomorphic(cfg)
+        return
+    changed = _changed(a, ("he_scheme", "decryptors"))
+    if changed:
+        raise ValueError(
+            f'secure_aggregation.{changed[0]} only applies to mode = "ckks" (aggregation under '
+            f'homomorphic encryption), not "{a.mode}"'
+        )
     if a.mode == "secagg" and a.neighbours is not None:
         raise ValueError(
             'secure_aggregation.neighbours only applies to mode = "secagg+" '
@@ -565,6 +574,30 @@ def secure_aggregation(cfg: ExperimentSections) -> None:
         raise ValueError(
             f"secure_aggregation.threshold={a.threshold} exceeds the {a.neighbours + 1} share "
             "holders of a client (its neighbours and itself)"
+        )
+
+
+def homomorphic(cfg: ExperimentSections) -> None:
+    """``[secure_aggregation] mode = "ckks"``: no masking settings, and distributed DP only
+    where the encrypted sum is exact (the BFV scheme)."""
+    a, p = cfg.secure_aggregation, cfg.privacy
+    masking = _changed(a, ("threshold", "neighbours"))
+    if masking:
+        raise ValueError(
+            f'secure_aggregation.{masking[0]} is a masking setting; mode = "ckks" encrypts '
+            "instead of masking: remove it"
+        )
+    if cfg.runtime.kind == "ray":
+        raise ValueError(
+            'secure_aggregation.mode = "ckks" cannot run with runtime.kind = "ray": the '
+            "federation's HE key is made in this process and handed to its clients only; use "
+            '"inprocess" or "cohort"'
+        )
+    if p.mode == "distributed" and a.he_scheme != "bfv":
+        raise ValueError(
+            'privacy.mode = "distributed" needs an exact sum of the clients\' integer noise '
+            'shares, which secure_aggregation.he_scheme = "ckks" (approximate sums) does not '
+            'give; set he_scheme = "bfv"'
         )
 
 

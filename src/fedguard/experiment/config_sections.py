@@ -310,11 +310,22 @@ class SecureAggregationSection(_Section):
     ``fedguard tokens`` writes): signed keys, a consistency check and a SecAgg+ graph from the
     clients' committed randomness. ``"semi-honest"`` trusts the server to follow the protocol
     and saves those messages.
+
+    ``mode = "ckks"`` aggregates under homomorphic encryption instead of masking (see
+    ``fedguard.protocol.he``): every client holds one secret key, made once per run, the server
+    adds ciphertexts and ``decryptors`` clients (2: their answers are compared, so one lying
+    decryptor is detected; 1: a round needs only one surviving client) decrypt the sum.
+    ``he_scheme = "bfv"`` (the default) encrypts the fixed-point encoding of ``bits`` bits and
+    sums it exactly (3.9x the bytes of a float32 update); ``"ckks"`` encrypts floats, sums them
+    approximately and sends twice the bytes. Its threat model is weaker than masking's: any one
+    client colluding with the server can decrypt every update.
     """
 
     enabled: bool = False
     server: Literal["malicious", "semi-honest"] = "malicious"
-    mode: Literal["secagg", "secagg+"] = "secagg"
+    mode: Literal["secagg", "secagg+", "ckks"] = "secagg"
+    he_scheme: Literal["bfv", "ckks"] = "bfv"
+    decryptors: int = Field(2, ge=1, le=2)
     bits: int = Field(32, ge=8, le=64)
     clip_norm: float | None = Field(None, gt=0.0)
     threshold: int | None = Field(None, ge=1)

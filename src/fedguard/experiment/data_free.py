@@ -54,11 +54,13 @@ class DataFreeExperiment:
         recorded: Mapping[str, Any] | None = None,
         registration_deadline_s: float | None = None,
         identities: secagg.Identities | None = None,
+        he_context: Any = None,
     ) -> None:
         """``recorded``: the info of the checkpoint a resumed run continues from;
         ``registration_deadline_s``: how long registration waits (default ``server.deadline_s``);
         ``identities``: the clients' registered public identity keys (verified secure
-        aggregation; without them the semi-honest protocol)."""
+        aggregation; without them the semi-honest protocol); ``he_context``: under
+        ``mode = "ckks"``, the key-less HE parameters (``fedguard he-keys``' server file)."""
         if cfg.audit.canaries:
             raise ConfigError(
                 "audit.canaries: a deployed server holds no data and cannot insert canaries; "
@@ -66,6 +68,7 @@ class DataFreeExperiment:
             )
         self.cfg = cfg
         self.identities = identities
+        self.he_context = he_context
         self.mode = cfg.evaluation.resolved_mode(deployed=True)
         if self.mode in ("server", "both") and cfg.evaluation.server_data is None:
             raise ConfigError(
@@ -183,6 +186,7 @@ class DataFreeExperiment:
             self.privacy,
             sizes,
             self.identities,
+            self.he_context,
         )
         # server.mode = "async": FedBuff over the transport's stream (the gRPC server's)
         self.async_driver = assembly.build_async_driver(cfg, self.driver, self.aggregator)

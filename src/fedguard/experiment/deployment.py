@@ -42,7 +42,7 @@ from fedguard.experiment import config as config_mod
 from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
 from fedguard.protocol import registration
-from fedguard.runtime import auth, grpc_client, grpc_server, grpc_tls
+from fedguard.runtime import auth, grpc_client, grpc_server, grpc_tls, he_keys
 from fedguard.runtime import identities as identities_mod
 
 log = logging.getLogger("fedguard.grpc")
@@ -70,6 +70,7 @@ class ServerOptions:
     max_payload_bytes: int = grpc_server.DEFAULT_MAX_PAYLOAD_BYTES
     progress_s: float = grpc_server.DEFAULT_PROGRESS_S
     identities: Path | None = None  # the clients' public identity keys (identities.json)
+    he_params: Path | None = None  # mode = "ckks": the key-less HE parameters (fedguard he-keys)
 
 
 def deadline_overrides(
@@ -138,6 +139,7 @@ def serve(
             )
         return transport
 
+    he_context = server_he_context(config_mod.load(config, overrides), options.he_params)
     registry = None
     if options.identities is not None:
         try:
@@ -154,6 +156,7 @@ def serve(
             transport_fn=transport_fn,
             data_free=True,
             identities=registry,
+            he_context=he_context,
         )
         if holder:
             holder[0].finish()
@@ -161,6 +164,41 @@ def serve(
     finally:
         for transport in holder:
             transport.close()
+
+
+def server_he_context(cfg: config_mod.ExperimentConfig, path: Path | None) -> Any:
+    """The server's key-less HE context from ``path`` (``--he-params``, the
+    :data:`~fedguard.runtime.he_keys.SERVER_PARAMS_FILE` of ``fedguard he-keys``), required
+    exactly when the experiment aggregates under HE; None otherwise."""
+    a = cfg.secure_aggregation
+    homomorphic = a.enabled and a.mode == "ckks"
+    if path is None:
+        if homomorphic:
+            raise config_mod.ConfigError(
+                'secure_aggregation.mode = "ckks" needs --he-params: the server\'s parameter '
+                f"file ({he_keys.SERVER_PARAMS_FILE}) made by fedguard he-keys"
+            )
+        return None
+    if not homomorphic:
+        raise config_mod.ConfigError(
+            '--he-params is for secure_aggregation.mode = "ckks", which this experiment does '
+            "not use"
+        )
+    try:
+        return he_keys.load(path, secret=False, scheme=a.he_scheme)
+    except (OSError, ValueError) as exc:
+        raise config_mod.ConfigError(f"--he-params: {exc}") from None
+
+
+def give_he_key(app: ClientApp, path: Path, cfg: config_mod.ExperimentConfig | None) -> None:
+    """Give ``app`` the federation's HE secret key from ``path`` (``--he-key``, the
+    :data:`~fedguard.runtime.he_keys.CLIENT_KEY_FILE` of ``fedguard he-keys``), checked against
+    the experiment's scheme when ``cfg`` is known."""
+    scheme = None if cfg is None else cfg.secure_aggregation.he_scheme
+    try:
+        app.he.set_key(he_keys.load(path, secret=True, scheme=scheme))
+    except (OSError, ValueError) as exc:
+        raise config_mod.ConfigError(f"--he-key: {exc}") from None
 
 
 def demo_app(
@@ -309,6 +347,7 @@ def identify(app: ClientApp, key: Path, registry: Path, client_id: int) -> None:
     registry at ``registry``: from then on it takes part only in verified secure-aggregation
     rounds. Raises ValueError unless the key is the one registered for ``client_id``."""
     app.secagg.identities = identities_mod.load_client(key, registry, client_id)
+    app.he.identities = app.secagg.identities
 
 
 def run_client(settings: grpc_client.ClientSettings, app: ClientApp) -> int:

@@ -156,6 +156,7 @@ def run(
     data_free: bool = False,
     registration_deadline_s: float | None = None,
     identities: secagg.Identities | None = None,
+    he_context: Any = None,
 ) -> dict[str, Any]:
     """Run an experiment end to end and return its summary (also written to ``summary.json``).
 
@@ -166,7 +167,9 @@ def run(
     register their sizes, and evaluate (see :mod:`fedguard.experiment.data_free`; registration
     waits ``registration_deadline_s``, default ``server.deadline_s``). ``identities``: the
     registered public identity keys of the clients behind ``transport_fn`` (secure aggregation
-    then runs verified rounds; a simulation derives its own).
+    then runs verified rounds; a simulation derives its own). ``he_context``: under
+    ``[secure_aggregation] mode = "ckks"``, the key-less HE parameters the clients behind
+    ``transport_fn`` hold the key of (a simulation makes its own key).
     """
     cfg = _as_config(config, overrides or [])
     with torch_threads(cfg.runtime.threads):
@@ -194,6 +197,7 @@ def run(
                 recorded=finished.info if resume and finished is not None else None,
                 registration_deadline_s=registration_deadline_s,
                 identities=identities,
+                he_context=he_context,
             )
         else:
             exp = Experiment(
@@ -203,6 +207,7 @@ def run(
                 transport_fn=transport_fn,
                 privacy_spent=spent,
                 identities=identities,
+                he_context=he_context,
             )
         try:
             tracker = contribution.Tracker(

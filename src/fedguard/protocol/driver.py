@@ -29,13 +29,15 @@ import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedguard.algorithms import binned_auc, finite
+from fedguard.algorithms.he import encryption
 from fedguard.algorithms.secagg.crypto import ROUND_NONCE_BYTES
-from fedguard.protocol import messages, secagg, secagg_server
+from fedguard.protocol import he, he_server, messages, secagg, secagg_server
 from fedguard.protocol.aggregator import LeftOut
 from fedguard.protocol.strategy import Strategy, StrategyState
 from fedguard.protocol.transport import Delivered, Failed, Outcome, Transport
@@ -164,16 +166,20 @@ class RoundDriver:
         seed: int,
         deadline_s: float | None = None,
         poisson: bool = False,
-        secure_aggregation: secagg.Settings | None = None,
+        secure_aggregation: secagg.Settings | he.Settings | None = None,
         registered_examples: Mapping[int, int] | None = None,
         max_norm_ratio: float = MAX_NORM_RATIO,
         reply_check: Callable[[messages.FitReply], str | None] | None = None,
         before_aggregate: BeforeAggregate | None = None,
         identities: secagg.Identities | None = None,
+        he_context: Any = None,
     ) -> None:
         """``identities``: the federation's registered public identity keys; with them every
         secure-aggregation round is a verified one, secure against a malicious server (a fresh
         random nonce per round; see :mod:`fedguard.protocol.secagg_server`).
+        ``secure_aggregation`` as :class:`.he.Settings` aggregates under homomorphic encryption
+        (:mod:`fedguard.protocol.he_server`) with ``he_context``, the scheme's parameters
+        without any key (ValueError if it holds the secret key: the server must not decrypt).
         ``registered_examples`` maps each client id to the most examples its reply may claim
         (None: claims are taken as they come, which lets one client outweigh all others in the
         mean); ``max_norm_ratio`` is the sanity bound on an update's norm against the round's
@@ -207,6 +213,12 @@ class RoundDriver:
         self.poisson = poisson
         self.secure_aggregation = secure_aggregation
         self.identities = None if identities is None else identities.public()
+        if isinstance(secure_aggregation, he.Settings):
+            if he_context is None:
+                raise ValueError("HE aggregation needs the server's (key-less) HE context.")
+            if encryption.can_decrypt(he_context):
+                raise ValueError("The server's HE context holds the secret key; it must hold none.")
+        self.he_context = he_context
         self._reply_watcher: ReplyWatcher | None = None
         if secure_aggregation is not None:
             refusal = strategy.secure_aggregation_refusal()
@@ -241,6 +253,8 @@ class RoundDriver:
     def fit_round(self, round_: int, params: torch.Tensor, state: StrategyState) -> RoundResult:
         """One round of training; raises :class:`RoundFailedError` with too few good replies."""
         sampled = self.sample(round_)
+        if isinstance(self.secure_aggregation, he.Settings):
+            return self._he_fit_round(round_, params, state, sampled, self.secure_aggregation)
         if self.secure_aggregation is not None:
             return self._secure_fit_round(round_, params, state, sampled, self.secure_aggregation)
         config, tensors = self.strategy.fit_instructions(state)
@@ -374,11 +388,68 @@ class RoundDriver:
             min_survivors=self.min_clients,
             identities=self.identities,
         )
+        return self._apply_sum(
+            round_, params, state, sampled, result, setup.max_weight, setup.weighted
+        )
+
+    def _he_fit_round(
+        self,
+        round_: int,
+        params: torch.Tensor,
+        state: StrategyState,
+        sampled: list[int],
+        settings: he.Settings,
+    ) -> RoundResult:
+        """A training round under homomorphic encryption; raises
+        :class:`secagg.SecAggAbortedError` as a masked round does."""
+        try:
+            settings.check_cohort(len(sampled))
+        except ValueError as exc:
+            raise secagg.SecAggAbortedError(
+                f"Round {round_}: HE aggregation cannot run with {len(sampled)} clients: {exc}",
+                {"clients_sampled": len(sampled), "clients_completed": 0},
+            ) from None
+        config, tensors = self.strategy.fit_instructions(state)
+        nonce = b"" if self.identities is None else os.urandom(ROUND_NONCE_BYTES)
+
+        def request(cid: int) -> messages.HeEncryptRequest:
+            seeded = {**config, "seed": client_seed(self.seed, round_, cid)}
+            return settings.request(round_, cid, len(sampled), params, seeded, tensors, nonce)
+
+        result = he_server.homomorphic_sum(
+            self.transport,
+            settings,
+            self.he_context,
+            round_=round_,
+            sampled=sampled,
+            dim=self.dim,
+            encrypt_request=request,
+            deadline_s=self.deadline_s,
+            min_survivors=self.min_clients,
+            identities=self.identities,
+            nonce=nonce,
+            choice_seed=graph_seed(self.seed, round_),
+        )
+        return self._apply_sum(
+            round_, params, state, sampled, result, settings.max_weight, settings.weighted
+        )
+
+    def _apply_sum(
+        self,
+        round_: int,
+        params: torch.Tensor,
+        state: StrategyState,
+        sampled: list[int],
+        result: secagg_server.SecureSum,
+        max_weight: int,
+        weighted: bool,
+    ) -> RoundResult:
+        """Hand a securely aggregated sum to the strategy, after checking its weight."""
         # Each honest client encodes a weight in [1, max_weight] (1 when unweighted), so the sum
         # of n is in [n, n * max_weight]; outside it a client encoded a weight it cannot have
         # (negative, say). The sum hides who: the round is aborted and the model is unchanged.
         low = len(result.survivors)
-        high = low * (setup.max_weight if setup.weighted else 1)
+        high = low * (max_weight if weighted else 1)
         if not low <= result.weight <= high:
             raise secagg.SecAggAbortedError(
                 f"Round {round_}: the securely aggregated weight {result.weight} is outside "

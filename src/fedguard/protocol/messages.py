@@ -33,7 +33,7 @@ import math
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Annotated, Any, TypeAlias, TypeVar, overload
+from typing import Annotated, Any, Literal, TypeAlias, TypeVar, overload
 
 import numpy as np
 import pydantic
@@ -413,6 +413,65 @@ class SecAggUnmaskReply:
     s_shares: ByteMap
 
 
+@dataclass(frozen=True)
+class HeEncryptRequest:
+    """Homomorphic-encryption round, server to client: the fit task and the round's public
+    encoding. The client trains, encodes its clipped update for a sum of ``cohort`` clients
+    (``bits``, ``clip_norm``, ``max_weight``, ``weighted``; see
+    :mod:`fedguard.protocol.he`), encrypts it under the federation's key with ``scheme`` and,
+    with an identity, signs the ciphertexts' digest bound to ``nonce``."""
+
+    round: int
+    client_id: int
+    parameters: torch.Tensor
+    scheme: str
+    bits: int
+    clip_norm: float
+    max_weight: int
+    weighted: bool
+    cohort: int
+    nonce: bytes = b""
+    config: dict[str, Scalar] = field(default_factory=dict)
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeEncrypted:
+    """Reply to :class:`HeEncryptRequest`: the encrypted encoding, one serialised ciphertext
+    per block of slots (keyed 0, 1, ...), and the client's signature over their digest (empty
+    without an identity)."""
+
+    round: int
+    client_id: int
+    ciphertexts: ByteMap
+    signature: bytes = b""
+
+
+@dataclass(frozen=True)
+class HeDecryptRequest:
+    """Server to a key-holding client: decrypt the homomorphic sum (keyed 0, 1, ...) of the
+    encrypted updates of ``survivors`` (``scheme``, ``dim``: what it must decrypt to)."""
+
+    round: int
+    client_id: int
+    ciphertexts: ByteMap
+    survivors: list[int]
+    scheme: str
+    dim: int
+
+
+@dataclass(frozen=True)
+class HeDecrypted:
+    """Reply to :class:`HeDecryptRequest`: the plaintext sum (int64 for BFV, float64 for CKKS)."""
+
+    round: int
+    client_id: int
+    plain: torch.Tensor
+
+
+HeMessage = HeEncryptRequest | HeEncrypted | HeDecryptRequest | HeDecrypted
+
+
 SecAggMessage = (
     SecAggSetup
     | SecAggKeys
@@ -428,7 +487,14 @@ SecAggMessage = (
     | SecAggUnmaskReply
 )
 Message = (
-    FitTask | FitReply | EvaluateTask | EvaluateReply | RegisterTask | Registration | SecAggMessage
+    FitTask
+    | FitReply
+    | EvaluateTask
+    | EvaluateReply
+    | RegisterTask
+    | Registration
+    | SecAggMessage
+    | HeMessage
 )
 _KINDS: dict[str, type] = {
     cls.__name__: cls
@@ -451,10 +517,17 @@ _KINDS: dict[str, type] = {
         SecAggConsistencySignature,
         SecAggUnmaskRequest,
         SecAggUnmaskReply,
+        HeEncryptRequest,
+        HeEncrypted,
+        HeDecryptRequest,
+        HeDecrypted,
     )
 }
 _TENSOR_FIELDS = {"parameters", "update"}  # float32 on the wire
-_RING_FIELDS = {"masked"}  # integer tensors, sent with their dtype
+_RING_FIELDS = {
+    "masked",
+    "plain",
+}  # integer (or a CKKS sum's float64) tensors, sent with their dtype
 _BYTES_FIELDS = {"c_public", "s_public", "signature", "nonce", "commitment", "reveal"}
 _ID_LIST_FIELDS = {"sampled", "alive", "dropped", "survivors"}  # distinct client ids, as int64
 _BYTE_MAP_FIELDS = {
@@ -542,6 +615,20 @@ class _SetupFields(_Fields):
     verified: Annotated[bool, Field(strict=True)] = False
 
 
+class _HeTaskFields(_TaskFields):
+    scheme: Literal["bfv", "ckks"]
+    bits: Annotated[int, _within(1, 64)]
+    clip_norm: Annotated[float, Field(strict=True, gt=0), AfterValidator(_finite)]
+    max_weight: Annotated[int, _within(1, MAX_EXAMPLES)]
+    weighted: Annotated[bool, Field(strict=True)]
+    cohort: Annotated[int, _within(1, MAX_CLIENTS)]
+
+
+class _HeDecryptFields(_Fields):
+    scheme: Literal["bfv", "ckks"]
+    dim: Annotated[int, _within(1, MAX_DIM)]
+
+
 class _RegistrationFields(_Fields):
     num_examples: _Count
     eval_examples: _Count
@@ -614,6 +701,13 @@ SCHEMA: dict[type, tuple[type[_Fields], dict[str, _TensorSpec]]] = {
         {"ids.alive": _IDS, "ids.dropped": _IDS, "map.signatures": _BYTES},
     ),
     SecAggUnmaskReply: (_Fields, {"map.b_shares": _BYTES, "map.s_shares": _BYTES}),
+    HeEncryptRequest: (
+        _HeTaskFields,
+        {"parameters": _FLOAT32, "bytes.nonce": _OPTIONAL_DIGEST},
+    ),
+    HeEncrypted: (_Fields, {"map.ciphertexts": _BYTES, "bytes.signature": _SIGNATURE}),
+    HeDecryptRequest: (_HeDecryptFields, {"map.ciphertexts": _BYTES, "ids.survivors": _IDS}),
+    HeDecrypted: (_Fields, {"plain": _TensorSpec(frozenset({"I64", "F64"}))}),
 }
 
 

@@ -97,6 +97,10 @@ REQUEST_PHASES: dict[str, Phase] = {
     messages.SecAggMaskRequest.__name__: Phase.MASK,
     messages.SecAggConsistencyRequest.__name__: Phase.CONSISTENCY,
     messages.SecAggUnmaskRequest.__name__: Phase.UNMASK,
+    # aggregation under homomorphic encryption (fedguard.protocol.he): the encrypted update is
+    # sent where a masked input is, the sum decrypted where masks are removed
+    messages.HeEncryptRequest.__name__: Phase.MASK,
+    messages.HeDecryptRequest.__name__: Phase.UNMASK,
 }
 
 

@@ -29,6 +29,8 @@ REPLY_KIND: dict[type[messages.Message], type[messages.Message]] = {
     messages.SecAggMaskRequest: messages.SecAggMaskedInput,
     messages.SecAggConsistencyRequest: messages.SecAggConsistencySignature,
     messages.SecAggUnmaskRequest: messages.SecAggUnmaskReply,
+    messages.HeEncryptRequest: messages.HeEncrypted,
+    messages.HeDecryptRequest: messages.HeDecrypted,
 }
 _KIND_BY_NAME = {cls.__name__: cls for cls in REPLY_KIND}
 
@@ -42,6 +44,10 @@ SECAGG_ENTRY_BYTES = 4096
 # A phase-0 reply: two X25519 public keys, an Ed25519 signature and a commitment; also bounds a
 # graph reveal and a consistency signature (their tasks imply no larger reply).
 SECAGG_KEYS_BYTES = 4096
+# An encrypted update: SEAL's compressed ciphertexts take about 15 bytes per value under BFV and
+# 30 under CKKS (half as many slots); this bounds both, plus a few kB per ciphertext of headers.
+HE_BYTES_PER_VALUE = 64
+HE_BYTES_PER_CIPHERTEXT = 8192
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,11 @@ def _reply_bytes(kind: type, header: messages.Header) -> int:
         newton = config.get("optimizer") == "newton"
         fednova = config.get(features.FEDNOVA) is True  # its step norm, one float
         return 4 * (d + sent + (d + d * d if newton else 0) + (1 if fednova else 0))
+    if kind is messages.HeEncryptRequest:
+        d = math.prod(header.shapes["parameters"]) + 1
+        return HE_BYTES_PER_VALUE * d + HE_BYTES_PER_CIPHERTEXT * (d // 2048 + 1)
+    if kind is messages.HeDecryptRequest:
+        return 8 * (int(header.fields["dim"]) + 1)
     if kind is messages.SecAggShareRequest:
         # a bundle per peer and a share commitment per holder (the peers and the client)
         return SECAGG_ENTRY_BYTES * (header.shapes["map_ids.public_keys"][0] + 1)
@@ -131,6 +142,8 @@ def _problem(task: TaskInfo, payload: bytes) -> str | None:
         tensors = {"update": reply.update, **reply.tensors}
         if task.parameters is not None and tuple(reply.update.shape) != task.parameters:
             return f"update has shape {tuple(reply.update.shape)}, expected {task.parameters}"
+    if isinstance(reply, messages.HeDecrypted) and reply.plain.dim() != 1:
+        return f"a decrypted sum must be a 1-D vector, got shape {tuple(reply.plain.shape)}"
     if isinstance(reply, messages.SecAggMaskedInput):
         if reply.masked.dtype not in (torch.int32, torch.int64) or reply.masked.dim() != 1:
             return f"masked input must be a 1-D int32 or int64 vector, got {reply.masked.dtype}"

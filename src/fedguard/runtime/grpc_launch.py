@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from fedguard.runtime import certs, identities
+from fedguard.runtime import certs, he_keys, identities
 
 STOP_GRACE_S = 5.0
 
@@ -78,15 +78,22 @@ def launch(
     overrides: Sequence[str] = (),
     round_deadline_s: float | None = None,
     dashboard: str | None = None,
+    he_scheme: str | None = None,
 ) -> int:
     """Run the experiment with ``clients`` client processes; the server's exit code.
-    ``dashboard``: HOST:PORT where the server serves the live dashboard (loopback)."""
+    ``dashboard``: HOST:PORT where the server serves the live dashboard (loopback);
+    ``he_scheme``: under ``[secure_aggregation] mode = "ckks"``, the scheme of a throwaway HE key
+    (the clients get the key file, the server the key-less parameter file)."""
     python = [sys.executable, "-m", "fedguard.cli"]
     sets = [a for o in overrides for a in ("--set", o)]
     address = f"127.0.0.1:{free_port()}"
     processes: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="fedguard-launch-") as tmp:
         server_args, client_args = security_args(Path(tmp), range(clients), insecure=insecure)
+        if he_scheme is not None:
+            key, params = he_keys.make_keys(Path(tmp), he_scheme)
+            server_args += ["--he-params", str(params)]
+            client_args = {cid: [*a, "--he-key", str(key)] for cid, a in client_args.items()}
         try:
             command = [*python, "server", str(config), "--address", address, *server_args, *sets]
             if out is not None:

@@ -27,7 +27,7 @@ import torch
 from fedguard.client import cohort, trainers
 from fedguard.client.app import ClientApp, Pretrained
 from fedguard.models.adapter import TorchModel
-from fedguard.protocol import messages, secagg_client
+from fedguard.protocol import he_client, messages, secagg_client
 from fedguard.protocol.transport import Delivered, Failed, FailureKind, Outcome, Transport
 
 log = logging.getLogger("fedguard.cohort")
@@ -129,10 +129,13 @@ class CohortTransport(Transport):
     def _fit_task(self, task: messages.Message | Exception) -> messages.FitTask | None:
         """The fit task a request trains for, or None (secure aggregation's masking request
         carries one; a plain fit task under secure aggregation is refused unanswered)."""
-        if isinstance(task, messages.FitTask) and self.app.pins.secure_aggregation is None:
+        plain = self.app.pins.secure_aggregation is None and self.app.pins.homomorphic is None
+        if isinstance(task, messages.FitTask) and plain:
             return task
         if isinstance(task, messages.SecAggMaskRequest):
             return secagg_client.fit_task(task)
+        if isinstance(task, messages.HeEncryptRequest):
+            return he_client.fit_task(task)
         return None
 
     def _members(self, decoded: Mapping[int, messages.Message | Exception]) -> list[cohort.Member]:

@@ -1,0 +1,1 @@
+"""Homomorphic encryption's math for aggregation: parameters, encryption, homomorphic sums (TenSEAL)."""

@@ -1,0 +1,259 @@
+"""The server half of aggregation under homomorphic encryption: two exchanges, then the sum.
+
+See :mod:`fedguard.protocol.he` for the protocol and its threat model. :func:`homomorphic_sum`
+runs one round with a context that holds the scheme's parameters and no secret key: it cannot
+decrypt anything, only load and add ciphertexts. A reply is excluded, and its client named in the
+round's problems and the log, when it fails or times out, does not decode, is for another client
+or round, has another number of ciphertexts than the round's vector needs, holds a ciphertext that
+does not load under the round's parameters or holds another number of values than its place, or
+(in a verified round, with the federation's identities) carries a signature that does not verify
+over the round, its nonce, the client and the digest of exactly these ciphertexts. Excluded
+replies are never added, so the others' sum stays exact.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedguard.algorithms.he import encryption
+from fedguard.algorithms.secagg import crypto as secagg_crypto
+from fedguard.protocol import he, messages
+from fedguard.protocol.secagg import Identities, SecAggAbortedError
+from fedguard.protocol.secagg_server import SecureSum
+from fedguard.protocol.transport import Failed, Transport
+
+log = logging.getLogger("fedguard.round")
+
+EncryptRequest = Callable[[int], messages.HeEncryptRequest]
+
+
+@dataclass
+class _Ledger:
+    """Bytes and problems of one HE round."""
+
+    round: int
+    sampled: int
+    bytes_up: int = 0
+    bytes_down: int = 0
+    rejected: int = 0
+    problems: list[tuple[int, str]] = field(default_factory=list)
+
+    def drop(self, phase: str, client_id: int, reason: str, *, rejected: bool = False) -> None:
+        self.rejected += rejected
+        self.problems.append((client_id, f"{phase}: {reason}"))
+        log.warning("round %d: HE %s: client %d excluded: %s", self.round, phase, client_id, reason)
+
+    def metrics(self, completed: int) -> dict[str, float | int | None]:
+        return {
+            "clients_sampled": self.sampled,
+            "clients_completed": completed,
+            "clients_failed": self.sampled - completed - self.rejected,
+            "clients_rejected": self.rejected,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "train_loss": None,
+        }
+
+    def abort(self, reason: str) -> SecAggAbortedError:
+        return SecAggAbortedError(
+            f"Round {self.round}: HE aggregation aborted: {reason}; nothing was applied.",
+            self.metrics(0),
+        )
+
+
+def homomorphic_sum(
+    transport: Transport,
+    settings: he.Settings,
+    context: Any,
+    *,
+    round_: int,
+    sampled: list[int],
+    dim: int,
+    encrypt_request: EncryptRequest,
+    deadline_s: float | None = None,
+    min_survivors: int = 1,
+    identities: Identities | None = None,
+    nonce: bytes = b"",
+    choice_seed: int = 0,
+) -> SecureSum:
+    """One HE round over ``transport`` with ``sampled`` clients: the decrypted, decoded sum.
+
+    ``context`` must not hold the secret key (ValueError otherwise: the server must not be able
+    to decrypt). ``encrypt_request(client_id)`` builds a client's request. A round with a
+    ``nonce`` and ``identities`` is verified: every reply must carry a valid signature. Fewer than
+    ``min_survivors`` good replies (or distributed DP's noise shares), or fewer clients able to
+    decrypt than ``settings.decryptors``, abort with :class:`SecAggAbortedError`.
+    """
+    if encryption.can_decrypt(context):
+        raise ValueError("The server's HE context holds the secret key; it must hold none.")
+    if nonce and identities is None:
+        raise ValueError("A verified HE round needs the clients' registered identities.")
+    params = settings.params
+    length = dim + 1
+    ledger = _Ledger(round_, len(sampled))
+    fp = settings.fixed_point(len(sampled)) if settings.scheme == he.BFV else None
+    requests = {cid: messages.encode(encrypt_request(cid)) for cid in sampled}
+    ledger.bytes_down += sum(len(p) for p in requests.values())
+    total: list[Any] | None = None
+    contributors: list[int] = []
+    for outcome in transport.exchange(requests, deadline_s=deadline_s):
+        cid = outcome.client_id
+        if isinstance(outcome, Failed):
+            ledger.drop("encrypt", cid, f"{outcome.kind}: {outcome.reason}")
+            continue
+        ledger.bytes_up += len(outcome.payload)
+        vectors, problem = _check_encrypted(
+            outcome.payload, cid, round_, params, context, length, nonce, identities
+        )
+        if vectors is None:
+            ledger.drop("encrypt", cid, problem, rejected=True)
+            continue
+        total = encryption.add(total, vectors)
+        contributors.append(cid)
+    least = max(
+        min_survivors, 1 if settings.distributed is None else settings.distributed.noise_clients
+    )
+    if total is None or len(contributors) < least:
+        raise ledger.abort(
+            f"{len(contributors)} encrypted updates arrived, the round needs {least}"
+        )
+    if len(contributors) < settings.decryptors:
+        raise ledger.abort(
+            f"{len(contributors)} contributing clients left, the round needs "
+            f"{settings.decryptors} decryptors"
+        )
+    summed = encryption.serialize(total)
+    plain = _decrypt(
+        transport, settings, summed, sorted(contributors), dim, ledger, deadline_s, choice_seed
+    )
+    if fp is not None:  # BFV
+        decoded = he.decode_bfv(plain, fp)
+    else:
+        decoded = he.decode_ckks(plain, settings.max_weight if settings.weighted else 1)
+    log.info(
+        "round %d: HE sum of %d clients (%s) decrypted by %d client(s)",
+        round_,
+        len(contributors),
+        settings.scheme,
+        settings.decryptors,
+    )
+    return SecureSum(
+        decoded.total,
+        decoded.weight,
+        sorted(contributors),
+        ledger.metrics(len(contributors)),
+        ledger.problems,
+    )
+
+
+def _check_encrypted(
+    payload: bytes,
+    cid: int,
+    round_: int,
+    params: encryption.Params,
+    context: Any,
+    length: int,
+    nonce: bytes,
+    identities: Identities | None,
+) -> tuple[list[Any] | None, str]:
+    """The loaded ciphertexts of one reply, or None and why it is excluded."""
+    try:
+        reply = messages.decode(payload, messages.HeEncrypted)
+    except messages.MessageError as exc:
+        return None, str(exc)
+    wrong = messages.addressing_problem(reply, cid, round_)
+    if wrong is not None:
+        return None, wrong
+    count = params.ciphertexts(length)
+    if list(reply.ciphertexts) != list(range(count)):
+        return None, f"{len(reply.ciphertexts)} ciphertexts, expected {count} keyed 0..{count - 1}"
+    blobs = [reply.ciphertexts[i] for i in range(count)]
+    if nonce and identities is not None:
+        identity = identities.registry.get(cid)
+        if identity is None:
+            return None, "no registered identity"
+        signed = encryption.ciphertexts_message(round_, nonce, cid, blobs)
+        try:
+            secagg_crypto.verify(
+                identity, reply.signature, signed, client_id=cid, what="ciphertexts"
+            )
+        except secagg_crypto.CryptoError as exc:
+            return None, f"bad signature: {exc}"
+    try:
+        return encryption.load(context, params, blobs, length), ""
+    except encryption.HEError as exc:
+        return None, f"malformed ciphertexts: {exc}"
+
+
+def _decrypt(
+    transport: Transport,
+    settings: he.Settings,
+    summed: list[bytes],
+    contributors: list[int],
+    dim: int,
+    ledger: _Ledger,
+    deadline_s: float | None,
+    choice_seed: int,
+) -> np.ndarray:
+    """The plaintext sum from ``settings.decryptors`` contributors (a failed one replaced by
+    another while any is left); with two, their answers must be equal."""
+    candidates = list(contributors)
+    random.Random(choice_seed).shuffle(candidates)
+    round_ = ledger.round
+    ciphertexts = dict(enumerate(summed))
+    answers: dict[int, np.ndarray] = {}
+    dtype = torch.int64 if settings.scheme == he.BFV else torch.float64
+    while len(answers) < settings.decryptors:
+        wanted = settings.decryptors - len(answers)
+        asked, candidates = candidates[:wanted], candidates[wanted:]
+        if not asked:
+            raise ledger.abort(
+                f"{len(answers)} of the {settings.decryptors} decryptors answered and no "
+                "contributing client is left to ask"
+            )
+        requests: Mapping[int, bytes] = {
+            cid: messages.encode(
+                messages.HeDecryptRequest(
+                    round_, cid, ciphertexts, contributors, settings.scheme, dim
+                )
+            )
+            for cid in asked
+        }
+        ledger.bytes_down += sum(len(p) for p in requests.values())
+        for outcome in transport.exchange(requests, deadline_s=deadline_s):
+            cid = outcome.client_id
+            if isinstance(outcome, Failed):
+                ledger.drop("decrypt", cid, f"{outcome.kind}: {outcome.reason}")
+                continue
+            ledger.bytes_up += len(outcome.payload)
+            try:
+                reply = messages.decode(outcome.payload, messages.HeDecrypted)
+            except messages.MessageError as exc:
+                ledger.drop("decrypt", cid, str(exc))
+                continue
+            wrong = messages.addressing_problem(reply, cid, round_)
+            if wrong is None and (
+                reply.plain.dtype != dtype or tuple(reply.plain.shape) != (dim + 1,)
+            ):
+                wrong = f"plaintext of {reply.plain.dtype} {tuple(reply.plain.shape)}, expected {dtype} ({dim + 1},)"
+            if wrong is not None:
+                ledger.drop("decrypt", cid, wrong)
+                continue
+            answers[cid] = reply.plain.numpy()
+    first, *others = sorted(answers)
+    for other in others:
+        if not np.array_equal(answers[first], answers[other]):
+            for cid in (first, other):
+                ledger.problems.append((cid, "decrypt: the decryptors' plaintexts differ"))
+            raise ledger.abort(
+                f"decryptors {first} and {other} returned different plaintexts of the same sum "
+                "(one of them lies)"
+            )
+    return answers[first]

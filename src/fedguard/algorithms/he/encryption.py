@@ -24,8 +24,10 @@ exactly at 40 bits and not at 44 (the noise of the sum outgrows ``q / 2t``), so 
 below ``2^22`` in magnitude (the 54-bit modulus leaves 23 bits above the scale, one for the sign).
 
 **Encryption** is symmetric (with the secret key): every party that encrypts holds the key
-anyway, and SEAL then stores half of each ciphertext as a seed, halving the upload; public-key
-encryption (NVIDIA FLARE's setting) doubles it.
+anyway. TenSEAL serialises both halves of a ciphertext (SEAL's seeded form of a symmetric
+ciphertext is not used), so it is as large as a public-key one: 61.7 kB for 4,096 BFV values
+either way, measured. The ratio to the float32 update comes from the parameters: two
+polynomials of ``N`` coefficients modulo one 54-bit prime, compressed, per ``N`` values (BFV).
 """
 
 from __future__ import annotations

@@ -378,8 +378,12 @@ def test_a_client_refuses_what_its_pins_and_the_protocol_forbid() -> None:
         client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1], "bfv", DIM))
     with pytest.raises(he.HEProtocolError, match="uses bfv"):
         client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1, 2], "ckks", DIM))
-    plain = client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1, 2], "bfv", DIM)).plain
+    reply = client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1, 2], "bfv", DIM))
+    plain = reply.plain
     assert int(plain[-1]) == 1  # its own unweighted encoding: weight 1
+    # the sum travels as its 32-bit ring residues: 4 bytes a value, not the plaintext's 8
+    assert plain.dtype == torch.int32 and plain.shape == (DIM + 1,)
+    assert 4 * (DIM + 1) < len(messages.encode(reply)) < 4 * (DIM + 1) + 1024
     with pytest.raises(he.HEProtocolError, match="decrypted that round's sum already"):
         client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1, 2], "bfv", DIM))
     ids = secagg.Identities.simulated(1, [0])

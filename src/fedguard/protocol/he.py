@@ -182,8 +182,29 @@ def encode_bfv(
     return secagg_quantize.from_ring(ring, fp.bits)
 
 
+def plain_dtype(scheme: str, bits: int) -> torch.dtype:
+    """The dtype of a decryptor's plaintext on the wire (:func:`wire_plain`)."""
+    if scheme == BFV:
+        return torch.int32 if bits <= 32 else torch.int64
+    return torch.float64
+
+
+def wire_plain(plain: np.ndarray, scheme: str, bits: int) -> np.ndarray:
+    """A decrypted sum as a decryptor sends it: for BFV its residues modulo ``2^bits`` (all that
+    decoding uses), as int32 (the two's-complement view of the uint32 residues) when ``bits <=
+    32``, so the reply is half the size of the 41-bit signed plaintext in int64; CKKS's floats
+    as they are."""
+    if scheme != BFV:
+        return np.asarray(plain, dtype=np.float64)
+    ring = secagg_quantize.to_ring(np.asarray(plain), bits)
+    if bits <= 32:
+        return ring.astype(np.uint32).view(np.int32)
+    return ring.astype(np.uint64).view(np.int64)
+
+
 def decode_bfv(plain: np.ndarray, fp: secagg_quantize.FixedPoint) -> secagg_quantize.DecodedSum:
-    """The decrypted integer sum reduced into the ring and decoded (as masking decodes)."""
+    """The decrypted integer sum (or its residues, :func:`wire_plain`) reduced into the ring and
+    decoded (as masking decodes)."""
     return secagg_quantize.decode_sum(secagg_quantize.to_ring(plain, fp.bits), fp)
 
 

@@ -71,6 +71,7 @@ class HEClient:
         self.min_inputs = min_inputs
         self._random = random_bytes
         self._encrypted: dict[int, int] = {}  # client id -> latest round it encrypted in
+        self._bits: dict[int, int] = {}  # client id -> the ring bits of that round's encoding
         self._decrypted: dict[int, int] = {}  # client id -> latest round it decrypted
         self._nonces: set[tuple[int, bytes]] = set()  # (client id, nonce) signed
 
@@ -180,6 +181,7 @@ class HEClient:
             signature = secagg_crypto.sign(self.identities.own[cid], payload)
             self._nonces.add((cid, request.nonce))
         self._encrypted[cid] = round_
+        self._bits[cid] = request.bits
         return messages.HeEncrypted(round_, cid, dict(enumerate(blobs)), signature)
 
     def decrypt(self, request: messages.HeDecryptRequest) -> messages.HeDecrypted:
@@ -204,4 +206,5 @@ class HEClient:
         except encryption.HEError as exc:
             raise he.HEProtocolError(f"{prefix} {exc}") from None
         self._decrypted[cid] = round_
-        return messages.HeDecrypted(round_, cid, torch.from_numpy(plain))
+        wire = he.wire_plain(plain, params.scheme, self._bits[cid])
+        return messages.HeDecrypted(round_, cid, torch.from_numpy(wire))

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from fedguard.algorithms.he import encryption
 from fedguard.algorithms.secagg import crypto as secagg_crypto
@@ -209,7 +208,7 @@ def _decrypt(
     round_ = ledger.round
     ciphertexts = dict(enumerate(summed))
     answers: dict[int, np.ndarray] = {}
-    dtype = torch.int64 if settings.scheme == he.BFV else torch.float64
+    dtype = he.plain_dtype(settings.scheme, settings.bits)
     while len(answers) < settings.decryptors:
         wanted = settings.decryptors - len(answers)
         asked, candidates = candidates[:wanted], candidates[wanted:]

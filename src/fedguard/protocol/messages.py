@@ -462,7 +462,9 @@ class HeDecryptRequest:
 
 @dataclass(frozen=True)
 class HeDecrypted:
-    """Reply to :class:`HeDecryptRequest`: the plaintext sum (int64 for BFV, float64 for CKKS)."""
+    """Reply to :class:`HeDecryptRequest`: the plaintext sum (BFV: its residues modulo
+    ``2^bits``, int32 when ``bits <= 32``, else int64; CKKS: float64; see
+    :func:`fedguard.protocol.he.wire_plain`)."""
 
     round: int
     client_id: int
@@ -707,7 +709,7 @@ SCHEMA: dict[type, tuple[type[_Fields], dict[str, _TensorSpec]]] = {
     ),
     HeEncrypted: (_Fields, {"map.ciphertexts": _BYTES, "bytes.signature": _SIGNATURE}),
     HeDecryptRequest: (_HeDecryptFields, {"map.ciphertexts": _BYTES, "ids.survivors": _IDS}),
-    HeDecrypted: (_Fields, {"plain": _TensorSpec(frozenset({"I64", "F64"}))}),
+    HeDecrypted: (_Fields, {"plain": _TensorSpec(frozenset({"I32", "I64", "F64"}))}),
 }
 
 

@@ -6,6 +6,8 @@ secure aggregation without DP, 10 clients) and seed, the medical-imaging example
 audit``'s three attacks:
 
 * ``canary``: the one-run empirical epsilon lower bound at 95% beside the accounted epsilon;
+* ``update`` (local DP): the same bound for one hospital's round-1 update as the server sees it,
+  beside that one release's epsilon (:mod:`fedguard.audit.update_canary`);
 * ``membership``: offline LiRA (and the loss attack) on the final model: AUC, TPR at 1% FPR;
 * ``inversion``: gradient inversion of one client's update in round 1 for each batch size and
   number of local steps, the median PSNR/SSIM over ``--targets`` attacked clients.
@@ -20,6 +22,7 @@ quotes; the full version is the default:
 
     python benchmarks/audit.py --small --seeds 0
     python benchmarks/audit.py --small --strong-canaries --seeds 0 1 2   # canary runs only
+    python benchmarks/audit.py --small --update-audit --seeds 0 1 2      # one update, local DP
     python benchmarks/audit.py --seeds 0 1 2        # hours on 2 CPU cores; a GPU helps
 """
 
@@ -37,7 +40,7 @@ from typing import Any
 import torch
 
 import fedguard
-from fedguard.audit import canary, canary_audit, inversion, membership, target
+from fedguard.audit import canary, canary_audit, inversion, membership, target, update_canary
 from fedguard.experiment import config as config_mod
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -166,6 +169,24 @@ def canary_only_row(
     return row | {"seconds_training": trained, "canary_only_run": True}
 
 
+def update_only_row(
+    eps: float | None, overrides: list[str], seed: int, scale: Scale, runs: Path
+) -> dict[str, Any]:
+    """A local-DP run without canaries and the update-level audit of its round-1 update of the
+    lowest hospital (``update_audit_run``): ``scale.strong_canaries`` gradient canaries in the
+    replayed DP-SGD, the bound beside that one release's epsilon (``accounted_epsilon``; the
+    run's is ``run_epsilon``)."""
+    suffix = "" if eps is None else f"_eps{eps:g}"
+    run, _, trained = _train(
+        f"local{suffix}_update_seed{seed}", overrides, seed, scale.rounds, 0, runs
+    )
+    settings = update_canary.UpdateCanarySettings(
+        round=1, canaries=scale.strong_canaries, seed=seed
+    )
+    row = _common(update_canary.audit(run, settings), run, "medical", eps)
+    return row | {"seconds_training": trained, "update_audit_run": True}
+
+
 def _train(
     name: str, overrides: list[str], seed: int, rounds: int, canaries: int, runs: Path
 ) -> tuple[target.AuditedRun, Path, float]:
@@ -203,6 +224,9 @@ def audit_one(
     rows = []
     c = canary_audit.audit(run)
     rows.append(_common(c, run, "medical", eps))
+    if protection == "local":
+        u = update_canary.UpdateCanarySettings(round=1, canaries=scale.strong_canaries, seed=seed)
+        rows.append(_common(update_canary.audit(run, u), run, "medical", eps))
     m = membership.audit(
         run, folder / "membership_roc.png", reference_models=scale.reference_models
     )
@@ -251,11 +275,16 @@ def audit_one(
     return rows
 
 
-def _canary_only_key(row: dict[str, Any]) -> tuple[str, str, float | None, int] | None:
-    """The key of a row of :func:`canary_only_row` (None for the rows of :func:`audit_one`)."""
-    if not row.get("canary_only_run"):
-        return None
-    return (row["task"], row["protection"], row["target_epsilon"], row["seed"])
+def _key(row: dict[str, Any]) -> tuple[str, str, str, float | None, int]:
+    """Which run made a row: :func:`audit_one` (``full``), :func:`canary_only_row`
+    (``canary_only``) or :func:`update_only_row` (``update_only``), its protection, target
+    epsilon and seed. A rerun replaces the rows of the runs it repeats."""
+    kind = "full"
+    if row.get("canary_only_run"):
+        kind = "canary_only"
+    elif row.get("update_audit_run"):
+        kind = "update_only"
+    return (kind, row["task"], row["protection"], row["target_epsilon"], row["seed"])
 
 
 def main() -> None:
@@ -272,6 +301,11 @@ def main() -> None:
         action="store_true",
         help="only canary runs with user-level or gradient canaries (canary_only_run rows)",
     )
+    parser.add_argument(
+        "--update-audit",
+        action="store_true",
+        help="only local-DP runs and the audit of one update (update_audit_run rows)",
+    )
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -285,18 +319,16 @@ def main() -> None:
             if args.only is not None and protection not in args.only:
                 continue
             t0 = time.perf_counter()
-            if args.strong_canaries:
-                key = ("medical", protection, eps, seed)
-                rows = [r for r in rows if _canary_only_key(r) != key]
+            if args.update_audit and protection != "local":
+                continue
+            kind = "canary_only" if args.strong_canaries else "full"
+            kind = "update_only" if args.update_audit else kind
+            rows = [r for r in rows if _key(r) != (kind, "medical", protection, eps, seed)]
+            if args.update_audit:
+                rows.append(update_only_row(eps, overrides, seed, scale, args.runs))
+            elif args.strong_canaries:
                 rows.append(canary_only_row(protection, eps, overrides, seed, scale, args.runs))
             else:
-                key = ("medical", protection, eps, seed)
-                rows = [
-                    r
-                    for r in rows
-                    if _canary_only_key(r) is not None
-                    or (r["task"], r["protection"], r["target_epsilon"], r["seed"]) != key
-                ]
                 rows += audit_one(protection, eps, overrides, seed, scale, args.runs)
             print(
                 f"{protection} eps={eps} seed={seed}: {time.perf_counter() - t0:.0f} s", flush=True

@@ -11,6 +11,10 @@ synthetic client data of the seed image CNN (``image_cnn``, 1x28x28, 10 classes)
 * ``ray+cohort``: Ray actors that each train a cohort;
 * ``floor``: a plain PyTorch loop doing the same SGD steps and the same weighted average
   (``overhead.py``'s floor), the cost of the arithmetic alone;
+* ``peak``: the machine's ceiling for this model: plain PyTorch with every core taking the round's
+  examples through the same forward, backward and SGD step in large batches (the fastest of
+  64, 256 and 1,024 examples, picked before timing). No engine that trains the same examples
+  can beat it by much: it has no per-client work at all;
 * ``flower``: Flower 1.42's simulation engine with one single-thread actor per core, Flower's
   best configuration on small clients; ``flower_1cpu``: one Flower actor holding every core.
 
@@ -59,7 +63,7 @@ WORKLOADS: dict[str, dict[str, int]] = {
     "W3": {"num_clients": 10_000, "samples": 32, "per_round": 1000, "batch_size": 16},
 }
 FEDGUARD_ENGINES = ("inprocess", "ray", "cohort", "ray+cohort")
-ENGINES = (*FEDGUARD_ENGINES, "floor", "flower", "flower_1cpu")
+ENGINES = (*FEDGUARD_ENGINES, "floor", "peak", "flower", "flower_1cpu")
 
 
 # --------------------------------------------------------------------------- memory sampling
@@ -226,6 +230,47 @@ def run_floor(workload: str, rounds: int, cores: int) -> dict[str, Any]:
     return {"samples_s": samples, "peak_mib": peak.peak_mib}
 
 
+def run_peak(workload: str, rounds: int, cores: int) -> dict[str, Any]:
+    """The round's examples (``per_round x samples``) through one model in large batches."""
+    import torch
+
+    from fedguard.models import torch_models
+
+    torch.set_num_threads(cores)
+    torch.manual_seed(SEED)
+    w = WORKLOADS[workload]
+    examples = w["per_round"] * w["samples"]
+    with PeakSampler() as peak:
+        module = torch_models.image_cnn(SHAPE, CLASSES)
+        module.train()
+        optimizer = torch.optim.SGD(module.parameters(), lr=LR, momentum=0.0)
+        x = torch.randn(examples, *SHAPE)
+        y = torch.randint(0, CLASSES, (examples,))
+
+        def sweep(n: int, batch: int) -> float:
+            """Seconds to train on the first ``n`` examples in batches of ``batch``."""
+            start = time.perf_counter()
+            for xb, yb in zip(x[:n].split(batch), y[:n].split(batch), strict=True):
+                optimizer.zero_grad()
+                torch.nn.functional.nll_loss(torch.log_softmax(module(xb), -1), yb).backward()
+                optimizer.step()
+            return time.perf_counter() - start
+
+        def rate(batch: int) -> float:
+            n = min(examples, 4 * batch)
+            return n / sweep(n, batch)
+
+        rate(64)  # warm the kernels before choosing
+        best = max((64, 256, 1024), key=rate)
+        samples = []
+        for round_ in range(1, rounds + 2):
+            seconds = sweep(examples, best)
+            _progress(workload, f"peak (batch {best})", round_, seconds)
+            if round_ > 1:
+                samples.append(seconds)
+    return {"samples_s": samples, "peak_mib": peak.peak_mib, "batch_size": best}
+
+
 # --------------------------------------------------------------------------- Flower
 
 
@@ -362,7 +407,7 @@ def measure(
     raw = json.loads(lines[-1][4:])
     per_round = WORKLOADS[workload]["per_round"]
     median = statistics.median(raw["samples_s"])
-    return {
+    row = {
         "workload": workload,
         "engine": engine,
         "s_per_round": median,
@@ -370,6 +415,9 @@ def measure(
         "peak_mib": raw["peak_mib"],
         "samples_s": raw["samples_s"],
     }
+    if "batch_size" in raw:
+        row["batch_size"] = raw["batch_size"]
+    return row
 
 
 def machine(cores: int) -> dict[str, Any]:
@@ -437,6 +485,8 @@ def main(argv: list[str] | None = None) -> int:
             raw = run_fedguard(workload, args.child, args.rounds, args.cores)
         elif args.child == "floor":
             raw = run_floor(workload, args.rounds, args.cores)
+        elif args.child == "peak":
+            raw = run_peak(workload, args.rounds, args.cores)
         else:
             raw = run_flower(workload, args.child, args.rounds, args.cores)
         print("ROW " + json.dumps(raw), flush=True)

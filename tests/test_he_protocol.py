@@ -6,6 +6,7 @@ independently of the protocol's encoding.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 
@@ -296,7 +297,11 @@ def _lying_decryptor(liar: int):
         def h(cid: int, payload: bytes) -> bytes:
             reply = handler(cid, payload)
             if cid == liar and messages.kind_of(reply) == "HeDecrypted":
-                plain = messages.decode(reply, messages.HeDecrypted).plain.clone()
+                honest = messages.decode(reply, messages.HeDecrypted)
+                if honest.digest:  # the second decryptor: the digest of a shifted plaintext
+                    forged = bytes([honest.digest[0] ^ 1]) + honest.digest[1:]
+                    return messages.encode(messages.HeDecrypted(1, cid, honest.plain, forged))
+                plain = honest.plain.clone()
                 plain[:10] += 1 << 28  # shifts the decoded sum by about 100
                 return messages.encode(messages.HeDecrypted(1, cid, plain))
             return reply
@@ -384,6 +389,12 @@ def test_a_client_refuses_what_its_pins_and_the_protocol_forbid() -> None:
     # the sum travels as its 32-bit ring residues: 4 bytes a value, not the plaintext's 8
     assert plain.dtype == torch.int32 and plain.shape == (DIM + 1,)
     assert 4 * (DIM + 1) < len(messages.encode(reply)) < 4 * (DIM + 1) + 1024
+    # a second decryptor sends the SHA-256 of that plaintext's little-endian bytes, not a vector
+    second = he_client.HEClient(_fit, key)
+    second.encrypt(ok)
+    check = second.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1, 2], "bfv", DIM, True))
+    assert check.plain.numel() == 0 and len(messages.encode(check)) < 1024
+    assert check.digest == hashlib.sha256(plain.numpy().astype("<i4").tobytes()).digest()
     with pytest.raises(he.HEProtocolError, match="decrypted that round's sum already"):
         client.decrypt(messages.HeDecryptRequest(1, 0, blobs, [0, 1, 2], "bfv", DIM))
     ids = secagg.Identities.simulated(1, [0])

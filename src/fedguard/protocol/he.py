@@ -15,9 +15,10 @@ is two exchanges over any transport:
    a bad reply is excluded and its client named in the round's problems.
 2. decrypt: the server sends the summed ciphertexts to ``decryptors`` clients that contributed
    (chosen at random; one that fails is replaced by another contributor) and takes the
-   plaintext sum from them. With two decryptors their answers must be equal (decryption is
-   deterministic), so one lying decryptor is detected and the round aborted instead of
-   corrupting the model.
+   plaintext sum from the first; a second decryptor sends only the SHA-256 digest of its
+   plaintext (32 bytes instead of a vector). The digest must match the first's plaintext
+   (decryption is deterministic), so one lying decryptor is detected and the round aborted
+   instead of corrupting the model.
 
 **Threat model (weaker than masking's).** The server never holds the key, so alone and
 semi-honest it learns only the sum. But every client holds the same key: any one client that
@@ -37,6 +38,7 @@ masking; with CKKS, whose sums are approximate, it is refused.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -200,6 +202,13 @@ def wire_plain(plain: np.ndarray, scheme: str, bits: int) -> np.ndarray:
     if bits <= 32:
         return ring.astype(np.uint32).view(np.int32)
     return ring.astype(np.uint64).view(np.int64)
+
+
+def plain_digest(wire: np.ndarray) -> bytes:
+    """SHA-256 of a decryptor's plaintext as it goes on the wire (little-endian bytes of
+    :func:`wire_plain`'s array): what a second decryptor sends instead of the plaintext."""
+    little = np.ascontiguousarray(wire, dtype=wire.dtype.newbyteorder("<"))
+    return hashlib.sha256(little.tobytes()).digest()
 
 
 def decode_bfv(plain: np.ndarray, fp: secagg_quantize.FixedPoint) -> secagg_quantize.DecodedSum:

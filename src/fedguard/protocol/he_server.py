@@ -201,26 +201,31 @@ def _decrypt(
     deadline_s: float | None,
     choice_seed: int,
 ) -> np.ndarray:
-    """The plaintext sum from ``settings.decryptors`` contributors (a failed one replaced by
-    another while any is left); with two, their answers must be equal."""
+    """The plaintext sum from the first of ``settings.decryptors`` contributors and, with two,
+    the digest of the same plaintext from the second (a failed one is replaced by another
+    contributor while any is left); a digest that does not match the plaintext aborts the round:
+    one of the two lies."""
     candidates = list(contributors)
     random.Random(choice_seed).shuffle(candidates)
     round_ = ledger.round
     ciphertexts = dict(enumerate(summed))
-    answers: dict[int, np.ndarray] = {}
+    plain: tuple[int, np.ndarray] | None = None
+    digests: dict[int, bytes] = {}
     dtype = he.plain_dtype(settings.scheme, settings.bits)
-    while len(answers) < settings.decryptors:
-        wanted = settings.decryptors - len(answers)
+    while plain is None or len(digests) < settings.decryptors - 1:
+        wanted = (plain is None) + (settings.decryptors - 1 - len(digests))
         asked, candidates = candidates[:wanted], candidates[wanted:]
         if not asked:
+            answered = len(digests) + (plain is not None)
             raise ledger.abort(
-                f"{len(answers)} of the {settings.decryptors} decryptors answered and no "
+                f"{answered} of the {settings.decryptors} decryptors answered and no "
                 "contributing client is left to ask"
             )
+        digest_only = {cid: plain is not None or i > 0 for i, cid in enumerate(asked)}
         requests: Mapping[int, bytes] = {
             cid: messages.encode(
                 messages.HeDecryptRequest(
-                    round_, cid, ciphertexts, contributors, settings.scheme, dim
+                    round_, cid, ciphertexts, contributors, settings.scheme, dim, digest_only[cid]
                 )
             )
             for cid in asked
@@ -238,21 +243,29 @@ def _decrypt(
                 ledger.drop("decrypt", cid, str(exc))
                 continue
             wrong = messages.addressing_problem(reply, cid, round_)
-            if wrong is None and (
-                reply.plain.dtype != dtype or tuple(reply.plain.shape) != (dim + 1,)
-            ):
-                wrong = f"plaintext of {reply.plain.dtype} {tuple(reply.plain.shape)}, expected {dtype} ({dim + 1},)"
+            shape = (0,) if digest_only[cid] else (dim + 1,)
+            if wrong is None and (reply.plain.dtype != dtype or tuple(reply.plain.shape) != shape):
+                wrong = (
+                    f"plaintext of {reply.plain.dtype} {tuple(reply.plain.shape)}, expected "
+                    f"{dtype} {shape}"
+                )
+            if wrong is None and digest_only[cid] != (len(reply.digest) > 0):
+                wrong = "a digest where a plaintext was asked for, or none where one was"
             if wrong is not None:
                 ledger.drop("decrypt", cid, wrong)
                 continue
-            answers[cid] = reply.plain.numpy()
-    first, *others = sorted(answers)
-    for other in others:
-        if not np.array_equal(answers[first], answers[other]):
+            if digest_only[cid]:
+                digests[cid] = reply.digest
+            else:
+                plain = (cid, reply.plain.numpy())
+    first, answer = plain
+    expected = he.plain_digest(answer)
+    for other, digest in sorted(digests.items()):
+        if digest != expected:
             for cid in (first, other):
                 ledger.problems.append((cid, "decrypt: the decryptors' plaintexts differ"))
             raise ledger.abort(
                 f"decryptors {first} and {other} returned different plaintexts of the same sum "
                 "(one of them lies)"
             )
-    return answers[first]
+    return answer

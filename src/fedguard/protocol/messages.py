@@ -450,7 +450,9 @@ class HeEncrypted:
 @dataclass(frozen=True)
 class HeDecryptRequest:
     """Server to a key-holding client: decrypt the homomorphic sum (keyed 0, 1, ...) of the
-    encrypted updates of ``survivors`` (``scheme``, ``dim``: what it must decrypt to)."""
+    encrypted updates of ``survivors`` (``scheme``, ``dim``: what it must decrypt to);
+    ``digest_only``: send only the SHA-256 digest of the plaintext (a second decryptor, whose
+    answer is compared with the first's)."""
 
     round: int
     client_id: int
@@ -458,17 +460,20 @@ class HeDecryptRequest:
     survivors: list[int]
     scheme: str
     dim: int
+    digest_only: bool = False
 
 
 @dataclass(frozen=True)
 class HeDecrypted:
     """Reply to :class:`HeDecryptRequest`: the plaintext sum (BFV: its residues modulo
     ``2^bits``, int32 when ``bits <= 32``, else int64; CKKS: float64; see
-    :func:`fedguard.protocol.he.wire_plain`)."""
+    :func:`fedguard.protocol.he.wire_plain`), or for a digest-only request an empty ``plain``
+    and the plaintext's :func:`fedguard.protocol.he.plain_digest`."""
 
     round: int
     client_id: int
     plain: torch.Tensor
+    digest: bytes = b""  # a digest-only request's answer (then ``plain`` is empty)
 
 
 HeMessage = HeEncryptRequest | HeEncrypted | HeDecryptRequest | HeDecrypted
@@ -530,7 +535,7 @@ _RING_FIELDS = {
     "masked",
     "plain",
 }  # integer (or a CKKS sum's float64) tensors, sent with their dtype
-_BYTES_FIELDS = {"c_public", "s_public", "signature", "nonce", "commitment", "reveal"}
+_BYTES_FIELDS = {"c_public", "s_public", "signature", "nonce", "commitment", "reveal", "digest"}
 _ID_LIST_FIELDS = {"sampled", "alive", "dropped", "survivors"}  # distinct client ids, as int64
 _BYTE_MAP_FIELDS = {
     "public_keys",
@@ -629,6 +634,7 @@ class _HeTaskFields(_TaskFields):
 class _HeDecryptFields(_Fields):
     scheme: Literal["bfv", "ckks"]
     dim: Annotated[int, _within(1, MAX_DIM)]
+    digest_only: Annotated[bool, Field(strict=True)]
 
 
 class _RegistrationFields(_Fields):
@@ -709,7 +715,10 @@ SCHEMA: dict[type, tuple[type[_Fields], dict[str, _TensorSpec]]] = {
     ),
     HeEncrypted: (_Fields, {"map.ciphertexts": _BYTES, "bytes.signature": _SIGNATURE}),
     HeDecryptRequest: (_HeDecryptFields, {"map.ciphertexts": _BYTES, "ids.survivors": _IDS}),
-    HeDecrypted: (_Fields, {"plain": _TensorSpec(frozenset({"I32", "I64", "F64"}))}),
+    HeDecrypted: (
+        _Fields,
+        {"plain": _TensorSpec(frozenset({"I32", "I64", "F64"})), "bytes.digest": _OPTIONAL_DIGEST},
+    ),
 }
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import time
 from collections import Counter
 from collections.abc import Iterable
 
@@ -119,8 +120,16 @@ def test_two_hundred_malformed_messages_then_a_normal_round(tmp_path) -> None:
         assert isinstance(registering, messages.RegisterTask)
         registered = grpc_deploy.demo_app(config, 1).handle(1, b"".join(c.data for c in chunks))
         assert fz.push(_reply(chunks[0].header.task_id, token, registered)) is Code.OK
-        fresh = wire_pb2.PullRequest(credentials=_creds(1, token)).SerializeToString()
-        code, chunks = fz.pull(fresh)
+        # the server makes the round's fit task once the registrations are in: until then a pull
+        # is answered "idle" (seen on a loaded machine), so poll as a client does
+        deadline = time.monotonic() + 30.0
+        while True:
+            fresh = wire_pb2.PullRequest(credentials=_creds(1, token)).SerializeToString()
+            code, chunks = fz.pull(fresh)
+            idle = code is Code.OK and chunks and chunks[0].status == wire_pb2.PULL_STATUS_IDLE
+            if not idle or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         assert code is Code.OK and chunks[0].status == wire_pb2.PULL_STATUS_TASK
         task_id = chunks[0].header.task_id
         task = messages.decode(b"".join(c.data for c in chunks))

@@ -591,7 +591,7 @@ def heatmap(rows: list[dict[str, Any]], path: Path) -> None:
                         color="white" if light else "black",
                     )
         seeds = sorted({r["seed"] for r in rows if r["task"] == task and "strategy" in r})
-        ax.set_xticks(range(len(alphas)), [a if a == "iid" else f"α={a}" for a in alphas])
+        ax.set_xticks(range(len(alphas)), alphas)
         ax.set_yticks(range(len(strategies)), strategies)
         ax.set_title(
             f"{task}: median final test accuracy\n(seeds {', '.join(map(str, seeds))})", fontsize=10

@@ -26,9 +26,12 @@ same model from the same initial weights trained only on the client's own traini
 many epochs as the federated run trains in all its rounds, evaluated on the same held-out split
 (its ``*_global_*`` fields are null: there is no global model).
 
-**Skew rows** (optimizer rows with a ``"skew"`` key): ``"quantity"`` (``data.partition =
-"quantity"``: client sizes spread 10x, labels IID) and ``"feature"`` (IID labels, each client's
-images under its own brightness / contrast shift, the test images unshifted).
+**Skew rows** (optimizer rows with a ``"skew"`` key and ``alpha`` ``"iid"``; the data split is
+built here, as a :class:`~fedguard.data.dataset.FederatedDataset`): ``"quantity"`` (client sizes
+spaced geometrically from 1 to 10, the largest client 10x the smallest, labels IID) and
+``"feature"`` (an IID split, each client's training images under its own brightness / contrast
+shift, the validation and test images unshifted). Their ``rounds_to_target`` is against the
+plain IID run of the same strategy and seed.
 
 Tasks (``TASKS``):
 
@@ -210,8 +213,6 @@ def optimizer_config(
         cfg["server"].update({"beta1": 0.9, "beta2": 0.99, "tau": 1e-3})
     key, _ = GRIDS[task][strategy]
     _set(cfg, key, value)
-    if skew == "quantity":
-        cfg["data"].update({"partition": "quantity", "quantity_ratio": 10.0})
     return cfg
 
 
@@ -233,14 +234,14 @@ def _extra(task: str) -> dict[str, Any]:
     return {"model_fn": mlp, "data_fn": digits_data} if task == "digits" else {}
 
 
-def _experiment(task: str, cfg_dict: dict[str, Any], feature_skew: bool = False):
+def _experiment(task: str, cfg_dict: dict[str, Any], skew: str | None = None):
     from fedguard.experiment import assembly
     from fedguard.experiment.config import validate
 
     cfg = validate(cfg_dict)
     extra = _extra(task)
-    if feature_skew:
-        extra["data_fn"] = _feature_skewed(task, cfg)
+    if skew is not None:
+        extra["data_fn"] = _skewed(task, cfg, skew)
     return cfg, assembly.Experiment(cfg, **extra)
 
 
@@ -252,12 +253,12 @@ def _accuracy(exp, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> fl
         return float(central_metrics(exp.model, x, y, 1024)["test_accuracy"])
 
 
-def run_optimizer(task: str, cfg_dict: dict[str, Any], feature_skew: bool = False) -> dict:
+def run_optimizer(task: str, cfg_dict: dict[str, Any], skew: str | None = None) -> dict:
     """One run: the test accuracy after every round and the final validation accuracy."""
     from fedguard.protocol.driver import RoundFailedError
 
     start = time.perf_counter()
-    cfg, exp = _experiment(task, cfg_dict, feature_skew)
+    cfg, exp = _experiment(task, cfg_dict, skew)
     try:
         params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
         curve, failed = [], 0
@@ -353,12 +354,18 @@ def _local_only(cfg, exp) -> dict[str, Any]:
     }
 
 
-def _feature_skewed(task: str, cfg):
-    """The task's data with each client's training images under its own brightness / contrast
-    shift (feature skew): client k's images become ``clip(c_k * x + b_k, 0, 1)`` with
-    ``c_k ~ U(0.5, 1.5)``, ``b_k ~ U(-0.3, 0.3)`` drawn from the seed; test and validation stay
-    as they are. Returned as a :class:`FederatedDataset` with an IID split."""
-    from fedguard.data import partition as partitioners
+QUANTITY_RATIO = 10.0  # quantity skew: the largest client's size over the smallest's
+
+
+def _skewed(task: str, cfg, skew: str):
+    """The task's data over ``cfg.data.num_clients`` clients with IID labels and ``skew``:
+
+    * ``"quantity"``: client k holds a share proportional to ``QUANTITY_RATIO ** (k / (K - 1))``
+      of the shuffled training set (sizes 1x to 10x);
+    * ``"feature"``: an IID split, client k's images become ``clip(c_k * x + b_k, 0, 1)`` with
+      ``c_k ~ U(0.5, 1.5)``, ``b_k ~ U(-0.3, 0.3)`` (pixel values in [0, 1]).
+
+    Drawn from the experiment's seed; validation and test images stay as they are."""
     from fedguard.data import registry
     from fedguard.data.dataset import ArrayDataset, FederatedDataset
 
@@ -368,14 +375,21 @@ def _feature_skewed(task: str, cfg):
         splits = registry.load_dataset(
             cfg.data.dataset, path=cfg.data.path, seed=cfg.experiment.seed, test_fraction=0.2
         )
-    scale = 1.0 if task == "digits" else 1.0 / max(1.0, float(np.max(splits.train.x)))
-    rng = np.random.default_rng([cfg.experiment.seed, 0xFEA7])
-    parts = partitioners.iid(len(splits.train.y), cfg.data.num_clients, rng)
+    k_clients = cfg.data.num_clients
+    rng = np.random.default_rng([cfg.experiment.seed, 0x5CE7])
+    order = rng.permutation(len(splits.train.y))
+    if skew == "quantity":
+        weights = QUANTITY_RATIO ** (np.arange(k_clients) / max(1, k_clients - 1))
+    else:
+        weights = np.ones(k_clients)
+    cuts = np.round(np.cumsum(weights) / weights.sum() * len(order)).astype(int)[:-1]
     clients = {}
-    for k, idx in enumerate(parts):
-        contrast, brightness = rng.uniform(0.5, 1.5), rng.uniform(-0.3, 0.3)
-        x = np.clip(contrast * splits.train.x[idx] * scale + brightness, 0.0, 1.0) / scale
-        clients[f"client{k}"] = ArrayDataset(x.astype(np.float32), splits.train.y[idx])
+    for k, idx in enumerate(np.split(order, cuts)):
+        x = splits.train.x[np.sort(idx)]
+        if skew == "feature":
+            contrast, brightness = rng.uniform(0.5, 1.5), rng.uniform(-0.3, 0.3)
+            x = np.clip(contrast * x + brightness, 0.0, 1.0)
+        clients[f"client{k}"] = ArrayDataset(x.astype(np.float32), splits.train.y[np.sort(idx)])
     data = FederatedDataset(
         clients, splits.test, splits.num_classes, val=splits.val, class_names=splits.class_names
     )
@@ -794,7 +808,7 @@ def main() -> None:
                 data_root,
                 job.get("skew"),
             )
-            result = run_optimizer(args.task, cfg, feature_skew=job.get("skew") == "feature")
+            result = run_optimizer(args.task, cfg, skew=job.get("skew"))
             what = (
                 f"{job['strategy']} {GRIDS[args.task][job['strategy']][0]}={job['value']}: "
                 f"test {result['test_curve'][-1]:.3f} val {result['val_accuracy']:.3f}"

@@ -551,17 +551,17 @@ def medians(rows: list[dict[str, Any]], task: str, skew: str | None = None) -> d
             cells.setdefault((r["strategy"], str(r["alpha"])), []).append(r)
     out = {}
     for key, group in cells.items():
-        reached = [g["rounds_to_target"] for g in group]
+        # rows without an IID run to take the target from do not count
+        reached = [g["rounds_to_target"] for g in group if g.get("target_accuracy") is not None]
         # a run that never reaches the target counts as later than any that does
         ordered = sorted(reached, key=lambda v: float("inf") if v is None else v)
-        mid = ordered[(len(ordered) - 1) // 2] if len(ordered) % 2 else None
-        if (
-            len(ordered) % 2 == 0
-            and None not in ordered[len(ordered) // 2 - 1 : len(ordered) // 2 + 1]
-        ):
-            mid = statistics.median(ordered)
-        if all(g.get("target_accuracy") is None for g in group):
-            mid = "-"  # no IID run to take the target from
+        n = len(ordered)
+        mid: int | float | str | None = "-"  # no IID run to take the target from
+        if n % 2:
+            mid = ordered[n // 2]
+        elif n:
+            pair = ordered[n // 2 - 1 : n // 2 + 1]
+            mid = None if None in pair else statistics.median(pair)
         out[key] = (statistics.median(g["final_accuracy"] for g in group), mid, len(group))
     return out
 

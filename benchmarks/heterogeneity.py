@@ -39,18 +39,23 @@ Tasks (``TASKS``):
   (stratified), 150 validation images, the rest over 20 clients; an MLP 64-32-10; SGD, 2 local
   epochs in batches of 16, every client in every round.
 * ``xray``: PneumoniaMNIST 28x28 (the medical example's data), 20 hospitals; ``image_cnn``; SGD,
-  1 local epoch in batches of 32 (optimizer rows); the personalisation rows use the medical
-  example's Adam 1e-3 (no augmentation).
+  1 local epoch in batches of 32 for optimizer rows (its grids in ``GRIDS``; not run for the
+  committed results); the personalisation rows use the medical example's Adam 1e-3 (no
+  augmentation).
 * ``speech``: the spoken digits (FSDD) over their natural split, one household per speaker (6);
   ``speech_cnn``; plain settings (Adam 1e-3, 1 local epoch, batch 32); personalisation only.
 
 Usage (what the committed results ran; see the JSON's ``settings``)::
 
     python benchmarks/heterogeneity.py --task digits --rounds 30
-    python benchmarks/heterogeneity.py --task xray --personalization none finetune ditto fedrep \\
-        fedper local --alphas 0.1 --rounds 15 --seeds 0
+    python benchmarks/heterogeneity.py --task digits --skew quantity \\
+        --strategies fedavg fedavgm fedadam feddyn --rounds 30
+    python benchmarks/heterogeneity.py --task digits --skew feature \\
+        --strategies fedavg fedavgm fedadam feddyn --rounds 30
     python benchmarks/heterogeneity.py --task speech --personalization none finetune ditto \\
-        fedrep local --rounds 10 --seeds 0
+        fedrep fedper local --rounds 10
+    python benchmarks/heterogeneity.py --task xray --alphas 0.1 --personalization none \\
+        finetune ditto fedrep fedper local --rounds 20
 
 Every finished run is written at once (``runs``) and skipped by a rerun with the same settings, so
 a stopped benchmark keeps what it finished; ``rows`` are derived from ``runs`` at every write.
@@ -526,11 +531,34 @@ def settings() -> dict[str, Any]:
     }
 
 
-def save(path: Path, runs: list[dict[str, Any]], ran: dict[str, Any]) -> None:
+def scope(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the rows hold, per task and kind: the strategies or methods, alphas, seeds and
+    rounds that have a row (so a reduced run is never read as the full grid)."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        if "strategy" in r:
+            name = f"{r['task']}/optimizer" + (f"/{r['skew']} skew" if r.get("skew") else "")
+            what = ("strategies", r["strategy"])
+        else:
+            name, what = f"{r['task']}/personalization", ("methods", r["personalization"])
+        cell = out.setdefault(name, {what[0]: [], "alphas": [], "seeds": [], "rounds": []})
+        for key, value in (
+            what,
+            ("alphas", r["alpha"]),
+            ("seeds", r["seed"]),
+            ("rounds", r["rounds"]),
+        ):
+            if value not in cell[key]:
+                cell[key].append(value)
+        cell["rows"] = cell.get("rows", 0) + 1
+    return out
+
+
+def save(path: Path, runs: list[dict[str, Any]]) -> None:
     """Write runs and the rows derived from them (a temporary file, then a rename)."""
     rows = sorted(optimizer_rows(runs) + personal_rows(runs), key=_sort_key)
     out = {
-        "settings": {**settings(), "ran": ran},
+        "settings": {**settings(), "ran": scope(rows)},  # derived from the rows themselves
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "torch": torch.__version__,
         "rows": rows,
@@ -725,21 +753,20 @@ def main() -> None:
     data_root = args.data.resolve()
     doc = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs: list[dict[str, Any]] = doc.get("runs", [])
-    ran = doc.get("settings", {}).get("ran", {})
     done = {_run_key(r) for r in runs}
     if args.merge:
         for other in args.merge:
             more = json.loads(other.read_text())
             runs += [r for r in more.get("runs", []) if _run_key(r) not in done]
             done = {_run_key(r) for r in runs}
-            for k, v in more.get("settings", {}).get("ran", {}).items():
-                ran.setdefault(k, []).extend(x for x in v if x not in ran.get(k, []))
-        save(args.out, runs, ran)
+        save(args.out, runs)
         heatmap(optimizer_rows(runs), args.out.with_suffix(".png"))
         print(markdown(json.loads(args.out.read_text())["rows"]))
         print(f"merged {len(args.merge)} files into {args.out}: {len(runs)} runs")
         return
 
+    if not args.personalization and args.task not in GRIDS:
+        parser.error(f"--task {args.task}: personalisation rows only (--personalization ...)")
     jobs: list[dict[str, Any]] = []
     if args.personalization:
         alphas = ["natural"] if args.task == "speech" else args.alphas
@@ -775,14 +802,6 @@ def main() -> None:
                             job["skew"] = args.skew
                         jobs.append(job)
     todo = [j for j in jobs if _run_key(j) not in done]
-    label = "personalization" if args.personalization else "optimizer"
-    ran.setdefault(f"{args.task}/{label}{'/' + args.skew if args.skew else ''}", []).append(
-        {
-            k: (v if not isinstance(v, Path) else None)
-            for k, v in vars(args).items()
-            if k not in ("out", "data", "no_plot")
-        }
-    )
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to go", flush=True)
     started = time.perf_counter()
     for i, job in enumerate(todo, 1):
@@ -814,7 +833,7 @@ def main() -> None:
                 f"test {result['test_curve'][-1]:.3f} val {result['val_accuracy']:.3f}"
             )
         runs.append({**job, **result})
-        save(args.out, runs, ran)
+        save(args.out, runs)
         elapsed = time.perf_counter() - started
         eta = elapsed / i * (len(todo) - i)
         print(
@@ -822,7 +841,7 @@ def main() -> None:
             f"({result['seconds']:.1f} s; eta {eta / 60:.1f} min)",
             flush=True,
         )
-    save(args.out, runs, ran)
+    save(args.out, runs)
     if not args.no_plot:
         heatmap(optimizer_rows(runs), args.out.with_suffix(".png"))
     print(f"wrote {args.out}")

@@ -1,0 +1,851 @@
+"""How each federated optimizer converges as the clients' data diverge, and what personalisation
+gives each client (issue 22).
+
+Writes ``benchmarks/results/heterogeneity.json``: ``{"settings": {...}, "rows": [...], "runs":
+[...]}`` and a heatmap ``benchmarks/results/heterogeneity.png`` (strategy x alpha, median final
+test accuracy over seeds, one panel per task).
+
+**Optimizer rows** ``{"task", "strategy", "alpha", "seed", "final_accuracy", "rounds_to_target",
+"hyperparameter", "value", "rounds", "seconds"}``: ``alpha`` is the Dirichlet concentration of
+the label skew (a number) or ``"iid"``. Each strategy's main hyperparameter (``GRIDS``: the server
+learning rate for FedAdam and FedAvgM, ``mu`` for FedProx, ``alpha`` for FedDyn, the client
+learning rate for FedAvg, SCAFFOLD and FedNova) is picked per (task, strategy, alpha, seed) on the
+data set's validation split: every value of its grid runs, and the one whose final model is most
+accurate on the validation split (the first of the grid on a tie) gives the row's test numbers.
+``final_accuracy`` is the test accuracy after the last round; ``rounds_to_target`` the first round
+whose test accuracy reaches 95% of the final test accuracy of the IID run of the same task,
+strategy and seed (null if none does, or the IID run is missing). Why per cell: a fixed value
+tuned on IID data would measure the tuning, not the optimizer, on skewed data.
+
+**Personalisation rows** ``{"task", "personalization", "seed", "mean_personal_accuracy",
+"worst_personal_accuracy", "mean_global_accuracy", "worst_global_accuracy", ...}``: a FedAvg run
+with ``[personalization] method`` (none, finetune, ditto, fedrep, fedper), each client's personal
+and the global model on the client's own held-out split (``data.client_eval_fraction``), mean and
+worst client, as the run's ``summary.json`` reports them; and ``"local"``, each client alone: the
+same model from the same initial weights trained only on the client's own training split for as
+many epochs as the federated run trains in all its rounds, evaluated on the same held-out split
+(its ``*_global_*`` fields are null: there is no global model).
+
+**Skew rows** (optimizer rows with a ``"skew"`` key and ``alpha`` ``"iid"``; the data split is
+built here, as a :class:`~fedguard.data.dataset.FederatedDataset`): ``"quantity"`` (client sizes
+spaced geometrically from 1 to 10, the largest client 10x the smallest, labels IID) and
+``"feature"`` (an IID split, each client's training images under its own brightness / contrast
+shift, the validation and test images unshifted). Their ``rounds_to_target`` is against the
+plain IID run of the same strategy and seed.
+
+Tasks (``TASKS``):
+
+* ``digits``: scikit-learn's 8x8 digits (1,797 images, 10 classes, pixels / 16): 25% test
+  (stratified), 150 validation images, the rest over 20 clients; an MLP 64-32-10; SGD, 2 local
+  epochs in batches of 16, every client in every round.
+* ``xray``: PneumoniaMNIST 28x28 (the medical example's data), 20 hospitals; ``image_cnn``; SGD,
+  1 local epoch in batches of 32 for optimizer rows (its grids in ``GRIDS``; not run for the
+  committed results); the personalisation rows use the medical example's Adam 1e-3 (no
+  augmentation).
+* ``speech``: the spoken digits (FSDD) over their natural split, one household per speaker (6);
+  ``speech_cnn``; plain settings (Adam 1e-3, 1 local epoch, batch 32); personalisation only.
+
+Usage (what the committed results ran; see the JSON's ``settings``)::
+
+    python benchmarks/heterogeneity.py --task digits --rounds 30
+    python benchmarks/heterogeneity.py --task digits --skew quantity \\
+        --strategies fedavg fedavgm fedadam feddyn --rounds 30
+    python benchmarks/heterogeneity.py --task digits --skew feature \\
+        --strategies fedavg fedavgm fedadam feddyn --rounds 30
+    python benchmarks/heterogeneity.py --task speech --personalization none finetune ditto \\
+        fedrep fedper local --rounds 10
+    python benchmarks/heterogeneity.py --task xray --alphas 0.1 --personalization none \\
+        finetune ditto fedrep fedper local --rounds 20
+
+Every finished run is written at once (``runs``) and skipped by a rerun with the same settings, so
+a stopped benchmark keeps what it finished; ``rows`` are derived from ``runs`` at every write.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DEFAULT_DATA = ROOT.parent / "shared" / "data"
+DEFAULT_OUT = RESULTS / "heterogeneity.json"
+
+TASKS = ("digits", "xray", "speech")
+CLIENTS = {"digits": 20, "xray": 20, "speech": 6}
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "scaffold", "fedadam", "feddyn", "fednova")
+ALPHAS: tuple[float | str, ...] = (0.05, 0.1, 0.3, 1.0, "iid")
+PERSONALIZATION = ("none", "finetune", "ditto", "fedrep", "fedper", "local")
+TARGET = 0.95  # rounds_to_target: 95% of the IID run's final accuracy
+
+# Per task: the client learning rate of the strategies whose tuned value is elsewhere.
+CLIENT_LR = {"digits": 0.3, "xray": 0.03}
+# (hyperparameter, grid) per task and strategy: the value tuned on the validation split. Digits:
+# a first try at a client lr of 0.1 found FedAvg's best value at the grid's top (0.3, alpha
+# 0.05), so the grids are centred on 0.3 and span a factor of 10 (100 for the server ones).
+GRIDS: dict[str, dict[str, tuple[str, tuple[float, ...]]]] = {
+    "digits": {
+        "fedavg": ("client.lr", (0.1, 0.3, 1.0)),
+        "fedavgm": ("server.server_lr", (0.1, 0.3, 1.0)),
+        "fedprox": ("client.proximal_mu", (0.001, 0.01, 0.1)),
+        "scaffold": ("client.lr", (0.1, 0.3, 1.0)),
+        "fedadam": ("server.server_lr", (0.001, 0.01, 0.1)),
+        "feddyn": ("server.feddyn_alpha", (0.001, 0.01, 0.1)),
+        "fednova": ("client.lr", (0.1, 0.3, 1.0)),
+    },
+    "xray": {
+        "fedavg": ("client.lr", (0.01, 0.03, 0.1)),
+        "fedavgm": ("server.server_lr", (0.1, 0.3, 1.0)),
+        "fedprox": ("client.proximal_mu", (0.001, 0.01, 0.1)),
+        "scaffold": ("client.lr", (0.01, 0.03, 0.1)),
+        "fedadam": ("server.server_lr", (0.001, 0.003, 0.01)),
+        "feddyn": ("server.feddyn_alpha", (0.001, 0.01, 0.1)),
+        "fednova": ("client.lr", (0.01, 0.03, 0.1)),
+    },
+}
+CLIENT_EVAL_FRACTION = 0.2  # personalisation: each client's held-out share of its own data
+DIGITS_VALIDATION = 150
+
+
+def digits_data():
+    """scikit-learn's 8x8 digits as [N, 1, 8, 8] images in [0, 1]: a stratified 25% test split,
+    150 validation images (the tuning split, never on a client) and the training rest."""
+    from sklearn import datasets
+    from sklearn.model_selection import train_test_split
+
+    from fedguard.data.dataset import ArrayDataset, DatasetSplits
+
+    bunch = datasets.load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None]
+    y = bunch.target.astype(np.int64)
+    x_rest, x_te, y_rest, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        x_rest, y_rest, test_size=DIGITS_VALIDATION, random_state=0, stratify=y_rest
+    )
+    return DatasetSplits(
+        "digits",
+        ArrayDataset(x_tr, y_tr),
+        ArrayDataset(x_te, y_te),
+        10,
+        val=ArrayDataset(x_va, y_va),
+        class_names=tuple(str(c) for c in range(10)),
+    )
+
+
+def mlp(input_shape: tuple[int, ...], num_classes: int):
+    """Flatten, 64 -> 32 ReLU -> classes (the digits model of the robustness benchmark)."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(int(np.prod(input_shape)), 32),
+        nn.ReLU(),
+        nn.Linear(32, num_classes),
+    )
+
+
+def _set(cfg: dict[str, Any], key: str, value: Any) -> None:
+    section, name = key.split(".")
+    cfg.setdefault(section, {})[name] = value
+
+
+def base_config(task: str, seed: int, rounds: int, data_root: Path) -> dict[str, Any]:
+    """The task's experiment tables (FedAvg, IID); the callers set the rest."""
+    if task == "digits":
+        cfg: dict[str, Any] = {
+            "data": {"dataset": "digits"},
+            "model": {"name": "mlp"},
+            "client": {"optimizer": "sgd", "lr": CLIENT_LR[task], "epochs": 2, "batch_size": 16},
+        }
+    elif task == "xray":
+        cfg = {
+            "data": {
+                "dataset": "pneumoniamnist",
+                "path": str(data_root / "medmnist" / "pneumoniamnist.npz"),
+            },
+            "model": {"name": "image_cnn"},
+            "client": {"optimizer": "sgd", "lr": CLIENT_LR[task], "epochs": 1, "batch_size": 32},
+        }
+    elif task == "speech":
+        cfg = {
+            "data": {"dataset": "fsdd", "path": str(data_root / "fsdd"), "partition": "natural"},
+            "model": {"name": "speech_cnn"},
+            "client": {"optimizer": "adam", "lr": 1e-3, "epochs": 1, "batch_size": 32},
+        }
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    cfg["experiment"] = {"name": f"heterogeneity-{task}", "seed": seed, "rounds": rounds}
+    cfg["data"]["num_clients"] = CLIENTS[task]
+    cfg["server"] = {"strategy": "fedavg"}
+    cfg["evaluation"] = {"every": 0, "split": "test"}
+    # digits: the cohort engine (vectorised local training; the same results as in-process,
+    # measured faster for 20 small clients); the larger models run in-process
+    cfg["runtime"] = {"threads": 1, "kind": "cohort" if task == "digits" else "inprocess"}
+    return cfg
+
+
+def _partition(cfg: dict[str, Any], alpha: float | str) -> None:
+    if alpha == "iid":
+        cfg["data"]["partition"] = "iid"
+    elif alpha != "natural":
+        cfg["data"].update({"partition": "dirichlet", "alpha": float(alpha)})
+
+
+def optimizer_config(
+    task: str,
+    strategy: str,
+    alpha: float | str,
+    seed: int,
+    value: float,
+    rounds: int,
+    data_root: Path,
+    skew: str | None = None,
+) -> dict[str, Any]:
+    """One tuning run: ``strategy`` with its hyperparameter at ``value``."""
+    cfg = base_config(task, seed, rounds, data_root)
+    _partition(cfg, alpha)
+    cfg["server"]["strategy"] = strategy
+    if strategy == "fedadam":
+        cfg["server"].update({"beta1": 0.9, "beta2": 0.99, "tau": 1e-3})
+    key, _ = GRIDS[task][strategy]
+    _set(cfg, key, value)
+    return cfg
+
+
+def personal_config(
+    task: str, method: str, alpha: float | str, seed: int, rounds: int, data_root: Path
+) -> dict[str, Any]:
+    """A FedAvg run with ``[personalization] method`` and a held-out share on every client."""
+    cfg = base_config(task, seed, rounds, data_root)
+    _partition(cfg, alpha)
+    if task == "xray":  # the medical example's local optimizer
+        cfg["client"].update({"optimizer": "adam", "lr": 1e-3})
+    cfg["data"]["client_eval_fraction"] = CLIENT_EVAL_FRACTION
+    if method not in ("none", "local"):
+        cfg["personalization"] = {"method": method, "epochs": 1}
+    return cfg
+
+
+def _extra(task: str) -> dict[str, Any]:
+    return {"model_fn": mlp, "data_fn": digits_data} if task == "digits" else {}
+
+
+def _experiment(task: str, cfg_dict: dict[str, Any], skew: str | None = None):
+    from fedguard.experiment import assembly
+    from fedguard.experiment.config import validate
+
+    cfg = validate(cfg_dict)
+    extra = _extra(task)
+    if skew is not None:
+        extra["data_fn"] = _skewed(task, cfg, skew)
+    return cfg, assembly.Experiment(cfg, **extra)
+
+
+def _accuracy(exp, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> float:
+    from fedguard.experiment.assembly import central_metrics
+
+    exp.model.set_flat(params)
+    with torch.no_grad():
+        return float(central_metrics(exp.model, x, y, 1024)["test_accuracy"])
+
+
+def run_optimizer(task: str, cfg_dict: dict[str, Any], skew: str | None = None) -> dict:
+    """One run: the test accuracy after every round and the final validation accuracy."""
+    from fedguard.protocol.driver import RoundFailedError
+
+    start = time.perf_counter()
+    cfg, exp = _experiment(task, cfg_dict, skew)
+    try:
+        params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
+        curve, failed = [], 0
+        for round_ in range(1, cfg.experiment.rounds + 1):
+            try:
+                result = exp.driver.fit_round(round_, params, state)
+                params, state = result.params, result.state
+            except RoundFailedError:
+                failed += 1  # the model stays as it was, as in a run
+            curve.append(_accuracy(exp, params, exp.eval_x, exp.eval_y))
+        val = _accuracy(exp, params, exp.fed.val_x, exp.fed.val_y)
+    finally:
+        exp.close()
+    return {
+        "test_curve": curve,
+        "val_accuracy": val,
+        "rounds_failed": failed,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def run_personal(task: str, method: str, cfg_dict: dict[str, Any]) -> dict:
+    """A personalised FedAvg run (or ``local``: each client alone); the personal summary."""
+    start = time.perf_counter()
+    cfg, exp = _experiment(task, cfg_dict)
+    try:
+        if method == "local":
+            out = _local_only(cfg, exp)
+        else:
+            params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
+            for round_ in range(1, cfg.experiment.rounds + 1):
+                result = exp.driver.fit_round(round_, params, state)
+                params, state = result.params, result.state
+            metrics = exp.evaluate_round(cfg.experiment.rounds, params)
+            test = _accuracy(exp, params, exp.eval_x, exp.eval_y)
+            if method == "none":  # no personal model: the global model is each client's model
+                metrics.update(_global_on_own(exp, params))
+                metrics["personal_accuracy_mean"] = metrics["global_accuracy_mean"]
+                metrics["personal_accuracy_worst"] = metrics["global_accuracy_worst"]
+            out = {
+                "mean_personal_accuracy": metrics["personal_accuracy_mean"],
+                "worst_personal_accuracy": metrics["personal_accuracy_worst"],
+                "mean_global_accuracy": metrics["global_accuracy_mean"],
+                "worst_global_accuracy": metrics["global_accuracy_worst"],
+                "test_accuracy": test,
+            }
+    finally:
+        exp.close()
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _own_eval(exp) -> list[int]:
+    return sorted(c for c in exp.fed.own_eval if exp.fed.clients[c].eval_y is not None)
+
+
+def _global_on_own(exp, params: torch.Tensor) -> dict[str, float]:
+    """The global model on each client's own held-out split: mean and worst client."""
+    accs = [
+        _accuracy(exp, params, exp.fed.clients[c].eval_x, exp.fed.clients[c].eval_y)
+        for c in _own_eval(exp)
+    ]
+    return {"global_accuracy_mean": float(np.mean(accs)), "global_accuracy_worst": min(accs)}
+
+
+def _local_only(cfg, exp) -> dict[str, Any]:
+    """Each client alone: the run's model from its initial weights, trained on the client's own
+    training split for rounds x client.epochs epochs with the run's local optimizer, evaluated
+    on the client's held-out split (the one the personalised runs are scored on)."""
+    from fedguard.client import training
+
+    c = cfg.client
+    local = training.LocalTraining(
+        optimizer=training.LocalOptimizer(c.optimizer),
+        lr=c.lr,
+        momentum=c.momentum,
+        epochs=c.epochs * cfg.experiment.rounds,
+        batch_size=c.batch_size,
+    )
+    accs = []
+    for cid in _own_eval(exp):
+        d = exp.fed.clients[cid]
+        exp.model.set_flat(exp.initial_params)
+        generator = torch.Generator().manual_seed(cfg.experiment.seed * 100_003 + cid)
+        training.train(exp.model, d.train_x, d.train_y, local, generator=generator)
+        accs.append(_accuracy(exp, exp.model.get_flat(), d.eval_x, d.eval_y))
+    return {
+        "mean_personal_accuracy": float(np.mean(accs)),
+        "worst_personal_accuracy": min(accs),
+        "mean_global_accuracy": None,
+        "worst_global_accuracy": None,
+        "local_epochs": local.epochs,
+    }
+
+
+QUANTITY_RATIO = 10.0  # quantity skew: the largest client's size over the smallest's
+
+
+def _skewed(task: str, cfg, skew: str):
+    """The task's data over ``cfg.data.num_clients`` clients with IID labels and ``skew``:
+
+    * ``"quantity"``: client k holds a share proportional to ``QUANTITY_RATIO ** (k / (K - 1))``
+      of the shuffled training set (sizes 1x to 10x);
+    * ``"feature"``: an IID split, client k's images become ``clip(c_k * x + b_k, 0, 1)`` with
+      ``c_k ~ U(0.5, 1.5)``, ``b_k ~ U(-0.3, 0.3)`` (pixel values in [0, 1]).
+
+    Drawn from the experiment's seed; validation and test images stay as they are."""
+    from fedguard.data import registry
+    from fedguard.data.dataset import ArrayDataset, FederatedDataset
+
+    if task == "digits":
+        splits = digits_data()
+    else:
+        splits = registry.load_dataset(
+            cfg.data.dataset, path=cfg.data.path, seed=cfg.experiment.seed, test_fraction=0.2
+        )
+    k_clients = cfg.data.num_clients
+    rng = np.random.default_rng([cfg.experiment.seed, 0x5CE7])
+    order = rng.permutation(len(splits.train.y))
+    if skew == "quantity":
+        weights = QUANTITY_RATIO ** (np.arange(k_clients) / max(1, k_clients - 1))
+    else:
+        weights = np.ones(k_clients)
+    cuts = np.round(np.cumsum(weights) / weights.sum() * len(order)).astype(int)[:-1]
+    clients = {}
+    for k, idx in enumerate(np.split(order, cuts)):
+        x = splits.train.x[np.sort(idx)]
+        if skew == "feature":
+            contrast, brightness = rng.uniform(0.5, 1.5), rng.uniform(-0.3, 0.3)
+            x = np.clip(contrast * x + brightness, 0.0, 1.0)
+        clients[f"client{k}"] = ArrayDataset(x.astype(np.float32), splits.train.y[np.sort(idx)])
+    data = FederatedDataset(
+        clients, splits.test, splits.num_classes, val=splits.val, class_names=splits.class_names
+    )
+
+    def load():
+        return data
+
+    return load
+
+
+# --------------------------------------------------------------------------------- bookkeeping
+
+
+def _run_key(run: dict[str, Any]) -> tuple:
+    return (
+        run["kind"],
+        run["task"],
+        run.get("skew"),
+        run.get("strategy"),
+        run.get("personalization"),
+        str(run["alpha"]),
+        run["seed"],
+        run.get("value"),
+        run["rounds"],
+    )
+
+
+def optimizer_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per (task, skew, strategy, alpha, seed, rounds): the grid value with the best validation
+    accuracy, its final test accuracy and its rounds to 95% of the matching IID run's."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in runs:
+        if r["kind"] == "optimizer":
+            key = (r["task"], r.get("skew"), r["strategy"], str(r["alpha"]), r["seed"], r["rounds"])
+            cells.setdefault(key, []).append(r)
+    picked: dict[tuple, dict] = {}
+    for key, group in cells.items():
+        grid = GRIDS[key[0]][key[2]][1]
+        if {g["value"] for g in group} != set(grid):
+            continue  # the grid is not complete yet: no row
+        group.sort(key=lambda g: grid.index(g["value"]))
+        picked[key] = max(group, key=lambda g: g["val_accuracy"])  # first best on a tie
+    rows = []
+    for key, run in picked.items():
+        task, skew, strategy, alpha, seed, rounds = key
+        iid = picked.get((task, None, strategy, "iid", seed, rounds))
+        target = None if iid is None else TARGET * iid["test_curve"][-1]
+        reached = None
+        if target is not None:
+            reached = next(
+                (i + 1 for i, a in enumerate(run["test_curve"]) if a >= target - 1e-12), None
+            )
+        row: dict[str, Any] = {
+            "task": task,
+            "strategy": strategy,
+            "alpha": run["alpha"],
+            "seed": seed,
+            "final_accuracy": run["test_curve"][-1],
+            "rounds_to_target": reached,
+            "target_accuracy": target,
+            "hyperparameter": GRIDS[task][strategy][0],
+            "value": run["value"],
+            "val_accuracy": run["val_accuracy"],
+            "rounds": rounds,
+            "seconds": round(sum(g["seconds"] for g in cells[key]), 1),
+        }
+        if skew is not None:
+            row["skew"] = skew
+        rows.append(row)
+    return rows
+
+
+def personal_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    fields = (
+        "mean_personal_accuracy",
+        "worst_personal_accuracy",
+        "mean_global_accuracy",
+        "worst_global_accuracy",
+    )
+    rows = []
+    for r in runs:
+        if r["kind"] != "personal":
+            continue
+        row = {"task": r["task"], "personalization": r["personalization"], "seed": r["seed"]}
+        row.update({f: r[f] for f in fields})
+        row.update({"alpha": r["alpha"], "rounds": r["rounds"], "seconds": round(r["seconds"], 1)})
+        for extra in ("test_accuracy", "local_epochs"):
+            if extra in r:
+                row[extra] = r[extra]
+        rows.append(row)
+    return rows
+
+
+def _sort_key(row: dict[str, Any]) -> tuple:
+    alpha = row.get("alpha")
+    a = (1, 0.0) if isinstance(alpha, str) else (0, float(alpha or 0.0))
+    return (
+        TASKS.index(row["task"]),
+        "personalization" in row,
+        row.get("skew") or "",
+        STRATEGIES.index(row["strategy"]) if "strategy" in row else 0,
+        PERSONALIZATION.index(row["personalization"]) if "personalization" in row else 0,
+        a,
+        row["seed"],
+    )
+
+
+def settings() -> dict[str, Any]:
+    """What every run shares: the tasks' base settings and the tuning grids."""
+    return {
+        "tasks": {t: base_config(t, 0, 0, Path("<data>")) for t in TASKS},
+        "clients": CLIENTS,
+        "grids": {
+            t: {s: {"key": k, "values": list(v)} for s, (k, v) in g.items()}
+            for t, g in GRIDS.items()
+        },
+        "client_lr_when_not_tuned": CLIENT_LR,
+        "fedavgm_server_momentum": 0.9,
+        "fedadam": {"beta1": 0.9, "beta2": 0.99, "tau": 1e-3},
+        "tuning": "per (task, strategy, alpha, seed): the grid value with the best final "
+        "validation accuracy (first on a tie); its test accuracy is reported",
+        "rounds_to_target": f"first round with test accuracy >= {TARGET} x the final test "
+        "accuracy of the IID run of the same task, strategy and seed",
+        "personalization": {
+            "strategy": "fedavg",
+            "client_eval_fraction": CLIENT_EVAL_FRACTION,
+            "epochs": 1,
+            "ditto_lambda": 0.1,
+            "head": "the model's last layer",
+            "xray_client": {"optimizer": "adam", "lr": 1e-3},
+            "local": "each client alone, from the same initial weights, rounds x client.epochs "
+            "local epochs on its own training split",
+        },
+    }
+
+
+def scope(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the rows hold, per task and kind: the strategies or methods, alphas, seeds and
+    rounds that have a row (so a reduced run is never read as the full grid)."""
+    out: dict[str, Any] = {}
+    for r in rows:
+        if "strategy" in r:
+            name = f"{r['task']}/optimizer" + (f"/{r['skew']} skew" if r.get("skew") else "")
+            what = ("strategies", r["strategy"])
+        else:
+            name, what = f"{r['task']}/personalization", ("methods", r["personalization"])
+        cell = out.setdefault(name, {what[0]: [], "alphas": [], "seeds": [], "rounds": []})
+        for key, value in (
+            what,
+            ("alphas", r["alpha"]),
+            ("seeds", r["seed"]),
+            ("rounds", r["rounds"]),
+        ):
+            if value not in cell[key]:
+                cell[key].append(value)
+        cell["rows"] = cell.get("rows", 0) + 1
+    return out
+
+
+def save(path: Path, runs: list[dict[str, Any]]) -> None:
+    """Write runs and the rows derived from them (a temporary file, then a rename)."""
+    rows = sorted(optimizer_rows(runs) + personal_rows(runs), key=_sort_key)
+    out = {
+        "settings": {**settings(), "ran": scope(rows)},  # derived from the rows themselves
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "torch": torch.__version__,
+        "rows": rows,
+        "runs": sorted(runs, key=lambda r: tuple(str(v) for v in _run_key(r))),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def medians(rows: list[dict[str, Any]], task: str, skew: str | None = None) -> dict:
+    """(strategy, alpha) -> (median final accuracy, median rounds to target, seeds); the rounds
+    are None when the median seed never reached the target and "-" without an IID run."""
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if r["task"] == task and "strategy" in r and r.get("skew") == skew:
+            cells.setdefault((r["strategy"], str(r["alpha"])), []).append(r)
+    out = {}
+    for key, group in cells.items():
+        # rows without an IID run to take the target from do not count
+        reached = [g["rounds_to_target"] for g in group if g.get("target_accuracy") is not None]
+        # a run that never reaches the target counts as later than any that does
+        ordered = sorted(reached, key=lambda v: float("inf") if v is None else v)
+        n = len(ordered)
+        mid: int | float | str | None = "-"  # no IID run to take the target from
+        if n % 2:
+            mid = ordered[n // 2]
+        elif n:
+            pair = ordered[n // 2 - 1 : n // 2 + 1]
+            mid = None if None in pair else statistics.median(pair)
+        out[key] = (statistics.median(g["final_accuracy"] for g in group), mid, len(group))
+    return out
+
+
+def heatmap(rows: list[dict[str, Any]], path: Path) -> None:
+    """Strategy x alpha, median final test accuracy over seeds; one panel per task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [
+        t
+        for t in TASKS
+        if any(r["task"] == t and "strategy" in r and not r.get("skew") for r in rows)
+    ]
+    if not tasks:
+        return
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        cells = medians(rows, task)
+        strategies = [s for s in STRATEGIES if any(k[0] == s for k in cells)]
+        alphas = [str(a) for a in ALPHAS if any(k[1] == str(a) for k in cells)]
+        grid = np.full((len(strategies), len(alphas)), np.nan)
+        for i, s in enumerate(strategies):
+            for j, a in enumerate(alphas):
+                if (s, a) in cells:
+                    grid[i, j] = cells[(s, a)][0]
+        im = ax.imshow(grid, cmap="viridis", vmin=np.nanmin(grid), vmax=np.nanmax(grid))
+        for i in range(len(strategies)):
+            for j in range(len(alphas)):
+                if not np.isnan(grid[i, j]):
+                    light = grid[i, j] < (np.nanmin(grid) + np.nanmax(grid)) / 2
+                    ax.text(
+                        j,
+                        i,
+                        f"{grid[i, j]:.3f}",
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if light else "black",
+                    )
+        seeds = sorted({r["seed"] for r in rows if r["task"] == task and "strategy" in r})
+        ax.set_xticks(range(len(alphas)), alphas)
+        ax.set_yticks(range(len(strategies)), strategies)
+        ax.set_title(
+            f"{task}: median final test accuracy\n(seeds {', '.join(map(str, seeds))})", fontsize=10
+        )
+        ax.set_xlabel("label skew (Dirichlet alpha)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    """The README's tables: per task, strategy x alpha with the median final test accuracy and
+    the median rounds to target (">R": not reached within R rounds by the median seed); then
+    the personalisation rows, median over seeds."""
+    out = []
+    for task in TASKS:
+        for skew in (None, "quantity", "feature"):
+            cells = medians(rows, task, skew)
+            if not cells:
+                continue
+            alphas = [str(a) for a in ALPHAS if any(k[1] == str(a) for k in cells)]
+            seeds = sorted({r["seed"] for r in rows if r["task"] == task and "strategy" in r})
+            rounds = sorted({r["rounds"] for r in rows if r["task"] == task and "strategy" in r})
+            title = f"{task}" + (f", {skew} skew" if skew else "")
+            out.append(
+                f"**{title}** (median over seeds {', '.join(map(str, seeds))}; "
+                f"{', '.join(map(str, rounds))} rounds): final test accuracy (rounds to 95% of IID)"
+            )
+            out.append("")
+            head = ["iid" if a == "iid" else f"alpha {a}" for a in alphas]
+            out.append("| strategy | " + " | ".join(head) + " |")
+            out.append("|---|" + "---|" * len(alphas))
+            for strategy in STRATEGIES:
+                line = []
+                for a in alphas:
+                    if (strategy, a) not in cells:
+                        line.append("")
+                        continue
+                    acc, reached, _ = cells[(strategy, a)]
+                    r = f">{rounds[-1]}" if reached is None else str(reached)
+                    line.append(f"{acc:.3f} ({r})")
+                if any(line):
+                    out.append(f"| `{strategy}` | " + " | ".join(line) + " |")
+            out.append("")
+    fields = (
+        "mean_personal_accuracy",
+        "worst_personal_accuracy",
+        "mean_global_accuracy",
+        "worst_global_accuracy",
+    )
+    for task in TASKS:
+        mine = [r for r in rows if r["task"] == task and "personalization" in r]
+        if not mine:
+            continue
+        seeds = sorted({r["seed"] for r in mine})
+        alpha = mine[0]["alpha"]
+        out.append(
+            f"**{task}** ({'natural split' if alpha == 'natural' else f'alpha {alpha}'}, "
+            f"{mine[0]['rounds']} rounds, median over seeds {', '.join(map(str, seeds))})"
+        )
+        out.append("")
+        out.append(
+            "| personalisation | mean personal | worst personal | mean global | worst global |"
+        )
+        out.append("|---|---|---|---|---|")
+        for method in PERSONALIZATION:
+            group = [r for r in mine if r["personalization"] == method]
+            if not group:
+                continue
+            vals = []
+            for f in fields:
+                got = [r[f] for r in group if r[f] is not None]
+                vals.append(f"{statistics.median(got):.3f}" if got else "-")
+            out.append(f"| {method} | " + " | ".join(vals) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _alpha(text: str) -> float | str:
+    return text if text in ("iid", "natural") else float(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", choices=TASKS, default="digits")
+    parser.add_argument("--alphas", type=_alpha, nargs="+", default=list(ALPHAS))
+    parser.add_argument("--strategies", nargs="+", choices=STRATEGIES, default=list(STRATEGIES))
+    parser.add_argument(
+        "--personalization",
+        nargs="+",
+        choices=PERSONALIZATION,
+        default=[],
+        help="personalisation rows instead of optimizer rows",
+    )
+    parser.add_argument(
+        "--skew",
+        choices=("quantity", "feature"),
+        default=None,
+        help="optimizer rows under quantity or feature skew (IID labels)",
+    )
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        default=[],
+        help="add the runs of these result files (written by runs in other "
+        "processes with --out) to --out, redraw, and stop",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    data_root = args.data.resolve()
+    doc = json.loads(args.out.read_text()) if args.out.exists() else {}
+    runs: list[dict[str, Any]] = doc.get("runs", [])
+    done = {_run_key(r) for r in runs}
+    if args.merge:
+        for other in args.merge:
+            more = json.loads(other.read_text())
+            runs += [r for r in more.get("runs", []) if _run_key(r) not in done]
+            done = {_run_key(r) for r in runs}
+        save(args.out, runs)
+        heatmap(optimizer_rows(runs), args.out.with_suffix(".png"))
+        print(markdown(json.loads(args.out.read_text())["rows"]))
+        print(f"merged {len(args.merge)} files into {args.out}: {len(runs)} runs")
+        return
+
+    if not args.personalization and args.task not in GRIDS:
+        parser.error(f"--task {args.task}: personalisation rows only (--personalization ...)")
+    jobs: list[dict[str, Any]] = []
+    if args.personalization:
+        alphas = ["natural"] if args.task == "speech" else args.alphas
+        for seed in args.seeds:
+            for alpha in alphas:
+                for method in args.personalization:
+                    jobs.append(
+                        {
+                            "kind": "personal",
+                            "task": args.task,
+                            "personalization": method,
+                            "alpha": alpha,
+                            "seed": seed,
+                            "rounds": args.rounds,
+                        }
+                    )
+    else:
+        alphas = ["iid"] if args.skew else args.alphas
+        for seed in args.seeds:
+            for alpha in alphas:
+                for strategy in args.strategies:
+                    for value in GRIDS[args.task][strategy][1]:
+                        job = {
+                            "kind": "optimizer",
+                            "task": args.task,
+                            "strategy": strategy,
+                            "alpha": alpha,
+                            "seed": seed,
+                            "value": value,
+                            "rounds": args.rounds,
+                        }
+                        if args.skew:
+                            job["skew"] = args.skew
+                        jobs.append(job)
+    todo = [j for j in jobs if _run_key(j) not in done]
+    print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to go", flush=True)
+    started = time.perf_counter()
+    for i, job in enumerate(todo, 1):
+        if job["kind"] == "personal":
+            cfg = personal_config(
+                args.task,
+                job["personalization"],
+                job["alpha"],
+                job["seed"],
+                job["rounds"],
+                data_root,
+            )
+            result = run_personal(args.task, job["personalization"], cfg)
+            what = f"{job['personalization']}: personal {result['mean_personal_accuracy']:.3f}"
+        else:
+            cfg = optimizer_config(
+                args.task,
+                job["strategy"],
+                job["alpha"],
+                job["seed"],
+                job["value"],
+                job["rounds"],
+                data_root,
+                job.get("skew"),
+            )
+            result = run_optimizer(args.task, cfg, skew=job.get("skew"))
+            what = (
+                f"{job['strategy']} {GRIDS[args.task][job['strategy']][0]}={job['value']}: "
+                f"test {result['test_curve'][-1]:.3f} val {result['val_accuracy']:.3f}"
+            )
+        runs.append({**job, **result})
+        save(args.out, runs)
+        elapsed = time.perf_counter() - started
+        eta = elapsed / i * (len(todo) - i)
+        print(
+            f"[{i}/{len(todo)}] {args.task} alpha={job['alpha']} seed={job['seed']} {what} "
+            f"({result['seconds']:.1f} s; eta {eta / 60:.1f} min)",
+            flush=True,
+        )
+    save(args.out, runs)
+    if not args.no_plot:
+        heatmap(optimizer_rows(runs), args.out.with_suffix(".png"))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

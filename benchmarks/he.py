@@ -205,8 +205,13 @@ def encrypt_seconds(dim: int, repeats: int = 5) -> dict[str, dict[str, float]]:
     return out
 
 
-def medical(rounds: int, clip: float) -> dict[str, Any]:
-    """The medical example for ``rounds`` rounds, plain and under HE (BFV): accuracy, seconds."""
+def medical(rounds: int, clip: float, repeats: int = 1) -> dict[str, Any]:
+    """The medical example for ``rounds`` rounds, plain and under HE (BFV), ``repeats`` times in
+    alternation (plain, HE, plain, HE, ...) so that a drift in the machine's speed falls on both:
+    accuracy (of the first pair: the runs are seeded and repeat it), each run's seconds, and the
+    median of the pairs' time ratios."""
+    import statistics
+
     import fedguard
     from fedguard.experiment import config as config_mod
 
@@ -218,18 +223,24 @@ def medical(rounds: int, clip: float) -> dict[str, Any]:
         "plain": {},
         "ckks": {"secure_aggregation": {"enabled": True, "mode": "ckks", "clip_norm": clip}},
     }
-    for name, extra in sections.items():
-        data = base.model_dump()
-        data["experiment"]["rounds"] = rounds
-        for table, values in extra.items():
-            data.setdefault(table, {}).update(values)
-        with tempfile.TemporaryDirectory() as folder:
-            start = time.perf_counter()
-            summary = fedguard.run(data, out=Path(folder) / name, progress=False)
-            seconds = time.perf_counter() - start
-        out["accuracy"][name] = summary["test_accuracy"]
-        out["wall_seconds"][name] = seconds
-        print(name, summary["test_accuracy"], seconds, flush=True)
+    samples: dict[str, list[float]] = {name: [] for name in sections}
+    for _ in range(repeats):
+        for name, extra in sections.items():
+            data = base.model_dump()
+            data["experiment"]["rounds"] = rounds
+            for table, values in extra.items():
+                data.setdefault(table, {}).update(values)
+            with tempfile.TemporaryDirectory() as folder:
+                start = time.perf_counter()
+                summary = fedguard.run(data, out=Path(folder) / name, progress=False)
+                seconds = time.perf_counter() - start
+            out["accuracy"].setdefault(name, summary["test_accuracy"])
+            samples[name].append(seconds)
+            print(name, summary["test_accuracy"], seconds, flush=True)
+    out["wall_seconds"] = {name: statistics.median(v) for name, v in samples.items()}
+    out["wall_seconds_samples"] = samples
+    ratios = [h / p for p, h in zip(samples["plain"], samples["ckks"], strict=True)]
+    out["wall_ratio_median_of_pairs"] = statistics.median(ratios)
     return out
 
 
@@ -240,6 +251,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--medical", type=int, default=0, metavar="ROUNDS")
     p.add_argument("--medical-clip", type=float, default=5.0)
+    p.add_argument("--medical-repeats", type=int, default=1, help="alternating plain/HE pairs")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -267,10 +279,13 @@ def main() -> None:
             result[key] = previous[key]
         result["medical"]["from_an_earlier_run_of_this_script"] = True
     if args.medical:
-        med = medical(args.medical, args.medical_clip)
+        med = medical(args.medical, args.medical_clip, args.medical_repeats)
         result["accuracy"] = med["accuracy"]
         result["wall_seconds"] = med["wall_seconds"]
         result["medical"] = {
+            "repeats": args.medical_repeats,
+            "wall_seconds_samples": med["wall_seconds_samples"],
+            "wall_ratio_median_of_pairs": med["wall_ratio_median_of_pairs"],
             "rounds": med["rounds"],
             "clip_norm": med["clip_norm"],
             "scheme": "bfv",

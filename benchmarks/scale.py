@@ -510,8 +510,14 @@ def main(argv: list[str] | None = None) -> int:
                     measure(workload, engine, args.rounds, args.cores, python, args.timeout)
                 )
             except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                missing.append({"workload": workload, "engine": engine, "why": str(exc)})
-                print(f"  not measured: {exc}", file=sys.stderr, flush=True)
+                # the reason without the command line (it names this machine's paths)
+                why = (
+                    f"timed out after {exc.timeout:g} s"
+                    if isinstance(exc, subprocess.TimeoutExpired)
+                    else str(exc)
+                )
+                missing.append({"workload": workload, "engine": engine, "why": why})
+                print(f"  not measured: {why}", file=sys.stderr, flush=True)
     result = {
         "rows": rows,
         "not_measured": missing,

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,47 +23,22 @@ import numpy as np
 from fedguard.algorithms.he import encryption
 from fedguard.algorithms.secagg import crypto as secagg_crypto
 from fedguard.protocol import he, messages
+from fedguard.protocol.ledger import RoundLedger
 from fedguard.protocol.secagg import Identities, SecAggAbortedError
 from fedguard.protocol.secagg_server import SecureSum
-from fedguard.protocol.transport import Failed, Transport
+from fedguard.protocol.transport import Transport
 
 log = logging.getLogger("fedguard.round")
 
 EncryptRequest = Callable[[int], messages.HeEncryptRequest]
 
 
-@dataclass
-class _Ledger:
-    """Bytes and problems of one HE round."""
-
-    round: int
-    sampled: int
-    bytes_up: int = 0
-    bytes_down: int = 0
-    rejected: int = 0
-    problems: list[tuple[int, str]] = field(default_factory=list)
-
-    def drop(self, phase: str, client_id: int, reason: str, *, rejected: bool = False) -> None:
-        self.rejected += rejected
-        self.problems.append((client_id, f"{phase}: {reason}"))
-        log.warning("round %d: HE %s: client %d excluded: %s", self.round, phase, client_id, reason)
-
-    def metrics(self, completed: int) -> dict[str, float | int | None]:
-        return {
-            "clients_sampled": self.sampled,
-            "clients_completed": completed,
-            "clients_failed": self.sampled - completed - self.rejected,
-            "clients_rejected": self.rejected,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "train_loss": None,
-        }
-
-    def abort(self, reason: str) -> SecAggAbortedError:
-        return SecAggAbortedError(
-            f"Round {self.round}: HE aggregation aborted: {reason}; nothing was applied.",
-            self.metrics(0),
-        )
+def _abort(ledger: RoundLedger, reason: str) -> SecAggAbortedError:
+    """The error that ends an HE round that cannot complete, with the round's metrics."""
+    return SecAggAbortedError(
+        f"Round {ledger.round}: HE aggregation aborted: {reason}; nothing was applied.",
+        ledger.metrics(0),
+    )
 
 
 def homomorphic_sum(
@@ -96,21 +70,18 @@ def homomorphic_sum(
         raise ValueError("A verified HE round needs the clients' registered identities.")
     params = settings.params
     length = dim + 1
-    ledger = _Ledger(round_, len(sampled))
+    ledger = RoundLedger(round_, len(sampled), "HE")
     fp = settings.fixed_point(len(sampled)) if settings.scheme == he.BFV else None
     requests = {cid: messages.encode(encrypt_request(cid)) for cid in sampled}
     ledger.bytes_down += sum(len(p) for p in requests.values())
     total: list[Any] | None = None
     contributors: list[int] = []
     for outcome in transport.exchange(requests, deadline_s=deadline_s):
-        cid = outcome.client_id
-        if isinstance(outcome, Failed):
-            ledger.drop("encrypt", cid, f"{outcome.kind}: {outcome.reason}")
+        reply = ledger.receive("encrypt", outcome, messages.HeEncrypted, rejected=True)
+        if reply is None:
             continue
-        ledger.bytes_up += len(outcome.payload)
-        vectors, problem = _check_encrypted(
-            outcome.payload, cid, round_, params, context, length, nonce, identities
-        )
+        cid = reply.client_id
+        vectors, problem = _check_encrypted(reply, params, context, length, nonce, identities)
         if vectors is None:
             ledger.drop("encrypt", cid, problem, rejected=True)
             continue
@@ -120,13 +91,14 @@ def homomorphic_sum(
         min_survivors, 1 if settings.distributed is None else settings.distributed.noise_clients
     )
     if total is None or len(contributors) < least:
-        raise ledger.abort(
-            f"{len(contributors)} encrypted updates arrived, the round needs {least}"
+        raise _abort(
+            ledger, f"{len(contributors)} encrypted updates arrived, the round needs {least}"
         )
     if len(contributors) < settings.decryptors:
-        raise ledger.abort(
+        raise _abort(
+            ledger,
             f"{len(contributors)} contributing clients left, the round needs "
-            f"{settings.decryptors} decryptors"
+            f"{settings.decryptors} decryptors",
         )
     summed = encryption.serialize(total)
     plain = _decrypt(
@@ -153,23 +125,15 @@ def homomorphic_sum(
 
 
 def _check_encrypted(
-    payload: bytes,
-    cid: int,
-    round_: int,
+    reply: messages.HeEncrypted,
     params: encryption.Params,
     context: Any,
     length: int,
     nonce: bytes,
     identities: Identities | None,
 ) -> tuple[list[Any] | None, str]:
-    """The loaded ciphertexts of one reply, or None and why it is excluded."""
-    try:
-        reply = messages.decode(payload, messages.HeEncrypted)
-    except messages.MessageError as exc:
-        return None, str(exc)
-    wrong = messages.addressing_problem(reply, cid, round_)
-    if wrong is not None:
-        return None, wrong
+    """The loaded ciphertexts of one decoded reply, or None and why it is excluded."""
+    cid, round_ = reply.client_id, reply.round
     count = params.ciphertexts(length)
     if list(reply.ciphertexts) != list(range(count)):
         return None, f"{len(reply.ciphertexts)} ciphertexts, expected {count} keyed 0..{count - 1}"
@@ -197,7 +161,7 @@ def _decrypt(
     summed: list[bytes],
     contributors: list[int],
     dim: int,
-    ledger: _Ledger,
+    ledger: RoundLedger,
     deadline_s: float | None,
     choice_seed: int,
 ) -> np.ndarray:
@@ -217,9 +181,10 @@ def _decrypt(
         asked, candidates = candidates[:wanted], candidates[wanted:]
         if not asked:
             answered = len(digests) + (plain is not None)
-            raise ledger.abort(
+            raise _abort(
+                ledger,
                 f"{answered} of the {settings.decryptors} decryptors answered and no "
-                "contributing client is left to ask"
+                "contributing client is left to ask",
             )
         digest_only = {cid: plain is not None or i > 0 for i, cid in enumerate(asked)}
         requests: Mapping[int, bytes] = {
@@ -232,19 +197,13 @@ def _decrypt(
         }
         ledger.bytes_down += sum(len(p) for p in requests.values())
         for outcome in transport.exchange(requests, deadline_s=deadline_s):
-            cid = outcome.client_id
-            if isinstance(outcome, Failed):
-                ledger.drop("decrypt", cid, f"{outcome.kind}: {outcome.reason}")
+            reply = ledger.receive("decrypt", outcome, messages.HeDecrypted)
+            if reply is None:
                 continue
-            ledger.bytes_up += len(outcome.payload)
-            try:
-                reply = messages.decode(outcome.payload, messages.HeDecrypted)
-            except messages.MessageError as exc:
-                ledger.drop("decrypt", cid, str(exc))
-                continue
-            wrong = messages.addressing_problem(reply, cid, round_)
+            cid = reply.client_id
+            wrong = None
             shape = (0,) if digest_only[cid] else (dim + 1,)
-            if wrong is None and (reply.plain.dtype != dtype or tuple(reply.plain.shape) != shape):
+            if reply.plain.dtype != dtype or tuple(reply.plain.shape) != shape:
                 wrong = (
                     f"plaintext of {reply.plain.dtype} {tuple(reply.plain.shape)}, expected "
                     f"{dtype} {shape}"
@@ -264,8 +223,9 @@ def _decrypt(
         if digest != expected:
             for cid in (first, other):
                 ledger.problems.append((cid, "decrypt: the decryptors' plaintexts differ"))
-            raise ledger.abort(
+            raise _abort(
+                ledger,
                 f"decryptors {first} and {other} returned different plaintexts of the same sum "
-                "(one of them lies)"
+                "(one of them lies)",
             )
     return answer

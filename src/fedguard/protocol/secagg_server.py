@@ -44,9 +44,10 @@ from fedguard.algorithms.secagg import crypto as secagg_crypto
 from fedguard.algorithms.secagg import quantize as secagg_quantize
 from fedguard.algorithms.secagg import shamir as secagg_shamir
 from fedguard.protocol import messages
+from fedguard.protocol.ledger import RoundLedger
 from fedguard.protocol.secagg import Identities, Phase, RoundSetup, SecAggAbortedError
 from fedguard.protocol.secagg_client import SECRET_BYTES, SHARE_BYTES
-from fedguard.protocol.transport import Failed, Transport
+from fedguard.protocol.transport import Transport
 
 log = logging.getLogger("fedguard.round")
 
@@ -64,38 +65,6 @@ class SecureSum:
     problems: list[tuple[int, str]] = field(default_factory=list)
 
 
-@dataclass
-class _Ledger:
-    """Bytes and problems over the phases of one round."""
-
-    round: int
-    sampled: int
-    bytes_up: int = 0
-    bytes_down: int = 0
-    problems: list[tuple[int, str]] = field(default_factory=list)
-
-    def drop(self, phase: Phase, client_id: int, reason: str) -> None:
-        self.problems.append((client_id, f"{phase.name.lower()}: {reason}"))
-        log.warning(
-            "round %d: secure aggregation %s: client %d dropped: %s",
-            self.round,
-            phase.name.lower(),
-            client_id,
-            reason,
-        )
-
-    def metrics(self, completed: int) -> dict[str, float | int | None]:
-        return {
-            "clients_sampled": self.sampled,
-            "clients_completed": completed,
-            "clients_failed": self.sampled - completed,
-            "clients_rejected": 0,
-            "bytes_up": self.bytes_up,
-            "bytes_down": self.bytes_down,
-            "train_loss": None,
-        }
-
-
 _Reply = TypeVar("_Reply", bound=messages.SecAggMessage)
 
 
@@ -104,7 +73,7 @@ def _replies(
     phase: Phase,
     requests: Mapping[int, messages.SecAggMessage],
     expected: type[_Reply],
-    ledger: _Ledger,
+    ledger: RoundLedger,
     deadline_s: float | None,
 ) -> Iterator[tuple[int, _Reply]]:
     """Send one phase's requests; the decoded replies that came back for the right client,
@@ -113,20 +82,9 @@ def _replies(
     encoded = {cid: messages.encode(m) for cid, m in requests.items()}
     ledger.bytes_down += sum(len(p) for p in encoded.values())
     for outcome in transport.exchange(encoded, deadline_s=deadline_s):
-        cid = outcome.client_id
-        if isinstance(outcome, Failed):
-            ledger.drop(phase, cid, f"{outcome.kind}: {outcome.reason}")
-            continue
-        ledger.bytes_up += len(outcome.payload)
-        try:
-            reply = messages.decode(outcome.payload, expected)
-        except messages.MessageError as exc:
-            ledger.drop(phase, cid, str(exc))
-            continue
-        if reply.client_id != cid or reply.round != ledger.round:
-            ledger.drop(phase, cid, f"reply is for client {reply.client_id} round {reply.round}")
-            continue
-        yield cid, reply
+        reply = ledger.receive(phase, outcome, expected)
+        if reply is not None:
+            yield outcome.client_id, reply
 
 
 def _require(
@@ -134,7 +92,7 @@ def _require(
     phase: Phase,
     secrets_of: set[int],
     alive: set[int],
-    ledger: _Ledger,
+    ledger: RoundLedger,
     min_survivors: int = 1,
 ) -> None:
     reason = setup.shortfall(secrets_of, alive)
@@ -166,7 +124,7 @@ def secure_sum(
     """
     if setup.verified and identities is None:
         raise ValueError("A verified round needs the clients' registered identities.")
-    ledger = _Ledger(setup.round, len(setup.sampled))
+    ledger = RoundLedger(setup.round, len(setup.sampled), "secure aggregation")
     log.info(
         "round %d: secure aggregation of %d clients, %s",
         setup.round,
@@ -228,7 +186,7 @@ def secure_sum(
 def _advertise(
     transport: Transport,
     setup: RoundSetup,
-    ledger: _Ledger,
+    ledger: RoundLedger,
     deadline_s: float | None,
     identities: Identities | None,
 ) -> dict[int, messages.SecAggKeys]:
@@ -279,7 +237,7 @@ def _reveal(
     transport: Transport,
     setup: RoundSetup,
     keys: Mapping[int, messages.SecAggKeys],
-    ledger: _Ledger,
+    ledger: RoundLedger,
     deadline_s: float | None,
 ) -> dict[int, bytes]:
     """Verified SecAgg+: send every advertiser all signed advertisements, collect the ``r``
@@ -307,7 +265,7 @@ def _share(
     setup: RoundSetup,
     keys: Mapping[int, messages.SecAggKeys],
     reveals: Mapping[int, bytes],
-    ledger: _Ledger,
+    ledger: RoundLedger,
     deadline_s: float | None,
 ) -> dict[int, messages.SecAggShares]:
     advertised = set(keys)
@@ -351,7 +309,7 @@ def _consistency(
     setup: RoundSetup,
     u3: set[int],
     identities: Identities,
-    ledger: _Ledger,
+    ledger: RoundLedger,
     deadline_s: float | None,
 ) -> dict[int, bytes]:
     """The consistency check: every survivor signs ``U3``; the valid signatures by survivor."""
@@ -380,7 +338,7 @@ def _consistency(
 
 
 def _check_masked(
-    setup: RoundSetup, u: int, reply: messages.SecAggMaskedInput, ledger: _Ledger
+    setup: RoundSetup, u: int, reply: messages.SecAggMaskedInput, ledger: RoundLedger
 ) -> bool:
     itemsize = setup.fixed_point.dtype.itemsize
     shape, dtype = tuple(reply.masked.shape), reply.masked.dtype
@@ -402,7 +360,7 @@ def _unmask_shares(
     u3: set[int],
     holders: set[int],
     signatures: Mapping[int, bytes],
-    ledger: _Ledger,
+    ledger: RoundLedger,
     deadline_s: float | None,
 ) -> tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]]]:
     """Shares per secret owner: ``{owner: {holder: share}}`` for ``b`` (alive) and ``s``
@@ -433,7 +391,7 @@ def _matching_shares(
     commitments: Mapping[int, Mapping[int, bytes]],
     b_shares: Mapping[int, Mapping[int, bytes]],
     s_shares: Mapping[int, Mapping[int, bytes]],
-    ledger: _Ledger,
+    ledger: RoundLedger,
 ) -> tuple[dict[int, dict[int, bytes]], dict[int, dict[int, bytes]]]:
     """The revealed shares that match their owners' phase-1 commitments (``H(b share) ||
     H(s share)`` per holder); a holder that revealed any other share is named and all its
@@ -463,7 +421,10 @@ def _matching_shares(
 
 
 def _reconstruct(
-    setup: RoundSetup, shares: Mapping[int, Mapping[int, bytes]], owners: list[int], ledger: _Ledger
+    setup: RoundSetup,
+    shares: Mapping[int, Mapping[int, bytes]],
+    owners: list[int],
+    ledger: RoundLedger,
 ) -> dict[int, bytes]:
     """Every owner's secret from its first ``t`` holders' shares, in one batched interpolation."""
     chosen: list[list[int]] = []
@@ -500,7 +461,7 @@ def _unmasked_sum(
     u2: set[int],
     b_shares: Mapping[int, Mapping[int, bytes]],
     s_shares: Mapping[int, Mapping[int, bytes]],
-    ledger: _Ledger,
+    ledger: RoundLedger,
 ) -> np.ndarray:
     """``sum_u y_u - sum_u PRG(b_u)`` minus the surviving halves of the dropouts' pair masks
     (``masked_sum`` is ``sum_u y_u`` over the ``survivors``; it is updated in place)."""

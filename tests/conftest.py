@@ -156,6 +156,16 @@ def tiny_config(**sections: dict) -> dict:
     return cfg
 
 
+def driven_params(exp: Any, rounds: int) -> torch.Tensor:
+    """The parameters after ``rounds`` fit rounds of ``exp``'s driver, called directly (no runner,
+    no evaluation): what a test compares across engines, transports and protections."""
+    params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
+    for r in range(1, rounds + 1):
+        result = exp.driver.fit_round(r, params, state)
+        params, state = result.params, result.state
+    return params
+
+
 def ten_iid_config(name: str, **sections: dict) -> dict:
     """Ten IID synthetic clients, all of them in each of 4 rounds; ``sections`` update its tables."""
     cfg = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from test_grpc_harness import Federation, final_params, make_security, write_config
 
+from conftest import driven_params
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment
 from fedguard.runtime import he_keys
@@ -38,10 +39,7 @@ def test_a_deployed_he_run_equals_the_simulated_run(tmp_path) -> None:
     assert all("secure_aggregation_aborted" not in r for r in rows)
     assert "HE sum of 4 clients (bfv) decrypted by 2 client(s)" in fed.log.read_text()
     exp = Experiment(config_mod.load(config))
-    params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
-    for r in (1, 2):
-        result = exp.driver.fit_round(r, params, state)
-        params, state = result.params, result.state
+    params = driven_params(exp, 2)
     round_, deployed = final_params(fed.out)
     assert round_ == 2 and torch.equal(deployed, params)
     assert not torch.equal(deployed, exp.initial_params)

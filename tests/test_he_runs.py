@@ -10,7 +10,7 @@ import tenseal as ts
 import torch
 
 import fedguard
-from conftest import tiny_config
+from conftest import driven_params, tiny_config
 from fedguard.algorithms.he import encryption
 from fedguard.experiment import config
 from fedguard.experiment.assembly import Experiment
@@ -18,14 +18,6 @@ from fedguard.experiment.config import ConfigError
 from fedguard.protocol import he, messages
 
 CLIP = 0.05
-
-
-def _rounds(exp: Experiment, rounds: int) -> torch.Tensor:
-    params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
-    for r in range(1, rounds + 1):
-        result = exp.driver.fit_round(r, params, state)
-        params, state = result.params, result.state
-    return params
 
 
 def _he(scheme: str, **extra) -> dict:
@@ -42,12 +34,12 @@ def test_an_he_run_equals_the_plain_run_with_the_same_clip(scheme: str, toleranc
         config.validate(tiny_config(server=server, data=data, secure_aggregation=_he(scheme)))
     )
     plain = Experiment(config.validate(tiny_config(server=server, data=data)))
-    unclipped = _rounds(plain, 2)
+    unclipped = driven_params(plain, 2)
     plain.driver.strategy = replace(
         plain.strategy, client_config={**plain.strategy.client_config, messages.DP_CLIP_NORM: CLIP}
     )
-    expected = _rounds(plain, 2)
-    got = _rounds(secure, 2)
+    expected = driven_params(plain, 2)
+    got = driven_params(secure, 2)
     moved = float((expected - plain.initial_params).abs().max())
     assert float((got - expected).abs().max()) < tolerance * max(moved, 1.0)
     assert not torch.allclose(expected, unclipped, rtol=1e-3)  # the clip did bind

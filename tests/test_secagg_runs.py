@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fedguard
-from conftest import tiny_config
+from conftest import driven_params, tiny_config
 from fedguard.experiment import config, engines
 from fedguard.experiment.assembly import Experiment
 from fedguard.protocol import messages, secagg
@@ -18,14 +18,6 @@ from fedguard.protocol.secagg import Phase
 from fedguard.simulation.dropout import PhaseDropout
 
 CLIP = 0.05
-
-
-def _rounds(exp: Experiment, rounds: int) -> torch.Tensor:
-    params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
-    for r in range(1, rounds + 1):
-        result = exp.driver.fit_round(r, params, state)
-        params, state = result.params, result.state
-    return params
 
 
 @pytest.mark.parametrize(
@@ -47,10 +39,10 @@ def test_secure_run_equals_plain_run_with_the_same_client_clip(mode: str, strate
     clipped = replace(
         plain.strategy, client_config={**plain.strategy.client_config, messages.DP_CLIP_NORM: CLIP}
     )
-    unclipped_params = _rounds(plain, 2)
+    unclipped_params = driven_params(plain, 2)
     plain.driver.strategy = clipped
-    expected = _rounds(plain, 2)
-    got = _rounds(secure, 2)
+    expected = driven_params(plain, 2)
+    got = driven_params(secure, 2)
     assert torch.allclose(got, expected, rtol=1e-5, atol=1e-7)
     assert not torch.allclose(expected, unclipped_params, rtol=1e-3)  # the clip did bind
 
@@ -59,8 +51,8 @@ def test_32_bit_ring_is_close_to_plain() -> None:
     sa = {"enabled": True, "mode": "secagg+", "clip_norm": 100.0}
     secure = Experiment(config.validate(tiny_config(secure_aggregation=sa)))
     plain = Experiment(config.validate(tiny_config()))
-    delta = _rounds(plain, 1) - plain.initial_params
-    error = (_rounds(secure, 1) - secure.initial_params - delta).abs().max()
+    delta = driven_params(plain, 1) - plain.initial_params
+    error = (driven_params(secure, 1) - secure.initial_params - delta).abs().max()
     scale = secure.driver.secure_aggregation.fixed_point(4).scale
     assert error <= 4 / scale  # one quantisation step per client at most
     assert error < 1e-3 * delta.abs().max()

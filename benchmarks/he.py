@@ -76,17 +76,10 @@ class HEFixedClients(secagg_bench.FixedClients):
         self.keys = {s: encryption.secret_context(p) for s, p in encryption.PARAMS.items()}
         self.he = {s: he_client.HEClient(self.fit, k) for s, k in self.keys.items()}
 
-    def handle(self, client_id: int, payload: bytes) -> bytes:
-        kind = messages.kind_of(payload)
-        if kind not in ("HeEncryptRequest", "HeDecryptRequest"):
-            return super().handle(client_id, payload)
-        start = time.perf_counter()
-        request = messages.decode(payload)
-        reply = messages.encode(self.he[request.scheme].handle(request))  # type: ignore[union-attr]
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        self.slowest[kind] = max(self.slowest.get(kind, 0.0), seconds)
-        return reply
+    def answer(self, request: messages.Message) -> messages.Message:
+        if isinstance(request, messages.HeEncryptRequest | messages.HeDecryptRequest):
+            return self.he[request.scheme].handle(request)
+        return super().answer(request)
 
     def reference_mean(self, clip: float | None) -> np.ndarray:
         """The float64 FedAvg of the updates (equal weights) clipped to ``clip`` (None: not

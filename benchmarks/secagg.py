@@ -100,13 +100,19 @@ class FixedClients:
         update = self.updates[task.client_id]
         return messages.FitReply(task.round, task.client_id, update, EXAMPLES, {"train_loss": 0.0})
 
+    def answer(self, request: messages.Message) -> messages.Message:
+        """The reply to a decoded request: a fit task's update, or the secure-aggregation
+        client's answer to a phase of the protocol."""
+        if isinstance(request, messages.FitTask):
+            return self.fit(request)
+        return self.secagg.handle(request)  # type: ignore[arg-type]
+
     def handle(self, client_id: int, payload: bytes) -> bytes:
+        """The transport's handler: decode, answer, encode, timed (all clients' seconds and
+        the slowest client's per request kind)."""
         start = time.perf_counter()
         request = messages.decode(payload)
-        if isinstance(request, messages.FitTask):
-            reply = messages.encode(self.fit(request))
-        else:
-            reply = messages.encode(self.secagg.handle(request))
+        reply = messages.encode(self.answer(request))
         seconds = time.perf_counter() - start
         self.seconds += seconds
         kind = type(request).__name__

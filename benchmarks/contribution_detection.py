@@ -16,22 +16,25 @@ set after the last round only):
   free riders and 1 noisy client of 10; speech: 1 and 1 of 6, the nearest counts to 20% and
   10%), ``label_noise`` every label shuffled (``--label-noise``);
 * the attacked run with ``exclude_flagged`` once per flag rule: ``flag_rule = "score"`` with
-  each method, and ``flag_rule = "update"`` with ``method = "cosine"`` (the update test needs no
-  evaluation, and its flags do not depend on the method).
+  each method, ``flag_rule = "update"`` with ``method = "cosine"`` (the update test needs no
+  evaluation, and its flags do not depend on the method), and ``flag_rule = "either"`` (a client
+  flagged by either rule) with each method: a free rider sends no change, which the update test
+  sees, and a noisy client sends a full-sized change that is worth little, which the score sees.
 
 Flags: every round scored; a client is flagged after ``flag_patience`` (``--patience``) rounds in
 a row with a score below ``flag_threshold = 0`` (rule ``score``) or with a suspect update (rule
 ``update``: norm below ``flag_min_norm_ratio = 0.01`` of the round's median). The runs without
 exclusion and the clean run use ``flag_rule = "either"``, which keeps both rules' flags apart in
 ``summary.json`` (``flagged_by``); without exclusion the flags do not change the training, so one
-run serves both rules. A row per (example, rule, method): the precision and recall of the
+run serves every rule ("either" is the union of the two). A row per (example, rule, method): the precision and recall of the
 clients the rule flagged by the end of the run without exclusion against the ground truth (the
 attack's ids, from ``summary.json``), the same for the run with exclusion, the clients the rule
 flagged in the clean run, and the final test accuracy of the clean run, the attacked run without
 exclusion and the attacked run with it. GTG-Shapley runs with the configuration's tolerances and
 ``gtg_max_evaluations`` = ``--gtg-max-evaluations`` (32: about 3 permutations of 10 clients).
 ``--seeds`` runs the whole plan once per experiment seed (the partition and the attacked clients
-follow it).
+follow it). A run whose folder under ``--work`` holds its summary and the same configuration is
+read back instead of run again, so a stopped invocation loses only the run it was in.
 
 Usage::
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 import tomllib
 from pathlib import Path
@@ -117,13 +121,14 @@ def precision_recall(flagged: set[int], bad: set[int]) -> tuple[float | None, fl
     return precision, hit / len(bad)
 
 
-RULES = ("score", "update")
+RULES = ("score", "update", "either")
 # (label, method, flag rule, exclude_flagged)
 PLAN = (
     ("clean", "leave_one_out", "either", False),
     *((m, m, "either", False) for m in METHODS),
     *((f"{m} exclude", m, "score", True) for m in METHODS),
     ("update exclude", "cosine", "update", True),
+    *((f"{m} either exclude", m, "either", True) for m in METHODS),
 )
 
 
@@ -143,7 +148,16 @@ def one_run(
     name = f"{example}-seed{seed}-{label.replace(' ', '-')}"
     cfg = variant(base, name, method, rule, exclude=exclude, budget=budget)
     t0 = time.perf_counter()
-    summary = fedguard.run(cfg, out=work / name, progress=False)
+    folder = work / name
+    asked = folder / "benchmark_config.json"
+    done = folder / "summary.json"
+    if asked.exists() and done.exists() and json.loads(asked.read_text()) == cfg:
+        summary = json.loads(done.read_text())  # finished by an earlier, stopped invocation
+    else:
+        if folder.exists():  # a run stopped part-way, or one of other settings: start afresh
+            shutil.rmtree(folder)
+        summary = fedguard.run(cfg, out=folder, progress=False)
+        asked.write_text(json.dumps(cfg))
     attack = summary.get("attack") or {}
     contribution = summary["contribution"]
     record = {
@@ -163,10 +177,18 @@ def one_run(
         "num_clients": summary["num_clients"],
         "scoring_evaluations": contribution["evaluations"],
         "scoring_seconds": contribution["seconds"],
-        "seconds": time.perf_counter() - t0,
+        "seconds": summary.get("seconds", time.perf_counter() - t0),
     }
     print(json.dumps(record), flush=True)
     return record
+
+
+def _flags(run: dict[str, Any], rule: str) -> list[int]:
+    """The clients ``rule`` flagged in ``run`` (scored with ``flag_rule = "either"``, which
+    keeps each rule's flags apart; "either" is their union)."""
+    if rule == "either":
+        return sorted(set(run["flagged_by"]["score"]) | set(run["flagged_by"]["update"]))
+    return list(run["flagged_by"][rule])
 
 
 def rows_of(
@@ -178,11 +200,12 @@ def rows_of(
     clean = runs["clean"]
     plan = [("score", m, m, f"{m} exclude") for m in METHODS]
     plan.append(("update", "any", METHODS[0], "update exclude"))
+    plan += [("either", m, m, f"{m} either exclude") for m in METHODS]
     for rule, method, plain, excluded in plan:
         without, with_ = runs[plain], runs[excluded]
         truth = without["by_kind"]
         bad = {c for ids in truth.values() for c in ids}
-        flagged = without["flagged_by"][rule]
+        flagged = _flags(without, rule)
         p, r = precision_recall(set(flagged), bad)
         pe, re = precision_recall(set(with_["flagged"]), bad)
         rows.append(
@@ -206,7 +229,7 @@ def rows_of(
                 "flagged_exclude": with_["flagged"],
                 "precision_exclude": pe,
                 "recall_exclude": re,
-                "clean_flagged": clean["flagged_by"][rule],
+                "clean_flagged": _flags(clean, rule),
                 "accuracy_clean": clean["test_accuracy"],
                 "accuracy_attacked": without["test_accuracy"],
                 "accuracy_exclude_flagged": with_["test_accuracy"],

@@ -31,7 +31,22 @@ built here, as a :class:`~fedguard.data.dataset.FederatedDataset`): ``"quantity"
 spaced geometrically from 1 to 10, the largest client 10x the smallest, labels IID) and
 ``"feature"`` (an IID split, each client's training images under its own brightness / contrast
 shift, the validation and test images unshifted). Their ``rounds_to_target`` is against the
-plain IID run of the same strategy and seed.
+plain IID run of the same strategy and seed. Both load the task's data as its plain run does
+(digits, or the X-rays with their official validation split).
+
+**New-household rows** ``{"task": "speech", "kind": "new_household", "household", "seed",
+"global_accuracy", "finetuned_accuracy", "finetune_takes_per_digit", "finetune_epochs",
+"rounds", ...}``: a household joins after training. FedAvg with the speech task's plain
+settings runs over the other five households' training takes (the held-out household's
+recordings are in no client; the run asserts it); then, from all of that household's
+recordings (training and test takes pooled, 50 per digit), ``NEW_TAKES`` (10) per digit are
+drawn with the seed, the final global model is fine-tuned on them with the library's
+fine-tuning personalisation (:func:`fedguard.client.personal.personal_params`, every tensor,
+the task's optimizer, lr and batch size), and both models are scored on the household's other
+takes (400). ``finetune_epochs`` is picked from ``FINETUNE_EPOCHS`` by 5-fold cross-validation
+on the 100 fine-tuning takes alone (2 per digit per fold; the fewest epochs on a tie; the test
+takes are never seen), then the model is fine-tuned on all 100 (``cv_accuracy`` per grid value,
+``federation_test_accuracy``: the global model on the other households' official test takes).
 
 Tasks (``TASKS``):
 
@@ -39,11 +54,12 @@ Tasks (``TASKS``):
   (stratified), 150 validation images, the rest over 20 clients; an MLP 64-32-10; SGD, 2 local
   epochs in batches of 16, every client in every round.
 * ``xray``: PneumoniaMNIST 28x28 (the medical example's data), 20 hospitals; ``image_cnn``; SGD,
-  1 local epoch in batches of 32 for optimizer rows (its grids in ``GRIDS``; not run for the
-  committed results); the personalisation rows use the medical example's Adam 1e-3 (no
-  augmentation).
+  1 local epoch in batches of 32 for optimizer rows (its grids in ``GRIDS``; the committed
+  results hold a reduced slice: seed 0, 10 rounds); the personalisation rows use the medical
+  example's Adam 1e-3 (no augmentation).
 * ``speech``: the spoken digits (FSDD) over their natural split, one household per speaker (6);
-  ``speech_cnn``; plain settings (Adam 1e-3, 1 local epoch, batch 32); personalisation only.
+  ``speech_cnn``; plain settings (Adam 1e-3, 1 local epoch, batch 32); personalisation and
+  new-household rows only.
 
 Usage (what the committed results ran; see the JSON's ``settings``)::
 
@@ -56,6 +72,12 @@ Usage (what the committed results ran; see the JSON's ``settings``)::
         fedrep fedper local --rounds 10
     python benchmarks/heterogeneity.py --task xray --alphas 0.1 --personalization none \\
         finetune ditto fedrep fedper local --rounds 20
+    python benchmarks/heterogeneity.py --task xray --alphas iid 0.1 --seeds 0 --rounds 10
+    python benchmarks/heterogeneity.py --task xray --skew quantity \\
+        --strategies fedavg fedavgm fedadam feddyn --seeds 0 --rounds 10
+    python benchmarks/heterogeneity.py --task xray --skew feature \\
+        --strategies fedavg fedavgm fedadam feddyn --seeds 0 --rounds 10
+    python benchmarks/heterogeneity.py --task speech --new-household --rounds 10
 
 Every finished run is written at once (``runs``) and skipped by a rerun with the same settings, so
 a stopped benchmark keeps what it finished; ``rows`` are derived from ``runs`` at every write.
@@ -371,15 +393,13 @@ def _skewed(task: str, cfg, skew: str):
       ``c_k ~ U(0.5, 1.5)``, ``b_k ~ U(-0.3, 0.3)`` (pixel values in [0, 1]).
 
     Drawn from the experiment's seed; validation and test images stay as they are."""
-    from fedguard.data import registry
-    from fedguard.data.dataset import ArrayDataset, FederatedDataset
+    from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
+    from fedguard.experiment import federation
 
-    if task == "digits":
-        splits = digits_data()
-    else:
-        splits = registry.load_dataset(
-            cfg.data.dataset, path=cfg.data.path, seed=cfg.experiment.seed, test_fraction=0.2
-        )
+    # the same load as the task's plain run (its data section's settings), before any split
+    splits = digits_data() if task == "digits" else federation.load_data(cfg)
+    if not isinstance(splits, DatasetSplits) or splits.val is None:
+        raise ValueError(f"--skew needs a data set with a validation split; {task!r} has none")
     k_clients = cfg.data.num_clients
     rng = np.random.default_rng([cfg.experiment.seed, 0x5CE7])
     order = rng.permutation(len(splits.train.y))
@@ -405,6 +425,141 @@ def _skewed(task: str, cfg, skew: str):
     return load
 
 
+# ------------------------------------------------------------------------------- new household
+
+NEW_TAKES = 10  # a new household's fine-tuning recordings per digit
+FINETUNE_EPOCHS = (1, 2, 5, 10, 20)  # the fine-tuning epochs' grid, picked by cross-validation
+FINETUNE_FOLDS = 5  # the cross-validation's folds over the fine-tuning takes
+
+
+def new_household_config(seed: int, rounds: int, data_root: Path) -> dict[str, Any]:
+    """The speech task's plain FedAvg run over the households other than the new one."""
+    cfg = base_config("speech", seed, rounds, data_root)
+    cfg["data"]["num_clients"] = CLIENTS["speech"] - 1
+    return cfg
+
+
+def households(cfg_dict: dict[str, Any]) -> list[str]:
+    """The speakers of the task's data, sorted (the natural partition's client order)."""
+    from fedguard.experiment import federation
+    from fedguard.experiment.config import validate
+
+    splits = federation.load_data(validate(cfg_dict))
+    assert splits.train.groups is not None  # type: ignore[union-attr]
+    return sorted({str(g) for g in splits.train.groups})  # type: ignore[union-attr]
+
+
+def household_split(splits, household: str, seed: int):
+    """The federation without ``household`` and that household's own recordings.
+
+    Returns ``(federation, finetune, test)``: a :class:`FederatedDataset` of the other
+    households' training takes (one client per speaker, sorted; its test set their official
+    test takes) and, from every recording of ``household`` (its training and test takes
+    pooled), ``NEW_TAKES`` per digit drawn with ``seed`` to fine-tune on (in draw order, digit
+    by digit interleaved: take ``i`` of each digit at rows ``i * 10 ...``) and the rest to test
+    on."""
+    from fedguard.data.dataset import ArrayDataset, FederatedDataset
+
+    train, test = splits.train, splits.test
+    groups, test_groups = train.groups.astype(str), test.groups.astype(str)
+    speakers = sorted(set(groups))
+    clients = {g: train.subset(np.flatnonzero(groups == g)) for g in speakers if g != household}
+    others = np.flatnonzero(test_groups != household)
+    federation = FederatedDataset(
+        clients,
+        test.subset(others),
+        splits.num_classes,
+        class_names=splits.class_names,
+    )
+    own_x = np.concatenate([train.x[groups == household], test.x[test_groups == household]])
+    own_y = np.concatenate([train.y[groups == household], test.y[test_groups == household]])
+    rng = np.random.default_rng([seed, 0x4E57, speakers.index(household)])
+    drawn = np.stack(
+        [rng.choice(np.flatnonzero(own_y == d), NEW_TAKES, replace=False) for d in np.unique(own_y)]
+    ).T.reshape(-1)  # take i of every digit, then take i + 1, ...
+    rest = np.setdiff1d(np.arange(len(own_y)), drawn)
+    return (
+        federation,
+        ArrayDataset(own_x[drawn], own_y[drawn]),
+        ArrayDataset(own_x[rest], own_y[rest]),
+    )
+
+
+def _finetuned(exp, cfg, params: torch.Tensor, x: torch.Tensor, y: torch.Tensor, epochs: int, seed):
+    """The global ``params`` fine-tuned on ``(x, y)`` for ``epochs`` epochs by the library's
+    fine-tuning personalisation (every tensor; ``[client]``'s optimizer, lr and batch size)."""
+    from fedguard.client import personal
+    from fedguard.client.data import ClientData
+    from fedguard.experiment.assembly import client_training_config
+
+    config = {
+        **client_training_config(cfg),
+        **personal.PersonalSettings(personal.Method.FINETUNE, epochs=epochs).config(),
+    }
+    generator = torch.Generator().manual_seed(int(np.random.default_rng(seed).integers(2**62)))
+    return personal.personal_params(
+        exp.model, ClientData(x, y), params, {}, config, generator
+    ).clone()
+
+
+def run_new_household(cfg_dict: dict[str, Any], household: str) -> dict[str, Any]:
+    """FedAvg over the other households, then the new one's fine-tuning: the global model's
+    accuracy on the household's test takes before and after. The fine-tuning epochs are the
+    ``FINETUNE_EPOCHS`` value with the best ``FINETUNE_FOLDS``-fold cross-validated accuracy
+    on the fine-tuning takes alone (the fewest epochs on a tie)."""
+    from fedguard.data.dataset import DatasetSplits
+    from fedguard.experiment import assembly, federation
+    from fedguard.experiment.config import validate
+
+    start = time.perf_counter()
+    cfg = validate(cfg_dict)
+    seed = cfg.experiment.seed
+    splits = federation.load_data(cfg)
+    assert isinstance(splits, DatasetSplits)
+    fed_data, tune, test = household_split(splits, household, seed)
+    exp = assembly.Experiment(cfg, data_fn=lambda: fed_data)
+    try:
+        # the new household's recordings never reach the federation
+        assert household not in exp.fed.client_names, exp.fed.client_names
+        own = {row.tobytes() for row in np.concatenate([tune.x, test.x])}
+        for c in exp.fed.clients.values():
+            assert not any(row.numpy().tobytes() in own for row in c.train_x)
+        params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
+        for round_ in range(1, cfg.experiment.rounds + 1):
+            result = exp.driver.fit_round(round_, params, state)
+            params, state = result.params, result.state
+        federation_test = _accuracy(exp, params, exp.eval_x, exp.eval_y)
+        tune_x, tune_y = torch.from_numpy(tune.x), torch.from_numpy(tune.y)
+        test_x, test_y = torch.from_numpy(test.x), torch.from_numpy(test.y)
+        before = _accuracy(exp, params, test_x, test_y)
+        fold = torch.arange(len(tune_y)) // (len(tune_y) // FINETUNE_FOLDS)  # draw order
+        cv: dict[str, float] = {}
+        for epochs in FINETUNE_EPOCHS:
+            correct = 0.0
+            for f in range(FINETUNE_FOLDS):
+                inner, held = fold != f, fold == f
+                tuned = _finetuned(
+                    exp, cfg, params, tune_x[inner], tune_y[inner], epochs, [seed, epochs, f]
+                )
+                correct += _accuracy(exp, tuned, tune_x[held], tune_y[held]) * int(held.sum())
+            cv[str(epochs)] = correct / len(tune_y)
+        best = max(FINETUNE_EPOCHS, key=lambda e: cv[str(e)])  # the first best: fewest epochs
+        tuned = _finetuned(exp, cfg, params, tune_x, tune_y, best, [seed, best])
+        after = _accuracy(exp, tuned, test_x, test_y)
+    finally:
+        exp.close()
+    return {
+        "global_accuracy": before,
+        "finetuned_accuracy": after,
+        "finetune_epochs": best,
+        "cv_accuracy": cv,
+        "federation_test_accuracy": federation_test,
+        "finetune_takes": len(tune_y),
+        "test_takes": len(test_y),
+        "seconds": time.perf_counter() - start,
+    }
+
+
 # --------------------------------------------------------------------------------- bookkeeping
 
 
@@ -419,6 +574,7 @@ def _run_key(run: dict[str, Any]) -> tuple:
         run["seed"],
         run.get("value"),
         run["rounds"],
+        run.get("household"),
     )
 
 
@@ -488,11 +644,34 @@ def personal_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def new_household_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    fields = (
+        "global_accuracy",
+        "finetuned_accuracy",
+        "finetune_takes_per_digit",
+        "finetune_epochs",
+        "rounds",
+        "cv_accuracy",
+        "federation_test_accuracy",
+        "test_takes",
+    )
+    rows = []
+    for r in runs:
+        if r["kind"] == "new_household":
+            row = {"task": r["task"], "kind": r["kind"], "household": r["household"]}
+            row.update({"seed": r["seed"], **{f: r[f] for f in fields}})
+            row["seconds"] = round(r["seconds"], 1)
+            rows.append(row)
+    return rows
+
+
 def _sort_key(row: dict[str, Any]) -> tuple:
     alpha = row.get("alpha")
     a = (1, 0.0) if isinstance(alpha, str) else (0, float(alpha or 0.0))
     return (
         TASKS.index(row["task"]),
+        row.get("kind") == "new_household",
+        row.get("household") or "",
         "personalization" in row,
         row.get("skew") or "",
         STRATEGIES.index(row["strategy"]) if "strategy" in row else 0,
@@ -528,6 +707,20 @@ def settings() -> dict[str, Any]:
             "local": "each client alone, from the same initial weights, rounds x client.epochs "
             "local epochs on its own training split",
         },
+        "new_household": {
+            "federation": "FedAvg on the speech task's plain settings over the other "
+            f"{CLIENTS['speech'] - 1} households' training takes (the new household's "
+            "recordings are never in it)",
+            "finetune_takes_per_digit": NEW_TAKES,
+            "finetune_takes": "drawn per digit with the seed from all of the household's "
+            "recordings (its training and test takes pooled); the rest are its test takes",
+            "finetune": "the library's fine-tuning personalisation (every tensor) of the final "
+            "global model, with [client]'s optimizer, lr and batch size",
+            "finetune_epochs_grid": list(FINETUNE_EPOCHS),
+            "finetune_epochs": f"picked by {FINETUNE_FOLDS}-fold cross-validation on the "
+            "fine-tuning takes alone (folds of equal takes per digit; the fewest epochs on a "
+            "tie), then fine-tuned on all of them",
+        },
     }
 
 
@@ -536,6 +729,19 @@ def scope(rows: list[dict[str, Any]]) -> dict[str, Any]:
     rounds that have a row (so a reduced run is never read as the full grid)."""
     out: dict[str, Any] = {}
     for r in rows:
+        if r.get("kind") == "new_household":
+            cell = out.setdefault(
+                f"{r['task']}/new household", {"households": [], "seeds": [], "rounds": []}
+            )
+            for key, value in (
+                ("households", r["household"]),
+                ("seeds", r["seed"]),
+                ("rounds", r["rounds"]),
+            ):
+                if value not in cell[key]:
+                    cell[key].append(value)
+            cell["rows"] = cell.get("rows", 0) + 1
+            continue
         if "strategy" in r:
             name = f"{r['task']}/optimizer" + (f"/{r['skew']} skew" if r.get("skew") else "")
             what = ("strategies", r["strategy"])
@@ -556,7 +762,9 @@ def scope(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def save(path: Path, runs: list[dict[str, Any]]) -> None:
     """Write runs and the rows derived from them (a temporary file, then a rename)."""
-    rows = sorted(optimizer_rows(runs) + personal_rows(runs), key=_sort_key)
+    rows = sorted(
+        optimizer_rows(runs) + personal_rows(runs) + new_household_rows(runs), key=_sort_key
+    )
     out = {
         "settings": {**settings(), "ran": scope(rows)},  # derived from the rows themselves
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
@@ -710,7 +918,47 @@ def markdown(rows: list[dict[str, Any]]) -> str:
                 vals.append(f"{statistics.median(got):.3f}" if got else "-")
             out.append(f"| {method} | " + " | ".join(vals) + " |")
         out.append("")
+    out += new_household_table(rows)
     return "\n".join(out)
+
+
+def new_household_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Per new household: the global model and the fine-tuned one on its test takes (median
+    over seeds), then the mean and the worst household (per seed, then the median over seeds)."""
+    out: list[str] = []
+    for task in TASKS:
+        mine = [r for r in rows if r["task"] == task and r.get("kind") == "new_household"]
+        if not mine:
+            continue
+        seeds = sorted({r["seed"] for r in mine})
+        names = sorted({r["household"] for r in mine})
+        out.append(
+            f"**{task}, a new household** (FedAvg on the other households, "
+            f"{', '.join(str(n) for n in sorted({r['rounds'] for r in mine}))} rounds; "
+            f"fine-tuned on {mine[0]['finetune_takes_per_digit']} of its recordings per digit; "
+            f"test: its other recordings; median over seeds {', '.join(map(str, seeds))})"
+        )
+        out.append("")
+        out.append("| household | global model | fine-tuned | fine-tuning epochs (per seed) |")
+        out.append("|---|---|---|---|")
+        for name in names:
+            group = sorted((r for r in mine if r["household"] == name), key=lambda r: r["seed"])
+            before = statistics.median(r["global_accuracy"] for r in group)
+            after = statistics.median(r["finetuned_accuracy"] for r in group)
+            epochs = ", ".join(str(r["finetune_epochs"]) for r in group)
+            out.append(f"| {name} | {before:.3f} | {after:.3f} | {epochs} |")
+        for label, reduce in (("mean over households", statistics.mean), ("worst household", min)):
+            vals = []
+            for field in ("global_accuracy", "finetuned_accuracy"):
+                per_seed = [reduce([r[field] for r in mine if r["seed"] == seed]) for seed in seeds]
+                vals.append(f"{statistics.median(per_seed):.3f}")
+            out.append(f"| **{label}** | " + " | ".join(vals) + " | |")
+        complete = all(len([r for r in mine if r["seed"] == seed]) == len(names) for seed in seeds)
+        if not complete:
+            out.append("")
+            out.append("(not every household has every seed: the mean and worst mix seeds)")
+        out.append("")
+    return out
 
 
 def _alpha(text: str) -> float | str:
@@ -734,6 +982,17 @@ def main() -> None:
         choices=("quantity", "feature"),
         default=None,
         help="optimizer rows under quantity or feature skew (IID labels)",
+    )
+    parser.add_argument(
+        "--new-household",
+        action="store_true",
+        help="speech: new-household rows (FedAvg without it, then fine-tuned on its takes)",
+    )
+    parser.add_argument(
+        "--households",
+        nargs="+",
+        default=None,
+        help="--new-household: the households to hold out (default: every one)",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=30)
@@ -765,10 +1024,27 @@ def main() -> None:
         print(f"merged {len(args.merge)} files into {args.out}: {len(runs)} runs")
         return
 
-    if not args.personalization and args.task not in GRIDS:
+    if args.new_household and args.task != "speech":
+        parser.error("--new-household: the speech task only (--task speech)")
+    if not (args.personalization or args.new_household) and args.task not in GRIDS:
         parser.error(f"--task {args.task}: personalisation rows only (--personalization ...)")
     jobs: list[dict[str, Any]] = []
-    if args.personalization:
+    if args.new_household:
+        names = args.households or households(base_config("speech", 0, 1, data_root))
+        for seed in args.seeds:
+            for name in names:
+                jobs.append(
+                    {
+                        "kind": "new_household",
+                        "task": "speech",
+                        "household": name,
+                        "alpha": "natural",
+                        "seed": seed,
+                        "rounds": args.rounds,
+                        "finetune_takes_per_digit": NEW_TAKES,
+                    }
+                )
+    elif args.personalization:
         alphas = ["natural"] if args.task == "speech" else args.alphas
         for seed in args.seeds:
             for alpha in alphas:
@@ -805,7 +1081,15 @@ def main() -> None:
     print(f"{len(jobs)} runs, {len(jobs) - len(todo)} already done, {len(todo)} to go", flush=True)
     started = time.perf_counter()
     for i, job in enumerate(todo, 1):
-        if job["kind"] == "personal":
+        if job["kind"] == "new_household":
+            cfg = new_household_config(job["seed"], job["rounds"], data_root)
+            result = run_new_household(cfg, job["household"])
+            what = (
+                f"new household {job['household']}: global {result['global_accuracy']:.3f} "
+                f"fine-tuned {result['finetuned_accuracy']:.3f} "
+                f"({result['finetune_epochs']} epochs)"
+            )
+        elif job["kind"] == "personal":
             cfg = personal_config(
                 args.task,
                 job["personalization"],

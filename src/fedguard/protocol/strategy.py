@@ -2,7 +2,8 @@
 
 A strategy is configured once and then used per round (Flower's ``configure_fit`` /
 ``aggregate_fit`` granularity): :meth:`Strategy.fit_instructions` says what the sampled clients
-run (the client half: FedProx's proximal term, SCAFFOLD's control variate), and
+run (the client half: FedProx's proximal term, SCAFFOLD's control variate), with
+:meth:`Strategy.client_instructions` adding what one client is told of its own, and
 :meth:`Strategy.aggregate` turns the accepted replies into the next global model. Under secure
 aggregation the server never sees a reply, only the sum of the clipped, weighted updates;
 :meth:`Strategy.aggregate_sum` takes that sum instead. Its state between rounds is a mapping of
@@ -106,6 +107,13 @@ class Strategy(abc.ABC):
         The replies are checked (finite, the right size, with :meth:`required_tensors`) and
         their ``num_examples`` capped at the clients' registered sizes by the round driver.
         """
+
+    def client_instructions(
+        self, state: StrategyState, client_id: int
+    ) -> dict[str, messages.Scalar]:
+        """Config entries for one sampled client, beside :meth:`fit_instructions`' (none by
+        default): what the server says to each client of its own."""
+        return {}
 
     def aggregate_reporting(
         self,

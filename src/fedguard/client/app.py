@@ -168,8 +168,11 @@ class _ClientState(MutableMapping[str, torch.Tensor]):
         self._states[self._id] = {**self._own(), name: value}
 
     def update(self, other: Any = (), /, **kwargs: torch.Tensor) -> None:
-        """Set several entries in one assignment of the client's entry (one write to disk)."""
-        self._states[self._id] = {**self._own(), **dict(other, **kwargs)}
+        """Set several entries in one assignment of the client's entry (one write to disk, so
+        that a crash leaves all of them or none); nothing to set writes nothing."""
+        values = dict(other, **kwargs)
+        if values:
+            self._states[self._id] = {**self._own(), **values}
 
     def __delitem__(self, name: str) -> None:
         own = dict(self._own())

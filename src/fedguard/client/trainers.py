@@ -100,8 +100,8 @@ def _feddyn_alpha(task: TrainTask) -> float | None:
 def _feddyn_gradient(task: TrainTask) -> tuple[torch.Tensor, int]:
     """The client's ``g_k`` for ``task`` and the round whose aggregated update last moved it:
     its pending ``g_k`` committed if the task says that round's update was aggregated, else
-    its committed one (zero before any; see :func:`fedguard.algorithms.optimizers.feddyn.
-    settled_gradient`, which refuses a state that is not the one the server's ``h`` holds)."""
+    its committed one (zero before any). A state that is not the one the server's ``h`` holds
+    is refused (ValueError; see :func:`~fedguard.algorithms.optimizers.feddyn.settled_gradient`)."""
     state = task.state
     rounds = state.get(features.FEDDYN_ROUNDS)
     committed_round, pending_round = (0, 0) if rounds is None else (int(rounds[0]), int(rounds[1]))

@@ -7,6 +7,8 @@ The client-side checks use a two-class logistic regression on one feature (flat 
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from torch import nn
@@ -21,7 +23,8 @@ from fedguard.experiment.assembly import Experiment
 from fedguard.models.adapter import TorchModel
 from fedguard.protocol import features, fedopt, messages
 from fedguard.protocol.driver import RoundDriver
-from fedguard.protocol.strategy import FEDDYN_H, StrategyKind
+from fedguard.protocol.strategy import FEDDYN_H, ServerState, StrategyKind
+from fedguard.simulation.dropout import FitFault, FitFaults
 from fedguard.simulation.inprocess import InProcessTransport
 
 
@@ -213,6 +216,13 @@ def test_feddyn_server_update_by_hand() -> None:
     assert restored.h.tolist() == pytest.approx([0.34, 0.25])
     cfg, tensors = strategy.fit_instructions(state)
     assert cfg[features.FEDDYN_ALPHA] == 0.2 and cfg["lr"] == 0.1 and tensors == {}
+    # the record of aggregated rounds: clients 0 and 1 in round 7, then 3 alone in round 9
+    state, _ = strategy.aggregate(state, params, replies, round_=7)
+    state, _ = strategy.aggregate(state, params, [_reply(3, [0.0, 1.0], 2)], round_=9)
+    assert ServerState.of(state).aggregated.tolist() == [7, 7, 0, 9]
+    restored = strategy.restore(dict(state))
+    told = [strategy.client_instructions(restored, c)[features.FEDDYN_AGGREGATED] for c in range(6)]
+    assert told == [7, 7, 0, 9, 0, 0]
     with pytest.raises(ValueError, match="alpha must be positive"):
         feddyn.server_update(params, state.h, torch.ones(1, 2), alpha=0.0, num_clients=5)
 
@@ -220,7 +230,8 @@ def test_feddyn_server_update_by_hand() -> None:
 def test_feddyn_client_objective_gradient_by_hand() -> None:
     """Two SGD steps (one example, two epochs, so the order is fixed) on
     ``L(w) - <g, w> + alpha/2 ||w - w_glob||^2`` with alpha 0.3, lr 0.5 and a stored ``g``: the
-    second step sees the quadratic term. The new state is ``g - alpha * delta``."""
+    second step sees the quadratic term. The new state is ``g - alpha * delta``, pending until
+    the server says this round's update was aggregated; ``g`` stays the committed one."""
     alpha, lr, x, y = 0.3, 0.5, -2.0, 1
     start = [0.2, -0.1, 0.05, 0.0]
     g = torch.tensor([0.1, -0.2, 0.3, -0.4])
@@ -231,6 +242,7 @@ def test_feddyn_client_objective_gradient_by_hand() -> None:
         "epochs": 2,
         "batch_size": 1,
         features.FEDDYN_ALPHA: alpha,
+        features.FEDDYN_AGGREGATED: 0,
     }
     app = ClientApp(_tiny_model(start), data)
     app.state[0] = {features.FEDDYN_GRADIENT: g.clone()}
@@ -241,7 +253,9 @@ def test_feddyn_client_objective_gradient_by_hand() -> None:
         w = w - lr * (_nll_grad(w, x, y) - g.double() + alpha * (w - w_glob))
     delta = (w - w_glob).float()
     _assert_close(reply.update, delta, rtol=0, atol=1e-6)
-    _assert_close(app.state[0][features.FEDDYN_GRADIENT], g - alpha * delta, rtol=0, atol=1e-6)
+    _assert_close(app.state[0][features.FEDDYN_PENDING], g - alpha * delta, rtol=0, atol=1e-6)
+    assert torch.equal(app.state[0][features.FEDDYN_GRADIENT], g)
+    assert app.state[0][features.FEDDYN_ROUNDS].tolist() == [0, 1]
     # without the regulariser the client lands elsewhere: the terms are not a no-op
     plain = _fit(ClientApp(_tiny_model(start), data), 0, start, {**cfg, features.FEDDYN_ALPHA: 0})
     assert float((plain.update - delta).abs().min()) > 1e-2
@@ -326,9 +340,132 @@ def test_feddyn_state_of_server_and_clients_survives_a_checkpoint() -> None:
     assert torch.equal(after_stop.params, straight.params)
     assert whole.client_state.keys() == resumed.client_state.keys()
     for cid, named in whole.client_state.items():
-        assert torch.equal(
-            named[features.FEDDYN_GRADIENT], resumed.client_state[cid][features.FEDDYN_GRADIENT]
+        assert named.keys() == resumed.client_state[cid].keys()
+        assert {features.FEDDYN_GRADIENT, features.FEDDYN_PENDING} <= named.keys()
+        for name, value in named.items():
+            assert torch.equal(value, resumed.client_state[cid][name]), (cid, name)
+
+
+# ------------------------------------------------------ FedDyn: a reply that is not aggregated
+
+M = 6  # the population of tiny_config
+
+
+def _feddyn_rounds(faults: dict[tuple[int, int], FitFault], rounds: int = 3) -> dict[str, Any]:
+    """``rounds`` FedDyn rounds of 4 of 6 clients with ``faults`` injected: the last round's
+    metrics per round, the parameters, the server state and each client's state."""
+    cfg = config.validate(
+        tiny_config(
+            server={
+                "strategy": "feddyn",
+                "feddyn_alpha": 0.2,
+                "clients_per_round": 4,
+                "min_clients": 3,
+            },
+            evaluation={"every": 0},
         )
+    )
+    exp = Experiment(cfg)
+    try:
+        exp.driver.transport = FitFaults(exp.driver.transport, faults)
+        params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
+        metrics = []
+        for r in range(1, rounds + 1):
+            result = exp.driver.fit_round(r, params, state)
+            params, state = result.params, result.state
+            metrics.append(result.metrics)
+        states = {cid: dict(named) for cid, named in exp.client_state.items()}
+        sampled = [exp.driver.sample(r) for r in range(1, rounds + 1)]
+        return {
+            "metrics": metrics,
+            "params": params,
+            "server": ServerState.of(state),
+            "clients": states,
+            "sampled": sampled,
+        }
+    finally:
+        exp.close()
+
+
+def _committed(run: dict[str, Any], cid: int) -> torch.Tensor:
+    """Client ``cid``'s ``g_k`` as the server's record settles it (what its next task would
+    commit): the one ``h`` holds."""
+    named = run["clients"].get(cid, {})
+    rounds = named.get(features.FEDDYN_ROUNDS, torch.zeros(2, dtype=torch.int64)).tolist()
+    g, _ = feddyn.settled_gradient(
+        named.get(features.FEDDYN_GRADIENT),
+        rounds[0],
+        named.get(features.FEDDYN_PENDING),
+        rounds[1],
+        feddyn.last_aggregated(run["server"].aggregated, cid),
+        like=run["params"],
+    )
+    return g
+
+
+@pytest.mark.parametrize("fault", [FitFault.LOST, FitFault.REJECTED])
+def test_a_feddyn_reply_that_is_not_aggregated_leaves_the_client_as_if_it_never_trained(
+    fault: FitFault,
+) -> None:
+    """Client ``k`` trains in round 1, then its reply is lost (or arrives with a NaN update and
+    is rejected). Algorithm 1 keeps the ``g_k`` of a client outside ``P_t``, so the run equals
+    the one where ``k``'s round-1 task never reached it: the same model, ``h`` and committed
+    ``g_k`` for every client after round 3 (``k`` trains again in round 2 or 3, from its old
+    ``g_k``), and ``h`` is the mean of the committed ``g_k`` over the population, the paper's
+    invariant."""
+    plain = _feddyn_rounds({})
+    first, later = plain["sampled"][0], plain["sampled"][1] + plain["sampled"][2]
+    k = next(c for c in first if c in later)  # its old g_k matters again in a later round
+    faulted = _feddyn_rounds({(1, k): fault})
+    never = _feddyn_rounds({(1, k): FitFault.UNREACHABLE})
+    counted = "clients_failed" if fault is FitFault.LOST else "clients_rejected"
+    assert faulted["metrics"][0][counted] == 1 and faulted["metrics"][0]["clients_completed"] == 3
+    # after round 1, k has trained: its new g_k is pending, and the server's record settles it
+    # to the one before (zero)
+    one = _feddyn_rounds({(1, k): fault}, rounds=1)
+    assert one["clients"][k][features.FEDDYN_ROUNDS].tolist() == [0, 1]
+    assert float(one["clients"][k][features.FEDDYN_PENDING].abs().sum()) > 0
+    assert feddyn.last_aggregated(one["server"].aggregated, k) == 0
+    assert float(_committed(one, k).abs().sum()) == 0
+    assert torch.equal(faulted["params"], never["params"])
+    assert torch.equal(faulted["server"].h, never["server"].h)
+    assert torch.equal(faulted["server"].aggregated, never["server"].aggregated)
+    for cid in range(M):
+        assert torch.equal(_committed(faulted, cid), _committed(never, cid)), cid
+    for run in (faulted, never, plain):
+        mean_g = torch.stack([_committed(run, cid) for cid in range(M)]).mean(0)
+        _assert_close(run["server"].h, mean_g, rtol=1e-5, atol=1e-7)
+        assert float(run["server"].h.abs().sum()) > 0
+    # and without the fault client k's round-1 update counts: the runs differ
+    assert float((plain["params"] - faulted["params"]).abs().max()) > 1e-4
+
+
+def test_a_feddyn_client_refuses_a_gradient_state_that_is_not_the_one_h_holds() -> None:
+    """The server's record names a round the client's state does not hold (the state was lost,
+    or is older or newer than the server's): the client refuses to train, saying so."""
+    data = {0: ClientData(torch.tensor([[1.0], [-1.0]]), torch.tensor([0, 1]))}
+    cfg: dict[str, messages.Scalar] = {"lr": 0.1, "batch_size": 2, features.FEDDYN_ALPHA: 0.5}
+    start = [0.2, -0.1, 0.05, 0.0]
+    app = ClientApp(_tiny_model(start), data)
+    with pytest.raises(ValueError, match="holds this client's update of round 3"):
+        app.fit(_task(start, {**cfg, features.FEDDYN_AGGREGATED: 3}, round_=4))
+    first = app.fit(_task(start, {**cfg, features.FEDDYN_AGGREGATED: 0}, round_=4))
+    assert app.state[0][features.FEDDYN_ROUNDS].tolist() == [0, 4]
+    for told in (2, 5):  # neither the committed round (0) nor the pending one (4)
+        with pytest.raises(ValueError, match=r"round 0 \(committed\) and 4 \(pending\)"):
+            app.fit(_task(start, {**cfg, features.FEDDYN_AGGREGATED: told}, round_=6))
+    # told that round 4 was not aggregated, the client answers it again from the same state
+    again = app.fit(_task(start, {**cfg, features.FEDDYN_AGGREGATED: 0}, round_=4))
+    assert torch.equal(again.update, first.update)
+    # told that it was, it commits round 4's g_k before training in round 6
+    pending = app.state[0][features.FEDDYN_PENDING]
+    app.fit(_task(start, {**cfg, features.FEDDYN_AGGREGATED: 4}, round_=6))
+    assert torch.equal(app.state[0][features.FEDDYN_GRADIENT], pending)
+    assert app.state[0][features.FEDDYN_ROUNDS].tolist() == [4, 6]
+
+
+def _task(params: list[float], cfg: dict[str, messages.Scalar], *, round_: int) -> messages.FitTask:
+    return messages.FitTask(round_, 0, torch.tensor(params), {"seed": 1, **cfg}, {})
 
 
 # ------------------------------------------------------------------------------ configuration

@@ -59,6 +59,10 @@ class Behaviour(enum.StrEnum):
     HANG_IN_ROUND_2 = "hang_in_round_2"  # writes a marker, then never answers round 2's fit task
     VANISH_AT_UNMASK = "vanish_at_unmask"  # exits as soon as it is asked to unmask
     SLOW = "slow"  # takes 0.3 s longer per fit task, so a test can stop the server mid-run
+    # answers round 1's fit task, then stops cleanly (a restart between rounds)
+    STOP_AFTER_ROUND_1 = "stop_after_round_1"
+    # trains on round 1's fit task, then exits before its reply leaves (its reply is lost)
+    VANISH_AFTER_TRAINING_1 = "vanish_after_training_1"
 
 
 @dataclass(frozen=True)
@@ -161,15 +165,25 @@ def server_main(
 
 
 def client_main(
-    config: Path, address: str, client_id: int, sec: Security, behaviour: Behaviour, marker: Path
+    config: Path,
+    address: str,
+    client_id: int,
+    sec: Security,
+    behaviour: Behaviour,
+    marker: Path,
+    state_dir: Path | None = None,
 ) -> None:
-    """A client process: ``fedguard client`` with an optional scripted misbehaviour."""
+    """A client process: ``fedguard client`` (with ``--state-dir state_dir`` if given) with an
+    optional scripted misbehaviour."""
+    import threading
+
     from fedguard.experiment import deployment as grpc_deploy
     from fedguard.protocol import messages
     from fedguard.runtime import grpc_client
 
     _quiet_torch()
-    app = grpc_deploy.demo_app(config, client_id)
+    app = grpc_deploy.demo_app(config, client_id, state_dir=state_dir)
+    stop = threading.Event()
     registry = sec.identities()
     if registry is not None:  # as `fedguard client --identity ... --identities ...`
         key = sec.directory / f"client-{client_id}.identity"
@@ -192,7 +206,15 @@ def client_main(
             if task.round == 2:
                 marker.write_text("hanging")
                 time.sleep(3600)
-        return app.handle(cid, payload)
+        reply = app.handle(cid, payload)
+        after_1 = (Behaviour.STOP_AFTER_ROUND_1, Behaviour.VANISH_AFTER_TRAINING_1)
+        if behaviour in after_1 and kind == "FitTask" and messages.decode(payload).round == 1:
+            if behaviour is Behaviour.VANISH_AFTER_TRAINING_1:
+                marker.write_text("vanished")
+                os._exit(17)
+            marker.write_text("stopped")
+            stop.set()  # the reply is pushed, then the client returns
+        return reply
 
     settings = grpc_client.ClientSettings(
         address,
@@ -203,7 +225,7 @@ def client_main(
         backoff_max_s=1.0,
         give_up_after_s=60.0,
     )
-    grpc_client.serve(settings, handler)
+    grpc_client.serve(settings, handler, stop=stop)
 
 
 def cli_main(argv: list[str], cwd: Path, stdout: Path, stderr: Path) -> None:
@@ -280,9 +302,11 @@ class Federation:
         self.server = CTX.Process(target=server_main, args=args, daemon=True)
         self.server.start()
 
-    def start_client(self, cid: int, behaviour: Behaviour = Behaviour.NORMAL) -> Path:
+    def start_client(
+        self, cid: int, behaviour: Behaviour = Behaviour.NORMAL, state_dir: Path | None = None
+    ) -> Path:
         marker = self.out.parent / f"client-{cid}-{behaviour}.marker"
-        args = (self.config, self.address, cid, self.sec, behaviour, marker)
+        args = (self.config, self.address, cid, self.sec, behaviour, marker, state_dir)
         self.clients[cid] = CTX.Process(target=client_main, args=args, daemon=True)
         self.clients[cid].start()
         return marker

@@ -30,14 +30,17 @@ from ray.cluster_utils import Cluster
 
 import fedguard
 from conftest import REPO, metric_rows, tiny_config
+from fedguard.client import personal as personal_mod
 from fedguard.client import trainers
 from fedguard.client.trainer import TrainResult, TrainTask
 from fedguard.experiment import checkpoint
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment
 from fedguard.experiment.config import ConfigError
+from fedguard.protocol import features
 from fedguard.protocol.transport import Delivered, Failed, FailureKind
 from fedguard.simulation import ray_engine
+from fedguard.simulation.dropout import FitFault, FitFaults
 
 HERE = "test_ray_runtime"  # this module, as configs name its plug-ins
 ATOL = 1e-6  # float sums the two engines might order differently (see the module docstring)
@@ -120,11 +123,17 @@ class EchoClients:
 # ---------------------------------------------------------------------------------------- helpers
 
 
-def _rounds(cfg: dict[str, Any], rounds: int = ROUNDS) -> tuple[list[dict[str, Any]], dict]:
+def _rounds(
+    cfg: dict[str, Any],
+    rounds: int = ROUNDS,
+    faults: dict[tuple[int, int], FitFault] | None = None,
+) -> tuple[list[dict[str, Any]], dict]:
     """Each round's driver metrics (timings left out), parameters and central metrics, and the
-    clients' state at the end, from ``rounds`` rounds of ``cfg``."""
+    clients' state at the end, from ``rounds`` rounds of ``cfg`` (with ``faults`` injected)."""
     exp = Experiment(config_mod.validate(cfg))
     try:
+        if faults:
+            exp.driver.transport = FitFaults(exp.driver.transport, faults)
         params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
         out = []
         for r in range(1, rounds + 1):
@@ -208,6 +217,35 @@ def test_scaffold_keeps_each_clients_control_variate_across_rounds(cluster: Clus
     for cid, named in local_state.items():
         torch.testing.assert_close(remote_state[cid], named, rtol=0.0, atol=ATOL)
         assert float(named["control"].abs().sum()) > 0
+
+
+def test_feddyn_with_a_lost_reply_and_ditto_give_the_in_process_results(cluster: Cluster) -> None:
+    """FedDyn's g_k and Ditto's personal model travel with each client's task and come back
+    with its reply; client 1's round-1 reply is lost after it trained (its state came back from
+    its actor all the same): the model, the server's h and record, every client's state and
+    the personal evaluation (mean, worst client, each client's) are the in-process run's."""
+    cfg = tiny_config(
+        server={"strategy": "feddyn", "feddyn_alpha": 0.1},
+        personalization={"method": "ditto", "ditto_lambda": 0.3},
+        data={"client_eval_fraction": 0.3},
+    )
+    faults = {(1, 1): FitFault.LOST}
+    local, local_state = _rounds(cfg, faults=faults)
+    remote, remote_state = _rounds(_on_ray(cfg), faults=faults)
+    assert local[0]["metrics"]["clients_failed"] == 1 and 1 in local_state
+    personal = [r["eval"].pop("personal_clients") for r in local]
+    for r, clients in zip(remote, personal, strict=True):
+        got = r["eval"].pop("personal_clients")
+        assert [c["client"] for c in got] == [c["client"] for c in clients]
+        for g, c in zip(got, clients, strict=True):
+            assert g == pytest.approx(c, abs=ATOL)
+    _assert_same_rounds(local, remote)
+    assert local[-1]["eval"]["personal_accuracy_mean"] is not None
+    assert local_state.keys() == remote_state.keys()
+    for cid, named in local_state.items():
+        assert named.keys() == remote_state[cid].keys()
+        assert {features.FEDDYN_PENDING, personal_mod.STATE} <= named.keys()
+        torch.testing.assert_close(remote_state[cid], named, rtol=0.0, atol=ATOL)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,10 @@
 The attacks on individual updates (gradient inversion, the update-level canary audit) need what
 the server observed in one round. Run folders keep the model after every round, not the
 updates, so the round is replayed: its fit task as the driver builds it (from the checkpoint the
-round started from, with the run's strategy state and each client's seed), answered by a
-:class:`~fedguard.client.app.ClientApp` with the run's trainer (or a wrapper of it), so that
+round started from, with the run's strategy state, its entries for each client and each
+client's seed), answered by a :class:`~fedguard.client.app.ClientApp` holding the client's own
+state from that checkpoint (SCAFFOLD's control variate, FedDyn's gradient state) with the
+run's trainer (or a wrapper of it), so that
 DP-SGD's clipping and noise and central DP's update clip are the run's. Under secure
 aggregation the server observes only the sum of the round's updates: :meth:`RoundReplay.observed`
 adds the other sampled clients' re-created updates (the masks cancel in the sum; the
@@ -14,7 +16,7 @@ attacker).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,12 +27,14 @@ from fedguard.client.trainer import ClientTrainer
 from fedguard.experiment import checkpoint
 from fedguard.protocol import messages
 from fedguard.protocol.driver import client_seed
+from fedguard.protocol.strategy import StrategyState
 
 
 @dataclass(frozen=True)
 class RoundReplay:
     """Round ``round`` of ``run``: its starting ``params``, the fit ``config`` and ``tensors``
-    every client received, and the ``sampled`` clients."""
+    every client received, the ``sampled`` clients, and the server's ``state`` and the clients'
+    ``client_state`` the round started from."""
 
     run: AuditedRun
     round: int
@@ -38,6 +42,8 @@ class RoundReplay:
     config: dict[str, messages.Scalar]
     tensors: dict[str, torch.Tensor]
     sampled: list[int]
+    state: StrategyState = field(default_factory=dict)
+    client_state: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def load(cls, run: AuditedRun, round_: int) -> RoundReplay:
@@ -46,6 +52,7 @@ class RoundReplay:
         exp = run.exp
         if round_ < 1 or round_ > run.final_round + 1:
             raise AuditError(f"{run.name}: no round {round_} to attack (1..{run.final_round + 1}).")
+        clients: dict[int, dict[str, torch.Tensor]] = {}
         if round_ == 1:
             params, state = exp.initial_params.clone(), exp.strategy.init(exp.initial_params)
         else:
@@ -58,8 +65,10 @@ class RoundReplay:
                     "after a kept checkpoint"
                 ) from None
             params, state = exp.restore(ck)
+            clients = {cid: dict(named) for cid, named in exp.client_state.items()}
         config, tensors = exp.driver.strategy.fit_instructions(state)
-        return cls(run, round_, params, dict(config), dict(tensors), exp.driver.sample(round_))
+        sampled = exp.driver.sample(round_)
+        return cls(run, round_, params, dict(config), dict(tensors), sampled, state, clients)
 
     def client(self, requested: int | None) -> int:
         """The attacked client: ``requested``, or the lowest id sampled in the round."""
@@ -76,11 +85,14 @@ class RoundReplay:
         trainer: ClientTrainer | None = None,
     ) -> messages.FitReply:
         """Client ``client``'s reply to the round's fit task, trained on ``data`` with the
-        run's trainer (or ``trainer``) and the task's config updated by ``extra``."""
+        run's trainer (or ``trainer``), a copy of the client's state and the task's config
+        updated by ``extra``."""
         exp = self.run.exp
-        app = ClientApp(exp.model, {client: data}, {}, trainer=trainer or exp.trainer)
+        own = {client: dict(self.client_state[client])} if client in self.client_state else {}
+        app = ClientApp(exp.model, {client: data}, own, trainer=trainer or exp.trainer)
         seed = client_seed(self.run.cfg.experiment.seed, self.round, client)
-        config = {**self.config, **(extra or {}), "seed": seed}
+        entries = exp.driver.strategy.client_instructions(self.state, client)
+        config = {**self.config, **entries, **(extra or {}), "seed": seed}
         return app.fit(
             messages.FitTask(self.round, client, self.params.clone(), config, self.tensors)
         )

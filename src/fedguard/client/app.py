@@ -167,6 +167,13 @@ class _ClientState(MutableMapping[str, torch.Tensor]):
     def __setitem__(self, name: str, value: torch.Tensor) -> None:
         self._states[self._id] = {**self._own(), name: value}
 
+    def update(self, other: Any = (), /, **kwargs: torch.Tensor) -> None:
+        """Set several entries in one assignment of the client's entry (one write to disk, so
+        that a crash leaves all of them or none); nothing to set writes nothing."""
+        values = dict(other, **kwargs)
+        if values:
+            self._states[self._id] = {**self._own(), **values}
+
     def __delitem__(self, name: str) -> None:
         own = dict(self._own())
         del own[name]
@@ -271,8 +278,7 @@ class ClientApp:
         trainer, train_task = self.start_fit(task)
         done = self._pretrained.pop(task.client_id, None)
         if done is not None and done.round == task.round:
-            for name, value in done.state.items():
-                train_task.state[name] = value
+            train_task.state.update(done.state)
             return self.reply(task, done.result)
         self.model.set_flat(task.parameters)
         return self.reply(task, trainer.train(self.model, self.data[task.client_id], train_task))

@@ -1,8 +1,10 @@
 """A deployed client's own state on its own disk, so that it survives a restart.
 
-SCAFFOLD's control variate (and any other tensor a :class:`~fedguard.client.app.ClientApp`
-keeps per client between rounds) is client state: the server never holds it, so a client that
-restarts without it would start its correction from zero again. :class:`DiskState` is the
+SCAFFOLD's control variate, FedDyn's gradient state, a personalised client's own model (and any
+other tensor a :class:`~fedguard.client.app.ClientApp` keeps per client between rounds) are
+client state: the server never holds it, so a client that restarts without it would start its
+correction or its personal model from zero again (a FedDyn client whose state does not match
+the server's record refuses to train). :class:`DiskState` is the
 mapping the app keeps that state in, one safetensors file per client id in a folder of the
 client's choosing (``--state-dir``). Each change is written atomically: a temporary file in the
 same folder, created with mode 0600 (the state is derived from the client's data), flushed

@@ -75,8 +75,7 @@ class OptimizerTrainer(ClientTrainer):
             correction=gradient_correction(task),
         )
         result, state = optimizer_result(task, model.get_flat() - task.params, stats)
-        for name, value in state.items():
-            task.state[name] = value
+        task.state.update(state)  # one write: a state kept on disk never holds half of it
         return result
 
 
@@ -88,7 +87,7 @@ def gradient_correction(task: TrainTask) -> torch.Tensor | None:
     if server_control is not None:
         return scaffold.correction(server_control, _client_control(task, server_control))
     if _feddyn_alpha(task) is not None:
-        return feddyn.correction(_feddyn_gradient(task))
+        return feddyn.correction(_feddyn_gradient(task)[0])
     return None
 
 
@@ -98,9 +97,25 @@ def _feddyn_alpha(task: TrainTask) -> float | None:
     return messages.config_float(task.config, features.FEDDYN_ALPHA)
 
 
-def _feddyn_gradient(task: TrainTask) -> torch.Tensor:
-    g = task.state.get(features.FEDDYN_GRADIENT)
-    return torch.zeros_like(task.params) if g is None else g
+def _feddyn_gradient(task: TrainTask) -> tuple[torch.Tensor, int]:
+    """The client's ``g_k`` for ``task`` and the round whose aggregated update last moved it:
+    its pending ``g_k`` committed if the task says that round's update was aggregated, else
+    its committed one (zero before any). A state that is not the one the server's ``h`` holds
+    is refused (ValueError; see :func:`~fedguard.algorithms.optimizers.feddyn.settled_gradient`)."""
+    state = task.state
+    rounds = state.get(features.FEDDYN_ROUNDS)
+    committed_round, pending_round = (0, 0) if rounds is None else (int(rounds[0]), int(rounds[1]))
+    try:
+        return feddyn.settled_gradient(
+            state.get(features.FEDDYN_GRADIENT),
+            committed_round,
+            state.get(features.FEDDYN_PENDING),
+            pending_round,
+            messages.config_int(task.config, features.FEDDYN_AGGREGATED),
+            like=task.params,
+        )
+    except ValueError as exc:
+        raise ValueError(f"Client {task.client_id}, round {task.round}: {exc}") from None
 
 
 def _client_control(task: TrainTask, server_control: torch.Tensor) -> torch.Tensor:
@@ -113,16 +128,18 @@ def optimizer_result(
 ) -> tuple[TrainResult, dict[str, torch.Tensor]]:
     """The optimizer loop's result for ``task`` from its ``update`` and ``stats``, and the
     entries of the client's state it sets (SCAFFOLD's new control variate, whose change the
-    reply carries as ``control_delta``; FedDyn's new gradient state). Under FedNova the reply's
-    update is the normalised ``delta / ||a_i||_1``, with ``||a_i||_1`` as its ``step_norm``.
-    Shared by every engine that runs this loop."""
+    reply carries as ``control_delta``; FedDyn's gradient state: the ``g_k`` the round started
+    from, committed, and the new one pending until the server says this round's update was
+    aggregated). Under FedNova the reply's update is the normalised ``delta / ||a_i||_1``, with
+    ``||a_i||_1`` as its ``step_norm``. Shared by every engine that runs this loop."""
     tensors: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
     alpha = _feddyn_alpha(task)
     if alpha is not None:
-        state[features.FEDDYN_GRADIENT] = feddyn.client_gradient_update(
-            _feddyn_gradient(task), update, alpha=alpha
-        )
+        g, committed_round = _feddyn_gradient(task)
+        state[features.FEDDYN_GRADIENT] = g
+        state[features.FEDDYN_PENDING] = feddyn.client_gradient_update(g, update, alpha=alpha)
+        state[features.FEDDYN_ROUNDS] = torch.tensor([committed_round, task.round])
     if features.NORMALIZED_UPDATE in features.asked(task.config, task.tensors):
         cfg = local_training_from(task.config)
         if cfg.optimizer is not training.LocalOptimizer.SGD:

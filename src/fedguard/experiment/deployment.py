@@ -17,8 +17,8 @@ the data set's evaluation split). A client given the experiment file holds the s
 file's privacy settings (secure aggregation, DP, the rounding of its registered counts),
 exactly as a simulated client does (:func:`fedguard.client.app.client_pins`), also with its own
 data (:func:`fedguard.experiment.assembly.config_pins`, from the file alone). With a state
-folder its per-client state (SCAFFOLD's control variate) survives a restart
-(:class:`fedguard.client.state_store.DiskState`).
+folder its per-client state (SCAFFOLD's control variate, FedDyn's gradient state, the personal
+model of ``[personalization]``) survives a restart (:class:`fedguard.client.state_store.DiskState`).
 """
 
 from __future__ import annotations

@@ -257,8 +257,10 @@ class AsyncDriver:
     def _task_bytes(
         self, task: int, cid: int, round_: int, params: torch.Tensor, state: StrategyState
     ) -> bytes:
-        config, tensors = self.checks.strategy.fit_instructions(state)
-        seeded = {**config, "seed": client_seed(self.checks.seed, task, cid)}
+        strategy = self.checks.strategy
+        config, tensors = strategy.fit_instructions(state)
+        own = strategy.client_instructions(state, cid)
+        seeded = {**config, **own, "seed": client_seed(self.checks.seed, task, cid)}
         return messages.encode(messages.FitTask(round_, cid, params, seeded, tensors))
 
     def _pick(self, task: int, busy: set[int]) -> int:

@@ -85,6 +85,11 @@ class CentralPrivacy(Strategy):
         config[CLIP_NORM] = float(state[CLIP_NORM][0])
         return config, tensors
 
+    def client_instructions(
+        self, state: StrategyState, client_id: int
+    ) -> dict[str, messages.Scalar]:
+        return self.inner.client_instructions(_without_clip(state), client_id)
+
     def client_features(self) -> frozenset[str]:
         return self.inner.client_features()
 

@@ -241,6 +241,18 @@ class RoundDriver:
         finally:
             self.transport.watch(None)
 
+    def _client_config(
+        self,
+        config: Mapping[str, messages.Scalar],
+        state: StrategyState,
+        round_: int,
+        cid: int,
+    ) -> dict[str, messages.Scalar]:
+        """Client ``cid``'s fit config in ``round_``: the round's ``config``, the strategy's
+        entries for this client (:meth:`Strategy.client_instructions`) and its seed."""
+        own = self.strategy.client_instructions(state, cid)
+        return {**config, **own, "seed": client_seed(self.seed, round_, cid)}
+
     def sample(self, round_: int) -> list[int]:
         """The clients asked to train in ``round_``: a fixed-size sample, or Poisson with rate
         ``clients_per_round / clients`` (then ``clients_per_round`` is the expected count)."""
@@ -260,7 +272,7 @@ class RoundDriver:
         config, tensors = self.strategy.fit_instructions(state)
 
         def task(cid: int) -> bytes:
-            seeded = {**config, "seed": client_seed(self.seed, round_, cid)}
+            seeded = self._client_config(config, state, round_, cid)
             return messages.encode(messages.FitTask(round_, cid, params, seeded, tensors))
 
         requests = _Requests(sampled, task)
@@ -377,7 +389,7 @@ class RoundDriver:
             ) from None
 
         def mask_request(cid: int, ciphertexts: messages.ByteMap) -> messages.SecAggMaskRequest:
-            seeded = {**config, "seed": client_seed(self.seed, round_, cid)}
+            seeded = self._client_config(config, state, round_, cid)
             return messages.SecAggMaskRequest(round_, cid, params, ciphertexts, seeded, tensors)
 
         result = secagg_server.secure_sum(
@@ -413,7 +425,7 @@ class RoundDriver:
         nonce = b"" if self.identities is None else os.urandom(ROUND_NONCE_BYTES)
 
         def request(cid: int) -> messages.HeEncryptRequest:
-            seeded = {**config, "seed": client_seed(self.seed, round_, cid)}
+            seeded = self._client_config(config, state, round_, cid)
             return settings.request(round_, cid, len(sampled), params, seeded, tensors, nonce)
 
         result = he_server.homomorphic_sum(

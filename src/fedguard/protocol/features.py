@@ -27,7 +27,14 @@ CONTROL = "control"  # the fit task tensor that carries SCAFFOLD's server contro
 # FedDyn: -<g_k, w> + alpha/2 ||w - w_global||^2, alpha = config "feddyn_alpha"; state "feddyn_gradient"
 DYNAMIC_REGULARIZER = "dynamic_regularizer"
 FEDDYN_ALPHA = "feddyn_alpha"  # the fit config entry with FedDyn's alpha
-FEDDYN_GRADIENT = "feddyn_gradient"  # the client state entry with FedDyn's g_k
+# the fit config entry with the last round whose update of the task's client entered the
+# server's h (0: none): the client commits its pending g_k only if it is that round's
+FEDDYN_AGGREGATED = "feddyn_aggregated"
+FEDDYN_GRADIENT = "feddyn_gradient"  # the client state entry with FedDyn's committed g_k
+FEDDYN_PENDING = "feddyn_pending"  # the client state entry with its g_k not yet known to count
+# the client state entry [2] (int64): the round whose aggregated update last moved the committed
+# g_k (0: none) and the round the pending g_k was trained in
+FEDDYN_ROUNDS = "feddyn_rounds"
 # FedNova: the update divided by ||a_i||_1 of the local steps; reply tensor "step_norm" [1]
 NORMALIZED_UPDATE = "normalized_update"
 FEDNOVA = "fednova"  # the fit config entry (true) that asks for FedNova's normalised update

@@ -245,7 +245,13 @@ class FedDyn(Strategy):
     ``feddyn_alpha``) and adds the dynamic regulariser; the server moves ``h`` by the
     participants' updates over the population of ``num_clients`` and sets the model to the mean
     of the participants' models minus ``h / alpha``. The means are unweighted, as in the paper,
-    and the model is set, not stepped: no server optimizer or aggregator applies."""
+    and the model is set, not stepped: no server optimizer or aggregator applies.
+
+    The participants are the clients whose replies are aggregated: the state records, per client
+    id, the last round whose update entered ``h``, and each client's fit task carries its own
+    (``feddyn_aggregated``), so that a client commits the ``g_k`` of a round only when its update
+    of that round was aggregated (a reply lost, rejected or left out does not move ``g_k``; see
+    :mod:`fedguard.algorithms.optimizers.feddyn`)."""
 
     client_config: Mapping[str, messages.Scalar]
     alpha: float
@@ -271,6 +277,12 @@ class FedDyn(Strategy):
     ) -> tuple[dict[str, messages.Scalar], dict[str, torch.Tensor]]:
         return {**self.client_config, features.FEDDYN_ALPHA: self.alpha}, {}
 
+    def client_instructions(
+        self, state: StrategyState, client_id: int
+    ) -> dict[str, messages.Scalar]:
+        record = ServerState.of(state).aggregated
+        return {features.FEDDYN_AGGREGATED: feddyn.last_aggregated(record, client_id)}
+
     def client_features(self) -> frozenset[str]:
         return frozenset({features.DYNAMIC_REGULARIZER})
 
@@ -293,7 +305,10 @@ class FedDyn(Strategy):
             alpha=self.alpha,
             num_clients=self.num_clients,
         )
-        return replace(current, h=h), new_params
+        aggregated = feddyn.record_aggregated(
+            current.aggregated, [r.client_id for r in replies], round_
+        )
+        return replace(current, h=h, aggregated=aggregated), new_params
 
 
 @dataclass(frozen=True)

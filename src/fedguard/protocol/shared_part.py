@@ -45,6 +45,11 @@ class SharedPart(Strategy):
     ) -> tuple[dict[str, messages.Scalar], dict[str, torch.Tensor]]:
         return self.inner.fit_instructions(state)
 
+    def client_instructions(
+        self, state: StrategyState, client_id: int
+    ) -> dict[str, messages.Scalar]:
+        return self.inner.client_instructions(state, client_id)
+
     def client_features(self) -> frozenset[str]:
         return self.inner.client_features()
 

@@ -2,7 +2,8 @@
 
 A strategy is configured once and then used per round (Flower's ``configure_fit`` /
 ``aggregate_fit`` granularity): :meth:`Strategy.fit_instructions` says what the sampled clients
-run (the client half: FedProx's proximal term, SCAFFOLD's control variate), and
+run (the client half: FedProx's proximal term, SCAFFOLD's control variate), with
+:meth:`Strategy.client_instructions` adding what one client is told of its own, and
 :meth:`Strategy.aggregate` turns the accepted replies into the next global model. Under secure
 aggregation the server never sees a reply, only the sum of the clipped, weighted updates;
 :meth:`Strategy.aggregate_sum` takes that sum instead. Its state between rounds is a mapping of
@@ -43,6 +44,7 @@ from fedguard.protocol.aggregator import Aggregator, AggregatorState, LeftOut, l
 
 CONTROL = "control"
 FEDDYN_H = "feddyn.h"  # FedDyn's server state h
+FEDDYN_AGGREGATED = "feddyn.aggregated"  # per client id, the last round its update entered h
 CLIP_NORM = messages.DP_CLIP_NORM
 AGGREGATOR_PREFIX = "robust."  # checkpoint names of the aggregator's state
 ROBUST_REFERENCE = "robust.reference"
@@ -107,6 +109,14 @@ class Strategy(abc.ABC):
         their ``num_examples`` capped at the clients' registered sizes by the round driver.
         """
 
+    def client_instructions(
+        self, state: StrategyState, client_id: int
+    ) -> dict[str, messages.Scalar]:
+        """Config entries for one sampled client, beside :meth:`fit_instructions`' (none by
+        default): what the server says to each client of its own (FedDyn: the last round whose
+        update of that client entered ``h``)."""
+        return {}
+
     def aggregate_reporting(
         self,
         state: StrategyState,
@@ -169,14 +179,17 @@ def _empty() -> torch.Tensor:
 @dataclass(frozen=True)
 class ServerState(Mapping[str, torch.Tensor]):
     """The built-in strategies' state: the server optimizer's moments, SCAFFOLD's control variate,
-    central DP's clip, the aggregator's state and FedDyn's ``h``; a mapping of named tensors like
-    any strategy's state (empty tensors for the parts a strategy does not use)."""
+    central DP's clip, the aggregator's state, FedDyn's ``h`` and its record of the rounds whose
+    update of each client entered ``h``; a mapping of named tensors like any strategy's state
+    (empty tensors for the parts a strategy does not use)."""
 
     optimizer: server_optimizers.ServerOptimizerState
     control: torch.Tensor = field(default_factory=_empty)
     clip_norm: torch.Tensor = field(default_factory=_empty)  # central DP: [1]
     aggregator: AggregatorState = field(default_factory=dict)  # centered clipping: reference [D]
     h: torch.Tensor = field(default_factory=_empty)  # FedDyn: [D]
+    # FedDyn: per client id the last round whose update entered h, int64 (0: none)
+    aggregated: torch.Tensor = field(default_factory=_empty)
 
     @property
     def robust_reference(self) -> torch.Tensor:
@@ -191,6 +204,7 @@ class ServerState(Mapping[str, torch.Tensor]):
             CONTROL: self.control,
             CLIP_NORM: self.clip_norm,
             FEDDYN_H: self.h,
+            FEDDYN_AGGREGATED: self.aggregated,
         }
         named.update({AGGREGATOR_PREFIX + k: v for k, v in self.aggregator.items()})
         return named
@@ -220,6 +234,7 @@ class ServerState(Mapping[str, torch.Tensor]):
             named.get(CLIP_NORM, _empty()),
             aggregator,
             named.get(FEDDYN_H, _empty()),
+            named.get(FEDDYN_AGGREGATED, _empty()),
         )
 
     @classmethod

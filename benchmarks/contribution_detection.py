@@ -30,7 +30,10 @@ run serves every rule ("either" is the union of the two). A row per (example, ru
 clients the rule flagged by the end of the run without exclusion against the ground truth (the
 attack's ids, from ``summary.json``), the same for the run with exclusion, the clients the rule
 flagged in the clean run, and the final test accuracy of the clean run, the attacked run without
-exclusion and the attacked run with it. GTG-Shapley runs with the configuration's tolerances and
+exclusion and the attacked run with it; where the test set has groups (the households' speakers),
+the same three on the honest clients' groups only (``honest_accuracy_*``, a mean over those
+households), which is all that leaving clients out can give back: no run learns the voices of
+the households whose data was withheld or mislabelled. GTG-Shapley runs with the configuration's tolerances and
 ``gtg_max_evaluations`` = ``--gtg-max-evaluations`` (32: about 3 permutations of 10 clients).
 ``--seeds`` runs the whole plan once per experiment seed (the partition and the attacked clients
 follow it). A run whose folder under ``--work`` holds its summary and the same configuration is
@@ -170,6 +173,8 @@ def one_run(
         "rounds": base["experiment"]["rounds"],
         "model": base["model"]["name"],
         "test_accuracy": summary["test_accuracy"],
+        "accuracy_by_group": summary.get("accuracy_by_group"),
+        "client_names": _client_names(folder),
         "flagged": contribution["flagged"],
         "flagged_by": contribution["flagged_by"],
         "excluded": contribution["excluded"],
@@ -181,6 +186,24 @@ def one_run(
     }
     print(json.dumps(record), flush=True)
     return record
+
+
+def _client_names(folder: Path) -> dict[str, str]:
+    """Client id (as a JSON key) to its name (the household's speaker), from the run's
+    ``partition.json``."""
+    partition = json.loads((folder / "partition.json").read_text())
+    return {str(c["id"]): str(c["name"]) for c in partition["clients"]}
+
+
+def honest_accuracy(run: dict[str, Any], bad: set[int]) -> float | None:
+    """The mean test accuracy over the groups (households) of the clients not in ``bad``: what
+    leaving the low-value clients out can recover, since no run learns the voices whose data was
+    held back or mislabelled. None where the test set has no groups (the X-rays)."""
+    groups = run.get("accuracy_by_group")
+    if not groups:
+        return None
+    names = [n for cid, n in run["client_names"].items() if int(cid) not in bad]
+    return sum(groups[n] for n in names) / len(names)
 
 
 def _flags(run: dict[str, Any], rule: str) -> list[int]:
@@ -235,6 +258,9 @@ def rows_of(
                 "accuracy_exclude_flagged": with_["test_accuracy"],
                 "gap_attacked": without["test_accuracy"] - clean["test_accuracy"],
                 "gap_exclude_flagged": with_["test_accuracy"] - clean["test_accuracy"],
+                "honest_accuracy_clean": honest_accuracy(clean, bad),
+                "honest_accuracy_attacked": honest_accuracy(without, bad),
+                "honest_accuracy_exclude_flagged": honest_accuracy(with_, bad),
             }
         )
     return rows

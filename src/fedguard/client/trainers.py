@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedguard.algorithms.optimizers import feddyn, fednova, newton, scaffold
+from fedguard.algorithms.optimizers import committed, feddyn, fednova, newton, scaffold
 from fedguard.client import dp_sgd, training
 from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
 from fedguard.models.adapter import ModelAdapter
@@ -98,29 +98,58 @@ def _feddyn_alpha(task: TrainTask) -> float | None:
 
 
 def _feddyn_gradient(task: TrainTask) -> tuple[torch.Tensor, int]:
-    """The client's ``g_k`` for ``task`` and the round whose aggregated update last moved it:
-    its pending ``g_k`` committed if the task says that round's update was aggregated, else
-    its committed one (zero before any). A state that is not the one the server's ``h`` holds
-    is refused (ValueError; see :func:`~fedguard.algorithms.optimizers.feddyn.settled_gradient`)."""
-    state = task.state
-    rounds = state.get(features.FEDDYN_ROUNDS)
-    committed_round, pending_round = (0, 0) if rounds is None else (int(rounds[0]), int(rounds[1]))
-    try:
-        return feddyn.settled_gradient(
-            state.get(features.FEDDYN_GRADIENT),
-            committed_round,
-            state.get(features.FEDDYN_PENDING),
-            pending_round,
-            messages.config_int(task.config, features.FEDDYN_AGGREGATED),
-            like=task.params,
-        )
-    except ValueError as exc:
-        raise ValueError(f"Client {task.client_id}, round {task.round}: {exc}") from None
+    """The client's ``g_k`` for ``task`` and the round whose aggregated update last moved it
+    (see :func:`_settled`)."""
+    return _settled(task, features.FEDDYN_STATE, like=task.params)
 
 
 def _client_control(task: TrainTask, server_control: torch.Tensor) -> torch.Tensor:
     control = task.state.get(features.CONTROL)
     return torch.zeros_like(server_control) if control is None else control
+
+
+def _settled(
+    task: TrainTask, names: features.CommittedState, *, like: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """The state ``names`` of ``task``'s client for this round and the round whose aggregated
+    update last moved it: its pending state committed if the task says that round's update was
+    aggregated, else its committed one (zero before any). A state that is not the one the
+    server's part holds is refused (ValueError; see
+    :func:`~fedguard.algorithms.optimizers.committed.settle`)."""
+    state = task.state
+    rounds = state.get(names.rounds)
+    committed_round, pending_round = (0, 0) if rounds is None else (int(rounds[0]), int(rounds[1]))
+    try:
+        return committed.settle(
+            state.get(names.committed),
+            committed_round,
+            state.get(names.pending),
+            pending_round,
+            messages.config_int(task.config, names.told),
+            like=like,
+            server_part=names.server_part,
+            client_part=names.client_part,
+        )
+    except ValueError as exc:
+        raise ValueError(
+            f"Client {task.client_id}, round {task.round}: {names.strategy}: {exc}"
+        ) from None
+
+
+def _trained(
+    task: TrainTask,
+    names: features.CommittedState,
+    settled: tuple[torch.Tensor, int],
+    new: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The state entries ``names`` after training on ``task`` from the ``settled`` state (and
+    its round): that one committed, ``new`` pending with this round."""
+    state, committed_round = settled
+    return {
+        names.committed: state,
+        names.pending: new,
+        names.rounds: torch.tensor([committed_round, task.round]),
+    }
 
 
 def optimizer_result(
@@ -136,10 +165,9 @@ def optimizer_result(
     state: dict[str, torch.Tensor] = {}
     alpha = _feddyn_alpha(task)
     if alpha is not None:
-        g, committed_round = _feddyn_gradient(task)
-        state[features.FEDDYN_GRADIENT] = g
-        state[features.FEDDYN_PENDING] = feddyn.client_gradient_update(g, update, alpha=alpha)
-        state[features.FEDDYN_ROUNDS] = torch.tensor([committed_round, task.round])
+        g = _feddyn_gradient(task)
+        new_g = feddyn.client_gradient_update(g[0], update, alpha=alpha)
+        state.update(_trained(task, features.FEDDYN_STATE, g, new_g))
     if features.NORMALIZED_UPDATE in features.asked(task.config, task.tensors):
         cfg = local_training_from(task.config)
         if cfg.optimizer is not training.LocalOptimizer.SGD:

@@ -14,6 +14,7 @@ is refused before round 1, and a client refuses a task that asks for one its tra
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -42,6 +43,34 @@ STEP_NORM = "step_norm"  # the reply tensor with FedNova's ||a_i||_1
 # Personalisation (fedguard.client.personal): the fit config's "personalization" names the
 # method; the client keeps a personal model and, for FedRep / FedPer, sends only the body.
 PERSONALIZATION = "personalization"
+
+
+@dataclass(frozen=True)
+class CommittedState:
+    """The names of a client state that moves only with an update the server aggregated
+    (:mod:`fedguard.algorithms.optimizers.committed`): the fit config entry ``told`` with the
+    last round whose update of the task's client entered the server's part, the client state
+    entries ``committed``, ``pending`` and ``rounds`` (``[2]`` int64: the committed state's round,
+    the pending one's), and how messages call the strategy and the two parts."""
+
+    strategy: str
+    server_part: str
+    client_part: str
+    told: str
+    committed: str
+    pending: str
+    rounds: str
+
+
+FEDDYN_STATE = CommittedState(
+    "FedDyn",
+    "h",
+    "gradient state",
+    FEDDYN_AGGREGATED,
+    FEDDYN_GRADIENT,
+    FEDDYN_PENDING,
+    FEDDYN_ROUNDS,
+)
 
 
 def asked(

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fedguard.algorithms import robust, seeding
-from fedguard.algorithms.optimizers import feddyn, fednova, newton, scaffold
+from fedguard.algorithms.optimizers import committed, feddyn, fednova, newton, scaffold
 from fedguard.algorithms.optimizers import server as server_optimizers
 from fedguard.protocol import features, messages, robust_rules
 from fedguard.protocol.aggregator import Aggregator, LeftOut, Mean, RoundContext
@@ -173,6 +173,22 @@ class FedOpt(Strategy):
         return replace(state, optimizer=opt_state), new_params
 
 
+def _told(
+    state: StrategyState, names: features.CommittedState, client_id: int
+) -> dict[str, messages.Scalar]:
+    """The fit config entry that tells ``client_id`` the last round whose update of it entered
+    the server's part (the state's record; see
+    :mod:`fedguard.algorithms.optimizers.committed`)."""
+    record = ServerState.of(state).aggregated
+    return {names.told: committed.last_aggregated(record, client_id)}
+
+
+def _recorded(state: ServerState, replies: Sequence[messages.FitReply], round_: int) -> ServerState:
+    """``state`` with ``replies``' clients recorded as aggregated in ``round_``."""
+    ids = [r.client_id for r in replies]
+    return replace(state, aggregated=committed.record_aggregated(state.aggregated, ids, round_))
+
+
 @dataclass(frozen=True)
 class Scaffold(Strategy):
     """SCAFFOLD on top of ``inner`` (FedAvg): the server control variate goes to every client,
@@ -251,7 +267,7 @@ class FedDyn(Strategy):
     id, the last round whose update entered ``h``, and each client's fit task carries its own
     (``feddyn_aggregated``), so that a client commits the ``g_k`` of a round only when its update
     of that round was aggregated (a reply lost, rejected or left out does not move ``g_k``; see
-    :mod:`fedguard.algorithms.optimizers.feddyn`)."""
+    :mod:`fedguard.algorithms.optimizers.committed`)."""
 
     client_config: Mapping[str, messages.Scalar]
     alpha: float
@@ -280,8 +296,7 @@ class FedDyn(Strategy):
     def client_instructions(
         self, state: StrategyState, client_id: int
     ) -> dict[str, messages.Scalar]:
-        record = ServerState.of(state).aggregated
-        return {features.FEDDYN_AGGREGATED: feddyn.last_aggregated(record, client_id)}
+        return _told(state, features.FEDDYN_STATE, client_id)
 
     def client_features(self) -> frozenset[str]:
         return frozenset({features.DYNAMIC_REGULARIZER})
@@ -305,10 +320,7 @@ class FedDyn(Strategy):
             alpha=self.alpha,
             num_clients=self.num_clients,
         )
-        aggregated = feddyn.record_aggregated(
-            current.aggregated, [r.client_id for r in replies], round_
-        )
-        return replace(current, h=h, aggregated=aggregated), new_params
+        return _recorded(replace(current, h=h), replies, round_), new_params
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,7 @@ def gradient_correction(task: TrainTask) -> torch.Tensor | None:
     without a control variate or gradient state yet starts from zero."""
     server_control = task.tensors.get(features.CONTROL)
     if server_control is not None:
-        return scaffold.correction(server_control, _client_control(task, server_control))
+        return scaffold.correction(server_control, _client_control(task, server_control)[0])
     if _feddyn_alpha(task) is not None:
         return feddyn.correction(_feddyn_gradient(task)[0])
     return None
@@ -103,9 +103,10 @@ def _feddyn_gradient(task: TrainTask) -> tuple[torch.Tensor, int]:
     return _settled(task, features.FEDDYN_STATE, like=task.params)
 
 
-def _client_control(task: TrainTask, server_control: torch.Tensor) -> torch.Tensor:
-    control = task.state.get(features.CONTROL)
-    return torch.zeros_like(server_control) if control is None else control
+def _client_control(task: TrainTask, server_control: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The client's SCAFFOLD control variate ``c_i`` for ``task`` and the round whose aggregated
+    control delta last moved it (see :func:`_settled`)."""
+    return _settled(task, features.SCAFFOLD_STATE, like=server_control)
 
 
 def _settled(
@@ -156,11 +157,12 @@ def optimizer_result(
     task: TrainTask, update: torch.Tensor, stats: training.TrainStats
 ) -> tuple[TrainResult, dict[str, torch.Tensor]]:
     """The optimizer loop's result for ``task`` from its ``update`` and ``stats``, and the
-    entries of the client's state it sets (SCAFFOLD's new control variate, whose change the
-    reply carries as ``control_delta``; FedDyn's gradient state: the ``g_k`` the round started
-    from, committed, and the new one pending until the server says this round's update was
-    aggregated). Under FedNova the reply's update is the normalised ``delta / ||a_i||_1``, with
-    ``||a_i||_1`` as its ``step_norm``. Shared by every engine that runs this loop."""
+    entries of the client's state it sets: SCAFFOLD's control variate (the new ``c_i``, whose
+    change from the one the round started from the reply carries as ``control_delta``) and
+    FedDyn's gradient state, each as the state the round started from, committed, and the new
+    one pending until the server says this round's update was aggregated. Under FedNova the
+    reply's update is the normalised ``delta / ||a_i||_1``, with ``||a_i||_1`` as its
+    ``step_norm``. Shared by every engine that runs this loop."""
     tensors: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
     alpha = _feddyn_alpha(task)
@@ -183,10 +185,10 @@ def optimizer_result(
         control = _client_control(task, server_control)
         lr = local_training_from(task.config).lr
         new_control = scaffold.client_control_update(
-            server_control, control, update, local_steps=stats.steps, lr=lr
+            server_control, control[0], update, local_steps=stats.steps, lr=lr
         )
-        tensors["control_delta"] = new_control - control
-        state[features.CONTROL] = new_control
+        tensors["control_delta"] = new_control - control[0]
+        state.update(_trained(task, features.SCAFFOLD_STATE, control, new_control))
     metrics = {"train_loss": stats.loss, "steps": float(stats.steps)}
     return TrainResult(update, stats.num_examples, metrics, tensors), state
 

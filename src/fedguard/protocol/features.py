@@ -25,6 +25,14 @@ CONTROL_VARIATE = "control_variate"  # SCAFFOLD: gradients + c - c_i; reply tens
 NEWTON_STATISTICS = "newton_statistics"  # reply tensors "gradient_sum" and "hessian_sum"
 DP_SGD = "dp_sgd"  # local DP: DP-SGD at the task's noise and clip, reported in the reply metrics
 CONTROL = "control"  # the fit task tensor that carries SCAFFOLD's server control variate
+# SCAFFOLD's client state: "control" (the committed c_i), "control_pending" (the c_i of its last
+# training, not yet known to count) and "control_rounds" ([2] int64: the round whose aggregated
+# update last moved the committed c_i, 0: none, and the round the pending one was trained in);
+# the fit config entry "scaffold_aggregated" is the last round whose control delta of the
+# task's client entered the server's c (0: none)
+CONTROL_PENDING = "control_pending"
+CONTROL_ROUNDS = "control_rounds"
+SCAFFOLD_AGGREGATED = "scaffold_aggregated"
 # FedDyn: -<g_k, w> + alpha/2 ||w - w_global||^2, alpha = config "feddyn_alpha"; state "feddyn_gradient"
 DYNAMIC_REGULARIZER = "dynamic_regularizer"
 FEDDYN_ALPHA = "feddyn_alpha"  # the fit config entry with FedDyn's alpha
@@ -70,6 +78,16 @@ FEDDYN_STATE = CommittedState(
     FEDDYN_GRADIENT,
     FEDDYN_PENDING,
     FEDDYN_ROUNDS,
+)
+# the committed entry keeps its old name: a state kept before the record counts as committed
+SCAFFOLD_STATE = CommittedState(
+    "SCAFFOLD",
+    "control variate",
+    "control variate state",
+    SCAFFOLD_AGGREGATED,
+    CONTROL,
+    CONTROL_PENDING,
+    CONTROL_ROUNDS,
 )
 
 

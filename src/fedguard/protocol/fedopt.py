@@ -192,7 +192,16 @@ def _recorded(state: ServerState, replies: Sequence[messages.FitReply], round_: 
 @dataclass(frozen=True)
 class Scaffold(Strategy):
     """SCAFFOLD on top of ``inner`` (FedAvg): the server control variate goes to every client,
-    and moves by ``(|S| / N) * mean(control deltas)`` after each round."""
+    and moves by ``(|S| / N) * mean(control deltas)`` after each round.
+
+    ``S`` is the clients whose replies are aggregated (every reply given to :meth:`aggregate`,
+    also one its rule leaves out of the model's update: its control delta enters ``c``). The
+    state records, per client id, the last round whose control delta entered ``c``, and each
+    client's fit task carries its own (``scaffold_aggregated``), so that a client commits the
+    ``c_i`` of a round only when its delta of that round entered ``c``: a reply lost or rejected
+    leaves the client's ``c_i`` as it was, as if it had not trained, and ``c = (1/N) sum_i c_i``
+    over the committed ``c_i`` after every round (see
+    :mod:`fedguard.algorithms.optimizers.committed`)."""
 
     inner: FedOpt
     num_clients: int
@@ -215,6 +224,11 @@ class Scaffold(Strategy):
     ) -> tuple[dict[str, messages.Scalar], dict[str, torch.Tensor]]:
         config, _ = self.inner.fit_instructions(state)
         return config, {CONTROL: ServerState.of(state).control}
+
+    def client_instructions(
+        self, state: StrategyState, client_id: int
+    ) -> dict[str, messages.Scalar]:
+        return _told(state, features.SCAFFOLD_STATE, client_id)
 
     def required_tensors(self, dim: int) -> dict[str, int]:
         return {"control_delta": dim}
@@ -252,7 +266,8 @@ class Scaffold(Strategy):
         control = scaffold.server_control_update(
             new_state.control, deltas, num_clients=self.num_clients
         )
-        return replace(new_state, control=control), new_params, left_out
+        new_state = _recorded(replace(new_state, control=control), replies, round_)
+        return new_state, new_params, left_out
 
 
 @dataclass(frozen=True)
@@ -267,7 +282,7 @@ class FedDyn(Strategy):
     id, the last round whose update entered ``h``, and each client's fit task carries its own
     (``feddyn_aggregated``), so that a client commits the ``g_k`` of a round only when its update
     of that round was aggregated (a reply lost, rejected or left out does not move ``g_k``; see
-    :mod:`fedguard.algorithms.optimizers.committed`)."""
+    :mod:`fedguard.algorithms.optimizers.committed`, shared with SCAFFOLD)."""
 
     client_config: Mapping[str, messages.Scalar]
     alpha: float

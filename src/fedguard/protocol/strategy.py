@@ -44,9 +44,9 @@ from fedguard.protocol.aggregator import Aggregator, AggregatorState, LeftOut, l
 
 CONTROL = "control"
 FEDDYN_H = "feddyn.h"  # FedDyn's server state h
-# per client id, the last round whose update entered the server's part (FedDyn's h)
+# FedDyn's h and SCAFFOLD's c: per client id, the last round whose update entered it
 AGGREGATED = "aggregated"
-_FEDDYN_AGGREGATED = "feddyn.aggregated"  # its earlier name in FedDyn's checkpoints
+_FEDDYN_AGGREGATED = "feddyn.aggregated"  # its name in FedDyn's checkpoints before SCAFFOLD's
 CLIP_NORM = messages.DP_CLIP_NORM
 AGGREGATOR_PREFIX = "robust."  # checkpoint names of the aggregator's state
 ROBUST_REFERENCE = "robust.reference"
@@ -115,8 +115,8 @@ class Strategy(abc.ABC):
         self, state: StrategyState, client_id: int
     ) -> dict[str, messages.Scalar]:
         """Config entries for one sampled client, beside :meth:`fit_instructions`' (none by
-        default): what the server says to each client of its own (FedDyn: the last round whose
-        update of that client entered ``h``)."""
+        default): what the server says to each client of its own (SCAFFOLD, FedDyn: the last round
+        whose update of that client entered ``c`` or ``h``)."""
         return {}
 
     def aggregate_reporting(
@@ -181,8 +181,8 @@ def _empty() -> torch.Tensor:
 @dataclass(frozen=True)
 class ServerState(Mapping[str, torch.Tensor]):
     """The built-in strategies' state: the server optimizer's moments, SCAFFOLD's control variate,
-    central DP's clip, the aggregator's state, FedDyn's ``h`` and, for FedDyn's ``h``, the record
-    of the last round whose update of each client entered it (see
+    central DP's clip, the aggregator's state, FedDyn's ``h`` and, for SCAFFOLD's control variate
+    or FedDyn's ``h``, the record of the last round whose update of each client entered it (see
     :mod:`fedguard.algorithms.optimizers.committed`); a mapping of named tensors like any
     strategy's state (empty tensors for the parts a strategy does not use)."""
 
@@ -191,7 +191,7 @@ class ServerState(Mapping[str, torch.Tensor]):
     clip_norm: torch.Tensor = field(default_factory=_empty)  # central DP: [1]
     aggregator: AggregatorState = field(default_factory=dict)  # centered clipping: reference [D]
     h: torch.Tensor = field(default_factory=_empty)  # FedDyn: [D]
-    # FedDyn: per client id the last round whose update entered h, int64 (0: none)
+    # SCAFFOLD, FedDyn: per client id the last round whose update entered c or h, int64 (0: none)
     aggregated: torch.Tensor = field(default_factory=_empty)
 
     @property

@@ -1,8 +1,8 @@
-"""Client state that moves only with an update the server aggregated (FedDyn's ``g_k``), both
-halves in one module.
+"""Client state that moves only with an update the server aggregated (FedDyn's ``g_k``,
+SCAFFOLD's control variate ``c_i``), both halves in one module.
 
 Some strategies keep a server part that is the mean of a state every client keeps: FedDyn's
-``h = (1/m) sum_k g_k``. A client moves its state when it
+``h = (1/m) sum_k g_k``, SCAFFOLD's ``c = (1/N) sum_i c_i``. A client moves its state when it
 trains and sends the change with its update; the server applies the changes of the replies it
 aggregates. A client that trained and whose reply is then lost, or rejected, moved its state
 although the server's part never received the change: had the client kept the new state, the

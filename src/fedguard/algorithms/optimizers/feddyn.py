@@ -31,8 +31,8 @@ later round changes it), and the fixed point, where ``h = 0``, would move from t
 *pending*, with the round it trained in, beside the committed one, and commits it only when the
 server's record (checkpointed with ``h``, told to each client in its next fit task) says that
 round's update entered ``h``; any other round than the pending or the committed one's means
-that its state is not the one ``h`` was built with, and it refuses to train. (The mechanism is
-:mod:`fedguard.algorithms.optimizers.committed`.) So ``h = (1/m) sum_k g_k``
+that its state is not the one ``h`` was built with, and it refuses to train. (The mechanism,
+SCAFFOLD's too, is :mod:`fedguard.algorithms.optimizers.committed`.) So ``h = (1/m) sum_k g_k``
 holds over the committed ``g_k`` after every round, and a client that answers a round twice (a
 deployed client that restarts and fetches its open task again) trains from the same state both
 times.

@@ -166,6 +166,60 @@ def driven_params(exp: Any, rounds: int) -> torch.Tensor:
     return params
 
 
+def faulted_rounds(cfg: dict, faults: dict[tuple[int, int], Any], rounds: int) -> list[dict]:
+    """``rounds`` fit rounds of the config ``cfg``, driven directly (no runner), with ``faults``
+    (:class:`~fedguard.simulation.dropout.FitFault` by ``(round, client id)``) injected. After
+    each round: its ``metrics``, the ``params``, the ``server`` state (a ``ServerState``), a copy
+    of each client's state (``clients``) and the clients ``sampled`` in it."""
+    from fedguard.experiment import config
+    from fedguard.experiment.assembly import Experiment
+    from fedguard.protocol.strategy import ServerState
+    from fedguard.simulation.dropout import FitFaults
+
+    exp = Experiment(config.validate(cfg))
+    try:
+        exp.driver.transport = FitFaults(exp.driver.transport, faults)
+        params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
+        out = []
+        for r in range(1, rounds + 1):
+            result = exp.driver.fit_round(r, params, state)
+            params, state = result.params, result.state
+            clients = {cid: dict(named) for cid, named in exp.client_state.items()}
+            out.append(
+                {
+                    "metrics": result.metrics,
+                    "params": params,
+                    "server": ServerState.of(state),
+                    "clients": clients,
+                    "sampled": exp.driver.sample(r),
+                }
+            )
+        return out
+    finally:
+        exp.close()
+
+
+def committed_state(after: dict, cid: int, names: Any) -> torch.Tensor:
+    """Client ``cid``'s state ``names`` (a ``features.CommittedState``) after a round of
+    :func:`faulted_rounds` as the server's record settles it (what its next task would start
+    from): the one the server's part holds."""
+    from fedguard.algorithms.optimizers import committed
+
+    named = after["clients"].get(cid, {})
+    rounds = named.get(names.rounds, torch.zeros(2, dtype=torch.int64)).tolist()
+    state, _ = committed.settle(
+        named.get(names.committed),
+        rounds[0],
+        named.get(names.pending),
+        rounds[1],
+        committed.last_aggregated(after["server"].aggregated, cid),
+        like=after["params"],
+        server_part=names.server_part,
+        client_part=names.client_part,
+    )
+    return state
+
+
 def ten_iid_config(name: str, **sections: dict) -> dict:
     """Ten IID synthetic clients, all of them in each of 4 rounds; ``sections`` update its tables."""
     cfg = {

@@ -3,13 +3,15 @@
 Four SCAFFOLD rounds with a server that holds no data: once uninterrupted, once with the server
 and every client stopped after round 2 and started again (the server with ``--resume``, each
 client as a new app over its ``--state-dir``). The two end with the same parameters bit for
-bit; restarting the clients without their state folders ends elsewhere, which is what the
-folder is for.
+bit. Clients restarted without their state folders refuse the resumed run's tasks: the server's
+control variate holds their old ``c_i``, and training from zero would leave it off the mean of
+the clients' ``c_i`` for good.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from fedguard.client.state_store import DiskState, StateError
 from fedguard.experiment import checkpoint, runner
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.assembly import Experiment
+from fedguard.protocol.driver import RoundFailedError
 from fedguard.protocol.transport import Transport
 from fedguard.simulation.inprocess import InProcessTransport
 
@@ -128,6 +131,11 @@ def test_scaffold_state_survives_a_restart_of_the_server_and_every_client(tmp_pa
 
     forgetful = tmp_path / "forgetful"
     _run(forgetful, _clients(tmp_path / "state-lost"), 2)
-    _run(forgetful, _clients(tmp_path / "state-empty"), ROUNDS, resume=True)
-    gap = float((_final(forgetful) - _final(whole)).abs().max())
-    assert gap > 1e-4, gap  # without the control variates the run goes elsewhere
+    with pytest.raises(RoundFailedError, match="only 0 usable replies") as failed:
+        _run(forgetful, _clients(tmp_path / "state-empty"), ROUNDS, resume=True)
+    # each sampled client's delta entered c in round 1 or 2, and its state holds none
+    refusal = (
+        r"SCAFFOLD: the server's control variate holds this client's update of round [12], its "
+        r"control variate state holds round 0; it is not the state"
+    )
+    assert len(re.findall(refusal, str(failed.value))) == 4, failed.value

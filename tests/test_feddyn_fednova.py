@@ -7,15 +7,13 @@ The client-side checks use a two-class logistic regression on one feature (flat 
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_config
+from conftest import committed_state, faulted_rounds, tiny_config
 from fedguard.algorithms import robust
-from fedguard.algorithms.optimizers import feddyn, fednova
+from fedguard.algorithms.optimizers import committed, feddyn, fednova
 from fedguard.client.app import ClientApp
 from fedguard.client.data import ClientData
 from fedguard.experiment import checkpoint, config
@@ -23,8 +21,8 @@ from fedguard.experiment.assembly import Experiment
 from fedguard.models.adapter import TorchModel
 from fedguard.protocol import features, fedopt, messages
 from fedguard.protocol.driver import RoundDriver
-from fedguard.protocol.strategy import FEDDYN_H, ServerState, StrategyKind
-from fedguard.simulation.dropout import FitFault, FitFaults
+from fedguard.protocol.strategy import AGGREGATED, FEDDYN_H, ServerState, StrategyKind
+from fedguard.simulation.dropout import FitFault
 from fedguard.simulation.inprocess import InProcessTransport
 
 
@@ -223,6 +221,10 @@ def test_feddyn_server_update_by_hand() -> None:
     restored = strategy.restore(dict(state))
     told = [strategy.client_instructions(restored, c)[features.FEDDYN_AGGREGATED] for c in range(6)]
     assert told == [7, 7, 0, 9, 0, 0]
+    # a checkpoint that kept the record under its earlier name loads it
+    earlier = {("feddyn." if k == AGGREGATED else "") + k: v for k, v in state.items()}
+    assert "feddyn.aggregated" in earlier and AGGREGATED not in earlier
+    assert strategy.restore(earlier).aggregated.tolist() == [7, 7, 0, 9]
     with pytest.raises(ValueError, match="alpha must be positive"):
         feddyn.server_update(params, state.h, torch.ones(1, 2), alpha=0.0, num_clients=5)
 
@@ -349,58 +351,24 @@ def test_feddyn_state_of_server_and_clients_survives_a_checkpoint() -> None:
 # ------------------------------------------------------ FedDyn: a reply that is not aggregated
 
 M = 6  # the population of tiny_config
+FEDDYN_SERVER = {
+    "strategy": "feddyn",
+    "feddyn_alpha": 0.2,
+    "clients_per_round": 4,
+    "min_clients": 3,
+}
 
 
-def _feddyn_rounds(faults: dict[tuple[int, int], FitFault], rounds: int = 3) -> dict[str, Any]:
-    """``rounds`` FedDyn rounds of 4 of 6 clients with ``faults`` injected: the last round's
-    metrics per round, the parameters, the server state and each client's state."""
-    cfg = config.validate(
-        tiny_config(
-            server={
-                "strategy": "feddyn",
-                "feddyn_alpha": 0.2,
-                "clients_per_round": 4,
-                "min_clients": 3,
-            },
-            evaluation={"every": 0},
-        )
-    )
-    exp = Experiment(cfg)
-    try:
-        exp.driver.transport = FitFaults(exp.driver.transport, faults)
-        params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
-        metrics = []
-        for r in range(1, rounds + 1):
-            result = exp.driver.fit_round(r, params, state)
-            params, state = result.params, result.state
-            metrics.append(result.metrics)
-        states = {cid: dict(named) for cid, named in exp.client_state.items()}
-        sampled = [exp.driver.sample(r) for r in range(1, rounds + 1)]
-        return {
-            "metrics": metrics,
-            "params": params,
-            "server": ServerState.of(state),
-            "clients": states,
-            "sampled": sampled,
-        }
-    finally:
-        exp.close()
+def _feddyn_rounds(faults: dict[tuple[int, int], FitFault], rounds: int = 3) -> list[dict]:
+    """``rounds`` FedDyn rounds of 4 of 6 clients with ``faults`` injected (see
+    :func:`conftest.faulted_rounds`)."""
+    cfg = tiny_config(server=FEDDYN_SERVER, evaluation={"every": 0})
+    return faulted_rounds(cfg, faults, rounds)
 
 
-def _committed(run: dict[str, Any], cid: int) -> torch.Tensor:
-    """Client ``cid``'s ``g_k`` as the server's record settles it (what its next task would
-    commit): the one ``h`` holds."""
-    named = run["clients"].get(cid, {})
-    rounds = named.get(features.FEDDYN_ROUNDS, torch.zeros(2, dtype=torch.int64)).tolist()
-    g, _ = feddyn.settled_gradient(
-        named.get(features.FEDDYN_GRADIENT),
-        rounds[0],
-        named.get(features.FEDDYN_PENDING),
-        rounds[1],
-        feddyn.last_aggregated(run["server"].aggregated, cid),
-        like=run["params"],
-    )
-    return g
+def _committed(after: dict, cid: int) -> torch.Tensor:
+    """Client ``cid``'s ``g_k`` as the server's record settles it: the one ``h`` holds."""
+    return committed_state(after, cid, features.FEDDYN_STATE)
 
 
 @pytest.mark.parametrize("fault", [FitFault.LOST, FitFault.REJECTED])
@@ -410,34 +378,36 @@ def test_a_feddyn_reply_that_is_not_aggregated_leaves_the_client_as_if_it_never_
     """Client ``k`` trains in round 1, then its reply is lost (or arrives with a NaN update and
     is rejected). Algorithm 1 keeps the ``g_k`` of a client outside ``P_t``, so the run equals
     the one where ``k``'s round-1 task never reached it: the same model, ``h`` and committed
-    ``g_k`` for every client after round 3 (``k`` trains again in round 2 or 3, from its old
-    ``g_k``), and ``h`` is the mean of the committed ``g_k`` over the population, the paper's
-    invariant."""
+    ``g_k`` for every client after every round (``k`` trains again in round 2 or 3, from its
+    old ``g_k``), and ``h`` is the mean of the committed ``g_k`` over the population after every
+    round, the paper's invariant."""
     plain = _feddyn_rounds({})
-    first, later = plain["sampled"][0], plain["sampled"][1] + plain["sampled"][2]
+    first, later = plain[0]["sampled"], plain[1]["sampled"] + plain[2]["sampled"]
     k = next(c for c in first if c in later)  # its old g_k matters again in a later round
     faulted = _feddyn_rounds({(1, k): fault})
     never = _feddyn_rounds({(1, k): FitFault.UNREACHABLE})
     counted = "clients_failed" if fault is FitFault.LOST else "clients_rejected"
-    assert faulted["metrics"][0][counted] == 1 and faulted["metrics"][0]["clients_completed"] == 3
+    assert faulted[0]["metrics"][counted] == 1 and faulted[0]["metrics"]["clients_completed"] == 3
     # after round 1, k has trained: its new g_k is pending, and the server's record settles it
     # to the one before (zero)
-    one = _feddyn_rounds({(1, k): fault}, rounds=1)
+    one = faulted[0]
     assert one["clients"][k][features.FEDDYN_ROUNDS].tolist() == [0, 1]
     assert float(one["clients"][k][features.FEDDYN_PENDING].abs().sum()) > 0
-    assert feddyn.last_aggregated(one["server"].aggregated, k) == 0
+    assert committed.last_aggregated(one["server"].aggregated, k) == 0
     assert float(_committed(one, k).abs().sum()) == 0
-    assert torch.equal(faulted["params"], never["params"])
-    assert torch.equal(faulted["server"].h, never["server"].h)
-    assert torch.equal(faulted["server"].aggregated, never["server"].aggregated)
-    for cid in range(M):
-        assert torch.equal(_committed(faulted, cid), _committed(never, cid)), cid
+    for f, n in zip(faulted, never, strict=True):
+        assert torch.equal(f["params"], n["params"])
+        assert torch.equal(f["server"].h, n["server"].h)
+        assert torch.equal(f["server"].aggregated, n["server"].aggregated)
+        for cid in range(M):
+            assert torch.equal(_committed(f, cid), _committed(n, cid)), cid
     for run in (faulted, never, plain):
-        mean_g = torch.stack([_committed(run, cid) for cid in range(M)]).mean(0)
-        _assert_close(run["server"].h, mean_g, rtol=1e-5, atol=1e-7)
-        assert float(run["server"].h.abs().sum()) > 0
+        for after in run:
+            mean_g = torch.stack([_committed(after, cid) for cid in range(M)]).mean(0)
+            _assert_close(after["server"].h, mean_g, rtol=1e-5, atol=1e-7)
+            assert float(after["server"].h.abs().sum()) > 0
     # and without the fault client k's round-1 update counts: the runs differ
-    assert float((plain["params"] - faulted["params"]).abs().max()) > 1e-4
+    assert float((plain[-1]["params"] - faulted[-1]["params"]).abs().max()) > 1e-4
 
 
 def test_a_feddyn_client_refuses_a_gradient_state_that_is_not_the_one_h_holds() -> None:

@@ -1,9 +1,9 @@
 """FedDyn, FedNova and Ditto deployed over gRPC (three client processes, two rounds) equal the
 in-process run of the same config, client state included: FedDyn's ``g_k`` and Ditto's personal
 model live on the clients, the server's ``h`` in its checkpoints. A client restarted between
-rounds over its ``--state-dir`` continues with its personal model; a FedDyn client that trains
-and vanishes before its reply leaves, restarted over its state folder, answers its open task
-again as if it had never trained.
+rounds over its ``--state-dir`` continues with its personal model; a FedDyn or SCAFFOLD client
+that trains and vanishes before its reply leaves, restarted over its state folder, answers its
+open task again as if it had never trained.
 
 As in ``test_grpc_round.py``: the deployed server holds no data, so its test loss is the
 clients' losses added up (equal within :data:`~test_grpc_harness.LOSS_REL`); everything else,
@@ -32,7 +32,7 @@ from fedguard.client import personal
 from fedguard.client.state_store import DiskState
 from fedguard.experiment import checkpoint
 from fedguard.protocol import features
-from fedguard.protocol.strategy import FEDDYN_H
+from fedguard.protocol.strategy import AGGREGATED, FEDDYN_H
 
 CLIENTS = 3
 ROUNDS = 2
@@ -222,14 +222,23 @@ def test_a_deployed_clients_ditto_model_survives_its_restart(tmp_path) -> None:
     _assert_same_client_states(states, simulated, {personal.STATE})
 
 
-def test_a_feddyn_client_that_vanishes_after_training_answers_its_task_again_as_before(
-    tmp_path,
+@pytest.mark.parametrize(
+    ("server", "names"),
+    [
+        ({"strategy": "feddyn", "feddyn_alpha": 0.1}, features.FEDDYN_STATE),
+        ({"strategy": "scaffold", "server_lr": 0.7}, features.SCAFFOLD_STATE),
+    ],
+    ids=["feddyn", "scaffold"],
+)
+def test_a_client_that_vanishes_after_training_answers_its_task_again_as_before(
+    tmp_path, server: dict[str, Any], names: features.CommittedState
 ) -> None:
-    """Client 1 trains on round 1's task and exits before its reply leaves: its new g_k is on
-    its disk, pending. Started again over its --state-dir, it fetches the same open task and,
-    the server's record saying nothing of round 1, trains from the g_k it had before: the run
-    equals the uninterrupted simulation, the clients' g_k included."""
-    config = _config(tmp_path, {"server": {"strategy": "feddyn", "feddyn_alpha": 0.1}})
+    """Client 1 trains on round 1's task and exits before its reply leaves: its new FedDyn
+    ``g_k`` or SCAFFOLD ``c_i`` is on its disk, pending. Started again over its --state-dir, it
+    fetches the same open task and, the server's record saying nothing of round 1, trains from
+    the state it had before: the run equals the uninterrupted simulation (model, the server's
+    ``h`` or ``c`` and its record), the clients' committed and pending states included."""
+    config = _config(tmp_path, {"server": server})
     states = tmp_path / "states"
     fed = Federation(config, tmp_path / "deployed", make_security(tmp_path / "sec", range(CLIENTS)))
     try:
@@ -244,5 +253,11 @@ def test_a_feddyn_client_that_vanishes_after_training_answers_its_task_again_as_
     assert marker.read_text() == "vanished"
     fedguard.run(config, out=tmp_path / "simulated", progress=False)
     _assert_same_runs(fed, tmp_path / "simulated")
-    gradient = {features.FEDDYN_GRADIENT, features.FEDDYN_PENDING, features.FEDDYN_ROUNDS}
-    _assert_same_client_states(states, tmp_path / "simulated", gradient)
+    _assert_same_client_states(
+        states, tmp_path / "simulated", {names.committed, names.pending, names.rounds}
+    )
+    # round 2 started from the state round 1 committed: every client's delta entered the server
+    ck = _last(fed.out)
+    assert ck["server." + AGGREGATED].tolist() == [ROUNDS] * CLIENTS
+    for cid, named in _client_states(states).items():
+        assert named[names.rounds].tolist() == [1, ROUNDS], cid

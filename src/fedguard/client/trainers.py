@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fedguard.algorithms.optimizers import feddyn, fednova, newton, scaffold
+from fedguard.algorithms.optimizers import committed, feddyn, fednova, newton, scaffold
 from fedguard.client import dp_sgd, training
 from fedguard.client.trainer import ClientTrainer, TrainResult, TrainTask
 from fedguard.models.adapter import ModelAdapter
@@ -85,7 +85,7 @@ def gradient_correction(task: TrainTask) -> torch.Tensor | None:
     without a control variate or gradient state yet starts from zero."""
     server_control = task.tensors.get(features.CONTROL)
     if server_control is not None:
-        return scaffold.correction(server_control, _client_control(task, server_control))
+        return scaffold.correction(server_control, _client_control(task, server_control)[0])
     if _feddyn_alpha(task) is not None:
         return feddyn.correction(_feddyn_gradient(task)[0])
     return None
@@ -98,48 +98,78 @@ def _feddyn_alpha(task: TrainTask) -> float | None:
 
 
 def _feddyn_gradient(task: TrainTask) -> tuple[torch.Tensor, int]:
-    """The client's ``g_k`` for ``task`` and the round whose aggregated update last moved it:
-    its pending ``g_k`` committed if the task says that round's update was aggregated, else
-    its committed one (zero before any). A state that is not the one the server's ``h`` holds
-    is refused (ValueError; see :func:`~fedguard.algorithms.optimizers.feddyn.settled_gradient`)."""
+    """The client's ``g_k`` for ``task`` and the round whose aggregated update last moved it
+    (see :func:`_settled`)."""
+    return _settled(task, features.FEDDYN_STATE, like=task.params)
+
+
+def _client_control(task: TrainTask, server_control: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The client's SCAFFOLD control variate ``c_i`` for ``task`` and the round whose aggregated
+    control delta last moved it (see :func:`_settled`)."""
+    return _settled(task, features.SCAFFOLD_STATE, like=server_control)
+
+
+def _settled(
+    task: TrainTask, names: features.CommittedState, *, like: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """The state ``names`` of ``task``'s client for this round and the round whose aggregated
+    update last moved it: its pending state committed if the task says that round's update was
+    aggregated, else its committed one (zero before any). A state that is not the one the
+    server's part holds is refused (ValueError; see
+    :func:`~fedguard.algorithms.optimizers.committed.settle`)."""
     state = task.state
-    rounds = state.get(features.FEDDYN_ROUNDS)
+    rounds = state.get(names.rounds)
     committed_round, pending_round = (0, 0) if rounds is None else (int(rounds[0]), int(rounds[1]))
     try:
-        return feddyn.settled_gradient(
-            state.get(features.FEDDYN_GRADIENT),
+        return committed.settle(
+            state.get(names.committed),
             committed_round,
-            state.get(features.FEDDYN_PENDING),
+            state.get(names.pending),
             pending_round,
-            messages.config_int(task.config, features.FEDDYN_AGGREGATED),
-            like=task.params,
+            messages.config_int(task.config, names.told),
+            like=like,
+            server_part=names.server_part,
+            client_part=names.client_part,
         )
     except ValueError as exc:
-        raise ValueError(f"Client {task.client_id}, round {task.round}: {exc}") from None
+        raise ValueError(
+            f"Client {task.client_id}, round {task.round}: {names.strategy}: {exc}"
+        ) from None
 
 
-def _client_control(task: TrainTask, server_control: torch.Tensor) -> torch.Tensor:
-    control = task.state.get(features.CONTROL)
-    return torch.zeros_like(server_control) if control is None else control
+def _trained(
+    task: TrainTask,
+    names: features.CommittedState,
+    settled: tuple[torch.Tensor, int],
+    new: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The state entries ``names`` after training on ``task`` from the ``settled`` state (and
+    its round): that one committed, ``new`` pending with this round."""
+    state, committed_round = settled
+    return {
+        names.committed: state,
+        names.pending: new,
+        names.rounds: torch.tensor([committed_round, task.round]),
+    }
 
 
 def optimizer_result(
     task: TrainTask, update: torch.Tensor, stats: training.TrainStats
 ) -> tuple[TrainResult, dict[str, torch.Tensor]]:
     """The optimizer loop's result for ``task`` from its ``update`` and ``stats``, and the
-    entries of the client's state it sets (SCAFFOLD's new control variate, whose change the
-    reply carries as ``control_delta``; FedDyn's gradient state: the ``g_k`` the round started
-    from, committed, and the new one pending until the server says this round's update was
-    aggregated). Under FedNova the reply's update is the normalised ``delta / ||a_i||_1``, with
-    ``||a_i||_1`` as its ``step_norm``. Shared by every engine that runs this loop."""
+    entries of the client's state it sets: SCAFFOLD's control variate (the new ``c_i``, whose
+    change from the one the round started from the reply carries as ``control_delta``) and
+    FedDyn's gradient state, each as the state the round started from, committed, and the new
+    one pending until the server says this round's update was aggregated. Under FedNova the
+    reply's update is the normalised ``delta / ||a_i||_1``, with ``||a_i||_1`` as its
+    ``step_norm``. Shared by every engine that runs this loop."""
     tensors: dict[str, torch.Tensor] = {}
     state: dict[str, torch.Tensor] = {}
     alpha = _feddyn_alpha(task)
     if alpha is not None:
-        g, committed_round = _feddyn_gradient(task)
-        state[features.FEDDYN_GRADIENT] = g
-        state[features.FEDDYN_PENDING] = feddyn.client_gradient_update(g, update, alpha=alpha)
-        state[features.FEDDYN_ROUNDS] = torch.tensor([committed_round, task.round])
+        g = _feddyn_gradient(task)
+        new_g = feddyn.client_gradient_update(g[0], update, alpha=alpha)
+        state.update(_trained(task, features.FEDDYN_STATE, g, new_g))
     if features.NORMALIZED_UPDATE in features.asked(task.config, task.tensors):
         cfg = local_training_from(task.config)
         if cfg.optimizer is not training.LocalOptimizer.SGD:
@@ -155,10 +185,10 @@ def optimizer_result(
         control = _client_control(task, server_control)
         lr = local_training_from(task.config).lr
         new_control = scaffold.client_control_update(
-            server_control, control, update, local_steps=stats.steps, lr=lr
+            server_control, control[0], update, local_steps=stats.steps, lr=lr
         )
-        tensors["control_delta"] = new_control - control
-        state[features.CONTROL] = new_control
+        tensors["control_delta"] = new_control - control[0]
+        state.update(_trained(task, features.SCAFFOLD_STATE, control, new_control))
     metrics = {"train_loss": stats.loss, "steps": float(stats.steps)}
     return TrainResult(update, stats.num_examples, metrics, tensors), state
 

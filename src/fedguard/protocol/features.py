@@ -14,6 +14,7 @@ is refused before round 1, and a client refuses a task that asks for one its tra
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,14 @@ CONTROL_VARIATE = "control_variate"  # SCAFFOLD: gradients + c - c_i; reply tens
 NEWTON_STATISTICS = "newton_statistics"  # reply tensors "gradient_sum" and "hessian_sum"
 DP_SGD = "dp_sgd"  # local DP: DP-SGD at the task's noise and clip, reported in the reply metrics
 CONTROL = "control"  # the fit task tensor that carries SCAFFOLD's server control variate
+# SCAFFOLD's client state: "control" (the committed c_i), "control_pending" (the c_i of its last
+# training, not yet known to count) and "control_rounds" ([2] int64: the round whose aggregated
+# update last moved the committed c_i, 0: none, and the round the pending one was trained in);
+# the fit config entry "scaffold_aggregated" is the last round whose control delta of the
+# task's client entered the server's c (0: none)
+CONTROL_PENDING = "control_pending"
+CONTROL_ROUNDS = "control_rounds"
+SCAFFOLD_AGGREGATED = "scaffold_aggregated"
 # FedDyn: -<g_k, w> + alpha/2 ||w - w_global||^2, alpha = config "feddyn_alpha"; state "feddyn_gradient"
 DYNAMIC_REGULARIZER = "dynamic_regularizer"
 FEDDYN_ALPHA = "feddyn_alpha"  # the fit config entry with FedDyn's alpha
@@ -42,6 +51,44 @@ STEP_NORM = "step_norm"  # the reply tensor with FedNova's ||a_i||_1
 # Personalisation (fedguard.client.personal): the fit config's "personalization" names the
 # method; the client keeps a personal model and, for FedRep / FedPer, sends only the body.
 PERSONALIZATION = "personalization"
+
+
+@dataclass(frozen=True)
+class CommittedState:
+    """The names of a client state that moves only with an update the server aggregated
+    (:mod:`fedguard.algorithms.optimizers.committed`): the fit config entry ``told`` with the
+    last round whose update of the task's client entered the server's part, the client state
+    entries ``committed``, ``pending`` and ``rounds`` (``[2]`` int64: the committed state's round,
+    the pending one's), and how messages call the strategy and the two parts."""
+
+    strategy: str
+    server_part: str
+    client_part: str
+    told: str
+    committed: str
+    pending: str
+    rounds: str
+
+
+FEDDYN_STATE = CommittedState(
+    "FedDyn",
+    "h",
+    "gradient state",
+    FEDDYN_AGGREGATED,
+    FEDDYN_GRADIENT,
+    FEDDYN_PENDING,
+    FEDDYN_ROUNDS,
+)
+# the committed entry keeps its old name: a state kept before the record counts as committed
+SCAFFOLD_STATE = CommittedState(
+    "SCAFFOLD",
+    "control variate",
+    "control variate state",
+    SCAFFOLD_AGGREGATED,
+    CONTROL,
+    CONTROL_PENDING,
+    CONTROL_ROUNDS,
+)
 
 
 def asked(

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fedguard.algorithms import robust, seeding
-from fedguard.algorithms.optimizers import feddyn, fednova, newton, scaffold
+from fedguard.algorithms.optimizers import committed, feddyn, fednova, newton, scaffold
 from fedguard.algorithms.optimizers import server as server_optimizers
 from fedguard.protocol import features, messages, robust_rules
 from fedguard.protocol.aggregator import Aggregator, LeftOut, Mean, RoundContext
@@ -173,10 +173,35 @@ class FedOpt(Strategy):
         return replace(state, optimizer=opt_state), new_params
 
 
+def _told(
+    state: StrategyState, names: features.CommittedState, client_id: int
+) -> dict[str, messages.Scalar]:
+    """The fit config entry that tells ``client_id`` the last round whose update of it entered
+    the server's part (the state's record; see
+    :mod:`fedguard.algorithms.optimizers.committed`)."""
+    record = ServerState.of(state).aggregated
+    return {names.told: committed.last_aggregated(record, client_id)}
+
+
+def _recorded(state: ServerState, replies: Sequence[messages.FitReply], round_: int) -> ServerState:
+    """``state`` with ``replies``' clients recorded as aggregated in ``round_``."""
+    ids = [r.client_id for r in replies]
+    return replace(state, aggregated=committed.record_aggregated(state.aggregated, ids, round_))
+
+
 @dataclass(frozen=True)
 class Scaffold(Strategy):
     """SCAFFOLD on top of ``inner`` (FedAvg): the server control variate goes to every client,
-    and moves by ``(|S| / N) * mean(control deltas)`` after each round."""
+    and moves by ``(|S| / N) * mean(control deltas)`` after each round.
+
+    ``S`` is the clients whose replies are aggregated (every reply given to :meth:`aggregate`,
+    also one its rule leaves out of the model's update: its control delta enters ``c``). The
+    state records, per client id, the last round whose control delta entered ``c``, and each
+    client's fit task carries its own (``scaffold_aggregated``), so that a client commits the
+    ``c_i`` of a round only when its delta of that round entered ``c``: a reply lost or rejected
+    leaves the client's ``c_i`` as it was, as if it had not trained, and ``c = (1/N) sum_i c_i``
+    over the committed ``c_i`` after every round (see
+    :mod:`fedguard.algorithms.optimizers.committed`)."""
 
     inner: FedOpt
     num_clients: int
@@ -199,6 +224,11 @@ class Scaffold(Strategy):
     ) -> tuple[dict[str, messages.Scalar], dict[str, torch.Tensor]]:
         config, _ = self.inner.fit_instructions(state)
         return config, {CONTROL: ServerState.of(state).control}
+
+    def client_instructions(
+        self, state: StrategyState, client_id: int
+    ) -> dict[str, messages.Scalar]:
+        return _told(state, features.SCAFFOLD_STATE, client_id)
 
     def required_tensors(self, dim: int) -> dict[str, int]:
         return {"control_delta": dim}
@@ -236,7 +266,8 @@ class Scaffold(Strategy):
         control = scaffold.server_control_update(
             new_state.control, deltas, num_clients=self.num_clients
         )
-        return replace(new_state, control=control), new_params, left_out
+        new_state = _recorded(replace(new_state, control=control), replies, round_)
+        return new_state, new_params, left_out
 
 
 @dataclass(frozen=True)
@@ -251,7 +282,7 @@ class FedDyn(Strategy):
     id, the last round whose update entered ``h``, and each client's fit task carries its own
     (``feddyn_aggregated``), so that a client commits the ``g_k`` of a round only when its update
     of that round was aggregated (a reply lost, rejected or left out does not move ``g_k``; see
-    :mod:`fedguard.algorithms.optimizers.feddyn`)."""
+    :mod:`fedguard.algorithms.optimizers.committed`, shared with SCAFFOLD)."""
 
     client_config: Mapping[str, messages.Scalar]
     alpha: float
@@ -280,8 +311,7 @@ class FedDyn(Strategy):
     def client_instructions(
         self, state: StrategyState, client_id: int
     ) -> dict[str, messages.Scalar]:
-        record = ServerState.of(state).aggregated
-        return {features.FEDDYN_AGGREGATED: feddyn.last_aggregated(record, client_id)}
+        return _told(state, features.FEDDYN_STATE, client_id)
 
     def client_features(self) -> frozenset[str]:
         return frozenset({features.DYNAMIC_REGULARIZER})
@@ -305,10 +335,7 @@ class FedDyn(Strategy):
             alpha=self.alpha,
             num_clients=self.num_clients,
         )
-        aggregated = feddyn.record_aggregated(
-            current.aggregated, [r.client_id for r in replies], round_
-        )
-        return replace(current, h=h, aggregated=aggregated), new_params
+        return _recorded(replace(current, h=h), replies, round_), new_params
 
 
 @dataclass(frozen=True)

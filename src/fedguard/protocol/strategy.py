@@ -44,7 +44,9 @@ from fedguard.protocol.aggregator import Aggregator, AggregatorState, LeftOut, l
 
 CONTROL = "control"
 FEDDYN_H = "feddyn.h"  # FedDyn's server state h
-FEDDYN_AGGREGATED = "feddyn.aggregated"  # per client id, the last round its update entered h
+# FedDyn's h and SCAFFOLD's c: per client id, the last round whose update entered it
+AGGREGATED = "aggregated"
+_FEDDYN_AGGREGATED = "feddyn.aggregated"  # its name in FedDyn's checkpoints before SCAFFOLD's
 CLIP_NORM = messages.DP_CLIP_NORM
 AGGREGATOR_PREFIX = "robust."  # checkpoint names of the aggregator's state
 ROBUST_REFERENCE = "robust.reference"
@@ -113,8 +115,8 @@ class Strategy(abc.ABC):
         self, state: StrategyState, client_id: int
     ) -> dict[str, messages.Scalar]:
         """Config entries for one sampled client, beside :meth:`fit_instructions`' (none by
-        default): what the server says to each client of its own (FedDyn: the last round whose
-        update of that client entered ``h``)."""
+        default): what the server says to each client of its own (SCAFFOLD, FedDyn: the last round
+        whose update of that client entered ``c`` or ``h``)."""
         return {}
 
     def aggregate_reporting(
@@ -179,16 +181,17 @@ def _empty() -> torch.Tensor:
 @dataclass(frozen=True)
 class ServerState(Mapping[str, torch.Tensor]):
     """The built-in strategies' state: the server optimizer's moments, SCAFFOLD's control variate,
-    central DP's clip, the aggregator's state, FedDyn's ``h`` and its record of the rounds whose
-    update of each client entered ``h``; a mapping of named tensors like any strategy's state
-    (empty tensors for the parts a strategy does not use)."""
+    central DP's clip, the aggregator's state, FedDyn's ``h`` and, for SCAFFOLD's control variate
+    or FedDyn's ``h``, the record of the last round whose update of each client entered it (see
+    :mod:`fedguard.algorithms.optimizers.committed`); a mapping of named tensors like any
+    strategy's state (empty tensors for the parts a strategy does not use)."""
 
     optimizer: server_optimizers.ServerOptimizerState
     control: torch.Tensor = field(default_factory=_empty)
     clip_norm: torch.Tensor = field(default_factory=_empty)  # central DP: [1]
     aggregator: AggregatorState = field(default_factory=dict)  # centered clipping: reference [D]
     h: torch.Tensor = field(default_factory=_empty)  # FedDyn: [D]
-    # FedDyn: per client id the last round whose update entered h, int64 (0: none)
+    # SCAFFOLD, FedDyn: per client id the last round whose update entered c or h, int64 (0: none)
     aggregated: torch.Tensor = field(default_factory=_empty)
 
     @property
@@ -204,7 +207,7 @@ class ServerState(Mapping[str, torch.Tensor]):
             CONTROL: self.control,
             CLIP_NORM: self.clip_norm,
             FEDDYN_H: self.h,
-            FEDDYN_AGGREGATED: self.aggregated,
+            AGGREGATED: self.aggregated,
         }
         named.update({AGGREGATOR_PREFIX + k: v for k, v in self.aggregator.items()})
         return named
@@ -221,7 +224,7 @@ class ServerState(Mapping[str, torch.Tensor]):
     @classmethod
     def from_tensors(cls, named: Mapping[str, torch.Tensor]) -> ServerState:
         """The state saved by :meth:`tensors`; checkpoints from before a key existed load with
-        that part empty."""
+        that part empty (FedDyn's record under its earlier name)."""
         opt = server_optimizers.ServerOptimizerState(named["optimizer.m"], named["optimizer.v"])
         aggregator = {
             k.removeprefix(AGGREGATOR_PREFIX): v
@@ -234,7 +237,7 @@ class ServerState(Mapping[str, torch.Tensor]):
             named.get(CLIP_NORM, _empty()),
             aggregator,
             named.get(FEDDYN_H, _empty()),
-            named.get(FEDDYN_AGGREGATED, _empty()),
+            named.get(AGGREGATED, named.get(_FEDDYN_AGGREGATED, _empty())),
         )
 
     @classmethod

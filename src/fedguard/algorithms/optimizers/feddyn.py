@@ -28,14 +28,14 @@ or leaves out, has run the client step although it is not in ``P_t``: had it kep
 ``g_k``, the offset ``e = h - (1/m) sum_k g_k`` would grow by ``alpha delta_k / m`` for good (no
 later round changes it), and the fixed point, where ``h = 0``, would move from the optimum of
 ``sum_k L_k`` to that of ``sum_k L_k + m <e, theta>``. So a client keeps its new ``g_k``
-*pending*, with the round it trained in, beside the committed one, and the server records per
-client the last round whose update entered ``h`` (:func:`record_aggregated`, checkpointed with
-``h``) and tells it in its next fit task (:func:`last_aggregated`). Before training, the client
-commits the pending ``g_k`` if that round is the one it trained in and drops it if it is the
-committed one's (:func:`settled_gradient`); any other round means that its state is not the
-one ``h`` was built with, and it refuses to train. So ``h = (1/m) sum_k g_k`` holds over the
-committed ``g_k`` after every round, and a client that answers a round twice (a deployed client
-that restarts and fetches its open task again) trains from the same state both times.
+*pending*, with the round it trained in, beside the committed one, and commits it only when the
+server's record (checkpointed with ``h``, told to each client in its next fit task) says that
+round's update entered ``h``; any other round than the pending or the committed one's means
+that its state is not the one ``h`` was built with, and it refuses to train. (The mechanism,
+SCAFFOLD's too, is :mod:`fedguard.algorithms.optimizers.committed`.) So ``h = (1/m) sum_k g_k``
+holds over the committed ``g_k`` after every round, and a client that answers a round twice (a
+deployed client that restarts and fetches its open task again) trains from the same state both
+times.
 """
 
 from __future__ import annotations
@@ -88,54 +88,3 @@ def server_update(
     new_h = h.to(torch.float64) - alpha * (deltas.shape[0] / num_clients) * mean
     new_params = params.to(torch.float64) + mean - new_h / alpha
     return new_h.to(h.dtype), new_params.to(params.dtype)
-
-
-def settled_gradient(
-    committed: torch.Tensor | None,
-    committed_round: int,
-    pending: torch.Tensor | None,
-    pending_round: int,
-    aggregated_round: int,
-    *,
-    like: torch.Tensor,
-) -> tuple[torch.Tensor, int]:
-    """The client's ``g_k`` for a new round and the round whose update it was last moved by.
-
-    ``committed`` is the ``g_k`` the server is known to hold in ``h`` (its last update entered
-    ``h`` in ``committed_round``; None and 0 before any: zeros shaped as ``like``), ``pending``
-    the one trained in ``pending_round`` (None: none), ``aggregated_round`` the server's word:
-    the last round whose update of this client entered ``h`` (0: none). The pending ``g_k`` if
-    that is the round it was trained in, the committed one if it is the committed round;
-    ValueError for any other round, as the state is then not the one the server's ``h`` holds
-    (a state lost or replaced, or a server resumed from an older checkpoint than its client)."""
-    if pending is not None and aggregated_round == pending_round:
-        return pending, pending_round
-    if aggregated_round == committed_round:
-        return (torch.zeros_like(like) if committed is None else committed), committed_round
-    held = f"round {committed_round}" + (
-        f" (committed) and {pending_round} (pending)" if pending is not None else ""
-    )
-    raise ValueError(
-        f"FedDyn: the server's h holds this client's update of round {aggregated_round}, its "
-        f"gradient state holds {held}; it is not the state the server's h was built with (a "
-        "deployed client keeps its state with --state-dir)."
-    )
-
-
-def record_aggregated(record: torch.Tensor, client_ids: list[int], round_: int) -> torch.Tensor:
-    """The server's record of the last round each client's update entered ``h`` (``[n]``
-    int64 by client id, 0: none; shorter when the highest ids never were), with ``client_ids``'
-    updates of ``round_`` aggregated."""
-    if any(c < 0 for c in client_ids):
-        raise ValueError(f"Client ids must not be negative, got {sorted(client_ids)}.")
-    size = max([record.numel(), *(c + 1 for c in client_ids)])
-    out = torch.zeros(size, dtype=torch.int64)
-    out[: record.numel()] = record.to(torch.int64)
-    if client_ids:
-        out[torch.tensor(client_ids, dtype=torch.int64)] = round_
-    return out
-
-
-def last_aggregated(record: torch.Tensor, client_id: int) -> int:
-    """The last round whose update of ``client_id`` entered ``h`` (0: none), from the record."""
-    return int(record[client_id]) if 0 <= client_id < record.numel() else 0

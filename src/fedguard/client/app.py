@@ -148,6 +148,12 @@ def _optional_float(config: Mapping[str, messages.Scalar], key: str) -> float | 
     return None if config.get(key) is None else messages.config_float(config, key)
 
 
+def _holds_own(data: ClientData) -> bool:
+    """Whether ``data`` holds held-out examples of the client's own, what a personal model is
+    evaluated on."""
+    return data.own_eval and data.eval_y is not None and int(data.eval_y.shape[0]) > 0
+
+
 class _ClientState(MutableMapping[str, torch.Tensor]):
     """One client's entry of the runtime's state mapping, created on the first write (so that a
     client whose trainer keeps no state adds nothing to a checkpoint)."""
@@ -348,8 +354,23 @@ class ClientApp:
         federated AUC and report add up (:mod:`fedguard.algorithms.binned_auc`).
 
         A client without held-out data refuses: its training data would report a fit, not a
-        test, and metrics of training records are not covered by DP-SGD's guarantee."""
+        test, and metrics of training records are not covered by DP-SGD's guarantee.
+
+        A personal evaluation task (one naming a personalisation method) is answered only from
+        held-out data of the client's own (:attr:`ClientData.own_eval`): a client without any,
+        too small to hold out a split of its partition and holding its share of the central
+        evaluation split instead, replies :data:`~fedguard.protocol.messages.NO_OWN_EVAL` and
+        nothing else, which the server does not count (:mod:`fedguard.protocol.personal_eval`).
+        This is the one rule of which clients a personal evaluation counts, the same in every
+        runtime: simulated, under Ray, with the cohort engine, and deployed."""
         data = self.data[task.client_id]
+        if personal.PersonalSettings.from_config(task.config) is not None and not _holds_own(data):
+            return messages.EvaluateReply(
+                round=task.round,
+                client_id=task.client_id,
+                num_examples=0,
+                metrics={messages.NO_OWN_EVAL: 1.0},
+            )
         if data.eval_x is None or data.eval_y is None or int(data.eval_y.shape[0]) == 0:
             raise ValueError(
                 f"Client {task.client_id} holds no held-out data to evaluate on (give it "
@@ -389,8 +410,8 @@ class ClientApp:
         personalisation method ({} otherwise). Fine-tuning draws from the task's seed."""
         if personal.PersonalSettings.from_config(task.config) is None:
             return {}
-        if data.eval_x is None or data.eval_y is None:
-            raise ValueError(f"Client {task.client_id} holds no held-out data.")
+        if data.eval_x is None or data.eval_y is None or not data.own_eval:
+            raise ValueError(f"Client {task.client_id} holds no held-out data of its own.")
         generator = torch.Generator().manual_seed(messages.config_int(task.config, "seed", 0))
         own = personal.personal_params(
             self.model,

@@ -967,9 +967,9 @@ class Experiment:
                 self.driver.transport,
                 round_,
                 params,
-                # a client too small to hold out its own examples would evaluate its personal
-                # model on a share of the central split, not on its own distribution
-                [c for c in self.eval_clients if c in self.fed.own_eval],
+                # a client too small to hold out its own examples answers that it holds no
+                # held-out data of its own, and is not counted (as deployed)
+                self.eval_clients,
                 client_training_config(self.cfg),
                 self.driver.deadline_s,
             )

@@ -42,8 +42,6 @@ class Federation:
     # the data set's validation split (None when it has none): contribution scores' utility
     val_x: torch.Tensor | None = None
     val_y: torch.Tensor | None = None
-    # the clients whose held-out data is their own (data.client_eval_fraction of their partition)
-    own_eval: frozenset[int] = frozenset()
 
 
 def _tensor(d: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +57,13 @@ def _client_data(
     share: tuple[torch.Tensor, torch.Tensor],
 ) -> ClientData:
     """A client's tensors: its partition and its held-out data, the ``eval_fraction`` of its
-    partition kept out of training or (without one) its ``share`` of the evaluation split."""
+    partition kept out of training (its own) or, when it keeps none (:func:`holds_out`), its
+    ``share`` of the evaluation split (not its own: no personal model is evaluated on it)."""
     x, y = _tensor(d)
     n = len(d)
     k = int(round(eval_fraction * n))
     if not holds_out(n, eval_fraction):
-        return ClientData(x, y, *share)
+        return ClientData(x, y, *share, own_eval=False)
     order = torch.from_numpy(rng.permutation(n))
     held, kept = order[:k], order[k:]
     return ClientData(x[kept], y[kept], x[held], y[held])
@@ -209,11 +208,6 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
         eval_groups,
         val_x,
         val_y,
-        frozenset(
-            i
-            for i, part in enumerate(parts_data)
-            if holds_out(len(part), cfg.data.client_eval_fraction)
-        ),
     )
 
 

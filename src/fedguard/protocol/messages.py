@@ -981,6 +981,10 @@ EVAL_CLASSES = "num_classes"
 # :mod:`fedguard.algorithms.binned_auc`) and the ``[C, C]`` int64 confusion matrix (true, predicted).
 EVAL_SCORES = "score_histograms"
 EVAL_CONFUSION = "confusion"
+# Metric of an evaluation reply to a personal evaluation task (one naming a personalisation
+# method): 1.0 when the client holds no held-out data of its own (none, or only its share of a
+# central evaluation split); the reply carries nothing else and the server does not count it.
+NO_OWN_EVAL = "no_own_held_out"
 
 # Config keys of a registration task (see :class:`RegisterTask`).
 REGISTER_SIGNATURE = "model_signature"

@@ -7,6 +7,16 @@ parameters and its personal model on the same held-out split and replies with bo
 (``loss``/``accuracy`` and ``personal_loss``/``personal_accuracy``). The personal model itself
 never leaves the client, only these numbers do. Clients count equally in the mean and the worst
 client (a fairness view), unlike the pooled federated evaluation, which weighs by examples.
+
+Which clients count: those that hold held-out data of their own. The server asks every client
+that holds held-out data (every client of a simulation that holds some; every admitted client
+that registered a held-out count, deployed), and the client decides: one whose held-out data is
+not its own (a partition too small to keep a ``data.client_eval_fraction`` split out, at least
+one example held out and one left to train on, so that it holds its share of the central
+evaluation split instead) replies :data:`~fedguard.protocol.messages.NO_OWN_EVAL`, which is
+not counted (see :meth:`fedguard.client.app.ClientApp.evaluate`). The rule lives on the client
+alone, so a simulated run (in process, under Ray, with the cohort engine) and the same run
+deployed count the same clients.
 """
 
 from __future__ import annotations
@@ -79,6 +89,14 @@ def evaluate_personal(
             log.warning("round %d: personal evaluation reply rejected: %s", round_, exc)
             continue
         problem = messages.addressing_problem(reply, outcome.client_id, round_)
+        if problem is None and reply.metrics.get(messages.NO_OWN_EVAL) == 1.0:
+            log.info(
+                "round %d: client %d holds no held-out data of its own; not counted in the "
+                "personal evaluation",
+                round_,
+                reply.client_id,
+            )
+            continue
         values = [reply.metrics.get(k) for k in PERSONAL_KEYS]
         if problem is None and not all(v is not None and math.isfinite(v) for v in values):
             problem = "it lacks finite personal and global metrics"

@@ -37,7 +37,7 @@ from fedguard.client.app import ClientApp
 from fedguard.client.data import ClientData
 from fedguard.data import dataset
 from fedguard.data.errors import DataError
-from fedguard.experiment import assembly, runner
+from fedguard.experiment import assembly, federation, runner
 from fedguard.experiment import config as config_mod
 from fedguard.experiment.plugin_context import PluginContext
 from fedguard.models import registry as models
@@ -333,7 +333,7 @@ def _hold_out(
     so that a restarted client holds out the same examples), the rest kept for training."""
     n = len(train)
     k = int(round(fraction * n))
-    if not 1 <= k < n:
+    if not federation.holds_out(n, fraction):  # the simulation's rule
         raise config_mod.ConfigError(
             f"--eval-fraction {fraction:g} of the {n} examples of {data} holds out {k}; it must "
             "leave at least one example on each side"

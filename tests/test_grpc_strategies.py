@@ -187,6 +187,43 @@ def test_ditto_deployed_equals_the_simulator_with_its_personal_evaluation(tmp_pa
     _assert_same_client_states(tmp_path / "states", simulated, {personal.STATE})
 
 
+# Seed 9 with alpha 0.05 deals client 0 one training example: 30 % of it holds out none, so
+# the client evaluates on its share of the test split, not on held-out data of its own.
+TINY_CLIENT: Sections = {
+    "experiment": {"seed": 9},
+    "data": {"alpha": 0.05, "synthetic_samples": 300},
+}
+
+
+def test_a_client_too_small_to_hold_out_is_left_out_of_personal_evaluation_alike(
+    tmp_path,
+) -> None:
+    """The same clients count in the personal evaluation deployed as in simulation: client 0,
+    too small to hold out a split of its own, answers the personal task "no held-out data of
+    its own" and neither server counts it in the mean, the worst client or the per-client
+    entries; it still takes part in training and in the federated evaluation."""
+    config = _config(tmp_path, DITTO, TINY_CLIENT)
+    fed = Federation(config, tmp_path / "deployed", make_security(tmp_path / "sec", range(CLIENTS)))
+    try:
+        _deployed(fed)
+        _finish(fed)
+    finally:
+        fed.stop()
+    simulated = tmp_path / "simulated"
+    summary = fedguard.run(config, out=simulated, progress=False)
+    sizes = json.loads((simulated / "partition.json").read_text())["clients"]
+    assert sizes[0]["num_samples"] == 1  # the case this test is about
+    rows = _assert_same_runs(fed, simulated)
+    sim_rows = [json.loads(x) for x in (simulated / "metrics.jsonl").read_text().splitlines()]
+    for d, s in zip(rows, sim_rows, strict=True):
+        assert [c["client"] for c in s["personal_clients"]] == [1, 2]
+        assert [c["client"] for c in d["personal_clients"]] == [1, 2]
+        assert {k: d[k] for k in PERSONAL} == {k: s[k] for k in PERSONAL}
+    deployed_summary = json.loads((fed.out / "summary.json").read_text())
+    for key in ("personalization", *PERSONAL[:4]):
+        assert deployed_summary[key] == summary[key], key
+
+
 def _restart(fed: Federation, cid: int, marker: Path, states: Path, *, code: int) -> None:
     """Wait for client ``cid`` to leave (its ``marker`` written, its process gone with exit
     code ``code``), then start it again over the same state folder."""

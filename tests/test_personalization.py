@@ -330,6 +330,71 @@ def test_a_deployed_clients_personal_model_survives_a_restart(tmp_path) -> None:
     assert after == before and "personal_accuracy" in after
 
 
+def test_a_client_without_held_out_data_of_its_own_answers_so_and_is_not_counted() -> None:
+    """Client 0 holds only its share of the central split (too small to hold out a split of
+    its own): it answers a personal evaluation task "no held-out data of its own" with nothing
+    else, still evaluates the global model for the federated evaluation, and the server's
+    personal evaluation counts client 1 alone."""
+    from fedguard.client.app import ClientApp
+    from fedguard.protocol import personal_eval
+    from fedguard.simulation.inprocess import InProcessTransport
+
+    model = _two_layer_model()
+    w = model.get_flat().clone()
+    own, share = _data(seed=1), _data(seed=2)
+    data = {0: ClientData(own.train_x[:1], own.train_y[:1], share.eval_x, share.eval_y, False)}
+    data[1] = _data()
+    app = ClientApp(model, data, {})
+    settings = personal.PersonalSettings(personal.Method.FINETUNE, epochs=1)
+    config = {"lr": 0.2, "batch_size": 4, "epochs": 1, **settings.config()}
+    task = messages.EvaluateTask(1, 0, w, {**config, "seed": 4})
+    reply = messages.decode(app.handle(0, messages.encode(task)), messages.EvaluateReply)
+    assert reply.num_examples == 0 and reply.metrics == {messages.NO_OWN_EVAL: 1.0}
+    plain = messages.decode(
+        app.handle(0, messages.encode(messages.EvaluateTask(1, 0, w, {}))), messages.EvaluateReply
+    )
+    assert plain.num_examples == 4 and set(plain.metrics) == {"loss", "accuracy"}
+    scores = personal_eval.evaluate_personal(
+        InProcessTransport(app.handle, [0, 1]), 1, w, [0, 1], config, seed=0
+    )
+    assert [s.client_id for s in scores] == [1]
+    assert personal_eval.summarise(scores)["personal_clients"][0]["examples"] == 4
+
+
+# Seed 9 with alpha 0.05 deals client 0 one training example: 30 % of it holds out none
+TINY_CLIENT = {
+    "experiment": {"seed": 9, "rounds": 2},
+    "data": {
+        "num_clients": 3,
+        "alpha": 0.05,
+        "synthetic_samples": 300,
+        "client_eval_fraction": 0.3,
+    },
+    "server": {"clients_per_round": 3},
+    "evaluation": {"mode": "federated"},
+    "personalization": {"method": "ditto", "ditto_lambda": 0.3},
+}
+
+
+def test_the_cohort_engine_counts_the_same_clients_in_the_personal_evaluation(tmp_path) -> None:
+    """A client too small to hold out a split of its own is left out of the personal
+    evaluation by the in-process engine and the cohort engine alike (the client decides)."""
+    runs = {}
+    for kind in ("inprocess", "cohort"):
+        cfg = tiny_config(**TINY_CLIENT, runtime={"kind": kind, "cohort_device": "cpu"})
+        if kind == "inprocess":
+            del cfg["runtime"]["cohort_device"]
+        fedguard.run(cfg, out=tmp_path / kind, progress=False)
+        runs[kind] = metric_rows(tmp_path / kind)
+    sizes = json.loads((tmp_path / "inprocess" / "partition.json").read_text())["clients"]
+    assert sizes[0]["num_samples"] == 1
+    for a, b in zip(runs["inprocess"], runs["cohort"], strict=True):
+        assert [c["client"] for c in a["personal_clients"]] == [1, 2]
+        assert [c["client"] for c in b["personal_clients"]] == [1, 2]
+        assert b["personal_accuracy_mean"] == pytest.approx(a["personal_accuracy_mean"], abs=1e-6)
+        assert b["personal_accuracy_worst"] == pytest.approx(a["personal_accuracy_worst"], abs=1e-6)
+
+
 def test_fedrep_trains_the_head_then_the_body_as_two_hand_written_sgd_steps() -> None:
     model = _two_layer_model()
     module = model.module

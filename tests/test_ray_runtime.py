@@ -249,6 +249,36 @@ def test_feddyn_with_a_lost_reply_and_ditto_give_the_in_process_results(cluster:
         torch.testing.assert_close(remote_state[cid], named, rtol=0.0, atol=ATOL)
 
 
+def test_a_client_too_small_to_hold_out_is_left_out_of_personal_evaluation_on_ray(
+    cluster: Cluster,
+) -> None:
+    """Seed 9 with alpha 0.05 deals client 0 one training example, too few to hold out 30 %
+    of: its actor answers the personal evaluation "no held-out data of its own", as the
+    in-process client does, and only clients 1 and 2 count."""
+    cfg = tiny_config(
+        experiment={"seed": 9},
+        data={
+            "num_clients": 3,
+            "alpha": 0.05,
+            "synthetic_samples": 300,
+            "client_eval_fraction": 0.3,
+        },
+        server={"clients_per_round": 3},
+        personalization={"method": "ditto", "ditto_lambda": 0.3},
+    )
+    local, _ = _rounds(cfg, rounds=1)
+    remote, _ = _rounds(_on_ray(cfg), rounds=1)
+    for rows in (local, remote):
+        assert [c["client"] for c in rows[0]["eval"]["personal_clients"]] == [1, 2]
+    for g, c in zip(
+        remote[0]["eval"].pop("personal_clients"),
+        local[0]["eval"].pop("personal_clients"),
+        strict=True,
+    ):
+        assert g == pytest.approx(c, abs=ATOL)
+    _assert_same_rounds(local, remote)
+
+
 @pytest.mark.parametrize(
     "sections",
     [

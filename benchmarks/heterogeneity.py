@@ -879,11 +879,21 @@ def heatmap(rows: list[dict[str, Any]], path: Path) -> None:
     ]
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.2 * len(tasks), 4.2), squeeze=False)
+    columns = {
+        t: [str(a) for a in COLUMNS if any(k[1] == str(a) for k in medians(rows, t))] for t in tasks
+    }
+    widths = [len(columns[t]) + 3.5 for t in tasks]  # a panel's width follows its columns
+    fig, axes = plt.subplots(
+        1,
+        len(tasks),
+        figsize=(0.62 * sum(widths), 4.2),
+        squeeze=False,
+        gridspec_kw={"width_ratios": widths},
+    )
     for ax, task in zip(axes[0], tasks, strict=True):
         cells = medians(rows, task)
         strategies = [s for s in STRATEGIES if any(k[0] == s for k in cells)]
-        alphas = [str(a) for a in COLUMNS if any(k[1] == str(a) for k in cells)]
+        alphas = columns[task]
         grid = np.full((len(strategies), len(alphas)), np.nan)
         for i, s in enumerate(strategies):
             for j, a in enumerate(alphas):

@@ -247,9 +247,14 @@ def score(
 
 
 def _grid(originals: np.ndarray, recon: np.ndarray, path: Path, title: str) -> None:
-    """Originals (top row) over their reconstructions (bottom row), at most 16 columns."""
+    """Originals (top row) over their reconstructions (bottom row), at most 16 columns; the rows
+    are as tall as the records' aspect needs (a wide feature map, such as a spectrogram of 40
+    bands by 101 frames, gets low rows instead of blank space)."""
     n = min(len(originals), MAX_PICTURES)
-    fig, axes = plt.subplots(2, n, figsize=(max(1.2 * n + 0.6, 4.0), 3.2), squeeze=False)
+    width = max(1.2 * n + 0.6, 4.0)
+    aspect = originals.shape[-2] / originals.shape[-1]  # a record's height over its width
+    tall = min((width - 0.6) / n * aspect, 1.2)  # inches: a square record is 1.2 tall
+    fig, axes = plt.subplots(2, n, figsize=(width, 0.8 + 2 * tall), squeeze=False)
     for k in range(n):
         for row, images in enumerate((originals, recon)):
             img = images[k]

@@ -12,7 +12,7 @@ import torch
 
 import fedguard
 from conftest import tiny_config
-from fedguard.audit import inversion
+from fedguard.audit import canary, inversion
 from fedguard.audit import runner as audit_runner
 
 ITERATIONS = 300
@@ -101,6 +101,20 @@ def test_a_wide_feature_map_is_inverted_scored_and_drawn_in_low_rows(tmp_path):
     # (square records get 0.8 + 2 * 1.2)
     assert picture.shape[1] == pytest.approx((4 * 1.2 + 0.6) * 120, abs=1)
     assert picture.shape[0] == pytest.approx(1.6 * 120, abs=1)
+
+
+def test_user_level_canary_clients_stay_out_of_the_mean_image(tmp_path, plain):
+    # canary clients hold stand-in copies of one real record (the first client's first, the
+    # attacked one here): were they counted, the mean image would be that record
+    canaries = 20
+    everyone = 4 + canary.included_count(canaries, 4)
+    row = _audit(
+        tmp_path,
+        "user_canaries",
+        server={"clients_per_round": everyone},
+        audit={"canaries": canaries, "canary_level": "user"},
+    )
+    assert row["mean_image_psnr"] == pytest.approx(plain["mean_image_psnr"])
 
 
 def test_labels_of_one_record_come_from_the_output_bias():

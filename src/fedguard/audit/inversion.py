@@ -44,6 +44,7 @@ from scipy.optimize import linear_sum_assignment
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fedguard.algorithms.privacy import accounting
+from fedguard.audit import canary
 from fedguard.audit.replay import RoundReplay
 from fedguard.audit.target import AuditedRun, AuditError
 from fedguard.client.data import ClientData
@@ -321,7 +322,10 @@ def audit(run: AuditedRun, png: Path, settings: InversionSettings) -> dict[str, 
     model = run.exp.model
     labels = recover_labels(model, update, settings.batch_size, run.exp.fed.num_classes)
     recon, cos = invert(model, params, update, labels, shape, value_range, settings)
-    others = [d.train_x for c, d in run.exp.fed.clients.items() if c != cid]
+    # user-level canary clients hold stand-in copies of one real record: not part of the prior
+    plan = run.exp.canaries
+    stand_ins = set(plan.clients) if plan is not None and plan.kind == canary.USER else set()
+    others = [d.train_x for c, d in run.exp.fed.clients.items() if c != cid and c not in stand_ins]
     mean_image = torch.cat(others).mean(dim=0) if others else None
     scored = score(attacked.train_x, recon, value_range, seed=settings.seed, mean_image=mean_image)
     ordered = recon[torch.tensor(scored["order"])]

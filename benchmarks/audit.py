@@ -10,7 +10,10 @@ trained with ``--audit-canaries`` canaries, then attacked with ``fedguard audit`
   weights, slow to train and to invert on 2 CPU cores) and without the example's perturbed
   copies of each recording (``data.augment_copies = 0``: local DP refuses them, since epsilon
   would cover one copy, not one recording; every protection trains on the same data); the
-  attacks see log-mel maps ``[1, 40, 101]`` where the medical example has images.
+  attacks see log-mel maps ``[1, 40, 101]`` where the medical example has images;
+* ``speech_brief``: the same with the example's own ``brief_speech_cnn``, whose dense layer
+  on the convolution's output gives the inversion far more to work with (measured without
+  protection only, ``--only none``).
 
 * ``canary``: the one-run empirical epsilon lower bound at 95% beside the accounted epsilon;
 * ``update`` (local DP): the same bound for one client's round-1 update as the server sees it,
@@ -84,6 +87,13 @@ TASKS = {
             "speech",
             ROOT / "examples" / "smart_home_speech" / "experiment.toml",
             ('model.name="speech_cnn"', "data.augment_copies=0"),
+            (),
+        ),
+        # The example's own model (4M weights, a dense layer on the conv features).
+        Task(
+            "speech_brief",
+            ROOT / "examples" / "smart_home_speech" / "experiment.toml",
+            ('model.name="brief_speech_cnn"', "data.augment_copies=0"),
             (),
         ),
     )

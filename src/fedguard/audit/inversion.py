@@ -254,7 +254,9 @@ def _grid(originals: np.ndarray, recon: np.ndarray, path: Path, title: str) -> N
     n = min(len(originals), MAX_PICTURES)
     width = max(1.2 * n + 0.6, 4.0)
     aspect = originals.shape[-2] / originals.shape[-1]  # a record's height over its width
-    tall = min((width - 0.6) / n * aspect, 1.2)  # inches: a square record is 1.2 tall
+    # inches: a square record is 1.2 tall, a wide one as tall as its aspect needs (at least 0.5)
+    tall = max(min((width - 0.6) / n * aspect, 1.2), 0.5)
+    labels = 10 if tall >= 0.9 else 7  # the rows' names fit beside a low row
     fig, axes = plt.subplots(2, n, figsize=(width, 0.8 + 2 * tall), squeeze=False)
     for k in range(n):
         for row, images in enumerate((originals, recon)):
@@ -267,8 +269,8 @@ def _grid(originals: np.ndarray, recon: np.ndarray, path: Path, title: str) -> N
             ax.set_xticks([])
             ax.set_yticks([])
         if k == 0:
-            axes[0][0].set_ylabel("original")
-            axes[1][0].set_ylabel("attack")
+            axes[0][0].set_ylabel("original", fontsize=labels)
+            axes[1][0].set_ylabel("attack", fontsize=labels)
     fig.suptitle(textwrap.fill(title, 60), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

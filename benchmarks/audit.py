@@ -2,25 +2,28 @@
 
 For each protection (none; record-level DP-SGD at each target epsilon; user-level central DP;
 secure aggregation without DP) and seed, one example (``--task``, one entry of :data:`TASKS`) is
-trained with ``--audit-canaries`` canaries, then attacked with ``fedguard audit``'s attacks:
+trained with ``--audit-canaries`` canaries:
 
 * ``medical`` (the default): the medical-imaging example, PneumoniaMNIST over 10 hospitals;
 * ``speech``: the smart-home speech example, FSDD spoken digits over 6 households, with the
   compact default model ``speech_cnn`` instead of the example's ``brief_speech_cnn`` (4M
-  weights, slow to train and to invert on 2 CPU cores) and without the example's perturbed
-  copies of each recording (``data.augment_copies = 0``: local DP refuses them, since epsilon
-  would cover one copy, not one recording; every protection trains on the same data); the
-  attacks see log-mel maps ``[1, 40, 101]`` where the medical example has images;
+  weights, slower to train and to invert) and without the example's perturbed copies of each
+  recording (``data.augment_copies = 0``: local DP refuses them, since epsilon would cover one
+  copy, not one recording; every protection trains on the same data); the attacks see log-mel
+  maps ``[1, 40, 101]`` where the medical example has images;
 * ``speech_brief``: the same with the example's own ``brief_speech_cnn``, whose dense layer
-  on the convolution's output gives the inversion far more to work with (measured without
-  protection only, ``--only none``).
+  on the convolution's output gives the inversion far more to work with (measured with
+  ``--only none central secagg``; local DP was not run on it).
+
+Each run is then attacked with ``fedguard audit``'s attacks:
 
 * ``canary``: the one-run empirical epsilon lower bound at 95% beside the accounted epsilon;
 * ``update`` (local DP): the same bound for one client's round-1 update as the server sees it,
   beside that one release's epsilon (:mod:`fedguard.audit.update_canary`);
 * ``membership``: offline LiRA (and the loss attack) on the final model: AUC, TPR at 1% FPR;
 * ``inversion``: gradient inversion of one client's update in round 1 for each batch size and
-  number of local steps, the median PSNR/SSIM over ``--targets`` attacked clients.
+  number of local steps, the median PSNR/SSIM over the attacked clients (``Scale.targets``, at
+  most the example's).
 
 Rows go to ``benchmarks/results/audit.json`` (``{"rows": [...]}``, the issue's schema: ``task``,
 ``attack``, ``protection``, ``target_epsilon``, ``accounted_epsilon``, ``seed`` and per attack
@@ -301,7 +304,7 @@ def audit_one(
     for b in scale.batch_sizes:
         for steps in scale.local_steps:
             per_target = []
-            for client in range(scale.targets):
+            for client in range(min(scale.targets, run.cfg.data.num_clients)):
                 s = inversion.InversionSettings(
                     client=client, batch_size=b, local_steps=steps, iterations=scale.iterations
                 )

@@ -4,29 +4,34 @@ better than random images; under secure aggregation the attacker works on the su
 
 from __future__ import annotations
 
+import math
+
+import matplotlib.image
 import pytest
 import torch
 
 import fedguard
 from conftest import tiny_config
-from fedguard.audit import inversion
+from fedguard.audit import canary, inversion
 from fedguard.audit import runner as audit_runner
 
 ITERATIONS = 300
 
 
-def _audit(tmp_path, name: str, **sections) -> dict:
-    """A one-round logistic-regression run on 8x8 synthetic images, then the inversion of
-    client 0's one-image, one-step update in round 1."""
+def _audit(
+    tmp_path, name: str, shape: tuple[int, ...] = (1, 8, 8), batch_size: int = 1, **sections
+) -> dict:
+    """A one-round logistic-regression run on synthetic records of ``shape`` (8x8 images),
+    then the inversion of client 0's one-step update of ``batch_size`` records in round 1."""
     cfg = tiny_config(
         experiment={"rounds": 1, "seed": 4},
-        data={"num_clients": 4, "synthetic_samples": 200, "synthetic_shape": [1, 8, 8]},
+        data={"num_clients": 4, "synthetic_samples": 200, "synthetic_shape": list(shape)},
         client={"epochs": 1, "batch_size": 16, "lr": 0.1, "max_steps": 2},
         **sections,
     )
     out = tmp_path / name
     fedguard.run(cfg, out=out, progress=False)
-    settings = inversion.InversionSettings(client=0, iterations=ITERATIONS)
+    settings = inversion.InversionSettings(client=0, batch_size=batch_size, iterations=ITERATIONS)
     report = audit_runner.audit(
         out, ["inversion"], options=audit_runner.AuditOptions(inversion=settings)
     )
@@ -82,6 +87,34 @@ def test_under_secure_aggregation_the_attacker_has_only_the_sum(tmp_path, plain)
     assert row["protection"] == "secagg" and row["observed"] == "the sum of 4 updates"
     assert row["psnr"] < plain["psnr"] - 20.0
     assert (tmp_path / "secagg" / "audit" / "inversion.png").stat().st_size > 5_000
+
+
+@pytest.mark.plots  # its pictures are drawn (conftest)
+def test_a_wide_feature_map_is_inverted_scored_and_drawn_in_low_rows(tmp_path):
+    # records 4 high and 12 wide, like a spectrogram's mel bands by frames (speech: 40 x 101)
+    row = _audit(tmp_path, "wide", shape=(1, 4, 12), batch_size=4, server={"clients_per_round": 4})
+    assert row["batch_size"] == 4 and len(row["psnr_each"]) == 4
+    assert all(math.isfinite(v) for v in [*row["psnr_each"], *row["ssim_each"]])
+    assert row["psnr"] > row["baseline_psnr"]
+    picture = matplotlib.image.imread(tmp_path / "wide" / "audit" / "inversion.png")
+    # 4 columns 1.2 inches wide and rows a third of that tall, at least 0.5 inches: 0.8 + 2 * 0.5
+    # inches at 120 dpi (square records get 0.8 + 2 * 1.2)
+    assert picture.shape[1] == pytest.approx((4 * 1.2 + 0.6) * 120, abs=1)
+    assert picture.shape[0] == pytest.approx(1.8 * 120, abs=1)
+
+
+def test_user_level_canary_clients_stay_out_of_the_mean_image(tmp_path, plain):
+    # canary clients hold stand-in copies of one real record (the first client's first, the
+    # attacked one here): were they counted, the mean image would be that record
+    canaries = 20
+    everyone = 4 + canary.included_count(canaries, 4)
+    row = _audit(
+        tmp_path,
+        "user_canaries",
+        server={"clients_per_round": everyone},
+        audit={"canaries": canaries, "canary_level": "user"},
+    )
+    assert row["mean_image_psnr"] == pytest.approx(plain["mean_image_psnr"])
 
 
 def test_labels_of_one_record_come_from_the_output_bias():

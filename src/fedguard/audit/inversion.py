@@ -44,6 +44,7 @@ from scipy.optimize import linear_sum_assignment
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fedguard.algorithms.privacy import accounting
+from fedguard.audit import canary
 from fedguard.audit.replay import RoundReplay
 from fedguard.audit.target import AuditedRun, AuditError
 from fedguard.client.data import ClientData
@@ -247,9 +248,16 @@ def score(
 
 
 def _grid(originals: np.ndarray, recon: np.ndarray, path: Path, title: str) -> None:
-    """Originals (top row) over their reconstructions (bottom row), at most 16 columns."""
+    """Originals (top row) over their reconstructions (bottom row), at most 16 columns; the rows
+    are as tall as the records' aspect needs (a wide feature map, such as a spectrogram of 40
+    bands by 101 frames, gets low rows instead of blank space)."""
     n = min(len(originals), MAX_PICTURES)
-    fig, axes = plt.subplots(2, n, figsize=(max(1.2 * n + 0.6, 4.0), 3.2), squeeze=False)
+    width = max(1.2 * n + 0.6, 4.0)
+    aspect = originals.shape[-2] / originals.shape[-1]  # a record's height over its width
+    # inches: a square record is 1.2 tall, a wide one as tall as its aspect needs (at least 0.5)
+    tall = max(min((width - 0.6) / n * aspect, 1.2), 0.5)
+    labels = 10 if tall >= 0.9 else 7  # the rows' names fit beside a low row
+    fig, axes = plt.subplots(2, n, figsize=(width, 0.8 + 2 * tall), squeeze=False)
     for k in range(n):
         for row, images in enumerate((originals, recon)):
             img = images[k]
@@ -261,8 +269,8 @@ def _grid(originals: np.ndarray, recon: np.ndarray, path: Path, title: str) -> N
             ax.set_xticks([])
             ax.set_yticks([])
         if k == 0:
-            axes[0][0].set_ylabel("original")
-            axes[1][0].set_ylabel("attack")
+            axes[0][0].set_ylabel("original", fontsize=labels)
+            axes[1][0].set_ylabel("attack", fontsize=labels)
     fig.suptitle(textwrap.fill(title, 60), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -316,7 +324,10 @@ def audit(run: AuditedRun, png: Path, settings: InversionSettings) -> dict[str, 
     model = run.exp.model
     labels = recover_labels(model, update, settings.batch_size, run.exp.fed.num_classes)
     recon, cos = invert(model, params, update, labels, shape, value_range, settings)
-    others = [d.train_x for c, d in run.exp.fed.clients.items() if c != cid]
+    # user-level canary clients hold stand-in copies of one real record: not part of the prior
+    plan = run.exp.canaries
+    stand_ins = set(plan.clients) if plan is not None and plan.kind == canary.USER else set()
+    others = [d.train_x for c, d in run.exp.fed.clients.items() if c != cid and c not in stand_ins]
     mean_image = torch.cat(others).mean(dim=0) if others else None
     scored = score(attacked.train_x, recon, value_range, seed=settings.seed, mean_image=mean_image)
     ordered = recon[torch.tensor(scored["order"])]

@@ -70,7 +70,7 @@ def homomorphic_sum(
         raise ValueError("A verified HE round needs the clients' registered identities.")
     params = settings.params
     length = dim + 1
-    ledger = RoundLedger(round_, len(sampled), "HE")
+    ledger = RoundLedger(round_, len(sampled), "HE", verb="excluded")
     fp = settings.fixed_point(len(sampled)) if settings.scheme == he.BFV else None
     requests = {cid: messages.encode(encrypt_request(cid)) for cid in sampled}
     ledger.bytes_down += sum(len(p) for p in requests.values())

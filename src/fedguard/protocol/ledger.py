@@ -35,6 +35,7 @@ class RoundLedger:
     round: int
     sampled: int
     protocol: str
+    verb: str = "dropped"  # how the log says a client was left out ("dropped", "excluded")
     bytes_up: int = 0
     bytes_down: int = 0
     rejected: int = 0
@@ -48,11 +49,12 @@ class RoundLedger:
         self.rejected += rejected
         self.problems.append((client_id, f"{name}: {reason}"))
         log.warning(
-            "round %d: %s %s: client %d left out: %s",
+            "round %d: %s %s: client %d %s: %s",
             self.round,
             self.protocol,
             name,
             client_id,
+            self.verb,
             reason,
         )
 

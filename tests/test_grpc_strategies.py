@@ -234,21 +234,33 @@ def _restart(fed: Federation, cid: int, marker: Path, states: Path, *, code: int
     fed.start_client(cid, state_dir=states / f"client-{cid}")
 
 
-def test_a_deployed_clients_ditto_model_survives_its_restart(tmp_path) -> None:
-    """Client 1 stops after answering round 1 and starts again over its --state-dir: its
-    round-1 personal model is evaluated and trained on in round 2 as if it had not stopped."""
-    config = _config(tmp_path, DITTO)
-    states = tmp_path / "states"
+def _run_restarting_client_1(
+    config: Any, tmp_path: Any, states: Any, behaviour: Any, *, code: int
+) -> tuple[Federation, Any]:
+    """A deployed run whose clients keep state under ``states``; client 1 behaves as
+    ``behaviour``, exits with ``code`` and is started again over its state folder. Returns
+    the federation (stopped) and client 1's marker file."""
     fed = Federation(config, tmp_path / "deployed", make_security(tmp_path / "sec", range(CLIENTS)))
     try:
         fed.start_server()
         for cid in (0, 2):
             fed.start_client(cid, state_dir=states / f"client-{cid}")
-        marker = fed.start_client(1, Behaviour.STOP_AFTER_ROUND_1, states / "client-1")
-        _restart(fed, 1, marker, states, code=0)
+        marker = fed.start_client(1, behaviour, states / "client-1")
+        _restart(fed, 1, marker, states, code=code)
         _finish(fed)
     finally:
         fed.stop()
+    return fed, marker
+
+
+def test_a_deployed_clients_ditto_model_survives_its_restart(tmp_path) -> None:
+    """Client 1 stops after answering round 1 and starts again over its --state-dir: its
+    round-1 personal model is evaluated and trained on in round 2 as if it had not stopped."""
+    config = _config(tmp_path, DITTO)
+    states = tmp_path / "states"
+    fed, marker = _run_restarting_client_1(
+        config, tmp_path, states, Behaviour.STOP_AFTER_ROUND_1, code=0
+    )
     assert marker.read_text() == "stopped"
     simulated = tmp_path / "simulated"
     fedguard.run(config, out=simulated, progress=False)
@@ -277,16 +289,9 @@ def test_a_client_that_vanishes_after_training_answers_its_task_again_as_before(
     ``h`` or ``c`` and its record), the clients' committed and pending states included."""
     config = _config(tmp_path, {"server": server})
     states = tmp_path / "states"
-    fed = Federation(config, tmp_path / "deployed", make_security(tmp_path / "sec", range(CLIENTS)))
-    try:
-        fed.start_server()
-        for cid in (0, 2):
-            fed.start_client(cid, state_dir=states / f"client-{cid}")
-        marker = fed.start_client(1, Behaviour.VANISH_AFTER_TRAINING_1, states / "client-1")
-        _restart(fed, 1, marker, states, code=17)
-        _finish(fed)
-    finally:
-        fed.stop()
+    fed, marker = _run_restarting_client_1(
+        config, tmp_path, states, Behaviour.VANISH_AFTER_TRAINING_1, code=17
+    )
     assert marker.read_text() == "vanished"
     fedguard.run(config, out=tmp_path / "simulated", progress=False)
     _assert_same_runs(fed, tmp_path / "simulated")

@@ -22,7 +22,7 @@ import torch
 from conftest import tiny_config
 from fedguard.client.data import ClientData
 from fedguard.data import registry, synthetic
-from fedguard.data.dataset import DatasetSplits, OnDemandDataset
+from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset, OnDemandDataset
 from fedguard.data.errors import DataError
 from fedguard.experiment import config, federation
 from fedguard.experiment.assembly import Experiment
@@ -242,3 +242,20 @@ def test_on_demand_data_is_checked_and_refused_elsewhere() -> None:
         registry.load_dataset(
             "breast_cancer", path=None, seed=0, test_fraction=0.2, synthetic_on_demand=True
         )
+
+
+def test_a_federated_data_set_may_hold_on_demand_clients() -> None:
+    """A data function's natural partition may give clients on-demand training sets."""
+    source = _pair(True)
+    assert isinstance(source.train, OnDemandDataset)
+
+    def sites() -> FederatedDataset:
+        clients = {f"site_{k}": source.train.subset(np.arange(k, 600, 6)) for k in range(6)}
+        return FederatedDataset(clients, ArrayDataset(source.test.x, source.test.y), 3)
+
+    fed = federation.build_federation(config.validate(tiny_config()), sites)
+    assert fed.client_names == [f"site_{k}" for k in range(6)]
+    assert all(d.on_demand and d.num_train == 100 for d in fed.clients.values())
+    np.testing.assert_array_equal(
+        fed.clients[2].train_x.numpy(), source.train.rows(np.arange(2, 600, 6))
+    )

@@ -161,9 +161,9 @@ def test_federation_on_demand_matches_the_held_partition(eval_fraction: float) -
 
 
 def test_ten_thousand_clients_hold_labels_only() -> None:
-    """10,000 clients of 32 1x28x28 images: built on demand, the federation allocates a few MB
-    (labels, indices and the 3,200-image test set), not the 1.0 GB the images would take; a
-    client's images exist once it reads them."""
+    """10,000 clients of 32 1x28x28 images: built on demand, the federation allocates under
+    40 MiB (measured: 28; labels, sample indices, 10,000 client objects and the 3,200-image test
+    set), not the 1.0 GB the images would take; a client's images exist once it reads them."""
     cfg = _cfg(
         num_clients=10_000,
         synthetic_samples=320_000,

@@ -20,7 +20,9 @@ synthetic client data of the seed image CNN (``image_cnn``, 1x28x28, 10 classes)
 
 Workloads (``WORKLOADS``): W1 100 clients x 600 examples, 10 a round, batch 32; W2 1,000 clients
 x 64 examples, 100 a round, batch 16; W3 (cross-device) 10,000 clients x 32 examples, 1,000 a
-round, batch 16.
+round, batch 16. W3's fedguard rows make each client's images when it trains
+(``data.synthetic_on_demand``, ``ON_DEMAND``): the driver holds their labels, not 1.0 GB of
+images.
 
 A row: ``s_per_round`` is the median of the timed rounds (``samples_s``, all of them) after one
 untimed warm-up round; ``clients_per_s`` is the clients a round trains over that median;
@@ -62,6 +64,8 @@ WORKLOADS: dict[str, dict[str, int]] = {
     "W2": {"num_clients": 1000, "samples": 64, "per_round": 100, "batch_size": 16},
     "W3": {"num_clients": 10_000, "samples": 32, "per_round": 1000, "batch_size": 16},
 }
+# workloads whose synthetic clients make their images on demand (data.synthetic_on_demand)
+ON_DEMAND = frozenset({"W3"})
 FEDGUARD_ENGINES = ("inprocess", "ray", "cohort", "ray+cohort")
 ENGINES = (*FEDGUARD_ENGINES, "floor", "peak", "flower", "flower_1cpu")
 
@@ -152,6 +156,7 @@ def fedguard_config(workload: str, engine: str, rounds: int, cores: int) -> dict
             "synthetic_shape": list(SHAPE),
             "synthetic_classes": CLASSES,
             "test_fraction": 0.01,
+            **({"synthetic_on_demand": True} if workload in ON_DEMAND else {}),
         },
         "model": {"name": "image_cnn", "framework": "torch"},
         "client": {

@@ -15,12 +15,14 @@ import pytest
 import torch
 from torch import nn
 
+from fedguard.algorithms.optimizers import aggregation
 from fedguard.algorithms.optimizers import server as so
 from fedguard.client import training
 from fedguard.client.app import ClientApp
 from fedguard.client.data import ClientData
 from fedguard.models.adapter import TorchModel
 from fedguard.protocol import fedopt, messages
+from fedguard.protocol.aggregator import Mean
 from fedguard.protocol.driver import RoundDriver
 from fedguard.protocol.strategy import StrategyKind
 from fedguard.simulation.inprocess import InProcessTransport
@@ -340,3 +342,37 @@ def test_fedprox_keeps_its_mu_and_others_zero_it() -> None:
     fedavg = fedopt.create(StrategyKind.FEDAVG, client_config=config, num_clients=1)
     assert fedprox.fit_instructions(fedprox.init(X0))[0]["proximal_mu"] == 0.25
     assert fedavg.fit_instructions(fedavg.init(X0))[0]["proximal_mu"] == 0.0
+
+
+def test_the_mean_adds_replies_without_stacking_them_to_the_same_bits() -> None:
+    """FedAvg's built-in mean takes the replies' updates one by one (no [K, D] stack of the
+    cohort); the result is bit for bit the mean of their stack. A subclass of the mean, which may
+    override ``aggregate``, still gets the stack."""
+    generator = torch.Generator().manual_seed(3)
+    updates = torch.randn(7, 50, generator=generator)
+    sizes = [3, 10, 1, 7, 7, 2, 40]
+    replies = [
+        messages.FitReply(1, cid, updates[cid].clone(), num_examples=n)
+        for cid, n in enumerate(sizes)
+    ]
+    params = torch.randn(50, generator=generator)
+    strategy = fedopt.create(StrategyKind.FEDAVG, client_config={}, num_clients=7)
+    _, new_params, left_out = strategy.aggregate_reporting(
+        strategy.init(params), params, replies, round_=1
+    )
+    expected = aggregation.weighted_mean(updates, torch.tensor([float(n) for n in sizes]))
+    assert torch.equal(new_params, params + expected) and left_out is None
+
+    seen: list[torch.Tensor] = []
+
+    class Recorded(Mean):
+        def aggregate(self, updates, weights, *, state, context):  # type: ignore[no-untyped-def]
+            seen.append(updates)
+            return super().aggregate(updates, weights, state=state, context=context)
+
+    recorded = fedopt.create(
+        StrategyKind.FEDAVG, client_config={}, num_clients=7, aggregator=Recorded()
+    )
+    _, same, _ = recorded.aggregate_reporting(recorded.init(params), params, replies, round_=1)
+    assert torch.equal(same, new_params)
+    assert len(seen) == 1 and torch.equal(seen[0], updates)

@@ -343,6 +343,7 @@ class ClientApp:
         to the training an engine already ran for this round, e.g. the cohort engine's) instead
         of training; entries not used are dropped at the end."""
         self._pretrained = dict(results)
+        del results  # fit pops each entry it uses: nothing here keeps a used one alive
         try:
             yield
         finally:

@@ -1,14 +1,19 @@
-"""In-memory data sets: the one shape every loader returns and every client trains on.
+"""Data sets: the one shape every loader returns and every client trains on.
 
 A data set is a pair of arrays, features ``x`` (``float32``, channels-first for images) and integer
 labels ``y``, plus an optional ``groups`` column that names the natural owner of each sample
 (a speaker, a hospital) for the natural partition. Clients hold index slices of the training set,
 never copies made per round.
+
+A training set too large to hold can be an :class:`OnDemandDataset` instead: its labels are held,
+its features made from sample indices when a client reads them (``data.synthetic_on_demand``
+makes the synthetic set this way), so a federation of many clients holds only labels.
 """
 
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,10 +43,77 @@ class ArrayDataset:
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample's features (without the batch axis)."""
+        return tuple(int(d) for d in self.x.shape[1:])
+
     def subset(self, indices: np.ndarray) -> ArrayDataset:
         """The samples at ``indices``, in that order."""
         groups = None if self.groups is None else self.groups[indices]
         return ArrayDataset(self.x[indices], self.y[indices], groups)
+
+
+# ``make(indices)``: the float32 features ``[n, *sample_shape]`` of the samples ``indices [n]``.
+RowMaker = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class OnDemandDataset:
+    """A training set whose features are made when asked for, never held: labels ``y [N]`` (and
+    ``groups``) are held; ``make(indices)`` returns the features of the samples ``indices``.
+
+    ``make`` must give a sample the same values on every call, whatever other samples it is asked
+    for with, and should be picklable (another process may rebuild a client's features).
+    ``index`` names which of ``make``'s samples the rows of this set are (None: row ``i`` is
+    sample ``i``), so a subset is a new index array, not a copy of features.
+    """
+
+    make: RowMaker
+    y: np.ndarray
+    sample_shape: tuple[int, ...]
+    groups: np.ndarray | None = None
+    index: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.groups is not None and self.groups.shape[0] != self.y.shape[0]:
+            raise ValueError(
+                f"Groups and labels differ in length: {self.groups.shape[0]} vs {self.y.shape[0]}."
+            )
+        if self.index is not None and self.index.shape[0] != self.y.shape[0]:
+            raise ValueError(
+                f"Index and labels differ in length: {self.index.shape[0]} vs {self.y.shape[0]}."
+            )
+
+    def __len__(self) -> int:
+        return int(self.y.shape[0])
+
+    def subset(self, indices: np.ndarray) -> OnDemandDataset:
+        """The samples at ``indices``, in that order; no features are made."""
+        indices = np.asarray(indices, dtype=np.int64)
+        groups = None if self.groups is None else self.groups[indices]
+        index = indices if self.index is None else self.index[indices]
+        return OnDemandDataset(self.make, self.y[indices], self.sample_shape, groups, index)
+
+    def rows(self, positions: np.ndarray | None = None) -> np.ndarray:
+        """The features ``[n, *sample_shape]`` of this set's rows at ``positions`` (default:
+        every row), made now."""
+        rows = np.arange(len(self)) if positions is None else np.asarray(positions, np.int64)
+        samples = rows if self.index is None else self.index[rows]
+        x = np.asarray(self.make(samples), dtype=np.float32)
+        if x.shape != (len(samples), *self.sample_shape):
+            raise ValueError(
+                f"The row maker returned features of shape {x.shape} for {len(samples)} samples "
+                f"of shape {self.sample_shape}."
+            )
+        return x
+
+    def materialise(self) -> ArrayDataset:
+        """Every row's features made and held: the same data as an :class:`ArrayDataset`."""
+        return ArrayDataset(self.rows(), self.y, self.groups)
+
+
+TrainingSet = ArrayDataset | OnDemandDataset
 
 
 @dataclass(frozen=True)
@@ -49,7 +121,7 @@ class DatasetSplits:
     """A loaded data set: train (partitioned over clients), optional validation, and test."""
 
     name: str
-    train: ArrayDataset
+    train: TrainingSet
     test: ArrayDataset
     num_classes: int
     val: ArrayDataset | None = None
@@ -59,7 +131,7 @@ class DatasetSplits:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample's features (without the batch axis)."""
-        return tuple(int(d) for d in self.train.x.shape[1:])
+        return self.train.sample_shape
 
 
 @dataclass(frozen=True)
@@ -67,10 +139,11 @@ class FederatedDataset:
     """Data that is already split by owner: one training set per named client, plus a test set.
 
     Return this from your own data function when the partition is natural (hospitals, speakers);
-    return :class:`DatasetSplits` instead to let fedguard partition a pooled training set.
+    return :class:`DatasetSplits` instead to let fedguard partition a pooled training set. A
+    client's training set may be an :class:`OnDemandDataset`.
     """
 
-    clients: dict[str, ArrayDataset]
+    clients: dict[str, TrainingSet]
     test: ArrayDataset
     num_classes: int
     val: ArrayDataset | None = None
@@ -110,12 +183,38 @@ def check_arrays(
             return
         raise DataError(f"{what}: holds no samples")
     if x.dtype.kind == "f":
-        bad = ~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
-        if bad.any():
-            raise DataError(
-                f"{what}: the features of {int(bad.sum())} sample(s) hold NaN or infinite values "
-                f"(the first is sample {int(np.argmax(bad))})"
-            )
+        _check_finite(x, what)
+    _check_label_values(y, num_classes, what)
+
+
+def check_on_demand(d: OnDemandDataset, *, num_classes: int, what: str) -> None:
+    """:func:`check_arrays` for an :class:`OnDemandDataset`: every label, and the features of
+    its first sample (made now: the others are made when a client reads them, by the same code)."""
+    check_arrays(d.rows(np.arange(min(1, len(d)))), d.y[:1], num_classes=num_classes, what=what)
+    _check_label_values(np.asarray(d.y), num_classes, what)
+
+
+_FINITE_ROWS = 4096  # rows checked at once: bounds the temporary of a large training set
+
+
+def _check_finite(x: np.ndarray, what: str) -> None:
+    """Refuse features with NaN or infinite values, naming how many samples hold them."""
+    flat = x.reshape(x.shape[0], -1)
+    bad = np.concatenate(
+        [
+            ~np.isfinite(flat[start : start + _FINITE_ROWS]).all(axis=1)
+            for start in range(0, flat.shape[0], _FINITE_ROWS)
+        ]
+    )
+    if bad.any():
+        raise DataError(
+            f"{what}: the features of {int(bad.sum())} sample(s) hold NaN or infinite values "
+            f"(the first is sample {int(np.argmax(bad))})"
+        )
+
+
+def _check_label_values(y: np.ndarray, num_classes: int, what: str) -> None:
+    """Refuse labels that are not whole numbers in ``0 .. num_classes - 1`` (``y`` non-empty)."""
     if y.dtype.kind == "f":
         if not np.isfinite(y).all() or (y != np.round(y)).any():
             raise DataError(f"{what}: the labels must be whole numbers (class indices)")

@@ -46,6 +46,7 @@ def load_dataset(
     synthetic_samples: int | None = None,
     input_shape: tuple[int, ...] | None = None,
     num_classes: int | None = None,
+    synthetic_on_demand: bool = False,
     augment_copies: int = 0,
     validation: bool = False,
     feature_norm: str = "utterance",
@@ -58,7 +59,8 @@ def load_dataset(
     split (``breast_cancer``) and, for ``synthetic``, the test size as a fraction of
     ``synthetic_samples`` (at least one sample). ``synthetic_samples``, ``input_shape`` and
     ``num_classes`` configure ``synthetic`` only and default to 10,000 samples of shape
-    ``(1, 28, 28)`` in 10 classes. ``augment_copies`` adds speed/pitch-perturbed copies of
+    ``(1, 28, 28)`` in 10 classes; ``synthetic_on_demand`` makes its training features when
+    clients read them instead of holding them (:mod:`fedguard.data.synthetic`). ``augment_copies`` adds speed/pitch-perturbed copies of
     each training recording (``fsdd`` only). ``validation`` asks data sets without an official
     validation split (``fsdd``) to hold one out of their training data. ``feature_norm``
     (``fsdd`` only) is ``"utterance"`` or ``"band"`` (see ``fedguard.data.audio_features``).
@@ -69,6 +71,11 @@ def load_dataset(
         raise DataError(
             f"augment_copies is an option of the fsdd audio data set, not of {name!r}: "
             "use client.augment for training-time augmentation."
+        )
+    if synthetic_on_demand and name != "synthetic":
+        raise DataError(
+            f"synthetic_on_demand is an option of the synthetic data set, not of {name!r}: a "
+            "data function can return an OnDemandDataset (fedguard.data.dataset) instead."
         )
     if (feature_norm != "utterance" or audio) and name != "fsdd":
         raise DataError(
@@ -88,6 +95,7 @@ def load_dataset(
             num_classes=_or(num_classes, SYNTHETIC_CLASSES),
             seed=seed,
             test_samples=max(1, round(num_samples * test_fraction)),
+            on_demand=synthetic_on_demand,
         )
     if name == "fsdd":
         with _reading(name, _path(name, path)):

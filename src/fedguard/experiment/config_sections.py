@@ -73,6 +73,8 @@ class DataSection(_Section):
     synthetic_samples: int = Field(10_000, ge=1)
     synthetic_shape: tuple[int, ...] = (1, 28, 28)
     synthetic_classes: int = Field(10, ge=2)
+    # make each training sample's features when a client reads them (labels only are held)
+    synthetic_on_demand: bool = False
 
 
 class ModelSection(_Section):

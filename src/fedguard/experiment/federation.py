@@ -16,7 +16,15 @@ from fedguard.algorithms.robust import base as robust_base
 from fedguard.client.data import ClientData
 from fedguard.data import partition as partitioners
 from fedguard.data import registry
-from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset, check_arrays
+from fedguard.data.dataset import (
+    ArrayDataset,
+    DatasetSplits,
+    FederatedDataset,
+    OnDemandDataset,
+    TrainingSet,
+    check_arrays,
+    check_on_demand,
+)
 from fedguard.data.errors import DataError
 from fedguard.experiment.config import ConfigError, DataSection, ExperimentConfig
 from fedguard.experiment.plugin_context import PluginContext
@@ -50,23 +58,47 @@ def _tensor(d: ArrayDataset) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+@dataclass(frozen=True)
+class OnDemandRows:
+    """A client's features made from its part of an :class:`OnDemandDataset` on every call
+    (:class:`~fedguard.client.data.Rows`): the client holds its labels and sample indices only."""
+
+    data: OnDemandDataset
+
+    def __call__(self) -> torch.Tensor:
+        return torch.from_numpy(self.data.rows())
+
+
 def _client_data(
-    d: ArrayDataset,
+    d: TrainingSet,
     eval_fraction: float,
     rng: np.random.Generator,
     share: tuple[torch.Tensor, torch.Tensor],
 ) -> ClientData:
     """A client's tensors: its partition and its held-out data, the ``eval_fraction`` of its
     partition kept out of training (its own) or, when it keeps none (:func:`holds_out`), its
-    ``share`` of the evaluation split (not its own: no personal model is evaluated on it)."""
-    x, y = _tensor(d)
+    ``share`` of the evaluation split (not its own: no personal model is evaluated on it).
+    A part of an :class:`OnDemandDataset` stays on demand (its features made when read)."""
     n = len(d)
     k = int(round(eval_fraction * n))
+    if isinstance(d, OnDemandDataset):
+        y = torch.from_numpy(np.ascontiguousarray(d.y, dtype=np.int64))
+        if not holds_out(n, eval_fraction):
+            return ClientData(OnDemandRows(d), y, *share, own_eval=False)
+        order = rng.permutation(n)
+        held, kept = order[:k], order[k:]
+        return ClientData(
+            OnDemandRows(d.subset(kept)),
+            y[torch.from_numpy(kept)],
+            OnDemandRows(d.subset(held)),
+            y[torch.from_numpy(held)],
+        )
+    x, y = _tensor(d)
     if not holds_out(n, eval_fraction):
         return ClientData(x, y, *share, own_eval=False)
-    order = torch.from_numpy(rng.permutation(n))
-    held, kept = order[:k], order[k:]
-    return ClientData(x[kept], y[kept], x[held], y[held])
+    permutation = torch.from_numpy(rng.permutation(n))
+    held_t, kept_t = permutation[:k], permutation[k:]
+    return ClientData(x[kept_t], y[kept_t], x[held_t], y[held_t])
 
 
 def holds_out(n: int, eval_fraction: float) -> bool:
@@ -108,6 +140,7 @@ def load_data(
             synthetic_samples=d.synthetic_samples,
             input_shape=tuple(d.synthetic_shape),
             num_classes=d.synthetic_classes,
+            synthetic_on_demand=d.synthetic_on_demand,
             augment_copies=d.augment_copies,
             feature_norm=d.feature_norm,
             audio=audio_settings(d),
@@ -138,15 +171,18 @@ def check_data(loaded: DatasetSplits | FederatedDataset, source: str) -> None:
     shape = None
     for what, d in splits:
         try:
-            check_arrays(d.x, d.y, num_classes=int(k), what=what)
+            if isinstance(d, OnDemandDataset):
+                check_on_demand(d, num_classes=int(k), what=what)
+            else:
+                check_arrays(d.x, d.y, num_classes=int(k), what=what)
         except DataError as exc:
             raise ConfigError(f"{source}: {exc}") from None
         if shape is None:
-            shape = d.x.shape[1:]
-        elif d.x.shape[1:] != shape:
+            shape = d.sample_shape
+        elif d.sample_shape != shape:
             raise ConfigError(
-                f"{source}: {what} has samples of shape {tuple(d.x.shape[1:])} but "
-                f"{splits[0][0]} has {tuple(shape)}"
+                f"{source}: {what} has samples of shape {d.sample_shape} but "
+                f"{splits[0][0]} has {shape}"
             )
 
 
@@ -194,7 +230,7 @@ def build_federation(cfg: ExperimentConfig, data_fn: DataFn | None = None) -> Fe
     }
     histogram = [np.bincount(p.y, minlength=num_classes).astype(int).tolist() for p in parts_data]
     eval_groups = None if test.groups is None else [str(g) for g in test.groups]
-    input_shape = tuple(int(s) for s in parts_data[0].x.shape[1:])
+    input_shape = parts_data[0].sample_shape
     return Federation(
         clients,
         names,
@@ -305,7 +341,7 @@ def poison_data(
 
 def _partition(
     cfg: ExperimentConfig, splits: DatasetSplits, rng: np.random.Generator
-) -> tuple[list[ArrayDataset], list[str]]:
+) -> tuple[list[TrainingSet], list[str]]:
     d = cfg.data
     train = splits.train
     try:

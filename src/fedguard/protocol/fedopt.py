@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from fedguard.algorithms import robust, seeding
-from fedguard.algorithms.optimizers import committed, feddyn, fednova, newton, scaffold
+from fedguard.algorithms.optimizers import aggregation, committed, feddyn, fednova, newton, scaffold
 from fedguard.algorithms.optimizers import server as server_optimizers
 from fedguard.protocol import features, messages, robust_rules
 from fedguard.protocol.aggregator import Aggregator, LeftOut, Mean, RoundContext
@@ -135,12 +135,17 @@ class FedOpt(Strategy):
         context = RoundContext(
             round_, params, seeding.generator(self.seed, round_, AGGREGATOR_STREAM)
         )
-        rule_state, delta, report = rule.aggregate_reporting(
-            torch.stack([r.update for r in replies]),
-            weights,
-            state=current.aggregator,
-            context=context,
-        )
+        updates = [r.update for r in replies]
+        if type(rule) is Mean:
+            # The built-in mean adds the updates one by one, as Mean.aggregate does with their
+            # [K, D] stack, without making it: 0.5 GB for 1,000 clients of a 0.5 MB model.
+            # Any other rule gets the stack its API promises.
+            rule_state, delta = current.aggregator, aggregation.weighted_mean(updates, weights)
+            report = None
+        else:
+            rule_state, delta, report = rule.aggregate_reporting(
+                torch.stack(updates), weights, state=current.aggregator, context=context
+            )
         new_state, new_params = self.step(replace(current, aggregator=rule_state), params, delta)
         left_out = None if report is None else report.by_client([r.client_id for r in replies])
         return new_state, new_params, left_out

@@ -104,7 +104,12 @@ class CohortTransport(Transport):
         pretrained, shares = self._train(decoded)
         outcomes: list[Outcome] = []
         with self.app.pretrained(pretrained):
-            for client_id, task in decoded.items():
+            # The app drops each result once it answers with it, and each task is dropped once
+            # answered, so that a round's tasks, results and encoded replies (each a model's size
+            # per client: 0.5 GB apiece for 1,000 clients of a 0.5 MB model) are not all held.
+            del pretrained
+            for client_id in list(decoded):
+                task = decoded.pop(client_id)
                 start = self._clock()
                 try:
                     if isinstance(task, Exception):

@@ -92,6 +92,7 @@ a stopped benchmark keeps what it finished; ``rows`` are derived from ``runs`` a
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -102,6 +103,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from digits_task import digits_data as _digits_data
+from digits_task import mlp
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -165,43 +168,8 @@ GRIDS: dict[str, dict[str, tuple[str, tuple[float, ...]]]] = {
 }
 CLIENT_EVAL_FRACTION = 0.2  # personalisation: each client's held-out share of its own data
 DIGITS_VALIDATION = 150
-
-
-def digits_data():
-    """scikit-learn's 8x8 digits as [N, 1, 8, 8] images in [0, 1]: a stratified 25% test split,
-    150 validation images (the tuning split, never on a client) and the training rest."""
-    from sklearn import datasets
-    from sklearn.model_selection import train_test_split
-
-    from fedguard.data.dataset import ArrayDataset, DatasetSplits
-
-    bunch = datasets.load_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[:, None]
-    y = bunch.target.astype(np.int64)
-    x_rest, x_te, y_rest, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    x_tr, x_va, y_tr, y_va = train_test_split(
-        x_rest, y_rest, test_size=DIGITS_VALIDATION, random_state=0, stratify=y_rest
-    )
-    return DatasetSplits(
-        "digits",
-        ArrayDataset(x_tr, y_tr),
-        ArrayDataset(x_te, y_te),
-        10,
-        val=ArrayDataset(x_va, y_va),
-        class_names=tuple(str(c) for c in range(10)),
-    )
-
-
-def mlp(input_shape: tuple[int, ...], num_classes: int):
-    """Flatten, 64 -> 32 ReLU -> classes (the digits model of the robustness benchmark)."""
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(int(np.prod(input_shape)), 32),
-        nn.ReLU(),
-        nn.Linear(32, num_classes),
-    )
+# the digits with a validation split for tuning (no client holds it)
+digits_data = functools.partial(_digits_data, DIGITS_VALIDATION)
 
 
 def _set(cfg: dict[str, Any], key: str, value: Any) -> None:

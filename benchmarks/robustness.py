@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from digits_task import digits_data, mlp
 
 from fedguard.algorithms import attacks, robust
 
@@ -88,38 +89,6 @@ HONEST_NORM = {"digits": 0.4, "medical": 0.7}  # radius / bound of the norm-base
 ROUNDS = {"digits": 20, "medical": 16}
 STRATEGY = {"digits": "fedavg", "medical": "fedavgm"}  # server momentum 0.9 on the X-rays
 NEAR = 0.03  # "within 3 points of clean FedAvg"
-
-
-def digits_data():
-    """scikit-learn's 8x8 digits as [N, 1, 8, 8] images in [0, 1], stratified 75/25 split."""
-    from sklearn import datasets
-    from sklearn.model_selection import train_test_split
-
-    from fedguard.data.dataset import ArrayDataset, DatasetSplits
-
-    bunch = datasets.load_digits()
-    x = (bunch.images / 16.0).astype(np.float32)[:, None]
-    y = bunch.target.astype(np.int64)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
-    return DatasetSplits(
-        "digits",
-        ArrayDataset(x_tr, y_tr),
-        ArrayDataset(x_te, y_te),
-        10,
-        class_names=tuple(str(c) for c in range(10)),
-    )
-
-
-def mlp(input_shape: tuple[int, ...], num_classes: int):
-    """Flatten, 64 -> 32 ReLU -> classes."""
-    from torch import nn
-
-    return nn.Sequential(
-        nn.Flatten(),
-        nn.Linear(int(np.prod(input_shape)), 32),
-        nn.ReLU(),
-        nn.Linear(32, num_classes),
-    )
 
 
 def task_config(task: str, attack: str, aggregator: str, seed: int, data_root: Path) -> dict:

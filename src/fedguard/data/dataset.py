@@ -22,6 +22,13 @@ import numpy as np
 from fedguard.data.errors import DataError
 
 
+def _check_length(what: str, values: np.ndarray | None, y: np.ndarray) -> None:
+    """Refuse per-sample ``values`` (features, groups, an index) of another length than the
+    labels ``y``; None is no values."""
+    if values is not None and values.shape[0] != y.shape[0]:
+        raise ValueError(f"{what} and labels differ in length: {values.shape[0]} vs {y.shape[0]}.")
+
+
 @dataclass(frozen=True)
 class ArrayDataset:
     """Features ``x`` of shape ``[N, ...]`` (float32) and labels ``y`` of shape ``[N]`` (int64)."""
@@ -31,14 +38,8 @@ class ArrayDataset:
     groups: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.x.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"Features and labels differ in length: {self.x.shape[0]} vs {self.y.shape[0]}."
-            )
-        if self.groups is not None and self.groups.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"Groups and labels differ in length: {self.groups.shape[0]} vs {self.y.shape[0]}."
-            )
+        _check_length("Features", self.x, self.y)
+        _check_length("Groups", self.groups, self.y)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])
@@ -76,14 +77,8 @@ class OnDemandDataset:
     index: np.ndarray | None = None
 
     def __post_init__(self) -> None:
-        if self.groups is not None and self.groups.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"Groups and labels differ in length: {self.groups.shape[0]} vs {self.y.shape[0]}."
-            )
-        if self.index is not None and self.index.shape[0] != self.y.shape[0]:
-            raise ValueError(
-                f"Index and labels differ in length: {self.index.shape[0]} vs {self.y.shape[0]}."
-            )
+        _check_length("Groups", self.groups, self.y)
+        _check_length("Index", self.index, self.y)
 
     def __len__(self) -> int:
         return int(self.y.shape[0])

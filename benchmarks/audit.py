@@ -12,8 +12,8 @@ trained with ``--audit-canaries`` canaries:
   copy, not one recording; every protection trains on the same data); the attacks see log-mel
   maps ``[1, 40, 101]`` where the medical example has images;
 * ``speech_brief``: the same with the example's own ``brief_speech_cnn``, whose dense layer
-  on the convolution's output gives the inversion far more to work with (measured with
-  ``--only none central secagg``; local DP was not run on it).
+  on the convolution's output gives the inversion far more to work with (measured at seed 0,
+  every protection).
 
 Each run is then attacked with ``fedguard audit``'s attacks:
 

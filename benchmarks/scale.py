@@ -26,9 +26,16 @@ images.
 
 A row: ``s_per_round`` is the median of the timed rounds (``samples_s``, all of them) after one
 untimed warm-up round; ``clients_per_s`` is the clients a round trains over that median;
-``peak_mib`` is the peak of the summed resident memory of the child and every process below it
-(Ray's raylet, object store and workers included), sampled every 50 ms. Flower needs its own
-environment, because it pins its own Ray::
+``peak_mib`` is the peak of the summed resident memory (VmRSS) of the child and every process
+below it (Ray's raylet, object store and workers included), sampled every 50 ms. That sum counts
+a page shared by several processes once per process (libtorch's code in every Ray worker, Ray's
+object store mapped by the raylet, the driver and the workers), so it overstates what a tree of
+processes uses. ``peak_pss_mib`` is the peak of the summed proportional set size (``Pss:`` of
+/proc/PID/smaps_rollup: each shared page divided among the processes mapping it), sampled every
+500 ms (``PeakSampler``): what the tree really holds in memory. A process whose smaps_rollup
+cannot be read counts with its RSS; where no process's can (no smaps_rollup), ``peak_pss_mib``
+is null. Rows from before it existed have ``peak_mib`` alone. Flower needs its own environment,
+because it pins its own Ray::
 
     python3 -m venv .venv-flower
     .venv-flower/bin/pip install "flwr[simulation]==1.42.0" "torch>=2.4,<2.14"
@@ -73,8 +80,25 @@ ENGINES = (*FEDGUARD_ENGINES, "floor", "peak", "flower", "flower_1cpu")
 # --------------------------------------------------------------------------- memory sampling
 
 
-def _tree_rss_kib(root: int) -> int:
-    """Summed VmRSS of ``root`` and all its descendants, read from /proc."""
+def _pss_kib(pid: int) -> int | None:
+    """The proportional set size of ``pid`` (``Pss:`` of /proc/PID/smaps_rollup): its resident
+    pages, each shared page divided by the number of processes mapping it; None where the file
+    cannot be read (a kernel without it, a process not ours, one that just ended)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            for line in f:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def _tree_memory_kib(root: int, *, pss: bool = True) -> tuple[int, int | None]:
+    """Summed VmRSS and summed PSS of ``root`` and all its descendants, read from /proc.
+
+    The PSS sum is None when no process of the tree has a readable smaps_rollup; a process
+    whose PSS cannot be read while others' can counts with its RSS (never less than its PSS)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.listdir("/proc"):
@@ -92,26 +116,44 @@ def _tree_rss_kib(root: int) -> int:
                 kib = int(line.split()[1])
         children.setdefault(ppid, []).append(int(entry))
         rss[int(entry)] = kib
-    total, stack = 0, [root]
+    rss_total, pss_total, pss_read, stack = 0, 0, False, [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        kib = rss.get(pid, 0)
+        rss_total += kib
+        proportional = _pss_kib(pid) if pss else None
+        pss_read = pss_read or proportional is not None
+        pss_total += kib if proportional is None else proportional
         stack.extend(children.get(pid, []))
-    return total
+    return rss_total, (pss_total if pss_read else None)
 
 
 class PeakSampler:
-    """Samples the process tree's summed RSS in a thread; ``peak_mib`` after ``stop``."""
+    """Samples the process tree's summed RSS every ``interval_s`` and its summed PSS every
+    ``pss_every``-th time in a thread; ``peak_mib`` and ``peak_pss_mib`` (None where /proc has no
+    smaps_rollup) after ``stop``. PSS is read less often because reading smaps_rollup walks the
+    page tables (some 6 ms per GiB): every 50 ms it took a tenth to a third of a core from the
+    engines being timed."""
 
-    def __init__(self, interval_s: float = 0.05) -> None:
+    def __init__(self, interval_s: float = 0.05, pss_every: int = 10) -> None:
         self.interval_s = interval_s
+        self.pss_every = pss_every
         self.peak_kib = 0
+        self.peak_pss_kib: int | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
+    def _sample(self, *, pss: bool) -> None:
+        rss, proportional = _tree_memory_kib(os.getpid(), pss=pss)
+        self.peak_kib = max(self.peak_kib, rss)
+        if proportional is not None:
+            self.peak_pss_kib = max(self.peak_pss_kib or 0, proportional)
+
     def _run(self) -> None:
+        count = 0
         while not self._stop.is_set():
-            self.peak_kib = max(self.peak_kib, _tree_rss_kib(os.getpid()))
+            self._sample(pss=count % self.pss_every == 0)
+            count += 1
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakSampler:
@@ -121,11 +163,15 @@ class PeakSampler:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak_kib = max(self.peak_kib, _tree_rss_kib(os.getpid()))
+        self._sample(pss=True)
 
     @property
     def peak_mib(self) -> float:
         return self.peak_kib / 1024
+
+    @property
+    def peak_pss_mib(self) -> float | None:
+        return None if self.peak_pss_kib is None else self.peak_pss_kib / 1024
 
 
 # --------------------------------------------------------------------------- fedguard engines
@@ -202,7 +248,7 @@ def run_fedguard(workload: str, engine: str, rounds: int, cores: int) -> dict[st
                     samples.append(seconds)
         finally:
             exp.transport.close()
-    return {"samples_s": samples, "peak_mib": peak.peak_mib}
+    return {"samples_s": samples, "peak_mib": peak.peak_mib, "peak_pss_mib": peak.peak_pss_mib}
 
 
 # --------------------------------------------------------------------------- the floor
@@ -232,7 +278,7 @@ def run_floor(workload: str, rounds: int, cores: int) -> dict[str, Any]:
             _progress(workload, "floor", round_, seconds)
             if round_ > 1:
                 samples.append(seconds)
-    return {"samples_s": samples, "peak_mib": peak.peak_mib}
+    return {"samples_s": samples, "peak_mib": peak.peak_mib, "peak_pss_mib": peak.peak_pss_mib}
 
 
 def run_peak(workload: str, rounds: int, cores: int) -> dict[str, Any]:
@@ -273,7 +319,12 @@ def run_peak(workload: str, rounds: int, cores: int) -> dict[str, Any]:
             _progress(workload, f"peak (batch {best})", round_, seconds)
             if round_ > 1:
                 samples.append(seconds)
-    return {"samples_s": samples, "peak_mib": peak.peak_mib, "batch_size": best}
+    return {
+        "samples_s": samples,
+        "peak_mib": peak.peak_mib,
+        "peak_pss_mib": peak.peak_pss_mib,
+        "batch_size": best,
+    }
 
 
 # --------------------------------------------------------------------------- Flower
@@ -379,7 +430,7 @@ def run_flower(workload: str, engine: str, rounds: int, cores: int) -> dict[str,
         )
     if len(samples) != rounds:
         raise RuntimeError(f"Flower timed {len(samples)} of {rounds} rounds")
-    return {"samples_s": samples, "peak_mib": peak.peak_mib}
+    return {"samples_s": samples, "peak_mib": peak.peak_mib, "peak_pss_mib": peak.peak_pss_mib}
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -418,6 +469,7 @@ def measure(
         "s_per_round": median,
         "clients_per_s": per_round / median,
         "peak_mib": raw["peak_mib"],
+        "peak_pss_mib": raw.get("peak_pss_mib"),
         "samples_s": raw["samples_s"],
     }
     if "batch_size" in raw:
@@ -533,11 +585,15 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{'workload':8} {'engine':12} {'s/round':>8} {'clients/s':>10} {'peak MiB':>9}")
+    print(
+        f"{'workload':8} {'engine':12} {'s/round':>8} {'clients/s':>10} {'peak MiB':>9} "
+        f"{'PSS MiB':>8}"
+    )
     for r in rows:
+        pss = "-" if r["peak_pss_mib"] is None else f"{r['peak_pss_mib']:.0f}"
         print(
             f"{r['workload']:8} {r['engine']:12} {r['s_per_round']:8.2f} "
-            f"{r['clients_per_s']:10.1f} {r['peak_mib']:9.0f}"
+            f"{r['clients_per_s']:10.1f} {r['peak_mib']:9.0f} {pss:>8}"
         )
     for workload, table in result["ratios"].items():
         print(workload, {k: round(v, 2) for k, v in table.items()})

@@ -809,12 +809,33 @@ def save(path: Path, runs: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def medians(rows: list[dict[str, Any]], task: str, skew: str | None = None) -> dict:
-    """(strategy, alpha) -> (median final accuracy, median rounds to target, seeds); the rounds
-    are None when the median seed never reached the target and "-" without an IID run."""
+def optimizer_rounds(rows: list[dict[str, Any]], task: str) -> list[int]:
+    """The run lengths of ``task``'s optimizer rows, the most common first (ties: the longer)."""
+    counts: dict[int, int] = {}
+    for r in rows:
+        if r["task"] == task and "strategy" in r:
+            counts[r["rounds"]] = counts.get(r["rounds"], 0) + 1
+    return sorted(counts, key=lambda n: (-counts[n], -n))
+
+
+def medians(
+    rows: list[dict[str, Any]], task: str, skew: str | None = None, rounds: int | None = None
+) -> dict:
+    """(strategy, alpha) -> (median final accuracy, median rounds to target, seeds) over the rows
+    of runs of ``rounds`` rounds (default: the task's most common length, so that runs of
+    different lengths never share a median); the rounds to target are None when the median seed
+    never reached the target and "-" without an IID run."""
+    lengths = optimizer_rounds(rows, task)
+    if rounds is None and lengths:
+        rounds = lengths[0]
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        if r["task"] == task and "strategy" in r and r.get("skew") == skew:
+        if (
+            r["task"] == task
+            and "strategy" in r
+            and r.get("skew") == skew
+            and r["rounds"] == rounds
+        ):
             cells.setdefault((r["strategy"], str(r["alpha"])), []).append(r)
     out = {}
     for key, group in cells.items():
@@ -881,11 +902,19 @@ def heatmap(rows: list[dict[str, Any]], path: Path) -> None:
                         fontsize=8,
                         color="white" if light else "black",
                     )
-        seeds = sorted({r["seed"] for r in rows if r["task"] == task and "strategy" in r})
+        length = optimizer_rounds(rows, task)[0]
+        seeds = sorted(
+            {
+                r["seed"]
+                for r in rows
+                if r["task"] == task and "strategy" in r and r["rounds"] == length
+            }
+        )
         ax.set_xticks(range(len(alphas)), alphas)
         ax.set_yticks(range(len(strategies)), strategies)
         ax.set_title(
-            f"{task}: median final test accuracy\n(seeds {', '.join(map(str, seeds))})", fontsize=10
+            f"{task}: median final test accuracy\n({length} rounds, seeds {', '.join(map(str, seeds))})",
+            fontsize=10,
         )
         numeric = any(not isinstance(_alpha(a), str) for a in alphas)
         ax.set_xlabel(
@@ -906,51 +935,63 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     tasks in ``PICKS_IN_TABLE`` also the value validation picked, per seed); then the
     personalisation rows, median over seeds."""
     out = []
-    for task in TASKS:
-        for skew in (None, "quantity", "feature"):
-            cells = medians(rows, task, skew)
-            if not cells:
-                continue
-            alphas = [str(a) for a in COLUMNS if any(k[1] == str(a) for k in cells)]
-            seeds = sorted({r["seed"] for r in rows if r["task"] == task and "strategy" in r})
-            rounds = sorted({r["rounds"] for r in rows if r["task"] == task and "strategy" in r})
-            title = f"{task}" + (f", {skew} skew" if skew else "")
-            out.append(
-                f"**{title}** (median over seeds {', '.join(map(str, seeds))}; "
-                f"{', '.join(map(str, rounds))} rounds): final test accuracy (rounds to 95% of IID)"
-                + ("; the value validation picked, per seed" if task in PICKS_IN_TABLE else "")
-            )
-            out.append("")
-            head = [a if isinstance(_alpha(a), str) else f"alpha {a}" for a in alphas]
-            out.append("| strategy | " + " | ".join(head) + " |")
-            out.append("|---|" + "---|" * len(alphas))
-            for strategy in STRATEGIES:
-                line = []
-                for a in alphas:
-                    if (strategy, a) not in cells:
-                        line.append("")
-                        continue
-                    acc, reached, _ = cells[(strategy, a)]
-                    r = f">{rounds[-1]}" if reached is None else str(reached)
-                    text = f"{acc:.3f} ({r})"
-                    if task in PICKS_IN_TABLE:
-                        group = [
-                            g
-                            for g in rows
-                            if g["task"] == task
-                            and g.get("strategy") == strategy
-                            and str(g["alpha"]) == a
-                            and g.get("skew") == skew
-                        ]
-                        picks = (f"{g['value']:g}" for g in sorted(group, key=lambda g: g["seed"]))
-                        text += "; " + " / ".join(picks)
-                    line.append(text)
-                if any(line):
-                    name = f"`{strategy}`"
-                    if task in PICKS_IN_TABLE:  # what the picked values are
-                        name += f" ({GRIDS[task][strategy][0]})"
-                    out.append(f"| {name} | " + " | ".join(line) + " |")
-            out.append("")
+    for task, skew, length in (
+        (t, k, n)
+        for t in TASKS
+        for n in sorted(optimizer_rounds(rows, t))
+        for k in (None, "quantity", "feature")
+    ):
+        cells = medians(rows, task, skew, length)
+        if not cells:
+            continue
+        alphas = [str(a) for a in COLUMNS if any(k[1] == str(a) for k in cells)]
+        mine = [
+            r
+            for r in rows
+            if r["task"] == task
+            and "strategy" in r
+            and r.get("skew") == skew
+            and r["rounds"] == length
+        ]
+        seeds = sorted({r["seed"] for r in mine})
+        title = f"{task}" + (f", {skew} skew" if skew else "")
+        out.append(
+            f"**{title}** (median over seeds {', '.join(map(str, seeds))}; "
+            f"{length} rounds): final test accuracy (rounds to 95% of IID)"
+            + ("; the value validation picked, per seed" if task in PICKS_IN_TABLE else "")
+        )
+        out.append("")
+        head = [a if isinstance(_alpha(a), str) else f"alpha {a}" for a in alphas]
+        out.append("| strategy | " + " | ".join(head) + " |")
+        out.append("|---|" + "---|" * len(alphas))
+        for strategy in STRATEGIES:
+            line = []
+            for a in alphas:
+                if (strategy, a) not in cells:
+                    line.append("")
+                    continue
+                acc, reached, _ = cells[(strategy, a)]
+                r = f">{length}" if reached is None else str(reached)
+                text = f"{acc:.3f} ({r})"
+                if task in PICKS_IN_TABLE:
+                    group = [
+                        g
+                        for g in rows
+                        if g["task"] == task
+                        and g.get("strategy") == strategy
+                        and str(g["alpha"]) == a
+                        and g.get("skew") == skew
+                        and g["rounds"] == length
+                    ]
+                    picks = (f"{g['value']:g}" for g in sorted(group, key=lambda g: g["seed"]))
+                    text += "; " + " / ".join(picks)
+                line.append(text)
+            if any(line):
+                name = f"`{strategy}`"
+                if task in PICKS_IN_TABLE:  # what the picked values are
+                    name += f" ({GRIDS[task][strategy][0]})"
+                out.append(f"| {name} | " + " | ".join(line) + " |")
+        out.append("")
     fields = (
         "mean_personal_accuracy",
         "worst_personal_accuracy",

@@ -424,3 +424,36 @@ def test_fedrep_trains_the_head_then_the_body_as_two_hand_written_sgd_steps() ->
     torch.testing.assert_close(state[personal.STATE], after_body, rtol=1e-5, atol=1e-6)
     expected_update = torch.where(head, torch.zeros_like(w), after_body - w)
     torch.testing.assert_close(result.update, expected_update, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ditto", "fedrep"])
+def test_a_round_answered_twice_after_a_restart_trains_the_personal_model_once(
+    tmp_path, method: str
+) -> None:
+    """A deployed client that restarts (or whose reply was lost) fetches its open task again:
+    answering it a second time gives the same reply and leaves the same personal model as one
+    answer, and its next round trains from that model, as a client that answered once does
+    (the reference: a second client, same data, same tasks, each answered once)."""
+    from fedguard.client.app import ClientApp
+    from fedguard.client.state_store import DiskState
+
+    settings = personal.PersonalSettings(personal.Method(method), epochs=3, ditto_lambda=0.4)
+    config = {"lr": 0.15, "batch_size": 4, "epochs": 1, "seed": 7, **settings.config()}
+    w = _two_layer_model().get_flat().clone()
+    data = {5: _data(seed=3)}
+    tasks = [messages.encode(messages.FitTask(r, 5, w + 0.01 * r, config)) for r in (1, 2)]
+
+    once = ClientApp(_two_layer_model(), data, DiskState(tmp_path / "once"))
+    replies_once = [once.handle(5, t) for t in tasks]
+
+    twice = ClientApp(_two_layer_model(), data, DiskState(tmp_path / "twice"))
+    first = twice.handle(5, tasks[0])
+    after_first = twice.state[5][personal.STATE].clone()
+    restarted = ClientApp(_two_layer_model(), data, DiskState(tmp_path / "twice"))
+    again = restarted.handle(5, tasks[0])
+    assert again == first == replies_once[0]
+    assert torch.equal(restarted.state[5][personal.STATE], after_first)
+    assert restarted.handle(5, tasks[1]) == replies_once[1]
+    assert torch.equal(restarted.state[5][personal.STATE], once.state[5][personal.STATE])
+    # the personal model did move in each round, so a second training would have shown
+    assert float((after_first - once.state[5][personal.STATE]).abs().max()) > 1e-4

@@ -19,7 +19,9 @@ Under FedRep and FedPer the head never leaves the client: the reply's update is 
 head position (the client's head is not in it), and the server aggregates only the body
 (:mod:`fedguard.protocol.shared_part`). The personal model lives in the client's own state
 (``task.state[STATE]``, one flat vector; for FedRep and FedPer only its head positions are
-used), which the simulator saves in its checkpoints and a deployed client keeps on disk.
+used), which the simulator saves in its checkpoints and a deployed client keeps on disk, with
+the round it was trained in and the one it was trained from, so that a round answered twice
+trains from the same model (:func:`_start`).
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ LAMBDA = "personal_lambda"  # Ditto's lambda
 HEAD = "personal_head"  # FedRep / FedPer: the head's name prefixes, comma-separated
 LAYERS = "finetune_layers"  # fine-tuning: the tuned tensors' name prefixes, comma-separated
 STATE = "personal"  # the client state entry that holds the personal model [D]
+ROUND = "personal_round"  # [1] int64: the round whose training made STATE
+BEFORE = "personal_before"  # STATE as it was before that round's training (absent: none)
 
 
 class Method(enum.StrEnum):
@@ -194,7 +198,7 @@ class PersonalizedTrainer(ClientTrainer):
             return self.inner.train(model, data, task)
         if settings.method is Method.DITTO:
             result = self.inner.train(model, data, task)
-            own = task.state.get(STATE)
+            own = _start(task)
             ditto_step(
                 model,
                 data,
@@ -204,7 +208,7 @@ class PersonalizedTrainer(ClientTrainer):
                 settings.ditto_lambda,
                 task.generator,
             )
-            task.state[STATE] = model.get_flat()
+            _keep(task, own, model.get_flat())
             return result
         return self._body_and_head(model, data, task, settings)
 
@@ -214,7 +218,7 @@ class PersonalizedTrainer(ClientTrainer):
         """FedRep / FedPer: train from the global body with the client's own head; the reply's
         update holds the body's change only."""
         head = head_mask(model, settings)
-        own = task.state.get(STATE)
+        own = _start(task)
         start = task.params if own is None else personalization.combine(task.params, own, head)
         model.set_flat(start)
         own_task = replace(task, params=start)
@@ -222,7 +226,7 @@ class PersonalizedTrainer(ClientTrainer):
             result = self.inner.train(model, data, own_task)
         else:
             result = self._fedrep(model, data, own_task, settings)
-        task.state[STATE] = model.get_flat()
+        _keep(task, own, model.get_flat())
         return replace(result, update=personalization.body_only(result.update, head))
 
     @staticmethod
@@ -256,6 +260,31 @@ class PersonalizedTrainer(ClientTrainer):
             "head_train_loss": head_stats.loss,
         }
         return TrainResult(model.get_flat() - task.params, body_stats.num_examples, metrics)
+
+
+def _start(task: TrainTask) -> torch.Tensor | None:
+    """The personal model ``task`` trains from (None: none yet, the global model is used).
+
+    The client's current one, unless it has already trained in ``task.round``: a deployed
+    client that restarts, or whose reply was lost, fetches its open task again, and training
+    from the model that task already advanced would advance it twice for one round. It then
+    trains from the model it had before that round, so a round answered twice leaves the same
+    personal model (and, for FedRep and FedPer, sends the same update) as a round answered once.
+    """
+    trained = task.state.get(ROUND)
+    if trained is not None and int(trained[0]) == task.round:
+        return task.state.get(BEFORE)
+    return task.state.get(STATE)
+
+
+def _keep(task: TrainTask, start: torch.Tensor | None, trained: torch.Tensor) -> None:
+    """Keep ``trained``, the personal model of ``task.round``, with the one it started from."""
+    if start is None:
+        task.state.pop(BEFORE, None)
+    else:
+        task.state[BEFORE] = start
+    task.state[ROUND] = torch.tensor([task.round], dtype=torch.int64)
+    task.state[STATE] = trained
 
 
 def for_task(config: Mapping[str, messages.Scalar]) -> ClientTrainer:

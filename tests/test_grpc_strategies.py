@@ -66,11 +66,18 @@ def _config(tmp_path: Path, *extra: Sections) -> Path:
     return write_config(tmp_path / "exp.toml", **sections)
 
 
-def _deployed(fed: Federation, states: Path | None = None) -> None:
-    """Start the server and every client (each over ``states / client-<id>`` if given)."""
-    fed.start_server()
-    for cid in range(CLIENTS):
-        fed.start_client(cid, state_dir=None if states is None else states / f"client-{cid}")
+def _deployed(config: Path, tmp_path: Path, states: Path | None = None) -> Federation:
+    """The federation of ``config`` run to its end: the server and every client (each over
+    ``states / client-<id>`` if given), all exiting 0."""
+    fed = Federation(config, tmp_path / "deployed", make_security(tmp_path / "sec", range(CLIENTS)))
+    try:
+        fed.start_server()
+        for cid in range(CLIENTS):
+            fed.start_client(cid, state_dir=None if states is None else states / f"client-{cid}")
+        _finish(fed)
+    finally:
+        fed.stop()
+    return fed
 
 
 def _finish(fed: Federation) -> None:
@@ -142,12 +149,7 @@ def _assert_same_runs(deployed: Federation, simulated: Path) -> list[dict[str, A
 )
 def test_feddyn_and_fednova_deployed_equal_the_simulator(tmp_path, server, client) -> None:
     config = _config(tmp_path, {"server": server, "client": client})
-    fed = Federation(config, tmp_path / "deployed", make_security(tmp_path / "sec", range(CLIENTS)))
-    try:
-        _deployed(fed, tmp_path / "states")
-        _finish(fed)
-    finally:
-        fed.stop()
+    fed = _deployed(config, tmp_path, tmp_path / "states")
     fedguard.run(config, out=tmp_path / "simulated", progress=False)
     _assert_same_runs(fed, tmp_path / "simulated")
     if server["strategy"] == "feddyn":
@@ -162,12 +164,7 @@ def test_feddyn_and_fednova_deployed_equal_the_simulator(tmp_path, server, clien
 
 def test_ditto_deployed_equals_the_simulator_with_its_personal_evaluation(tmp_path) -> None:
     config = _config(tmp_path, DITTO)
-    fed = Federation(config, tmp_path / "deployed", make_security(tmp_path / "sec", range(CLIENTS)))
-    try:
-        _deployed(fed, tmp_path / "states")
-        _finish(fed)
-    finally:
-        fed.stop()
+    fed = _deployed(config, tmp_path, tmp_path / "states")
     simulated = tmp_path / "simulated"
     summary = fedguard.run(config, out=simulated, progress=False)
     rows = _assert_same_runs(fed, simulated)
@@ -203,12 +200,7 @@ def test_a_client_too_small_to_hold_out_is_left_out_of_personal_evaluation_alike
     its own" and neither server counts it in the mean, the worst client or the per-client
     entries; it still takes part in training and in the federated evaluation."""
     config = _config(tmp_path, DITTO, TINY_CLIENT)
-    fed = Federation(config, tmp_path / "deployed", make_security(tmp_path / "sec", range(CLIENTS)))
-    try:
-        _deployed(fed)
-        _finish(fed)
-    finally:
-        fed.stop()
+    fed = _deployed(config, tmp_path)
     simulated = tmp_path / "simulated"
     summary = fedguard.run(config, out=simulated, progress=False)
     sizes = json.loads((simulated / "partition.json").read_text())["clients"]

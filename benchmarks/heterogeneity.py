@@ -56,9 +56,8 @@ Tasks (``TASKS``):
   (stratified), 150 validation images, the rest over 20 clients; an MLP 64-32-10; SGD, 2 local
   epochs in batches of 16, every client in every round.
 * ``xray``: PneumoniaMNIST 28x28 (the medical example's data), 20 hospitals; ``image_cnn``; SGD,
-  1 local epoch in batches of 32 for optimizer rows (its grids in ``GRIDS``; the committed
-  results hold a reduced slice: seed 0, 10 rounds); the personalisation rows use the medical
-  example's Adam 1e-3 (no augmentation).
+  1 local epoch in batches of 32 for optimizer rows (its grids in ``GRIDS``); the personalisation
+  rows use the medical example's Adam 1e-3 (no augmentation).
 * ``speech``: the spoken digits (FSDD) over their natural split, one household per speaker (6);
   ``speech_cnn``; plain settings (Adam 1e-3, 1 local epoch, batch 32) for the personalisation
   and new-household rows. Optimizer rows: ``alpha`` ``"natural"`` and ``"iid"`` (6 IID clients,
@@ -77,13 +76,15 @@ Usage (what the committed results ran; see the JSON's ``settings``)::
         fedrep fedper local --rounds 10
     python benchmarks/heterogeneity.py --task xray --alphas 0.1 --personalization none \\
         finetune ditto fedrep fedper local --rounds 20
-    python benchmarks/heterogeneity.py --task xray --alphas iid 0.1 --seeds 0 --rounds 10
+    python benchmarks/heterogeneity.py --task xray --rounds 30
     python benchmarks/heterogeneity.py --task xray --skew quantity \\
-        --strategies fedavg fedavgm fedadam feddyn --seeds 0 --rounds 10
+        --strategies fedavg fedavgm fedadam feddyn --rounds 30
     python benchmarks/heterogeneity.py --task xray --skew feature \\
-        --strategies fedavg fedavgm fedadam feddyn --seeds 0 --rounds 10
+        --strategies fedavg fedavgm fedadam feddyn --rounds 30
     python benchmarks/heterogeneity.py --task speech --new-household --rounds 10
-    python benchmarks/heterogeneity.py --task speech --rounds 10
+    python benchmarks/heterogeneity.py --task speech --rounds 30
+
+and the same X-ray and speech optimizer commands with ``--rounds 10`` for the shorter rows.
 
 Every finished run is written at once (``runs``) and skipped by a rerun with the same settings, so
 a stopped benchmark keeps what it finished; ``rows`` are derived from ``runs`` at every write.

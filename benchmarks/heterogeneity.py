@@ -243,13 +243,26 @@ def optimizer_config(
 
 
 def personal_config(
-    task: str, method: str, alpha: float | str, seed: int, rounds: int, data_root: Path
+    task: str,
+    method: str,
+    alpha: float | str,
+    seed: int,
+    rounds: int,
+    data_root: Path,
+    global_strategy: tuple[str, float] | None = None,
 ) -> dict[str, Any]:
-    """A FedAvg run with ``[personalization] method`` and a held-out share on every client."""
-    cfg = base_config(task, seed, rounds, data_root)
-    _partition(cfg, alpha)
-    if task == "xray":  # the medical example's local optimizer
-        cfg["client"].update({"optimizer": "adam", "lr": 1e-3})
+    """A run with ``[personalization] method`` and a held-out share on every client: FedAvg with
+    the task's plain client settings, or, with ``global_strategy`` = (strategy, value), that
+    strategy with its hyperparameter at value over the optimizer rows' client setup (so that the
+    global model is the one the optimizer table measured)."""
+    if global_strategy is not None:
+        strategy, value = global_strategy
+        cfg = optimizer_config(task, strategy, alpha, seed, value, rounds, data_root)
+    else:
+        cfg = base_config(task, seed, rounds, data_root)
+        _partition(cfg, alpha)
+        if task == "xray":  # the medical example's local optimizer
+            cfg["client"].update({"optimizer": "adam", "lr": 1e-3})
     cfg["data"]["client_eval_fraction"] = CLIENT_EVAL_FRACTION
     if method not in ("none", "local"):
         cfg["personalization"] = {"method": method, "epochs": 1}
@@ -326,7 +339,7 @@ def run_optimizer(task: str, cfg_dict: dict[str, Any], skew: str | None = None) 
 
 
 def run_personal(task: str, method: str, cfg_dict: dict[str, Any]) -> dict:
-    """A personalised FedAvg run (or ``local``: each client alone); the personal summary."""
+    """A personalised run (or ``local``: each client alone); the personal summary."""
     start = time.perf_counter()
     cfg, exp = _experiment(task, cfg_dict)
     try:
@@ -357,7 +370,8 @@ def run_personal(task: str, method: str, cfg_dict: dict[str, Any]) -> dict:
 
 
 def _own_eval(exp) -> list[int]:
-    return sorted(c for c in exp.fed.own_eval if exp.fed.clients[c].eval_y is not None)
+    """The clients whose held-out split is their own data (the personal evaluation's clients)."""
+    return sorted(c for c, d in exp.fed.clients.items() if d.own_eval and d.eval_y is not None)
 
 
 def _global_on_own(exp, params: torch.Tensor) -> dict[str, float]:
@@ -593,6 +607,8 @@ def _run_key(run: dict[str, Any]) -> tuple:
         run.get("value"),
         run["rounds"],
         run.get("household"),
+        run.get("global_strategy"),
+        run.get("global_value"),
     )
 
 
@@ -655,7 +671,7 @@ def personal_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"task": r["task"], "personalization": r["personalization"], "seed": r["seed"]}
         row.update({f: r[f] for f in fields})
         row.update({"alpha": r["alpha"], "rounds": r["rounds"], "seconds": round(r["seconds"], 1)})
-        for extra in ("test_accuracy", "local_epochs"):
+        for extra in ("test_accuracy", "local_epochs", "global_strategy", "global_value"):
             if extra in r:
                 row[extra] = r[extra]
         rows.append(row)
@@ -691,6 +707,8 @@ def _sort_key(row: dict[str, Any]) -> tuple:
         row.get("kind") == "new_household",
         row.get("household") or "",
         "personalization" in row,
+        row.get("global_strategy") or "",
+        row.get("rounds", 0),
         row.get("skew") or "",
         STRATEGIES.index(row["strategy"]) if "strategy" in row else 0,
         PERSONALIZATION.index(row["personalization"]) if "personalization" in row else 0,
@@ -778,7 +796,8 @@ def scope(rows: list[dict[str, Any]]) -> dict[str, Any]:
             name = f"{r['task']}/optimizer" + (f"/{r['skew']} skew" if r.get("skew") else "")
             what = ("strategies", r["strategy"])
         else:
-            name, what = f"{r['task']}/personalization", ("methods", r["personalization"])
+            name = f"{r['task']}/personalization" + _global_name(r, " under ")
+            what = ("methods", r["personalization"])
         cell = out.setdefault(name, {what[0]: [], "alphas": [], "seeds": [], "rounds": []})
         for key, value in (
             what,
@@ -808,6 +827,16 @@ def save(path: Path, runs: list[dict[str, Any]]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     tmp.replace(path)
+
+
+def _global_name(row: dict[str, Any], prefix: str) -> str:
+    """How a personalisation row's global model was trained, when not the task's plain FedAvg:
+    e.g. `` under fedavgm (server.server_lr=1)``; empty otherwise."""
+    strategy = row.get("global_strategy")
+    if strategy is None:
+        return ""
+    task = row["task"]
+    return f"{prefix}{strategy} ({GRIDS[task][strategy][0]}={row['global_value']:g})"
 
 
 def optimizer_rounds(rows: list[dict[str, Any]], task: str) -> list[int]:
@@ -999,15 +1028,19 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "mean_global_accuracy",
         "worst_global_accuracy",
     )
-    for task in TASKS:
-        mine = [r for r in rows if r["task"] == task and "personalization" in r]
-        if not mine:
-            continue
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        if "personalization" in r:
+            key = (r["task"], r.get("global_strategy"), r.get("global_value"), r["rounds"])
+            groups.setdefault(key, []).append(r)
+    for key in sorted(groups, key=lambda k: (TASKS.index(k[0]), k[1] or "", k[2] or 0, k[3])):
+        mine = groups[key]
         seeds = sorted({r["seed"] for r in mine})
         alpha = mine[0]["alpha"]
         out.append(
-            f"**{task}** ({'natural split' if alpha == 'natural' else f'alpha {alpha}'}, "
-            f"{mine[0]['rounds']} rounds, median over seeds {', '.join(map(str, seeds))})"
+            f"**{key[0]}**{_global_name(mine[0], ' under ')} "
+            f"({'natural split' if alpha == 'natural' else f'alpha {alpha}'}, "
+            f"{key[3]} rounds, median over seeds {', '.join(map(str, seeds))})"
         )
         out.append("")
         out.append(
@@ -1091,6 +1124,15 @@ def main() -> None:
         help="personalisation rows instead of optimizer rows",
     )
     parser.add_argument(
+        "--global-strategy",
+        nargs=2,
+        metavar=("STRATEGY", "VALUE"),
+        default=None,
+        help="--personalization: train the global model with this strategy, its tuned "
+        "hyperparameter (see GRIDS) at VALUE, over the optimizer rows' client setup "
+        "(default: FedAvg with the task's plain client settings)",
+    )
+    parser.add_argument(
         "--skew",
         choices=("quantity", "feature"),
         default=None,
@@ -1137,6 +1179,17 @@ def main() -> None:
         print(f"merged {len(args.merge)} files into {args.out}: {len(runs)} runs")
         return
 
+    global_strategy = None
+    if args.global_strategy:
+        if not args.personalization:
+            parser.error("--global-strategy: with --personalization only")
+        name, text = args.global_strategy
+        if name not in STRATEGIES:
+            parser.error(f"--global-strategy: {name!r} is not one of {', '.join(STRATEGIES)}")
+        try:
+            global_strategy = (name, float(text))
+        except ValueError:
+            parser.error(f"--global-strategy: VALUE must be a number, not {text!r}")
     if args.new_household and args.task != "speech":
         parser.error("--new-household: the speech task only (--task speech)")
     if not (args.personalization or args.new_household) and args.task not in GRIDS:
@@ -1172,6 +1225,8 @@ def main() -> None:
                             "rounds": args.rounds,
                         }
                     )
+                    if global_strategy is not None:
+                        jobs[-1]["global_strategy"], jobs[-1]["global_value"] = global_strategy
     else:
         alphas = ["iid"] if args.skew else args.alphas or list(TASK_ALPHAS.get(args.task, ALPHAS))
         for seed in args.seeds:
@@ -1210,6 +1265,7 @@ def main() -> None:
                 job["seed"],
                 job["rounds"],
                 data_root,
+                (job["global_strategy"], job["global_value"]) if "global_strategy" in job else None,
             )
             result = run_personal(args.task, job["personalization"], cfg)
             what = f"{job['personalization']}: personal {result['mean_personal_accuracy']:.3f}"

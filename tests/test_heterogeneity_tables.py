@@ -152,3 +152,29 @@ def test_medians_never_mix_run_lengths_and_order_unreached_runs_last(het):
         5,
         2,
     )
+
+
+def test_the_personal_runs_score_each_client_on_its_own_held_out_split(het, tmp_path):
+    """The benchmark's personal path end to end on the digits (1 round): the clients it scores
+    are those holding out their own data, "none" scores the global model on them, and
+    ``--global-strategy`` runs that strategy over the optimizer rows' client setup."""
+    cfg = het.personal_config("digits", "none", 0.3, 5, 1, tmp_path)
+    assert cfg["server"].get("strategy", "fedavg") == "fedavg"
+    out = het.run_personal("digits", "none", cfg)
+    assert out["mean_personal_accuracy"] == out["mean_global_accuracy"]
+    assert 0.0 <= out["worst_personal_accuracy"] <= out["mean_personal_accuracy"] <= 1.0
+    _, exp = het._experiment("digits", cfg)
+    try:
+        own = het._own_eval(exp)
+        # every one of the 20 clients holds out 20% of a partition of dozens of images
+        assert own == list(range(20))
+        assert all(int(exp.fed.clients[c].eval_y.shape[0]) >= 1 for c in own)
+    finally:
+        exp.close()
+    tuned = het.personal_config("digits", "ditto", 0.3, 5, 1, tmp_path, ("fedavgm", 0.3))
+    assert tuned["server"]["strategy"] == "fedavgm" and tuned["server"]["server_lr"] == 0.3
+    assert tuned["client"]["optimizer"] == "sgd" and tuned["client"]["lr"] == 0.3
+    assert tuned["personalization"]["method"] == "ditto"
+    assert tuned["data"]["client_eval_fraction"] == pytest.approx(0.2)
+    local = het.run_personal("digits", "local", cfg)
+    assert local["mean_global_accuracy"] is None and local["local_epochs"] == 2

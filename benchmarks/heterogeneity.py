@@ -26,7 +26,10 @@ and the global model on the client's own held-out split (``data.client_eval_frac
 worst client, as the run's ``summary.json`` reports them; and ``"local"``, each client alone: the
 same model from the same initial weights trained only on the client's own training split for as
 many epochs as the federated run trains in all its rounds, evaluated on the same held-out split
-(its ``*_global_*`` fields are null: there is no global model).
+(its ``*_global_*`` fields are null: there is no global model). With ``--global-strategy S V``
+the rows also carry ``"global_strategy": S, "global_value": V``: the global model is trained by
+strategy S with its tuned hyperparameter at V over the optimizer rows' client setup (and the
+personal epochs and ``"local"`` use that client too), instead of the task's plain FedAvg.
 
 **Skew rows** (optimizer rows with a ``"skew"`` key and ``alpha`` ``"iid"``; the data split is
 built here, as a :class:`~fedguard.data.dataset.FederatedDataset`): ``"quantity"`` (client sizes
@@ -76,6 +79,8 @@ Usage (what the committed results ran; see the JSON's ``settings``)::
         fedrep fedper local --rounds 10
     python benchmarks/heterogeneity.py --task xray --alphas 0.1 --personalization none \\
         finetune ditto fedrep fedper local --rounds 20
+    python benchmarks/heterogeneity.py --task xray --alphas 0.1 --personalization none \\
+        finetune ditto fedrep fedper local --global-strategy fedavgm 1 --rounds 30
     python benchmarks/heterogeneity.py --task xray --rounds 30
     python benchmarks/heterogeneity.py --task xray --skew quantity \\
         --strategies fedavg fedavgm fedadam feddyn --rounds 30

@@ -1034,10 +1034,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         "worst_global_accuracy",
     )
     groups: dict[tuple, list[dict[str, Any]]] = {}
-    for r in rows:
-        if "personalization" in r:
-            key = (r["task"], r.get("global_strategy"), r.get("global_value"), r["rounds"])
-            groups.setdefault(key, []).append(r)
+    for row in rows:
+        if "personalization" in row:
+            key = (row["task"], row.get("global_strategy"), row.get("global_value"), row["rounds"])
+            groups.setdefault(key, []).append(row)
     for key in sorted(groups, key=lambda k: (TASKS.index(k[0]), k[1] or "", k[2] or 0, k[3])):
         mine = groups[key]
         seeds = sorted({r["seed"] for r in mine})

@@ -40,6 +40,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import time
@@ -110,7 +111,7 @@ def record_seed(seed: int, rounds: int, data_root: Path) -> dict[str, Any]:
     games: list[dict[str, Any]] = []
     scoring = [0.0]
 
-    def score(round_, params, state, replies):  # type: ignore[no-untyped-def]
+    def score(round_, params, state, replies):
         start = time.perf_counter()
         k = len(replies)
 
@@ -250,13 +251,17 @@ def replay(
     for g in games:
         values = g["values"]
         exact_values.append(
-            list(shapley.exact(cu.Utility(lambda m, v=values: v[_mask(m)], len(g["ids"]))).values)
+            list(
+                shapley.exact(
+                    cu.Utility(functools.partial(_looked_up, values), len(g["ids"]))
+                ).values
+            )
         )
     per_draw: list[dict[str, Any]] = []
     for draw in range(draws if method == "gtg_shapley" else 1):
         scores, evaluations, skipped = [], [], 0
         for g in games:
-            game = cu.Utility(lambda m, v=g["values"]: v[_mask(m)], len(g["ids"]))
+            game = cu.Utility(functools.partial(_looked_up, g["values"]), len(g["ids"]))
             if method == "gtg_shapley":
                 assert setting is not None
                 estimate = gtg.shapley(
@@ -388,6 +393,11 @@ def frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _mask(members: frozenset[int]) -> int:
     return sum(1 << i for i in members)
+
+
+def _looked_up(values: list[float], members: frozenset[int]) -> float:
+    """A recorded game's utility of a coalition (``values`` indexed by its member bit mask)."""
+    return values[_mask(members)]
 
 
 def _members(mask: int) -> frozenset[int]:

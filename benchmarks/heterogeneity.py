@@ -430,13 +430,15 @@ def _skewed(task: str, cfg, skew: str):
       ``c_k ~ U(0.5, 1.5)``, ``b_k ~ U(-0.3, 0.3)`` (pixel values in [0, 1]).
 
     Drawn from the experiment's seed; validation and test images stay as they are."""
-    from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
+    from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset, TrainingSet
     from fedguard.experiment import federation
 
     # the same load as the task's plain run (its data section's settings), before any split
     splits = digits_data() if task == "digits" else federation.load_data(cfg)
     if not isinstance(splits, DatasetSplits) or splits.val is None:
         raise ValueError(f"--skew needs a data set with a validation split; {task!r} has none")
+    if not isinstance(splits.train, ArrayDataset):
+        raise ValueError(f"--skew splits a training set held in memory; {task!r} makes its own")
     k_clients = cfg.data.num_clients
     rng = np.random.default_rng([cfg.experiment.seed, 0x5CE7])
     order = rng.permutation(len(splits.train.y))
@@ -445,7 +447,7 @@ def _skewed(task: str, cfg, skew: str):
     else:
         weights = np.ones(k_clients)
     cuts = np.round(np.cumsum(weights) / weights.sum() * len(order)).astype(int)[:-1]
-    clients = {}
+    clients: dict[str, TrainingSet] = {}
     for k, idx in enumerate(np.split(order, cuts)):
         x = splits.train.x[np.sort(idx)]
         if skew == "feature":

@@ -92,7 +92,8 @@ def fsdd_loads(repeats: int) -> dict[str, object]:
 
     if not (FSDD / "recordings").is_dir():
         raise SystemExit(f"The FSDD recordings are not in {FSDD / 'recordings'}.")
-    first, second = [], []
+    first: list[float] = []
+    second: list[float] = []
     for _ in range(repeats):
         with tempfile.TemporaryDirectory() as cache:
             for times, state in ((first, "miss"), (second, "hit")):

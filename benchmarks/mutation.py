@@ -61,6 +61,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "mutation.json"
@@ -427,7 +428,8 @@ def report(modules: list[str], seconds: dict[str, float], elapsed: float | None,
     old_modules = old.get("modules", {})
     rows: dict[str, dict] = {}
     survivors = []
-    total = dict.fromkeys(FIELDS, 0) | {"mutants": 0}
+    # counts per field, then the scores and seconds derived from them
+    total: dict[str, Any] = dict.fromkeys(FIELDS, 0) | {"mutants": 0}
     for module in modules:
         codes = load_meta(module)
         if codes is None:

@@ -11,11 +11,13 @@ interleaved with the others, so ``ratio_to_mean`` compares numbers taken under t
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -43,12 +45,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     updates = torch.randn(K, D, generator=torch.Generator().manual_seed(0))
     weights = torch.ones(K)
-    runners = {"mean": lambda: aggregation.weighted_mean(updates, weights)}
+    runners: dict[str, Callable[[], object]] = {
+        "mean": lambda: aggregation.weighted_mean(updates, weights)
+    }
     for kind in robust.RobustAggregator:
         cfg = robust.RobustConfig(kind, f=F, norm_bound=1000.0)
-        state = robust.init(cfg, D)
-        runners[kind.value] = lambda cfg=cfg, state=state: robust.apply(
-            cfg, state, updates, weights
+        runners[kind.value] = functools.partial(
+            robust.apply, cfg, robust.init(cfg, D), updates, weights
         )
     times: dict[str, list[float]] = {name: [] for name in runners}
     for fn in runners.values():

@@ -138,8 +138,10 @@ def run_one(task: str, attack: str, aggregator: str, seed: int, data_root: str) 
 
     start = time.perf_counter()
     cfg = validate(task_config(task, attack, aggregator, seed, Path(data_root)))
-    extra = {"model_fn": mlp, "data_fn": digits_data} if task == "digits" else {}
-    exp = assembly.Experiment(cfg, **extra)
+    if task == "digits":
+        exp = assembly.Experiment(cfg, model_fn=mlp, data_fn=digits_data)
+    else:
+        exp = assembly.Experiment(cfg)
     params, state = exp.initial_params, exp.strategy.init(exp.initial_params)
     failed = 0
     for round_ in range(1, cfg.experiment.rounds + 1):

@@ -357,6 +357,8 @@ def test_the_public_api_lists_run_and_the_protocols() -> None:
         "TrainResult",
         "TrainTask",
         "__version__",
+        "config_float",
+        "config_int",
         "run",
     ]
     for name in fedguard.__all__:
@@ -365,6 +367,24 @@ def test_the_public_api_lists_run_and_the_protocols() -> None:
     assert (Path(fedguard.__file__).parent / "py.typed").exists()
     with pytest.raises(AttributeError):
         fedguard.NotAProtocol  # noqa: B018
+
+
+def test_a_plugin_reads_its_task_config_typed_with_errors_that_name_the_entry() -> None:
+    config = {"lr": 3, "epochs": 4, "momentum": 0.25, "name": "x", "flag": True}
+    assert fedguard.config_float(config, "lr") == 3.0 and isinstance(
+        fedguard.config_float(config, "lr"), float
+    )
+    assert fedguard.config_int(config, "epochs") == 4
+    assert fedguard.config_float(config, "weight_decay", 0.5) == 0.5
+    assert fedguard.config_int(config, "max_steps", 7) == 7
+    for read, key, why in (
+        (fedguard.config_int, "momentum", "'momentum' must be an integer"),
+        (fedguard.config_float, "name", "'name' must be a number"),
+        (fedguard.config_float, "flag", "'flag' must be a number"),
+        (fedguard.config_int, "batch_size", "lacks 'batch_size'"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            read(config, key)
 
 
 def test_the_command_line_imports_plugins_from_the_working_directory(monkeypatch) -> None:

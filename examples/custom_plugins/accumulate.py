@@ -37,21 +37,23 @@ class AccumulatingTrainer(fedguard.ClientTrainer):
         self, model: fedguard.ModelAdapter, data: fedguard.ClientData, task: fedguard.TrainTask
     ) -> fedguard.TrainResult:
         config = task.config
-        micro = int(config["batch_size"])
-        max_steps = config.get("max_steps")
+        # typed reads that name the entry in their error when it is missing or of the wrong type
+        number, count = fedguard.config_float, fedguard.config_int
+        micro = count(config, "batch_size")
+        max_steps = None if config.get("max_steps") is None else count(config, "max_steps")
         params = [s.param for s in model.trainable()]
         optimizer = torch.optim.SGD(
             params,
-            lr=float(config["lr"]),
-            momentum=float(config.get("momentum", 0.0)),
-            weight_decay=float(config.get("weight_decay", 0.0)),
+            lr=number(config, "lr"),
+            momentum=number(config, "momentum", 0.0),
+            weight_decay=number(config, "weight_decay", 0.0),
             foreach=True,
         )
         x, y = data.train_x, data.train_y
         n = int(y.shape[0])
         model.train_mode(True)
         losses: list[float] = []
-        for _ in range(int(config.get("epochs", 1))):
+        for _ in range(count(config, "epochs", 1)):
             order = torch.randperm(n, generator=task.generator)
             for step in torch.split(order, micro * self.micro_batches):
                 optimizer.zero_grad(set_to_none=True)
@@ -64,9 +66,9 @@ class AccumulatingTrainer(fedguard.ClientTrainer):
                     loss_of_step += float(loss.detach()) * share
                 optimizer.step()
                 losses.append(loss_of_step)
-                if max_steps is not None and len(losses) >= int(max_steps):
+                if max_steps is not None and len(losses) >= max_steps:
                     break
-            if max_steps is not None and len(losses) >= int(max_steps):
+            if max_steps is not None and len(losses) >= max_steps:
                 break
         update = model.get_flat() - task.params
         metrics = {"train_loss": sum(losses) / max(len(losses), 1), "steps": float(len(losses))}

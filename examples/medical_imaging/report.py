@@ -26,7 +26,7 @@ import fedguard
 from fedguard.client import training
 from fedguard.client.app import local_training_from
 from fedguard.experiment import config as config_mod
-from fedguard.experiment.assembly import Experiment, central_metrics
+from fedguard.experiment.assembly import Experiment, central_metrics, client_training_config
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "experiment.toml"
@@ -36,7 +36,7 @@ def _isolated(exp: Experiment, x: torch.Tensor, y: torch.Tensor, epochs: int, se
     """Train a fresh copy of the experiment's model on (x, y) alone, evaluate on the test split."""
     exp.model.set_flat(exp.initial_params)
     # the example's local settings, as its clients receive them, for ``epochs`` epochs
-    cfg = dataclasses.replace(local_training_from(exp.strategy.client_config), epochs=epochs)
+    cfg = dataclasses.replace(local_training_from(client_training_config(exp.cfg)), epochs=epochs)
     torch.manual_seed(seed)
     training.train(exp.model, x, y, cfg, generator=torch.Generator().manual_seed(seed))
     return central_metrics(exp.model, exp.fed.eval_x, exp.fed.eval_y, 1024)

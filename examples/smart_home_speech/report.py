@@ -29,10 +29,10 @@ import fedguard
 from fedguard.client import evaluation, training
 from fedguard.client.app import local_training_from
 from fedguard.data import registry
-from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
+from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset, TrainingSet
 from fedguard.experiment import config as config_mod
 from fedguard.experiment import federation
-from fedguard.experiment.assembly import Experiment
+from fedguard.experiment.assembly import Experiment, client_training_config
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE / "experiment.toml"
@@ -49,7 +49,7 @@ def _run(config: Path, folder: Path, overrides: list[str], **kwargs) -> dict:
 
 def _load(seed: int) -> DatasetSplits:
     cfg = config_mod.load(CONFIG)
-    return registry.load_dataset(
+    splits = registry.load_dataset(
         "fsdd",
         path=cfg.data.path,
         seed=seed,
@@ -57,14 +57,20 @@ def _load(seed: int) -> DatasetSplits:
         augment_copies=cfg.data.augment_copies,
         audio=federation.audio_settings(cfg.data),
     )
+    assert isinstance(splits, DatasetSplits)  # the FSDD loader's splits: train, test, households
+    return splits
 
 
 def leave_one_out_data(splits: DatasetSplits, held_out: str) -> FederatedDataset:
     """Five households train; every original recording of the sixth is the test set."""
     train = splits.train
-    original = len(train) - int(splits.info.get("augmented_train", 0))
+    augmented = splits.info.get("augmented_train", 0)
+    # the FSDD loader's training set is held in memory, with a household per recording
+    assert isinstance(train, ArrayDataset) and isinstance(augmented, int)
+    assert train.groups is not None and splits.test.groups is not None
+    original = len(train) - augmented
     groups = train.groups.astype(str)
-    clients = {
+    clients: dict[str, TrainingSet] = {
         str(g): train.subset(np.flatnonzero(groups == g))
         for g in sorted(set(groups))
         if g != held_out
@@ -82,7 +88,7 @@ def _alone(exp: Experiment, x: torch.Tensor, y: torch.Tensor, epochs: int, seed:
     """Test accuracy of the CNN trained on (x, y) only, with the example's local settings."""
     exp.model.set_flat(exp.initial_params)
     # the example's local settings, as its clients receive them, for ``epochs`` epochs
-    cfg = dataclasses.replace(local_training_from(exp.strategy.client_config), epochs=epochs)
+    cfg = dataclasses.replace(local_training_from(client_training_config(exp.cfg)), epochs=epochs)
     torch.manual_seed(seed)
     training.train(exp.model, x, y, cfg, generator=torch.Generator().manual_seed(seed))
     return evaluation.evaluate(exp.model, exp.fed.eval_x, exp.fed.eval_y).accuracy
@@ -143,7 +149,9 @@ def run_seed(
         return
     splits = _load(seed)
     left_out = res.setdefault("leave-one-household-out (partial)", {})
-    for speaker in sorted(set(splits.train.groups.astype(str))):
+    households = splits.train.groups
+    assert households is not None  # the FSDD loader names each recording's household
+    for speaker in sorted(set(households.astype(str))):
         if speaker in left_out:
             continue
         data = leave_one_out_data(splits, speaker)

@@ -1,8 +1,9 @@
 """fedguard: federated learning with privacy and robustness that are measured and on by default.
 
-The public API is ``run`` and the protocols a user implements to plug in a strategy, an
+The public API is ``run``, the protocols a user implements to plug in a strategy, an
 aggregator, a client training loop or a simulated attack (named in a TOML as
-``"package.module:name"``); see ``__all__``. Everything else may change between versions.
+``"package.module:name"``), and ``config_float`` / ``config_int``, which read a task's config
+entries typed; see ``__all__``. Everything else may change between versions.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from fedguard.experiment.plugin_context import PluginContext
     from fedguard.models.adapter import ModelAdapter
     from fedguard.protocol.aggregator import Aggregator, Condition, RoundContext
-    from fedguard.protocol.messages import FitReply
+    from fedguard.protocol.messages import FitReply, config_float, config_int
     from fedguard.protocol.strategy import Strategy, StrategyState
     from fedguard.simulation.attack import Attack
 
@@ -33,6 +34,8 @@ _PROTOCOLS = {
     "Condition": "fedguard.protocol.aggregator",
     "RoundContext": "fedguard.protocol.aggregator",
     "FitReply": "fedguard.protocol.messages",
+    "config_float": "fedguard.protocol.messages",
+    "config_int": "fedguard.protocol.messages",
     "Strategy": "fedguard.protocol.strategy",
     "StrategyState": "fedguard.protocol.strategy",
     "ClientData": "fedguard.client.app",
@@ -78,5 +81,7 @@ __all__ = [
     "TrainResult",
     "TrainTask",
     "__version__",
+    "config_float",
+    "config_int",
     "run",
 ]

@@ -430,7 +430,7 @@ def _skewed(task: str, cfg, skew: str):
       ``c_k ~ U(0.5, 1.5)``, ``b_k ~ U(-0.3, 0.3)`` (pixel values in [0, 1]).
 
     Drawn from the experiment's seed; validation and test images stay as they are."""
-    from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset, TrainingSet
+    from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
     from fedguard.experiment import federation
 
     # the same load as the task's plain run (its data section's settings), before any split
@@ -447,7 +447,7 @@ def _skewed(task: str, cfg, skew: str):
     else:
         weights = np.ones(k_clients)
     cuts = np.round(np.cumsum(weights) / weights.sum() * len(order)).astype(int)[:-1]
-    clients: dict[str, TrainingSet] = {}
+    clients: dict[str, ArrayDataset] = {}
     for k, idx in enumerate(np.split(order, cuts)):
         x = splits.train.x[np.sort(idx)]
         if skew == "feature":

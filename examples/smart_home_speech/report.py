@@ -29,7 +29,7 @@ import fedguard
 from fedguard.client import evaluation, training
 from fedguard.client.app import local_training_from
 from fedguard.data import registry
-from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset, TrainingSet
+from fedguard.data.dataset import ArrayDataset, DatasetSplits, FederatedDataset
 from fedguard.experiment import config as config_mod
 from fedguard.experiment import federation
 from fedguard.experiment.assembly import Experiment, client_training_config
@@ -70,7 +70,7 @@ def leave_one_out_data(splits: DatasetSplits, held_out: str) -> FederatedDataset
     assert train.groups is not None and splits.test.groups is not None
     original = len(train) - augmented
     groups = train.groups.astype(str)
-    clients: dict[str, TrainingSet] = {
+    clients = {
         str(g): train.subset(np.flatnonzero(groups == g))
         for g in sorted(set(groups))
         if g != held_out

@@ -13,7 +13,7 @@ makes the synthetic set this way), so a federation of many clients holds only la
 from __future__ import annotations
 
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,7 +138,7 @@ class FederatedDataset:
     client's training set may be an :class:`OnDemandDataset`.
     """
 
-    clients: dict[str, TrainingSet]
+    clients: Mapping[str, TrainingSet]  # a dict of ArrayDataset values is accepted as it is
     test: ArrayDataset
     num_classes: int
     val: ArrayDataset | None = None

@@ -77,6 +77,8 @@ Usage (what the committed results ran; see the JSON's ``settings``)::
         --strategies fedavg fedavgm fedadam feddyn --rounds 30
     python benchmarks/heterogeneity.py --task speech --personalization none finetune ditto \\
         fedrep fedper local --rounds 10
+    python benchmarks/heterogeneity.py --task speech --personalization none finetune ditto \\
+        fedrep fedper local --rounds 30
     python benchmarks/heterogeneity.py --task xray --alphas 0.1 --personalization none \\
         finetune ditto fedrep fedper local --rounds 20
     python benchmarks/heterogeneity.py --task xray --alphas 0.1 --personalization none \\

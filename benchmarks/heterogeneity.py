@@ -805,7 +805,7 @@ def scope(rows: list[dict[str, Any]]) -> dict[str, Any]:
             name = f"{r['task']}/optimizer" + (f"/{r['skew']} skew" if r.get("skew") else "")
             what = ("strategies", r["strategy"])
         else:
-            name = f"{r['task']}/personalization" + _global_name(r, " under ")
+            name = f"{r['task']}/personalization" + _global_name(r)
             what = ("methods", r["personalization"])
         cell = out.setdefault(name, {what[0]: [], "alphas": [], "seeds": [], "rounds": []})
         for key, value in (
@@ -838,14 +838,14 @@ def save(path: Path, runs: list[dict[str, Any]]) -> None:
     tmp.replace(path)
 
 
-def _global_name(row: dict[str, Any], prefix: str) -> str:
+def _global_name(row: dict[str, Any]) -> str:
     """How a personalisation row's global model was trained, when not the task's plain FedAvg:
     e.g. `` under fedavgm (server.server_lr=1)``; empty otherwise."""
     strategy = row.get("global_strategy")
     if strategy is None:
         return ""
     task = row["task"]
-    return f"{prefix}{strategy} ({GRIDS[task][strategy][0]}={row['global_value']:g})"
+    return f" under {strategy} ({GRIDS[task][strategy][0]}={row['global_value']:g})"
 
 
 def optimizer_rounds(rows: list[dict[str, Any]], task: str) -> list[int]:
@@ -864,9 +864,9 @@ def medians(
     of runs of ``rounds`` rounds (default: the task's most common length, so that runs of
     different lengths never share a median); the rounds to target are None when the median seed
     never reached the target and "-" without an IID run."""
-    lengths = optimizer_rounds(rows, task)
-    if rounds is None and lengths:
-        rounds = lengths[0]
+    if rounds is None:
+        lengths = optimizer_rounds(rows, task)
+        rounds = lengths[0] if lengths else None
     cells: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         if (
@@ -1047,7 +1047,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         seeds = sorted({r["seed"] for r in mine})
         alpha = mine[0]["alpha"]
         out.append(
-            f"**{key[0]}**{_global_name(mine[0], ' under ')} "
+            f"**{key[0]}**{_global_name(mine[0])} "
             f"({'natural split' if alpha == 'natural' else f'alpha {alpha}'}, "
             f"{key[3]} rounds, median over seeds {', '.join(map(str, seeds))})"
         )
